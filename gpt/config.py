@@ -1,0 +1,242 @@
+"""The base experiment config and the GPT-2 size table.
+
+Every file in `configs/` starts from `base_config()` and changes only what differs. Fields are
+grouped in the sections the rest of the package reads: `model`, `data`, `train`, `sampling`,
+`eval`, `mesh`, plus the top-level `mode`, `init` and `seed`.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+from ml_collections import config_dict
+
+# OpenAI renamed its checkpoints in 2019 (the parameter count now includes the embeddings); both
+# spellings are accepted everywhere a model size or name is given.
+CANONICAL_NAMES = {"117M": "124M", "345M": "355M", "762M": "774M", "1542M": "1558M"}
+
+# (n_layer, n_embd, n_head) per released size, keyed by OpenAI's current names.
+MODEL_SIZES = {
+    "124M": (12, 768, 12),
+    "355M": (24, 1024, 16),
+    "774M": (36, 1280, 20),
+    "1558M": (48, 1600, 25),
+}
+
+# Hugging Face hub repos holding the same weights.
+HF_REPOS = {"124M": "gpt2", "355M": "gpt2-medium", "774M": "gpt2-large", "1558M": "gpt2-xl"}
+
+
+def canonical_model_name(name: str) -> str:
+  """Maps '117M'/'124m'/'gpt2-medium'/... to OpenAI's current folder name ('124M', '355M', ...).
+
+  Raises KeyError for names that are not one of the four released sizes.
+  """
+  upper = name.strip().upper()
+  if upper in CANONICAL_NAMES:
+    return CANONICAL_NAMES[upper]
+  if upper in MODEL_SIZES:
+    return upper
+  for size, repo in HF_REPOS.items():
+    if name.strip().lower() == repo:
+      return size
+  known = ", ".join(sorted(set(CANONICAL_NAMES) | set(MODEL_SIZES) | set(HF_REPOS.values())))
+  raise KeyError(f"unknown GPT-2 model name {name!r}; known: {known}")
+
+
+def is_model_name(name: str) -> bool:
+  """True if `name` names a released GPT-2 size in any accepted spelling."""
+  try:
+    canonical_model_name(name)
+    return True
+  except KeyError:
+    return False
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Shared defaults: GPT-2 small fine-tuned on the Kant corpus, as in the book chapter."""
+  c = ml_collections.ConfigDict()
+
+  # What to run: train | sample | interactive | eval (gpt.main dispatches on it).
+  c.mode = "train"
+  # Where weights come from: 'scratch', a model name (117M/124M/...), an OpenAI or HF folder, or a workdir.
+  c.init = "124M"
+  # Folder that downloaded OpenAI/HF model folders are kept in.
+  c.models_dir = "models"
+  # Base URL of OpenAI's model storage (the downloader appends '<model>/<file>').
+  c.download_url = "https://openaipublic.blob.core.windows.net/gpt-2/models"
+  # Global random seed (parameter init, data order, dropout).
+  c.seed = 0
+
+  c.model = m = ml_collections.ConfigDict()
+  # Vocabulary size (GPT-2 byte-level BPE: 50000 merges + 256 bytes + <|endoftext|>).
+  m.n_vocab = 50257
+  # Context length: the number of learned position embeddings.
+  m.n_ctx = 1024
+  # Residual stream width.
+  m.n_embd = 768
+  # Number of attention heads (n_embd must divide by it).
+  m.n_head = 12
+  # Number of transformer blocks.
+  m.n_layer = 12
+  # Dropout after the embedding sum (GPT-2 pretraining used 0.1; nshepperd's fine-tuning used 0).
+  m.embd_pdrop = 0.0
+  # Dropout on the attention probabilities.
+  m.attn_pdrop = 0.0
+  # Dropout on each residual branch output.
+  m.resid_pdrop = 0.0
+  # Compute dtype for matmuls and activations: float32 | bfloat16 | float16.
+  m.dtype = "float32"
+  # Storage dtype of the parameters (master weights).
+  m.param_dtype = "float32"
+  # Run the blocks under lax.scan (fast compiles) instead of unrolling them (faster steps on CPU).
+  m.scan_layers = True
+  # Rematerialisation per block: none | full | dots (save matmul outputs) | dots_no_batch.
+  m.remat = "none"
+  # Attention kernel for jax.nn.dot_product_attention: xla | cudnn | auto (cudnn when on GPU).
+  m.attention = "xla"
+
+  c.data = d = ml_collections.ConfigDict()
+  # Training text: a file, a directory, a glob, an encoded .npz/.bin token file, or a URL.
+  d.path = "https://www.gutenberg.org/cache/epub/4280/pg4280.txt"
+  # Validation text or token file; empty means split `val_fraction` off the training data.
+  d.val_path = ""
+  # Fraction of the training tokens held out for validation when `val_path` is empty.
+  d.val_fraction = 0.05
+  # Text encoding of the input files.
+  d.encoding = "utf-8"
+  # What to do with undecodable bytes: strict (error naming file and offset) | replace.
+  d.errors = "strict"
+  # Concatenate files (joined by <|endoftext|>) into chunks of at least this many characters.
+  d.combine = 50_000
+  # Folder for downloaded corpora and encoded token files.
+  d.cache_dir = "data_cache"
+
+  c.train = t = ml_collections.ConfigDict()
+  # Total optimizer steps (a resumed run continues up to this number).
+  t.steps = 1000
+  # Global batch size in sequences per optimizer step (summed over devices and micro-batches).
+  t.batch_size = 1
+  # Sequence length of training windows (<= model.n_ctx).
+  t.seq_len = 1024
+  # Micro-batches accumulated per optimizer step (nshepperd's --accumulate_gradients).
+  t.grad_accum = 1
+  # Optimizer: adam | adamw | sgd.
+  t.optimizer = "adam"
+  # Peak learning rate (the chapter fine-tunes at 2e-5).
+  t.learning_rate = 2e-5
+  # Schedule: constant | cosine (linear warmup, then cosine decay to min_lr_ratio * lr).
+  t.schedule = "constant"
+  # Linear warmup steps.
+  t.warmup_steps = 0
+  # Final learning rate as a fraction of the peak (cosine schedule).
+  t.min_lr_ratio = 0.1
+  # AdamW weight decay (masked off biases, LayerNorms and embeddings).
+  t.weight_decay = 0.0
+  # Adam beta1.
+  t.b1 = 0.9
+  # Adam beta2.
+  t.b2 = 0.999
+  # Clip gradients to this global norm (0 = off).
+  t.grad_clip = 1.0
+  # Train only the transformer blocks, freezing embeddings and ln_f (nshepperd's option).
+  t.only_train_transformer_layers = False
+  # Replace input tokens with random ones at this rate (nshepperd's --noise).
+  t.noise = 0.0
+  # Checkpoint to start from in the workdir: latest | fresh | a checkpoint path.
+  t.restore_from = "latest"
+  # Log a line (and TensorBoard scalars) every this many steps.
+  t.log_every = 10
+  # Validation loss every this many steps (0 = off).
+  t.val_every = 100
+  # Number of validation batches in each validation pass.
+  t.val_batches = 8
+  # Write samples to workdir/samples every this many steps (0 = off).
+  t.sample_every = 100
+  # Tokens per sample written during training.
+  t.sample_length = 128
+  # Save a checkpoint every this many steps (a final one is always saved).
+  t.save_every = 1000
+  # Number of checkpoints to keep.
+  t.keep = 2
+  # Peak FLOP/s of one device for MFU (0 = measure a matmul at start-up).
+  t.peak_flops = 0.0
+
+  c.sampling = s = ml_collections.ConfigDict()
+  # Softmax temperature (0 = greedy).
+  s.temperature = 1.0
+  # Keep only the k most likely tokens (0 = off; the original scripts default to 40).
+  s.top_k = 40
+  # Nucleus sampling: keep the smallest set whose probability reaches p (1.0 = off).
+  s.top_p = 1.0
+  # Sampling seed (same seed, same text).
+  s.seed = 0
+  # Number of samples per prompt (0 = keep sampling until Ctrl-C in sample mode).
+  s.nsamples = 1
+  # Samples generated in parallel (nsamples must be a multiple of it).
+  s.batch_size = 1
+  # New tokens per sample (0 = up to the context length).
+  s.length = 0
+  # Prompt for conditional samples without the REPL ('' = unconditional / interactive).
+  s.prompt = ""
+  # File holding the prompt (overrides `prompt`).
+  s.prompt_file = ""
+  # Stop a sample at <|endoftext|>: auto (on for prompts, off for unconditional) | true | false.
+  s.stop_at_eot = "auto"
+  # Cut prompts that do not fit from the left instead of failing.
+  s.truncate_prompt = False
+  # Also write the samples to this file ('' = stdout only).
+  s.output_file = ""
+
+  c.eval = e = ml_collections.ConfigDict()
+  # Comma-separated task names (see `gpt.evals`).
+  e.tasks = "lambada"
+  # Comma-separated shot counts; every task runs at each.
+  e.shots = "0"
+  # Score at most this many examples per task (0 = all).
+  e.limit = 0
+  # Examples scored per forward pass.
+  e.batch_size = 8
+  # Seed for drawing demonstrations.
+  e.seed = 1234
+  # Folder holding the task data files.
+  e.data_dir = "../shared/data"
+  # Separator between demonstrations.
+  e.example_separator = "\n\n"
+  # Separator between a question and its answer.
+  e.target_delimiter = " "
+  # Sliding-window stride for perplexity tasks (0 = n_ctx // 2).
+  e.stride = 0
+  # Also write per-example results as jsonl.
+  e.write_examples = False
+
+  c.mesh = mh = ml_collections.ConfigDict()
+  # Devices on the data-parallel axis (-1 = all devices left over by the other axes).
+  mh.data = -1
+  # Devices on the fully-sharded data-parallel axis (parameters and optimizer state split).
+  mh.fsdp = 1
+  # Devices on the tensor-parallel axis (heads and MLP width split).
+  mh.tensor = 1
+  # Multi-host: call jax.distributed.initialize() (coordinator from the environment or below).
+  mh.distributed = False
+  # Multi-host coordinator address host:port ('' = auto-detect on TPU/Slurm).
+  mh.coordinator_address = ""
+  # Number of processes in a multi-host run (0 = auto-detect).
+  mh.num_processes = 0
+  # This process's index in a multi-host run (-1 = auto-detect).
+  mh.process_id = -1
+  return c
+
+
+def size_config(name: str) -> ml_collections.ConfigDict:
+  """The base config with the model shape (and init weights) of a released GPT-2 size."""
+  size = canonical_model_name(name)
+  c = base_config()
+  c.model.n_layer, c.model.n_embd, c.model.n_head = MODEL_SIZES[size]
+  c.init = size
+  return c
+
+
+__all__ = [
+    "base_config", "size_config", "canonical_model_name", "is_model_name", "MODEL_SIZES",
+    "HF_REPOS", "config_dict",
+]

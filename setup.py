@@ -1,0 +1,36 @@
+"""gpt: GPT-2 in JAX/Flax for fine-tuning, pretraining, sampling and few-shot evaluation."""
+from setuptools import find_packages, setup
+
+setup(
+    name="gpt",
+    version="0.1.0",
+    description="GPT-2 in JAX/Flax: fine-tune, pretrain, sample and evaluate (0/1/few-shot)",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["gpt", "gpt.*"]),
+    package_data={"gpt": ["assets/gpt2/encoder.json", "assets/gpt2/vocab.bpe"]},
+    install_requires=[
+        "jax[cpu]>=0.4.35",
+        "flax>=0.11",
+        "optax>=0.2.3",
+        "orbax-checkpoint>=0.11",
+        "ml-collections>=0.1.1",
+        "absl-py>=2.0",
+        "tiktoken>=0.7",
+        "numpy>=1.26",
+        "safetensors>=0.4",
+        "tqdm>=4.66",
+        "tensorboardX>=2.6",
+        "crc32c>=2.4",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "hypothesis>=6.100"],
+        # Reference checks against PyTorch/transformers (torch 2.13 CPU wheel on this machine).
+        "hf": ["torch>=2.3", "transformers>=4.44"],
+        "tfds": ["tensorflow-datasets>=4.9", "array-record>=0.5"],
+        "gpu": ["jax[cuda12]>=0.4.35"],
+        "plots": ["matplotlib>=3.8"],
+    },
+    entry_points={"console_scripts": ["gpt=gpt.main:run"]},
+)
