@@ -15,6 +15,8 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from gpt.errors import GPTError
+
 # mode name -> "module:function"; each function takes (config, workdir).
 MODES = {
     "train": "gpt.train:run",
@@ -30,7 +32,7 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Folder for checkpoints, logs, samples and eval results (mode-dependent).")
 
 
-class UsageError(Exception):
+class UsageError(GPTError):
   """A mistake in the command line or config, reported as one line without a traceback."""
 
 
@@ -89,7 +91,7 @@ def run() -> None:
   """Console-script entry point (`gpt ...`)."""
   try:
     app.run(main, flags_parser=_flags_parser)
-  except UsageError as e:
+  except (UsageError, GPTError) as e:
     _fail(str(e))
   except OSError as e:
     if "config file" not in str(e):
