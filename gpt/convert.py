@@ -14,6 +14,7 @@ import jax
 import numpy as np
 from flax import nnx
 
+from gpt.errors import GPTError
 from gpt.model import GPT, GPTConfig, abstract_model
 
 # Per-layer parameter names and their shapes as functions of n_embd (d).
@@ -28,7 +29,7 @@ LAYER_PARAMS = {
 _LAYER_NAME = re.compile(r"^h(\d+)/(.+)$")
 
 
-class WeightsError(ValueError):
+class WeightsError(GPTError):
   """A checkpoint that does not fit the model: missing, unexpected or wrongly shaped tensors."""
 
 

@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gpt.errors import GPTError
+
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = {
     "none": None,
@@ -53,14 +55,14 @@ class GPTConfig:
 
   def __post_init__(self):
     if self.n_embd % self.n_head:
-      raise ValueError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
+      raise GPTError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
     for name in ("dtype", "param_dtype"):
       if getattr(self, name) not in DTYPES:
-        raise ValueError(f"model.{name}={getattr(self, name)!r}; choose one of {sorted(DTYPES)}")
+        raise GPTError(f"model.{name}={getattr(self, name)!r}; choose one of {sorted(DTYPES)}")
     if self.remat not in REMAT_POLICIES:
-      raise ValueError(f"model.remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+      raise GPTError(f"model.remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
     if self.attention not in ATTENTION_IMPLS:
-      raise ValueError(f"model.attention={self.attention!r}; choose one of {ATTENTION_IMPLS}")
+      raise GPTError(f"model.attention={self.attention!r}; choose one of {ATTENTION_IMPLS}")
 
   @classmethod
   def from_config(cls, model_cfg: Any) -> "GPTConfig":

@@ -1,0 +1,113 @@
+"""The model: parameter counts, layouts, KV cache, padding, options."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt.errors import GPTError
+from gpt.model import GPTConfig, KVCache, abstract_model, count_params, init_model, param_axes
+
+TINY = GPTConfig(n_vocab=97, n_ctx=32, n_embd=32, n_head=4, n_layer=3)
+TOKENS = np.random.RandomState(0).randint(0, 97, size=(2, 12))
+
+
+@jax.jit
+def forward(model, tokens, token_mask=None, rng=None):
+  # Jitted: eager op-by-op execution of the scanned blocks is many small compiles.
+  return model(tokens, token_mask=token_mask, rng=rng)
+
+
+@jax.jit
+def decode(model, tokens, cache, token_mask=None):
+  return model.decode(tokens, cache, token_mask=token_mask)
+
+
+@pytest.mark.parametrize("n_layer,n_embd,n_head,expected", [
+    (12, 768, 12, 124_439_808), (24, 1024, 16, 354_823_168),
+    (36, 1280, 20, 774_030_080), (48, 1600, 25, 1_557_611_200)])
+def test_released_sizes_param_counts_without_allocating(n_layer, n_embd, n_head, expected):
+  cfg = GPTConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head)
+  model = abstract_model(cfg)  # eval_shape: ShapeDtypeStructs, no memory
+  assert isinstance(model.wte.get_value(), jax.ShapeDtypeStruct)
+  assert count_params(model) == expected == cfg.num_params()
+
+
+def test_parameter_tree_uses_openai_names_with_stacked_layers():
+  model = abstract_model(TINY)
+  axes = param_axes(model)
+  assert set(axes) == {"wte", "wpe", "h", "ln_f"}
+  assert set(axes["h"]) == {"ln_1", "attn", "ln_2", "mlp"}
+  assert model.h.attn.c_attn.w.get_value().shape == (3, 32, 96)
+  assert axes["h"]["attn"]["c_attn"]["w"] == ("layers", "embed", "heads")
+  assert axes["wte"] == ("vocab", "embed")
+
+
+def test_scan_and_unrolled_layouts_agree():
+  scanned = init_model(TINY, seed=1)
+  unrolled = init_model(TINY.replace(scan_layers=False), seed=1)
+  np.testing.assert_allclose(forward(scanned, TOKENS), forward(unrolled, TOKENS), atol=1e-5)
+
+
+def test_kv_cache_prefill_and_steps_equal_full_forward():
+  model = init_model(TINY, seed=2)
+  full = forward(model, TOKENS)
+  cache = KVCache.init(TINY, batch=2, length=16)
+  logits, cache = decode(model, jnp.asarray(TOKENS[:, :5]), cache)
+  steps = [logits]
+  for t in range(5, 12):
+    logits, cache = decode(model, jnp.asarray(TOKENS[:, t:t + 1]), cache)
+    steps.append(logits)
+  np.testing.assert_allclose(np.concatenate(steps, axis=1), full, atol=1e-5)
+  assert int(cache.index) == 12 and list(cache.pos) == [12, 12]
+
+
+def test_left_padding_matches_unpadded_rows():
+  model = init_model(TINY, seed=3)
+  mask = np.ones_like(TOKENS, bool)
+  mask[0, :4] = False
+  padded = TOKENS.copy()
+  padded[0, :4] = 0
+  alone = forward(model, TOKENS[:1, 4:])
+  np.testing.assert_allclose(forward(model, padded, token_mask=mask)[0, 4:], alone[0], atol=1e-5)
+  logits, cache = decode(model, jnp.asarray(padded), KVCache.init(TINY, 2, 16), token_mask=mask)
+  np.testing.assert_allclose(logits[0, 4:], alone[0], atol=1e-5)
+  assert list(cache.pos) == [8, 12]
+  # The next token continues each row at its own position.
+  nxt = np.array([[5], [6]])
+  step, _ = decode(model, jnp.asarray(nxt), cache)
+  ref = forward(model, np.concatenate([TOKENS[:1, 4:], nxt[:1]], axis=1))
+  np.testing.assert_allclose(step[0, 0], ref[0, -1], atol=1e-5)
+
+
+def test_dropout_only_with_rng_and_remat_keeps_values():
+  cfg = TINY.replace(embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1)
+  model = init_model(cfg, seed=4)
+  det = forward(model, TOKENS)
+  np.testing.assert_array_equal(det, forward(model, TOKENS))
+  a, b = forward(model, TOKENS, rng=jax.random.key(0)), forward(model, TOKENS, rng=jax.random.key(1))
+  assert not np.allclose(a, det) and not np.allclose(a, b)
+  np.testing.assert_array_equal(a, forward(model, TOKENS, rng=jax.random.key(0)))
+  remat = init_model(TINY.replace(remat="dots"), seed=4)
+  np.testing.assert_allclose(forward(remat, TOKENS), det, atol=1e-5)
+
+
+def test_bfloat16_compute_is_close_to_float32():
+  f32 = init_model(TINY, seed=5)
+  bf16 = init_model(TINY.replace(dtype="bfloat16"), seed=5)
+  logits = forward(bf16, TOKENS)
+  assert logits.dtype == jnp.float32
+  np.testing.assert_allclose(logits, forward(f32, TOKENS), atol=0.1)
+
+
+def test_attention_auto_uses_xla_on_cpu():
+  model = init_model(TINY.replace(attention="auto"), seed=6)
+  np.testing.assert_allclose(forward(model, TOKENS), forward(init_model(TINY, seed=6), TOKENS), atol=1e-6)
+
+
+@pytest.mark.parametrize("bad,message", [
+    (dict(n_embd=30, n_head=4), "divisible"), (dict(dtype="fp8"), "model.dtype"),
+    (dict(remat="some"), "model.remat"), (dict(attention="flash"), "model.attention")])
+def test_bad_model_options_are_one_clear_error(bad, message):
+  with pytest.raises(GPTError, match=message):
+    TINY.replace(**bad)
