@@ -1,0 +1,83 @@
+"""Every config file parses; sizes, aliases and the command-line entry point behave."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from ml_collections import config_flags  # noqa: F401  (same loader gpt.main uses)
+
+from gpt.config import canonical_model_name, is_model_name
+from gpt.model import GPTConfig
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+def load(name):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(name, CONFIGS / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize("old,new,shape", [
+    ("117m", "124m", (12, 768, 12)), ("345m", "355m", (24, 1024, 16)),
+    ("762m", "774m", (36, 1280, 20)), ("1542m", "1558m", (48, 1600, 25))])
+def test_size_configs_and_their_new_names(old, new, shape):
+  a, b = load(old), load(new)
+  assert a.to_dict() == b.to_dict()
+  assert (a.model.n_layer, a.model.n_embd, a.model.n_head) == shape
+  assert (a.model.n_ctx, a.model.n_vocab) == (1024, 50257)
+  assert canonical_model_name(a.init) == canonical_model_name(old.upper())
+  GPTConfig.from_config(a.model)  # valid model section
+
+
+def test_every_config_file_builds_a_valid_model_config():
+  for path in sorted(CONFIGS.glob("*.py")):
+    config = load(path.stem)
+    assert set(config.keys()) >= {"mode", "init", "model", "data", "train", "sampling", "eval", "mesh"}
+    GPTConfig.from_config(config.model)
+
+
+def test_every_config_field_has_a_comment():
+  """The base config documents each field on the line above it."""
+  source = (Path(__file__).resolve().parent.parent / "gpt" / "config.py").read_text().splitlines()
+  start = source.index("def base_config() -> ml_collections.ConfigDict:")
+  body = source[start:source.index("  return c", start)]
+  for i, line in enumerate(body):
+    stripped = line.strip()
+    if "=" in stripped and stripped.startswith(("c.", "m.", "d.", "t.", "s.", "e.", "mh.")) \
+        and "ConfigDict()" not in stripped:
+      assert body[i - 1].strip().startswith("#"), f"config field without a comment: {stripped}"
+
+
+def test_model_names_in_both_spellings():
+  assert canonical_model_name("117M") == canonical_model_name("124M") == "124M"
+  assert canonical_model_name("1542m") == "1558M" and canonical_model_name("gpt2-medium") == "355M"
+  assert not is_model_name("300M")
+
+
+def run_main(*args):
+  return subprocess.run([sys.executable, "-m", "gpt.main", *args], capture_output=True, text=True,
+                        cwd=CONFIGS.parent, timeout=120)
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--config=configs/117m.py", "--config.model.n_layer=2", "--config.mode=nope"],
+     "error: unknown mode 'nope': choose one of train, sample, interactive, eval"),
+    (["--config=configs/117m.py", "--config.model.n_layr=2"],
+     'error: unknown config key "n_layr" (did you mean "n_layer"?) in --config.model.n_layr'),
+    (["--config=configs/117m.py", "--config.modle.n_layer=2"],
+     'error: unknown config key "modle" (did you mean "mode"?)'),
+    (["--config=configs/117m.py", "--config.model.n_layer=two"], "error: flag --config.model.n_layer=two"),
+    (["--config=configs/nope.py"], "error: cannot load the config file"),
+    (["--config=configs/tiny.py", "--config.init=/no/such/dir", "--config.mode=sample"],
+     "error: --config.init='/no/such/dir' is not 'scratch', a model name"),
+])
+def test_cli_mistakes_are_one_clear_line(args, expected):
+  result = run_main(*args)
+  assert result.returncode == 2, result.stderr
+  assert "Traceback" not in result.stderr
+  lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
