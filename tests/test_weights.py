@@ -128,3 +128,13 @@ def test_model_names_resolve_to_the_models_dir_in_both_spellings(openai_fixture,
 def test_scratch_init_follows_config_model():
   loaded = load_model(config_with_init("scratch", n_layer=2, n_embd=32, n_head=2, n_ctx=16))
   assert loaded.kind == "scratch" and loaded.cfg.n_layer == 2 and loaded.cfg.n_ctx == 16
+
+
+def test_export_cli_openai_then_hf_keeps_logits(hf_fixture, tmp_path):
+  from gpt.export import main
+  assert main([f"--init={hf_fixture}", f"--out={tmp_path / 'oa'}", "--format=openai"]) == 0
+  assert main([f"--init={tmp_path / 'oa'}", f"--out={tmp_path / 'hf'}", "--format=hf"]) == 0
+  loaded = load_model(config_with_init(tmp_path / "hf"))
+  assert loaded.kind == "hf"
+  assert_matches_reference(loaded.model, hf_fixture)
+  assert main(["--init=/no/such", f"--out={tmp_path / 'x'}"]) == 2

@@ -1,0 +1,56 @@
+"""Export any loadable model (a workdir, a released size, an OpenAI or HF folder) to a folder.
+
+  python -m gpt.export --init=runs/kant --out=exports/kant-hf --format=hf
+  python -m gpt.export --init=../shared/fixtures/hf-gpt2-tiny --out=/tmp/tiny-openai --format=openai
+
+`hf` writes config.json + model.safetensors + vocab.json + merges.txt (loads in transformers'
+GPT2LMHeadModel.from_pretrained); `openai` writes OpenAI's TF checkpoint layout (hparams.json,
+checkpoint, model.ckpt.index/data, encoder.json, vocab.bpe) that this package and OpenAI's
+scripts read.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from gpt import convert
+from gpt.config import base_config
+from gpt.errors import GPTError
+from gpt.weights import export_hf, hparams_of, load_model
+
+
+def export(init: str, out: str, fmt: str = "hf", models_dir: str = "models") -> Path:
+  """Loads `init` as `config.init` would and writes it to `out` in format `fmt` (hf | openai)."""
+  config = base_config()
+  config.init, config.models_dir = init, models_dir
+  loaded = load_model(config)
+  if fmt == "hf":
+    return export_hf(loaded.model, loaded.tokenizer, out)
+  if fmt == "openai":
+    from gpt.tf_checkpoint import write_checkpoint
+    folder = write_checkpoint(out, convert.model_to_flat(loaded.model), hparams_of(loaded.cfg))
+    loaded.tokenizer.save(folder, fmt="openai")
+    return folder
+  raise GPTError(f"--format={fmt!r}: choose hf or openai")
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(prog="python -m gpt.export", description=__doc__.split("\n")[0])
+  parser.add_argument("--init", required=True, help="what to export (anything config.init accepts)")
+  parser.add_argument("--out", required=True, help="output folder")
+  parser.add_argument("--format", default="hf", choices=("hf", "openai"))
+  parser.add_argument("--models_dir", default="models")
+  args = parser.parse_args(argv)
+  try:
+    folder = export(args.init, args.out, args.format, args.models_dir)
+  except GPTError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(f"wrote {folder}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
