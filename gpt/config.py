@@ -110,6 +110,14 @@ def base_config() -> ml_collections.ConfigDict:
   d.combine = 50_000
   # Folder for downloaded corpora and encoded token files.
   d.cache_dir = "data_cache"
+  # Split of a `tfds:<name>` dataset used for training.
+  d.tfds_split = "train"
+  # Split of a `tfds:<name>` dataset used for validation ('' = split `val_fraction` off training).
+  d.tfds_val_split = ""
+  # Text field of the TFDS records.
+  d.tfds_field = "text"
+  # TFDS data_dir holding prepared datasets ('' = TFDS's default ~/tensorflow_datasets).
+  d.tfds_data_dir = ""
 
   c.train = t = ml_collections.ConfigDict()
   # Total optimizer steps (a resumed run continues up to this number).
@@ -136,6 +144,10 @@ def base_config() -> ml_collections.ConfigDict:
   t.b1 = 0.9
   # Adam beta2.
   t.b2 = 0.999
+  # Adam epsilon.
+  t.eps = 1e-8
+  # SGD momentum (0 = plain gradient descent, as nshepperd's --optimizer=sgd).
+  t.momentum = 0.0
   # Clip gradients to this global norm (0 = off).
   t.grad_clip = 1.0
   # Train only the transformer blocks, freezing embeddings and ln_f (nshepperd's option).
@@ -154,6 +166,8 @@ def base_config() -> ml_collections.ConfigDict:
   t.sample_every = 100
   # Tokens per sample written during training.
   t.sample_length = 128
+  # Samples written at each sampling step.
+  t.sample_num = 1
   # Save a checkpoint every this many steps (a final one is always saved).
   t.save_every = 1000
   # Number of checkpoints to keep.

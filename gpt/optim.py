@@ -1,0 +1,81 @@
+"""The optimizer from `config.train`: adam / adamw / sgd, a schedule, clipping and freezing.
+
+Parameters are the pure nested dict of the model (`nnx.to_pure_dict(nnx.state(model))`): the
+blocks live under `h` (stacked over layers), the rest are `wte`, `wpe` and `ln_f`.
+
+Weight decay (adamw) applies only to the matmul weights `w` of the blocks, never to biases,
+LayerNorm gains/biases or the embeddings, as in GPT-2 / nanoGPT practice. With
+`only_train_transformer_layers` (nshepperd's flag) everything outside `h` is frozen: its updates
+are zero and it is left out of gradient clipping, as nshepperd's train.py left those variables
+out of the optimizer altogether.
+
+Gradient accumulation is done by the train step (micro-batches inside one jitted step), not here,
+so that one optimizer step is one `config.train.steps` step.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import optax
+
+from gpt.errors import GPTError
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine")
+
+
+def learning_rate_schedule(t: Any) -> optax.Schedule:
+  """constant (after an optional linear warmup) or linear warmup then cosine decay to
+  `min_lr_ratio * learning_rate` at `steps`."""
+  lr, warmup, steps = float(t.learning_rate), int(t.warmup_steps), int(t.steps)
+  if t.schedule == "constant":
+    if warmup <= 0:
+      return optax.constant_schedule(lr)
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup),
+                                 optax.constant_schedule(lr)], [warmup])
+  if t.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+        init_value=0.0, peak_value=lr, warmup_steps=warmup,
+        decay_steps=max(steps, warmup + 1), end_value=lr * float(t.min_lr_ratio))
+  raise GPTError(f"train.schedule={t.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+
+
+def _path_names(path) -> tuple[str, ...]:
+  return tuple(str(getattr(k, "key", getattr(k, "name", k))) for k in path)
+
+
+def decay_mask(params: Any) -> Any:
+  """True for the weights that get weight decay: the blocks' matmul weights `h/.../w` only."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: _path_names(path)[0] == "h" and _path_names(path)[-1] == "w", params)
+
+
+def trainable_labels(params: Any, only_transformer_layers: bool) -> Any:
+  """'train' / 'freeze' per parameter: with `only_transformer_layers`, only `h/...` trains."""
+  return jax.tree_util.tree_map_with_path(
+      lambda path, _: "train" if (not only_transformer_layers or _path_names(path)[0] == "h")
+      else "freeze", params)
+
+
+def make_optimizer(t: Any, params: Any) -> optax.GradientTransformation:
+  """The optax transformation for `config.train` over a params tree shaped like `params`."""
+  schedule = learning_rate_schedule(t)
+  if t.optimizer == "adam":
+    opt = optax.adam(schedule, b1=t.b1, b2=t.b2, eps=t.eps)
+  elif t.optimizer == "adamw":
+    opt = optax.adamw(schedule, b1=t.b1, b2=t.b2, eps=t.eps, weight_decay=t.weight_decay,
+                      mask=decay_mask)
+  elif t.optimizer == "sgd":
+    opt = optax.sgd(schedule, momentum=t.momentum or None)
+  else:
+    raise GPTError(f"train.optimizer={t.optimizer!r}; choose one of {', '.join(OPTIMIZERS)}")
+  if t.grad_clip < 0:
+    raise GPTError(f"train.grad_clip={t.grad_clip} must be >= 0 (0 turns clipping off)")
+  if t.grad_clip > 0:
+    opt = optax.chain(optax.clip_by_global_norm(t.grad_clip), opt)
+  if not t.only_train_transformer_layers:
+    return opt
+  return optax.multi_transform({"train": opt, "freeze": optax.set_to_zero()},
+                               trainable_labels(params, True))

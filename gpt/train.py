@@ -1,0 +1,390 @@
+"""Training (`--config.mode=train`): fine-tune or pretrain GPT-2, as the book chapter's train.py.
+
+  python -m gpt.main --config=configs/117m.py --workdir=runs/kant
+  python -m gpt.main --config=configs/tiny.py --workdir=/tmp/run \
+      --config.data.path=../shared/data/kant/critique_of_pure_reason.txt
+
+The workdir receives `config.json` (the resolved config; its `model` section is the trained
+model's shape), `checkpoints/` (orbax), `samples/`, `tensorboard/` and `metrics.jsonl`. Running
+the same command again resumes from the latest checkpoint (`train.restore_from=latest`) and
+continues to `train.steps`. Ctrl-C (SIGINT) or SIGTERM saves a checkpoint and exits cleanly; a
+second Ctrl-C aborts at once. A NaN/inf loss stops the run before anything is saved, so the last
+checkpoint on disk is the last good one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from gpt import data, optim, sharding
+from gpt.checkpoint import Checkpointer, abstract_params, checkpoint_dir, load_params, resolve_checkpoint
+from gpt.errors import GPTError
+from gpt.model import GPTConfig, abstract_model
+from gpt.train_log import TrainLog, measure_peak_flops
+from gpt.train_step import TrainState, create_state, jit_eval_step, jit_train_step, uses_dropout
+
+SHAPE_FIELDS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
+
+
+class TrainingDiverged(GPTError):
+  """The loss became NaN or infinite."""
+
+
+def init_distributed(mesh_cfg: Any) -> None:
+  """jax.distributed.initialize() for a multi-host run (`mesh.distributed=True`).
+
+  On TPU pods and Slurm/Open MPI GPU clusters every argument is detected; elsewhere pass
+  `mesh.coordinator_address`, `mesh.num_processes` and `mesh.process_id`. CPU processes talk
+  through gloo collectives.
+  """
+  if not mesh_cfg.distributed or jax.distributed.is_initialized():
+    return
+  kwargs = {}
+  if mesh_cfg.coordinator_address:
+    kwargs["coordinator_address"] = mesh_cfg.coordinator_address
+  if mesh_cfg.num_processes:
+    kwargs["num_processes"] = int(mesh_cfg.num_processes)
+  if mesh_cfg.process_id >= 0:
+    kwargs["process_id"] = int(mesh_cfg.process_id)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(**kwargs)
+
+
+def quiet_orbax() -> None:
+  """Drops orbax's INFO chatter (dozens of lines per save) from the absl log; warnings stay."""
+  import logging as pylogging
+
+  class _Filter(pylogging.Filter):
+    def filter(self, record: pylogging.LogRecord) -> bool:
+      return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
+
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _Filter) or type(f).__name__ == "_Filter" for f in handler.filters):
+    handler.addFilter(_Filter())
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+  """A replicated global array as numpy, also when it spans other processes' devices."""
+  if x.is_fully_addressable:
+    return np.asarray(x)
+  return np.asarray(x.addressable_data(0))
+
+
+class StopRequest:
+  """Turns the first SIGINT/SIGTERM into a request to save and stop; a second one aborts."""
+
+  def __init__(self):
+    self.signum = None
+    self._old = {}
+
+  def __enter__(self) -> "StopRequest":
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      self._old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, old in self._old.items():
+      signal.signal(sig, old)
+
+  def _handle(self, signum, frame) -> None:
+    if self.signum is not None:
+      raise KeyboardInterrupt
+    self.signum = signum
+    logging.warning("%s received: saving a checkpoint after this step (again to abort)",
+                    signal.Signals(signum).name)
+
+  def requested(self) -> bool:
+    """True when any process got a signal (all processes must stop at the same step)."""
+    flag = self.signum is not None
+    if jax.process_count() == 1:
+      return flag
+    from jax.experimental import multihost_utils
+
+    return bool(np.max(multihost_utils.process_allgather(np.int32(flag))))
+
+
+@dataclasses.dataclass
+class Setup:
+  """What the loop needs: model config, tokenizer and the (possibly restored) train state."""
+
+  cfg: GPTConfig
+  tokenizer: Any
+  params: Any  # host params to start from, or None when resuming
+  resume_step: int | None
+  source: str
+
+
+def _tokenizer(config: Any):
+  from gpt.tokenizer import get_tokenizer
+
+  folder = Path(str(config.init)).expanduser()
+  if folder.is_dir() and any((folder / f).is_file() for f in ("encoder.json", "vocab.json")):
+    return get_tokenizer(folder)
+  return get_tokenizer(None)
+
+
+def _saved_cfg(config: Any, config_json: Path) -> GPTConfig | None:
+  """config.model with the shape saved in a workdir's config.json (None when there is none)."""
+  if not config_json.is_file():
+    return None
+  saved = json.loads(config_json.read_text())["model"]
+  return GPTConfig.from_config({**config.model.to_dict(), **{k: saved[k] for k in SHAPE_FIELDS}})
+
+
+def _setup(config: Any, workdir: Path, ckpt: Checkpointer) -> Setup:
+  """Decides where the weights come from: the workdir's latest checkpoint, a checkpoint path
+  (`restore_from`), or `config.init` (scratch, OpenAI/HF weights, another workdir)."""
+  restore_from = str(config.train.restore_from)
+  latest = ckpt.latest_step()
+  if restore_from == "latest" and latest is not None:
+    cfg = _saved_cfg(config, workdir / "config.json")
+    if cfg is None:
+      raise GPTError(f"{workdir} has checkpoints but no config.json; cannot tell the model shape")
+    return Setup(cfg, _tokenizer(config), None, latest, f"checkpoint step {latest} in {workdir}")
+  if latest is not None:
+    raise GPTError(f"{workdir} already has checkpoints (latest step {latest}); to continue them use "
+                   f"--config.train.restore_from=latest, or pick a new --workdir")
+  if restore_from not in ("latest", "fresh"):
+    directory, _ = resolve_checkpoint(restore_from)
+    cfg = _saved_cfg(config, directory.parent / "config.json") or GPTConfig.from_config(config.model)
+    params = jax.device_get(load_params(restore_from, cfg))
+    return Setup(cfg, _tokenizer(config), params, None, f"weights of {restore_from}")
+  from gpt.weights import load_model
+
+  loaded = load_model(config)
+  params = jax.device_get(nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param)))
+  return Setup(loaded.cfg, loaded.tokenizer, params, None, loaded.source)
+
+
+def _check_config(t: Any, cfg: GPTConfig, mesh) -> None:
+  if t.seq_len > cfg.n_ctx:
+    raise GPTError(f"train.seq_len={t.seq_len} exceeds the model's context n_ctx={cfg.n_ctx}")
+  need = t.grad_accum * sharding.batch_divisor(mesh)
+  if t.grad_accum < 1 or t.batch_size % need:
+    raise GPTError(f"train.batch_size={t.batch_size} must be a multiple of grad_accum={t.grad_accum} "
+                   f"x {sharding.batch_divisor(mesh)} data-parallel devices (mesh data x fsdp)")
+  for name in ("steps", "log_every", "keep"):
+    if t[name] < 1:
+      raise GPTError(f"train.{name}={t[name]} must be >= 1")
+  for name in ("val_every", "sample_every", "save_every"):
+    if t[name] < 0:
+      raise GPTError(f"train.{name}={t[name]} must be >= 0 (0 turns it off)")
+  if not 0 <= t.noise < 1:
+    raise GPTError(f"train.noise={t.noise} must be in [0, 1)")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+  tmp = path.with_name(f".{path.name}.tmp")
+  tmp.write_text(json.dumps(obj, indent=2, sort_keys=True))
+  os.replace(tmp, path)
+
+
+def _put_global(tree: Any, shardings: Any) -> Any:
+  """Host arrays -> global arrays laid out by `shardings` (each host fills its own devices)."""
+  return jax.tree.map(lambda x, sh: jax.make_array_from_callback(
+      x.shape, sh, lambda idx, x=np.asarray(x): x[idx]), tree, shardings)
+
+
+def run(config: Any, workdir: str | None) -> None:
+  """Trains as `config` says, in `workdir` (see the module docstring)."""
+  if not workdir:
+    raise GPTError("training needs --workdir=<folder> (checkpoints, samples and logs go there)")
+  init_distributed(config.mesh)
+  quiet_orbax()
+  t = config.train
+  workdir = Path(workdir).expanduser().resolve()
+  workdir.mkdir(parents=True, exist_ok=True)
+  main_process = jax.process_index() == 0
+  mesh = sharding.make_mesh(config.mesh)
+  ckpt = Checkpointer(checkpoint_dir(workdir), keep=t.keep)
+  try:
+    setup = _setup(config, workdir, ckpt)
+    _check_config(t, setup.cfg, mesh)
+    if main_process:
+      resolved = config.to_dict()
+      resolved["model"] = dataclasses.asdict(setup.cfg)
+      _write_json(workdir / "config.json", resolved)
+    dataset = data.load_dataset(config.data, setup.tokenizer, t.seq_len)
+    logging.info("model: %s (%s params), data: %s (%d train / %s val tokens), mesh %s",
+                 setup.source, f"{setup.cfg.num_params():,}", dataset.source, len(dataset.train),
+                 "no" if dataset.val is None else len(dataset.val), dict(mesh.shape))
+    Loop(config, workdir, setup, dataset, mesh, ckpt, main_process).run()
+  finally:
+    ckpt.close()
+
+
+class Loop:
+  """The training loop and its periodic validation, sampling and checkpointing."""
+
+  def __init__(self, config, workdir: Path, setup: Setup, dataset: data.Dataset, mesh, ckpt,
+               main_process: bool):
+    self.config, self.t, self.workdir, self.setup = config, config.train, workdir, setup
+    self.dataset, self.mesh, self.ckpt, self.main = dataset, mesh, ckpt, main_process
+    cfg, t = setup.cfg, config.train
+    self.graphdef = nnx.graphdef(abstract_model(cfg))
+    abs_params = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
+    self.tx = optim.make_optimizer(t, abs_params)
+    self.schedule = optim.learning_rate_schedule(t)
+    axes = sharding.logical_axes(abstract_model(cfg))
+    psh = sharding.param_shardings(abs_params, axes, mesh)
+    rep = sharding.replicated(mesh)
+    abs_state = jax.eval_shape(lambda p: create_state(p, self.tx, config.seed), abs_params)
+    self.state_sharding = TrainState(
+        step=rep, params=psh, opt_state=sharding.opt_state_shardings(self.tx, abs_state.opt_state,
+                                                                     psh, mesh), rng=rep)
+    self.batch_sharding = sharding.batch_sharding(mesh)
+    self.step_fn = jit_train_step(
+        self.graphdef, self.tx, self.schedule, grad_accum=t.grad_accum, noise=t.noise,
+        dropout=uses_dropout(cfg), state_sharding=self.state_sharding,
+        batch_sharding=self.batch_sharding, scalar_sharding=rep,
+        micro_sharding=NamedSharding(mesh, P(None, sharding.BATCH_AXES, None)))
+    self.eval_fn = jit_eval_step(self.graphdef, params_sharding=psh,
+                                 batch_sharding=self.batch_sharding, scalar_sharding=rep)
+    self.windows = data.Windows(dataset.train, t.seq_len, t.batch_size, config.seed)
+    self.last_saved = None
+    if setup.resume_step is not None:
+      abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
+                              abs_state, self.state_sharding)
+      self.state, meta = ckpt.restore(abstract, setup.resume_step)
+      self.last_saved = setup.resume_step
+      logging.info("resumed from checkpoint step %d (loss %s)", setup.resume_step, meta.get("loss"))
+    else:
+      params = _put_global(setup.params, psh)
+      self.state = jax.jit(lambda p: create_state(p, self.tx, config.seed),
+                           out_shardings=self.state_sharding)(params)
+    self.log = TrainLog(workdir, enabled=main_process)
+    self.decoder = None
+
+  def batch(self, starts: np.ndarray, tokens: np.ndarray) -> jax.Array:
+    shape = (len(starts), self.t.seq_len + 1)
+    return sharding.global_batch(
+        shape, self.batch_sharding, lambda rows: data.window_rows(tokens, starts[rows], self.t.seq_len))
+
+  def run(self) -> None:
+    t = self.t
+    step = int(to_host(self.state.step))
+    if step >= t.steps:
+      logging.info("already trained to step %d (train.steps=%d): nothing to do", step, t.steps)
+      return
+    cfg = self.setup.cfg
+    peak = t.peak_flops or measure_peak_flops(cfg.compute_dtype)
+    flops_per_step = cfg.flops_per_token(t.seq_len) * t.batch_size * t.seq_len
+    pending, window = None, []
+    mark = None  # (time, step) after which throughput is measured (excludes compile and pauses)
+    try:
+      with StopRequest() as stop:
+        while step < t.steps:
+          self.state, metrics = self.step_fn(self.state, self.batch(self.windows.starts(step),
+                                                                    self.dataset.train))
+          step += 1
+          if pending is not None:
+            self.check(*pending)  # the previous step: its result is (nearly always) ready
+          pending = (step, metrics)
+          window.append(metrics)
+          if mark is None:
+            self.check(step, metrics)
+            mark = (time.perf_counter(), step)
+          stopping = stop.requested()
+          final = step == t.steps
+          if step % t.log_every == 0 or final or stopping:
+            self.check(step, metrics)
+            now = time.perf_counter()
+            values = {k: float(np.mean([to_host(m[k]) for m in window])) for k in ("loss", "grad_norm")}
+            values["lr"] = float(to_host(metrics["lr"]))
+            if step > mark[1]:
+              rate = (step - mark[1]) * t.batch_size * t.seq_len / (now - mark[0])
+              values["tokens_per_sec"] = rate
+              values["mfu"] = rate / (t.batch_size * t.seq_len) * flops_per_step / (
+                  peak * jax.device_count())
+            self.log.scalars(step, values, "train")
+            window, mark = [], (now, step)
+          paused = False
+          if t.val_every and (step % t.val_every == 0 or final) and self.dataset.val is not None:
+            self.log.scalars(step, {"loss": self.validate()}, "val")
+            paused = True
+          if t.sample_every and (step % t.sample_every == 0 or final):
+            self.write_samples(step)
+            paused = True
+          if (t.save_every and step % t.save_every == 0) or final or stopping:
+            self.check(step, metrics)
+            self.save(step, float(to_host(metrics["loss"])))
+            paused = True
+          if paused:
+            mark = (time.perf_counter(), step)
+          if stopping:
+            logging.warning("stopped by %s at step %d; checkpoint saved in %s; run the same command "
+                            "to resume", signal.Signals(stop.signum).name if stop.signum else "signal",
+                            step, self.ckpt.directory)
+            return
+    finally:
+      self.ckpt.wait()
+      self.log.close()
+    logging.info("finished %d steps; checkpoints in %s", step, self.ckpt.directory)
+
+  def check(self, step: int, metrics: dict) -> None:
+    """Raises TrainingDiverged if the loss of `step` is not finite (nothing is saved after it)."""
+    loss = float(to_host(metrics["loss"]))
+    if not np.isfinite(loss):
+      kept = (f"the last good checkpoint is step {self.last_saved} in {self.ckpt.directory}"
+              if self.last_saved is not None else "no checkpoint was saved")
+      raise TrainingDiverged(f"loss is {loss} at step {step}: training diverged and stopped; {kept}. "
+                             f"Lower --config.train.learning_rate or set --config.train.grad_clip")
+
+  def save(self, step: int, loss: float) -> None:
+    if step == self.last_saved:
+      return
+    meta = {"step": step, "data_step": step, "seed": int(self.config.seed), "loss": loss,
+            "train_tokens": int(len(self.dataset.train)), "model": dataclasses.asdict(self.setup.cfg)}
+    self.ckpt.save(self.state, meta)
+    self.last_saved = step
+
+  def validate(self) -> float:
+    """Mean loss over the fixed validation windows."""
+    t, val = self.t, self.dataset.val
+    starts = data.eval_starts(len(val), t.seq_len, t.val_batches, t.batch_size)
+    losses = [self.eval_fn(self.state.params, self.batch(s, val)) for s in starts]
+    return float(np.mean([to_host(x) for x in losses]))
+
+  def write_samples(self, step: int) -> None:
+    """Unconditional samples (from <|endoftext|>) into samples/step_<step>.txt, as nshepperd's."""
+    from gpt.sampling import Decoder, SamplingOptions, trim
+    from gpt.model import KVCache
+
+    cfg, t, s = self.setup.cfg, self.t, self.config.sampling
+    tok = self.setup.tokenizer
+    length = max(1, min(t.sample_length, cfg.n_ctx - 1))
+    if self.decoder is None:
+      graphdef = self.graphdef
+      self.decoder = Decoder(
+          lambda params, tokens, cache, mask: nnx.merge(graphdef, params).decode(
+              tokens, cache, token_mask=mask),
+          lambda batch, n: KVCache.init(cfg, batch, n),
+          SamplingOptions(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p),
+          stop_token=tok.eot_id, stop_at_token=False)
+    n = max(1, t.sample_num)
+    prompt = np.full((n, 1), tok.eot_id, np.int32)
+    key = jax.random.fold_in(jax.random.key(s.seed), step)
+    tokens = self.decoder.generate(self.state.params, prompt, np.ones_like(prompt, bool), key,
+                                   length, cache_length=length + 1)
+    rows = trim(to_host(tokens), tok.eot_id, False, length)
+    text = "".join(f"{'=' * 20} SAMPLE {i + 1} {'=' * 20}\n{tok.decode(r)}\n"
+                   for i, r in enumerate(rows))
+    if self.main:
+      out = self.workdir / "samples"
+      out.mkdir(exist_ok=True)
+      (out / f"step_{step:06d}.txt").write_text(text, encoding="utf-8")
+      self.log.text(step, "samples", text)
+      logging.info("samples at step %d:\n%s", step, text)

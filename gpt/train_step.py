@@ -1,0 +1,117 @@
+"""The pure training and evaluation steps, jitted over a mesh with the train state donated.
+
+`train_step(state, batch)` takes token windows [B, T+1] (inputs are the first T tokens, targets the
+last T) and returns the next state and a few scalars. Gradient accumulation splits the global batch
+into `grad_accum` micro-batches inside the step (a lax.scan), so memory holds one micro-batch of
+activations and the result equals one big batch (the mean of equal-sized micro-batch means).
+Micro-batch m takes rows m, m + accum, m + 2*accum, ...: every device keeps a share of every
+micro-batch, so no device idles while another works.
+
+Randomness (dropout, input noise) comes from `fold_in(fold_in(state.rng, step), micro_batch)`: a
+pure function of the seed and the step, so a resumed run draws what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from gpt.model import GPTConfig
+
+
+class TrainState(flax.struct.PyTreeNode):
+  """Everything a training run carries from step to step (and checkpoints)."""
+
+  step: jax.Array  # int32 scalar: optimizer steps taken
+  params: Any  # pure nested dict of float arrays, shaped like the model
+  opt_state: Any  # optax state over `params`
+  rng: jax.Array  # uint32[2]: raw key data of the run's base PRNG key
+
+
+def create_state(params: Any, tx: optax.GradientTransformation, seed: int) -> TrainState:
+  """Step 0 for `params`: a fresh optimizer state and the run's base key."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params),
+                    rng=jax.random.key_data(jax.random.key(seed)))
+
+
+def add_noise(tokens: jax.Array, rate: float, n_vocab: int, rng: jax.Array) -> jax.Array:
+  """Replaces each token with a uniformly random one with probability `rate` (nshepperd's --noise)."""
+  r_where, r_tok = jax.random.split(rng)
+  random_tokens = jax.random.randint(r_tok, tokens.shape, 0, n_vocab, tokens.dtype)
+  return jnp.where(jax.random.uniform(r_where, tokens.shape) < rate, random_tokens, tokens)
+
+
+def loss_fn(params: Any, graphdef: Any, windows: jax.Array, rng: jax.Array | None,
+            noise: float, dropout: bool) -> jax.Array:
+  """Mean next-token cross-entropy over windows [B, T+1]; noise only touches the inputs."""
+  inputs, targets = windows[:, :-1], windows[:, 1:]
+  model = nnx.merge(graphdef, params)
+  r_noise, r_drop = (None, None) if rng is None else jax.random.split(rng)
+  if noise > 0:
+    inputs = add_noise(inputs, noise, model.cfg.n_vocab, r_noise)
+  logits = model(inputs, rng=r_drop if dropout else None)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def uses_dropout(cfg: GPTConfig) -> bool:
+  return max(cfg.embd_pdrop, cfg.attn_pdrop, cfg.resid_pdrop) > 0
+
+
+def train_step(state: TrainState, batch: jax.Array, *, graphdef: Any,
+               tx: optax.GradientTransformation, schedule: optax.Schedule, grad_accum: int,
+               noise: float, dropout: bool, micro_sharding: Any = None) -> tuple[TrainState, dict]:
+  """One optimizer step on `batch` [B, T+1]; returns the new state and {loss, grad_norm, lr}."""
+  step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+  grad_fn = jax.value_and_grad(loss_fn)
+  B, T1 = batch.shape
+  micro = batch.reshape(B // grad_accum, grad_accum, T1).swapaxes(0, 1)
+  if micro_sharding is not None and grad_accum > 1:
+    micro = jax.lax.with_sharding_constraint(micro, micro_sharding)
+
+  def accumulate(carry, xs):
+    loss_sum, grad_sum = carry
+    windows, i = xs
+    loss, grads = grad_fn(state.params, graphdef, windows, jax.random.fold_in(step_rng, i),
+                          noise, dropout)
+    return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
+
+  if grad_accum == 1:  # no loop: keeps the whole step one straight-line program
+    loss, grads = grad_fn(state.params, graphdef, batch, jax.random.fold_in(step_rng, 0), noise,
+                          dropout)
+  else:
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
+                                    (micro, jnp.arange(grad_accum)))
+    loss = loss / grad_accum
+    grads = jax.tree.map(lambda g: g / grad_accum, grads)
+  updates, opt_state = tx.update(grads, state.opt_state, state.params)
+  params = optax.apply_updates(state.params, updates)
+  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+  return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+
+def eval_step(params: Any, batch: jax.Array, *, graphdef: Any) -> jax.Array:
+  """Mean next-token loss of `batch` [B, T+1] (no dropout, no noise)."""
+  return loss_fn(params, graphdef, batch, None, 0.0, False)
+
+
+def jit_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
+                   grad_accum: int, noise: float, dropout: bool, state_sharding: Any,
+                   batch_sharding: Any, micro_sharding: Any, scalar_sharding: Any):
+  """`train_step` jitted over the mesh: state in and out with its sharding, and donated."""
+  fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
+                         grad_accum=grad_accum, noise=noise, dropout=dropout,
+                         micro_sharding=micro_sharding)
+  return jax.jit(fn, in_shardings=(state_sharding, batch_sharding),
+                 out_shardings=(state_sharding, scalar_sharding), donate_argnums=0)
+
+
+def jit_eval_step(graphdef: Any, *, params_sharding: Any, batch_sharding: Any, scalar_sharding: Any):
+  return jax.jit(functools.partial(eval_step, graphdef=graphdef),
+                 in_shardings=(params_sharding, batch_sharding), out_shardings=scalar_sharding)
