@@ -295,6 +295,26 @@ class GPT(nnx.Module):
     x, _ = self._trunk(tokens, None, None, None, None)
     return self.ln_f(x)
 
+  def attention_probs(self, tokens: jax.Array) -> jax.Array:
+    """Every layer's attention probabilities, float32 [L, B, H, T, T] (query x key), for inspection."""
+    cfg = self.cfg
+    B, T = tokens.shape
+    x = (jnp.take(self.wte[...], tokens, axis=0) + self.wpe[...][:T]).astype(cfg.compute_dtype)
+    graphdef, layer_params = nnx.split(self.h)
+    causal = jnp.tril(jnp.ones((T, T), bool))
+
+    def layer(x, params):
+      block = nnx.merge(graphdef, params)
+      q, k, _ = jnp.split(block.attn.c_attn(block.ln_1(x)), 3, axis=-1)
+      q, k = (a.reshape(B, T, cfg.n_head, cfg.head_dim) for a in (q, k))
+      scores = jnp.einsum("bthk,bshk->bhts", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
+      probs = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
+      x, _ = block(x)
+      return x, probs
+
+    _, probs = jax.lax.scan(layer, x, layer_params)
+    return probs
+
   def _forward(self, tokens, positions, mask, cache, rng):
     x, new_kv = self._trunk(tokens, positions, mask, cache, rng)
     x = self.ln_f(x)

@@ -111,3 +111,21 @@ def test_attention_auto_uses_xla_on_cpu():
 def test_bad_model_options_are_one_clear_error(bad, message):
   with pytest.raises(GPTError, match=message):
     TINY.replace(**bad)
+
+
+def test_attention_probs_are_causal_distributions_consistent_with_the_forward():
+  model = init_model(TINY, seed=7)
+  probs = np.asarray(jax.jit(lambda m, t: m.attention_probs(t))(model, TOKENS))
+  assert probs.shape == (3, 2, 4, 12, 12)
+  np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
+  assert np.all(np.triu(probs, k=1) == 0)
+  # Layer 0 recomputed by hand from the parameters.
+  p = model.h
+  x = np.asarray(model.wte[...])[TOKENS] + np.asarray(model.wpe[...])[:12]
+  mu, var = x.mean(-1, keepdims=True), x.var(-1, keepdims=True)
+  h = (x - mu) / np.sqrt(var + 1e-5) * np.asarray(p.ln_1.g[...][0]) + np.asarray(p.ln_1.b[...][0])
+  qkv = h @ np.asarray(p.attn.c_attn.w[...][0]) + np.asarray(p.attn.c_attn.b[...][0])
+  q, k = qkv[..., :32].reshape(2, 12, 4, 8), qkv[..., 32:64].reshape(2, 12, 4, 8)
+  s = np.einsum("bthk,bshk->bhts", q, k) / np.sqrt(8) + np.triu(np.full((12, 12), -np.inf), 1)
+  e = np.exp(s - s.max(-1, keepdims=True))
+  np.testing.assert_allclose(probs[0], e / e.sum(-1, keepdims=True), atol=1e-5)
