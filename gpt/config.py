@@ -222,6 +222,10 @@ def base_config() -> ml_collections.ConfigDict:
   e.stride = 0
   # Also write per-example results as jsonl.
   e.write_examples = False
+  # ARC: also report GPT-3's unconditional normalisation, log P(c|ctx) - log P(c|"Answer:").
+  e.unconditional_norm = True
+  # Text file scored by the 'text' perplexity task.
+  e.text_path = ""
 
   c.mesh = mh = ml_collections.ConfigDict()
   # Devices on the data-parallel axis (-1 = all devices left over by the other axes).
