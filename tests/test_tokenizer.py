@@ -6,7 +6,9 @@ file tiktoken pins for r50k/gpt2) with tiktoken's gpt2 pattern and special token
 
 import hashlib
 import json
-import shutil
+import os
+import select
+import signal
 
 import numpy as np
 import pytest
@@ -145,6 +147,28 @@ def test_fuzz_long_path(tok, ref, texts, chunk_chars, allow_special):
     assert tok.encode(text, allow_special) == ref.encode(text, allowed_special=allowed, disallowed_special=())
     assert tok.encode_batch(texts, allow_special) == [
         ref.encode(t, allowed_special=allowed, disallowed_special=()) for t in texts]
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
+def test_long_text_in_forked_child(tok, ref):
+  """A child forked after the worker threads exist must not wait on the parent's (absent) threads."""
+  text = "Fork me, 'twas brillig.\n\n" * 20000  # > SPLIT_CHARS: uses the worker threads.
+  expected = ref.encode_ordinary(text)
+  assert tok.encode(text) == expected
+  read_end, write_end = os.pipe()
+  pid = os.fork()
+  if pid == 0:  # Child: report whether it got the right ids, then leave without pytest's cleanup.
+    os.close(read_end)
+    os.write(write_end, b"ok" if tok.encode(text) == expected else b"bad")
+    os._exit(0)
+  os.close(write_end)
+  ready, _, _ = select.select([read_end], [], [], 30)
+  answer = os.read(read_end, 8) if ready else b"timed out"
+  os.close(read_end)
+  if not ready:
+    os.kill(pid, signal.SIGKILL)
+  os.waitpid(pid, 0)
+  assert answer == b"ok"
 
 
 def test_cut_rule_whitespace_agrees_with_tiktoken():
