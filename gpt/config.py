@@ -242,6 +242,18 @@ def base_config() -> ml_collections.ConfigDict:
   mh.num_processes = 0
   # This process's index in a multi-host run (-1 = auto-detect).
   mh.process_id = -1
+
+  c.attention = av = ml_collections.ConfigDict()
+  # Text whose attention is shown (`--config.mode=attention`).
+  av.prompt = "The critique of pure reason asks what we can know without experience."
+  # File holding the prompt (overrides `prompt`).
+  av.prompt_file = ""
+  # Put <|endoftext|> in front of the prompt, as GPT-2 saw documents in training.
+  av.prepend_eot = False
+  # Longest prompt in tokens (the page embeds L x H x T x T weights).
+  av.max_tokens = 64
+  # Comma-separated layers drawn in the PNG heatmap grid ('' = all; the HTML page has all).
+  av.png_layers = ""
   return c
 
 
