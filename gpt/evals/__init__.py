@@ -1,0 +1,51 @@
+"""Zero/one/few-shot evaluation tasks, by name.
+
+  lambada                           lambada.py          last word: acc, acc_last_token, ppl
+  hellaswag piqa arc_easy           multiple_choice.py  acc, acc_norm, acc_norm_tokens
+  arc_challenge winogrande                              (+ acc_uncond for ARC; winogrande: acc)
+  boolq sst2                        cloze.py            PET patterns: acc_p0.. and ensemble acc
+  wikitext2 text                    perplexity.py       token/word/byte perplexity, bits_per_byte
+
+`gpt.evals.runner.evaluate` runs one task at one shot count; `gpt.evaluate.run` is the eval mode.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from gpt.errors import GPTError
+from gpt.evals.base import Task
+from gpt.evals.cloze import SST2, BoolQ
+from gpt.evals.lambada import Lambada
+from gpt.evals.multiple_choice import ARC, PIQA, HellaSwag, Winogrande
+from gpt.evals.perplexity import TextFile, WikiText2
+
+# name -> factory taking the config's `eval` section (a ConfigDict, dict or None for defaults).
+TASKS: dict[str, Callable[[Any], Task]] = {
+    "lambada": lambda e: Lambada(),
+    "hellaswag": lambda e: HellaSwag(),
+    "piqa": lambda e: PIQA(),
+    "arc_easy": lambda e: ARC("Easy", _get(e, "unconditional_norm", True)),
+    "arc_challenge": lambda e: ARC("Challenge", _get(e, "unconditional_norm", True)),
+    "winogrande": lambda e: Winogrande(),
+    "boolq": lambda e: BoolQ(),
+    "sst2": lambda e: SST2(),
+    "wikitext2": lambda e: WikiText2(_get(e, "stride", 0)),
+    "text": lambda e: TextFile(_get(e, "text_path", ""), _get(e, "stride", 0)),
+}
+
+
+def _get(section: Any, key: str, default: Any) -> Any:
+  if section is None:
+    return default
+  return section.get(key, default)
+
+
+def get_task(name: str, eval_config: Any = None) -> Task:
+  """The task called `name`, set up from the config's `eval` section."""
+  if name not in TASKS:
+    raise GPTError(f"unknown eval task {name!r}; choose from {', '.join(TASKS)}")
+  return TASKS[name](eval_config)
+
+
+__all__ = ["TASKS", "get_task", "Task"]

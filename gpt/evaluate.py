@@ -1,0 +1,126 @@
+"""The eval mode: zero/one/few-shot evaluation of a model on the tasks in `config.eval`.
+
+  python -m gpt.main --config=configs/117m.py --config.mode=eval --workdir=runs/eval \
+      --config.eval.tasks=lambada,hellaswag,piqa --config.eval.shots=0,1,5
+
+Writes <workdir>/eval/<task>_<shots>shot.json (metrics with stderrs, item counts, truncation counts,
+the config, data checksums, timing) and, with eval.write_examples, a .jsonl of per-item scores
+beside it; then prints a table of all results. Without --workdir results go to runs/eval.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from absl import logging
+
+from gpt.errors import GPTError
+from gpt.evals import get_task
+from gpt.evals.base import Format
+from gpt.evals.runner import TaskResult, evaluate
+from gpt.evals.scoring import Scorer
+
+DEFAULT_WORKDIR = "runs/eval"
+
+
+def parse_names(value: Any) -> list[str]:
+  """'lambada, piqa' (or a list) -> ['lambada', 'piqa']."""
+  items = value.split(",") if isinstance(value, str) else list(value)
+  names = [str(n).strip() for n in items if str(n).strip()]
+  if not names:
+    raise GPTError("eval.tasks is empty; e.g. --config.eval.tasks=lambada,hellaswag")
+  return names
+
+
+def parse_shots(value: Any) -> list[int]:
+  """'0,1,5' (or an int or a list) -> [0, 1, 5]."""
+  items = value.split(",") if isinstance(value, str) else (
+      [value] if isinstance(value, int) else list(value))
+  try:
+    shots = [int(str(s).strip()) for s in items if str(s).strip()]
+  except ValueError:
+    raise GPTError(f"eval.shots={value!r}: give comma-separated non-negative integers, e.g. 0,1,5") from None
+  if not shots or min(shots) < 0:
+    raise GPTError(f"eval.shots={value!r}: give comma-separated non-negative integers, e.g. 0,1,5")
+  return shots
+
+
+def run(config, workdir: str | None) -> None:
+  """Evaluates the model `config.init` names on every task x shot count in `config.eval`."""
+  from gpt.weights import load_model
+
+  e = config.eval
+  tasks = [get_task(name, e) for name in parse_names(e.tasks)]  # bad names fail before loading
+  shots = parse_shots(e.shots)
+  if e.batch_size < 1:
+    raise GPTError(f"eval.batch_size={e.batch_size} must be at least 1")
+  out_dir = Path(workdir or DEFAULT_WORKDIR) / "eval"
+  out_dir.mkdir(parents=True, exist_ok=True)
+  loaded = load_model(config)
+  logging.info("evaluating %s (%s parameters)", loaded.source, f"{loaded.cfg.num_params():,}")
+  scorer = Scorer(loaded.model, e.batch_size)
+  fmt = Format(e.example_separator, e.target_delimiter)
+  results = []
+  for task in tasks:
+    data = task.load(Path(e.data_dir))
+    if not task.uses_shots and shots != [0]:
+      logging.info("%s is a perplexity task: shot counts do not apply, scoring it once", task.name)
+    for k in (shots if task.uses_shots else [0]):
+      result = evaluate(task, data, scorer, loaded.tokenizer, k, fmt, seed=e.seed, limit=e.limit,
+                        keep_examples=e.write_examples)
+      path = write_result(out_dir, task, data, result, config, loaded)
+      logging.info("wrote %s", path)
+      results.append((task, result))
+  print(format_table(results))
+  print(f"results in {out_dir}")
+
+
+def write_result(out_dir: Path, task, data, result: TaskResult, config, loaded) -> Path:
+  """<task>_<shots>shot.json (and .jsonl of per-item records when there are any)."""
+  stem = f"{result.task}_{result.shots}shot"
+  record = {
+      "task": result.task, "shots": result.shots, "primary_metric": task.primary_metric,
+      "metrics": {k: {"value": _finite(v), "stderr": _finite(s)} for k, (v, s) in result.metrics.items()},
+      "n_examples": result.n_examples, "n_available": len(data.docs),
+      "truncation": vars(result.truncation), "fewshot_source": data.fewshot_source,
+      "model": {"init": config.init, "source": loaded.source, "n_params": loaded.cfg.num_params(),
+                "n_layer": loaded.cfg.n_layer, "n_embd": loaded.cfg.n_embd,
+                "n_ctx": loaded.cfg.n_ctx, "dtype": loaded.cfg.dtype},
+      "eval_config": dict(config.eval.items()),
+      "data": data.files, "timing": result.timing,
+      "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+  }
+  if hasattr(task, "describe"):
+    record["patterns"] = task.describe()
+  path = out_dir / f"{stem}.json"
+  path.write_text(json.dumps(record, indent=2) + "\n")
+  if result.examples:
+    with open(out_dir / f"{stem}.jsonl", "w", encoding="utf-8") as f:
+      for example in result.examples:
+        f.write(json.dumps(example, ensure_ascii=False) + "\n")
+  return path
+
+
+def _finite(x: float) -> float | None:
+  """NaN (an undefined stderr) becomes JSON null."""
+  return None if x is None or (isinstance(x, float) and math.isnan(x)) else x
+
+
+def format_table(results: list[tuple[Any, TaskResult]]) -> str:
+  """A Markdown table with one row per task, shot count and metric."""
+  lines = ["| task | shots | metric | value | stderr | n | truncated |", "|---|---|---|---|---|---|---|"]
+  for task, r in results:
+    t = r.truncation
+    cut = f"{t.demos_dropped} demos, {t.context_cut} cut, {t.skipped} skipped"
+    names = [task.primary_metric] + [m for m in r.metrics if m != task.primary_metric]
+    for name in names:
+      if name not in r.metrics:
+        continue
+      value, stderr = r.metrics[name]
+      err = "" if stderr is None or math.isnan(stderr) else f"{stderr:.4f}"
+      lines.append(f"| {r.task} | {r.shots} | {name} | {value:.4f} | {err} | {r.n_examples} | {cut} |")
+  return "\n".join(lines)
