@@ -121,7 +121,8 @@ class Task:
 
   def example_record(self, doc: Any, demos: Sequence[Any], fmt: Format) -> dict[str, Any]:
     """What the per-example jsonl shows of an item besides its scores: the untruncated prompts."""
-    return {"prompts": [{"context": assemble(r.demos, r.query, fmt),
+    gold = getattr(doc, "gold", getattr(doc, "label", None))
+    return {"gold": gold, "prompts": [{"context": assemble(r.demos, r.query, fmt),
                          "continuations": list(r.continuations)}
                         for r in self.requests(doc, demos, fmt)]}
 
