@@ -1,0 +1,255 @@
+"""gpt.generate: the model wrapped for decoding, prompt fitting, and the sample/interactive modes.
+
+Correctness is checked on the fixture GPT-2 (2 layers, n_ctx 64) against full forward passes and,
+when torch and transformers are installed (the [hf] extra), against Hugging Face generate().
+"""
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import time
+import types
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gpt import generate
+from gpt.config import base_config
+from gpt.errors import GPTError
+from gpt.model import KVCache
+from gpt.sampling import SamplingOptions
+
+PROMPTS = [[464, 3290, 318, 257, 1588], [50256], [15496, 11, 616, 1438, 318, 5395, 13, 314, 1101]]
+HEADER = "=" * 40 + " SAMPLE {} " + "=" * 40
+
+
+def fixture_config(init, **sampling):
+  config = base_config()
+  config.init = str(init)
+  config.sampling.update(sampling)
+  return config
+
+
+@pytest.fixture(scope="module")
+def loaded():
+  from conftest import require_shared
+  from gpt.weights import load_model
+
+  return load_model(fixture_config(require_shared("fixtures", "openai-gpt2-tiny")))
+
+
+@pytest.fixture(scope="module")
+def full_forward(loaded):
+  """Logits [T, V] of a whole sequence by one uncached forward pass (right-padded to n_ctx, so
+  it compiles once; attention is causal, so the padding does not change earlier positions)."""
+  graphdef, params = nnx.split(loaded.model)
+  n_ctx = loaded.cfg.n_ctx
+  forward = jax.jit(lambda p, t: nnx.merge(graphdef, p)(t)[0])
+
+  def run(tokens):
+    padded = np.zeros((1, n_ctx), np.int32)
+    padded[0, :len(tokens)] = tokens
+    return forward(params, padded)[:len(tokens)]
+
+  return run
+
+
+def test_cache_logits_equal_full_forward_at_every_step(loaded, full_forward):
+  cfg = loaded.cfg
+  graphdef, params = nnx.split(loaded.model)
+  logits_fn = jax.jit(generate.make_logits_fn(graphdef))
+  tokens, mask = generate.pad_left(PROMPTS, generate.bucket(9))
+  logits, cache = logits_fn(params, tokens, KVCache.init(cfg, 3, 16 + 32), mask)
+  rows = [list(p) for p in PROMPTS]
+  for r, prompt in enumerate(PROMPTS):
+    np.testing.assert_allclose(logits[r, -len(prompt):], full_forward(prompt), rtol=1e-5, atol=1e-5)
+  step_tokens = np.random.default_rng(0).integers(0, cfg.n_vocab, size=(30, 3))
+  for t, new in enumerate(step_tokens):
+    logits, cache = logits_fn(params, jnp.asarray(new[:, None], jnp.int32), cache, None)
+    for r in range(3):
+      rows[r].append(int(new[r]))
+      np.testing.assert_allclose(logits[r, 0], full_forward(rows[r])[-1], rtol=1e-5, atol=1e-5,
+                                 err_msg=f"step {t} row {r}")
+
+
+def test_greedy_equals_argmax_loop_over_full_forwards(loaded, full_forward):
+  gen = generate.Generator(loaded.model, loaded.tokenizer, SamplingOptions(temperature=0.0),
+                           stop_at_eot=False)
+  got = gen.generate(PROMPTS, 40, jax.random.key(0))
+  for prompt, row in zip(PROMPTS, got):
+    tokens = list(prompt)  # a plain argmax loop over full forward passes, no cache
+    for _ in range(40):
+      tokens.append(int(np.argmax(full_forward(tokens)[-1])))
+    assert row == tokens[len(prompt):]
+
+
+def test_greedy_equals_hugging_face_generate(hf_fixture):
+  torch = pytest.importorskip("torch", reason="needs the [hf] extra (torch) for the reference")
+  transformers = pytest.importorskip("transformers", reason="needs the [hf] extra (transformers)")
+  from gpt.weights import load_model
+
+  hf = transformers.GPT2LMHeadModel.from_pretrained(hf_fixture).eval()
+  ours = load_model(fixture_config(hf_fixture))
+  gen = generate.Generator(ours.model, ours.tokenizer, SamplingOptions(temperature=0.0),
+                           stop_at_eot=False)
+  got = gen.generate(PROMPTS, 48, jax.random.key(0))
+  for prompt, row in zip(PROMPTS, got):
+    with torch.no_grad():
+      out = hf.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                        do_sample=False, max_new_tokens=48, min_new_tokens=48, pad_token_id=50256)
+    assert row == out[0, len(prompt):].tolist()
+
+
+def test_fit_prompt():
+  fit = generate.fit_prompt
+  assert fit([1, 2, 3], 0, 64, False) == ([1, 2, 3], 62)  # fill the context (last token not fed)
+  assert fit([1, 2, 3], 62, 64, False) == ([1, 2, 3], 62)
+  with pytest.raises(GPTError, match=r"prompt \(3 tokens\) \+ sampling.length \(63\) = 66 .*n_ctx=64"):
+    fit([1, 2, 3], 63, 64, False)
+  assert fit([1, 2, 3], 63, 64, True) == ([2, 3], 63)
+  with pytest.raises(GPTError, match="70 tokens, more than the context of n_ctx=64"):
+    fit(list(range(70)), 0, 64, False)
+  assert fit(list(range(70)), 0, 64, True) == (list(range(37, 70)), 32)
+  with pytest.raises(GPTError, match="sampling.length=65"):
+    fit([1], 65, 64, False)
+  with pytest.raises(GPTError, match="empty"):
+    fit([], 5, 64, False)
+
+
+def test_counts_and_stop_option():
+  generate.check_counts(0, 4)
+  generate.check_counts(8, 4)
+  with pytest.raises(GPTError, match="nsamples=6 must be a multiple of sampling.batch_size=4"):
+    generate.check_counts(6, 4)
+  with pytest.raises(GPTError, match="batch_size=0"):
+    generate.check_counts(4, 0)
+  assert generate.stop_at_eot("auto", True) and not generate.stop_at_eot("auto", False)
+  assert generate.stop_at_eot(True, False) and not generate.stop_at_eot("false", True)
+  with pytest.raises(GPTError, match="stop_at_eot"):
+    generate.stop_at_eot("maybe", True)
+  assert [generate.bucket(n) for n in (1, 16, 17, 64, 65)] == [16, 16, 32, 64, 128]
+
+
+def test_sample_mode_prompt_file_output_file_and_seed(openai_fixture, tmp_path, capsys):
+  (tmp_path / "prompt.txt").write_text("The critique of pure reason\n", encoding="utf-8")
+  config = fixture_config(openai_fixture, prompt_file=str(tmp_path / "prompt.txt"), nsamples=4,
+                          batch_size=2, length=20, seed=3, output_file=str(tmp_path / "out.txt"))
+  generate.run_sample(config, None)
+  first = capsys.readouterr().out
+  assert [line for line in first.splitlines() if "SAMPLE" in line] == [HEADER.format(n) for n in range(1, 5)]
+  assert (tmp_path / "out.txt").read_text(encoding="utf-8") == first
+  generate.run_sample(config, None)
+  assert capsys.readouterr().out == first, "same seed, same text"
+
+
+def test_sample_mode_rejects_bad_options_before_loading(tmp_path):
+  for key, value, word in [("top_p", 1.5, "top_p"), ("nsamples", 3, "multiple"), ("temperature", -1, "temperature")]:
+    sampling = dict(nsamples=2, batch_size=2)
+    sampling[key] = value
+    config = fixture_config(tmp_path / "does-not-exist", **sampling)
+    with pytest.raises(GPTError, match=word):
+      generate.run_sample(config, None)
+
+
+def test_samples_from_a_training_workdir(loaded, openai_fixture, tmp_path, capsys):
+  """A workdir checkpoint holding the fixture's weights gives exactly the fixture's samples."""
+  from gpt.checkpoint import Checkpointer, checkpoint_dir
+
+  config = fixture_config(openai_fixture, nsamples=2, length=24, seed=1)
+  generate.run_sample(config, None)
+  expected = capsys.readouterr().out
+  workdir = tmp_path / "run"
+  ckpt = Checkpointer(checkpoint_dir(workdir), async_save=False)
+  params = nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param))
+  state = types.SimpleNamespace(params=params, opt_state={"unused": jnp.zeros(1)}, step=jnp.asarray(5), rng=jax.random.PRNGKey(0))
+  ckpt.save(state, {"step": 5})
+  ckpt.close()
+  model_section = {k: getattr(loaded.cfg, k) for k in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")}
+  (workdir / "config.json").write_text(json.dumps({"model": model_section}))
+  config.init = str(workdir)
+  generate.run_sample(config, None)
+  assert capsys.readouterr().out == expected
+
+
+# ---- end to end, as a user runs it: python -m gpt.main ... in a subprocess ----
+
+class Session:
+  """A `python -m gpt.main` subprocess whose stdout is collected by a thread."""
+
+  def __init__(self, repo_dir, init, mode, *overrides, stdin=subprocess.PIPE):
+    cmd = [sys.executable, "-m", "gpt.main", "--config=configs/tiny.py", f"--config.init={init}",
+           f"--config.mode={mode}", *overrides]
+    self.proc = subprocess.Popen(cmd, cwd=repo_dir, stdin=stdin, stdout=subprocess.PIPE,
+                                 stderr=subprocess.PIPE, text=True, encoding="utf-8")
+    self.out = ""
+    self._chunks = queue.Queue()
+    threading.Thread(target=self._pump, daemon=True).start()
+
+  def _pump(self):
+    for char in iter(lambda: self.proc.stdout.read(1), ""):
+      self._chunks.put(char)
+
+  def wait_for(self, text, timeout=120):
+    deadline = time.time() + timeout
+    while text not in self.out:
+      try:
+        self.out += self._chunks.get(timeout=max(0.01, deadline - time.time()))
+      except queue.Empty:
+        raise AssertionError(f"no {text!r} after {timeout}s; got:\n{self.out}\n{self.proc.stderr.read()}")
+    return self.out
+
+  def finish(self, timeout=120):
+    rc = self.proc.wait(timeout=timeout)
+    time.sleep(0.2)
+    while not self._chunks.empty():
+      self.out += self._chunks.get()
+    return rc, self.out, self.proc.stderr.read()
+
+
+def test_interactive_piped_session(repo_dir, openai_fixture):
+  session = Session(repo_dir, openai_fixture, "interactive", "--config.sampling.nsamples=2",
+                    "--config.sampling.length=12")
+  session.proc.stdin.write("Kant wrote\n\nOne line \\\nand the next\n")
+  session.proc.stdin.close()
+  rc, out, err = session.finish()
+  assert rc == 0, err
+  assert out.count("Model prompt >>> ") == 4  # prompt, empty, two-line prompt, end of input
+  assert out.count(HEADER.format(1)) == 2 and out.count(HEADER.format(2)) == 2
+  assert "Prompt should not be empty!" in out
+  assert "Model prompt >>> One line \nand the next\n" in out  # the echoed two-line prompt
+  assert out.count("=" * 80 + "\n") == 2
+  assert "Traceback" not in err
+
+
+def test_interactive_ctrl_c_stops_the_sample_then_eof_exits(repo_dir, openai_fixture):
+  session = Session(repo_dir, openai_fixture, "interactive", "--config.sampling.nsamples=0",
+                    "--config.sampling.length=20")
+  session.wait_for("Model prompt >>> ")
+  session.proc.stdin.write("Once upon a time\n")
+  session.proc.stdin.flush()
+  session.wait_for(HEADER.format(3))  # nsamples=0: samples keep coming (streamed) until Ctrl-C
+  session.proc.send_signal(signal.SIGINT)
+  session.wait_for("[stopped: Ctrl-C]\nModel prompt >>> ")
+  session.proc.stdin.close()
+  rc, out, err = session.finish()
+  assert rc == 0, err
+  assert out.endswith("Model prompt >>> \n")
+  assert "Traceback" not in err
+
+
+def test_sample_mode_runs_until_ctrl_c(repo_dir, openai_fixture):
+  session = Session(repo_dir, openai_fixture, "sample", "--config.sampling.nsamples=0",
+                    "--config.sampling.length=16", stdin=subprocess.DEVNULL)
+  session.wait_for(HEADER.format(3))
+  session.proc.send_signal(signal.SIGINT)
+  rc, out, err = session.finish()
+  assert rc == 0, err
+  assert "stopped (Ctrl-C)" in err and "Traceback" not in err
+  assert os.linesep == "\n" and out.startswith(HEADER.format(1) + "\n")
