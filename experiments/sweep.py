@@ -1,0 +1,173 @@
+"""Runs a config sweep: every point of a sweep file as `gpt.main` in its own workdir.
+
+  python experiments/sweep.py experiments/sweeps/lr.py --workdir=runs/lr
+  python experiments/sweep.py experiments/sweeps/lr.py --workdir=runs/lr --parallel=2
+  python experiments/sweep.py experiments/sweeps/lr.py --workdir=runs/lr --engine=ray
+  python experiments/sweep.py experiments/sweeps/lr.py --workdir=runs/lr --set=train.steps=50
+
+Points already finished are skipped (see experiments/engines/point.py for what "finished" means),
+so rerunning an interrupted sweep runs only what is left. A failed stage is retried once
+(--retries); a point that still fails does not stop the others. Ctrl-C (or SIGTERM) stops the
+sweep: running trainings get SIGTERM and save a checkpoint, and are not marked done; a second
+Ctrl-C kills them. A summary (also in <workdir>/sweep_summary.{md,json}) ends every sweep; the exit
+code is 0 only when every point finished.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+  sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from absl import app, flags  # noqa: E402
+
+from experiments.engines import ENGINES, make_engine  # noqa: E402
+from experiments.engines.point import Outcome  # noqa: E402
+from experiments.sweep_spec import build_points, load_sweep  # noqa: E402
+from gpt.errors import GPTError  # noqa: E402
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Root folder of the sweep; each point runs in <workdir>/<name>.")
+_ENGINE = flags.DEFINE_enum("engine", "local", list(ENGINES), "Where the points run.")
+_PARALLEL = flags.DEFINE_integer("parallel", None, "Runs at once (local: default 1; ray: default "
+                                 "all the cluster fits).")
+_DEVICES = flags.DEFINE_string("devices", "auto", "local engine: auto | none | gpu:0,1,.. | cpu:0-7; "
+                               "split evenly between the --parallel runs.")
+_RETRIES = flags.DEFINE_integer("retries", 1, "Extra attempts for a failed stage.")
+_SET = flags.DEFINE_multi_string("set", [], "key=value added to the sweep's fixed overrides (repeatable).")
+_DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands and exit.")
+_RAY_ADDRESS = flags.DEFINE_string("ray_address", "", "ray engine: cluster address ('auto' = the "
+                                   "cluster started by `ray start`; '' = a local one for this sweep).")
+_CPUS = flags.DEFINE_float("cpus_per_run", 1, "ray engine: CPUs reserved per run.")
+_GPUS = flags.DEFINE_float("gpus_per_run", 0, "ray engine: GPUs per run (Ray pins them).")
+_RESOURCES = flags.DEFINE_string("resources_per_run", "", "ray engine: other resources per run as "
+                                 "JSON, e.g. '{\"TPU\": 4}'.")
+
+
+def parse_sets(items: list[str]) -> dict[str, str]:
+  """['train.steps=50'] -> {'train.steps': '50'} (typed later against the base config)."""
+  out = {}
+  for item in items:
+    key, eq, value = item.partition("=")
+    if not eq or not key:
+      raise GPTError(f"--set={item!r}: use --set=key=value, e.g. --set=train.steps=50")
+    out[key.removeprefix("config.")] = value
+  return out
+
+
+class StopOnSignal:
+  """First SIGINT/SIGTERM: set `stop` (no new points; running ones get SIGTERM). Second: exit now."""
+
+  def __init__(self):
+    self.stop = threading.Event()
+    self.old = {}
+
+  def __enter__(self) -> "StopOnSignal":
+    for sig in (signal.SIGINT, signal.SIGTERM):
+      self.old[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc) -> None:
+    for sig, old in self.old.items():
+      signal.signal(sig, old)
+
+  def _handle(self, signum, frame) -> None:
+    if self.stop.is_set():
+      raise KeyboardInterrupt
+    print(f"\n{signal.Signals(signum).name}: stopping the sweep; running points get SIGTERM and save "
+          f"(again to abort)", flush=True)
+    self.stop.set()
+
+
+def summary_table(outcomes: list[Outcome]) -> str:
+  """The sweep's outcome as a Markdown table."""
+  rows = ["| point | status | attempts | time | devices | note |", "|---|---|---|---|---|---|"]
+  for o in outcomes:
+    note = f"stage {o.stage}: {o.detail.splitlines()[-1] if o.detail else ''}" if o.stage else ""
+    rows.append(f"| {o.name} | {o.status} | {o.attempts} | {o.seconds:.0f}s | {o.devices} | "
+                f"{note.replace('|', '/')[:120]} |")
+  counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed", "interrupted")}
+  return "\n".join(rows) + "\n\n" + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+
+
+def run_sweep(sweep_file: str, workdir: str, engine, retries: int = 1,
+              sets: dict | None = None, stop: threading.Event | None = None) -> list[Outcome]:
+  """Loads, writes out and runs the sweep; returns one Outcome per point (in sweep order)."""
+  sweep = load_sweep(sweep_file, sets)
+  points, infos = build_points(sweep, workdir)
+  root = Path(workdir).expanduser().resolve()
+  for p, info in zip(points, infos):
+    (Path(p.workdir) / "sweep").mkdir(parents=True, exist_ok=True)
+    _write_json(Path(p.workdir) / "sweep" / "point.json", info)
+  left = [p for p in points if not p.finished()]
+  print(f"sweep {sweep_file}: {len(points)} points, {len(points) - len(left)} already finished, "
+        f"{len(left)} to run in {root}", flush=True)
+  counter = iter(range(1, len(points) + 1))
+
+  def on_done(o: Outcome) -> None:
+    extra = f" (stage {o.stage})" if o.stage else ""
+    print(f"[{next(counter)}/{len(points)}] {o.name}: {o.status}{extra} after {o.attempts} "
+          f"attempt(s), {o.seconds:.0f}s", flush=True)
+    if o.status == "failed" and o.detail:
+      print("  " + o.detail.replace("\n", "\n  "), flush=True)
+
+  outcomes = engine.run(points, retries, stop or threading.Event(), on_done)
+  table = summary_table(outcomes)
+  (root / "sweep_summary.md").write_text(table + "\n", encoding="utf-8")
+  _write_json(root / "sweep_summary.json", [dataclasses.asdict(o) for o in outcomes])
+  print("\n" + table, flush=True)
+  return outcomes
+
+
+def _write_json(path: Path, obj) -> None:
+  tmp = path.with_name(f".{path.name}.tmp")
+  tmp.write_text(json.dumps(obj, indent=2, default=str))
+  os.replace(tmp, path)
+
+
+def main(argv: list[str]) -> int:
+  if len(argv) != 2:
+    raise app.UsageError("usage: python experiments/sweep.py <sweep file> --workdir=<folder> [flags]")
+  if not _WORKDIR.value:
+    raise app.UsageError("--workdir is required")
+  sets = parse_sets(_SET.value)
+  if _DRY_RUN.value:
+    points, _ = build_points(load_sweep(argv[1], sets), _WORKDIR.value)
+    for p in points:
+      for s in p.stages:
+        print(f"{p.name} [{'done' if p.stage_finished(s) else 'todo'}]: {' '.join(s.command)}")
+    return 0
+  parallel = _PARALLEL.value
+  engine = make_engine(_ENGINE.value, parallel=parallel or (1 if _ENGINE.value == "local" else 0),
+                       devices=_DEVICES.value, ray_address=_RAY_ADDRESS.value,
+                       cpus_per_run=_CPUS.value, gpus_per_run=_GPUS.value,
+                       resources_per_run=_RESOURCES.value)
+  start = time.time()
+  with StopOnSignal() as signals:
+    outcomes = run_sweep(argv[1], _WORKDIR.value, engine, _RETRIES.value, sets, signals.stop)
+  print(f"sweep took {time.time() - start:.0f}s")
+  if any(o.status == "interrupted" for o in outcomes):
+    return 130
+  return 0 if all(o.status in ("done", "skipped") for o in outcomes) else 1
+
+
+def run() -> None:
+  def entry(argv):
+    try:
+      sys.exit(main(argv))
+    except GPTError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(2)
+
+  app.run(entry)
+
+
+if __name__ == "__main__":
+  run()
