@@ -92,6 +92,16 @@ def test_lr_sweep_file_is_two_learning_rates_by_two_seeds(tmp_path):
   assert {i["stages"][0]["config"]["train"]["learning_rate"] for i in infos} == {1e-3, 3e-3}
 
 
+@pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "experiments" / "sweeps").glob("*.py")))
+def test_every_shipped_sweep_file_resolves(tmp_path, name):
+  points, infos = build_points(load_sweep(f"experiments/sweeps/{name}"), str(tmp_path))
+  assert len(points) >= 2 and all(p.stages for p in points)
+  for p, info in zip(points, infos):  # each stage's command says what its resolved config says
+    for stage, resolved in zip(p.stages, info["stages"]):
+      assert f"--config.mode={resolved['config']['mode']}" in stage.command or (
+          resolved["config"]["mode"] == "train" and not any("config.mode" in c for c in stage.command))
+
+
 def test_device_slots_split_devices_between_parallel_runs():
   assert [s.env for s in device_slots("gpu:0-3", 2)] == [{"CUDA_VISIBLE_DEVICES": "0,1"},
                                                          {"CUDA_VISIBLE_DEVICES": "2,3"}]
@@ -223,3 +233,25 @@ def test_lr_sweep_for_real_on_ray_then_report(tmp_path, ray_cluster, shared_dir)
     assert saved["seed"] == int(seed.split("=")[1]) and saved["train"]["steps"] == 2
   runs = report.collect_runs(root)
   assert [r.name for r in runs] == NAMES and all(r.final("train/loss") > 0 for r in runs)
+
+
+def test_ray_engine_stop_cancels_tasks_and_their_runs_get_sigterm(tmp_path, ray_cluster):
+  sweep, _ = write_fake_sweep(tmp_path, {n: {"sleep": 60} for n in NAMES})
+  root = tmp_path / "runs"
+  stop = threading.Event()
+
+  def stop_when_running():
+    deadline = time.time() + 60
+    while time.time() < deadline and len(list(root.glob("*/attempts"))) < 2:
+      time.sleep(0.05)
+    stop.set()
+
+  threading.Thread(target=stop_when_running, daemon=True).start()
+  start = time.time()
+  outcomes = sweep_cli.run_sweep(str(sweep), str(root), make_engine("ray", parallel=2), stop=stop)
+  assert [o.status for o in outcomes] == ["interrupted"] * 4 and time.time() - start < 50
+  deadline = time.time() + 20
+  while len(calls(root)) < 2 and time.time() < deadline:  # the runs record their SIGTERM
+    time.sleep(0.05)
+  assert [r["stopped"] for r in calls(root)] == [True, True]
+  assert not list(root.glob("*/sweep/*.done"))
