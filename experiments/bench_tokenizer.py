@@ -4,13 +4,15 @@
 
 The reference is tiktoken's own Encoding built offline from ../shared/data/gpt2/gpt2.tiktoken with
 tiktoken's gpt2 pattern and special token. Every method is timed once per round, round-robin, so
-machine load hits all of them alike; the table gives the median (and best) over the rounds and
-checks that every method's ids equal tiktoken's. Prints a Markdown table.
+machine load hits all of them alike, in a shuffled order; the table gives the median (and best)
+over the rounds, the median of per-round time ratios to tiktoken's one call, and whether each
+method's output equals that of one call. Prints a Markdown table.
 """
 
 import argparse
 import os
 import platform
+import random
 import statistics
 import time
 from pathlib import Path
@@ -19,6 +21,7 @@ import tiktoken
 from tiktoken.load import load_tiktoken_bpe
 from tiktoken_ext.openai_public import r50k_pat_str
 
+from gpt import tokenizer as tokenizer_lib
 from gpt.tokenizer import EOT_TEXT, get_tokenizer, split_for_parallel
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
@@ -44,6 +47,14 @@ def main():
   expected = ref.encode_ordinary(text)
   threads = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
+  def forced_threads():
+    """ours.encode with threads whatever the load (it normally skips them on a busy machine)."""
+    free_cpus, tokenizer_lib._free_cpus = tokenizer_lib._free_cpus, lambda: threads
+    try:
+      return ours.encode(text)
+    finally:
+      tokenizer_lib._free_cpus = free_cpus
+
   join = lambda batches: [i for ids in batches for i in ids]
   encoders = {
       "tiktoken `encode_ordinary(text)` (one call)": lambda: ref.encode_ordinary(text),
@@ -52,16 +63,20 @@ def main():
       f"tiktoken `encode_ordinary_batch` ({len(chunks)} safe chunks, 8 threads)": lambda: join(ref.encode_ordinary_batch(chunks)),
       "ours `encode(text)`": lambda: ours.encode(text),
       "ours `encode(text, allow_special=True)`": lambda: ours.encode(text, allow_special=True),
+      f"ours `encode(text)` forced onto {threads} threads": forced_threads,
       f"ours `encode_batch` ({len(lines)} lines)": lambda: join(ours.encode_batch(lines)),
   }
   decoders = {
       "tiktoken `decode(ids)`": lambda: ref.decode(expected),
       "ours `decode(ids)`": lambda: ours.decode(expected),
   }
+  free_at_start = tokenizer_lib._free_cpus()
   times = {name: [] for name in (*encoders, *decoders)}
   same = {}
-  for _ in range(args.repeats):  # Round-robin: every method once per round.
-    for name, fn in (*encoders.items(), *decoders.items()):
+  methods = [*encoders.items(), *decoders.items()]
+  for r in range(args.repeats):  # Every method once per round, in a new (seeded) order each round.
+    random.Random(r).shuffle(methods)
+    for name, fn in methods:
       start = time.perf_counter()
       out = fn()
       times[name].append(time.perf_counter() - start)
@@ -72,15 +87,22 @@ def main():
   if ours.encode_batch(lines) != ref.encode_ordinary_batch(lines):
     raise SystemExit("ours encode_batch(lines) differs from tiktoken's encode_ordinary_batch(lines)")
   n_bytes = len(text.encode("utf-8"))
+  load = " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
+  print(f"load average (1/5/15 min) at the end: {load}; CPUs ours judged free at start/end: "
+        f"{free_at_start}/{tokenizer_lib._free_cpus()}")
   print(f"text: {args.text.name}, {n_bytes:,} bytes, {len(expected):,} tokens; "
         f"{args.repeats} interleaved rounds; {threads} CPUs usable; {platform.processor() or platform.machine()}; "
         f"tiktoken {tiktoken.__version__}\n")
-  print("| method | median ms | best ms | M tokens/s (median) | MB/s (median) | same output as one call |")
-  print("|---|---:|---:|---:|---:|---|")
+  # Paired per round, so that load changes between rounds cancel out.
+  base = {name: times[next(iter(group))] for group in (encoders, decoders) for name in group}
+  print("| method | median ms | best ms | M tokens/s (median) | MB/s (median) | time vs tiktoken one call "
+        "(median of per-round ratios) | same output as one call |")
+  print("|---|---:|---:|---:|---:|---:|---|")
   for name, ts in times.items():
     med = statistics.median(ts)
+    ratio = statistics.median(t / b for t, b in zip(ts, base[name]))
     print(f"| {name} | {med * 1e3:.1f} | {min(ts) * 1e3:.1f} | {len(expected) / med / 1e6:.2f} | "
-          f"{n_bytes / med / 1e6:.1f} | {'yes' if same[name] else 'no'} |")
+          f"{n_bytes / med / 1e6:.1f} | {ratio:.2f} | {'yes' if same[name] else 'no'} |")
 
 
 if __name__ == "__main__":
