@@ -88,10 +88,10 @@ class StopOnSignal:
 
 def summary_table(outcomes: list[Outcome]) -> str:
   """The sweep's outcome as a Markdown table."""
-  rows = ["| point | status | attempts | time | devices | note |", "|---|---|---|---|---|---|"]
+  rows = ["| point | status | runs | retries | time | devices | note |", "|---|---|---|---|---|---|---|"]
   for o in outcomes:
     note = f"stage {o.stage}: {o.detail.splitlines()[-1] if o.detail else ''}" if o.stage else ""
-    rows.append(f"| {o.name} | {o.status} | {o.attempts} | {o.seconds:.0f}s | {o.devices} | "
+    rows.append(f"| {o.name} | {o.status} | {o.attempts} | {o.retries} | {o.seconds:.0f}s | {o.devices} | "
                 f"{note.replace('|', '/')[:120]} |")
   counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed", "interrupted")}
   return "\n".join(rows) + "\n\n" + ", ".join(f"{n} {s}" for s, n in counts.items() if n)
@@ -113,8 +113,8 @@ def run_sweep(sweep_file: str, workdir: str, engine, retries: int = 1,
 
   def on_done(o: Outcome) -> None:
     extra = f" (stage {o.stage})" if o.stage else ""
-    print(f"[{next(counter)}/{len(points)}] {o.name}: {o.status}{extra} after {o.attempts} "
-          f"attempt(s), {o.seconds:.0f}s", flush=True)
+    print(f"[{next(counter)}/{len(points)}] {o.name}: {o.status}{extra}, {o.attempts} run(s) "
+          f"({o.retries} retried), {o.seconds:.0f}s", flush=True)
     if o.status == "failed" and o.detail:
       print("  " + o.detail.replace("\n", "\n  "), flush=True)
 

@@ -126,8 +126,9 @@ def test_local_engine_pins_retries_isolates_failures_and_skips_finished(tmp_path
   root = tmp_path / "runs"
   engine = make_engine("local", parallel=2, devices="gpu:0-3")
   outcomes = {o.name: o for o in sweep_cli.run_sweep(str(sweep), str(root), engine)}
-  assert {n: (o.status, o.attempts) for n, o in outcomes.items()} == {
-      NAMES[0]: ("done", 2), NAMES[1]: ("failed", 2), NAMES[2]: ("done", 1), NAMES[3]: ("done", 1)}
+  assert {n: (o.status, o.attempts, o.retries) for n, o in outcomes.items()} == {
+      NAMES[0]: ("done", 2, 1), NAMES[1]: ("failed", 2, 1), NAMES[2]: ("done", 1, 0),
+      NAMES[3]: ("done", 1, 0)}
   assert "attempt 2 exited with code 1" in outcomes[NAMES[1]].detail
   log = (root / NAMES[1] / "sweep" / "0-train.log").read_text()
   assert log.count("=== attempt") == 4 and "--config.seed=1" in log
@@ -140,7 +141,7 @@ def test_local_engine_pins_retries_isolates_failures_and_skips_finished(tmp_path
   assert json.loads((root / NAMES[0] / "sweep" / "point.json").read_text())["overrides"] == {
       "train.learning_rate": 0.001, "seed": 0}
   summary = (root / "sweep_summary.md").read_text()
-  assert "| learning_rate=0.001,seed=1 | failed | 2 |" in summary and "3 done, 1 failed" in summary
+  assert "| learning_rate=0.001,seed=1 | failed | 2 | 1 |" in summary and "3 done, 1 failed" in summary
 
   # Rerun: only the failed point runs again. Changing a fixed override reruns everything.
   again = sweep_cli.run_sweep(str(sweep), str(root), engine)

@@ -96,7 +96,8 @@ class Outcome:
 
   name: str
   status: str  # done | skipped (finished before) | failed | interrupted
-  attempts: int = 0
+  attempts: int = 0  # processes started, over all stages
+  retries: int = 0  # of those, reruns of a failed stage
   seconds: float = 0.0
   stage: str = ""  # the stage that failed or was interrupted
   detail: str = ""  # the end of its log on failure
@@ -173,16 +174,18 @@ def run_point(point: Point, retries: int = 1, pin: Pin | None = None,
   if point.finished():
     return Outcome(point.name, "skipped", devices=pin.describe())
   (Path(point.workdir) / "sweep").mkdir(parents=True, exist_ok=True)
-  attempts, seconds = 0, 0.0
+  attempts, reruns, seconds = 0, 0, 0.0
   for stage in point.stages:
     if point.stage_finished(stage):
       continue
     for attempt in range(1, retries + 2):
       attempts += 1
+      reruns += attempt > 1
       rc, took = _run_once(point, stage, pin, stop, attempt)
       seconds += took
       if rc is None:
-        return Outcome(point.name, "interrupted", attempts, seconds, stage.name, devices=pin.describe())
+        return Outcome(point.name, "interrupted", attempts, reruns, seconds, stage.name,
+                       devices=pin.describe())
       if rc == 0:
         _write_marker(point.marker(stage), {"command": stage.command, "attempt": attempt,
                                             "seconds": round(took, 2), "finished": time.time()})
@@ -190,6 +193,6 @@ def run_point(point: Point, retries: int = 1, pin: Pin | None = None,
       with open(point.log(stage), "a", encoding="utf-8") as log:
         log.write(f"=== attempt {attempt} exited with code {rc}\n")
     else:
-      return Outcome(point.name, "failed", attempts, seconds, stage.name,
+      return Outcome(point.name, "failed", attempts, reruns, seconds, stage.name,
                      _tail(point.log(stage)), pin.describe())
-  return Outcome(point.name, "done", attempts, seconds, devices=pin.describe())
+  return Outcome(point.name, "done", attempts, reruns, seconds, devices=pin.describe())
