@@ -226,6 +226,8 @@ def base_config() -> ml_collections.ConfigDict:
   e.unconditional_norm = True
   # Text file scored by the 'text' perplexity task.
   e.text_path = ""
+  # New padded row lengths (= compiles) allowed per task and shot count; more means less padding.
+  e.max_buckets = 4
 
   c.mesh = mh = ml_collections.ConfigDict()
   # Devices on the data-parallel axis (-1 = all devices left over by the other axes).

@@ -56,13 +56,14 @@ def run(config, workdir: str | None) -> None:
   e = config.eval
   tasks = [get_task(name, e) for name in parse_names(e.tasks)]  # bad names fail before loading
   shots = parse_shots(e.shots)
-  if e.batch_size < 1:
-    raise GPTError(f"eval.batch_size={e.batch_size} must be at least 1")
+  if e.batch_size < 1 or e.max_buckets < 1:
+    raise GPTError(f"eval.batch_size={e.batch_size} and eval.max_buckets={e.max_buckets} must be at "
+                   f"least 1")
   out_dir = Path(workdir or DEFAULT_WORKDIR) / "eval"
   out_dir.mkdir(parents=True, exist_ok=True)
   loaded = load_model(config)
   logging.info("evaluating %s (%s parameters)", loaded.source, f"{loaded.cfg.num_params():,}")
-  scorer = Scorer(loaded.model, e.batch_size)
+  scorer = Scorer(loaded.model, e.batch_size, e.max_buckets)
   fmt = Format(e.example_separator, e.target_delimiter)
   results = []
   for task in tasks:

@@ -8,7 +8,8 @@ from hypothesis import given, strategies as st
 
 from gpt.evals.base import TokenRequest
 from gpt.evals.perplexity import rolling_windows
-from gpt.evals.scoring import Scorer, bucket, final_hidden, pack
+from gpt.evals.buckets import bucket, plan_lengths, round_up
+from gpt.evals.scoring import Scorer, final_hidden, pack
 from gpt.model import GPTConfig, init_model
 
 CFG = GPTConfig(n_vocab=300, n_ctx=48, n_embd=32, n_head=4, n_layer=2)
@@ -82,16 +83,37 @@ def test_greedy_flags_on_the_models_own_continuation(model, log_probs):
   assert not last_wrong.greedy and not last_wrong.last_greedy
 
 
-def test_trunk_compiles_once_per_row_length_bucket(model):
-  scorer = Scorer(model, batch_size=8)
+def test_compiles_are_bounded_and_reused(model):
+  scorer = Scorer(model, batch_size=4, max_buckets=3)
   requests = random_requests(np.random.default_rng(2), 40)
-  first = scorer.score(requests)
-  lengths = sorted((len(pack(r).tokens) for r in requests), reverse=True)
-  buckets = {bucket(max(lengths[i:i + 8]), 16) for i in range(0, len(lengths), 8)}
-  assert scorer.compiles == len(buckets) <= 5
-  again = scorer.score(list(reversed(requests)))[::-1]
-  assert scorer.compiles == len(buckets)
-  assert [[s.logprob for s in r] for r in again] == [[s.logprob for s in r] for r in first]
+  scorer.score(requests)
+  assert scorer.compiles == 3  # 10 batches of different lengths, at most 3 shapes
+  scorer = Scorer(model, batch_size=4, max_buckets=3)
+  # Rows of 15, 23 and 31 tokens (context + a 2-token continuation): padded to 16, 24 and 32.
+  fixed = [TokenRequest(tuple(range(1, n - 1)), ((7, 8),)) for n in (16, 24, 32) * 4]
+  first = scorer.score(fixed)
+  assert scorer.compiles == 3
+  again = scorer.score(fixed[::-1][:9])[::-1]  # lengths already compiled: nothing new
+  assert scorer.compiles == 3
+  assert [s[0].logprob for s in again] == [s[0].logprob for s in first[3:]]
+
+
+def test_planned_lengths_minimise_padding():
+  import itertools
+  rng = np.random.default_rng(5)
+  for _ in range(60):
+    maxima = [int(m) for m in rng.integers(1, 300, int(rng.integers(1, 10)))]
+    max_new = int(rng.integers(1, 4))
+    compiled = {int(c) for c in rng.choice(np.arange(8, 320, 8), int(rng.integers(0, 3)))}
+    got = plan_lengths(maxima, max_new, compiled)
+    need = [round_up(m) for m in maxima]
+    assert all(g >= n and g % 8 == 0 for g, n in zip(got, need))
+    assert len(set(got) - compiled) <= max_new
+    values = sorted(set(need) | {c for c in compiled if c >= min(need)})
+    best = min(sum(min(v for v in chosen if v >= n) for n in need)  # brute force over choices
+               for r in range(1, len(values) + 1) for chosen in itertools.combinations(values, r)
+               if max(chosen) >= max(need) and len(set(chosen) - compiled) <= max_new)
+    assert sum(got) == best
 
 
 def test_rolling_windows_sum_to_the_direct_loglikelihood(model, log_probs):

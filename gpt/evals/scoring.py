@@ -7,9 +7,10 @@ apart. So a multiple-choice context is run once for all its choices (four HellaS
 one pass over the context), and the LM head (a third of GPT-2 small's FLOPs per token) is applied
 only at the positions that predict a continuation token.
 
-Rows are sorted by length, batched, and right-padded into a ladder of bucket lengths. The trunk
-compiles once per row-length bucket (a handful per run, not one per example); the head, one matmul
-and a logsumexp over the batch's flattened targets, once per (row length, target count) bucket.
+Rows are sorted by length, batched, and right-padded to a few lengths planned per run
+(`gpt.evals.buckets`): the trunk compiles once per length (at most `max_buckets` new ones per call,
+not one per example). The head, one matmul and a logsumexp, runs over the batch's flattened targets
+in fixed chunks, so it compiles once per row length.
 """
 
 from __future__ import annotations
@@ -25,27 +26,12 @@ from flax import nnx
 from tqdm import tqdm
 
 from gpt.evals.base import ContinuationScore, TokenRequest
+from gpt.evals.buckets import bucket, plan_lengths
 from gpt.model import GPT
 
-# Padded lengths come from a ladder of powers of two and 1.5x powers of two (a third of padding
-# at most): rows have at least this many tokens, batches at least this many targets.
-_MIN_TOKENS = 16
+# The LM head scores this many targets per call (fewer, from the ladder, when a batch has fewer).
+HEAD_CHUNK = 128
 _MIN_TARGETS = 4
-# The LM head runs over this many targets at a time when their count divides by it.
-_HEAD_CHUNK = 128
-
-
-def bucket(n: int, minimum: int = 1) -> int:
-  """The smallest length of the ladder 1, 2, 3, 4, 6, 8, 12, 16, ... (2^k and 3 * 2^(k-1)) that is
-  >= max(n, minimum)."""
-  n = max(n, minimum)
-  power = 1
-  while True:
-    if power >= n:
-      return power
-    if power >= 2 and power * 3 // 2 >= n:
-      return power * 3 // 2
-    power *= 2
 
 
 @dataclasses.dataclass
@@ -79,24 +65,24 @@ def pack(request: TokenRequest) -> PackedRow:
   return row
 
 
-def collate(rows: Sequence[PackedRow], batch_size: int) -> tuple[np.ndarray, ...]:
-  """Right-padded arrays for up to `batch_size` rows (missing rows are padding).
+def collate(rows: Sequence[PackedRow], batch_size: int, length: int) -> tuple[np.ndarray, ...]:
+  """Arrays for up to `batch_size` rows right-padded to `length` (missing rows are padding).
 
   Targets of all rows are flattened into one list (`sources` index the flattened [B*T] states), so
   the LM head's padding depends on the batch's total, not on its longest row.
   """
-  T = bucket(max(len(r.tokens) for r in rows), _MIN_TOKENS)
-  M = bucket(sum(len(r.targets) for r in rows), _MIN_TARGETS)
-  tokens = np.zeros((batch_size, T), np.int32)
-  positions = np.zeros((batch_size, T), np.int32)
-  segments = np.full((batch_size, T), -1, np.int32)  # -1: padding, attended by nothing real
+  n_targets = sum(len(r.targets) for r in rows)
+  M = bucket(n_targets, _MIN_TARGETS) if n_targets <= HEAD_CHUNK else -(-n_targets // HEAD_CHUNK) * HEAD_CHUNK
+  tokens = np.zeros((batch_size, length), np.int32)
+  positions = np.zeros((batch_size, length), np.int32)
+  segments = np.full((batch_size, length), -1, np.int32)  # -1: padding, attended by nothing real
   sources = np.zeros((M,), np.int32)
   targets = np.zeros((M,), np.int32)
   k = 0
   for b, r in enumerate(rows):
     n = len(r.tokens)
     tokens[b, :n], positions[b, :n], segments[b, :n] = r.tokens, r.positions, r.segments
-    sources[k:k + len(r.targets)] = np.asarray(r.sources) + b * T
+    sources[k:k + len(r.targets)] = np.asarray(r.sources) + b * length
     targets[k:k + len(r.targets)] = r.targets
     k += len(r.targets)
   return tokens, positions, segments, sources, targets
@@ -122,36 +108,29 @@ def _trunk(graphdef, state, tokens, positions, segments):
 
 
 def _head(wte, hidden, sources, targets):
-  """log P(target) [M] and whether it is the argmax [M], in chunks of rows to bound the [.., V]
-  logits in memory (compiled once per (states, targets) shape; cheap next to the trunk)."""
-  M = targets.shape[0]
-  chunk = _HEAD_CHUNK if M % _HEAD_CHUNK == 0 else M
-
-  def one(args):
-    src, tgt = args
-    h = hidden[src]
-    logits = jnp.einsum("kd,vd->kv", h, wte.astype(h.dtype), preferred_element_type=jnp.float32)
-    picked = jnp.take_along_axis(logits, tgt[:, None], axis=-1)[:, 0]
-    return picked - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == tgt
-
-  logprobs, greedy = jax.lax.map(one, (sources.reshape(-1, chunk), targets.reshape(-1, chunk)))
-  return logprobs.reshape(M), greedy.reshape(M)
+  """log P(target) [K] and whether each target is the argmax [K], from the states at `sources`."""
+  h = hidden[sources]
+  logits = jnp.einsum("kd,vd->kv", h, wte.astype(h.dtype), preferred_element_type=jnp.float32)
+  picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
+  return picked - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == targets
 
 
 class Scorer:
   """Scores `TokenRequest`s with one model; reuse it across tasks to reuse its compiled shapes."""
 
-  def __init__(self, model: GPT, batch_size: int = 8):
+  def __init__(self, model: GPT, batch_size: int = 8, max_buckets: int = 4):
     self.graphdef, self.state = nnx.split(model)
     self.wte = model.wte[...]
     self.n_ctx = model.cfg.n_ctx
     self.batch_size = batch_size
+    self.max_buckets = max_buckets
     self._trunk = jax.jit(functools.partial(_trunk, self.graphdef))
     self._head = jax.jit(_head)
+    self._lengths: set[int] = set()  # row lengths the trunk is compiled for
 
   @property
   def compiles(self) -> int:
-    """Number of distinct trunk shapes compiled so far (the head's compiles are cheap)."""
+    """Number of row lengths the trunk has been compiled for (the head's compiles are cheap)."""
     return self._trunk._cache_size()
 
   def score(self, requests: Sequence[TokenRequest],
@@ -160,15 +139,20 @@ class Scorer:
     rows = [pack(r) for r in requests]
     # Longest first: an out-of-memory batch size shows up at once, and batches pad little.
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i].tokens))
+    batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
+    lengths = plan_lengths([len(rows[b[0]].tokens) for b in batches], self.max_buckets, self._lengths)
+    self._lengths.update(lengths)
     results: list[list[ContinuationScore]] = [[] for _ in rows]
     with tqdm(total=len(rows), desc=desc, unit="req", disable=desc is None, leave=False) as bar:
-      for start in range(0, len(order), self.batch_size):
-        chosen = order[start:start + self.batch_size]
-        tokens, positions, segments, sources, targets = collate([rows[i] for i in chosen],
-                                                                self.batch_size)
+      for chosen, length in zip(batches, lengths):
+        tokens, positions, segments, sources, targets = collate(
+            [rows[i] for i in chosen], self.batch_size, length)
         hidden = self._trunk(self.state, tokens, positions, segments)
-        logprobs, greedy = self._head(self.wte, hidden, sources, targets)
-        logprobs, greedy = np.asarray(logprobs, np.float64), np.asarray(greedy)
+        chunk = min(len(targets), HEAD_CHUNK)
+        parts = [self._head(self.wte, hidden, sources[c:c + chunk], targets[c:c + chunk])
+                 for c in range(0, len(targets), chunk)]
+        logprobs = np.concatenate([np.asarray(p[0], np.float64) for p in parts])
+        greedy = np.concatenate([np.asarray(p[1]) for p in parts])
         k = 0
         for i in chosen:
           results[i] = [_continuation_score(logprobs[k + s:k + e], greedy[k + s:k + e])

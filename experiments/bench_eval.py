@@ -1,0 +1,108 @@
+"""Evaluation throughput: our scorer vs lm-evaluation-harness's `hf` backend, same model, same run.
+
+  python experiments/bench_eval.py --examples=64 --batches=8,16,32 --reps=2
+
+Builds the 117M GPT-2 architecture with random weights, exports it to a Hugging Face folder
+(gpt.weights.export_hf) and loads that in lm-eval's HFLM (PyTorch, float32, CPU). Both then score
+the same zero-shot prompts of HellaSwag (4 endings per item) and LAMBADA: ours through
+gpt.evals.runner.evaluate (tokenizing, packing, scoring, metrics), lm-eval through
+HFLM.loglikelihood (tokenizing, batching, scoring). Runs are interleaved (ours, lm-eval, ours, ...)
+so that load from other processes hits both alike; the table reports the best rep of each, after a
+warm-up pass that compiles our shapes (its time is reported as "first pass"). Prints a Markdown table.
+
+Needs the [hf] extra and lm-eval: pip install torch transformers lm-eval accelerate.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def parse_args() -> argparse.Namespace:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--examples", type=int, default=64, help="items per task")
+  p.add_argument("--batches", default="8,16,32", help="batch sizes (ours: rows; lm-eval: requests)")
+  p.add_argument("--reps", type=int, default=2, help="timed repetitions per setting")
+  p.add_argument("--tasks", default="hellaswag,lambada")
+  p.add_argument("--data_dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+  p.add_argument("--scan_layers", type=int, default=0, help="1 = lax.scan over blocks (faster compile)")
+  return p.parse_args()
+
+
+def main() -> None:
+  args = parse_args()
+  try:
+    import torch
+    from lm_eval.api.instance import Instance
+    from lm_eval.models.huggingface import HFLM
+  except ImportError as e:
+    raise SystemExit(f"error: needs torch, transformers and lm-eval ({e}); "
+                     f"pip install torch transformers lm-eval accelerate")
+  from gpt.evals import get_task
+  from gpt.evals.base import Format, assemble
+  from gpt.evals.runner import evaluate
+  from gpt.evals.scoring import Scorer
+  from gpt.model import GPTConfig, init_model
+  from gpt.tokenizer import get_tokenizer
+  from gpt.weights import export_hf
+
+  cfg = GPTConfig(scan_layers=bool(args.scan_layers))  # 117M: 12 layers, 768 wide, 1024 context
+  model, tokenizer, fmt = init_model(cfg, seed=0), get_tokenizer(), Format()
+  folder = Path(tempfile.mkdtemp(prefix="bench_eval_hf_"))
+  export_hf(model, tokenizer, folder)
+  harness = HFLM(pretrained=str(folder), device="cpu", dtype="float32", batch_size=8)
+  batches = [int(b) for b in args.batches.split(",")]
+
+  rows, checks = [], []
+  for name in args.tasks.split(","):
+    task = get_task(name)
+    data = task.load(Path(args.data_dir))
+    docs = data.docs[:args.examples]
+    instances, n_conts = [], 0
+    for doc in docs:
+      for req in task.requests(doc, [], fmt):
+        for cont in req.continuations:
+          instances.append(Instance("loglikelihood", {}, (assemble(req.demos, req.query, fmt), cont), 0))
+    for batch in batches:
+      scorer = Scorer(model, batch_size=batch)
+      start = time.perf_counter()
+      result = evaluate(task, data, scorer, tokenizer, 0, fmt, limit=args.examples, keep_examples=True)
+      first = time.perf_counter() - start
+      ours, theirs = [], []
+      for _ in range(args.reps):
+        start = time.perf_counter()
+        evaluate(task, data, scorer, tokenizer, 0, fmt, limit=args.examples)
+        ours.append(time.perf_counter() - start)
+        harness.batch_size_per_gpu = batch
+        start = time.perf_counter()
+        their_scores = harness.loglikelihood(instances, disable_tqdm=True)
+        theirs.append(time.perf_counter() - start)
+      mine = [c["logprob"] for e in result.examples for r in e["scores"] for c in r]
+      checks.append(float(np.max(np.abs(np.array(mine) - [ll for ll, _ in their_scores]))))
+      rows.append((name, batch, len(docs) / min(ours), len(docs) / min(theirs), first, scorer.compiles))
+      print(f"{name} batch {batch}: ours {rows[-1][2]:.2f} ex/s, lm-eval {rows[-1][3]:.2f} ex/s "
+            f"(first pass {first:.1f} s, {scorer.compiles} compiles)", flush=True)
+
+  print(f"\nMachine: {platform.machine()}, {torch.get_num_threads()} torch threads; model: 117M "
+        f"architecture, random weights, float32, scan_layers={cfg.scan_layers}; {args.examples} items "
+        f"per task, zero-shot; best of {args.reps} interleaved reps; max |loglik ours - lm-eval| "
+        f"{max(checks):.2e}\n")
+  print("| task | batch | ours ex/s | lm-eval hf ex/s | speed-up | our first pass (compiles) |")
+  print("|---|---|---|---|---|---|")
+  for name, batch, ours, theirs, first, compiles in rows:
+    print(f"| {name} | {batch} | {ours:.2f} | {theirs:.2f} | {ours / theirs:.2f}x | {first:.1f} s ({compiles}) |")
+  for name in args.tasks.split(","):
+    mine = max((r for r in rows if r[0] == name), key=lambda r: r[2])
+    best = max((r for r in rows if r[0] == name), key=lambda r: r[3])
+    print(f"| {name} | best: ours {mine[1]}, lm-eval {best[1]} | {mine[2]:.2f} | {best[3]:.2f} | "
+          f"{mine[2] / best[3]:.2f}x | |")
+
+
+if __name__ == "__main__":
+  main()

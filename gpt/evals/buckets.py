@@ -1,0 +1,78 @@
+"""Padded lengths for batches: few distinct shapes (each one is a compile), little padding.
+
+Rows are scored longest first in batches of a fixed size, so each batch has a maximum length. A
+fixed ladder of lengths (powers of two and 1.5x) would waste about a fifth of the compute on
+padding for HellaSwag and LAMBADA; instead `plan_lengths` picks, per run, the at most `max_new`
+lengths (multiples of 8) that minimise the total padded length, given the lengths already compiled
+(which cost nothing to reuse).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Iterable, Sequence
+
+MULTIPLE = 8
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+  """The smallest length of the ladder 1, 2, 3, 4, 6, 8, 12, 16, ... (2^k and 3 * 2^(k-1)) that is
+  >= max(n, minimum)."""
+  n = max(n, minimum)
+  power = 1
+  while True:
+    if power >= n:
+      return power
+    if power >= 2 and power * 3 // 2 >= n:
+      return power * 3 // 2
+    power *= 2
+
+
+def round_up(n: int, multiple: int = MULTIPLE) -> int:
+  return max(multiple, -(-n // multiple) * multiple)
+
+
+def plan_lengths(maxima: Sequence[int], max_new: int, compiled: Iterable[int] = ()) -> list[int]:
+  """A padded length for each batch (>= its maximum), minimising their sum with at most `max_new`
+  lengths that are not in `compiled`.
+
+  Dynamic programme over the candidate lengths in ascending order: choosing a length covers every
+  batch whose rounded maximum lies above the previously chosen length.
+  """
+  if not maxima:
+    return []
+  if max_new < 1:
+    raise ValueError(f"max_new={max_new} must be at least 1")
+  need = [round_up(m) for m in maxima]
+  free = set(compiled)
+  values = sorted(set(need) | {c for c in free if c >= min(need)})
+  count = {v: 0 for v in values}
+  for n in need:
+    count[n] += 1
+  covered = [0]  # covered[i + 1] = batches with rounded maximum <= values[i]
+  for v in values:
+    covered.append(covered[-1] + count[v])
+  # best[i][k]: least padded total covering values[:i + 1] with values[i] chosen and k new lengths.
+  best = [[math.inf] * (max_new + 1) for _ in values]
+  back: dict[tuple[int, int], tuple[int, int]] = {}
+  for i, v in enumerate(values):
+    cost_k = 0 if v in free else 1
+    for j in range(-1, i):
+      for k in range(max_new + 1 - cost_k):
+        before = 0 if j < 0 else best[j][k]
+        if j < 0 and k:
+          continue
+        total = before + v * (covered[i + 1] - covered[j + 1])
+        if total < best[i][k + cost_k]:
+          best[i][k + cost_k] = total
+          back[(i, k + cost_k)] = (j, k)
+  top = max(need)
+  end = min(((best[i][k], i, k) for i, v in enumerate(values) if v >= top
+             for k in range(max_new + 1)), key=lambda t: t[0])
+  chosen, state = [], (end[1], end[2])
+  while state[0] >= 0:
+    chosen.append(values[state[0]])
+    state = back[state]
+  chosen.sort()
+  return [next(c for c in chosen if c >= n) for n in need]
+
