@@ -64,6 +64,11 @@ def load_sweep(path: str, extra: dict[str, Any] | None = None) -> Sweep:
     raise GPTError(f"{path} must set base = '<config file>'")
   product = ns.get("product", {})
   explicit = ns.get("points", [{}])
+  if not isinstance(product, dict) or not all(isinstance(v, (list, tuple)) for v in product.values()):
+    raise GPTError(f"{path}: product must map config keys to lists of values, e.g. "
+                   f"{{'train.learning_rate': [1e-3, 3e-3]}}")
+  if not isinstance(explicit, list) or not all(isinstance(p, dict) for p in explicit):
+    raise GPTError(f"{path}: points must be a list of {{key: value}} dicts")
   keys = list(product)
   combos = [dict(zip(keys, values)) for values in itertools.product(*product.values())] or [{}]
   grid = [{**p, **c} for p in explicit for c in combos]

@@ -141,7 +141,7 @@ _TEMPLATE = r"""<!DOCTYPE html>
           const w = weight(state.layer, h, q, k);
           if (w < D.min_weight) continue;
           el("line", { class: "edge", x1, y1: y(q), x2, y2: y(k), stroke: color(h),
-                       "stroke-width": 2, "stroke-opacity": w, "data-head": h, "data-q": q,
+                       "stroke-width": 3, "stroke-opacity": w, "data-head": h, "data-q": q,
                        "data-k": k }, edges);
         }
       }

@@ -103,6 +103,10 @@ def heatmap_grid(probs: np.ndarray, labels: Sequence[str], layers: Sequence[int]
   return fig
 
 
+def _shorten(text: str, n: int) -> str:
+  return text if len(text) <= n else text[:n - 1] + "…"
+
+
 def run(config: Any, workdir: str | None) -> None:
   """Writes the attention page, heatmap grid and raw weights for `config.attention.prompt`."""
   if not workdir:
@@ -116,7 +120,7 @@ def run(config: Any, workdir: str | None) -> None:
   out = Path(workdir).expanduser() / "attention"
   out.mkdir(parents=True, exist_ok=True)
   np.savez(out / "attention.npz", probs=probs, ids=np.asarray(ids, np.int32))
-  page = render_html(labels, probs, title=f"Attention: {''.join(labels)[:80]}", source=loaded.source)
+  page = render_html(labels, probs, title=f"Attention: {_shorten(''.join(labels), 90)}", source=loaded.source)
   (out / "attention.html").write_text(page, encoding="utf-8")
   written = [out / "attention.html", out / "attention.npz"]
   layers = parse_layers(config.attention.png_layers, probs.shape[0])

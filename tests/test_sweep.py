@@ -73,6 +73,8 @@ def test_sweep_file_points_names_and_resolved_configs(tmp_path):
     ('product = {}', "must set base"),
     ('base = "configs/tiny.py"\nprodcut = {}', "unknown sweep setting"),
     ('base = "configs/tiny.py"\npoints = [{"seed": 1}, {"seed": 1}]', "several points are named"),
+    ('base = "configs/tiny.py"\nproduct = {"seed": 1}', "product must map config keys to lists"),
+    ('base = "configs/tiny.py"\npoints = {"seed": 1}', "points must be a list"),
 ])
 def test_sweep_file_mistakes_are_one_line_errors(tmp_path, body, message):
   (tmp_path / "s.py").write_text(body)
