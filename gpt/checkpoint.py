@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
@@ -28,6 +29,23 @@ from gpt.errors import GPTError
 from gpt.model import GPT, GPTConfig, abstract_model
 
 ITEMS = ("params", "opt_state", "train", "meta")
+ARRAY_ITEMS = ("params", "opt_state", "train")
+
+
+def _array_handler() -> ocp.PyTreeCheckpointHandler:
+  """A pytree handler that writes each array from one replica. Orbax's default splits replicated
+  arrays across replicas, which compiles a slicing program per array shape: tens of seconds per
+  first save of a data-parallel run on CPU, for no gain on one host."""
+  th = ocp.type_handlers
+  registry = th.create_type_handler_registry(
+      (int, th.ScalarHandler()), (float, th.ScalarHandler()), (np.number, th.ScalarHandler()),
+      (np.ndarray, th.NumpyHandler()), (jax.Array, th.ArrayHandler(use_replica_parallel=False)))
+  return ocp.PyTreeCheckpointHandler(type_handler_registry=registry)
+
+
+def _restore_args(abstract: Any) -> ocp.args.PyTreeRestore:
+  return ocp.args.PyTreeRestore(item=abstract,
+                                restore_args=ocp.checkpoint_utils.construct_restore_args(abstract))
 
 
 def checkpoint_dir(workdir: str | Path) -> Path:
@@ -43,7 +61,9 @@ class Checkpointer:
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
         cleanup_tmp_directories=not read_only, read_only=read_only)
-    self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=ITEMS)
+    handlers = {name: _array_handler() for name in ARRAY_ITEMS}
+    handlers["meta"] = ocp.JsonCheckpointHandler()
+    self.manager = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
 
   def latest_step(self) -> int | None:
     return self.manager.latest_step()
@@ -55,9 +75,9 @@ class Checkpointer:
     """Starts writing `state` (a TrainState) as checkpoint `state.step`; returns before it is done."""
     step = int(meta["step"])
     args = ocp.args.Composite(
-        params=ocp.args.StandardSave(state.params),
-        opt_state=ocp.args.StandardSave(state.opt_state),
-        train=ocp.args.StandardSave({"step": state.step, "rng": state.rng}),
+        params=ocp.args.PyTreeSave(state.params),
+        opt_state=ocp.args.PyTreeSave(state.opt_state),
+        train=ocp.args.PyTreeSave({"step": state.step, "rng": state.rng}),
         meta=ocp.args.JsonSave(meta))
     self.manager.save(step, args=args, force=True)
 
@@ -69,9 +89,9 @@ class Checkpointer:
       raise GPTError(f"no checkpoint in {self.directory}")
     s = abstract_state
     restored = self.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(s.params),
-        opt_state=ocp.args.StandardRestore(s.opt_state),
-        train=ocp.args.StandardRestore({"step": s.step, "rng": s.rng}),
+        params=_restore_args(s.params),
+        opt_state=_restore_args(s.opt_state),
+        train=_restore_args({"step": s.step, "rng": s.rng}),
         meta=ocp.args.JsonRestore()))
     train = restored["train"]
     state = s.replace(step=train["step"], params=restored["params"],
@@ -88,7 +108,7 @@ class Checkpointer:
     if step is None:
       raise GPTError(f"no checkpoint in {self.directory}")
     return self.manager.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(abstract_params)))["params"]
+        params=_restore_args(abstract_params)))["params"]
 
   def wait(self) -> None:
     """Blocks until the last save is complete on disk."""

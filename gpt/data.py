@@ -153,9 +153,11 @@ def _tfds_tokens(name: str, tokenizer: Any, data_cfg: Any, split: str | None = N
   return encode.load_token_file(out, tokenizer.eot_id), f"tfds:{name} split {split} ({out})"
 
 
-def load_dataset(data_cfg: Any, tokenizer: Any, seq_len: int) -> Dataset:
+def load_dataset(data_cfg: Any, tokenizer: Any, seq_len: int, n_vocab: int | None = None) -> Dataset:
   """Train and validation tokens for `config.data`; validation is `val_path` or the last
-  `val_fraction` of the training tokens (None when both are off)."""
+  `val_fraction` of the training tokens (None when both are off). Token ids must be below
+  `n_vocab` (the model's vocabulary; default the tokenizer's)."""
+  n_vocab = tokenizer.n_vocab if n_vocab is None else n_vocab
   tokens, source = resolve_tokens(data_cfg.path, tokenizer, data_cfg)
   val = None
   if data_cfg.path.startswith(TFDS_PREFIX) and data_cfg.tfds_val_split:
@@ -174,8 +176,10 @@ def load_dataset(data_cfg: Any, tokenizer: Any, seq_len: int) -> Dataset:
     if arr is not None and len(arr) < seq_len + 1:
       raise GPTError(f"the {name} data has {len(arr)} tokens, fewer than one window of seq_len+1 = "
                      f"{seq_len + 1}; use more text or a smaller --config.train.seq_len")
-  if tokens.max(initial=0) >= tokenizer.n_vocab:
-    raise GPTError(f"{source} holds token ids >= the vocabulary size {tokenizer.n_vocab}")
+  for arr in (tokens, val):
+    if arr is not None and int(arr.max(initial=0)) >= n_vocab:
+      raise GPTError(f"{source} holds token id {int(arr.max())} but the model's vocabulary has "
+                     f"{n_vocab} ids (model.n_vocab)")
   return Dataset(tokens, val, source)
 
 

@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from absl import logging
 from flax import nnx
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
@@ -38,7 +39,8 @@ LOGICAL_RULES = {
 
 
 def mesh_shape(mesh_cfg: Any, n_devices: int) -> tuple[int, int, int]:
-  """(data, fsdp, tensor) sizes; data=-1 takes every device the other axes leave over."""
+  """(data, fsdp, tensor) sizes; data=-1 takes every device the other axes leave over. Explicit
+  sizes may use fewer devices than there are (the first ones), never more."""
   data, fsdp, tensor = int(mesh_cfg.data), int(mesh_cfg.fsdp), int(mesh_cfg.tensor)
   if fsdp < 1 or tensor < 1 or data == 0 or data < -1:
     raise GPTError(f"mesh data={data} fsdp={fsdp} tensor={tensor}: sizes must be >= 1 (data may be -1)")
@@ -46,9 +48,9 @@ def mesh_shape(mesh_cfg: Any, n_devices: int) -> tuple[int, int, int]:
     if n_devices % (fsdp * tensor):
       raise GPTError(f"{n_devices} devices cannot be split into fsdp={fsdp} x tensor={tensor}")
     data = n_devices // (fsdp * tensor)
-  if data * fsdp * tensor != n_devices:
+  if data * fsdp * tensor > n_devices:
     raise GPTError(f"mesh data={data} x fsdp={fsdp} x tensor={tensor} = {data * fsdp * tensor} "
-                   f"devices, but {n_devices} are available; set --config.mesh.data=-1 to use the rest")
+                   f"devices, but only {n_devices} are available")
   return data, fsdp, tensor
 
 
@@ -56,6 +58,9 @@ def make_mesh(mesh_cfg: Any, devices: list | None = None) -> Mesh:
   """A (data, fsdp, tensor) mesh over `devices` (default: all devices of all processes)."""
   devices = jax.devices() if devices is None else devices
   shape = mesh_shape(mesh_cfg, len(devices))
+  if math.prod(shape) < len(devices):
+    logging.warning("mesh %s uses %d of the %d devices", shape, math.prod(shape), len(devices))
+    devices = devices[:math.prod(shape)]
   # Auto axes: GSPMD-style annotations (Explicit axes break nnx.Embed-style gathers; stack notes).
   return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3, devices=devices)
 

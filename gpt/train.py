@@ -217,7 +217,7 @@ def run(config: Any, workdir: str | None) -> None:
       resolved = config.to_dict()
       resolved["model"] = dataclasses.asdict(setup.cfg)
       _write_json(workdir / "config.json", resolved)
-    dataset = data.load_dataset(config.data, setup.tokenizer, t.seq_len)
+    dataset = data.load_dataset(config.data, setup.tokenizer, t.seq_len, setup.cfg.n_vocab)
     logging.info("model: %s (%s params), data: %s (%d train / %s val tokens), mesh %s",
                  setup.source, f"{setup.cfg.num_params():,}", dataset.source, len(dataset.train),
                  "no" if dataset.val is None else len(dataset.val), dict(mesh.shape))

@@ -1,0 +1,262 @@
+"""The optimizer, the train step and the training loop (tiny models, 8 fake CPU devices)."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+
+from gpt import optim, train
+from gpt.checkpoint import Checkpointer, checkpoint_dir
+from gpt.config import base_config
+from gpt.errors import GPTError
+from gpt.model import GPTConfig, abstract_model, init_model
+from gpt.train_step import add_noise, create_state, loss_fn, train_step
+
+from train_utils import (VOCAB, compile_cache, final_params, max_abs_diff, read_metrics,
+                         subprocess_env, tiny_config, train_command, write_token_file)
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = GPTConfig(n_vocab=VOCAB, n_ctx=64, n_embd=64, n_head=4, n_layer=2)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _compile_cache(tmp_path_factory):
+  yield from compile_cache(tmp_path_factory)
+
+
+def pure_params(model):
+  return nnx.to_pure_dict(nnx.state(model, nnx.Param))
+
+
+def test_weight_decay_and_freezing_masks():
+  params = pure_params(abstract_model(TINY))
+  decay = {"/".join(str(k.key) for k in path): v for path, v in
+           jax.tree_util.tree_flatten_with_path(optim.decay_mask(params))[0]}
+  assert {k for k, v in decay.items() if v} == {
+      "h/attn/c_attn/w", "h/attn/c_proj/w", "h/mlp/c_fc/w", "h/mlp/c_proj/w"}
+  labels = jax.tree.leaves(optim.trainable_labels(params, True))
+  assert labels.count("freeze") == 4  # wte, wpe, ln_f/g, ln_f/b
+  assert set(jax.tree.leaves(optim.trainable_labels(params, False))) == {"train"}
+
+
+def test_learning_rate_schedules():
+  t = base_config().train
+  t.update(learning_rate=1e-3, steps=100, warmup_steps=0, schedule="constant")
+  assert float(optim.learning_rate_schedule(t)(57)) == pytest.approx(1e-3)
+  t.warmup_steps = 10
+  s = optim.learning_rate_schedule(t)
+  assert [float(s(i)) for i in (0, 5, 10, 90)] == pytest.approx([0, 5e-4, 1e-3, 1e-3])
+  t.update(schedule="cosine", min_lr_ratio=0.1)
+  s = optim.learning_rate_schedule(t)
+  assert [float(s(i)) for i in (0, 10, 55, 100)] == pytest.approx([0, 1e-3, 5.5e-4, 1e-4], rel=1e-5)
+  t.schedule = "linear"
+  with pytest.raises(GPTError, match="choose one of constant, cosine"):
+    optim.learning_rate_schedule(t)
+
+
+def test_optimizers_update_as_documented():
+  params = {"h": {"w": jnp.ones((2, 3)), "b": jnp.ones(3)}, "wte": jnp.ones((4, 3))}
+  grads = jax.tree.map(jnp.zeros_like, params)
+  t = base_config().train
+  t.update(learning_rate=0.1, grad_clip=0.0, optimizer="adamw", weight_decay=0.5)
+  tx = optim.make_optimizer(t, params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  # Zero gradient: only decoupled weight decay moves, and only the blocks' matmul weights.
+  assert np.allclose(updates["h"]["w"], -0.1 * 0.5) and np.all(updates["h"]["b"] == 0)
+  assert np.all(updates["wte"] == 0)
+  t.update(optimizer="sgd", momentum=0.0)
+  tx = optim.make_optimizer(t, params)
+  grads = jax.tree.map(lambda p: 2 * jnp.ones_like(p), params)
+  updates, _ = tx.update(grads, tx.init(params), params)
+  assert np.allclose(updates["wte"], -0.2)
+  t.optimizer = "lion"
+  with pytest.raises(GPTError, match="choose one of adam, adamw, sgd"):
+    optim.make_optimizer(t, params)
+
+
+def test_noise_replaces_inputs_at_the_given_rate():
+  tokens = jnp.zeros((64, 256), jnp.int32)
+  key = jax.random.key(0)
+  assert np.array_equal(add_noise(tokens, 0.0, VOCAB, key), tokens)
+  noisy = np.asarray(add_noise(tokens, 0.3, VOCAB, key))
+  assert abs(np.mean(noisy != 0) - 0.3 * (1 - 1 / VOCAB)) < 0.02
+  assert np.array_equal(noisy, add_noise(tokens, 0.3, VOCAB, key))
+  assert noisy.max() < VOCAB
+
+
+def test_noise_touches_inputs_only_and_dropout_is_seeded():
+  cfg = TINY.replace(embd_pdrop=0.1, attn_pdrop=0.1, resid_pdrop=0.1)
+  model = init_model(cfg, 0)
+  graphdef, params = nnx.graphdef(model), pure_params(model)
+  windows = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (4, 17)), jnp.int32)
+  f = jax.jit(loss_fn, static_argnums=(1, 4, 5))
+  key = jax.random.key(1)
+
+  @jax.jit
+  def direct(params, windows, key):  # noised inputs against clean targets, and no noise at all
+    m = nnx.merge(graphdef, params)
+    noisy = add_noise(windows[:, :-1], 0.5, VOCAB, jax.random.split(key)[0])
+    xent = optax.softmax_cross_entropy_with_integer_labels
+    return xent(m(noisy), windows[:, 1:]).mean(), xent(m(windows[:, :-1]), windows[:, 1:]).mean()
+
+  expect, clean = direct(params, windows, key)
+  assert float(f(params, graphdef, windows, key, 0.5, False)) == pytest.approx(float(expect), abs=1e-5)
+  # Dropout: same key, same loss; another key, another loss; no key, the deterministic loss.
+  a = float(f(params, graphdef, windows, key, 0.0, True))
+  assert a == float(f(params, graphdef, windows, key, 0.0, True))
+  assert a != float(f(params, graphdef, windows, jax.random.key(2), 0.0, True))
+  assert float(f(params, graphdef, windows, None, 0.0, True)) == pytest.approx(float(clean), abs=1e-5)
+
+
+def test_gradient_accumulation_equals_one_big_batch_and_freezing_holds():
+  model = init_model(TINY, 0)
+  graphdef, params = nnx.graphdef(model), pure_params(model)
+  t = base_config().train
+  t.update(optimizer="adam", learning_rate=1e-3, only_train_transformer_layers=True)
+  tx = optim.make_optimizer(t, params)
+  schedule = optim.learning_rate_schedule(t)
+  batch = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (8, 33)), jnp.int32)
+  results = {}
+  for accum in (1, 4):
+    step = jax.jit(lambda s, b, accum=accum: train_step(
+        s, b, graphdef=graphdef, tx=tx, schedule=schedule, grad_accum=accum, noise=0.0,
+        dropout=False))
+    state, metrics = step(create_state(params, tx, 0), batch)
+    results[accum] = (state, metrics)
+  (s1, m1), (s4, m4) = results[1], results[4]
+  assert float(m1["loss"]) == pytest.approx(float(m4["loss"]), abs=1e-6)
+  assert float(m1["grad_norm"]) == pytest.approx(float(m4["grad_norm"]), rel=1e-5)
+  assert max_abs_diff(s1.params, s4.params) < 1e-6
+  assert int(s1.step) == 1
+  for name in ("wte", "wpe", "ln_f"):  # frozen: bit-identical
+    assert max_abs_diff(s1.params[name], params[name]) == 0
+  assert max_abs_diff(s1.params["h"], params["h"]) > 1e-4
+
+
+def test_training_run_logs_samples_checkpoints_and_resumes(tmp_path):
+  config = tiny_config(tmp_path, steps=30, learning_rate=3e-3, log_every=10, val_every=15,
+                       val_batches=2, sample_every=15, sample_length=8, sample_num=2,
+                       save_every=15, keep=1)
+  workdir = tmp_path / "run"
+  train.run(config, str(workdir))
+  losses, val = read_metrics(workdir), read_metrics(workdir, "val")
+  assert sorted(losses) == [10, 20, 30] and sorted(val) == [15, 30]
+  assert losses[30][0] < losses[10][0] < np.log(VOCAB)
+  assert val[30][0] < val[15][0] < np.log(VOCAB)
+  record = json.loads((workdir / "metrics.jsonl").read_text().splitlines()[0])
+  assert record["step"] == 10 and record["split"] == "train"
+  assert {"loss", "lr", "grad_norm", "tokens_per_sec", "mfu"} <= set(record)
+  for step in (15, 30):
+    text = (workdir / "samples" / f"step_{step:06d}.txt").read_text()
+    assert text.count(" SAMPLE ") == 2
+  assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+  saved = json.loads((workdir / "config.json").read_text())
+  assert saved["model"]["n_layer"] == 2 and saved["train"]["steps"] == 30
+  ckpt = Checkpointer(checkpoint_dir(workdir), read_only=True)
+  assert ckpt.all_steps() == [30]  # keep=1
+  assert ckpt.read_meta()["data_step"] == 30
+  ckpt.close()
+  # The workdir is a model: gpt.weights loads its latest parameters.
+  from gpt.weights import load_model
+  c = base_config()
+  c.init = str(workdir)
+  c.model.update(n_vocab=VOCAB)
+  loaded = load_model(c)
+  assert loaded.cfg.n_embd == 64
+  assert max_abs_diff(pure_params(loaded.model), final_params(workdir, config.model)) == 0
+  # Running again with more steps continues from step 30.
+  config.train.steps = 40
+  train.run(config, str(workdir))
+  assert sorted(read_metrics(workdir)) == [10, 20, 30, 40]
+  train.run(config, str(workdir))  # already at 40: nothing to do
+  assert sorted(read_metrics(workdir)) == [10, 20, 30, 40]
+  config.train.restore_from = "fresh"
+  with pytest.raises(GPTError, match="already has checkpoints"):
+    train.run(config, str(workdir))
+  # restore_from=<path>: start a new run from those weights (fresh optimizer, step 0).
+  config.train.update(restore_from=str(workdir), steps=1, val_every=0, sample_every=0)
+  train.run(config, str(tmp_path / "run2"))
+  assert sorted(read_metrics(tmp_path / "run2")) == [1]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+  config = tiny_config(tmp_path, steps=20, optimizer="sgd", learning_rate=1e30, grad_clip=0.0,
+                       save_every=1, log_every=5)
+  workdir = tmp_path / "run"
+  with pytest.raises(train.TrainingDiverged) as e:
+    train.run(config, str(workdir))
+  message = str(e.value)
+  assert re.search(r"loss is (nan|inf) at step 2: training diverged", message), message
+  assert "the last good checkpoint is step 1" in message and "\n" not in message
+  ckpt = Checkpointer(checkpoint_dir(workdir), read_only=True)
+  assert ckpt.all_steps() == [1]
+  ckpt.close()
+  params = final_params(workdir, config.model)
+  assert all(np.isfinite(x).all() for x in jax.tree.leaves(params))
+
+
+def _when_logged(workdir: Path, n_lines: int, action, timeout: float = 600):
+  """Calls `action()` once metrics.jsonl holds `n_lines` lines (polling in a thread)."""
+  def poll():
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+      path = workdir / "metrics.jsonl"
+      if path.exists() and len(path.read_text().splitlines()) >= n_lines:
+        action()
+        return
+      time.sleep(0.05)
+
+  thread = threading.Thread(target=poll, daemon=True)
+  thread.start()
+  return thread
+
+
+def test_sigterm_saves_a_checkpoint_and_returns(tmp_path):
+  config = tiny_config(tmp_path, steps=100_000)
+  workdir = tmp_path / "run"
+  _when_logged(workdir, 3, lambda: os.kill(os.getpid(), signal.SIGTERM))
+  train.run(config, str(workdir))  # returns normally
+  logged = max(read_metrics(workdir))
+  ckpt = Checkpointer(checkpoint_dir(workdir), read_only=True)
+  assert ckpt.all_steps() == [logged] and logged >= 3
+  ckpt.close()
+  assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # handlers restored
+
+
+def test_ctrl_c_in_a_subprocess_saves_and_exits_cleanly(tmp_path):
+  workdir = tmp_path / "run"
+  proc = subprocess.Popen(train_command(tmp_path, workdir, train={"steps": 100_000}),
+                          env=subprocess_env(), stderr=subprocess.PIPE, text=True)
+  try:
+    _when_logged(workdir, 3, lambda: proc.send_signal(signal.SIGINT)).join()
+    _, err = proc.communicate(timeout=300)
+  finally:
+    proc.kill()
+  assert proc.returncode == 0, err[-2000:]
+  match = re.search(r"stopped by SIGINT at step (\d+); checkpoint saved", err)
+  assert match, err[-2000:]
+  ckpt = Checkpointer(checkpoint_dir(workdir), read_only=True)
+  assert ckpt.all_steps() == [int(match.group(1))] == [max(read_metrics(workdir))]
+  ckpt.close()
+
+
+def test_config_mistakes_are_one_line_errors(tmp_path):
+  for overrides, pattern in [({"seq_len": 128}, "exceeds the model's context n_ctx=64"),
+                             ({"batch_size": 6}, "multiple of grad_accum=1 x 8"),
+                             ({"noise": 1.5}, r"train.noise=1.5 must be in \[0, 1\)")]:
+    with pytest.raises(GPTError, match=pattern):
+      train.run(tiny_config(tmp_path, **overrides), str(tmp_path / "run"))
+  with pytest.raises(GPTError, match="needs --workdir"):
+    train.run(tiny_config(tmp_path), None)
