@@ -145,6 +145,15 @@ def test_winogrande_hellaswag_and_wikitext_preprocessing_match_lm_eval():
   # The HellaSwag file was cleaned with lm-eval's rules: cleaning again changes nothing.
   for doc in get_task("hellaswag").load(data_dir).docs[:2000]:
     assert all(preprocess(t) == t for t in (doc.query, *doc.choices))
+  from datasets import Dataset
+  from lm_eval.tasks.hellaswag.utils import process_docs
+  from test_evals_prompts import OFFICIAL_HELLASWAG
+  rows = [OFFICIAL_HELLASWAG, dict(OFFICIAL_HELLASWAG, ctx_b="", label=0, activity_label="Home",
+                                   ctx_a="[header] How to x. [title] Get a ladder. [step] Climb.",
+                                   endings=["[title] Sweep it.  [step] Done."] * 4)]
+  for row, theirs in zip(rows, process_docs(Dataset.from_list(rows))):
+    ours = get_task("hellaswag").from_official(row)
+    assert (ours.query, list(ours.choices), ours.gold) == (theirs["query"], theirs["choices"], int(theirs["gold"]))
   text = (data_dir / "wikitext-2/wiki.test.tokens").read_text(encoding="utf-8")
   for article in split_articles(text):
     assert wikitext_detokenize(article) == wikitext_detokenizer({"page": article})

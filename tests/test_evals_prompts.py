@@ -68,6 +68,31 @@ def test_hellaswag(data_dir):
        " does jump jacks on his stick."))]
 
 
+# The first validation item in rowanz/hellaswag's official jsonl (the ../shared text form holds its
+# context as "Roof shingle removal: A man is sitting on a roof. he").
+OFFICIAL_HELLASWAG = {
+    "ind": 24, "activity_label": "Roof shingle removal", "ctx_a": "A man is sitting on a roof.",
+    "ctx_b": "he", "ctx": "A man is sitting on a roof. he", "split": "val", "split_type": "indomain",
+    "label": 3, "source_id": "v_-JhWjGDPHMY",
+    "endings": ["is using wrap to wrap a pair of skis.", "is ripping level tiles off.",
+                "is holding a rubik's cube.", "starts pulling up roofing on a roof."]}
+
+
+def test_hellaswag_official_jsonl_is_read_as_lm_eval_does(tmp_path):
+  (tmp_path / "hellaswag").mkdir()
+  wikihow = dict(OFFICIAL_HELLASWAG, activity_label="Home and Garden", ctx_b="",
+                 ctx_a="[header] How to clean a roof. [title] Get a ladder. [step] Climb up.",
+                 endings=["[title] Sweep it.  [step] Done."] * 4, label=0)
+  (tmp_path / "hellaswag" / "hellaswag_val.jsonl").write_text(
+      json.dumps(OFFICIAL_HELLASWAG) + "\n" + json.dumps(wikihow) + "\n")
+  task, data = load("hellaswag", tmp_path)
+  roof, garden = data.docs
+  assert roof.query == "Roof shingle removal: A man is sitting on a roof. He"
+  assert roof.choices == tuple(OFFICIAL_HELLASWAG["endings"]) and roof.gold == 3
+  assert garden.query == "Home and Garden: How to clean a roof.. Get a ladder. Climb up."
+  assert garden.choices[0] == " Sweep it.  Done."  # lm-eval's rules, quirks included
+
+
 def test_piqa(data_dir):
   task, data = load("piqa", data_dir)
   doc = data.docs[3]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import bz2
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -79,10 +80,19 @@ class MultipleChoice(Task):
 
 
 class HellaSwag(MultipleChoice):
+  """HellaSwag validation: the official hellaswag_val.jsonl when the data folder has it (lm-eval's
+  exact query, with ctx_b capitalised), else the cleaned text form in ../shared (whose context line
+  keeps ctx_b as written)."""
+
   name = "hellaswag"
   FILE = "hellaswag/hellaswag_val_full.txt.bz2"
+  JSONL = "hellaswag/hellaswag_val.jsonl"
 
   def load(self, data_dir: Path) -> TaskData:
+    jsonl = Path(data_dir) / self.JSONL
+    if jsonl.is_file():
+      docs = [self.from_official(r) for r in read_jsonl(jsonl)]
+      return TaskData(docs, None, {str(jsonl): sha256_of(jsonl)}, "validation (minus the item)")
     path = require_files(data_dir, self.name, self.FILE)[self.FILE]
     with bz2.open(path, "rt", encoding="utf-8") as f:
       lines = f.read().split("\n")
@@ -93,6 +103,19 @@ class HellaSwag(MultipleChoice):
     docs = [ChoiceDoc(lines[i], tuple(lines[i + 2:i + 6]), int(lines[i + 1]))
             for i in range(0, len(lines), 6)]
     return TaskData(docs, None, {str(path): sha256_of(path)}, "validation (minus the item)")
+
+  @staticmethod
+  def from_official(row: dict) -> ChoiceDoc:
+    """lm-eval's hellaswag `process_docs` for one record of rowanz/hellaswag's jsonl."""
+    ctx = row["ctx_a"] + " " + row["ctx_b"].capitalize()
+    return ChoiceDoc(clean_wikihow(row["activity_label"] + ": " + ctx),
+                     tuple(clean_wikihow(e) for e in row["endings"]), int(row["label"]))
+
+
+def clean_wikihow(text: str) -> str:
+  """lm-eval's hellaswag `preprocess`: drops WikiHow's [title]/[step]/... markers."""
+  text = text.strip().replace(" [title]", ". ")
+  return re.sub("\\[.*?\\]", "", text).replace("  ", " ")
 
 
 class PIQA(MultipleChoice):
