@@ -20,7 +20,6 @@ import json
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -30,7 +29,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from absl import app, flags  # noqa: E402
 
 from experiments.engines import ENGINES, make_engine  # noqa: E402
-from experiments.engines.point import Outcome  # noqa: E402
+from experiments.engines.point import Outcome, StopRequest  # noqa: E402
 from experiments.sweep_spec import build_points, load_sweep  # noqa: E402
 from gpt.errors import GPTError  # noqa: E402
 
@@ -63,10 +62,11 @@ def parse_sets(items: list[str]) -> dict[str, str]:
 
 
 class StopOnSignal:
-  """First SIGINT/SIGTERM: set `stop` (no new points; running ones get SIGTERM). Second: exit now."""
+  """First SIGINT/SIGTERM: a graceful stop (no new points; running ones get SIGTERM and time to
+  save). Second: running ones are killed. Third: the driver exits at once."""
 
   def __init__(self):
-    self.stop = threading.Event()
+    self.stop = StopRequest()
     self.old = {}
 
   def __enter__(self) -> "StopOnSignal":
@@ -79,11 +79,16 @@ class StopOnSignal:
       signal.signal(sig, old)
 
   def _handle(self, signum, frame) -> None:
-    if self.stop.is_set():
+    name = signal.Signals(signum).name
+    if self.stop.kill.is_set():
       raise KeyboardInterrupt
-    print(f"\n{signal.Signals(signum).name}: stopping the sweep; running points get SIGTERM and save "
-          f"(again to abort)", flush=True)
-    self.stop.set()
+    if self.stop.graceful.is_set():
+      print(f"\n{name} again: killing the running points", flush=True)
+      self.stop.kill.set()
+      return
+    print(f"\n{name}: stopping the sweep; running points get SIGTERM and save (again to kill them)",
+          flush=True)
+    self.stop.graceful.set()
 
 
 def summary_table(outcomes: list[Outcome]) -> str:
@@ -98,7 +103,7 @@ def summary_table(outcomes: list[Outcome]) -> str:
 
 
 def run_sweep(sweep_file: str, workdir: str, engine, retries: int = 1,
-              sets: dict | None = None, stop: threading.Event | None = None) -> list[Outcome]:
+              sets: dict | None = None, stop: StopRequest | None = None) -> list[Outcome]:
   """Loads, writes out and runs the sweep; returns one Outcome per point (in sweep order)."""
   sweep = load_sweep(sweep_file, sets)
   points, infos = build_points(sweep, workdir)
@@ -118,7 +123,7 @@ def run_sweep(sweep_file: str, workdir: str, engine, retries: int = 1,
     if o.status == "failed" and o.detail:
       print("  " + o.detail.replace("\n", "\n  "), flush=True)
 
-  outcomes = engine.run(points, retries, stop or threading.Event(), on_done)
+  outcomes = engine.run(points, retries, stop or StopRequest(), on_done)
   table = summary_table(outcomes)
   (root / "sweep_summary.md").write_text(table + "\n", encoding="utf-8")
   _write_json(root / "sweep_summary.json", [dataclasses.asdict(o) for o in outcomes])

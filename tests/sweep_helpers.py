@@ -29,7 +29,8 @@ FAKE = textwrap.dedent("""
   n = (int(open(counter).read()) if os.path.exists(counter) else 0) + 1
   open(counter, "w").write(str(n))
   stopped = []
-  signal.signal(signal.SIGTERM, lambda *a: stopped.append(1))
+  signal.signal(signal.SIGTERM, signal.SIG_IGN if plan.get("ignore_term") else
+                lambda *a: stopped.append(1))
   start = time.time()
   while time.time() - start < plan.get("sleep", 0) and not stopped:
     time.sleep(0.02)

@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 from experiments import sweep as sweep_cli  # noqa: E402
 from experiments.engines import make_engine  # noqa: E402
 from experiments.engines.local import device_slots  # noqa: E402
-from experiments.engines.point import Pin  # noqa: E402
+from experiments.engines.point import Pin, StopRequest  # noqa: E402
 from experiments.sweep_spec import build_points, load_sweep, point_name  # noqa: E402
 from gpt.errors import GPTError  # noqa: E402
 from sweep_helpers import NAMES, SHRINK, calls, use_compile_cache, write_fake_sweep  # noqa: E402
@@ -188,12 +188,32 @@ def test_interrupted_sweep_rerun_runs_only_what_is_left(tmp_path):
 
 def test_stop_event_stops_running_points_without_marking_them(tmp_path):
   sweep, _ = write_fake_sweep(tmp_path, {n: {"sleep": 60} for n in NAMES})
-  stop = threading.Event()
-  threading.Timer(1.0, stop.set).start()
+  stop = StopRequest()
+  threading.Timer(1.0, stop.graceful.set).start()
   outcomes = sweep_cli.run_sweep(str(sweep), str(tmp_path / "runs"),
                                  make_engine("local", parallel=2, devices="none"), stop=stop)
   assert [o.status for o in outcomes] == ["interrupted"] * 4
   assert all(r["stopped"] for r in calls(tmp_path / "runs"))
+
+
+def test_second_stop_kills_runs_that_ignore_sigterm(tmp_path):
+  sweep, _ = write_fake_sweep(tmp_path, {n: {"sleep": 60, "ignore_term": True} for n in NAMES})
+  root = tmp_path / "runs"
+  stop = StopRequest()
+
+  def stop_twice():
+    while len(list(root.glob("*/attempts"))) < 2:
+      time.sleep(0.05)
+    stop.graceful.set()
+    time.sleep(1.0)
+    stop.kill.set()
+
+  threading.Thread(target=stop_twice, daemon=True).start()
+  start = time.time()
+  outcomes = sweep_cli.run_sweep(str(sweep), str(root), make_engine("local", parallel=2, devices="none"),
+                                 stop=stop)
+  assert [o.status for o in outcomes] == ["interrupted"] * 4 and time.time() - start < 30
+  assert calls(root) == []  # killed before they could record anything
 
 
 # ---------------------------------------------------------------- Ray
@@ -241,13 +261,13 @@ def test_lr_sweep_for_real_on_ray_then_report(tmp_path, ray_cluster, shared_dir)
 def test_ray_engine_stop_cancels_tasks_and_their_runs_get_sigterm(tmp_path, ray_cluster):
   sweep, _ = write_fake_sweep(tmp_path, {n: {"sleep": 60} for n in NAMES})
   root = tmp_path / "runs"
-  stop = threading.Event()
+  stop = StopRequest()
 
   def stop_when_running():
     deadline = time.time() + 60
     while time.time() < deadline and len(list(root.glob("*/attempts"))) < 2:
       time.sleep(0.05)
-    stop.set()
+    stop.graceful.set()
 
   threading.Thread(target=stop_when_running, daemon=True).start()
   start = time.time()

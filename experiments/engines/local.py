@@ -15,11 +15,10 @@ import os
 import queue
 import shutil
 import subprocess
-import threading
 from concurrent.futures import ThreadPoolExecutor, wait
 from typing import Callable
 
-from experiments.engines.point import Outcome, Pin, Point, run_point
+from experiments.engines.point import Outcome, Pin, Point, StopRequest, run_point
 from gpt.errors import GPTError
 
 
@@ -79,15 +78,15 @@ class LocalEngine:
   def __init__(self, parallel: int = 1, devices: str = "auto"):
     self.slots = device_slots(devices, parallel)
 
-  def run(self, points: list[Point], retries: int, stop: threading.Event,
+  def run(self, points: list[Point], retries: int, stop: StopRequest,
           on_done: Callable[[Outcome], None]) -> list[Outcome]:
-    """Runs the points; after `stop` is set no new point starts and running ones are stopped."""
+    """Runs the points; once a stop is requested no new point starts and running ones are stopped."""
     free: queue.Queue = queue.Queue()
     for pin in self.slots:
       free.put(pin)
 
     def work(point: Point) -> Outcome:
-      if stop.is_set():
+      if stop.graceful.is_set():
         return Outcome(point.name, "interrupted")
       pin = free.get()
       try:

@@ -45,6 +45,15 @@ os.execvp(sys.argv[3], sys.argv[3:])
 
 
 @dataclasses.dataclass
+class StopRequest:
+  """How a sweep is being stopped: `graceful` (start nothing new; running commands get SIGTERM and
+  time to save) and then, if asked again, `kill` (running commands get SIGKILL now)."""
+
+  graceful: threading.Event = dataclasses.field(default_factory=threading.Event)
+  kill: threading.Event = dataclasses.field(default_factory=threading.Event)
+
+
+@dataclasses.dataclass
 class Stage:
   """One `gpt.main` invocation of a point (e.g. train, then eval)."""
 
@@ -122,7 +131,7 @@ def _tail(path: Path, lines: int = 6) -> str:
   return "\n".join(text.rstrip().splitlines()[-lines:])
 
 
-def _run_once(point: Point, stage: Stage, pin: Pin, stop: threading.Event | None,
+def _run_once(point: Point, stage: Stage, pin: Pin, stop: StopRequest | None,
               attempt: int) -> tuple[int | None, float]:
   """Runs the stage's command once; (exit code or None if interrupted, seconds)."""
   command = [sys.executable if c == PYTHON else c for c in stage.command]
@@ -142,12 +151,12 @@ def _run_once(point: Point, stage: Stage, pin: Pin, stop: threading.Event | None
           rc = proc.wait(timeout=0.2)
           break
         except subprocess.TimeoutExpired:
-          if stop is not None and stop.is_set():
-            _terminate(proc)
+          if stop is not None and stop.graceful.is_set():
+            _terminate(proc, stop.kill)
             return None, time.time() - start
       # A run that exits 0 while a stop was requested may have stopped early (training saves and
       # exits cleanly on SIGTERM): never mark it done.
-      if stop is not None and stop.is_set():
+      if stop is not None and stop.graceful.is_set():
         return None, time.time() - start
       return rc, time.time() - start
     except BaseException:  # KeyboardInterrupt from Ray's cancel, or the driver going down
@@ -155,24 +164,27 @@ def _run_once(point: Point, stage: Stage, pin: Pin, stop: threading.Event | None
       raise
 
 
-def _terminate(proc: subprocess.Popen) -> None:
-  """SIGTERM (a training run saves a checkpoint), then SIGKILL after the grace period."""
+def _terminate(proc: subprocess.Popen, kill: threading.Event | None = None) -> None:
+  """SIGTERM (a training run saves a checkpoint), then SIGKILL after the grace period or as soon
+  as `kill` is set."""
   if proc.poll() is not None:
     return
   proc.send_signal(signal.SIGTERM)
-  try:
-    proc.wait(timeout=GRACE_SECONDS)
-  except subprocess.TimeoutExpired:
-    proc.kill()
-    proc.wait()
+  deadline = time.time() + GRACE_SECONDS
+  while proc.poll() is None:
+    if time.time() > deadline or (kill is not None and kill.is_set()):
+      proc.kill()
+      proc.wait()
+      return
+    time.sleep(0.1)
 
 
 def run_point(point: Point, retries: int = 1, pin: Pin | None = None,
-              stop: threading.Event | None = None) -> Outcome:
+              stop: StopRequest | None = None) -> Outcome:
   """Runs the point's unfinished stages in order, each up to 1 + `retries` times."""
   pin = pin or Pin()
   if point.finished():
-    return Outcome(point.name, "skipped", devices=pin.describe())
+    return Outcome(point.name, "skipped")
   (Path(point.workdir) / "sweep").mkdir(parents=True, exist_ok=True)
   attempts, reruns, seconds = 0, 0, 0.0
   for stage in point.stages:

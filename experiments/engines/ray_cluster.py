@@ -17,12 +17,11 @@ from __future__ import annotations
 import json
 import math
 import os
-import threading
 import time
 from typing import Callable
 
 from experiments.engines import point as point_module
-from experiments.engines.point import Outcome, Point, run_point
+from experiments.engines.point import Outcome, Point, StopRequest, run_point
 from gpt.errors import GPTError
 
 
@@ -64,9 +63,10 @@ class RayEngine:
       ray.init(num_cpus=slots * max(1, math.ceil(self.options["num_cpus"])), **kwargs)
     return True
 
-  def run(self, points: list[Point], retries: int, stop: threading.Event,
+  def run(self, points: list[Point], retries: int, stop: StopRequest,
           on_done: Callable[[Outcome], None]) -> list[Outcome]:
-    """Runs the points on the cluster; after `stop` is set, pending and running tasks are cancelled."""
+    """Runs the points on the cluster; once a stop is requested, pending and running tasks are
+    cancelled (their runs get SIGTERM; with `stop.kill`, their workers are killed)."""
     ray = self.ray
     started = self._connect()
     try:
@@ -74,7 +74,7 @@ class RayEngine:
       task = ray.remote(run_point).options(**self.options)
       todo, running, outcomes = list(points), {}, {}
       limit = self.parallel or len(points)
-      while (todo or running) and not stop.is_set():
+      while (todo or running) and not stop.graceful.is_set():
         while todo and len(running) < limit:
           p = todo.pop(0)
           running[task.remote(p, retries)] = p
@@ -83,8 +83,8 @@ class RayEngine:
           p = running.pop(ref)
           outcomes[p.name] = self._result(ref, p)
           on_done(outcomes[p.name])
-      if stop.is_set():
-        self._cancel(running, outcomes, on_done)
+      if stop.graceful.is_set():
+        self._cancel(running, outcomes, on_done, stop.kill)
       return [outcomes.get(p.name, Outcome(p.name, "interrupted")) for p in points]
     finally:
       if started:
@@ -98,14 +98,22 @@ class RayEngine:
     except self.ray.exceptions.RayError as e:  # the worker died, the node was lost, ...
       return Outcome(p.name, "failed", detail=str(e).strip().splitlines()[-1][:500])
 
-  def _cancel(self, running: dict, outcomes: dict, on_done) -> None:
-    """Cancels running tasks: run_point gets KeyboardInterrupt and stops its run with SIGTERM."""
+  def _cancel(self, running: dict, outcomes: dict, on_done, kill) -> None:
+    """Cancels running tasks: run_point gets KeyboardInterrupt and stops its run with SIGTERM. When
+    `kill` is set, the workers are killed (their runs get SIGTERM through the parent-death signal
+    and no grace period is waited for)."""
     for ref in running:
       self.ray.cancel(ref)
     deadline = time.time() + point_module.GRACE_SECONDS + 10
-    for ref, p in running.items():
-      try:
-        self.ray.wait([ref], timeout=max(0.0, deadline - time.time()))
-      finally:
-        outcomes[p.name] = Outcome(p.name, "interrupted")
-        on_done(outcomes[p.name])
+    pending, forced = dict(running), False
+    while pending and time.time() < deadline:
+      if kill.is_set() and not forced:
+        for ref in pending:
+          self.ray.cancel(ref, force=True)
+        forced = True
+      ready, _ = self.ray.wait(list(pending), num_returns=len(pending), timeout=0.2)
+      for ref in ready:
+        pending.pop(ref)
+    for p in running.values():
+      outcomes[p.name] = Outcome(p.name, "interrupted")
+      on_done(outcomes[p.name])
