@@ -40,12 +40,13 @@ def parse_shots(value: Any) -> list[int]:
   """'0,1,5' (or an int or a list) -> [0, 1, 5]."""
   items = value.split(",") if isinstance(value, str) else (
       [value] if isinstance(value, int) else list(value))
+  problem = f"eval.shots={value!r}: give comma-separated non-negative integers, e.g. 0,1,5"
   try:
     shots = [int(str(s).strip()) for s in items if str(s).strip()]
   except ValueError:
-    raise GPTError(f"eval.shots={value!r}: give comma-separated non-negative integers, e.g. 0,1,5") from None
+    raise GPTError(problem) from None
   if not shots or min(shots) < 0:
-    raise GPTError(f"eval.shots={value!r}: give comma-separated non-negative integers, e.g. 0,1,5")
+    raise GPTError(problem)
   return shots
 
 
@@ -85,7 +86,8 @@ def write_result(out_dir: Path, task, data, result: TaskResult, config, loaded) 
   stem = f"{result.task}_{result.shots}shot"
   record = {
       "task": result.task, "shots": result.shots, "primary_metric": task.primary_metric,
-      "metrics": {k: {"value": _finite(v), "stderr": _finite(s)} for k, (v, s) in result.metrics.items()},
+      "metrics": {k: {"value": _finite(v), "stderr": _finite(s)}
+                  for k, (v, s) in result.metrics.items()},
       "n_examples": result.n_examples, "n_available": len(data.docs),
       "truncation": vars(result.truncation), "fewshot_source": data.fewshot_source,
       "model": {"init": config.init, "source": loaded.source, "n_params": loaded.cfg.num_params(),

@@ -152,7 +152,8 @@ def assemble(demos: Sequence[str], query: str, fmt: Format) -> str:
   return fmt.example_separator.join([*demos, query])
 
 
-def encode_pair(tokenizer, context: str, continuations: Sequence[str]) -> tuple[list[int], list[list[int]]]:
+def encode_pair(tokenizer, context: str,
+                continuations: Sequence[str]) -> tuple[list[int], list[list[int]]]:
   """lm-evaluation-harness's `_encode_pair` for a shared context.
 
   Trailing whitespace of the context moves to the front of each continuation, and a continuation's

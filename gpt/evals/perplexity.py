@@ -62,7 +62,8 @@ def wikitext_detokenize(text: str) -> str:
   s = re.sub(r"{\s*([^}]*?)\s*}", r"{\1}", s)
   s = re.sub(r"\"\s*([^\"]*?)\s*\"", r'"\1"', s)
   s = re.sub(r"'\s*([^']*?)\s*'", r"'\1'", s)
-  for old, new in (("= = = =", "===="), ("= = =", "==="), ("= =", "=="), (" \N{DEGREE SIGN} ", "\N{DEGREE SIGN}"),
+  for old, new in (("= = = =", "===="), ("= = =", "==="), ("= =", "=="),
+                   (" \N{DEGREE SIGN} ", "\N{DEGREE SIGN}"),
                    (" \n", "\n"), ("\n ", "\n"), (" N ", " 1 "), (" 's", "'s")):
     s = s.replace(old, new)
   return s
@@ -110,7 +111,8 @@ class Perplexity(Task):
     for unit in ("tokens", "words", "bytes"):
       data = np.stack([ll, [r[unit] for r in results]], axis=1)
       name = {"tokens": "token", "words": "word", "bytes": "byte"}[unit] + "_perplexity"
-      out[name] = (metrics.ratio_perplexity(data), metrics.bootstrap_stderr(metrics.ratio_perplexity, data))
+      out[name] = (metrics.ratio_perplexity(data),
+                   metrics.bootstrap_stderr(metrics.ratio_perplexity, data))
     bpb = lambda d: math.log2(metrics.ratio_perplexity(d))  # noqa: E731
     data = np.stack([ll, [r["bytes"] for r in results]], axis=1)
     out["bits_per_byte"] = (bpb(data), metrics.bootstrap_stderr(bpb, data))

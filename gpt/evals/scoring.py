@@ -72,7 +72,8 @@ def collate(rows: Sequence[PackedRow], batch_size: int, length: int) -> tuple[np
   the LM head's padding depends on the batch's total, not on its longest row.
   """
   n_targets = sum(len(r.targets) for r in rows)
-  M = bucket(n_targets, _MIN_TARGETS) if n_targets <= HEAD_CHUNK else -(-n_targets // HEAD_CHUNK) * HEAD_CHUNK
+  M = bucket(n_targets, _MIN_TARGETS) if n_targets <= HEAD_CHUNK else (
+      -(-n_targets // HEAD_CHUNK) * HEAD_CHUNK)
   tokens = np.zeros((batch_size, length), np.int32)
   positions = np.zeros((batch_size, length), np.int32)
   segments = np.full((batch_size, length), -1, np.int32)  # -1: padding, attended by nothing real
