@@ -118,6 +118,8 @@ config = tiny_config(Path(tmp), **overrides.pop("train", {}))
 for section, values in overrides.items():
   config[section].update(values)
 train.run(config, workdir)
+import jax
+print(f"processes {jax.process_count()} devices {jax.device_count()}", flush=True)
 """
 
 
