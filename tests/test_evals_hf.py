@@ -1,9 +1,9 @@
 """Our evaluation against lm-evaluation-harness on the same weights (the `[hf]` extra).
 
-The tiny fixture exists as an OpenAI checkpoint (which we load) and as a Hugging Face folder (which
-lm-eval's `hf` backend loads). On a slice of every task, at 0 and 1 shot, each continuation's
-log-likelihood and greedy flag from our scorer must equal lm-eval's for the same prompt, and so must
-the per-item accuracies. Prompt templates are checked against lm-eval's own task files.
+We load the tiny OpenAI-format fixture and export it with gpt.weights.export_hf to a Hugging Face
+folder, which lm-eval's `hf` backend loads. On a slice of every task, at 0 and 1 shot, each
+continuation's log-likelihood and greedy flag from our scorer must equal lm-eval's for the same
+prompt, and so must the per-item accuracies. Prompt templates are checked against lm-eval's own task files.
 """
 
 import json
@@ -26,7 +26,7 @@ from gpt.evals import get_task  # noqa: E402
 from gpt.evals.base import ContinuationScore, Format, assemble, encode_example, sample_demos  # noqa: E402
 from gpt.evals.perplexity import TextDoc, split_articles, wikitext_detokenize  # noqa: E402
 from gpt.evals.scoring import Scorer  # noqa: E402
-from gpt.weights import load_model  # noqa: E402
+from gpt.weights import export_hf, load_model  # noqa: E402
 
 FMT = Format()
 ITEMS = 3
@@ -42,8 +42,10 @@ def ours():
 
 
 @pytest.fixture(scope="module")
-def harness():
-  folder = require_shared("fixtures", "hf-gpt2-tiny")
+def harness(ours, tmp_path_factory):
+  """lm-eval's `hf` backend on our model exported to a Hugging Face folder."""
+  loaded, _ = ours
+  folder = export_hf(loaded.model, loaded.tokenizer, tmp_path_factory.mktemp("hf"))
   return hf_backend.HFLM(pretrained=str(folder), device="cpu", dtype="float32", batch_size=4)
 
 
