@@ -95,7 +95,7 @@ def summary_table(outcomes: list[Outcome]) -> str:
   """The sweep's outcome as a Markdown table."""
   rows = ["| point | status | runs | retries | time | devices | note |", "|---|---|---|---|---|---|---|"]
   for o in outcomes:
-    note = f"stage {o.stage}: {o.detail.splitlines()[-1] if o.detail else ''}" if o.stage else ""
+    note = f"stage {o.stage}" + (f": {o.detail.splitlines()[-1]}" if o.detail else "") if o.stage else ""
     rows.append(f"| {o.name} | {o.status} | {o.attempts} | {o.retries} | {o.seconds:.0f}s | {o.devices} | "
                 f"{note.replace('|', '/')[:120]} |")
   counts = {s: sum(o.status == s for o in outcomes) for s in ("done", "skipped", "failed", "interrupted")}
