@@ -226,7 +226,7 @@ def base_config() -> ml_collections.ConfigDict:
   e.unconditional_norm = True
   # Text file scored by the 'text' perplexity task.
   e.text_path = ""
-  # New padded row lengths (= compiles) allowed per task and shot count; more means less padding.
+  # Padded row lengths (each one a compile) per task and shot count; more means less padding.
   e.max_buckets = 4
 
   c.mesh = mh = ml_collections.ConfigDict()

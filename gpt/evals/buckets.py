@@ -2,9 +2,9 @@
 
 Rows are scored longest first in batches of a fixed size, so each batch has a maximum length. A
 fixed ladder of lengths (powers of two and 1.5x) would waste about a fifth of the compute on
-padding for HellaSwag and LAMBADA; instead `plan_lengths` picks, per run, the at most `max_new`
-lengths (multiples of 8) that minimise the total padded length, given the lengths already compiled
-(which cost nothing to reuse).
+padding for HellaSwag and LAMBADA; instead `plan_lengths` picks, per run, the at most `max_lengths`
+lengths (multiples of 8) that minimise the total padded length, preferring lengths already compiled
+when that costs no padding.
 """
 
 from __future__ import annotations
@@ -32,17 +32,18 @@ def round_up(n: int, multiple: int = MULTIPLE) -> int:
   return max(multiple, -(-n // multiple) * multiple)
 
 
-def plan_lengths(maxima: Sequence[int], max_new: int, compiled: Iterable[int] = ()) -> list[int]:
-  """A padded length for each batch (>= its maximum), minimising their sum with at most `max_new`
-  lengths that are not in `compiled`.
+def plan_lengths(maxima: Sequence[int], max_lengths: int, compiled: Iterable[int] = ()) -> list[int]:
+  """A padded length for each batch (>= its maximum, a multiple of 8), using at most `max_lengths`
+  distinct lengths: the least total padded length, and among equals the fewest lengths not in
+  `compiled` (so scoring the same batches again compiles nothing).
 
   Dynamic programme over the candidate lengths in ascending order: choosing a length covers every
   batch whose rounded maximum lies above the previously chosen length.
   """
   if not maxima:
     return []
-  if max_new < 1:
-    raise ValueError(f"max_new={max_new} must be at least 1")
+  if max_lengths < 1:
+    raise ValueError(f"max_lengths={max_lengths} must be at least 1")
   need = [round_up(m) for m in maxima]
   free = set(compiled)
   values = sorted(set(need) | {c for c in free if c >= min(need)})
@@ -52,27 +53,26 @@ def plan_lengths(maxima: Sequence[int], max_new: int, compiled: Iterable[int] = 
   covered = [0]  # covered[i + 1] = batches with rounded maximum <= values[i]
   for v in values:
     covered.append(covered[-1] + count[v])
-  # best[i][k]: least padded total covering values[:i + 1] with values[i] chosen and k new lengths.
-  best = [[math.inf] * (max_new + 1) for _ in values]
-  back: dict[tuple[int, int], tuple[int, int]] = {}
+  # best[i][k] = (padded total, new lengths) covering values[:i + 1], values[i] being the k-th choice.
+  worst = (math.inf, math.inf)
+  best = [[worst] * (max_lengths + 1) for _ in values]
+  back: dict[tuple[int, int], int] = {}
   for i, v in enumerate(values):
-    cost_k = 0 if v in free else 1
-    for j in range(-1, i):
-      for k in range(max_new + 1 - cost_k):
-        before = 0 if j < 0 else best[j][k]
-        if j < 0 and k:
+    new = int(v not in free)
+    for k in range(1, max_lengths + 1):
+      for j in range(-1, i):
+        before = (0, 0) if j < 0 else best[j][k - 1]
+        if (j < 0) != (k == 1):
           continue
-        total = before + v * (covered[i + 1] - covered[j + 1])
-        if total < best[i][k + cost_k]:
-          best[i][k + cost_k] = total
-          back[(i, k + cost_k)] = (j, k)
+        total = (before[0] + v * (covered[i + 1] - covered[j + 1]), before[1] + new)
+        if total < best[i][k]:
+          best[i][k], back[(i, k)] = total, j
   top = max(need)
-  end = min(((best[i][k], i, k) for i, v in enumerate(values) if v >= top
-             for k in range(max_new + 1)), key=lambda t: t[0])
-  chosen, state = [], (end[1], end[2])
-  while state[0] >= 0:
-    chosen.append(values[state[0]])
-    state = back[state]
+  _, i, k = min((best[i][k], i, k) for i, v in enumerate(values) if v >= top
+                for k in range(1, max_lengths + 1))
+  chosen = []
+  while i >= 0:
+    chosen.append(values[i])
+    i, k = back[(i, k)], k - 1
   chosen.sort()
   return [next(c for c in chosen if c >= n) for n in need]
-

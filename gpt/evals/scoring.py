@@ -8,8 +8,8 @@ one pass over the context), and the LM head (a third of GPT-2 small's FLOPs per 
 only at the positions that predict a continuation token.
 
 Rows are sorted by length, batched, and right-padded to a few lengths planned per run
-(`gpt.evals.buckets`): the trunk compiles once per length (at most `max_buckets` new ones per call,
-not one per example). The head, one matmul and a logsumexp, runs over the batch's flattened targets
+(`gpt.evals.buckets`): the trunk compiles once per length (at most `max_buckets` lengths per call,
+not one per example, and none when a call's lengths were compiled before). The head, one matmul and a logsumexp, runs over the batch's flattened targets
 in fixed chunks, so it compiles once per row length.
 """
 
@@ -141,7 +141,8 @@ class Scorer:
     # Longest first: an out-of-memory batch size shows up at once, and batches pad little.
     order = sorted(range(len(rows)), key=lambda i: -len(rows[i].tokens))
     batches = [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
-    lengths = plan_lengths([len(rows[b[0]].tokens) for b in batches], self.max_buckets, self._lengths)
+    lengths = plan_lengths([len(rows[b[0]].tokens) for b in batches], self.max_buckets,
+                           self._lengths)
     self._lengths.update(lengths)
     results: list[list[ContinuationScore]] = [[] for _ in rows]
     with tqdm(total=len(rows), desc=desc, unit="req", disable=desc is None, leave=False) as bar:
