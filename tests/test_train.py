@@ -260,3 +260,53 @@ def test_config_mistakes_are_one_line_errors(tmp_path):
       train.run(tiny_config(tmp_path, **overrides), str(tmp_path / "run"))
   with pytest.raises(GPTError, match="needs --workdir"):
     train.run(tiny_config(tmp_path), None)
+
+
+def _main(*args, env=None, timeout=600):
+  return subprocess.run([sys.executable, "-m", "gpt.main", *args], cwd=REPO, capture_output=True,
+                        text=True, timeout=timeout, env=env)
+
+
+def test_chapter_flow_with_117m_config_and_fixture_model(tmp_path, openai_fixture):
+  """encode.py -> train.py -> sample from the workdir, as the book chapter runs them."""
+  kant = str(tmp_path / "kant.npz")
+  from gpt import encode
+  from conftest import require_shared
+  assert encode.main([str(require_shared("data", "kant", "critique_of_pure_reason.txt")), kant]) == 0
+  env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=1")  # one CPU, as a user
+  workdir = tmp_path / "kant_run"
+  result = _main("--config=configs/117m.py", f"--workdir={workdir}", f"--config.init={openai_fixture}",
+                 f"--config.data.path={kant}", "--config.train.steps=4", "--config.train.seq_len=32",
+                 "--config.train.log_every=1", "--config.train.val_every=4",
+                 "--config.train.val_batches=1", "--config.train.sample_every=4",
+                 "--config.train.sample_length=16", f"--config.data.cache_dir={tmp_path / 'cache'}",
+                 env=env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "step 4 | loss" in result.stderr and "step 4 | val | loss" in result.stderr
+  assert "SAMPLE 1" in (workdir / "samples" / "step_000004.txt").read_text()
+  saved = json.loads((workdir / "config.json").read_text())
+  assert (saved["model"]["n_layer"], saved["model"]["n_embd"]) == (2, 16)  # the fixture's shape
+  assert (saved["train"]["learning_rate"], saved["train"]["optimizer"]) == (2e-5, "adam")
+  sample = _main("--config=configs/117m.py", "--config.mode=sample", f"--config.init={workdir}",
+                 "--config.sampling.length=8", "--config.sampling.seed=1", env=env)
+  assert sample.returncode == 0, sample.stderr[-3000:]
+  assert "SAMPLE 1" in sample.stdout
+
+
+def test_offline_main_command_says_what_to_pass(tmp_path, openai_fixture):
+  from http_fixture import closed_port_url
+  env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  offline = closed_port_url()
+  result = _main("--config=configs/117m.py", f"--workdir={tmp_path / 'w1'}",
+                 f"--config.models_dir={tmp_path / 'models'}", f"--config.download_url={offline}",
+                 env=env)
+  assert result.returncode == 2
+  assert result.stderr.strip().splitlines()[-1].startswith("error: ")
+  assert "--config.init=" in result.stderr.strip().splitlines()[-1]
+  result = _main("--config=configs/117m.py", f"--workdir={tmp_path / 'w2'}",
+                 f"--config.init={openai_fixture}", f"--config.data.path={offline}/pg4280.txt",
+                 "--config.train.seq_len=32", f"--config.data.cache_dir={tmp_path / 'cache'}",
+                 env=env)
+  assert result.returncode == 2
+  last = result.stderr.strip().splitlines()[-1]
+  assert last.startswith("error: cannot download") and "--config.data.path=" in last
