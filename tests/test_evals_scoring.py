@@ -21,6 +21,12 @@ def model():
 
 
 @pytest.fixture(scope="module")
+def scorer(model):
+  """One scorer for the tests below, so that they share its compiled shapes."""
+  return Scorer(model, batch_size=4, max_buckets=2)
+
+
+@pytest.fixture(scope="module")
 def log_probs(model):
   """Log-softmax of one plain forward, rows right-padded to n_ctx (one compile for every call)."""
   forward = jax.jit(lambda t: jax.nn.log_softmax(model(t), axis=-1))
@@ -55,13 +61,13 @@ def test_final_hidden_with_plain_causal_mask_is_the_models(model):
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, CFG.n_vocab, (2, 11)))
   positions = jnp.broadcast_to(jnp.arange(11), (2, 11))
   mask = jnp.broadcast_to(jnp.tril(jnp.ones((11, 11), bool)), (2, 1, 11, 11))
-  np.testing.assert_allclose(final_hidden(model, tokens, positions, mask),
-                             model.hidden_states(tokens), atol=1e-6)
+  ours = jax.jit(final_hidden)(model, tokens, positions, mask)
+  np.testing.assert_allclose(ours, jax.jit(lambda m, t: m.hidden_states(t))(model, tokens), atol=1e-6)
 
 
-def test_every_loglikelihood_equals_a_direct_forward(model, log_probs):
+def test_every_loglikelihood_equals_a_direct_forward(scorer, log_probs):
   requests = random_requests(np.random.default_rng(1), 13)  # 13 rows: the last batch is partial
-  scores = Scorer(model, batch_size=4).score(requests)
+  scores = scorer.score(requests)
   for req, req_scores in zip(requests, scores):
     assert len(req_scores) == len(req.continuations)
     for cont, s in zip(req.continuations, req_scores):
@@ -71,25 +77,25 @@ def test_every_loglikelihood_equals_a_direct_forward(model, log_probs):
       assert (s.greedy, s.last_greedy) == (bool(flags.all()), bool(flags[-1]))
 
 
-def test_greedy_flags_on_the_models_own_continuation(model, log_probs):
+def test_greedy_flags_on_the_models_own_continuation(scorer, log_probs):
   context = (5, 17, 99, 3)
   cont = []
   for _ in range(4):  # greedy decoding by full forwards
     cont.append(int(log_probs(list(context) + cont)[-1].argmax()))
   wrong_last = cont[:-1] + [(cont[-1] + 1) % CFG.n_vocab]
-  greedy, last_wrong = Scorer(model, batch_size=2).score(
+  greedy, last_wrong = scorer.score(
       [TokenRequest(context, (tuple(cont), tuple(wrong_last)))])[0]
   assert greedy.greedy and greedy.last_greedy
   assert not last_wrong.greedy and not last_wrong.last_greedy
 
 
 def test_compiles_are_bounded_and_reused(model):
-  scorer = Scorer(model, batch_size=4, max_buckets=3)
-  requests = random_requests(np.random.default_rng(2), 40)
+  scorer = Scorer(model, batch_size=4, max_buckets=2)
+  requests = random_requests(np.random.default_rng(2), 16)
   first = scorer.score(requests)
-  assert scorer.compiles == 3  # 10 batches of different lengths, 3 shapes
+  assert scorer.compiles == 2  # 4 batches of different lengths, 2 shapes
   again = scorer.score(list(reversed(requests)))[::-1]  # the same lengths: nothing new to compile
-  assert scorer.compiles == 3
+  assert scorer.compiles == 2
   assert [[s.logprob for s in r] for r in again] == [[s.logprob for s in r] for r in first]
 
 
@@ -110,15 +116,15 @@ def test_planned_lengths_minimise_padding_then_new_compiles():
     assert (sum(got), len(set(got) - compiled)) == best
 
 
-def test_rolling_windows_sum_to_the_direct_loglikelihood(model, log_probs):
+def test_rolling_windows_sum_to_the_direct_loglikelihood(scorer, log_probs):
   ids = [int(t) for t in np.random.default_rng(4).integers(0, CFG.n_vocab, 40)]
   expected, _ = direct(log_probs, ids[:1], ids[1:])  # fits one window: a single forward
   for stride in (CFG.n_ctx, 7):
-    scores = Scorer(model, batch_size=4).score(rolling_windows(ids, CFG.n_ctx, stride))
+    scores = scorer.score(rolling_windows(ids, CFG.n_ctx, stride))
     assert abs(sum(s[0].logprob for s in scores) - expected) <= 1e-5
   long_ids = ids * 3  # longer than n_ctx: each window is its own forward
   windows = rolling_windows(long_ids, CFG.n_ctx, 16)
-  scores = Scorer(model, batch_size=4).score(windows)
+  scores = scorer.score(windows)
   for w, s in zip(windows, scores):
     assert abs(s[0].logprob - direct(log_probs, w.context, w.continuations[0])[0]) <= 1e-5
 
