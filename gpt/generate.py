@@ -4,10 +4,10 @@
   python -m gpt.main --config=configs/117m.py --config.mode=sample --config.sampling.prompt="Kant said"
   python -m gpt.main --config=configs/117m.py --config.mode=interactive
 
-Weights and tokenizer come from `config.init` (gpt.weights). The model is wrapped into the pure
-`logits_fn(params, tokens, cache, token_mask)` that `gpt.sampling.Decoder` runs; prompts are
-left-padded to a power-of-two bucket and the cache sized to bucket(prompt) + bucket(length), so a
-session compiles once per (batch size, length bucket), not per prompt.
+Weights and tokenizer come from `config.init` (gpt.weights). The model is laid out for
+decoding by gpt.kv_decode, whose pure `logits_fn(params, tokens, cache, token_mask)` is what
+`gpt.sampling.Decoder` runs. Prompts are left-padded to a power-of-two bucket and the cache sized
+to bucket(prompt) + bucket(length), so a session compiles once per (batch size, length bucket).
 Output follows OpenAI's generate_unconditional_samples.py / interactive_conditional_samples.py:
 `===== SAMPLE n =====` separators, the first sample of a batch streamed as it is generated.
 """
@@ -22,10 +22,10 @@ from typing import Any, Iterator, TextIO
 import jax
 import numpy as np
 from absl import logging
-from flax import nnx
 
+from gpt import kv_decode
 from gpt.errors import GPTError
-from gpt.model import GPT, KVCache
+from gpt.model import GPT
 from gpt.prompt_reader import PromptReader
 from gpt.sampling import Decoder, SamplingOptions
 
@@ -108,26 +108,20 @@ def pad_left(prompts: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarr
   return tokens, mask
 
 
-def make_logits_fn(graphdef):
-  """The model as a pure function of its parameters: (params, tokens, cache, mask) -> (logits, cache)."""
-
-  def logits_fn(params, tokens, cache, token_mask):
-    return nnx.merge(graphdef, params).decode(tokens, cache, token_mask=token_mask)
-
-  return logits_fn
-
-
 class Generator:
-  """A model and tokenizer wrapped for sampling: token prompts in, new tokens out."""
+  """A model and tokenizer wrapped for sampling: token prompts in, new tokens out.
+
+  Decoding runs gpt.kv_decode's layout of the model (per-layer weights in the compute dtype, a
+  per-layer cache); the model itself is not kept.
+  """
 
   def __init__(self, model: GPT, tokenizer: Any, options: SamplingOptions, *, stop_at_eot: bool):
-    self.cfg = model.cfg
+    self.cfg = cfg = model.cfg
     self.tokenizer = tokenizer
     self.stop_at_eot = stop_at_eot
-    graphdef, self.params = nnx.split(model)
-    cfg = self.cfg
-    self.decoder = Decoder(make_logits_fn(graphdef), lambda b, n: KVCache.init(cfg, b, n), options,
-                           stop_token=tokenizer.eot_id, stop_at_token=stop_at_eot)
+    self.params = kv_decode.decode_params(model)
+    self.decoder = Decoder(kv_decode.make_logits_fn(cfg), lambda b, n: kv_decode.init_cache(cfg, b, n),
+                           options, stop_token=tokenizer.eot_id, stop_at_token=stop_at_eot)
 
   def stream(self, prompts: list[list[int]], length: int, key: jax.Array,
              chunk: int = STREAM_CHUNK) -> Iterator[np.ndarray]:

@@ -4,6 +4,7 @@ Correctness is checked on the fixture GPT-2 (2 layers, n_ctx 64) against full fo
 when torch and transformers are installed (the [hf] extra), against Hugging Face generate().
 """
 
+import functools
 import json
 import os
 import queue
@@ -20,7 +21,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gpt import generate
+from gpt import generate, kv_decode
 from gpt.config import base_config
 from gpt.errors import GPTError
 from gpt.model import KVCache
@@ -61,22 +62,58 @@ def full_forward(loaded):
   return run
 
 
-def test_cache_logits_equal_full_forward_at_every_step(loaded, full_forward):
+@pytest.mark.parametrize("last_only", [False, True])
+def test_cache_logits_equal_full_forward_at_every_step(loaded, full_forward, last_only):
+  """gpt.kv_decode (what sampling runs) against GPT.__call__, left-padded prompts of 3 lengths."""
   cfg = loaded.cfg
-  graphdef, params = nnx.split(loaded.model)
-  logits_fn = jax.jit(generate.make_logits_fn(graphdef))
+  params = kv_decode.decode_params(loaded.model)
+  step = jax.jit(functools.partial(kv_decode.decode, cfg, last_only=last_only))
   tokens, mask = generate.pad_left(PROMPTS, generate.bucket(9))
-  logits, cache = logits_fn(params, tokens, KVCache.init(cfg, 3, 16 + 32), mask)
+  logits, cache = step(params, tokens, kv_decode.init_cache(cfg, 3, 16 + 32), mask)
   rows = [list(p) for p in PROMPTS]
   for r, prompt in enumerate(PROMPTS):
-    np.testing.assert_allclose(logits[r, -len(prompt):], full_forward(prompt), rtol=1e-5, atol=1e-5)
+    want = full_forward(prompt)[-1:] if last_only else full_forward(prompt)
+    np.testing.assert_allclose(logits[r, -len(want):], want, rtol=1e-5, atol=1e-5)
   step_tokens = np.random.default_rng(0).integers(0, cfg.n_vocab, size=(30, 3))
   for t, new in enumerate(step_tokens):
-    logits, cache = logits_fn(params, jnp.asarray(new[:, None], jnp.int32), cache, None)
+    logits, cache = step(params, jnp.asarray(new[:, None], jnp.int32), cache)
     for r in range(3):
       rows[r].append(int(new[r]))
       np.testing.assert_allclose(logits[r, 0], full_forward(rows[r])[-1], rtol=1e-5, atol=1e-5,
                                  err_msg=f"step {t} row {r}")
+
+
+def test_model_decode_agrees(loaded):
+  """GPT.decode (the model's own cached path) and kv_decode give the same logits."""
+  cfg = loaded.cfg
+  tokens, mask = generate.pad_left(PROMPTS, 16)
+  graphdef, state = nnx.split(loaded.model)
+  model_decode = jax.jit(lambda s, t, c, m: nnx.merge(graphdef, s).decode(t, c, token_mask=m))
+  want, _ = model_decode(state, tokens, KVCache.init(cfg, 3, 24), mask)
+  got, _ = kv_decode.decode(cfg, kv_decode.decode_params(loaded.model), tokens,
+                            kv_decode.init_cache(cfg, 3, 24), mask)
+  np.testing.assert_allclose(got * mask[..., None], want * mask[..., None], rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_decode_tracks_float32(full_forward, openai_fixture):
+  """bf16 weights and compute (float32 accumulation), batch 1 (the paired-row path on CPU) and 3."""
+  from gpt.weights import load_model
+
+  config = fixture_config(openai_fixture)
+  config.model.dtype = config.model.param_dtype = "bfloat16"
+  bf16 = load_model(config)
+  params = kv_decode.decode_params(bf16.model)
+  assert params["layers"][0]["mlp"]["c_fc"]["w"].dtype == jnp.bfloat16
+  for prompts in (PROMPTS[:1], PROMPTS):
+    tokens, mask = generate.pad_left(prompts, 16)
+    _, cache = kv_decode.decode(bf16.cfg, params, tokens, kv_decode.init_cache(bf16.cfg, len(prompts), 17),
+                                mask, last_only=True)
+    step = np.full((len(prompts), 1), 11, np.int32)  # one decode step: a single row when batch 1
+    logits, _ = kv_decode.decode(bf16.cfg, params, step, cache, last_only=True)
+    for r, prompt in enumerate(prompts):
+      want = np.asarray(full_forward(prompt + [11])[-1])
+      err = np.abs(np.asarray(logits[r, 0]) - want).max()
+      assert err < 0.02 * np.abs(want).max(), (r, err, np.abs(want).max())
 
 
 def test_greedy_equals_argmax_loop_over_full_forwards(loaded, full_forward):

@@ -1,0 +1,247 @@
+"""Decode speed: new tokens/s of gpt's sampler beside Hugging Face generate() and the roofline.
+
+  python experiments/bench_decode.py                    # 117M, batch 1 and 8, float32 and bfloat16
+  python experiments/bench_decode.py --model=1542M --new=256 --batch=1,8
+  python experiments/bench_decode.py --profile          # + where one decode step spends its time
+
+Random weights (speed does not depend on them). Every configuration samples `--new` tokens (top-k
+40) after a one-token prompt, timed end to end (prefill + decode loop), after one untimed warm-up
+run that compiles. Columns:
+  ours         gpt.generate.Generator: gpt.sampling's while_loop over gpt.kv_decode
+  GPT.decode   the same sampler over gpt.model's own cached forward (lax.scan over stacked layers)
+  HF           transformers GPT2LMHeadModel.generate(do_sample=True, top_k=40), PyTorch, KV cache
+               (skipped with a note when torch/transformers are not installed: pip install .[hf])
+  roofline     batch / (bytes read per step / measured bandwidth): every weight once per step plus
+               each row's filled KV cache (averaged over the run). The bandwidth is the best of a
+               numpy copy, an XLA in-place update and an XLA reduction, all counted in bytes moved.
+All methods run round-robin in every repeat, so machine load hits them alike; the table gives the
+median over repeats (best in brackets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+
+if "--profile" in sys.argv:  # per-op trace events must be switched on before XLA starts
+  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from gpt import generate, kv_decode
+from gpt.config import MODEL_SIZES, canonical_model_name
+from gpt.model import GPTConfig, KVCache, init_model
+from gpt.sampling import Decoder, SamplingOptions
+
+EOT = 50256
+
+
+def measure_bandwidth(nbytes: int = 1 << 30) -> dict[str, float]:
+  """Bytes moved per second (read + write counted) by three memory-bound kernels, best of 5."""
+  n = nbytes // 4
+  a, b = np.ones(n, np.float32), np.empty(n, np.float32)
+  x = jnp.ones(n, jnp.float32)
+  bump = jax.jit(lambda v: v + 1.0, donate_argnums=0)
+  total = jax.jit(jnp.sum)
+  x = bump(x)
+  total(x).block_until_ready()
+  best = {"numpy copy (1 thread)": 0.0, "XLA in-place add": 0.0, "XLA sum (read only)": 0.0}
+  for _ in range(5):
+    t = time.perf_counter(); np.copyto(b, a); t = time.perf_counter() - t
+    best["numpy copy (1 thread)"] = max(best["numpy copy (1 thread)"], 2 * a.nbytes / t)
+    t = time.perf_counter(); x = bump(x); x.block_until_ready(); t = time.perf_counter() - t
+    best["XLA in-place add"] = max(best["XLA in-place add"], 2 * a.nbytes / t)
+    t = time.perf_counter(); total(x).block_until_ready(); t = time.perf_counter() - t
+    best["XLA sum (read only)"] = max(best["XLA sum (read only)"], a.nbytes / t)
+  return best
+
+
+def roofline(cfg: GPTConfig, batch: int, new: int, bandwidth: float) -> float:
+  """Tokens/s if each step only had to read every weight once and each row's filled cache."""
+  itemsize = jnp.dtype(cfg.compute_dtype).itemsize
+  weights = (cfg.num_params() - cfg.n_ctx * cfg.n_embd) * itemsize  # wpe: one row per step
+  mean_filled = 1 + (new - 1) / 2
+  cache = 2 * cfg.n_layer * mean_filled * cfg.n_embd * itemsize * batch
+  return batch * bandwidth / (weights + cache)
+
+
+class Ours:
+  """gpt.generate.Generator's decoder (kv_decode), timed through Decoder.generate."""
+
+  def __init__(self, cfg: GPTConfig, batch: int, new: int, model_decode: bool = False):
+    model = init_model(cfg)
+    options = SamplingOptions(temperature=1.0, top_k=40)
+    if model_decode:  # the model's own cached forward, for comparison
+      graphdef, self.params = nnx.split(model)
+      logits_fn = lambda p, t, c, m: nnx.merge(graphdef, p).decode(t, c, token_mask=m)
+      init_cache = lambda b, n: KVCache.init(cfg, b, n)
+    else:
+      self.params = kv_decode.decode_params(model)
+      logits_fn, init_cache = kv_decode.make_logits_fn(cfg), lambda b, n: kv_decode.init_cache(cfg, b, n)
+    del model
+    self.decoder = Decoder(logits_fn, init_cache, options, stop_token=EOT, stop_at_token=False)
+    self.prompt = np.full((batch, 1), EOT, np.int32)
+    self.new = new
+    self.cache_length = generate.bucket(1) + generate.bucket(new)
+    self.seed = 0
+
+  def __call__(self) -> np.ndarray:
+    self.seed += 1
+    out = self.decoder.generate(self.params, self.prompt, np.ones_like(self.prompt, bool),
+                                jax.random.key(self.seed), self.new, cache_length=self.cache_length,
+                                max_new=generate.bucket(self.new))
+    return np.asarray(out)[:, :self.new]
+
+
+class HuggingFace:
+  """transformers' GPT2LMHeadModel.generate with sampling and its KV cache."""
+
+  def __init__(self, cfg: GPTConfig, batch: int, new: int):
+    import torch
+    import transformers
+
+    self.torch = torch
+    hf_cfg = transformers.GPT2Config(n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
+                                     n_positions=cfg.n_ctx, vocab_size=cfg.n_vocab)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    self.model = transformers.GPT2LMHeadModel(hf_cfg).to(dtype).eval()
+    self.prompt = torch.full((batch, 1), EOT, dtype=torch.long)
+    self.new = new
+
+  def __call__(self) -> np.ndarray:
+    with self.torch.no_grad():
+      out = self.model.generate(self.prompt, attention_mask=self.torch.ones_like(self.prompt),
+                                do_sample=True, top_k=40, max_new_tokens=self.new,
+                                min_new_tokens=self.new, pad_token_id=EOT)
+    return out[:, 1:].numpy()
+
+
+def hf_available() -> str | None:
+  """None if torch and transformers import, else why not."""
+  try:
+    import torch  # noqa: F401
+    import transformers  # noqa: F401
+  except ImportError as e:
+    return f"HF column skipped: {e} (pip install .[hf])"
+  torch.set_num_threads(os.cpu_count() or 1)
+  return None
+
+
+def profile_step(runner: Ours, top: int = 10) -> None:
+  """Prints where one generate call spends its time, by XLA op kind and by instruction."""
+  import collections
+  import glob
+  import re
+  import tempfile
+
+  runner()
+  folder = tempfile.mkdtemp(prefix="bench_decode_trace_")
+  jax.profiler.start_trace(folder)
+  start = time.perf_counter()
+  runner()
+  wall = time.perf_counter() - start
+  jax.profiler.stop_trace()
+  path = sorted(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True), key=os.path.getmtime)[-1]
+  totals = collections.Counter()
+  for plane in jax.profiler.ProfileData.from_file(path).planes:
+    for line in plane.lines:
+      for event in line.events:
+        if not ("Execute" in event.name or event.name.startswith(("while", "$", "Pjit", "Slinky"))):
+          totals[event.name] += event.duration_ns
+  hlo = {}  # instruction name -> its HLO line (shapes), from the compiled decode loop
+  state = runner.decoder.start(runner.params, runner.prompt, np.ones_like(runner.prompt, bool),
+                               jax.random.key(0), cache_length=runner.cache_length,
+                               max_new=generate.bucket(runner.new))
+  text = runner.decoder._advance.lower(runner.params, state, jnp.int32(2)).compile().as_text()
+  for line in text.splitlines():
+    m = re.match(r"\s*(?:ROOT )?%([\w.-]+) = (.*?)(?:, metadata=.*)?$", line)
+    if m:
+      hlo.setdefault(m.group(1), m.group(2)[:150])
+  all_ns = sum(totals.values())
+  kinds = collections.Counter()
+  for name, ns in totals.items():
+    kinds[re.sub(r"\.\d+$", "", name)] += ns
+  steps = runner.new
+  print(f"\nWall {1e3 * wall / steps:.1f} ms per token; XLA op time {all_ns / 1e6 / steps:.1f} ms per "
+        f"token (ops on the 2 threads overlap). By op kind:")
+  for name, ns in kinds.most_common(top):
+    print(f"  {ns / 1e6 / steps:7.2f} ms/token {100 * ns / all_ns:5.1f}%  {name}")
+  print("Largest instructions:")
+  for name, ns in totals.most_common(top):
+    print(f"  {ns / 1e6 / steps:7.2f} ms/token {100 * ns / all_ns:5.1f}%  {name}: {hlo.get(name, '')}")
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  parser.add_argument("--model", default="117M", help="released size whose shape to use")
+  parser.add_argument("--batch", default="1,8")
+  parser.add_argument("--dtype", default="float32,bfloat16", help="weights and compute dtype")
+  parser.add_argument("--new", type=int, default=128, help="new tokens per sample")
+  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--no_model_decode", action="store_true", help="skip the GPT.decode column")
+  parser.add_argument("--profile", action="store_true", help="trace one run of each config")
+  args = parser.parse_args()
+
+  n_layer, n_embd, n_head = MODEL_SIZES[canonical_model_name(args.model)]
+  skip_hf = hf_available()
+  bandwidth = measure_bandwidth()
+  bw = max(bandwidth.values())
+  configs = [(d, int(b)) for d in args.dtype.split(",") for b in args.batch.split(",")]
+  runners = {}
+  for dtype, batch in configs:
+    cfg = GPTConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head, dtype=dtype, param_dtype=dtype)
+    methods = {"ours": Ours(cfg, batch, args.new)}
+    if not args.no_model_decode:
+      methods["GPT.decode"] = Ours(cfg, batch, args.new, model_decode=True)
+    if not skip_hf:
+      methods["HF"] = HuggingFace(cfg, batch, args.new)
+    for name, run in methods.items():  # warm-up: compile, and check the shapes
+      assert run().shape == (batch, args.new), name
+    runners[(dtype, batch)] = (cfg, methods)
+    print(f"ready: {dtype} batch {batch}", file=sys.stderr, flush=True)
+
+  times = {(key, name): [] for key, (_, methods) in runners.items() for name in methods}
+  for repeat in range(args.repeats):
+    for key, (_, methods) in runners.items():
+      order = list(methods) if repeat % 2 == 0 else list(methods)[::-1]
+      for name in order:
+        start = time.perf_counter()
+        methods[name]()
+        times[(key, name)].append(time.perf_counter() - start)
+
+  names = ["ours"] + ([] if args.no_model_decode else ["GPT.decode"]) + ([] if skip_hf else ["HF"])
+  rate = lambda key, name: [key[1] * args.new / t for t in times[(key, name)]]
+  print(f"\n{args.model} architecture, {args.new} new tokens after a 1-token prompt, top-k 40, "
+        f"median of {args.repeats} (best). Device: {jax.devices()[0].device_kind}, "
+        f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}.")
+  print("Bandwidth: " + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in bandwidth.items()) +
+        f"; roofline uses {bw / 1e9:.1f} GB/s.\n")
+  head = " | ".join(f"{n} tok/s" for n in names)
+  print(f"| weights | batch | {head} | roofline tok/s | ours / roofline |" +
+        (" ours / HF |" if not skip_hf else ""))
+  print("|---|---|" + "---|" * (len(names) + 2 + (not skip_hf)))
+  for key, (cfg, _) in runners.items():
+    cells = [f"{statistics.median(rate(key, n)):.1f} ({max(rate(key, n)):.1f})" for n in names]
+    ours = statistics.median(rate(key, "ours"))
+    top = roofline(cfg, key[1], args.new, bw)
+    line = f"| {key[0]} | {key[1]} | " + " | ".join(cells) + f" | {top:.1f} | {100 * ours / top:.0f}% |"
+    if not skip_hf:
+      line += f" {ours / statistics.median(rate(key, 'HF')):.2f}x |"
+    print(line)
+  if skip_hf:
+    print(f"\n{skip_hf}")
+  if args.profile:
+    for key, (_, methods) in runners.items():
+      print(f"\n## {key[0]} batch {key[1]}: ours")
+      profile_step(methods["ours"])
+
+
+if __name__ == "__main__":
+  main()
