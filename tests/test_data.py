@@ -122,9 +122,11 @@ def test_encoding_memory_is_bounded(tmp_path):
     for _ in range(10):
       f.write(kant)
   size_mb = big.stat().st_size / 2**20
-  code = ("import resource, sys; from gpt import encode; "
-          "sys.exit(encode.main([sys.argv[1], sys.argv[2]]) or "
-          "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024))")
+  # VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over fork+exec, so a child of a big
+  # pytest process would report the parent's peak.
+  code = ("import re, sys; from gpt import encode; "
+          "sys.exit(encode.main([sys.argv[1], sys.argv[2]]) or print(int(re.search("
+          "r'VmHWM:\\s+(\\d+)', open('/proc/self/status').read()).group(1)) // 1024))")
   out = subprocess.run([sys.executable, "-c", code, str(big), str(tmp_path / "big.bin")],
                        capture_output=True, text=True, check=True).stdout
   peak_mb = int(out.strip().splitlines()[-1])

@@ -9,6 +9,7 @@ import json
 import os
 import select
 import signal
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -224,7 +225,7 @@ def test_load_folders_and_cache(tok, openai_fixture, hf_fixture, monkeypatch):
     assert loaded.encode(sample, allow_special=True) == expected
     assert loaded.n_vocab == 50257 and loaded.eot_id == EOT
     assert get_tokenizer(str(folder)) is loaded
-  assert get_tokenizer(hf_fixture).source == str(hf_fixture)
+  assert get_tokenizer(hf_fixture).source == str(Path(hf_fixture).resolve())
   monkeypatch.chdir(openai_fixture.parent)
   assert get_tokenizer(openai_fixture.name) is get_tokenizer(openai_fixture)
   assert get_tokenizer() is tok and get_tokenizer(None) is tok
