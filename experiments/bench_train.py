@@ -1,0 +1,209 @@
+"""Training throughput: gpt's jitted train step beside a PyTorch reference, in one process.
+
+  python experiments/bench_train.py                       # 30M and tiny shapes, f32 and bf16
+  python experiments/bench_train.py --shapes=117m --rounds=3
+  XLA_FLAGS=--xla_cpu_use_onednn=true python experiments/bench_train.py --shapes=30m
+
+Every row is one (shape, implementation) pair doing the same work per step: forward, backward,
+global-norm clipping at 1.0 and an AdamW update on a GPT-2 with a tied LM head and the GPT-2
+vocabulary (50257). gpt runs `gpt.train_step` jitted on one device (no sharding); the reference is
+transformers' GPT2LMHeadModel with torch.optim.AdamW in eager mode (bf16 rows under
+torch.autocast). Rows are measured round-robin (`--rounds` rounds of `--steps` timed steps each)
+so a shared machine's load hits every row alike; the table reports the median step time, and
+"vs torch f32" is the median over rounds of (torch f32 step time / this row's step time) measured
+in the same round.
+
+MFU = tokens/s x FLOPs per token / peak, with FLOPs per token from GPTConfig.flops_per_token
+(6 x parameters + 12 x layers x context x width, the LM head included) and peak = the best
+float32 matmul rate measured in this process (a 2048^3 matmul, in JAX and in torch; the larger).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# name -> (n_layer, n_embd, n_head, seq_len, batch)
+SHAPES = {
+    "tiny": (4, 256, 4, 128, 8),
+    "30m": (6, 384, 6, 256, 8),
+    "117m": (12, 768, 12, 128, 4),
+}
+VOCAB = 50257
+
+
+def matmul_peak_jax(dtype=jnp.float32, n: int = 2048, reps: int = 5) -> float:
+  a = jnp.ones((n, n), dtype)
+  f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=jnp.float32))
+  f(a, a).block_until_ready()
+  return 2 * n ** 3 / min(_timed(lambda: f(a, a).block_until_ready()) for _ in range(reps))
+
+
+def matmul_peak_torch(torch, dtype, n: int = 2048, reps: int = 5) -> float:
+  a = torch.ones((n, n), dtype=dtype)
+  a @ a
+  return 2 * n ** 3 / min(_timed(lambda: a @ a) for _ in range(reps))
+
+
+def _timed(fn: Callable[[], object]) -> float:
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+# Compiler options per variant suffix: `eigen` turns off XLA:CPU's default YNNPACK dot fusions,
+# so dots run on XLA's Eigen-based kernels.
+VARIANT_OPTIONS = {"eigen": {"xla_cpu_experimental_ynn_fusion_type": ""}}
+
+
+def jax_runner(shape, dtype: str, scan: bool, seed: int = 0, options: dict | None = None):
+  """(compile seconds, step()) for gpt's train step at `shape`, compiled with XLA `options`."""
+  from flax import nnx
+  from gpt import optim, sharding
+  from gpt.config import base_config
+  from gpt.model import GPTConfig, init_model
+  from gpt.train_step import TrainState, create_state, jit_train_step
+
+  L, D, H, T, B = shape
+  cfg = GPTConfig(n_vocab=VOCAB, n_ctx=T, n_embd=D, n_head=H, n_layer=L, dtype=dtype,
+                  scan_layers=scan)
+  model = init_model(cfg, seed)
+  graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  t = base_config().train
+  t.update(optimizer="adamw", learning_rate=1e-4, weight_decay=0.1, grad_clip=1.0)
+  tx, schedule = optim.make_optimizer(t, params), optim.learning_rate_schedule(t)
+  mesh_cfg = base_config().mesh
+  mesh_cfg.data = 1
+  mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:1])
+  rep = sharding.replicated(mesh)
+  psh = jax.tree.map(lambda _: rep, params)
+  state = create_state(params, tx, seed)
+  ssh = jax.tree.map(lambda _: rep, state)
+  step = jit_train_step(graphdef, tx, schedule, grad_accum=1, noise=0.0, dropout=False,
+                        state_sharding=ssh, batch_sharding=rep, micro_sharding=None,
+                        scalar_sharding=rep)
+  del psh
+  batch = jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, (B, T + 1)), jnp.int32)
+  t0 = time.perf_counter()
+  compiled = step.lower(state, batch).compile(compiler_options=options or None)
+  compile_s = time.perf_counter() - t0
+  holder = {"state": state}
+
+  def run():
+    holder["state"], metrics = compiled(holder["state"], batch)
+    metrics["loss"].block_until_ready()
+
+  return compile_s, run
+
+
+def torch_runner(torch, shape, dtype: str, seed: int = 0):
+  """(0, step()) for transformers' GPT2LMHeadModel + AdamW at `shape`, eager."""
+  from transformers import GPT2Config, GPT2LMHeadModel
+
+  L, D, H, T, B = shape
+  torch.manual_seed(seed)
+  config = GPT2Config(vocab_size=VOCAB, n_positions=T, n_embd=D, n_layer=L, n_head=H,
+                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+  model = GPT2LMHeadModel(config).train()
+  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
+  batch = torch.from_numpy(np.random.default_rng(seed).integers(0, VOCAB, (B, T + 1)))
+  x, y = batch[:, :-1], batch[:, 1:]
+  amp = dtype == "bfloat16"
+
+  def run():
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+      logits = model(x).logits
+    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, VOCAB), y.reshape(-1))
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+  return 0.0, run
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--shapes", default="30m,tiny", help=f"comma list of {sorted(SHAPES)}")
+  parser.add_argument("--impls", default="jax-f32-scan,jax-f32-unrolled,jax-f32-unrolled-eigen,"
+                      "jax-bf16-unrolled,jax-bf16-unrolled-eigen,torch-f32,torch-bf16",
+                      help="framework-dtype[-scan|-unrolled][-eigen] names")
+  parser.add_argument("--rounds", type=int, default=5)
+  parser.add_argument("--steps", type=int, default=3, help="timed steps per row per round")
+  args = parser.parse_args()
+  try:
+    import torch
+    torch.set_num_threads(os.cpu_count() or 1)
+  except ImportError:
+    torch = None
+
+  peaks = {"jax f32": matmul_peak_jax(jnp.float32), "jax bf16": matmul_peak_jax(jnp.bfloat16)}
+  if torch is not None:
+    peaks["torch f32"] = matmul_peak_torch(torch, torch.float32)
+    peaks["torch bf16"] = matmul_peak_torch(torch, torch.bfloat16)
+  peak = max(peaks["jax f32"], peaks.get("torch f32", 0.0))
+
+  rows = []
+  for name in args.shapes.split(","):
+    shape = SHAPES[name]
+    runners, missing = {}, []
+    for impl in args.impls.split(","):
+      framework, dt, *variant = impl.split("-")
+      dtype = {"f32": "float32", "bf16": "bfloat16"}[dt]
+      if framework == "torch" and torch is None:
+        missing.append(impl)
+        continue
+      options = {}
+      for v in variant:
+        options.update(VARIANT_OPTIONS.get(v, {}))
+      runners[impl] = (jax_runner(shape, dtype, scan="scan" in variant, options=options)
+                       if framework == "jax" else torch_runner(torch, shape, dtype))
+    for _, run in runners.values():  # warm-up step
+      run()
+    times = {impl: [] for impl in runners}
+    for _ in range(args.rounds):
+      for impl, (_, run) in runners.items():
+        times[impl].append(min(_timed(run) for _ in range(args.steps)))
+    from gpt.model import GPTConfig
+    L, D, H, T, B = shape
+    flops = GPTConfig(n_vocab=VOCAB, n_ctx=T, n_embd=D, n_head=H, n_layer=L).flops_per_token(T)
+    ref = times.get("torch-f32")
+    for impl, ts in times.items():
+      step_s = statistics.median(ts)
+      tok_s = B * T / step_s
+      # Paired: each round's torch time over this row's time in the same round, then the median,
+      # so load that drifts between rounds cancels out.
+      rel = statistics.median(r / t for r, t in zip(ref, ts)) if ref else None
+      rows.append((name, impl, runners[impl][0], step_s, tok_s, tok_s * flops / peak, rel, flops))
+    for impl in missing:
+      rows.append((name, impl, None, None, None, None, None, flops))
+
+  print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+        f"jax {jax.__version__}" + (f", torch {torch.__version__}" if torch else ", torch n/a")
+        + f"; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+  print("matmul peaks (2048^3, GFLOP/s): " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peaks.items())
+        + f"; MFU uses {peak / 1e9:.0f}")
+  print()
+  print("| shape (L x D, ctx, batch) | implementation | compile s | step ms | tokens/s | MFU | vs torch f32 |")
+  print("|---|---|---|---|---|---|---|")
+  for name, impl, comp, step_s, tok_s, mfu, rel, flops in rows:
+    L, D, H, T, B = SHAPES[name]
+    label = f"{name} ({L} x {D}, {T}, {B}; {flops / 1e6:.0f} MFLOP/token)"
+    if step_s is None:
+      print(f"| {label} | {impl} | | n/a (torch not installed) | | | |")
+      continue
+    comp_s = f"{comp:.1f}" if impl.startswith("jax") else "-"
+    print(f"| {label} | {impl} | {comp_s} | {1e3 * step_s:.0f} | {tok_s:.0f} | {100 * mfu:.0f}% | "
+          f"{'' if rel is None else f'{rel:.2f}x'} |")
+
+
+if __name__ == "__main__":
+  main()
