@@ -70,7 +70,7 @@ def jax_runner(shape, dtype: str, scan: bool, seed: int = 0, options: dict | Non
   from gpt import optim, sharding
   from gpt.config import base_config
   from gpt.model import GPTConfig, init_model
-  from gpt.train_step import TrainState, create_state, jit_train_step
+  from gpt.train_step import create_state, jit_train_step
 
   L, D, H, T, B = shape
   cfg = GPTConfig(n_vocab=VOCAB, n_ctx=T, n_embd=D, n_head=H, n_layer=L, dtype=dtype,

@@ -18,22 +18,20 @@ import dataclasses
 import json
 import os
 import signal
-import time
 from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gpt import data, optim, sharding
-from gpt.checkpoint import Checkpointer, abstract_params, checkpoint_dir, load_params, resolve_checkpoint
+from gpt.checkpoint import Checkpointer, checkpoint_dir, load_params, resolve_checkpoint
 from gpt.errors import GPTError
 from gpt.model import GPTConfig, abstract_model
-from gpt.train_log import TrainLog, measure_peak_flops
+from gpt.train_log import Throughput, TrainLog, quiet_orbax
 from gpt.train_step import TrainState, create_state, jit_eval_step, jit_train_step, uses_dropout
 
 SHAPE_FIELDS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
@@ -61,19 +59,6 @@ def init_distributed(mesh_cfg: Any) -> None:
     kwargs["process_id"] = int(mesh_cfg.process_id)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
   jax.distributed.initialize(**kwargs)
-
-
-def quiet_orbax() -> None:
-  """Drops orbax's INFO chatter (dozens of lines per save) from the absl log; warnings stay."""
-  import logging as pylogging
-
-  class _Filter(pylogging.Filter):
-    def filter(self, record: pylogging.LogRecord) -> bool:
-      return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
-
-  handler = logging.get_absl_handler()
-  if not any(isinstance(f, _Filter) or type(f).__name__ == "_Filter" for f in handler.filters):
-    handler.addFilter(_Filter())
 
 
 def to_host(x: jax.Array) -> np.ndarray:
@@ -265,7 +250,6 @@ class Loop:
       params = _put_global(setup.params, psh)
       self.state = jax.jit(lambda p: create_state(p, self.tx, config.seed),
                            out_shardings=self.state_sharding)(params)
-    self.log = TrainLog(workdir, enabled=main_process)
     self.decoder = None
 
   def batch(self, starts: np.ndarray, tokens: np.ndarray) -> jax.Array:
@@ -274,64 +258,57 @@ class Loop:
         shape, self.batch_sharding, lambda rows: data.window_rows(tokens, starts[rows], self.t.seq_len))
 
   def run(self) -> None:
-    t = self.t
     step = int(to_host(self.state.step))
-    if step >= t.steps:
-      logging.info("already trained to step %d (train.steps=%d): nothing to do", step, t.steps)
+    if step >= self.t.steps:
+      logging.info("already trained to step %d (train.steps=%d): nothing to do", step, self.t.steps)
       return
-    cfg = self.setup.cfg
-    peak = t.peak_flops or measure_peak_flops(cfg.compute_dtype)
-    flops_per_step = cfg.flops_per_token(t.seq_len) * t.batch_size * t.seq_len
-    pending, window = None, []
-    mark = None  # (time, step) after which throughput is measured (excludes compile and pauses)
+    self.log = TrainLog(self.workdir, enabled=self.main)
     try:
       with StopRequest() as stop:
-        while step < t.steps:
-          self.state, metrics = self.step_fn(self.state, self.batch(self.windows.starts(step),
-                                                                    self.dataset.train))
-          step += 1
-          if pending is not None:
-            self.check(*pending)  # the previous step: its result is (nearly always) ready
-          pending = (step, metrics)
-          window.append(metrics)
-          if mark is None:
-            self.check(step, metrics)
-            mark = (time.perf_counter(), step)
-          stopping = stop.requested()
-          final = step == t.steps
-          if step % t.log_every == 0 or final or stopping:
-            self.check(step, metrics)
-            now = time.perf_counter()
-            values = {k: float(np.mean([to_host(m[k]) for m in window])) for k in ("loss", "grad_norm")}
-            values["lr"] = float(to_host(metrics["lr"]))
-            if step > mark[1]:
-              rate = (step - mark[1]) * t.batch_size * t.seq_len / (now - mark[0])
-              values["tokens_per_sec"] = rate
-              values["mfu"] = rate / (t.batch_size * t.seq_len) * flops_per_step / (
-                  peak * jax.device_count())
-            self.log.scalars(step, values, "train")
-            window, mark = [], (now, step)
-          paused = False
-          if t.val_every and (step % t.val_every == 0 or final) and self.dataset.val is not None:
-            self.log.scalars(step, {"loss": self.validate()}, "val")
-            paused = True
-          if t.sample_every and (step % t.sample_every == 0 or final):
-            self.write_samples(step)
-            paused = True
-          if (t.save_every and step % t.save_every == 0) or final or stopping:
-            self.check(step, metrics)
-            self.save(step, float(to_host(metrics["loss"])))
-            paused = True
-          if paused:
-            mark = (time.perf_counter(), step)
-          if stopping:
-            logging.warning("stopped by %s at step %d; checkpoint saved in %s; run the same command "
-                            "to resume", signal.Signals(stop.signum).name if stop.signum else "signal",
-                            step, self.ckpt.directory)
-            return
+        self.loop(step, stop)
     finally:
       self.ckpt.wait()
       self.log.close()
+
+  def loop(self, step: int, stop: StopRequest) -> None:
+    """Steps from `step` to train.steps, with logging, validation, samples and checkpoints."""
+    t = self.t
+    pending, window = None, []
+    self.meter = Throughput(self.setup.cfg, t, jax.device_count())
+    while step < t.steps:
+      self.state, metrics = self.step_fn(self.state, self.batch(self.windows.starts(step),
+                                                                self.dataset.train))
+      step += 1
+      if pending is not None:
+        self.check(*pending)  # the previous step: its result is (nearly always) ready
+      pending = (step, metrics)
+      window.append(metrics)
+      if self.meter.mark is None:  # the first step (compile) is left out of tokens/s
+        self.check(step, metrics)
+        self.meter.restart(step)
+      stopping, final = stop.requested(), step == t.steps
+      if step % t.log_every == 0 or final or stopping:
+        self.check(step, metrics)
+        values = {k: float(np.mean([to_host(m[k]) for m in window])) for k in ("loss", "grad_norm")}
+        values["lr"] = float(to_host(metrics["lr"]))
+        values.update(self.meter.rates(step))
+        self.log.scalars(step, values, "train")
+        window = []
+        self.meter.restart(step)
+      if t.val_every and (step % t.val_every == 0 or final) and self.dataset.val is not None:
+        self.log.scalars(step, {"loss": self.validate()}, "val")
+        self.meter.restart(step)
+      if t.sample_every and (step % t.sample_every == 0 or final):
+        self.write_samples(step)
+        self.meter.restart(step)
+      if (t.save_every and step % t.save_every == 0) or final or stopping:
+        self.check(step, metrics)
+        self.save(step, float(to_host(metrics["loss"])))
+        self.meter.restart(step)
+      if stopping:
+        logging.warning("stopped by %s at step %d; checkpoint saved in %s; run the same command "
+                        "to resume", signal.Signals(stop.signum).name, step, self.ckpt.directory)
+        return
     logging.info("finished %d steps; checkpoints in %s", step, self.ckpt.directory)
 
   def check(self, step: int, metrics: dict) -> None:

@@ -1,4 +1,5 @@
-"""Training logs: a line per `log_every` steps, TensorBoard event files and `metrics.jsonl`.
+"""Training logs: a line per `log_every` steps, TensorBoard event files and `metrics.jsonl`,
+and the throughput (tokens/s, MFU) that goes into them.
 
 Only process 0 writes. `metrics.jsonl` (one JSON object per logged step, train and validation)
 is what tests and plots read; TensorBoard reads `<workdir>/tensorboard`.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -27,6 +29,40 @@ def measure_peak_flops(dtype=jnp.float32, n: int = 1024, repeats: int = 5) -> fl
     f(a, a).block_until_ready()
     best = min(best, time.perf_counter() - t0)
   return 2 * n ** 3 / best
+
+
+def quiet_orbax() -> None:
+  """Drops orbax's INFO chatter (dozens of lines per save) from the absl log; warnings stay."""
+  import logging as pylogging
+
+  class _Filter(pylogging.Filter):
+    def filter(self, record: pylogging.LogRecord) -> bool:
+      return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
+
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _Filter) or type(f).__name__ == "_Filter" for f in handler.filters):
+    handler.addFilter(_Filter())
+
+
+class Throughput:
+  """Tokens/s and MFU since the last `restart` (which follows compiles, validation and saves)."""
+
+  def __init__(self, cfg: Any, t: Any, n_devices: int):
+    """`cfg`: the GPTConfig; `t`: config.train; peak FLOP/s is per device."""
+    self.tokens_per_step = t.batch_size * t.seq_len
+    self.flops_per_token = cfg.flops_per_token(t.seq_len)
+    self.peak = (t.peak_flops or measure_peak_flops(cfg.compute_dtype)) * n_devices
+    self.mark = None  # (time, step)
+
+  def restart(self, step: int) -> None:
+    self.mark = (time.perf_counter(), step)
+
+  def rates(self, step: int) -> dict[str, float]:
+    then, start = self.mark
+    if step <= start:
+      return {}
+    tokens_per_sec = (step - start) * self.tokens_per_step / (time.perf_counter() - then)
+    return {"tokens_per_sec": tokens_per_sec, "mfu": tokens_per_sec * self.flops_per_token / self.peak}
 
 
 class TrainLog:

@@ -25,7 +25,7 @@ from gpt.model import GPTConfig, abstract_model, init_model
 from gpt.train_step import add_noise, create_state, loss_fn, train_step
 
 from train_utils import (VOCAB, compile_cache, final_params, max_abs_diff, read_metrics,
-                         subprocess_env, tiny_config, train_command, write_token_file)
+                         subprocess_env, tiny_config, train_command)
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = GPTConfig(n_vocab=VOCAB, n_ctx=64, n_embd=64, n_head=4, n_layer=2)

@@ -97,7 +97,6 @@ def subprocess_env(**extra) -> dict:
   """Environment for a training subprocess: this one's (8 fake devices, compile cache) plus
   the repository and tests folders on the path."""
   import os
-  import sys
 
   env = dict(os.environ)
   tests = str(Path(__file__).resolve().parent)
