@@ -145,6 +145,28 @@ def test_gradient_accumulation_equals_one_big_batch_and_freezing_holds():
   assert max_abs_diff(s1.params["h"], params["h"]) > 1e-4
 
 
+def test_remat_gives_the_same_gradients_and_bf16_keeps_float32_master_weights():
+  windows = jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, (4, 33)), jnp.int32)
+  params = pure_params(init_model(TINY, 0))
+  results = {}
+  for remat in ("none", "full"):
+    graphdef = nnx.graphdef(abstract_model(TINY.replace(remat=remat)))
+    grad_fn = jax.jit(jax.value_and_grad(loss_fn), static_argnums=(1, 4, 5))
+    results[remat] = grad_fn(params, graphdef, windows, None, 0.0, False)
+  assert float(results["full"][0]) == pytest.approx(float(results["none"][0]), abs=1e-6)
+  assert max_abs_diff(results["full"][1], results["none"][1]) < 1e-6
+  # bfloat16 compute: matmuls in bf16, parameters and optimizer state stay float32.
+  graphdef = nnx.graphdef(abstract_model(TINY.replace(dtype="bfloat16")))
+  t = base_config().train
+  tx, schedule = optim.make_optimizer(t, params), optim.learning_rate_schedule(t)
+  state, metrics = jax.jit(lambda s, b: train_step(
+      s, b, graphdef=graphdef, tx=tx, schedule=schedule, grad_accum=1, noise=0.0,
+      dropout=False))(create_state(params, tx, 0), windows)
+  assert {x.dtype for x in jax.tree.leaves(state.params)} == {jnp.dtype(jnp.float32)}
+  assert {x.dtype for x in jax.tree.leaves(state.opt_state) if x.ndim} == {jnp.dtype(jnp.float32)}
+  assert float(metrics["loss"]) == pytest.approx(float(results["none"][0]), abs=0.05)
+
+
 def test_training_run_logs_samples_checkpoints_and_resumes(tmp_path):
   config = tiny_config(tmp_path, steps=30, learning_rate=3e-3, log_every=10, val_every=15,
                        val_batches=2, sample_every=15, sample_length=8, sample_num=2,
