@@ -32,6 +32,7 @@ def parse_args() -> argparse.Namespace:
   p.add_argument("--tasks", default="hellaswag,lambada")
   p.add_argument("--data_dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
   p.add_argument("--scan_layers", type=int, default=0, help="1 = lax.scan over blocks (faster compile)")
+  p.add_argument("--max_buckets", type=int, default=4, help="padded lengths per run (eval.max_buckets)")
   return p.parse_args()
 
 
@@ -70,7 +71,7 @@ def main() -> None:
         for cont in req.continuations:
           instances.append(Instance("loglikelihood", {}, (assemble(req.demos, req.query, fmt), cont), 0))
     for batch in batches:
-      scorer = Scorer(model, batch_size=batch)
+      scorer = Scorer(model, batch_size=batch, max_buckets=args.max_buckets)
       start = time.perf_counter()
       result = evaluate(task, data, scorer, tokenizer, 0, fmt, limit=args.examples, keep_examples=True)
       first = time.perf_counter() - start
@@ -90,7 +91,8 @@ def main() -> None:
             f"(first pass {first:.1f} s, {scorer.compiles} compiles)", flush=True)
 
   print(f"\nMachine: {platform.machine()}, {torch.get_num_threads()} torch threads; model: 117M "
-        f"architecture, random weights, float32, scan_layers={cfg.scan_layers}; {args.examples} items "
+        f"architecture, random weights, float32, scan_layers={cfg.scan_layers}, max_buckets="
+        f"{args.max_buckets}; {args.examples} items "
         f"per task, zero-shot; best of {args.reps} interleaved reps; max |loglik ours - lm-eval| "
         f"{max(checks):.2e}\n")
   print("| task | batch | ours ex/s | lm-eval hf ex/s | speed-up | our first pass (compiles) |")

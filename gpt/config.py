@@ -227,7 +227,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Text file scored by the 'text' perplexity task.
   e.text_path = ""
   # Padded row lengths (each one a compile) per task and shot count; more means less padding.
-  e.max_buckets = 4
+  e.max_buckets = 8
 
   c.mesh = mh = ml_collections.ConfigDict()
   # Devices on the data-parallel axis (-1 = all devices left over by the other axes).

@@ -119,7 +119,7 @@ def _head(wte, hidden, sources, targets):
 class Scorer:
   """Scores `TokenRequest`s with one model; reuse it across tasks to reuse its compiled shapes."""
 
-  def __init__(self, model: GPT, batch_size: int = 8, max_buckets: int = 4):
+  def __init__(self, model: GPT, batch_size: int = 8, max_buckets: int = 8):
     self.graphdef, self.state = nnx.split(model)
     self.wte = model.wte[...]
     self.n_ctx = model.cfg.n_ctx
