@@ -27,7 +27,7 @@ from gpt import kv_decode
 from gpt.errors import GPTError
 from gpt.model import GPT
 from gpt.prompt_reader import PromptReader
-from gpt.sampling import Decoder, SamplingOptions
+from gpt.sampling import Decoder, SamplingOptions, trim
 
 # New tokens per decode call when streaming: small enough to feel live and to react to Ctrl-C.
 STREAM_CHUNK = 8
@@ -130,7 +130,11 @@ class Generator:
     Prompts may differ in length; each must fit with `length` (see fit_prompt). Rows that hit
     <|endoftext|> (when stopping) are padded with it; the stream ends when every row has.
     """
-    tokens, mask = pad_left(prompts, bucket(max(map(len, prompts))))
+    longest = max(map(len, prompts))
+    if min(map(len, prompts)) == 0 or length < 1 or longest + length - 1 > self.cfg.n_ctx:
+      raise GPTError(f"prompts of {min(map(len, prompts))}..{longest} tokens and length={length} do not "
+                     f"fit n_ctx={self.cfg.n_ctx}; see gpt.generate.fit_prompt")
+    tokens, mask = pad_left(prompts, bucket(longest))
     max_new = bucket(length)
     state = self.decoder.start(self.params, tokens, mask, key, cache_length=tokens.shape[1] + max_new,
                                max_new=max_new)
@@ -148,7 +152,7 @@ class Generator:
   def generate(self, prompts: list[list[int]], length: int, key: jax.Array) -> list[list[int]]:
     """Each row's new tokens (cut before <|endoftext|> when stopping), in one decode call."""
     rows = np.concatenate(list(self.stream(prompts, length, key, chunk=length)), axis=1)
-    return [TextStream(self.tokenizer, self.stop_at_eot).cut(row.tolist()) for row in rows]
+    return trim(rows, self.tokenizer.eot_id, self.stop_at_eot, length)
 
 
 class TextStream:
@@ -181,7 +185,10 @@ class Output:
   """Writes to stdout (flushed as it goes) and, optionally, to a file."""
 
   def __init__(self, path: str = ""):
-    self.file: TextIO | None = open(path, "w", encoding="utf-8") if path else None
+    try:
+      self.file: TextIO | None = open(path, "w", encoding="utf-8") if path else None
+    except OSError as e:
+      raise GPTError(f"cannot write sampling.output_file={path!r}: {e.strerror}") from None
 
   def write(self, text: str) -> None:
     sys.stdout.write(text)

@@ -23,6 +23,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from gpt.errors import GPTError
 
@@ -190,7 +191,7 @@ class Decoder:
 def trim(tokens, stop_token: int, stop_at_token: bool, num_new: int) -> list[list[int]]:
   """Host-side: each row's new tokens up to `num_new`, cut before its stop token when stopping."""
   rows = []
-  for row in jax.device_get(tokens).tolist():
+  for row in np.asarray(jax.device_get(tokens)).tolist():
     row = row[:num_new]
     if stop_at_token and stop_token in row:
       row = row[:row.index(stop_token)]

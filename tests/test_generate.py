@@ -119,6 +119,8 @@ def test_bfloat16_decode_tracks_float32(full_forward, openai_fixture):
 def test_greedy_equals_argmax_loop_over_full_forwards(loaded, full_forward):
   gen = generate.Generator(loaded.model, loaded.tokenizer, SamplingOptions(temperature=0.0),
                            stop_at_eot=False)
+  with pytest.raises(GPTError, match="do not fit n_ctx=64"):
+    gen.generate([[1] * 60, [2]], 6, jax.random.key(0))
   got = gen.generate(PROMPTS, 40, jax.random.key(0))
   for prompt, row in zip(PROMPTS, got):
     tokens = list(prompt)  # a plain argmax loop over full forward passes, no cache
