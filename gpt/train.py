@@ -58,7 +58,12 @@ def init_distributed(mesh_cfg: Any) -> None:
   if mesh_cfg.process_id >= 0:
     kwargs["process_id"] = int(mesh_cfg.process_id)
   jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(**kwargs)
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (ValueError, RuntimeError) as e:
+    raise GPTError(f"jax.distributed.initialize() failed ({str(e).splitlines()[0]}); outside TPU pods "
+                   f"and Slurm/MPI clusters pass --config.mesh.coordinator_address=host:port, "
+                   f"--config.mesh.num_processes and --config.mesh.process_id") from None
 
 
 def to_host(x: jax.Array) -> np.ndarray:

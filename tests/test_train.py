@@ -287,6 +287,10 @@ def test_config_mistakes_are_one_line_errors(tmp_path):
       train.run(tiny_config(tmp_path, **overrides), str(tmp_path / "run"))
   with pytest.raises(GPTError, match="needs --workdir"):
     train.run(tiny_config(tmp_path), None)
+  mesh = base_config().mesh
+  mesh.distributed = True  # no coordinator and not on a TPU pod or Slurm: say what to pass
+  with pytest.raises(GPTError, match="pass --config.mesh.coordinator_address=host:port"):
+    train.init_distributed(mesh)
 
 
 def _main(*args, env=None, timeout=600):
