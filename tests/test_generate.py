@@ -217,6 +217,23 @@ def test_samples_from_a_training_workdir(loaded, openai_fixture, tmp_path, capsy
   assert capsys.readouterr().out == expected
 
 
+def test_prompt_reader_joins_pastes_and_continuations():
+  """On a terminal, lines that arrive together are one prompt; a trailing backslash continues."""
+  from gpt.prompt_reader import PromptReader
+
+  read_fd, write_fd = os.pipe()
+  with os.fdopen(read_fd, "rb", buffering=0) as stream:
+    tty = PromptReader(stream, is_tty=True, paste_window=0.2)
+    os.write(write_fd, "first line\nsecond line\n".encode())  # a paste: both lines at once
+    assert tty.read() == "first line\nsecond line"
+    os.write(write_fd, b"typed\n")
+    assert tty.read() == "typed"  # nothing else waiting: one line is one prompt
+    pipe = PromptReader(stream, is_tty=False)
+    os.write(write_fd, "a\nb \\\nc\n\nd".encode())
+    os.close(write_fd)
+    assert [pipe.read() for _ in range(5)] == ["a", "b \nc", "", "d", None]
+
+
 # ---- end to end, as a user runs it: python -m gpt.main ... in a subprocess ----
 
 class Session:
