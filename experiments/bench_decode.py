@@ -213,10 +213,11 @@ def main():
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--no_model_decode", action="store_true", help="skip the GPT.decode column")
   parser.add_argument("--profile", action="store_true", help="trace one run of each config")
+  parser.add_argument("--no_hf", action="store_true", help="skip the Hugging Face column")
   args = parser.parse_args()
 
   n_layer, n_embd, n_head = MODEL_SIZES[canonical_model_name(args.model)]
-  skip_hf = hf_available()
+  skip_hf = "HF column skipped: --no_hf" if args.no_hf else hf_available()
   bandwidth = measure_bandwidth()
   copy_bw = max(v for k, v in bandwidth.items() if k.startswith("copy"))
   read_bw = max(v for k, v in bandwidth.items() if k.startswith("read"))

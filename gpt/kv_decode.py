@@ -8,7 +8,9 @@ output projection is computed for every prompt position although sampling needs 
 Measured on the 2-core CPU (experiments/bench_decode.py), that costs 2x in float32 and up to 10x in
 bfloat16. This module computes the same function with
   - per-layer weight arrays (unstacked once, cast once to `model.dtype`),
-  - a per-layer cache laid out [B, H, S, K], updated in place inside the decode loop,
+  - a per-layer cache laid out [B * H, S, K], updated in place inside the decode loop (with batch
+    and heads as separate axes, XLA:CPU fed the attention matmul a second, bitcast copy of the
+    updated cache and copied every layer's cache twice per step: ~18% of a batch-1 step),
   - matmuls that accumulate in float32 (`preferred_element_type`), which XLA:CPU runs natively in
     bf16, and LayerNorm/softmax in float32 as in gpt.model,
   - logits for the last position only (`last_only`).
@@ -30,7 +32,7 @@ Params = dict[str, Any]  # {"wte", "wpe", "ln_f": {g, b}, "layers": ({ln_1, attn
 
 
 class Cache(NamedTuple):
-  """k, v: per-layer tuples of [B, H, S, K]; mask [B, S]: slots holding real tokens; index: next
+  """k, v: per-layer tuples of [B * H, S, K]; mask [B, S]: slots holding real tokens; index: next
   slot to write (shared by all rows); pos [B]: each row's next position id."""
 
   k: tuple[jax.Array, ...]
@@ -52,7 +54,7 @@ def decode_params(model: GPT) -> Params:
 
 def init_cache(cfg: GPTConfig, batch: int, length: int) -> Cache:
   """An empty cache with `length` slots per row."""
-  shape = (batch, cfg.n_head, length, cfg.head_dim)
+  shape = (batch * cfg.n_head, length, cfg.head_dim)
   zeros = lambda: tuple(jnp.zeros(shape, cfg.compute_dtype) for _ in range(cfg.n_layer))
   return Cache(k=zeros(), v=zeros(), mask=jnp.zeros((batch, length), bool),
                index=jnp.zeros((), jnp.int32), pos=jnp.zeros((batch,), jnp.int32))
@@ -91,15 +93,17 @@ def _block(cfg: GPTConfig, p: Params, x, mask, k_cache, v_cache, index):
   """One pre-LayerNorm transformer block; writes this step's keys and values into the cache."""
   B, T, _ = x.shape
   H, K = cfg.n_head, cfg.head_dim
-  heads = lambda a: a.reshape(B, T, H, K).transpose(0, 2, 1, 3)  # [B, H, T, K]
+  S = k_cache.shape[1]
+  heads = lambda a: a.reshape(B, T, H, K).transpose(0, 2, 1, 3).reshape(B * H, T, K)
   q, k, v = map(heads, jnp.split(_dense(_layer_norm(x, p["ln_1"]), p["attn"]["c_attn"]), 3, axis=-1))
-  k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, 0, index, 0))
-  v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, 0, index, 0))
-  scores = jnp.einsum("bhtk,bhsk->bhts", q, k_cache, preferred_element_type=jnp.float32)
-  scores = jnp.where(mask, scores / math.sqrt(K), -1e30)  # finite: fully padded rows stay NaN-free
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype)
-  y = jnp.einsum("bhts,bhsk->bthk", probs, v_cache, preferred_element_type=jnp.float32)
-  x = x + _dense(y.astype(x.dtype).reshape(B, T, H * K), p["attn"]["c_proj"])
+  k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0))
+  v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0))
+  scores = jnp.einsum("ntk,nsk->nts", q, k_cache, preferred_element_type=jnp.float32)
+  scores = jnp.where(mask, scores.reshape(B, H, T, S) / math.sqrt(K), -1e30)  # finite: padded rows stay NaN-free
+  probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype).reshape(B * H, T, S)
+  y = jnp.einsum("nts,nsk->ntk", probs, v_cache, preferred_element_type=jnp.float32)
+  y = y.reshape(B, H, T, K).transpose(0, 2, 1, 3).reshape(B, T, H * K)
+  x = x + _dense(y.astype(x.dtype), p["attn"]["c_proj"])
   h = jax.nn.gelu(_dense(_layer_norm(x, p["ln_2"]), p["mlp"]["c_fc"]), approximate=True)
   return x + _dense(h, p["mlp"]["c_proj"]), k_cache, v_cache
 
