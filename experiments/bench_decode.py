@@ -8,6 +8,7 @@ Random weights (speed does not depend on them). Every configuration samples `--n
 40) after a one-token prompt, timed end to end (prefill + decode loop), after one untimed warm-up
 run that compiles. Columns:
   ours         gpt.generate.Generator: gpt.sampling's while_loop over gpt.kv_decode
+  matmuls      only the weight matmuls of each step (see MatmulsOnly): XLA:CPU's kernel ceiling
   GPT.decode   the same sampler over gpt.model's own cached forward (lax.scan over stacked layers)
   HF           transformers GPT2LMHeadModel.generate(do_sample=True, top_k=40), PyTorch, KV cache
                (skipped with a note when torch/transformers are not installed: pip install .[hf])
@@ -126,6 +127,41 @@ class Ours:
     return np.asarray(out)[:, :self.new]
 
 
+class MatmulsOnly:
+  """The weight matmuls of one decode step and nothing else, as gpt.kv_decode computes them.
+
+  Each layer's c_attn, attn c_proj, c_fc and mlp c_proj and the LM head, chained so none can be
+  skipped, `new` times per call inside one jitted fori_loop: the speed XLA:CPU's matrix kernels
+  allow before any attention, sampling or loop overhead (a ceiling for the "ours" column).
+  """
+
+  def __init__(self, cfg: GPTConfig, batch: int, new: int):
+    model = init_model(cfg)
+    self.params = kv_decode.decode_params(model)
+    del model
+    self.x = jnp.ones((batch, 1, cfg.n_embd), cfg.compute_dtype)
+    self.new = new
+    D = cfg.n_embd
+
+    def run(params, x):
+      def step(_, x):
+        for layer in params["layers"]:
+          qkv = kv_decode._matmul(x, layer["attn"]["c_attn"]["w"]).astype(x.dtype)
+          x = kv_decode._matmul(qkv[..., :D], layer["attn"]["c_proj"]["w"]).astype(x.dtype)
+          h = kv_decode._matmul(x, layer["mlp"]["c_fc"]["w"]).astype(x.dtype)
+          x = kv_decode._matmul(h, layer["mlp"]["c_proj"]["w"]).astype(x.dtype)
+        logits = kv_decode._matmul(x, params["wte"], "...d,vd->...v")
+        return x + logits[..., :D].astype(x.dtype)  # the next step depends on the head
+      return jax.lax.fori_loop(0, new, step, x)
+
+    self.run = jax.jit(run)
+
+  def __call__(self) -> np.ndarray:
+    out = self.run(self.params, self.x)
+    out.block_until_ready()
+    return np.zeros((self.x.shape[0], self.new))
+
+
 class HuggingFace:
   """transformers' GPT2LMHeadModel.generate with sampling and its KV cache."""
 
@@ -225,7 +261,7 @@ def main():
   runners = {}
   for dtype, batch in configs:
     cfg = GPTConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head, dtype=dtype, param_dtype=dtype)
-    methods = {"ours": Ours(cfg, batch, args.new)}
+    methods = {"ours": Ours(cfg, batch, args.new), "matmuls": MatmulsOnly(cfg, batch, args.new)}
     if not args.no_model_decode:
       methods["GPT.decode"] = Ours(cfg, batch, args.new, model_decode=True)
     if not skip_hf:
@@ -244,7 +280,7 @@ def main():
         methods[name]()
         times[(key, name)].append(time.perf_counter() - start)
 
-  names = ["ours"] + ([] if args.no_model_decode else ["GPT.decode"]) + ([] if skip_hf else ["HF"])
+  names = ["ours", "matmuls"] + ([] if args.no_model_decode else ["GPT.decode"]) + ([] if skip_hf else ["HF"])
   rate = lambda key, name: [key[1] * args.new / t for t in times[(key, name)]]
   print(f"\n{args.model} architecture, {args.new} new tokens after a 1-token prompt, top-k 40, "
         f"median of {args.repeats} (best). Device: {jax.devices()[0].device_kind}, "

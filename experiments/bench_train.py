@@ -2,6 +2,7 @@
 
   python experiments/bench_train.py                       # 30M and tiny shapes, f32 and bf16
   python experiments/bench_train.py --shapes=117m --rounds=3
+  python experiments/bench_train.py --profile              # + where a jax step spends its time
   XLA_FLAGS=--xla_cpu_use_onednn=true python experiments/bench_train.py --shapes=30m
 
 Every row is one (shape, implementation) pair doing the same work per step: forward, backward,
@@ -21,7 +22,12 @@ float32 matmul rate measured in this process (a 2048^3 matmul, in JAX and in tor
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
 import os
+import re
+import sys
+import tempfile
 import platform
 import resource
 import statistics
@@ -32,6 +38,8 @@ from typing import Callable
 # reference several times slower than it can be (measured: 203 -> 341 tokens/s on the 30m shape),
 # so the reference runs with passive waiting unless the caller says otherwise.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+if "--profile" in sys.argv:  # per-op trace events must be switched on before XLA starts
+  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -113,6 +121,7 @@ def jax_runner(shape, dtype: str, scan: bool, seed: int = 0, options: dict | Non
     holder["state"], metrics = compiled(holder["state"], batch)
     metrics["loss"].block_until_ready()
 
+  run.hlo_text = compiled.as_text  # for --profile
   return compile_s, run
 
 
@@ -142,6 +151,37 @@ def torch_runner(torch, shape, dtype: str, seed: int = 0):
   return None, run
 
 
+def profile_step(run, top: int = 12) -> None:
+  """Prints where one jitted step spends its time: by XLA op kind and by instruction."""
+  run()
+  folder = tempfile.mkdtemp(prefix="bench_train_trace_")
+  jax.profiler.start_trace(folder)
+  wall = _timed(run)
+  jax.profiler.stop_trace()
+  path = sorted(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True), key=os.path.getmtime)[-1]
+  totals = collections.Counter()
+  for plane in jax.profiler.ProfileData.from_file(path).planes:
+    for line in plane.lines:
+      for event in line.events:
+        if not ("Execute" in event.name or event.name.startswith(("while", "$", "Pjit", "Slinky"))):
+          totals[event.name] += event.duration_ns
+  hlo = {}  # instruction -> (shape and operands, the jax op it came from)
+  for line in run.hlo_text().splitlines():
+    m = re.match(r'\s*(?:ROOT )?%([\w.-]+) = (.*?)(?:, metadata=\{op_name="([^"]*)".*)?$', line)
+    if m:
+      hlo.setdefault(m.group(1), f"{m.group(2)[:70]} <- {(m.group(3) or '')[-60:]}")
+  all_ns = sum(totals.values())
+  kinds = collections.Counter()
+  for name, ns in totals.items():
+    kinds[re.sub(r"\.\d+$", "", name)] += ns
+  print(f"\nOne step: wall {1e3 * wall:.0f} ms, XLA op time {all_ns / 1e6:.0f} ms. By op kind:")
+  for name, ns in kinds.most_common(top):
+    print(f"  {ns / 1e6:8.1f} ms {100 * ns / all_ns:5.1f}%  {name}")
+  print("Largest instructions:")
+  for name, ns in totals.most_common(top):
+    print(f"  {ns / 1e6:8.1f} ms {100 * ns / all_ns:5.1f}%  {name}: {hlo.get(name, '')}")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shapes", default="30m,tiny", help=f"comma list of {sorted(SHAPES)}")
@@ -150,6 +190,8 @@ def main() -> None:
                       help="framework-dtype[-scan|-unrolled][-eigen] names")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps", type=int, default=3, help="timed steps per row per round")
+  parser.add_argument("--profile", action="store_true",
+                      help="afterwards, trace one step of each shape's first jax row")
   args = parser.parse_args()
   try:
     import torch
@@ -163,7 +205,7 @@ def main() -> None:
     peaks["torch bf16"] = matmul_peak_torch(torch, torch.bfloat16)
   peak = max(peaks["jax f32"], peaks.get("torch f32", 0.0))
 
-  rows = []
+  rows, profiles = [], []
   for name in args.shapes.split(","):
     shape = SHAPES[name]
     runners, missing = {}, []
@@ -197,6 +239,10 @@ def main() -> None:
       rows.append((name, impl, runners[impl][0], step_s, tok_s, tok_s * flops / peak, rel, flops))
     for impl in missing:
       rows.append((name, impl, None, None, None, None, None, flops))
+    if args.profile:
+      first = next((i for i in runners if i.startswith("jax")), None)
+      if first:
+        profiles.append((name, first, runners[first][1]))
 
   print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
         f"jax {jax.__version__}" + (f", torch {torch.__version__}" if torch else ", torch n/a")
@@ -216,6 +262,10 @@ def main() -> None:
     comp_s = f"{comp[0]:.1f} ({comp[1]:.1f})" if comp else "-"
     print(f"| {label} | {impl} | {comp_s} | {1e3 * step_s:.0f} | {tok_s:.0f} | {100 * mfu:.0f}% | "
           f"{'' if rel is None else f'{rel:.2f}x'} |")
+
+  for name, impl, run in profiles:
+    print(f"\n## profile: {name}, {impl}")
+    profile_step(run)
 
 
 if __name__ == "__main__":
