@@ -1,0 +1,63 @@
+"""The benchmark scripts' measuring pieces, on tiny shapes: they run, and time what they claim to.
+
+The scripts themselves print tables for BENCHMARKS.md (minutes each); these tests only keep them
+from breaking silently when the package changes under them.
+"""
+
+import importlib.util
+import sys
+
+import numpy as np
+import pytest
+
+from conftest import REPO
+from gpt.model import GPTConfig
+
+TINY = GPTConfig(n_vocab=256, n_ctx=32, n_embd=32, n_head=2, n_layer=2)
+
+
+def load_script(name: str):
+  """experiments/<name>.py as a module (the scripts are not a package)."""
+  spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  sys.modules[name] = module
+  spec.loader.exec_module(module)
+  return module
+
+
+@pytest.fixture(scope="module")
+def bench_decode():
+  return load_script("bench_decode")
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_decode_runners_sample_the_asked_shape(bench_decode, dtype):
+  cfg = TINY.replace(dtype=dtype, param_dtype=dtype)
+  ours = bench_decode.Ours(cfg, batch=2, new=5)
+  tokens = ours()
+  assert tokens.shape == (2, 5) and ((0 <= tokens) & (tokens < cfg.n_vocab)).all()
+  assert not np.array_equal(tokens, ours())  # a new seed each call: the timed runs differ
+  assert bench_decode.Ours(cfg, 2, 5, model_decode=True)().shape == (2, 5)
+  assert bench_decode.MatmulsOnly(cfg, 2, 5)().shape == (2, 5)
+
+
+def test_roofline_counts_weights_and_cache(bench_decode):
+  one = bench_decode.roofline(TINY, batch=1, new=1, bandwidth=1e9)
+  weights = (TINY.num_params() - TINY.n_ctx * TINY.n_embd) * 4
+  cache = 2 * TINY.n_layer * TINY.n_embd * 4
+  assert one == pytest.approx(1e9 / (weights + cache))
+  # bfloat16 halves every byte; more rows share the weights.
+  assert bench_decode.roofline(TINY.replace(dtype="bfloat16"), 1, 1, 1e9) == pytest.approx(2 * one)
+  assert bench_decode.roofline(TINY, 8, 1, 1e9) > 7 * one
+
+
+def test_train_runners_compile_and_step():
+  bench_train = load_script("bench_train")
+  shape = (1, 32, 2, 16, 2)  # layers, width, heads, context, batch (GPT-2's vocabulary)
+  (wall, cpu), run = bench_train.jax_runner(shape, "float32", scan=True)
+  assert wall > 0 and cpu > 0
+  run()
+  assert "dot" in run.hlo_text()  # the compiled step, which --profile names instructions from
+  torch = pytest.importorskip("torch", reason="the PyTorch reference needs the [hf] extra")
+  _, reference = bench_train.torch_runner(torch, shape, "float32")
+  reference()
