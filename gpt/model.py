@@ -290,9 +290,15 @@ class GPT(nnx.Module):
                         pos=cache.pos + valid.sum(axis=1, dtype=jnp.int32))
     return logits, new_cache
 
-  def hidden_states(self, tokens: jax.Array) -> jax.Array:
-    """Final-LayerNorm output [B, T, D] (before the tied output projection)."""
-    x, _ = self._trunk(tokens, None, None, None, None)
+  def hidden_states(self, tokens: jax.Array, *, positions: jax.Array | None = None,
+                    mask: jax.Array | None = None) -> jax.Array:
+    """Final-LayerNorm output [B, T, D] (before the tied output projection).
+
+    `positions` [B, T] are the position ids (default 0..T-1 in every row) and `mask` [B, 1, T, T]
+    says which keys each query sees (default causal). Rows that pack several sequences, as the
+    evaluation scorer's do, pass both: each sequence restarts its positions and sees only itself.
+    """
+    x, _ = self._trunk(tokens, positions, mask, None, None)
     return self.ln_f(x)
 
   def attention_probs(self, tokens: jax.Array) -> jax.Array:

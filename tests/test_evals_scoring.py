@@ -9,7 +9,7 @@ from hypothesis import given, strategies as st
 from gpt.evals.base import TokenRequest
 from gpt.evals.perplexity import rolling_windows
 from gpt.evals.buckets import bucket, plan_lengths, round_up
-from gpt.evals.scoring import Scorer, final_hidden, pack
+from gpt.evals.scoring import Scorer, pack
 from gpt.model import GPTConfig, init_model
 
 CFG = GPTConfig(n_vocab=300, n_ctx=48, n_embd=32, n_head=4, n_layer=2)
@@ -57,11 +57,11 @@ def random_requests(rng, n, n_ctx=CFG.n_ctx):
   return out
 
 
-def test_final_hidden_with_plain_causal_mask_is_the_models(model):
+def test_hidden_states_with_explicit_causal_mask_and_positions_are_the_default(model):
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, CFG.n_vocab, (2, 11)))
   positions = jnp.broadcast_to(jnp.arange(11), (2, 11))
   mask = jnp.broadcast_to(jnp.tril(jnp.ones((11, 11), bool)), (2, 1, 11, 11))
-  ours = jax.jit(final_hidden)(model, tokens, positions, mask)
+  ours = jax.jit(lambda m, t, p, k: m.hidden_states(t, positions=p, mask=k))(model, tokens, positions, mask)
   np.testing.assert_allclose(ours, jax.jit(lambda m, t: m.hidden_states(t))(model, tokens), atol=1e-6)
 
 

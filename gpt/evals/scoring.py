@@ -89,23 +89,13 @@ def collate(rows: Sequence[PackedRow], batch_size: int, length: int) -> tuple[np
   return tokens, positions, segments, sources, targets
 
 
-def final_hidden(model: GPT, tokens: jax.Array, positions: jax.Array, mask: jax.Array) -> jax.Array:
-  """Final-LayerNorm states [B, T, D] for rows with explicit positions and attention mask [B,1,T,T].
-
-  `GPT.hidden_states` covers plain causal rows only; packed rows need positions and a mask, which
-  the model's trunk takes. test_evals_scoring checks the result against `model(tokens)`.
-  """
-  x, _ = model._trunk(tokens, positions, mask, None, None)
-  return model.ln_f(x)
-
-
 def _trunk(graphdef, state, tokens, positions, segments):
   """Final hidden states [B*T, D] of packed rows (compiled once per row length)."""
   model = nnx.merge(graphdef, state)
   B, T = tokens.shape
   key, query = segments[:, None, :], segments[:, :, None]
   mask = jnp.tril(jnp.ones((T, T), bool))[None] & ((key == 0) | (key == query))
-  return final_hidden(model, tokens, positions, mask[:, None]).reshape(B * T, -1)
+  return model.hidden_states(tokens, positions=positions, mask=mask[:, None]).reshape(B * T, -1)
 
 
 def _head(wte, hidden, sources, targets):
