@@ -29,9 +29,15 @@ import platform
 import statistics
 import sys
 import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+  sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from experiments import xla_trace  # noqa: E402
 
 if "--profile" in sys.argv:  # per-op trace events must be switched on before XLA starts
-  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
+  xla_trace.enable_op_events()
 
 import jax
 import jax.numpy as jnp
@@ -198,46 +204,17 @@ def hf_available() -> str | None:
 
 def profile_step(runner: Ours, top: int = 10) -> None:
   """Prints where one generate call spends its time, by XLA op kind and by instruction."""
-  import collections
-  import glob
-  import re
-  import tempfile
-
   runner()
-  folder = tempfile.mkdtemp(prefix="bench_decode_trace_")
-  jax.profiler.start_trace(folder)
-  start = time.perf_counter()
-  runner()
-  wall = time.perf_counter() - start
-  jax.profiler.stop_trace()
-  path = sorted(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True), key=os.path.getmtime)[-1]
-  totals = collections.Counter()
-  for plane in jax.profiler.ProfileData.from_file(path).planes:
-    for line in plane.lines:
-      for event in line.events:
-        if not ("Execute" in event.name or event.name.startswith(("while", "$", "Pjit", "Slinky"))):
-          totals[event.name] += event.duration_ns
-  hlo = {}  # instruction name -> its HLO line (shapes), from the compiled decode loop
+  wall, totals = xla_trace.traced_op_times(runner)
   state = runner.decoder.start(runner.params, runner.prompt, np.ones_like(runner.prompt, bool),
                                jax.random.key(0), cache_length=runner.cache_length,
                                max_new=generate.bucket(runner.new))
-  text = runner.decoder._advance.lower(runner.params, state, jnp.int32(2)).compile().as_text()
-  for line in text.splitlines():
-    m = re.match(r"\s*(?:ROOT )?%([\w.-]+) = (.*?)(?:, metadata=.*)?$", line)
-    if m:
-      hlo.setdefault(m.group(1), m.group(2)[:150])
-  all_ns = sum(totals.values())
-  kinds = collections.Counter()
-  for name, ns in totals.items():
-    kinds[re.sub(r"\.\d+$", "", name)] += ns
+  hlo = xla_trace.hlo_summaries(
+      runner.decoder._advance.lower(runner.params, state, jnp.int32(2)).compile().as_text())
   steps = runner.new
-  print(f"\nWall {1e3 * wall / steps:.1f} ms per token; XLA op time {all_ns / 1e6 / steps:.1f} ms per "
-        f"token (ops on the 2 threads overlap). By op kind:")
-  for name, ns in kinds.most_common(top):
-    print(f"  {ns / 1e6 / steps:7.2f} ms/token {100 * ns / all_ns:5.1f}%  {name}")
-  print("Largest instructions:")
-  for name, ns in totals.most_common(top):
-    print(f"  {ns / 1e6 / steps:7.2f} ms/token {100 * ns / all_ns:5.1f}%  {name}: {hlo.get(name, '')}")
+  print(f"\nWall {1e3 * wall / steps:.1f} ms per token; XLA op time "
+        f"{sum(totals.values()) / 1e6 / steps:.1f} ms per token (ops on the 2 threads overlap).")
+  xla_trace.print_breakdown(totals, hlo, per=steps, unit="ms/token", top=top)
 
 
 def main():

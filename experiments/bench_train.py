@@ -22,24 +22,26 @@ float32 matmul rate measured in this process (a 2048^3 matmul, in JAX and in tor
 from __future__ import annotations
 
 import argparse
-import collections
-import glob
 import os
-import re
-import sys
-import tempfile
 import platform
 import resource
 import statistics
+import sys
 import time
+from pathlib import Path
 from typing import Callable
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+  sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from experiments import xla_trace  # noqa: E402
 
 # torch's OpenMP threads busy-wait by default; on a machine shared with other jobs that makes the
 # reference several times slower than it can be (measured: 203 -> 341 tokens/s on the 30m shape),
 # so the reference runs with passive waiting unless the caller says otherwise.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if "--profile" in sys.argv:  # per-op trace events must be switched on before XLA starts
-  os.environ["XLA_FLAGS"] = os.environ.get("XLA_FLAGS", "") + " --xla_cpu_enable_xprof_traceme=true"
+  xla_trace.enable_op_events()
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
@@ -154,32 +156,9 @@ def torch_runner(torch, shape, dtype: str, seed: int = 0):
 def profile_step(run, top: int = 12) -> None:
   """Prints where one jitted step spends its time: by XLA op kind and by instruction."""
   run()
-  folder = tempfile.mkdtemp(prefix="bench_train_trace_")
-  jax.profiler.start_trace(folder)
-  wall = _timed(run)
-  jax.profiler.stop_trace()
-  path = sorted(glob.glob(f"{folder}/**/*.xplane.pb", recursive=True), key=os.path.getmtime)[-1]
-  totals = collections.Counter()
-  for plane in jax.profiler.ProfileData.from_file(path).planes:
-    for line in plane.lines:
-      for event in line.events:
-        if not ("Execute" in event.name or event.name.startswith(("while", "$", "Pjit", "Slinky"))):
-          totals[event.name] += event.duration_ns
-  hlo = {}  # instruction -> (shape and operands, the jax op it came from)
-  for line in run.hlo_text().splitlines():
-    m = re.match(r'\s*(?:ROOT )?%([\w.-]+) = (.*?)(?:, metadata=\{op_name="([^"]*)".*)?$', line)
-    if m:
-      hlo.setdefault(m.group(1), f"{m.group(2)[:70]} <- {(m.group(3) or '')[-60:]}")
-  all_ns = sum(totals.values())
-  kinds = collections.Counter()
-  for name, ns in totals.items():
-    kinds[re.sub(r"\.\d+$", "", name)] += ns
-  print(f"\nOne step: wall {1e3 * wall:.0f} ms, XLA op time {all_ns / 1e6:.0f} ms. By op kind:")
-  for name, ns in kinds.most_common(top):
-    print(f"  {ns / 1e6:8.1f} ms {100 * ns / all_ns:5.1f}%  {name}")
-  print("Largest instructions:")
-  for name, ns in totals.most_common(top):
-    print(f"  {ns / 1e6:8.1f} ms {100 * ns / all_ns:5.1f}%  {name}: {hlo.get(name, '')}")
+  wall, totals = xla_trace.traced_op_times(run)
+  print(f"\nOne step: wall {1e3 * wall:.0f} ms, XLA op time {sum(totals.values()) / 1e6:.0f} ms.")
+  xla_trace.print_breakdown(totals, xla_trace.hlo_summaries(run.hlo_text()), top=top)
 
 
 def main() -> None:

@@ -61,3 +61,31 @@ def test_train_runners_compile_and_step():
   torch = pytest.importorskip("torch", reason="the PyTorch reference needs the [hf] extra")
   _, reference = bench_train.torch_runner(torch, shape, "float32")
   reference()
+
+
+def test_hlo_summaries_name_shapes_and_jax_ops():
+  from experiments.xla_trace import hlo_summaries
+
+  text = ('  %dot.7 = f32[8,50257]{1,0} dot(%a, %b), lhs_contracting_dims={1}, '
+          'metadata={op_name="jit(step)/dot_general" stack_frame_id=3}\n'
+          '  ROOT %tuple.1 = (f32[8]) tuple(%dot.7)\n')
+  got = hlo_summaries(text)
+  assert got["dot.7"].startswith("f32[8,50257]{1,0} dot(%a, %b)")
+  assert got["dot.7"].endswith("<- jit(step)/dot_general")
+  assert got["tuple.1"].startswith("(f32[8]) tuple(%dot.7)")
+
+
+def test_train_benchmark_profile_as_a_user_runs_it(repo_dir):
+  """`bench_train.py --profile` in a fresh process (XLA's op events need a flag at start-up)."""
+  import os
+  import subprocess
+
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  out = subprocess.run([sys.executable, "experiments/bench_train.py", "--shapes=tiny",
+                        "--impls=jax-f32-scan", "--rounds=1", "--steps=1", "--profile"],
+                       cwd=repo_dir, env=env, capture_output=True, text=True, timeout=600)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "| tiny (4 x 256, 128, 8; 98 MFLOP/token) | jax-f32-scan |" in out.stdout
+  profile = out.stdout.split("## profile: tiny, jax-f32-scan")[1]
+  assert "By op kind:" in profile and "Largest instructions:" in profile
+  assert "btd,vd->btv" in profile  # the LM head's matmul, named by the jax op it came from
