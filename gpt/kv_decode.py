@@ -99,7 +99,8 @@ def _block(cfg: GPTConfig, p: Params, x, mask, k_cache, v_cache, index):
   k_cache = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0))
   v_cache = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0))
   scores = jnp.einsum("ntk,nsk->nts", q, k_cache, preferred_element_type=jnp.float32)
-  scores = jnp.where(mask, scores.reshape(B, H, T, S) / math.sqrt(K), -1e30)  # finite: padded rows stay NaN-free
+  # -1e30, not -inf: a fully padded row's softmax stays finite.
+  scores = jnp.where(mask, scores.reshape(B, H, T, S) / math.sqrt(K), -1e30)
   probs = jax.nn.softmax(scores, axis=-1).astype(v_cache.dtype).reshape(B * H, T, S)
   y = jnp.einsum("nts,nsk->ntk", probs, v_cache, preferred_element_type=jnp.float32)
   y = y.reshape(B, H, T, K).transpose(0, 2, 1, 3).reshape(B, T, H * K)

@@ -38,7 +38,8 @@ def test_decode_runners_sample_the_asked_shape(bench_decode, dtype):
   assert tokens.shape == (2, 5) and ((0 <= tokens) & (tokens < cfg.n_vocab)).all()
   assert not np.array_equal(tokens, ours())  # a new seed each call: the timed runs differ
   assert bench_decode.Ours(cfg, 2, 5, model_decode=True)().shape == (2, 5)
-  assert bench_decode.MatmulsOnly(cfg, 2, 5)().shape == (2, 5)
+  hidden = bench_decode.MatmulsOnly(cfg, 2, 5)()
+  assert hidden.shape == (2, 1, cfg.n_embd) and np.isfinite(hidden.astype(np.float32)).all()
 
 
 def test_roofline_counts_weights_and_cache(bench_decode):
