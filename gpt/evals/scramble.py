@@ -14,11 +14,12 @@ answer is the word.
 The word list ships with the package: the paper took "the top 10,000 most frequent words ... of
 length more than 4 characters and less than 15"; we take the word-initial tokens of GPT-2's
 vocabulary ("Ġword" in gpt/assets/gpt2/encoder.json) made of 4 to 15 lowercase letters, in token id
-order (BPE merges are learned most-frequent first, so that order follows frequency in WebText). The
-first 10,000 are the scored words, as in the paper; the rest (about 8,300) are the demonstration
-pool, so a demonstration is never the scored word. Scrambles are drawn with a fixed seed per task;
-a shuffle that gives the word back is redrawn (up to 10 times: a word whose shuffled part has one
-distinct letter stays as it is).
+order (BPE merges are learned most-frequent first, so that order follows frequency in WebText).
+A task only uses the words it can change (anagrams2 needs two different letters between the first
+two and the last two, reversed_words no palindromes, ...), and a scramble that gives the word back
+is redrawn, so no item shows its own answer. The first 10,000 usable words are the scored items, as
+in the paper; the rest are the demonstration pool, so a demonstration is never the scored word.
+Scrambles are drawn with a fixed seed per task.
 """
 
 from __future__ import annotations
@@ -56,16 +57,11 @@ def word_list() -> tuple[str, ...]:
 
 def _shuffle_middle(word: str, keep: int, rng: np.random.Generator) -> str:
   middle = list(word[keep:len(word) - keep])
-  for _ in range(10):
-    rng.shuffle(middle)
-    out = word[:keep] + "".join(middle) + word[len(word) - keep:]
-    if out != word:
-      break
-  return out
+  rng.shuffle(middle)
+  return word[:keep] + "".join(middle) + word[len(word) - keep:]
 
 
-def scramble(name: str, word: str, rng: np.random.Generator) -> str:
-  """`word` transformed as task `name` does (see module docstring)."""
+def _transform(name: str, word: str, rng: np.random.Generator) -> str:
   if name == "cycle_letters":
     k = int(rng.integers(1, len(word)))
     return word[k:] + word[:k]
@@ -81,10 +77,31 @@ def scramble(name: str, word: str, rng: np.random.Generator) -> str:
   raise ValueError(f"unknown scrambling task {name!r}")
 
 
+def usable(name: str, word: str) -> bool:
+  """Whether task `name` can turn `word` into something else."""
+  if name == "anagrams1":
+    return len(set(word[1:-1])) > 1
+  if name == "anagrams2":
+    return len(set(word[2:-2])) > 1
+  if name == "cycle_letters":
+    return any(word[k:] + word[:k] != word for k in range(1, len(word)))
+  if name == "reversed_words":
+    return word != word[::-1]
+  return True
+
+
+def scramble(name: str, word: str, rng: np.random.Generator) -> str:
+  """`word` transformed as task `name` does, redrawn until it differs (the word must be `usable`)."""
+  while True:
+    out = _transform(name, word, rng)
+    if out != word:
+      return out
+
+
 @functools.lru_cache(maxsize=len(NAMES))
 def items(name: str) -> tuple[tuple[tuple[str, str], ...], tuple[tuple[str, str], ...]]:
   """(scored, pool) (scrambled, word) pairs of task `name`, the same in every run."""
-  words = word_list()
+  words = [w for w in word_list() if usable(name, w)]
   rng = np.random.default_rng([SEED, zlib.crc32(name.encode())])
   pairs = tuple((scramble(name, w, rng), w) for w in words)
   return pairs[:N_ITEMS], pairs[N_ITEMS:]
@@ -105,7 +122,7 @@ class Scramble(GenerativeTask):
     del data_dir  # generated from the packaged vocabulary
     docs, pool = items(self.name)
     return TaskData(list(docs), list(pool), {str(VOCAB): sha256_of(VOCAB)},
-                    fewshot_source=f"words {N_ITEMS + 1}.. of the list ({len(pool)})")
+                    fewshot_source=f"the usable words after the first {N_ITEMS} ({len(pool)})")
 
   def example(self, doc: tuple[str, str], shots: int) -> Example:
     scrambled, word = doc
