@@ -128,7 +128,7 @@ def test_command_line_runs_lm_eval_with_the_gpt_model(setup, tmp_path):
   (result,) = tmp_path.rglob("results_*.json")
   assert json.loads(result.read_text())["results"]["gptp_piqa"]["acc,none"] is not None
 
-  bad = subprocess.run(cmd[:5] + [f"init={fixture},beams=4"] + cmd[6:], capture_output=True,
+  bad = subprocess.run(cmd[:6] + [f"init={fixture},beams=4"] + cmd[7:], capture_output=True,
                        text=True, env=env, cwd=REPO, timeout=600)
   assert bad.returncode == 2 and "error: unknown --model_args beams" in bad.stderr, bad.stderr[-2000:]
 
