@@ -52,8 +52,19 @@ def test_arithmetic_problems_are_fixed_well_formed_and_right(name):
   task = get_task(name)
   prompt = task.prompt(data.docs[0], data.fewshot_pool[:2], FMT)
   d0, d1 = data.fewshot_pool[:2]
-  assert prompt == (f"Q: {d0.question} A: {d0.answer}\n\nQ: {d1.question} A: {d1.answer}\n\n"
-                    f"Q: {data.docs[0].question} A:")
+  assert prompt == (f"Q: {d0.question}\n\nA: {d0.answer}\n\nQ: {d1.question}\n\nA: {d1.answer}\n\n"
+                    f"Q: {data.docs[0].question}\n\nA:")
+
+
+def test_arithmetic_frame_is_gpt3s_released_data_as_lm_eval_reads_it():
+  pytest.importorskip("lm_eval")
+  datasets = pytest.importorskip("datasets")
+  from lm_eval.tasks.arithmetic.utils import process_docs
+  task = get_task("arithmetic_2da")
+  query = task.example(arithmetic.Problem("What is 98 plus 45?", "143"), 0).query
+  # The released file's context is the separator, then our query; lm-eval renames Q/A.
+  (row,) = process_docs(datasets.Dataset.from_list([{"context": "\n\n" + query, "completion": " 143"}]))
+  assert row["context"] == "Question: What is 98 plus 45?\nAnswer:"
 
 
 def test_composite_uses_all_three_operations():
@@ -90,9 +101,14 @@ def test_scrambled_words_are_fixed_and_undo_to_the_word(name):
     changed += scrambled != word
   assert changed == len(data.docs) and len(data.fewshot_pool) > 2000
   scrambled, word = data.docs[0]
-  assert get_task(name).example(data.docs[0], 0).query == (
+  task = get_task(name)
+  assert task.prompt(data.docs[0], [], FMT) == (
       f"Please unscramble the letters into a word, and write that word:\n{scrambled} =")
-  assert get_task(name).example(data.docs[0], 0).answer == word
+  assert task.example(data.docs[0], 0).answer == word
+  (s1, w1), (s2, w2) = data.fewshot_pool[:2]
+  assert task.prompt(data.docs[0], data.fewshot_pool[:2], FMT) == (
+      f"Please unscramble the letters into a word, and write that word:\n{s1} = {w1}\n{s2} = {w2}\n"
+      f"{scrambled} =")
 
 
 def test_stops_cut_at_the_earliest_one():
@@ -144,7 +160,7 @@ def test_exact_match_and_stderr_are_aggregated():
   assert [e["index"] for e in result.examples] == list(range(10))
   first = result.examples[0]
   assert first["output"] == f" {answers[0]}" and first["answer"] == answers[0]
-  assert first["prompt"].endswith(f"Q: {data.docs[0].question} A:") and first["prompt"].count("Q:") == 3
+  assert first["prompt"].endswith(f"Q: {data.docs[0].question}\n\nA:") and first["prompt"].count("Q:") == 3
 
 
 def test_demonstrations_are_dropped_to_fit_the_context():
@@ -157,7 +173,7 @@ def test_demonstrations_are_dropped_to_fit_the_context():
   prompts, stops, max_new = gen.calls[0]
   assert result.truncation.demos_dropped == 4 and result.truncation.context_cut == 0
   assert all(len(p) + max_new - 1 <= 64 and len(p) > 40 for p in prompts)
-  assert all(tok.decode(p).endswith(f"Q: {d.question} A:") for p, d in zip(prompts, data.docs))
+  assert all(tok.decode(p).endswith(f"Q: {d.question}\n\nA:") for p, d in zip(prompts, data.docs))
   assert stops[0] == ("\n",)
 
 

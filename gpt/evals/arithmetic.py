@@ -1,17 +1,19 @@
 """GPT-3's arithmetic tasks (Brown et al. 2020, section 3.9.1), generated from their definitions.
 
-  arithmetic_2da .. 5da   n-digit addition:    "Q: What is 48 plus 76? A:" -> "124"
-  arithmetic_2ds .. 5ds   n-digit subtraction: "Q: What is 34 minus 53? A:" -> "-19"
-  arithmetic_2dm          2-digit multiplication: "Q: What is 24 times 42? A:" -> "1008"
-  arithmetic_1dc          1-digit composite:   "Q: What is (2 * 4) * 6? A:" -> "48"
+  arithmetic_2da .. 5da   n-digit addition:    "Q: What is 48 plus 76?\\n\\nA:" -> "124"
+  arithmetic_2ds .. 5ds   n-digit subtraction: "Q: What is 34 minus 53?\\n\\nA:" -> "-19"
+  arithmetic_2dm          2-digit multiplication: "Q: What is 24 times 42?\\n\\nA:" -> "1008"
+  arithmetic_1dc          1-digit composite:   "Q: What is (2 * 4) * 6?\\n\\nA:" -> "48"
 
 Rules, from the paper's text: for n digits both operands are drawn uniformly from [0, 10^n); a
 subtraction's answer may be negative; 1DC draws three numbers uniformly from [0, 10) and its two
 operations uniformly from {+, -, *}. The paper's text says 1DC puts "parentheses around the last
 two" numbers, but its appendix G figure and the data it released (openai/gpt-3, data/
 single_digit_three_ops.jsonl, which lm-eval's arithmetic_1dc reads) bracket the first two, with
-spaces ("(2 * 4) * 6"): we follow the released data, i.e. what was measured. The "Q: ... A:" frame is
-the paper's (lm-eval's loglikelihood variants rewrite it to "Question: ...\\nAnswer:").
+spaces ("(2 * 4) * 6"): we follow the released data, i.e. what was measured. The frame is the released
+data's too: "\\n\\nQ: What is 98 plus 45?\\n\\nA:" with the completion " 143" (the appendix G figure
+shows Q and A on separate lines); the leading blank line is the separator between demonstrations,
+the example separator here. lm-eval's loglikelihood variants rewrite it to "Question: ...\\nAnswer:".
 
 The paper draws 2,000 problems per task. So do we, with a fixed seed per task (numpy's PCG64 seeded
 by [SEED, crc32(task name), split]), so every run scores the same problems. Demonstrations come from
@@ -87,4 +89,4 @@ class Arithmetic(GenerativeTask):
     return TaskData(docs, pool, {}, fewshot_source=f"a separate seeded draw ({len(pool)} problems)")
 
   def example(self, doc: Problem, shots: int) -> Example:
-    return Example(f"Q: {doc.question} A:", doc.answer)
+    return Example(f"Q: {doc.question}\n\nA:", doc.answer)

@@ -1,8 +1,9 @@
 """Tasks scored by what the model generates, not by log-likelihood (GPT-3 section 3.9).
 
-Every item is a query and an expected answer. The prompt is K demonstrations ("query answer",
-joined by the example separator, from the task's separate few-shot pool, drawn per item with
-`sample_demos` and so never the scored item) followed by the query. The model continues it
+Every item is a query and an expected answer. The prompt is the task's description (if it has
+one, said once, as GPT-3 did), then K demonstrations ("query answer", from the task's separate
+few-shot pool, drawn per item with `sample_demos` and so never the scored item), then the query,
+joined by the task's separator (the example separator unless the task has its own). The model continues it
 greedily through the KV-cache decoder (gpt.evals.greedy) until a newline or the task's stop, and
 the item scores exact_match = 1 when the continuation equals the answer after the task's
 normalisation (by default: surrounding whitespace stripped).
@@ -19,7 +20,7 @@ import time
 from typing import Any, Sequence
 
 from gpt.evals import metrics
-from gpt.evals.base import Format, Task, TaskData, Truncation, assemble, sample_demos
+from gpt.evals.base import Format, Task, TaskData, Truncation, sample_demos
 from gpt.evals.greedy import Stop, TextGenerator
 from gpt.evals.runner import TaskResult
 
@@ -42,6 +43,10 @@ class GenerativeTask(Task):
   stops: tuple[Stop, ...] = ("\n",)
   # Most new tokens generated per item (enough for the longest answer plus its stop).
   max_new_tokens = 16
+  # Said once at the start of every prompt (GPT-3's task description), before any demonstration.
+  description = ""
+  # Between demonstrations and before the query; None: the eval's example separator.
+  separator: str | None = None
 
   def example(self, doc: Any, shots: int) -> Example:
     """The query and answer of `doc` in a prompt with `shots` demonstrations."""
@@ -54,8 +59,11 @@ class GenerativeTask(Task):
   def prompt(self, doc: Any, demos: Sequence[Any], fmt: Format) -> str:
     """Demonstrations ("query answer") then the query (see module docstring)."""
     shown = [self.example(d, len(demos)) for d in demos]
-    return assemble([e.query + fmt.target_delimiter + e.answer for e in shown],
-                    self.example(doc, len(demos)).query, fmt)
+    return self.description + self._separator(fmt).join(
+        [*(e.query + fmt.target_delimiter + e.answer for e in shown), self.example(doc, len(demos)).query])
+
+  def _separator(self, fmt: Format) -> str:
+    return fmt.example_separator if self.separator is None else self.separator
 
   def encode_prompt(self, doc: Any, demos: Sequence[Any], tokenizer, n_ctx: int,
                     fmt: Format) -> tuple[list[int] | None, Truncation]:
@@ -82,8 +90,8 @@ class GenerativeTask(Task):
 
   def _demos_that_fit(self, doc, demos, tokenizer, room: int, fmt: Format) -> int:
     """Estimate from separately encoded pieces of how many of the latest demos fit (checked after)."""
-    query = len(tokenizer.encode(self.example(doc, len(demos)).query))
-    pieces = tokenizer.encode_batch([e.query + fmt.target_delimiter + e.answer + fmt.example_separator
+    query = len(tokenizer.encode(self.description + self.example(doc, len(demos)).query))
+    pieces = tokenizer.encode_batch([e.query + fmt.target_delimiter + e.answer + self._separator(fmt)
                                      for e in (self.example(d, len(demos)) for d in demos)])
     left, n = room - query, 0
     for piece in reversed(pieces):

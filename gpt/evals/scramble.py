@@ -7,9 +7,10 @@
                                                           "s.u!c/c!e.s s i/o/n =" -> "succession"
   reversed_words    letters reversed:                     "stcejbo =" -> "objects"
 
-Each prompt is the paper's (appendix G; the data it released, which lm-eval's unscramble tasks
-read): "Please unscramble the letters into a word, and write that word:\\n<scrambled> =", and the
-answer is the word.
+Prompts are the paper's: the task description once, then one line per demonstration and the
+query (section 2, figure 2.1: "Please unscramble the letters into a word, and write that word:\\n
+skicts = sticks\\npciinc = picnic\\nasinol ="); zero-shot that is exactly the context of the data
+it released, which lm-eval's unscramble tasks read. The answer is the word.
 
 The word list ships with the package: the paper took "the top 10,000 most frequent words ... of
 length more than 4 characters and less than 15"; we take the word-initial tokens of GPT-2's
@@ -112,6 +113,8 @@ class Scramble(GenerativeTask):
 
   # Words have at most 15 letters, a few BPE tokens; the rest is room for the newline.
   max_new_tokens = 10
+  description = INSTRUCTION
+  separator = "\n"  # one line per demonstration, as in the paper
 
   def __init__(self, name: str):
     if name not in NAMES:
@@ -126,4 +129,4 @@ class Scramble(GenerativeTask):
 
   def example(self, doc: tuple[str, str], shots: int) -> Example:
     scrambled, word = doc
-    return Example(f"{INSTRUCTION}{scrambled} =", word)
+    return Example(f"{scrambled} =", word)
