@@ -176,3 +176,17 @@ def test_generation_arguments(lm):
     lm.generate_until([_instance("generate_until", (prompt, {"num_beams": 4}))], True)
   with pytest.raises(GPTError, match="max_gen_toks=64 leaves no room"):
     lm.generate_until([_instance("generate_until", (prompt, {"max_gen_toks": 64}))], True)
+
+
+def test_benchmark_builds_every_request_type():
+  import importlib.util
+  spec = importlib.util.spec_from_file_location("bench_harness", REPO / "experiments" / "bench_harness.py")
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  args = bench.parse_args(["--data_dir", str(require_shared("data")), "--loglikelihood", "4",
+                           "--rolling", "2", "--generate", "3", "--max_gen_toks", "5"])
+  reqs = bench.requests(args)
+  assert {k: len(v) for k, v in reqs.items()} == {"loglikelihood": 8, "loglikelihood_rolling": 2,
+                                                  "generate_until": 3}
+  assert all(r.args[1]["max_gen_toks"] == 5 for r in reqs["generate_until"])
+  assert all(r.args[1].startswith(" ") for r in reqs["loglikelihood"])
