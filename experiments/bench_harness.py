@@ -129,9 +129,9 @@ def main(argv):
     ratio = statistics.median(h / g for h, g in zip(times[kind, "hf"], times[kind, "gpt"]))
     for name in ("gpt", "hf"):
       t = statistics.median(times[kind, name])
-      print(f"| {kind} | {len(reqs[kind])} | {name} | {t:.2f} | {len(reqs[kind]) / t:.1f} | "
+      print(f"| {kind} | {len(reqs[kind])} | {name} | {t:.2f} | {len(reqs[kind]) / t:.3g} | "
             f"{ratio:.2f} | {agree} |" if name == "gpt" else
-            f"| {kind} | {len(reqs[kind])} | {name} | {t:.2f} | {len(reqs[kind]) / t:.1f} | 1.00 | |")
+            f"| {kind} | {len(reqs[kind])} | {name} | {t:.2f} | {len(reqs[kind]) / t:.3g} | 1.00 | |")
 
 
 if __name__ == "__main__":

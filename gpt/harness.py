@@ -90,7 +90,7 @@ class GPTLM(TemplateLM):
     config.init, config.models_dir, config.model.dtype = str(init), str(models_dir), str(dtype)
     loaded = load_model(config)
     self.loaded = loaded
-    self.tokenizer_ = loaded.tokenizer
+    self.gpt_tokenizer = loaded.tokenizer  # not `tokenizer`: lm-eval reads that as a HF tokenizer
     self.n_ctx = loaded.cfg.n_ctx
     self.scorer = Scorer(loaded.model, self._batch_size, int(max_buckets))
     self.generator = TextGenerator(loaded.model, loaded.tokenizer, self._batch_size, int(seed))
@@ -110,7 +110,7 @@ class GPTLM(TemplateLM):
   # Properties lm-eval reads.
   @property
   def eot_token_id(self) -> int:
-    return self.tokenizer_.eot_id
+    return self.gpt_tokenizer.eot_id
 
   @property
   def max_length(self) -> int:
@@ -130,10 +130,10 @@ class GPTLM(TemplateLM):
 
   def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
     """Token ids; a literal <|endoftext|> is the special token, as in Hugging Face's tokenizer."""
-    return self.tokenizer_.encode(string, allow_special=True)
+    return self.gpt_tokenizer.encode(string, allow_special=True)
 
   def tok_decode(self, tokens: list[int]) -> str:
-    return self.tokenizer_.decode(tokens)
+    return self.gpt_tokenizer.decode(tokens)
 
   def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs):
     """(log P(continuation | context), is_greedy) per (key, context ids, continuation ids).
@@ -150,7 +150,7 @@ class GPTLM(TemplateLM):
       if room < 1:
         raise GPTError(f"a continuation of {len(continuation)} tokens does not fit the context of "
                        f"{self.n_ctx} tokens")
-      context = tuple((list(context) + list(continuation))[:-len(continuation)][-room:])
+      context = tuple(context[-room:])
       conts = rows.setdefault(context, [])
       where.append((context, len(conts)))
       conts.append(tuple(continuation))
@@ -190,7 +190,7 @@ class GPTLM(TemplateLM):
     for members in groups.values():
       gen_kwargs = requests[members[0]].args[1]
       kwargs = dict(normalize_gen_kwargs(gen_kwargs, self.max_gen_toks))
-      until = handle_stop_sequences(kwargs.pop("until", None), eos=self.tokenizer_.eot_text)
+      until = handle_stop_sequences(kwargs.pop("until", None), eos=self.gpt_tokenizer.eot_text)
       max_new = int(kwargs.pop("max_gen_toks"))
       options = self._options(kwargs)
       room = self.n_ctx - max_new

@@ -119,14 +119,17 @@ def test_every_request_matches_lm_eval_hf_model(setup, shots):
 def test_command_line_runs_lm_eval_with_the_gpt_model(setup, tmp_path):
   tasks, fixture, _ = setup
   env = dict(os.environ, PYTHONPATH=str(REPO), HF_DATASETS_OFFLINE="1")
-  # `python -m gpt.harness`, with torch and transformers made unimportable: lm-eval runs without them.
-  no_torch = ("import runpy, sys; sys.modules['torch'] = sys.modules['transformers'] = None; "
-              "sys.argv[0] = 'gpt.harness'; runpy.run_module('gpt.harness', run_name='__main__')")
+  # `python -m gpt.harness`, reporting at exit whether anything imported torch: lm-eval runs without it.
+  no_torch = ("import atexit, runpy, sys\n"
+              "atexit.register(lambda: print('torch imported:', 'torch' in sys.modules, file=sys.stderr))\n"
+              "sys.argv[0] = 'gpt.harness'\n"
+              "runpy.run_module('gpt.harness', run_name='__main__')\n")
   cmd = [sys.executable, "-c", no_torch, "--model", "gpt", "--model_args",
          f"init={fixture},batch_size=2,max_gen_toks=8", "--tasks", "gptp_lambada_gen,gptp_piqa",
          "--include_path", str(tasks), "--limit", "3", "--output_path", str(tmp_path)]
   done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
   assert done.returncode == 0, done.stderr[-3000:]
+  assert "torch imported: False" in done.stderr
   assert "gptp_piqa" in done.stdout and "exact_match" in done.stdout
   (result,) = tmp_path.rglob("results_*.json")
   assert json.loads(result.read_text())["results"]["gptp_piqa"]["acc,none"] is not None
@@ -154,7 +157,7 @@ def test_loglikelihood_packs_shared_contexts_and_cuts_long_ones_like_hf(lm):
   calls = [("The cat sat on the", " mat"), ("The cat sat on the", " hat and the dog"),
            (long_context, " end"), ("", "Hello there")]
   got = lm.loglikelihood([_instance("loglikelihood", c) for c in calls], disable_tqdm=True)
-  tok = lm.tokenizer_
+  tok = lm.gpt_tokenizer
   ctx, cont = tok.encode("The cat sat on the"), [tok.encode(" mat"), tok.encode(" hat and the dog")]
   packed = lm.scorer.score([TokenRequest(tuple(ctx), tuple(map(tuple, cont)))])[0]
   assert [g[0] for g in got[:2]] == pytest.approx([s.logprob for s in packed], abs=1e-4)
