@@ -179,8 +179,18 @@ def test_demonstrations_are_dropped_to_fit_the_context():
 
 @pytest.fixture(scope="module")
 def tiny():
-  model = init_model(GPTConfig(n_vocab=50257, n_ctx=48, n_embd=32, n_head=2, n_layer=2), seed=3)
-  return model, get_tokenizer()
+  """The shared tiny fixture model (trained weights, 64-token context), or without ../shared a
+  random model of the same shape."""
+  from conftest import SHARED
+  folder = SHARED / "fixtures" / "openai-gpt2-tiny"
+  if folder.is_dir():
+    from gpt.config import base_config
+    from gpt.weights import load_model
+    config = base_config()
+    config.init = str(folder)
+    loaded = load_model(config)
+    return loaded.model, loaded.tokenizer
+  return init_model(GPTConfig(n_ctx=64, n_embd=16, n_head=2, n_layer=2), seed=3), get_tokenizer()
 
 
 def test_greedy_decoder_equals_an_argmax_loop(tiny):
@@ -206,7 +216,7 @@ def test_greedy_decoder_equals_an_argmax_loop(tiny):
 
 
 @pytest.mark.slow
-def test_eval_mode_writes_exact_match_for_each_shot_count(tiny, tmp_path, monkeypatch):
+def test_eval_mode_writes_exact_match_for_each_shot_count(tmp_path):
   from conftest import REPO, require_shared
   from gpt.config import base_config
   from gpt.evaluate import run

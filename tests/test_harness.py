@@ -24,6 +24,23 @@ from gpt.errors import GPTError  # noqa: E402
 from gpt.harness import GPTLM  # noqa: E402
 
 LIMIT = 6
+# Runs gpt.harness as `python -m` does, with torch and transformers looking uninstalled (find_spec
+# says no, importing them fails as for a missing package).
+NO_TORCH = """
+import atexit, importlib.abc, importlib.util, runpy, sys
+BLOCKED = ("torch", "transformers")
+_find = importlib.util.find_spec
+importlib.util.find_spec = lambda name, package=None: (
+    None if name.split(".")[0] in BLOCKED else _find(name, package))
+class NotInstalled(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path, target=None):
+    if name.split(".")[0] in BLOCKED:
+      raise ModuleNotFoundError(f"No module named {name!r}", name=name)
+sys.meta_path.insert(0, NotInstalled())
+atexit.register(lambda: print("torch imported:", "torch" in sys.modules, file=sys.stderr))
+sys.argv[0] = "gpt.harness"
+runpy.run_module("gpt.harness", run_name="__main__")
+"""
 
 
 def _task_files(folder: Path, data: Path) -> Path:
@@ -119,12 +136,8 @@ def test_every_request_matches_lm_eval_hf_model(setup, shots):
 def test_command_line_runs_lm_eval_with_the_gpt_model(setup, tmp_path):
   tasks, fixture, _ = setup
   env = dict(os.environ, PYTHONPATH=str(REPO), HF_DATASETS_OFFLINE="1")
-  # `python -m gpt.harness`, reporting at exit whether anything imported torch: lm-eval runs without it.
-  no_torch = ("import atexit, runpy, sys\n"
-              "atexit.register(lambda: print('torch imported:', 'torch' in sys.modules, file=sys.stderr))\n"
-              "sys.argv[0] = 'gpt.harness'\n"
-              "runpy.run_module('gpt.harness', run_name='__main__')\n")
-  cmd = [sys.executable, "-c", no_torch, "--model", "gpt", "--model_args",
+  # `python -m gpt.harness` where torch and transformers look uninstalled: lm-eval runs without them.
+  cmd = [sys.executable, "-c", NO_TORCH, "--model", "gpt", "--model_args",
          f"init={fixture},batch_size=2,max_gen_toks=8", "--tasks", "gptp_lambada_gen,gptp_piqa",
          "--include_path", str(tasks), "--limit", "3", "--output_path", str(tmp_path)]
   done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=600)
