@@ -245,6 +245,7 @@ def fetch(url: str, dest: str | os.PathLike, retries: int = 3, timeout: float = 
   dest = Path(dest)
   if dest.is_file():
     return False
+  dest.parent.mkdir(parents=True, exist_ok=True)
   part = dest.with_name(dest.name + ".part")
   announced = None
   checksums = {"sha256": sha256.lower()} if sha256 else {}
