@@ -73,13 +73,28 @@ def _flags_parser(argv: list[str]) -> list[str]:
   except flags.Error as e:
     _fail(f"{e}\nPass --helpfull for the list of flags.")
   except (AttributeError, KeyError) as e:
-    hint = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', str(e).replace("\\", ""))
-    bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-    what = f'unknown config key "{hint.group(2)}" (did you mean "{hint.group(1)}"?)' if hint else (
-        f"unknown config key {e}")
-    _fail(f"{what} in {' '.join(bad) or 'the overrides'}; see the config file for valid keys")
+    _fail(unknown_key_message(e, argv))
   except (FileNotFoundError, ImportError, SyntaxError) as e:
     _fail(f"cannot load the config file: {e}")
+
+
+def unknown_key_message(error: Exception, argv: list[str]) -> str:
+  """One line naming the --config.* override that ml_collections could not find, and only it."""
+  text = str(error).replace("\\", "")
+  hint = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+  lookup = re.search(r"Attempting to lookup: ([\w.]+)", text)
+  if hint:
+    bad, what = hint.group(2), f'unknown config key "{hint.group(2)}" (did you mean "{hint.group(1)}"?)'
+  elif lookup:
+    bad = lookup.group(1)
+    what = f'unknown config key "{bad}" ({bad.rsplit(".", 1)[0]} is a value, not a section)'
+  else:
+    bad = (str(error.args[0]) if isinstance(error, KeyError) and error.args else text).strip("'\" ")
+    what = f'unknown config key "{bad}"'
+  keys = [a.split("=")[0].removeprefix("--config.") for a in argv[1:] if a.startswith("--config.")]
+  culprits = [k for k in keys if k == bad or bad in k.split(".")]
+  where = f" in {' '.join('--config.' + k for k in culprits)}" if culprits else ""
+  return f"{what}{where}; see the config file for valid keys"
 
 
 def _fail(message: str) -> None:
