@@ -96,15 +96,15 @@ def load_hf(folder: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
   config_path = folder / "config.json"
   try:
     hf_config = json.loads(config_path.read_text())
-  except (OSError, json.JSONDecodeError) as e:
+  except (OSError, ValueError) as e:  # ValueError: not JSON or not UTF-8
     raise GPTError(f"cannot read {config_path}: {e}") from None
+  if not isinstance(hf_config, dict):
+    raise GPTError(f"{config_path} is not a JSON object; it is not a Hugging Face config")
   if hf_config.get("model_type", "gpt2") != "gpt2":
     raise GPTError(f"{config_path}: model_type is {hf_config.get('model_type')!r}, expected 'gpt2'")
   if hf_config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
     raise GPTError(f"{config_path}: activation_function {hf_config['activation_function']!r} is not "
                    f"GPT-2's tanh GELU")
-  if not isinstance(hf_config, dict):
-    raise GPTError(f"{config_path} is not a JSON object; it is not a Hugging Face config")
   missing = [k for k in ("vocab_size", "n_embd", "n_head", "n_layer") if type(hf_config.get(k)) is not int]
   if missing or type(hf_config.get("n_positions", 1024)) is not int:
     missing = missing or ["n_positions"]

@@ -9,12 +9,12 @@ This file is intentionally thin: each mode lives in its own module with a
 from __future__ import annotations
 
 import importlib
-import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from gpt.config import unknown_key_message
 from gpt.errors import GPTError
 
 # mode name -> "module:function"; each function takes (config, workdir).
@@ -76,25 +76,6 @@ def _flags_parser(argv: list[str]) -> list[str]:
     _fail(unknown_key_message(e, argv))
   except (FileNotFoundError, ImportError, SyntaxError) as e:
     _fail(f"cannot load the config file: {e}")
-
-
-def unknown_key_message(error: Exception, argv: list[str]) -> str:
-  """One line naming the --config.* override that ml_collections could not find, and only it."""
-  text = str(error).replace("\\", "")
-  hint = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
-  lookup = re.search(r"Attempting to lookup: ([\w.]+)", text)
-  if hint:
-    bad, what = hint.group(2), f'unknown config key "{hint.group(2)}" (did you mean "{hint.group(1)}"?)'
-  elif lookup:
-    bad = lookup.group(1)
-    what = f'unknown config key "{bad}" ({bad.rsplit(".", 1)[0]} is a value, not a section)'
-  else:
-    bad = (str(error.args[0]) if isinstance(error, KeyError) and error.args else text).strip("'\" ")
-    what = f'unknown config key "{bad}"'
-  keys = [a.split("=")[0].removeprefix("--config.") for a in argv[1:] if a.startswith("--config.")]
-  culprits = [k for k in keys if k == bad or bad in k.split(".")]
-  where = f" in {' '.join('--config.' + k for k in culprits)}" if culprits else ""
-  return f"{what}{where}; see the config file for valid keys"
 
 
 def _fail(message: str) -> None:
