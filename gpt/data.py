@@ -80,11 +80,17 @@ def fetch(url: str, cache_dir: str, timeout: float = 30.0, retries: int = 3) -> 
   if dest.is_file():
     return dest
   dest.parent.mkdir(parents=True, exist_ok=True)
-  raw = dest.with_name(f".{dest.name}.download")
+  raw = dest.with_name(f".{dest.stem}.download{dest.suffix}")
   hint = (f"cannot download the data; pass --config.data.path=<a local text or token file> "
           f"({LOCAL_HINT})")
   download.fetch(url, raw, retries=retries, timeout=timeout, offline_hint=hint)
   if dest.suffix in encode.TOKEN_SUFFIXES:
+    try:
+      encode.read_token_chunks(raw)  # a damaged token file is not cached
+    except GPTError as e:
+      raw.unlink()
+      what = str(e).replace(str(raw), "the download").rsplit("; ", 1)[0]  # not its how-to-fix
+      raise GPTError(f"{url}: {what}; deleted it; check the URL") from None
     raw.replace(dest)
     return dest
   body = raw.read_bytes()

@@ -347,7 +347,9 @@ def _gpt2_vocabulary() -> tuple[dict, tuple[str, ...]]:
 
 
 def _merge_lines(text: str) -> tuple[str, ...]:
-  return tuple(line for line in text.splitlines() if line.strip())
+  """The merges of a BPE file, without blank lines and the '#version' header (whose wording varies)."""
+  lines = [line for line in text.splitlines() if line.strip()]
+  return tuple(lines[1:] if lines and lines[0].startswith("#version") else lines)
 
 
 def check_gpt2_vocab(path: Path) -> None:
@@ -368,7 +370,7 @@ def check_gpt2_merges(path: Path) -> None:
   except UnicodeDecodeError as e:
     raise InvalidDownload(f"it is not UTF-8 text (byte {e.start})") from None
   if got != merges:
-    raise InvalidDownload(f"it is not GPT-2's merges file ({len(got) - 1} merges, {len(merges) - 1} "
+    raise InvalidDownload(f"it is not GPT-2's merges file ({len(got)} merges, {len(merges)} "
                           f"expected, or different ones; cut short?)")
 
 
@@ -408,7 +410,7 @@ def check_tf_index(path: Path, data: Path) -> None:
     return  # a layout the downloader does not fetch; the loader checks it
   size = data.stat().st_size
   end = max((e["offset"] + e["size"] for e in entries.values()), default=0)
-  problem = f"it has {size} bytes but the index needs {end} (cut short?)" if size != end else None
+  problem = f"it has {size} bytes but the index needs {end} (cut short?)" if size < end else None
   if problem is None:
     with open(data, "rb") as f:
       for name, entry in sorted(entries.items(), key=lambda kv: kv[1]["offset"]):

@@ -287,3 +287,21 @@ def test_an_html_page_is_not_cached_or_trained_on(tmp_path):
       data.resolve_tokens(server.url + "/corpus.txt", TOK, cfg)
   _one_line(info)
   assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
+
+
+def test_a_damaged_token_file_url_is_not_cached(tmp_path):
+  import numpy as np
+  (tmp_path / "www").mkdir()
+  np.savez(tmp_path / "www" / "tokens.npz", np.arange(500, dtype=np.uint16))
+  raw = (tmp_path / "www" / "tokens.npz").read_bytes()
+  (tmp_path / "www" / "cut.npz").write_bytes(raw[:len(raw) // 2])
+  cfg = _data_cfg(tmp_path)
+  with FileServer(tmp_path / "www") as server:
+    with pytest.raises(GPTError, match=rf"^{server.url}/cut.npz: the download is not a readable .npz "
+                       r"token file \(.*\): it is truncated, damaged or not an .npz; deleted it; check "
+                       r"the URL$") as info:
+      data.resolve_tokens(server.url + "/cut.npz", TOK, cfg)
+    _one_line(info)
+    assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
+    tokens, _ = data.resolve_tokens(server.url + "/tokens.npz", TOK, cfg)
+  assert tokens.tolist() == list(range(500))
