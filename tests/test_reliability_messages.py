@@ -288,3 +288,24 @@ def test_misspelled_key_from_the_command_line():
   assert result.stderr.strip().splitlines()[-1] == (
       'error: unknown config key "n_layr" (did you mean "n_layer"?) in --config.model.n_layr; see the '
       'config file for valid keys')
+
+
+@pytest.mark.slow
+def test_eval_run_with_a_lone_surrogate_in_task_data(openai_fixture, tmp_path):
+  """The whole eval mode on task data holding a lone surrogate (a bad \\udXXX escape in a .jsonl):
+  both result files are complete and parse, and the surrogate reads back as it was."""
+  (tmp_path / "data" / "lambada").mkdir(parents=True)
+  rows = [{"text": "The old caf\udce9 was closed, so we went home"}, {"text": "It rained all day long"}]
+  (tmp_path / "data" / "lambada" / "lambada_test.jsonl").write_text(
+      "".join(json.dumps(r) + "\n" for r in rows))
+  config = base_config()
+  config.mode, config.init = "eval", str(openai_fixture)
+  e = config.eval
+  e.tasks, e.shots, e.limit, e.batch_size, e.write_examples = "lambada", "0", 2, 2, True
+  e.data_dir = str(tmp_path / "data")
+  evaluate.run(config, str(tmp_path / "run"))
+  out = tmp_path / "run" / "eval"
+  assert sorted(p.name for p in out.iterdir()) == ["lambada_0shot.json", "lambada_0shot.jsonl"]
+  assert json.loads((out / "lambada_0shot.json").read_text())["n_examples"] == 2
+  items = [json.loads(l) for l in (out / "lambada_0shot.jsonl").read_text(encoding="utf-8").splitlines()]
+  assert len(items) == 2 and "caf\udce9" in json.dumps(items[0], ensure_ascii=False)
