@@ -170,7 +170,7 @@ class MatmulsOnly:
 class HuggingFace:
   """transformers' GPT2LMHeadModel.generate with sampling and its KV cache."""
 
-  def __init__(self, cfg: GPTConfig, batch: int, new: int):
+  def __init__(self, cfg: GPTConfig, batch: int, new: int, device: str = "cpu"):
     import torch
     import transformers
 
@@ -178,8 +178,9 @@ class HuggingFace:
     hf_cfg = transformers.GPT2Config(n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
                                      n_positions=cfg.n_ctx, vocab_size=cfg.n_vocab)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    self.model = transformers.GPT2LMHeadModel(hf_cfg).to(dtype).eval()
-    self.prompt = torch.full((batch, 1), EOT, dtype=torch.long)
+    with torch.device(device):  # initialised where it runs (a 1542M on the GPU in seconds)
+      self.model = transformers.GPT2LMHeadModel(hf_cfg).to(dtype).eval()
+    self.prompt = torch.full((batch, 1), EOT, dtype=torch.long, device=device)
     self.new = new
 
   def __call__(self) -> np.ndarray:
@@ -187,7 +188,7 @@ class HuggingFace:
       out = self.model.generate(self.prompt, attention_mask=self.torch.ones_like(self.prompt),
                                 do_sample=True, top_k=40, max_new_tokens=self.new,
                                 min_new_tokens=self.new, pad_token_id=EOT)
-    return out[:, 1:].numpy()
+    return out[:, 1:].cpu().numpy()
 
 
 def hf_available() -> str | None:
