@@ -15,7 +15,8 @@ X-Linked-Etag, Digest/Repr-Digest) and must parse as what its name says (`check_
 lines, GPT-2's vocabulary and merges, a TF checkpoint index whose per-tensor crc32c's match the data
 file, a safetensors header whose offsets match the file's size). A `validate` callable adds checks of
 the caller's own (gpt.data and the eval task sources use it). A file that fails is deleted, and the
-error says what was wrong in one line.
+error says what was wrong in one line. `download_model` also rechecks the small files already in
+place, so a folder an older downloader left with an HTML hparams.json is repaired by running it again.
 """
 
 from __future__ import annotations
@@ -450,8 +451,32 @@ def download_model(name: str, models_dir: str | os.PathLike = "models", source: 
   folder, base, files = model_source(name, models_dir, source, base_url)
   folder.mkdir(parents=True, exist_ok=True)
   for file in files:
-    fetch(f"{base}/{file}", folder / file, retries=retries, validate=model_file_check(folder, file))
+    validate = model_file_check(folder, file)
+    recheck(folder / file, validate)
+    fetch(f"{base}/{file}", folder / file, retries=retries, validate=validate)
   return folder
+
+
+def recheck(path: Path, validate: Validator | None, max_bytes: int = 16 << 20) -> bool:
+  """Moves a small file that is already in place but fails its checks (an HTML page saved by a
+  downloader without them) aside to `<file>.invalid`, with one line on stderr, so it is fetched
+  again; True if it did. Big files and the TF index (whose check reads the whole data file) are
+  left to the loader, which checks them anyway."""
+  if not path.is_file() or path.stat().st_size > max_bytes or path.name == "model.ckpt.index":
+    return False
+  try:
+    with open(path, "rb") as f:
+      if not _wants_html(path.name) and _HTML_START.match(f.read(4096).removeprefix(b"\xef\xbb\xbf")):
+        raise InvalidDownload("it is an HTML page")
+    check_format(path)
+    if validate is not None:
+      validate(path)
+  except (ValueError, GPTError) as e:
+    aside = path.with_name(path.name + ".invalid")
+    os.replace(path, aside)
+    print(f"{path}: {_one_line(e)}; moved it to {aside.name} and downloading it again", file=sys.stderr)
+    return True
+  return False
 
 
 def model_file_check(folder: Path, file: str) -> Validator | None:

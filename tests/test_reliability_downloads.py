@@ -305,3 +305,21 @@ def test_a_damaged_token_file_url_is_not_cached(tmp_path):
     assert not any(p.is_file() for p in (tmp_path / "cache").rglob("*"))
     tokens, _ = data.resolve_tokens(server.url + "/tokens.npz", TOK, cfg)
   assert tokens.tolist() == list(range(500))
+
+
+def test_a_bad_file_saved_by_an_older_downloader_is_moved_aside_and_fetched_again(
+    www, openai_fixture, tmp_path, capsys):
+  folder = tmp_path / "models" / "124M"
+  folder.mkdir(parents=True)
+  for name in download.OPENAI_FILES:
+    shutil.copy(openai_fixture / name, folder / name)
+  (folder / "hparams.json").write_bytes(LOGIN)  # what the old downloader renamed into place
+  with FileServer(www) as server:
+    download.download_model("124M", tmp_path / "models", base_url=server.url)
+    assert [path for path, _, _ in server.log] == ["/124M/hparams.json"]  # only the bad one
+  assert capsys.readouterr().err.splitlines()[0] == (
+      f"{folder / 'hparams.json'}: it is an HTML page; moved it to hparams.json.invalid and "
+      f"downloading it again")
+  assert (folder / "hparams.json.invalid").read_bytes() == LOGIN  # moved aside, not lost
+  flat, hparams = tf_checkpoint.load_openai(folder)
+  assert_matches_expected_logits(flat, hparams, openai_fixture)
