@@ -1,8 +1,9 @@
 """Training data: `config.data` -> train/val token arrays -> seeded, resumable windows.
 
 `data.path` may be a text file, a directory, a glob, a token file (.bin/.npz from `gpt.encode`),
-an http(s) URL (fetched once into `data.cache_dir` by gpt.download's checked, resumable downloader,
-cached under a hash of the whole URL; Project Gutenberg's licence header and footer are cut off) or `tfds:<name>` (a TensorFlow Datasets text dataset; needs the `[tfds]` extra).
+an http(s) URL (fetched once into `data.cache_dir` by gpt.download's checked, resumable
+downloader, cached under a hash of the whole URL; Project Gutenberg's licence header and footer are
+cut off) or `tfds:<name>` (a TensorFlow Datasets text dataset; needs the `[tfds]` extra).
 Text is encoded once into `<cache_dir>/<name>-<hash>.bin`, keyed by the sources' paths, sizes and
 modification times, the encoding options and the tokenizer, and memory-mapped from then on.
 
@@ -59,10 +60,9 @@ def strip_gutenberg(text: str) -> str:
 def url_cache_path(url: str, cache_dir: str) -> Path:
   """Where `url` is cached: its file name plus a hash of the whole URL, so two URLs that end in the
   same name (two servers' corpus.txt, or ?query variants) never share a cached file."""
-  name = unquote(Path(urlsplit(url).path).name) or "download.txt"
-  stem, suffix = (name[:-len(Path(name).suffix)], Path(name).suffix) if Path(name).suffix else (name, "")
-  stem = re.sub(r"[^A-Za-z0-9._-]", "_", stem)[:80] or "download"
-  suffix = re.sub(r"[^A-Za-z0-9.]", "_", suffix)[:16]
+  name = Path(unquote(Path(urlsplit(url).path).name) or "download.txt")
+  stem = re.sub(r"[^A-Za-z0-9._-]", "_", name.stem)[:80] or "download"
+  suffix = re.sub(r"[^A-Za-z0-9.]", "_", name.suffix)[:16]
   digest = hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()[:16]
   return Path(cache_dir).expanduser() / f"{stem}-{digest}{suffix}"
 

@@ -38,6 +38,7 @@ from gpt.errors import GPTError
 
 BLOCK_BYTES = 1 << 20  # bytes read per step when streaming a file
 TOKEN_SUFFIXES = (".bin", ".npz")
+_REDO = "encode the text again with python -m gpt.encode"  # the fix for a damaged token file
 
 
 def token_dtype(n_vocab: int) -> np.dtype:
@@ -230,9 +231,6 @@ def read_token_chunks(path: str | os.PathLike) -> list[np.ndarray]:
   raise GPTError(f"{path} is not a token file (.bin or .npz)")
 
 
-_REDO = "encode the text again with python -m gpt.encode"
-
-
 def _bin_dtype(path: Path) -> np.dtype:
   """The dtype a .bin's `<file>.json` sidecar names (uint16 without one)."""
   meta = Path(f"{path}.json")
@@ -271,11 +269,11 @@ def check_token_ids(tokens: np.ndarray, n_vocab: int, source: str) -> None:
     raise GPTError(f"{source} holds {tokens.dtype} values; token ids must be integers; {_REDO}")
   if tokens.size == 0:
     return
-  low, high = int(tokens.min()), int(tokens.max())
-  if low < 0:
+  if tokens.dtype.kind == "i" and int(tokens.min()) < 0:  # unsigned files need only one pass
     at = int(np.argmax(tokens < 0))
     raise GPTError(f"{source} holds a negative token id ({int(tokens[at])} at position {at}); token "
                    f"ids are 0..{n_vocab - 1}; {_REDO}")
+  high = int(tokens.max())
   if high >= n_vocab:
     raise GPTError(f"{source} holds token id {high} but the model's vocabulary has {n_vocab} ids "
                    f"(model.n_vocab)")
