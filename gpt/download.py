@@ -8,15 +8,16 @@ the `.part` with an HTTP Range request (retried a few times within one run, and 
 run). urllib only: no extra dependency.
 
 "Checks out" means more than a 200 status, because a proxy's or login page's HTML, or a body cut
-short under a Content-Length that lies, also arrives with one: every finished `.part` must have the
+short under a Content-Length that lies, also arrives with one. Every finished `.part` must have the
 size every response announced, must not be an HTML page (by Content-Type and by its first bytes),
-must match any checksum the caller or the server gives (`sha256=`, Content-MD5, x-ms-blob-content-md5,
-X-Linked-Etag, Digest/Repr-Digest) and must parse as what its name says (`check_format`: JSON, JSON
-lines, GPT-2's vocabulary and merges, a TF checkpoint index whose per-tensor crc32c's match the data
-file, a safetensors header whose offsets match the file's size). A `validate` callable adds checks of
-the caller's own (gpt.data and the eval task sources use it). A file that fails is deleted, and the
-error says what was wrong in one line. `download_model` also rechecks the small files already in
-place, so a folder an older downloader left with an HTML hparams.json is repaired by running it again.
+must match any checksum the caller or the server gives (`sha256=`, Content-MD5,
+x-ms-blob-content-md5, X-Linked-Etag, Digest/Repr-Digest), and must parse as what its name says
+(`check_format`; for a model's files `model_file_check`: GPT-2's exact vocabulary and merges, a TF
+index whose per-tensor crc32c's match the data file, a safetensors header whose offsets end at the
+end of the file). A `validate` callable adds checks of the caller's own (gpt.data and the eval task
+sources use it). A file that fails is deleted, and the error says what was wrong in one line.
+`download_model` also rechecks the small files already in place, so running it again repairs a
+folder an older downloader left with, say, an HTML hparams.json.
 """
 
 from __future__ import annotations
@@ -213,7 +214,7 @@ def _digest(path: Path, algo: str) -> str:
 
 def _check_part(part: Path, name: str, size: int | None, checksums: dict[str, str],
                 validate: Validator | None) -> None:
-  """Raises InvalidDownload (or the validator's ValueError/GPTError) unless the finished file is good."""
+  """Raises InvalidDownload unless the finished file is good (a validator's error becomes one)."""
   have = part.stat().st_size
   if size is not None and have != size:
     raise InvalidDownload(f"it has {have} bytes, {size} expected")
@@ -406,7 +407,8 @@ def check_tf_index(path: Path, data: Path) -> None:
   try:
     header, entries = tf_checkpoint.read_index(path)
   except GPTError as e:
-    raise InvalidDownload(f"it is not a TensorFlow checkpoint index ({_one_line(e).split(': ', 1)[-1]})") from None
+    reason = _one_line(e).split(": ", 1)[-1]
+    raise InvalidDownload(f"it is not a TensorFlow checkpoint index ({reason})") from None
   if header["num_shards"] != 1 or not data.is_file():
     return  # a layout the downloader does not fetch; the loader checks it
   size = data.stat().st_size
@@ -466,15 +468,17 @@ def recheck(path: Path, validate: Validator | None, max_bytes: int = 16 << 20) -
     return False
   try:
     with open(path, "rb") as f:
-      if not _wants_html(path.name) and _HTML_START.match(f.read(4096).removeprefix(b"\xef\xbb\xbf")):
-        raise InvalidDownload("it is an HTML page")
+      head = f.read(4096).removeprefix(b"\xef\xbb\xbf")
+    if not _wants_html(path.name) and _HTML_START.match(head):
+      raise InvalidDownload("it is an HTML page")
     check_format(path)
     if validate is not None:
       validate(path)
   except (ValueError, GPTError) as e:
     aside = path.with_name(path.name + ".invalid")
     os.replace(path, aside)
-    print(f"{path}: {_one_line(e)}; moved it to {aside.name} and downloading it again", file=sys.stderr)
+    print(f"{path}: {_one_line(e)}; moved it to {aside.name} and downloading it again",
+          file=sys.stderr)
     return True
   return False
 

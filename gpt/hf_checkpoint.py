@@ -105,9 +105,9 @@ def load_hf(folder: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
   if hf_config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
     raise GPTError(f"{config_path}: activation_function {hf_config['activation_function']!r} is not "
                    f"GPT-2's tanh GELU")
-  missing = [k for k in ("vocab_size", "n_embd", "n_head", "n_layer") if type(hf_config.get(k)) is not int]
-  if missing or type(hf_config.get("n_positions", 1024)) is not int:
-    missing = missing or ["n_positions"]
+  defaults = {"vocab_size": None, "n_embd": None, "n_head": None, "n_layer": None, "n_positions": 1024}
+  missing = [k for k, d in defaults.items() if type(hf_config.get(k, d)) is not int]
+  if missing:
     raise GPTError(f"{config_path} has no integer {', '.join(missing)}: it is not a GPT-2 config.json "
                    f"(or it is damaged); download it again")
   hparams = {"n_vocab": hf_config["vocab_size"], "n_ctx": hf_config.get("n_positions", 1024),

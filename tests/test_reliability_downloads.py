@@ -50,7 +50,8 @@ def test_html_login_page_with_its_content_type_is_refused(www, openai_fixture, t
   good = (www / "124M" / "hparams.json").read_bytes()
   (www / "124M" / "hparams.json").write_bytes(LOGIN)
   models = tmp_path / "models"
-  with FileServer(www, headers={"/124M/hparams.json": {"Content-Type": "text/html; charset=utf-8"}}) as server:
+  html = {"/124M/hparams.json": {"Content-Type": "text/html; charset=utf-8"}}
+  with FileServer(www, headers=html) as server:
     with pytest.raises(GPTError) as info:
       download.download_model("124M", models, base_url=server.url)
   message = _one_line(info)
@@ -112,7 +113,8 @@ def test_a_flipped_byte_in_the_served_data_fails_its_crc(www, tmp_path):
   raw[123_456] ^= 0x01
   path.write_bytes(bytes(raw))
   with FileServer(www) as server:
-    with pytest.raises(GPTError, match=r"does not match the index: tensor '.*' fails its crc32c checksum"):
+    with pytest.raises(GPTError, match=r"does not match the index: tensor '.*' fails its crc32c "
+                       r"checksum"):
       download.download_model("124M", tmp_path, base_url=server.url)
   assert not (tmp_path / "124M" / DATA).exists()
 
