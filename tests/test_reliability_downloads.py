@@ -325,3 +325,22 @@ def test_a_bad_file_saved_by_an_older_downloader_is_moved_aside_and_fetched_agai
   assert (folder / "hparams.json.invalid").read_bytes() == LOGIN  # moved aside, not lost
   flat, hparams = tf_checkpoint.load_openai(folder)
   assert_matches_expected_logits(flat, hparams, openai_fixture)
+
+
+@pytest.mark.parametrize("header, value", [
+    ("Digest", "SHA-256={}"), ("Repr-Digest", "sha-256=:{}:"), ("Digest", "md5={}"),
+])
+def test_digest_headers(tmp_path, header, value):
+  (tmp_path / "www").mkdir()
+  body = b"some text file\n" * 100
+  (tmp_path / "www" / "f.txt").write_bytes(body)
+  algo = "md5" if value.startswith("md5") else "sha256"
+  good = _b64(hashlib.new(algo, body).digest())
+  bad = _b64(hashlib.new(algo, b"x").digest())
+  with FileServer(tmp_path / "www", headers={"/f.txt": {header: value.format(bad)}}) as server:
+    with pytest.raises(GPTError, match=rf"f.txt: its {algo} is [0-9a-f]+, [0-9a-f]+ expected"):
+      download.fetch(server.url + "/f.txt", tmp_path / "out" / "f.txt")
+  assert not (tmp_path / "out" / "f.txt").exists()
+  with FileServer(tmp_path / "www", headers={"/f.txt": {header: value.format(good)}}) as server:
+    assert download.fetch(server.url + "/f.txt", tmp_path / "out" / "f.txt")
+  assert (tmp_path / "out" / "f.txt").read_bytes() == body
