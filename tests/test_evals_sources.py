@@ -4,6 +4,7 @@ deleted and named in one line; offline lists every missing file; release zips; T
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import zipfile
 from pathlib import Path
@@ -272,3 +273,56 @@ def test_tfds_errors_are_one_line(monkeypatch, tmp_path):
   with pytest.raises(GPTError, match="cannot open TFDS dataset 'no_such_tiny_dataset'") as err:
     sources.load_tfds(get_task("piqa"), str(tmp_path))
   assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("ranges", [True, False], ids=["range-requests", "server-ignores-range"])
+def test_arc_members_are_read_out_of_the_release_zip(shared_dir, monkeypatch, tmp_path, ranges):
+  """ARC's release is a 680 MB zip, nearly all corpus: with Range requests only the end record, the
+  directory and the two members are read; a server without ranges gets the zip downloaded."""
+  www = tmp_path / "www"
+  www.mkdir()
+  zip_path = www / "ARC-V1-Feb2018.zip"
+  with zipfile.ZipFile(zip_path, "w") as z:
+    z.writestr("ARC-V1-Feb2018-2/ARC_Corpus.txt", os.urandom(3 << 20))  # stands for the corpus
+    for split in ("Test", "Train", "Dev"):
+      name = f"ARC-Challenge-{split}.jsonl"
+      z.write(shared_dir / "data" / "arc" / name, f"ARC-V1-Feb2018-2/ARC-Challenge/{name}",
+              compress_type=zipfile.ZIP_DEFLATED)
+  with FileServer(www, ignore_range=not ranges) as server:
+    archive = sources.Archive(f"{server.url}/ARC-V1-Feb2018.zip",
+                              hashlib.sha256(zip_path.read_bytes()).hexdigest(), ranged=True)
+    monkeypatch.setattr(sources.RangedFile, "BLOCK", 1 << 16)
+    for path in get_task("arc_challenge").data_files()[0]:
+      replace_source(monkeypatch, path, archive=archive)
+    sources.ensure_tasks([get_task("arc_challenge")], tmp_path / "cache")
+    requests = server.requests_for("/ARC-V1-Feb2018.zip")
+  for name in ("ARC-Challenge-Test.jsonl", "ARC-Challenge-Train.jsonl"):
+    assert (tmp_path / "cache/arc" / name).read_bytes() == (shared_dir / "data/arc" / name).read_bytes()
+  if ranges:
+    assert all(status == 206 for _, status in requests)
+    assert len(requests) < 20  # a few 64 KiB blocks, not the 3 MiB corpus
+  else:
+    assert requests[-1] == (None, 200)  # the whole zip, through gpt.download.fetch
+  assert not list((tmp_path / "cache").rglob("*.zip"))
+
+
+def test_tfds_source_in_the_eval_mode_reads_tfds_tasks_and_files_for_the_rest(shared_dir, monkeypatch,
+                                                                                tmp_path):
+  tfds = pytest.importorskip("tensorflow_datasets", reason="eval.source=tfds needs the [tfds] extra")
+  monkeypatch.setitem(sources.TFDS_TASKS, "piqa", tfds_datasets(tfds, tmp_path / "tfds")["piqa"])
+  e = base_config().eval
+  e.source, e.tfds_data_dir, e.data_dir = "tfds", str(tmp_path / "tfds"), str(shared_dir / "data")
+  load = evaluate.task_data_loader(e, [get_task("piqa"), get_task("lambada")])
+  assert list(load(get_task("piqa")).files) == [f"tfds:{sources.TFDS_TASKS['piqa'][0]}/validation"]
+  assert len(load(get_task("lambada")).docs) == 5153
+  e.source = "hub"
+  with pytest.raises(GPTError, match="eval.source='hub': choose files or tfds"):
+    evaluate.task_data_loader(e, [])
+
+
+def test_readme_task_table_names_every_source(repo_dir):
+  readme = (repo_dir / "README.md").read_text(encoding="utf-8")
+  for source in sources.SOURCES.values():
+    assert (source.archive.url if source.archive else source.url or source.path) in readme, source.path
+    if source.sha256:
+      assert source.sha256[:8] in readme or source.archive, source.path

@@ -21,11 +21,17 @@ Offline (no route to the host) every missing file is listed, one line each, with
 from __future__ import annotations
 
 import bz2
+import contextlib
 import dataclasses
 import hashlib
+import http.client
+import io
 import json
 import os
+import re
 import shutil
+import urllib.error
+import urllib.request
 import zipfile
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -43,12 +49,92 @@ class BadFile(Exception):
   """A downloaded file is not the data it should be (the message says why)."""
 
 
+class NoRanges(Exception):
+  """The server answers Range requests with the whole file."""
+
+
+class RangedFile(io.RawIOBase):
+  """A remote file read a block at a time with HTTP Range requests: enough for zipfile to take a
+  member out of a large release zip (its end record, central directory, the member's bytes)
+  without downloading the rest. zipfile checks each member's CRC-32 as it reads it."""
+
+  BLOCK = 1 << 20
+
+  def __init__(self, url: str, timeout: float = 60.0):
+    super().__init__()
+    self.url, self.timeout, self.pos = url, timeout, 0
+    self.blocks: dict[int, bytes] = {}
+    self.size = 0
+    self._get(0, 0).close()  # learns the size (or raises NoRanges)
+
+  def _get(self, start: int, end: int):
+    request = urllib.request.Request(self.url, headers={"Range": f"bytes={start}-{end}"})
+    try:
+      resp = urllib.request.urlopen(request, timeout=self.timeout)
+    except urllib.error.HTTPError as e:
+      raise GPTError(f"{self.url}: HTTP {e.code} {e.reason}") from None
+    except (urllib.error.URLError, OSError) as e:
+      reason = getattr(e, "reason", e)
+      raise download.Unreachable(f"cannot reach {self.url} (offline?): {reason}", self.url,
+                                 reason) from None
+    if resp.status != 206:
+      resp.close()
+      raise NoRanges
+    match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", resp.headers.get("Content-Range", ""))
+    if not match or int(match.group(1)) != start:
+      resp.close()
+      raise GPTError(f"{self.url}: asked for bytes {start}-{end} but got Content-Range "
+                     f"{resp.headers.get('Content-Range')!r}")
+    self.size = int(match.group(3))
+    return resp
+
+  def _block(self, n: int) -> bytes:
+    if n not in self.blocks:
+      start = n * self.BLOCK
+      end = min(self.size, start + self.BLOCK) - 1
+      with self._get(start, end) as resp:
+        try:
+          data = resp.read(end - start + 1)  # a server may send more than asked: read only ours
+        except (OSError, http.client.HTTPException):
+          data = b""
+      if len(data) != end - start + 1:
+        raise GPTError(f"{self.url}: the connection dropped reading bytes {start}-{end}; run again")
+      self.blocks[n] = data
+    return self.blocks[n]
+
+  def readable(self) -> bool:
+    return True
+
+  def seekable(self) -> bool:
+    return True
+
+  def tell(self) -> int:
+    return self.pos
+
+  def seek(self, offset: int, whence: int = 0) -> int:
+    self.pos = {0: 0, 1: self.pos, 2: self.size}[whence] + offset
+    return self.pos
+
+  def readinto(self, buffer) -> int:
+    view, done = memoryview(buffer).cast("B"), 0
+    while done < len(view) and self.pos < self.size:
+      block = self._block(self.pos // self.BLOCK)
+      chunk = block[self.pos % self.BLOCK:][:len(view) - done]
+      view[done:done + len(chunk)] = chunk
+      done += len(chunk)
+      self.pos += len(chunk)
+    return done
+
+
 @dataclasses.dataclass(frozen=True)
 class Archive:
   """A release zip whose members are task files."""
 
   url: str
   sha256: str = ""  # pinned hash of the zip ('' = its members are checked instead)
+  # Read members with HTTP Range requests instead of downloading the zip (ARC: 680 MB, nearly all
+  # of it a corpus the tasks do not use); falls back to the download if the server ignores Range.
+  ranged: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,7 +233,7 @@ def hellaswag_text(path: Path) -> int:
 # ---- the sources ----
 
 _ARC_ZIP = Archive("https://ai2-public-datasets.s3.amazonaws.com/arc/ARC-V1-Feb2018.zip",
-                   "6d2d5ab50b2ceec6ba5f79c921be77cf2de712ea25a2b3f4fff3acc101cecfa0")
+                   "6d2d5ab50b2ceec6ba5f79c921be77cf2de712ea25a2b3f4fff3acc101cecfa0", ranged=True)
 _WINOGRANDE_ZIP = Archive("https://storage.googleapis.com/ai2-mosaic/public/winogrande/winogrande_1.1.zip",
                           "3619ab104d8be2977b25c90ff420cb42d491707dcc75362a1e5d22bc082b7318")
 _WIKITEXT_ZIP = Archive("https://wikitext.smerity.com/wikitext-2-v1.zip")
@@ -242,6 +328,7 @@ class Fetcher:
     self.offline: list[str] = []  # one line per file that could not be fetched (no route)
     self.offline_reason = ""
     self.archives: dict[str, Path] = {}
+    self.remote: dict[str, zipfile.ZipFile] = {}  # ranged archives' central directories
 
   def ensure(self, task: str, forms: Sequence[Sequence[str]]) -> None:
     """Makes one form (a set of files that together hold the task's data) complete in data_dir.
@@ -308,12 +395,29 @@ class Fetcher:
     return dest
 
   def _extract(self, source: Source, staged: Path) -> None:
-    archive = self._archive(source.archive)
+    archive = source.archive
     try:
-      with zipfile.ZipFile(archive) as z, z.open(source.member) as src, open(staged, "wb") as out:
+      with self._zip(archive) as z, z.open(source.member) as src, open(staged, "wb") as out:
         shutil.copyfileobj(src, out)
     except KeyError:
-      raise GPTError(f"{source.archive.url}: the archive has no {source.member}") from None
+      raise GPTError(f"{archive.url}: the archive has no {source.member}") from None
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:  # also a bad member CRC
+      staged.unlink(missing_ok=True)
+      raise GPTError(f"{archive.url}: {e} reading {source.member}") from None
+
+  def _zip(self, archive: Archive):
+    """The release zip (a context manager), read remotely when `archive.ranged` and the server
+    allows it, else downloaded."""
+    if archive.ranged and archive.url not in self.archives:
+      if archive.url not in self.remote:
+        try:
+          self.remote[archive.url] = zipfile.ZipFile(RangedFile(archive.url, self.timeout))
+        except NoRanges:
+          return zipfile.ZipFile(self._archive(archive))
+        except zipfile.BadZipFile as e:
+          raise GPTError(f"{archive.url}: not a zip file ({e})") from None
+      return contextlib.nullcontext(self.remote[archive.url])  # kept open: its directory is reused
+    return zipfile.ZipFile(self._archive(archive))
 
   def _archive(self, archive: Archive) -> Path:
     """The release zip, downloaded and checked once per run."""
