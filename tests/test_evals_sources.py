@@ -79,7 +79,7 @@ def test_mirror_fills_an_empty_cache_and_results_equal_the_shared_folder(shared_
   assert "/hellaswag/hellaswag_val.jsonl" not in fetched and "/hellaswag/hellaswag_val_full.txt.bz2" in fetched
   for path in fetched:
     assert (cache / path.lstrip("/")).read_bytes() == (shared_dir / "data" / path.lstrip("/")).read_bytes()
-  assert not list(cache.rglob("*.unverified")) and not list(cache.rglob("*.part"))
+  assert not [p for p in (cache / sources.INCOMING).rglob("*") if p.is_file()]
 
 
 def test_every_task_loads_the_same_from_a_mirror(shared_dir, tmp_path):
@@ -111,7 +111,7 @@ def test_a_bad_download_is_deleted_and_named_in_one_line(tmp_path, body, why):
   message = str(err.value)
   assert "\n" not in message and message.startswith(f"{server.url}/piqa/valid.jsonl: ")
   assert why in message and "deleted" in message
-  assert list(cache.rglob("*.*")) == []  # neither the file nor its staged download is left
+  assert [p for p in cache.rglob("*") if p.is_file()] == []  # neither the file nor its download
 
 
 def test_offline_lists_every_missing_file_with_both_ways_out(monkeypatch, tmp_path):
@@ -326,3 +326,12 @@ def test_readme_task_table_names_every_source(repo_dir):
     assert (source.archive.url if source.archive else source.url or source.path) in readme, source.path
     if source.sha256:
       assert source.sha256[:8] in readme or source.archive, source.path
+
+
+def test_a_form_with_one_file_present_fetches_only_the_other(shared_dir, tmp_path):
+  cache = copy_shared(shared_dir, tmp_path / "cache", "piqa/valid.jsonl")
+  (cache / "piqa/valid.jsonl").write_bytes(b"mine\n")  # the user's file is never replaced
+  with FileServer(shared_dir / "data") as server:
+    sources.ensure_tasks([get_task("piqa")], cache, server.url)
+    assert [p for p, _, _ in server.log] == ["/piqa/valid-labels.lst"]
+  assert (cache / "piqa/valid.jsonl").read_bytes() == b"mine\n"

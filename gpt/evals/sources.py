@@ -8,8 +8,8 @@ folder names as ../shared/data). When one is missing it is downloaded on first u
   - with `eval.mirror=<base URL>`, from `<base URL>/<path in data_dir>`: a mirror is any web
     server holding a copy of a data_dir (a cluster without internet).
 
-Every download goes through gpt.download.fetch (resumable, atomic) to `<file>.unverified` and is
-checked before it takes its real name: its sha256 where the original file's hash is known (pinned
+Every download goes through gpt.download.fetch (resumable, atomic) to `<data_dir>/.incoming/<file>`
+and is checked before it moves to its place: its sha256 where the original file's hash is known (pinned
 below; SOURCES.md in ../shared/data and TensorFlow Datasets' url checksums record them), and always
 its format and record count, so an HTML error page or a truncated body is deleted and reported in
 one line naming the URL, and never read. Files already in data_dir are the user's: used as they are.
@@ -30,6 +30,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import urllib.error
 import urllib.request
 import zipfile
@@ -42,7 +43,8 @@ from gpt.errors import GPTError
 
 # Release archives are fetched here (inside data_dir) and deleted once their members are out.
 ARCHIVE_DIR = ".archives"
-UNVERIFIED = ".unverified"
+# Downloads land here (same names, inside data_dir) and move to their place once checked.
+INCOMING = ".incoming"
 
 
 class BadFile(Exception):
@@ -340,13 +342,14 @@ class Fetcher:
       return
     first_error = None
     for form in forms:
-      sources = [SOURCES.get(name) for name in form]
-      if any(s is None for s in sources) or (not self.mirror and any(
-          not (s.url or s.archive) for s in sources)):
+      known = [SOURCES.get(name) for name in form]
+      if any(s is None for s in known) or (not self.mirror and any(
+          not (s.url or s.archive) for s in known)):
         continue  # no original of this form: only a mirror can have it
+      missing = [s for s in known if not (self.data_dir / s.path).is_file()]
       try:
         if not self.offline_reason:
-          for s in sources:
+          for s in missing:
             self.fetch(s)
           return
       except download.Unreachable as e:
@@ -355,7 +358,7 @@ class Fetcher:
         first_error = first_error or e
         continue
       # No route to the hosts: list what is missing without trying again.
-      self.offline += [self._offline_line(s) for s in sources if not (self.data_dir / s.path).is_file()]
+      self.offline += [self._offline_line(s) for s in missing if not (self.data_dir / s.path).is_file()]
       return
     if first_error is not None:
       raise first_error
@@ -374,14 +377,16 @@ class Fetcher:
   def fetch(self, source: Source) -> Path:
     """Downloads `source` into data_dir, checks it, and only then gives it its name."""
     dest = self.data_dir / source.path
+    staged = self.data_dir / INCOMING / source.path
     try:
       dest.parent.mkdir(parents=True, exist_ok=True)
+      staged.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-      raise GPTError(f"cannot create {dest.parent} for the {source.path} download ({e.strerror}); "
+      raise GPTError(f"cannot create {e.filename} for the {source.path} download ({e.strerror}); "
                      f"set --config.eval.data_dir to a writable folder") from None
-    staged = dest.with_name(dest.name + UNVERIFIED)
+    url = self._url(source)
+    print(f"eval data: {source.path} from {url}", file=sys.stderr, flush=True)
     if self.mirror or source.archive is None:
-      url = self._url(source)
       download.fetch(url, staged, retries=self.retries, timeout=self.timeout)
     else:
       url = source.archive.url
