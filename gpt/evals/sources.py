@@ -444,10 +444,15 @@ class Fetcher:
     return path
 
   def cleanup(self) -> None:
-    """Deletes the release archives: their members are out."""
+    """Deletes the release archives (their members are out) and empty staging folders (a partial
+    download stays, to be resumed)."""
     for path in self.archives.values():
       path.unlink(missing_ok=True)
     self.archives.clear()
+    for folder in (self.data_dir / ARCHIVE_DIR, self.data_dir / INCOMING):
+      for sub in sorted(folder.rglob("*"), reverse=True) + [folder]:
+        if sub.is_dir() and not any(sub.iterdir()):
+          sub.rmdir()
 
   def finish(self) -> None:
     """Cleans up and reports every file that could not be fetched for want of a route, at once."""
