@@ -343,3 +343,13 @@ def test_a_form_with_one_file_present_fetches_only_the_other(shared_dir, tmp_pat
     sources.ensure_tasks([get_task("piqa")], cache, server.url)
     assert [p for p, _, _ in server.log] == ["/piqa/valid-labels.lst"]
   assert (cache / "piqa/valid.jsonl").read_bytes() == b"mine\n"
+
+
+def test_command_line_fills_a_data_dir(shared_dir, tmp_path, capsys):
+  with FileServer(shared_dir / "data") as server:
+    assert sources.main(["piqa", "sst2", f"--data_dir={tmp_path}", f"--mirror={server.url}"]) == 0
+  assert capsys.readouterr().out.splitlines() == [
+      "piqa: piqa/valid.jsonl, piqa/valid-labels.lst",
+      "sst2: sst2/stsa.binary.dev, sst2/stsa.binary.train"]
+  assert sources.main(["nope", f"--data_dir={tmp_path}"]) == 2
+  assert capsys.readouterr().err.startswith("error: unknown eval task 'nope'")

@@ -563,3 +563,32 @@ def load_tfds(task: Any, data_dir: str = "") -> Any:
   if fewshot:
     pool, files[f"tfds:{name}/{fewshot}"] = _tfds_split(task, name, fewshot, data_dir)
   return TaskData(docs, pool, files, f"tfds {fewshot}" if fewshot else f"tfds {split} (minus the item)")
+
+
+def main(argv: list[str] | None = None) -> int:
+  """`python -m gpt.evals.sources [task ...]`: fills a data_dir ahead of time (e.g. on a machine
+  with internet, to serve as a cluster's eval.mirror)."""
+  import argparse
+
+  from gpt.evals import TASKS, get_task
+  parser = argparse.ArgumentParser(prog="python -m gpt.evals.sources",
+                                   description="Downloads and checks evaluation task data.")
+  parser.add_argument("tasks", nargs="*", help=f"default: every task ({', '.join(TASKS)})")
+  parser.add_argument("--data_dir", default=os.environ.get("GPT_EVAL_DATA") or "data_cache/eval",
+                      help="folder to fill (default $GPT_EVAL_DATA or data_cache/eval)")
+  parser.add_argument("--mirror", default="", help="base URL of a mirror laid out like data_dir")
+  args = parser.parse_args(argv)
+  try:
+    tasks = [get_task(name) for name in (args.tasks or [n for n in TASKS if n != "text"])]
+    ensure_tasks(tasks, args.data_dir, args.mirror)
+  except GPTError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  for task in tasks:
+    present = [f for form in task.data_files() for f in form if (Path(args.data_dir) / f).is_file()]
+    print(f"{task.name}: {', '.join(present)}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
