@@ -353,3 +353,23 @@ def test_command_line_fills_a_data_dir(shared_dir, tmp_path, capsys):
       "sst2: sst2/stsa.binary.dev, sst2/stsa.binary.train"]
   assert sources.main(["nope", f"--data_dir={tmp_path}"]) == 2
   assert capsys.readouterr().err.startswith("error: unknown eval task 'nope'")
+
+
+def test_boolq_falls_back_to_superglue_when_googles_bucket_refuses(shared_dir, monkeypatch, tmp_path):
+  """Google's bucket answers 404/403 here: SuperGLUE's BoolQ.zip is fetched and its val.jsonl read
+  (passages led by their title, `label` for `answer`), the same items and answers."""
+  rows = [json.loads(l) for l in (shared_dir / "data/boolq/dev.jsonl").read_text().splitlines()]
+  www = tmp_path / "www"
+  www.mkdir()
+  with zipfile.ZipFile(www / "BoolQ.zip", "w") as z:
+    z.writestr("BoolQ/val.jsonl", "".join(json.dumps(
+        {"question": r["question"], "passage": f"{r['title']} -- {r['passage']}", "idx": i,
+         "label": r["answer"]}) + "\n" for i, r in enumerate(rows)))
+  with FileServer(www) as server:
+    replace_source(monkeypatch, "boolq/dev.jsonl", url=f"{server.url}/boolq/dev.jsonl")
+    replace_source(monkeypatch, "boolq/val.jsonl", archive=sources.Archive(f"{server.url}/BoolQ.zip"))
+    sources.ensure_tasks([get_task("boolq")], tmp_path / "cache")
+  assert sorted(p.name for p in (tmp_path / "cache/boolq").iterdir()) == ["val.jsonl"]
+  docs = get_task("boolq").load(tmp_path / "cache").docs
+  assert [d.label for d in docs] == [int(r["answer"]) for r in rows]
+  assert docs[0]["passage"] == f"{rows[0]['title']} -- {rows[0]['passage']}"

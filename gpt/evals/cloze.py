@@ -71,8 +71,13 @@ class Cloze(Task):
 
 
 class BoolQ(Cloze):
+  """BoolQ dev: Google's original dev.jsonl, or SuperGLUE's val.jsonl (the same 3270 items, each
+  passage led by "<title> -- ", `label` for `answer`: what lm-eval's boolq reads) when only it is
+  present."""
+
   name = "boolq"
   FILE = "boolq/dev.jsonl"
+  SUPERGLUE = "boolq/val.jsonl"
   field_names = ("passage", "question")
   patterns = (
       Pattern(lambda d: f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:", ("no", "yes"),
@@ -84,9 +89,13 @@ class BoolQ(Cloze):
   )
 
   def data_files(self) -> list[tuple[str, ...]]:
-    return [(self.FILE,)]
+    return [(self.FILE,), (self.SUPERGLUE,)]
 
   def load(self, data_dir: Path) -> TaskData:
+    superglue = Path(data_dir) / self.SUPERGLUE
+    if not (Path(data_dir) / self.FILE).is_file() and superglue.is_file():
+      docs = [self.to_doc({**r, "answer": r.get("label")}, superglue) for r in read_jsonl(superglue)]
+      return TaskData(docs, None, {str(superglue): sha256_of(superglue)}, "dev (minus the item)")
     path = require_files(data_dir, self.name, self.FILE)[self.FILE]
     docs = [self.to_doc(r, path) for r in read_jsonl(path)]
     return TaskData(docs, None, {str(path): sha256_of(path)}, "dev (minus the item)")

