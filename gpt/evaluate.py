@@ -6,6 +6,8 @@
 Writes <workdir>/eval/<task>_<shots>shot.json (metrics with stderrs, item counts, truncation counts,
 the config, data checksums, timing) and, with eval.write_examples, a .jsonl of per-item scores
 beside it; then prints a table of all results. Without --workdir results go to runs/eval.
+Task files come from eval.data_dir, where missing ones are fetched first (from the original
+releases or eval.mirror, checked: gpt.evals.sources), or from TensorFlow Datasets (eval.source).
 """
 
 from __future__ import annotations

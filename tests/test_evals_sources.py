@@ -111,6 +111,8 @@ def test_a_bad_download_is_deleted_and_named_in_one_line(tmp_path, body, why):
   message = str(err.value)
   assert "\n" not in message and message.startswith(f"{server.url}/piqa/valid.jsonl: ")
   assert why in message and "deleted" in message
+  assert message.endswith("; for task 'piqa' pass --config.eval.data_dir=<folder holding piqa/> or "
+                          "--config.eval.mirror=<base URL of a copy of that folder>")
   assert [p for p in cache.rglob("*") if p.is_file()] == []  # neither the file nor its download
 
 

@@ -369,7 +369,9 @@ class Fetcher:
       self.offline += [self._offline_line(s) for s in missing if not (self.data_dir / s.path).is_file()]
       return
     if first_error is not None:
-      raise first_error
+      folder = forms[0][0].split("/")[0]
+      raise GPTError(f"{first_error}; for task {task!r} pass --config.eval.data_dir=<folder holding "
+                     f"{folder}/> or --config.eval.mirror=<base URL of a copy of that folder>")
     raise GPTError(f"task {task!r} needs {' and '.join(forms[0])} in {self.data_dir}, which has no "
                    f"known source; set --config.eval.data_dir to a folder holding them")
 
