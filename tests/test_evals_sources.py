@@ -375,3 +375,11 @@ def test_boolq_falls_back_to_superglue_when_googles_bucket_refuses(shared_dir, m
   docs = get_task("boolq").load(tmp_path / "cache").docs
   assert [d.label for d in docs] == [int(r["answer"]) for r in rows]
   assert docs[0]["passage"] == f"{rows[0]['title']} -- {rows[0]['passage']}"
+
+
+def test_a_data_dir_that_cannot_be_written_is_one_line(tmp_path):
+  (tmp_path / "file").write_text("not a folder")
+  with pytest.raises(GPTError) as err:
+    sources.ensure_tasks([get_task("lambada")], tmp_path / "file", closed_port_url())
+  assert str(err.value).startswith(f"cannot create {tmp_path / 'file'}")
+  assert str(err.value).endswith("set --config.eval.data_dir to a writable folder")

@@ -53,6 +53,10 @@ class BadFile(Exception):
   """A downloaded file is not the data it should be (the message says why)."""
 
 
+class NotWritable(GPTError):
+  """data_dir cannot take the download (no other source helps)."""
+
+
 class NoRanges(Exception):
   """The server answers Range requests with the whole file."""
 
@@ -362,6 +366,8 @@ class Fetcher:
           return
       except download.Unreachable as e:
         self.offline_reason = str(e.reason)
+      except NotWritable:
+        raise
       except GPTError as e:  # HTTP error, failed check: a mirror may still hold another form
         first_error = first_error or e
         continue
@@ -392,8 +398,8 @@ class Fetcher:
       dest.parent.mkdir(parents=True, exist_ok=True)
       staged.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-      raise GPTError(f"cannot create {e.filename} for the {source.path} download ({e.strerror}); "
-                     f"set --config.eval.data_dir to a writable folder") from None
+      raise NotWritable(f"cannot create {e.filename} for the {source.path} download ({e.strerror}); "
+                        f"set --config.eval.data_dir to a writable folder") from None
     url = self._url(source)
     print(f"eval data: {source.path} from {url}", file=sys.stderr, flush=True)
     if self.mirror or source.archive is None:
