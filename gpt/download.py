@@ -78,8 +78,16 @@ class _Interrupted(Exception):
 MODEL_HINT = "download the folder elsewhere and pass --config.init=/path/to/folder"
 
 
+class Unreachable(GPTError):
+  """No route to the server (refused, DNS failure, timeout): callers may offer another way."""
+
+  def __init__(self, message: str, url: str, reason: object):
+    super().__init__(message)
+    self.url, self.reason = url, reason
+
+
 def _offline(url: str, reason: object, hint: str = MODEL_HINT) -> GPTError:
-  return GPTError(f"cannot reach {url} (offline?): {reason}; {hint}")
+  return Unreachable(f"cannot reach {url} (offline?): {reason}; {hint}", url, reason)
 
 
 def _open(url: str, part: Path, timeout: float, hint: str):
