@@ -229,7 +229,7 @@ def _check_part(part: Path, name: str, size: int | None, checksums: dict[str, st
   for algo, want in sorted(checksums.items()):
     got = _digest(part, algo)
     if got != want.lower():
-      raise InvalidDownload(f"its {algo} is {got}, {want.lower()} expected (corrupted or cut short)")
+      raise InvalidDownload(f"its {algo} is {got}, {want.lower()} expected (corrupted or truncated)")
   check_format(part, name)
   if validate is not None:
     try:
@@ -270,8 +270,9 @@ def fetch(url: str, dest: str | os.PathLike, retries: int = 3, timeout: float = 
         if attempt == retries:
           raise GPTError(f"{url}: the connection kept dropping ({e.got} of {e.total} bytes after "
                          f"{retries + 1} tries); run the same command again to resume from {part}") from None
-  except InvalidDownload as e:  # an HTML page, refused before anything was written
-    raise GPTError(f"{url}: {e}; nothing was saved; {advice}") from None
+  except InvalidDownload as e:  # an HTML page, refused before a byte of it was written
+    kept = f" (kept the earlier {part.name})" if part.is_file() else ""
+    raise GPTError(f"{url}: {e}; deleted the download{kept}; {advice}") from None
   try:
     _check_part(part, dest.name, size, checksums, validate)
   except InvalidDownload as e:
@@ -305,14 +306,14 @@ def check_format(path: Path, name: str | None = None) -> None:
 
 
 def check_json(path: Path) -> Any:
-  """The parsed JSON of `path`, or InvalidDownload (cut short, not UTF-8, not JSON)."""
+  """The parsed JSON of `path`, or InvalidDownload (truncated, not UTF-8, not JSON)."""
   try:
     return json.loads(path.read_bytes().decode("utf-8-sig"))
   except UnicodeDecodeError as e:
     raise InvalidDownload(f"it is not UTF-8 text (byte {e.start})") from None
   except json.JSONDecodeError as e:
     raise InvalidDownload(f"it is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; "
-                          f"cut short?)") from None
+                          f"truncated?)") from None
 
 
 def check_jsonl(path: Path) -> None:
@@ -323,7 +324,7 @@ def check_jsonl(path: Path) -> None:
         if line.strip():
           json.loads(line.decode("utf-8-sig" if number == 1 else "utf-8"))
       except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidDownload(f"line {number} is not valid JSON ({e}; cut short?)") from None
+        raise InvalidDownload(f"line {number} is not valid JSON ({e}; truncated?)") from None
 
 
 def check_safetensors(path: Path) -> None:
@@ -336,7 +337,7 @@ def check_safetensors(path: Path) -> None:
     (n,) = struct.unpack("<Q", head)
     if n > size - 8:
       raise InvalidDownload(f"its header claims {n} bytes but the file has {size}: not safetensors, "
-                            f"or cut short")
+                            f"or truncated")
     try:
       header = json.loads(f.read(n))
       ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
@@ -345,7 +346,7 @@ def check_safetensors(path: Path) -> None:
   want = 8 + n + max(ends, default=0)
   if want != size:
     raise InvalidDownload(f"its header describes {want} bytes but the file has {size}"
-                          f"{': cut short' if size < want else ''}")
+                          f"{': truncated' if size < want else ''}")
 
 
 @functools.lru_cache(maxsize=1)
@@ -381,7 +382,7 @@ def check_gpt2_merges(path: Path) -> None:
     raise InvalidDownload(f"it is not UTF-8 text (byte {e.start})") from None
   if got != merges:
     raise InvalidDownload(f"it is not GPT-2's merges file ({len(got)} merges, {len(merges)} "
-                          f"expected, or different ones; cut short?)")
+                          f"expected, or different ones; truncated?)")
 
 
 def check_json_ints(*keys: str) -> Validator:
@@ -409,7 +410,7 @@ def check_checkpoint_state(path: Path) -> None:
 def check_tf_index(path: Path, data: Path) -> None:
   """InvalidDownload unless `path` is a TF bundle index and every tensor's bytes in `data` (the
   single data shard, downloaded before the index) have the crc32c the index records. A data file
-  that does not match is deleted too: it is the one that was cut short or corrupted."""
+  that does not match is deleted too: it is the one that was truncated or corrupted."""
   from gpt import tf_checkpoint, tf_table
 
   try:
@@ -421,7 +422,7 @@ def check_tf_index(path: Path, data: Path) -> None:
     return  # a layout the downloader does not fetch; the loader checks it
   size = data.stat().st_size
   end = max((e["offset"] + e["size"] for e in entries.values()), default=0)
-  problem = f"it has {size} bytes but the index needs {end} (cut short?)" if size < end else None
+  problem = f"it has {size} bytes but the index needs {end} (truncated?)" if size < end else None
   if problem is None:
     with open(data, "rb") as f:
       for name, entry in sorted(entries.items(), key=lambda kv: kv[1]["offset"]):

@@ -57,7 +57,7 @@ def test_html_login_page_with_its_content_type_is_refused(www, openai_fixture, t
   message = _one_line(info)
   assert message.startswith(f"{server.url}/124M/hparams.json: the server sent an HTML page "
                             f"(Content-Type text/html), not hparams.json")
-  assert "nothing was saved" in message
+  assert "deleted the download; check the URL" in message
   folder = models / "124M"
   assert not (folder / "hparams.json").exists() and not list(folder.glob("*.part"))
   assert (folder / DATA).is_file()  # what was good stays
@@ -86,7 +86,8 @@ def test_an_html_answer_leaves_an_earlier_part_as_it_was(www, tmp_path):
   (www / "124M" / "checkpoint").write_bytes(LOGIN)
   with FileServer(www, ignore_range=True,
                   headers={"/124M/checkpoint": {"Content-Type": "text/html"}}) as server:
-    with pytest.raises(GPTError, match=r"checkpoint: the server sent an HTML page .*nothing was saved"):
+    with pytest.raises(GPTError, match=r"checkpoint: the server sent an HTML page .*deleted the download \(kept "
+                       r"the earlier checkpoint.part\)"):
       download.download_model("124M", tmp_path, base_url=server.url)
   assert (folder / "checkpoint.part").read_bytes() == start
 
@@ -100,7 +101,7 @@ def test_content_length_shorter_than_the_data_file_is_caught_by_the_index(www, o
       download.download_model("124M", models, base_url=server.url)
   message = _one_line(info)
   assert (f"the data file {DATA} does not match the index: it has 3245912 bytes but the index needs "
-          f"3246912 (cut short?); deleted it too; deleted the download") in message
+          f"3246912 (truncated?); deleted it too; deleted the download") in message
   folder = models / "124M"
   assert not (folder / DATA).exists() and not (folder / "model.ckpt.index").exists()
   assert not (folder / "hparams.json").exists()  # the folder is not taken for a checkpoint
@@ -120,7 +121,7 @@ def test_a_flipped_byte_in_the_served_data_fails_its_crc(www, tmp_path):
 
 
 @pytest.mark.parametrize("name, expect", [
-    ("encoder.json", r"encoder.json: it is not valid JSON \(.*cut short\?\); deleted the download"),
+    ("encoder.json", r"encoder.json: it is not valid JSON \(.*truncated\?\); deleted the download"),
     ("vocab.bpe", r"vocab.bpe: it is not GPT-2's merges file \(49999 merges, 50000 expected"),
     ("hparams.json", r"hparams.json: it is not valid JSON"),
     ("checkpoint", r"checkpoint: it has no model_checkpoint_path line"),
@@ -156,7 +157,7 @@ def test_server_checksums_are_checked(www, openai_fixture, tmp_path):
   wrong = {"/124M/model.ckpt.meta": {"Content-MD5": _b64(hashlib.md5(b"other").digest())}}
   with FileServer(www, headers=wrong) as server:
     with pytest.raises(GPTError, match=r"model.ckpt.meta: its md5 is [0-9a-f]{32}, [0-9a-f]{32} "
-                       r"expected \(corrupted or cut short\); deleted the download"):
+                       r"expected \(corrupted or truncated\); deleted the download"):
       download.download_model("124M", tmp_path, base_url=server.url)
   assert not (tmp_path / "124M" / "model.ckpt.meta").exists()
   # The right checksum, stated by Azure's whole-blob header on a resumed (206) transfer.
@@ -212,7 +213,7 @@ def test_hugging_face_safetensors_cut_short_and_linked_etag(hf_fixture, tmp_path
   models = tmp_path / "models"
   with FileServer(tmp_path / "www", extra_length={path: -4096}) as server:
     with pytest.raises(GPTError, match=r"model.safetensors: its header describes 3249480 bytes but the "
-                       r"file has 3245384: cut short; deleted the download"):
+                       r"file has 3245384: truncated; deleted the download"):
       download.download_model("124M", models, source="hf", base_url=server.url)
   assert not (models / "gpt2" / "model.safetensors").exists()
   assert not (models / "gpt2" / "config.json").exists()  # comes last: the folder is not a model yet
