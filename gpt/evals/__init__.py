@@ -12,6 +12,8 @@
   lambada_generate                  lambada_generate.py the last word generated: exact_match
 
 `gpt.evals.runner.evaluate` runs one task at one shot count; `gpt.evaluate.run` is the eval mode.
+`gpt.evals.sources` says where each task's files come from: downloaded on first use from their
+original release (or `eval.mirror`) and checked, or read from TensorFlow Datasets.
 """
 
 from __future__ import annotations
