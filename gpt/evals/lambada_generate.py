@@ -27,6 +27,9 @@ class LambadaGenerate(GenerativeTask):
   # LAMBADA's last words are ordinary words: a few BPE tokens each.
   max_new_tokens = 10
 
+  def data_files(self) -> list[tuple[str, ...]]:
+    return Lambada().data_files()
+
   def load(self, data_dir: Path) -> TaskData:
     data = Lambada().load(data_dir)
     data.fewshot_source = "test (minus the item)"
