@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gpt.evals import arithmetic, get_task, scramble
-from gpt.evals.base import Format, TaskData
+from gpt.evals.base import Format
 from gpt.evals.generative import evaluate_generative
 from gpt.evals.greedy import TextGenerator, cut_at_stop
 from gpt.evals.lambada_generate import END_OF_WORD
