@@ -35,6 +35,7 @@ import hashlib
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -165,6 +166,42 @@ def _sync(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
+def _is_closed_loop_callback(exc_type, exc, tb) -> bool:
+  """True for the traceback tensorstore prints (through sys.excepthook or sys.unraisablehook)
+  when a write finishes
+  after orbax's event loop closed because another write of the same save failed: a
+  RuntimeError raised by call_soon_threadsafe called straight from C, with no Python caller."""
+  frames = []
+  while tb is not None:
+    frames.append(tb.tb_frame.f_code.co_name)
+    tb = tb.tb_next
+  return (exc_type is RuntimeError and str(exc) == "Event loop is closed"
+          and frames[:1] == ["call_soon_threadsafe"])
+
+
+def quiet_failed_write_callbacks() -> None:
+  """Drops those tracebacks (several per failed save; the failure itself is reported as
+  SaveFailed); every other exception reaches the previous hooks. Idempotent."""
+  if not getattr(sys.excepthook, "gpt_quiet", False):
+    previous_except = sys.excepthook
+
+    def excepthook(exc_type, exc, tb):
+      if not _is_closed_loop_callback(exc_type, exc, tb):
+        previous_except(exc_type, exc, tb)
+
+    excepthook.gpt_quiet = True
+    sys.excepthook = excepthook
+  if not getattr(sys.unraisablehook, "gpt_quiet", False):
+    previous_unraisable = sys.unraisablehook
+
+    def unraisablehook(u):
+      if not _is_closed_loop_callback(u.exc_type, u.exc_value, u.exc_traceback):
+        previous_unraisable(u)
+
+    unraisablehook.gpt_quiet = True
+    sys.unraisablehook = unraisablehook
+
+
 class Checkpointer:
   """Saves and restores TrainStates under `<workdir>/checkpoints`, keeping the newest `keep`."""
 
@@ -174,6 +211,8 @@ class Checkpointer:
     self.async_save = async_save
     self._saving: tuple[int, int] | None = None  # (step, bytes) of the save in flight
     self.failed: SaveFailed | None = None
+    if not read_only:
+      quiet_failed_write_callbacks()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=not read_only,
         cleanup_tmp_directories=not read_only, read_only=read_only,
@@ -203,6 +242,8 @@ class Checkpointer:
     """Starts writing `state` (a TrainState) as checkpoint `state.step`; returns before it is done.
 
     Raises SaveFailed when this save or the previous one failed."""
+    if self.failed is not None:
+      raise self.failed
     self.wait()
     step = int(meta["step"])
     size = sum(int(x.nbytes) for x in jax.tree.leaves((state.params, state.opt_state)))
@@ -212,6 +253,7 @@ class Checkpointer:
         train=ocp.args.PyTreeSave({"step": state.step, "rng": state.rng}),
         meta=ocp.args.JsonSave(meta))
     self._saving = (step, size)
+    self.check_space(size)
     try:
       self.manager.save(step, args=args, force=True)
     except Exception as e:  # noqa: BLE001 - any failure to write must stop the run
@@ -220,6 +262,16 @@ class Checkpointer:
       self._saving = None
       if jax.process_index() == 0:
         write_manifest(self.step_dir(step))
+
+  def check_space(self, size: int) -> None:
+    """Raises SaveFailed before writing anything when the disk cannot hold `size` more bytes
+    (old checkpoints are deleted only after the new one is complete, so all of it is needed).
+    One process only: in a multi-host run orbax's own failure is what stops the run."""
+    if jax.process_count() > 1:
+      return
+    free = shutil.disk_usage(self.directory).free
+    if free < size:
+      raise self._failure(OSError(errno.ENOSPC, "No space left on device (checked before saving)"))
 
   def check(self) -> None:
     """Raises SaveFailed as soon as a background save has failed (cheap: call it every step).
@@ -230,9 +282,8 @@ class Checkpointer:
       self.wait()
 
   def wait(self) -> None:
-    """Blocks until the last save is complete on disk; raises SaveFailed if it failed."""
-    if self.failed is not None:
-      raise self.failed
+    """Blocks until the last save is complete on disk; raises SaveFailed if it failed (once:
+    afterwards the failure has been reported and waiting returns at once)."""
     if self._saving is None:
       return
     try:
