@@ -151,6 +151,9 @@ def kill_once(proc: subprocess.Popen, workdir: Path, mode: str, rng: random.Rand
 
 def params_of(workdir: Path):
   import jax
+  from absl import logging
+
+  logging.set_verbosity(logging.ERROR)  # orbax's read-only notices
 
   from gpt.checkpoint import load_params
   from gpt.model import GPTConfig
