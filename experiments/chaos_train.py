@@ -123,25 +123,50 @@ def straight_run(args, workdir: Path, tokens: Path, env: dict) -> tuple[float, f
   return first - start, (end - first) / max(1, args.steps - 1)
 
 
-def kill_once(proc: subprocess.Popen, workdir: Path, mode: str, rng: random.Random, startup: float,
-              step_time: float, budget: int) -> bool:
-  """Waits for the moment `mode` picks and SIGKILLs `proc`; False if it finished first."""
+def life_progress(workdir: Path, since: float) -> int | None:
+  """The last train step this life has logged, or None before its first (rows in the file from
+  earlier lives do not count: the file has not been touched since `since`)."""
+  try:
+    if (workdir / "metrics.jsonl").stat().st_mtime < since:
+      return None
+  except OSError:
+    return None
+  steps = logged_steps(workdir)
+  return steps[-1] if steps else None
+
+
+def kill_once(proc: subprocess.Popen, workdir: Path, mode: str, rng: random.Random,
+              startup: list[float], step_time: float, target: int) -> bool:
+  """Waits for the moment `mode` picks and SIGKILLs `proc`; False if it finished first.
+  `startup` holds the start-up times seen so far (time to a life's first step), newest last: the
+  first is the uninterrupted run's, with a cold compile; later lives hit the compile cache.
+
+  startup: a uniform time in [0, startup); training: once this life logged step `target`, plus a
+  uniform fraction of a step; saving: at the first checkpoint write after this life's first step."""
+  born = time.time()
+  first_step = []
+
   def alive() -> bool:
     return proc.poll() is None
 
-  start_steps = len(logged_steps(workdir))
+  def progress() -> int | None:
+    step = life_progress(workdir, born)
+    if step is not None and not first_step:
+      first_step.append(time.time() - born)
+    return step
+
   if mode == "startup":
-    deadline = time.time() + rng.uniform(0, startup)
+    deadline = born + rng.uniform(0, startup[-1])
     while alive() and time.time() < deadline:
       time.sleep(0.005)
   elif mode == "training":
-    target = start_steps + rng.randint(1, max(1, budget))
-    while alive() and len(logged_steps(workdir)) < target:
+    while alive() and (progress() or 0) < target:
       time.sleep(0.002)
     time.sleep(rng.uniform(0, step_time))
-  else:  # saving: after at least one new step, at the first save in progress
-    while alive() and (len(logged_steps(workdir)) <= start_steps or not saving(workdir)):
+  else:
+    while alive() and (progress() is None or not saving(workdir)):
       time.sleep(0.001)
+  startup.extend(first_step)
   if not alive():
     return False
   proc.send_signal(signal.SIGKILL)
@@ -185,9 +210,10 @@ def chaos(args) -> dict:
   env = environment(root)
   started = time.time()
   straight, chaotic = root / "straight", root / "chaos"
-  startup, step_time = straight_run(args, straight, tokens, env)
-  print(f"uninterrupted run: {startup:.1f} s to the first step, {1000 * step_time:.0f} ms/step",
+  first, step_time = straight_run(args, straight, tokens, env)
+  print(f"uninterrupted run: {first:.1f} s to the first step, {1000 * step_time:.0f} ms/step",
         flush=True)
+  startup = [first]
 
   kills, lost, interrupted_saves, lives, damaged = 0, 0, 0, 0, 0
   modes = {"startup": 0, "training": 0, "saving": 0}
@@ -198,12 +224,13 @@ def chaos(args) -> dict:
     with open(log_path, "w") as log:
       proc = subprocess.Popen(command(args, chaotic, tokens), cwd=REPO, env=env, stdout=log,
                               stderr=subprocess.STDOUT)
-      done = len(set(logged_steps(chaotic)))
+      base = max(finalized_steps(chaotic), default=0)  # where this life will resume
       killed = False
       if kills < args.kills:
         mode = rng.choice(list(modes))
-        budget = max(1, 2 * (args.steps - done) // (args.kills - kills + 1))
-        killed = kill_once(proc, chaotic, mode, rng, startup, step_time, budget)
+        budget = max(1, 2 * (args.steps - base) // (args.kills - kills + 1))
+        target = min(args.steps - 1, base + rng.randint(1, budget))
+        killed = kill_once(proc, chaotic, mode, rng, startup, step_time, target)
       if killed:
         kills += 1
         modes[mode] += 1

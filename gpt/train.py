@@ -304,7 +304,7 @@ class Loop:
     if step >= self.t.steps:
       logging.info("already trained to step %d (train.steps=%d): nothing to do", step, self.t.steps)
       return
-    self.log = TrainLog(self.workdir, enabled=self.main, resume_step=self.setup.resume_step)
+    self.log = TrainLog(self.workdir, enabled=self.main, start_step=step)
     try:
       with StopRequest() as stop:
         self.loop(step, stop)

@@ -5,10 +5,10 @@ Only process 0 writes. `metrics.jsonl` (one JSON object per logged step, train a
 is what tests and plots read; TensorBoard reads `<workdir>/tensorboard`.
 
 A run resumed from checkpoint step S replays the steps after S that its killed predecessor had
-already logged. So that the logs read like an uninterrupted run's, `metrics.jsonl` is rewritten
-without the rows past S (and without a line cut short by the kill), and the TensorBoard writer
-starts with `purge_step=S+1`: TensorBoard (and experiments/tb_events.py) then discards the older
-events from step S+1 on.
+already logged (S is 0 when that one died before its first checkpoint). So that the logs read like
+an uninterrupted run's, `metrics.jsonl` is rewritten without the rows past S (and without a line
+cut short by the kill), and the TensorBoard writer starts with `purge_step=S+1`: TensorBoard (and
+experiments/tb_events.py) then discards the older events from step S+1 on.
 """
 
 from __future__ import annotations
@@ -77,8 +77,9 @@ class Throughput:
 class TrainLog:
   """Writes scalars to the log, TensorBoard and metrics.jsonl (process 0 only)."""
 
-  def __init__(self, workdir: str | Path, enabled: bool = True, resume_step: int | None = None):
-    """`resume_step`: the checkpoint step a resumed run continues from (rows after it go)."""
+  def __init__(self, workdir: str | Path, enabled: bool = True, start_step: int | None = None):
+    """`start_step`: the step this run starts from (0 fresh, else its checkpoint's step); rows
+    logged after it by an earlier run in the workdir go. None keeps every row."""
     self.enabled = enabled
     self.workdir = Path(workdir)
     self.writer = None
@@ -87,9 +88,9 @@ class TrainLog:
 
       path = self.workdir / "metrics.jsonl"
       purge = None
-      if resume_step is not None:
-        drop_rows_after(path, resume_step)
-        purge = resume_step + 1
+      if start_step is not None:
+        drop_rows_after(path, start_step)
+        purge = start_step + 1
       self.writer = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=purge)
       self.jsonl = open(path, "a", encoding="utf-8")
 
