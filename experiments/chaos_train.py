@@ -244,7 +244,8 @@ def chaos(args) -> dict:
     if killed:
       interrupted_saves += saving(chaotic)
       newest_at_kill = max(finalized_steps(chaotic), default=None)
-      print(f"kill {kills:2d} ({mode:8s}) after step {max(logged_steps(chaotic), default=0):4d}, "
+      last = (logged_steps(chaotic) or [0])[-1]  # the file's last row: this life's last step
+      print(f"kill {kills:2d} ({mode:8s}) at step {last:4d}, "
             f"newest checkpoint {newest_at_kill}", flush=True)
       continue
     if proc.returncode != 0:
