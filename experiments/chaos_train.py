@@ -33,6 +33,8 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):  # run as a script: import this checkout's gpt, as the runs do
+  sys.path.insert(0, str(REPO))
 VOCAB = 512
 RESUMED = re.compile(r"resumed from checkpoint step (\d+)")
 
