@@ -9,7 +9,8 @@ Parts:
          parameters, optimizer-state bytes (Adam, float32), and the training state (trainable
          params + optimizer state: what a step updates and a checkpoint stores) -- all from
          jax.eval_shape, nothing allocated. Plus XLA's own peak estimate for one 1558M step
-         (compiled, never run: arguments + outputs + temporaries - donated aliases).
+         (compiled, never run: arguments + outputs + temporaries - donated aliases), without and
+         with rematerialisation (model.remat=full).
   rss    measured peak resident memory (VmHWM) of a subprocess that builds and runs 2 steps, full
          vs LoRA, for --rss_size (default 124M; 1558M needs ~25 GB for the full step).
   speed  tokens/s of a LoRA step vs a full step for 117M on this CPU, the two measured round-robin
@@ -139,9 +140,11 @@ def xla_peak(size: str, rank: int, targets: str, seq: int, batch: int) -> None:
         f"compiled for CPU, not run)\n")
   print("| run | arguments | temporaries | peak (args + outputs + temps - donated) | compile s |")
   print("|---|---|---|---|---|")
-  cfg = model_cfg(size, seq)
-  for name, t in (("full", train_settings(0, targets)), ("LoRA", train_settings(rank, targets))):
-    graphdef, trainable, frozen, tx = abstract_parts(cfg, t)
+  runs = (("full", 0, "none"), ("LoRA", rank, "none"), ("full, remat=full", 0, "full"),
+          ("LoRA, remat=full", rank, "full"))
+  for name, r, remat in runs:
+    t = train_settings(r, targets)
+    graphdef, trainable, frozen, tx = abstract_parts(model_cfg(size, seq).replace(remat=remat), t)
     state = jax.eval_shape(lambda p: create_state(p, tx, 0), trainable)
     batch_abs = jax.ShapeDtypeStruct((batch, seq + 1), jnp.int32)
     fn = jax.jit(lambda s, b, f: train_step(

@@ -158,14 +158,6 @@ def test_lora_workdir_stores_adapters_resumes_loads_merged_and_exports(tmp_path,
   assert all(4 in a.shape[1:] for a in jax.tree.leaves(adapters))
   assert max_abs_diff(adapters, lora.init_adapters(cfg, config.seed)) > 1e-4
 
-  # config.init=<workdir>: the base with the adapters merged, equal to the adapters applied live.
-  loaded = load_model(_with_init(workdir))
-  assert loaded.cfg.lora_rank == 0 and loaded.tokenizer.encode("Hello world") == [15496, 995]
-  live = lora.load_workdir(workdir, _with_init(workdir), merge_adapters=False).model
-  x = tokens(2, 16)
-  np.testing.assert_allclose(np.asarray(forward(loaded.model, x)), np.asarray(forward(live, x)),
-                             atol=1e-5)
-
   # A base given in another format with the same weights is the same base (OpenAI fixture).
   openai = hf_fixture.parent / "openai-gpt2-tiny"
   if openai.is_dir():
@@ -174,6 +166,14 @@ def test_lora_workdir_stores_adapters_resumes_loads_merged_and_exports(tmp_path,
     config2.init = str(openai)
     train.run(config2, str(workdir))
     assert sorted(read_metrics(workdir)) == [1, 2, 3, 4, 5]
+  # config.init=<workdir>: the base with the adapters merged, equal to the adapters applied live.
+  loaded = load_model(_with_init(workdir))
+  assert loaded.cfg.lora_rank == 0 and loaded.tokenizer.encode("Hello world") == [15496, 995]
+  live = lora.load_workdir(workdir, _with_init(workdir), merge_adapters=False).model
+  x = tokens(2, 16)
+  np.testing.assert_allclose(np.asarray(forward(loaded.model, x)), np.asarray(forward(live, x)),
+                             atol=1e-5)
+
   # Resuming on a different base, or with other LoRA settings, is one line.
   other = _modified_copy(hf_fixture, tmp_path / "other-base")
   config.train.steps = 6
@@ -185,6 +185,13 @@ def test_lora_workdir_stores_adapters_resumes_loads_merged_and_exports(tmp_path,
   config.train.lora_rank = 8
   with pytest.raises(GPTError, match="lora_rank=4, now 8"):
     train.run(config, str(workdir))
+  # Loading the workdir when its base has changed is one line too.
+  ref_path = workdir / "lora.json"
+  saved = ref_path.read_text()
+  ref_path.write_text(json.dumps({**json.loads(saved), "base": str(other)}))
+  with pytest.raises(GPTError, match="were trained on base"):
+    load_model(_with_init(workdir))
+  ref_path.write_text(saved)
 
   # Export: merged HF folder loads back to the same logits; --format=adapters loads in PEFT.
   from gpt.export import export
@@ -213,7 +220,7 @@ def _check_peft(base_folder, adapters_folder, ours, x):
   n_lora = sum(1 for name, _ in model.named_parameters() if "lora_" in name)
   assert n_lora == 2 * 4 * ours.cfg.n_layer  # A and B in all four targets of every layer
   with torch.no_grad():
-    theirs = model(torch.as_tensor(np.asarray(x), dtype=torch.long)).logits.numpy()
+    theirs = model(torch.as_tensor(np.array(x), dtype=torch.long)).logits.numpy()
   np.testing.assert_allclose(theirs, np.asarray(forward(ours, x)), atol=1e-4)
 
 
