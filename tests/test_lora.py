@@ -240,7 +240,7 @@ def _kill_after(proc, ckpt_dir, step, timeout=600):
 def test_lora_kill_9_and_resume_equals_uninterrupted_run(tmp_path):
   steps = 12
   overrides = dict(steps=steps, log_every=1, save_every=1, keep=3, lora_rank=4, lora_dropout=0.1,
-                   lora_targets="c_attn,c_fc", grad_accum=2)
+                   lora_targets="c_attn,c_fc", grad_accum=2, batch_size=16)
   config = tiny_config(tmp_path, **overrides)
   train.run(config, str(tmp_path / "straight"))
   straight = read_metrics(tmp_path / "straight")
@@ -307,3 +307,39 @@ def _tiny_kant(tmp_path, shared_dir):
                  log_every=10, lora_rank=8, lora_targets="c_attn,attn.c_proj,c_fc,mlp.c_proj",
                  peak_flops=1e12)
   return c
+
+
+def test_adapters_are_laid_out_by_the_logical_axes_of_their_weight():
+  from jax.sharding import PartitionSpec as P
+
+  from gpt import sharding
+
+  mesh_cfg = base_config().mesh
+  mesh_cfg.update(data=2, fsdp=2, tensor=2)
+  mesh = sharding.make_mesh(mesh_cfg)
+  model = abstract_model(TINY.replace(lora_rank=4, lora_targets=ALL_TARGETS))
+  axes, _ = lora.split(sharding.logical_axes(model))
+  adapters, _ = lora.split(pure(model))
+  specs = jax.tree.map(lambda s: s.spec, sharding.param_shardings(adapters, axes, mesh))
+  assert specs["h"]["attn"]["c_attn"] == {"lora_a": P(None, "fsdp", None),
+                                          "lora_b": P(None, None, "tensor")}
+  assert specs["h"]["mlp"]["c_proj"] == {"lora_a": P(None, "tensor", None),
+                                         "lora_b": P(None, None, "fsdp")}
+
+
+@pytest.mark.slow
+def test_sharded_lora_training_equals_one_device(tmp_path):
+  runs = {}
+  for mesh in ((1, 1, 1), (2, 2, 2)):
+    config = tiny_config(tmp_path, steps=3, lora_rank=4, lora_targets="c_attn,mlp.c_proj",
+                         learning_rate=1e-2)
+    config.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
+    workdir = tmp_path / f"run_{'_'.join(map(str, mesh))}"
+    train.run(config, str(workdir))
+    cfg = lora.with_adapters(GPTConfig.from_config(config.model), lora.settings(config.train))
+    runs[mesh] = (read_metrics(workdir), lora.restore_adapters(workdir, cfg))
+  (ref_losses, ref_adapters), (losses, adapters) = runs[(1, 1, 1)], runs[(2, 2, 2)]
+  assert sorted(losses) == [1, 2, 3]
+  for step, values in ref_losses.items():
+    assert abs(losses[step][0] - values[0]) < 1e-5, step
+  assert max_abs_diff(adapters, ref_adapters) < 1e-5
