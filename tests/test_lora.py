@@ -344,3 +344,24 @@ def test_sharded_lora_training_equals_one_device(tmp_path):
   for step, values in ref_losses.items():
     assert abs(losses[step][0] - values[0]) < 1e-5, step
   assert max_abs_diff(adapters, ref_adapters) < 1e-5
+
+
+def test_1558m_lora_training_state_is_under_one_percent_of_full_fine_tuning(repo_dir):
+  """The issue's goal, from shapes alone (jax.eval_shape), with experiments/bench_lora.py's own
+  accounting: rank 8 on c_attn, AdamW, float32."""
+  import importlib.util
+
+  from gpt.train_step import create_state
+
+  spec = importlib.util.spec_from_file_location("bench_lora", repo_dir / "experiments" / "bench_lora.py")
+  bench = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(bench)
+  state_bytes, parts = {}, {}
+  for rank in (0, 8):
+    parts[rank] = bench.abstract_parts(bench.model_cfg("1558M"), bench.train_settings(rank, "c_attn"))
+    _, trainable, _, tx = parts[rank]
+    state = jax.eval_shape(lambda p, tx=tx: create_state(p, tx, 0), trainable)
+    state_bytes[rank] = bench.nbytes(state.opt_state) + bench.nbytes(trainable)
+  assert bench.count(parts[8][1]) == 48 * 8 * (1600 + 3 * 1600)  # A [1600, 8] + B [8, 4800] a layer
+  assert bench.nbytes(parts[8][2]) == bench.nbytes(parts[0][1])  # the frozen base is all of the model
+  assert state_bytes[8] < 0.01 * state_bytes[0]
