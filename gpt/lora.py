@@ -40,7 +40,8 @@ from gpt.model import GPT, LORA_TARGETS, GPTConfig, abstract_model
 
 REFERENCE_FILE = "lora.json"
 ADAPTER_LEAVES = ("lora_a", "lora_b")
-# Where each target lives in the params tree (under the stacked blocks `h`), and its name in HF.
+# Where each target lives in the params tree, under the stacked blocks `h` (the same path as in
+# Hugging Face's GPT-2 under `transformer.h.<i>`).
 TARGET_PATHS = {"c_attn": ("attn", "c_attn"), "attn.c_proj": ("attn", "c_proj"),
                 "c_fc": ("mlp", "c_fc"), "mlp.c_proj": ("mlp", "c_proj")}
 
@@ -132,7 +133,7 @@ def init_adapters(cfg: GPTConfig, seed: int) -> dict:
 
 def merged_params(params: dict, cfg: GPTConfig) -> dict:
   """Pure params of a model with adapters -> those of the plain model: W + (alpha/r) A B."""
-  base, adapters = split(params)[1], split(params)[0]
+  adapters, base = split(params)
   out = copy.copy(base)
   out["h"] = {p: dict(v) for p, v in base["h"].items()}
   scale = cfg.lora_alpha / cfg.lora_rank
