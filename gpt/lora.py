@@ -204,13 +204,13 @@ def write_reference(folder: str | os.PathLike, base: str, print_: str, lora: dic
   os.replace(tmp, path)
 
 
-def check_base(ref: dict, base_params: dict, base: str, folder: str | os.PathLike) -> None:
-  """Raises one line when `base_params` are not the weights the adapters in `folder` were trained on."""
+def check_base(ref: dict, base_params: dict, base: str, folder: str | os.PathLike, hint: str) -> None:
+  """Raises one line (ending in `hint`: what to do) when `base_params` are not the weights the
+  adapters in `folder` were trained on."""
   found = fingerprint(base_params)
   if found != ref["fingerprint"]:
     raise GPTError(f"the adapters in {folder} were trained on base {ref['base']} (fingerprint "
-                   f"{ref['fingerprint'][:12]}), but {base} has fingerprint {found[:12]}: use "
-                   f"--config.init={ref['base']} (the same weights), or start a new workdir")
+                   f"{ref['fingerprint'][:12]}), but {base} has fingerprint {found[:12]}: {hint}")
 
 
 def restore_adapters(folder: str | os.PathLike, cfg: GPTConfig, step: int | None = None) -> dict:
@@ -234,12 +234,17 @@ def restore_adapters(folder: str | os.PathLike, cfg: GPTConfig, step: int | None
     ckpt.close()
 
 
-def load_base(config: Any, init: str):
-  """gpt.weights.Loaded of base `init` with `config`'s model settings."""
-  from gpt.weights import load_model
+def load_base(config: Any, init: str, workdir: Path | None = None):
+  """gpt.weights.Loaded of base `init` with `config`'s model settings. A random base ('scratch')
+  is rebuilt with the shape and seed saved in LoRA `workdir`'s config.json."""
+  from gpt.weights import SHAPE_FIELDS, load_model
 
   base_config = copy.deepcopy(config)
   base_config.init = init
+  if init == "scratch" and workdir is not None:
+    saved = json.loads((Path(workdir) / "config.json").read_text())
+    base_config.model.update({k: saved["model"][k] for k in SHAPE_FIELDS})
+    base_config.seed = saved.get("seed", base_config.seed)
   return load_model(base_config)
 
 
@@ -247,9 +252,11 @@ def load_workdir(folder: Path, config: Any, *, merge_adapters: bool = True):
   """gpt.weights.Loaded for a LoRA workdir: its base (checked against the fingerprint) with the
   latest adapters merged in (or, `merge_adapters=False`, kept as adapters: a model with lora_rank)."""
   ref = read_reference(folder)
-  base = load_base(config, ref["base"])
+  base = load_base(config, ref["base"], folder)
   base_params = nnx.to_pure_dict(nnx.state(base.model, nnx.Param))
-  check_base(ref, base_params, ref["base"], folder)
+  check_base(ref, base_params, ref["base"], folder,
+             f"its weights changed; put the original ones back there (or point `base` in "
+             f"{Path(folder) / REFERENCE_FILE} at a copy of them)")
   cfg = with_adapters(base.cfg, ref)
   params = combine(restore_adapters(folder, cfg), base_params)
   if merge_adapters:
@@ -290,7 +297,9 @@ def prepare_training(config: Any, workdir: Path, setup: Any, main_process: bool)
                      f"same LoRA settings, or pick a new --workdir")
     base = load_base(config, config.init)
     base_params = jax.device_get(nnx.to_pure_dict(nnx.state(base.model, nnx.Param)))
-    check_base(saved, base_params, base_name, workdir)
+    check_base(saved, base_params, base_name, workdir,
+               f"resume with --config.init={saved['base']} holding the same weights, or pick a new "
+               f"--workdir")
     setup.cfg, setup.tokenizer = base.cfg, base.tokenizer
   else:
     base_params = setup.params

@@ -273,6 +273,9 @@ def test_lora_fine_tune_of_the_tiny_model_on_kant_lowers_the_validation_loss(tmp
   val = read_metrics(workdir, "val")
   assert val[30][0] < _base_val_loss(config) - 0.5, val
   assert json.loads((workdir / "lora.json").read_text())["base"] == "scratch"
+  # A random base is rebuilt from the workdir's saved shape and seed, whatever config.model says.
+  loaded = load_model(_with_init(workdir))
+  assert (loaded.cfg.n_layer, loaded.cfg.n_embd, loaded.cfg.lora_rank) == (4, 256, 0)
 
 
 def _base_val_loss(config):
