@@ -28,6 +28,8 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6.100"],
         # Reference checks against PyTorch/transformers and lm-evaluation-harness (torch 2.13 CPU wheel here).
         "hf": ["torch>=2.3", "transformers>=4.44", "lm-eval>=0.4.3", "accelerate>=0.26"],
+        # tests/test_lora.py loads our exported LoRA adapters with Hugging Face PEFT.
+        "peft": ["peft>=0.10"],
         "tfds": ["tensorflow-datasets>=4.9", "array-record>=0.5"],
         "gpu": ["jax[cuda12]>=0.4.35"],
         "plots": ["matplotlib>=3.8"],
