@@ -109,7 +109,11 @@ def main():
     p.wait()
   load_after = os.getloadavg()
 
-  cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+  info = open("/proc/cpuinfo").read().splitlines()
+  cpu = next((l.split(":", 1)[1].strip() for l in info if l.startswith("model name")), "?")
+  flags = set(next((l.split(":", 1)[1].split() for l in info if l.startswith("flags")), []))
+  cpu += " (" + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in
+                          ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")) + ")"
   what = (f"train step (bench_train.py jax_runner, scan, AdamW), steps/s" if args.what == "train" else
           f"{args.model} architecture, random weights, {args.new_tokens} new tokens after a 1-token "
           f"prompt, top-k 40, new tokens/s")
