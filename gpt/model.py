@@ -410,7 +410,9 @@ class GPT(nnx.Module):
     B, T = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-    x = (jnp.take(self.wte[...], tokens, axis=0) + jnp.take(self.wpe[...], positions, axis=0))
+    # Out-of-range ids clamp (as indexing does) rather than give NaN (jnp.take's default fill).
+    x = (jnp.take(self.wte[...], tokens, axis=0, mode="clip")
+         + jnp.take(self.wpe[...], positions, axis=0, mode="clip"))
     rng_embd, rng_layers = (None, None) if rng is None else jax.random.split(rng)
     x = _dropout(x.astype(cfg.compute_dtype), cfg.embd_pdrop, rng_embd)
     layer_rngs = None if rng_layers is None else jax.random.split(rng_layers, cfg.n_layer)
