@@ -204,36 +204,39 @@ def dense(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
               impl: str = "xla", dropout: float = 0.0, rng: jax.Array | None = None,
               return_probs: bool = False):
-  """The one attention: softmax(q k^T / sqrt(K), masked) v, heads folded into the batch axis.
+  """The one attention: softmax(q k^T / sqrt(K), masked) v, per head.
 
-  q [B*H, T, K]; k, v [B*H, S, K]; `mask` [B, 1, T, S] (True = may attend), or None for causal
-  attention whose last query is the last key. Scores, softmax and the value matmul's
-  accumulation are float32; masked scores are MASK_VALUE. Returns y [B*H, T, K] in q's dtype,
-  and with `return_probs` also the probabilities float32 [B*H, T, S] (before dropout).
-  `impl`: "xla" spells the attention out; "cudnn" (or "auto" on a GPU) calls
-  jax.nn.dot_product_attention's fused kernel, except when dropout or the weights are wanted.
+  q [B, H, T, K]; k, v [B, H, S, K]; `mask` [B, 1, T, S] (True = may attend), or None for causal
+  attention whose last query is the last key. Returns y [B, H, T, K] in q's dtype, and with
+  `return_probs` also the probabilities float32 [B, H, T, S] (before dropout).
+  `impl` "xla" / "cudnn" / "auto" (cudnn on a GPU) run jax.nn.dot_product_attention's kernels.
+  "einsum" spells it out here, with batch and heads folded into one axis and float32 scores,
+  softmax and accumulation; masked scores are MASK_VALUE. It is what runs over a KVCache (that
+  layout is what lets XLA update the cache in place and feed it to the matmul without copies),
+  and whenever dropout is on or the weights are asked for (the library returns neither).
   """
-  N, T, K = q.shape
-  S = k.shape[1]
-  if impl == "auto":
-    impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+  B, H, T, K = q.shape
+  S = k.shape[2]
   dropping = rng is not None and dropout > 0
-  if impl != "xla" and not (dropping or return_probs):
-    B = N if mask is None else mask.shape[0]  # [B, H, T, K] -> the library's [B, T, H, K]
-    lib = lambda a: a.reshape(B, N // B, a.shape[1], K).transpose(0, 2, 1, 3)
+  if impl != "einsum" and not (dropping or return_probs):
+    if impl == "auto":
+      impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    lib = lambda a: a.transpose(0, 2, 1, 3)  # the library's [B, T, H, K]
     y = jax.nn.dot_product_attention(lib(q), lib(k), lib(v), mask=mask, is_causal=mask is None,
-                                     implementation=impl if mask is None else None)
-    return y.transpose(0, 2, 1, 3).reshape(N, T, K)
+                                     implementation=impl if impl == "xla" or mask is None else None)
+    return lib(y)
   if mask is None:
     mask = jnp.tril(jnp.ones((T, S), bool), S - T)[None, None]
-  B = mask.shape[0]
-  scores = jnp.einsum("ntk,nsk->nts", q, k, preferred_element_type=jnp.float32)
-  scores = jnp.where(mask, scores.reshape(B, N // B, T, S) / math.sqrt(K), MASK_VALUE)
+  N = B * H
+  scores = jnp.einsum("ntk,nsk->nts", q.reshape(N, T, K), k.reshape(N, S, K),
+                      preferred_element_type=jnp.float32)
+  scores = jnp.where(mask, scores.reshape(B, H, T, S) / math.sqrt(K), MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1)
   kept = _dropout(probs, dropout, rng) if dropping else probs
-  y = jnp.einsum("nts,nsk->ntk", kept.astype(v.dtype).reshape(N, T, S), v,
-                 preferred_element_type=jnp.float32).astype(q.dtype)
-  return (y, probs.reshape(N, T, S)) if return_probs else y
+  y = jnp.einsum("nts,nsk->ntk", kept.astype(v.dtype).reshape(N, T, S), v.reshape(N, S, K),
+                 preferred_element_type=jnp.float32)
+  y = y.astype(q.dtype).reshape(B, H, T, K)
+  return (y, probs) if return_probs else y
 
 
 class LayerNorm(nnx.Module):
@@ -282,19 +285,20 @@ class Attention(nnx.Module):
     cfg = self.cfg
     B, T, _ = x.shape
     H, K = cfg.n_head, cfg.head_dim
-    heads = lambda a: a.reshape(B, T, H, K).transpose(0, 2, 1, 3).reshape(B * H, T, K)
+    heads = lambda a: a.reshape(B, T, H, K).transpose(0, 2, 1, 3)  # [B, H, T, K]
     q, k, v = map(heads, jnp.split(self.c_attn(x), 3, axis=-1))
-    if cache_kv is not None:
+    impl = cfg.attention_impl
+    if cache_kv is not None:  # cache layers are [B * H, S, K]; the reshapes are free
       ck, cv = cache_kv
-      k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0))
-      v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0))
-      cache_kv = (k, v)
-    out = attention(q, k, v, mask, impl=cfg.attention_impl, dropout=cfg.attn_pdrop, rng=rng,
+      S = ck.shape[1]
+      ck = jax.lax.dynamic_update_slice(ck, k.reshape(B * H, T, K).astype(ck.dtype), (0, cache_index, 0))
+      cv = jax.lax.dynamic_update_slice(cv, v.reshape(B * H, T, K).astype(cv.dtype), (0, cache_index, 0))
+      cache_kv, impl = (ck, cv), "einsum"
+      k, v = ck.reshape(B, H, S, K), cv.reshape(B, H, S, K)
+    out = attention(q, k, v, mask, impl=impl, dropout=cfg.attn_pdrop, rng=rng,
                     return_probs=return_probs)
     y, probs = out if return_probs else (out, None)
-    if return_probs:
-      probs = probs.reshape(B, H, T, probs.shape[-1])
-    y = y.reshape(B, H, T, K).transpose(0, 2, 1, 3).reshape(B, T, H * K)
+    y = y.transpose(0, 2, 1, 3).reshape(B, T, H * K)
     return self.c_proj(y), cache_kv, probs
 
 
@@ -465,9 +469,9 @@ def prepare_for_decoding(model: GPT) -> GPT:
   The stacked blocks become one Block per layer, each weight cast once to the compute dtype. In a
   scan over stacked weights, every decode step on CPU first copies each layer's weights out of the
   stack and re-stacks the cache (2x slower in float32, up to 10x in bfloat16, measured by
-  experiments/bench_decode.py); per-layer weights and per-layer KVCache arrays avoid both. Attention
-  is the spelled-out one ("xla"), whose cache layout XLA updates in place. Made once per set of
-  weights; not for training (the parameter tree differs: `h/0/...`, ...).
+  experiments/bench_decode.py); per-layer weights and per-layer KVCache arrays avoid both. Over a
+  cache, attention is the spelled-out "einsum" one, whose cache layout XLA updates in place. Made
+  once per set of weights; not for training (the parameter tree differs: `h/0/...`, ...).
   """
   cfg = model.cfg
   graphdef, abstract = _decoding_layout(cfg)
