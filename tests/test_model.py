@@ -206,18 +206,18 @@ def test_prepared_decoding_equals_the_full_forward_at_every_step(dtype):
   stacked_step = jax.jit(lambda m, t, c, k: m.decode(t, c, k))
   mask = np.ones((2, 8), bool)
   mask[0, :3] = False
-  rows = [list(TOKENS[0, 3:8]), list(TOKENS[1, :8])]
+  new_tokens = np.asarray([[t + 1, t + 2] for t in range(8)])  # [step, row]
+  rows = [list(TOKENS[0, 3:8]) + list(new_tokens[:, 0]), list(TOKENS[1, :8]) + list(new_tokens[:, 1])]
+  # Each row alone, right-padded, in one uncached forward (causal: padding changes nothing before it).
+  full = np.asarray(forward(model, np.asarray([rows[0] + [0] * 3, rows[1]])))
   logits, cache = step(prepared, jnp.asarray(TOKENS[:, :8]), KVCache.init(cfg, 2, 20), mask)
   stacked, stacked_cache = stacked_step(model, jnp.asarray(TOKENS[:, :8]), KVCache.init(cfg, 2, 20), mask)
   tol = 1e-5 if dtype == "float32" else 0.05
-  for t in range(8):
-    for r in range(2):
-      want = forward(model, np.asarray([rows[r]]))[0, -1]
-      np.testing.assert_allclose(logits[r, -1], want, atol=tol, err_msg=f"step {t} row {r}")
-      np.testing.assert_allclose(stacked[r, -1], want, atol=tol)
-    new = np.asarray([[t + 1], [t + 2]])
-    for r in range(2):
-      rows[r].append(int(new[r, 0]))
-    logits, cache = step(prepared, jnp.asarray(new), cache, None)
-    stacked, stacked_cache = stacked_step(model, jnp.asarray(new), stacked_cache, None)
+  for t in range(9):
+    for r, seen in enumerate((5 + t, 8 + t)):
+      np.testing.assert_allclose(logits[r, -1], full[r, seen - 1], atol=tol, err_msg=f"step {t} row {r}")
+      np.testing.assert_allclose(stacked[r, -1], full[r, seen - 1], atol=tol)
+    if t < 8:
+      logits, cache = step(prepared, jnp.asarray(new_tokens[t][:, None]), cache, None)
+      stacked, stacked_cache = stacked_step(model, jnp.asarray(new_tokens[t][:, None]), stacked_cache, None)
   assert int(cache.index) == 16 and list(cache.pos) == [13, 16]
