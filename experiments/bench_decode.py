@@ -7,9 +7,10 @@
 Random weights (speed does not depend on them). Every configuration samples `--new` tokens (top-k
 40) after a one-token prompt, timed end to end (prefill + decode loop), after one untimed warm-up
 run that compiles. Columns:
-  ours         gpt.generate.Generator: gpt.sampling's while_loop over gpt.kv_decode
+  ours         gpt.sample.Generator: gpt.sampling's while_loop over the model prepared for
+               decoding (gpt.model.prepare_for_decoding: per-layer weights and cache)
   matmuls      only the weight matmuls of each step (see MatmulsOnly): XLA:CPU's kernel ceiling
-  GPT.decode   the same sampler over gpt.model's own cached forward (lax.scan over stacked layers)
+  GPT.decode   the same sampler over the unprepared model (lax.scan over the stacked layers)
   HF           transformers GPT2LMHeadModel.generate(do_sample=True, top_k=40), PyTorch, KV cache
                (skipped with a note when torch/transformers are not installed: pip install .[hf])
   CT2 <type>   CTranslate2's Generator (generate_batch, sampling_topk=40, exactly `--new` tokens) on
@@ -48,9 +49,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from gpt import generate, kv_decode
+from gpt import sample
 from gpt.config import MODEL_SIZES, canonical_model_name
-from gpt.model import GPTConfig, KVCache, init_model
+from gpt.model import GPTConfig, KVCache, init_model, matmul, prepare_for_decoding
 from gpt.sampling import Decoder, SamplingOptions
 
 EOT = 50256
@@ -110,35 +111,35 @@ def roofline(cfg: GPTConfig, batch: int, new: int, bandwidth: float) -> float:
 
 
 class Ours:
-  """gpt.generate.Generator's decoder (kv_decode), timed through Decoder.generate."""
+  """gpt.sample.Generator's decoder (sample.make_decoder), timed through Decoder.generate."""
 
   def __init__(self, cfg: GPTConfig, batch: int, new: int, model_decode: bool = False):
     model = init_model(cfg)
     options = SamplingOptions(temperature=1.0, top_k=40)
     if model_decode:  # the model's own cached forward, for comparison
       graphdef, self.params = nnx.split(model)
-      logits_fn = lambda p, t, c, m: nnx.merge(graphdef, p).decode(t, c, token_mask=m)
-      init_cache = lambda b, n: KVCache.init(cfg, b, n)
+      logits_fn = lambda p, t, c, m: nnx.merge(graphdef, p).decode(t, c, m, logits_at="last")
+      self.decoder = Decoder(logits_fn, lambda b, n: KVCache.init(cfg, b, n), options,
+                             stop_token=EOT, stop_at_token=False)
     else:
-      self.params = kv_decode.decode_params(model)
-      logits_fn, init_cache = kv_decode.make_logits_fn(cfg), lambda b, n: kv_decode.init_cache(cfg, b, n)
+      self.params = sample.decoding_params(model)
+      self.decoder = sample.make_decoder(cfg, options, stop_token=EOT, stop_at_token=False)
     del model
-    self.decoder = Decoder(logits_fn, init_cache, options, stop_token=EOT, stop_at_token=False)
     self.prompt = np.full((batch, 1), EOT, np.int32)
     self.new = new
-    self.cache_length = generate.bucket(1) + generate.bucket(new)
+    self.cache_length = sample.bucket(1) + sample.bucket(new)
     self.seed = 0
 
   def __call__(self) -> np.ndarray:
     self.seed += 1
     out = self.decoder.generate(self.params, self.prompt, np.ones_like(self.prompt, bool),
                                 jax.random.key(self.seed), self.new, cache_length=self.cache_length,
-                                max_new=generate.bucket(self.new))
+                                max_new=sample.bucket(self.new))
     return np.asarray(out)[:, :self.new]
 
 
 class MatmulsOnly:
-  """The weight matmuls of one decode step and nothing else, as gpt.kv_decode computes them.
+  """The weight matmuls of one decode step and nothing else, as the prepared model computes them.
 
   Each layer's c_attn, attn c_proj, c_fc and mlp c_proj and the LM head, chained so none can be
   skipped, `new` times per call inside one jitted fori_loop: the speed XLA:CPU's matrix kernels
@@ -147,7 +148,7 @@ class MatmulsOnly:
 
   def __init__(self, cfg: GPTConfig, batch: int, new: int):
     model = init_model(cfg)
-    self.params = kv_decode.decode_params(model)
+    self.params = nnx.to_pure_dict(nnx.state(prepare_for_decoding(model)))
     del model
     self.x = jnp.ones((batch, 1, cfg.n_embd), cfg.compute_dtype)
     self.new = new
@@ -155,12 +156,12 @@ class MatmulsOnly:
 
     def run(params, x):
       def step(_, x):
-        for layer in params["layers"]:
-          qkv = kv_decode._matmul(x, layer["attn"]["c_attn"]["w"]).astype(x.dtype)
-          x = kv_decode._matmul(qkv[..., :D], layer["attn"]["c_proj"]["w"]).astype(x.dtype)
-          h = kv_decode._matmul(x, layer["mlp"]["c_fc"]["w"]).astype(x.dtype)
-          x = kv_decode._matmul(h, layer["mlp"]["c_proj"]["w"]).astype(x.dtype)
-        logits = kv_decode._matmul(x, params["wte"], "...d,vd->...v")
+        for layer in params["h"].values():
+          qkv = matmul(x, layer["attn"]["c_attn"]["w"]).astype(x.dtype)
+          x = matmul(qkv[..., :D], layer["attn"]["c_proj"]["w"]).astype(x.dtype)
+          h = matmul(x, layer["mlp"]["c_fc"]["w"]).astype(x.dtype)
+          x = matmul(h, layer["mlp"]["c_proj"]["w"]).astype(x.dtype)
+        logits = matmul(x, params["wte"], "...d,vd->...v")
         return x + logits[..., :D].astype(x.dtype)  # the next step depends on the head
       return jax.lax.fori_loop(0, new, step, x)
 
@@ -252,9 +253,8 @@ def profile_step(runner: Ours, top: int = 10) -> None:
   wall, totals = xla_trace.traced_op_times(runner)
   state = runner.decoder.start(runner.params, runner.prompt, np.ones_like(runner.prompt, bool),
                                jax.random.key(0), cache_length=runner.cache_length,
-                               max_new=generate.bucket(runner.new))
-  hlo = xla_trace.hlo_summaries(
-      runner.decoder._advance.lower(runner.params, state, jnp.int32(2)).compile().as_text())
+                               max_new=sample.bucket(runner.new))
+  hlo = xla_trace.hlo_summaries(runner.decoder.lower_advance(runner.params, state).compile().as_text())
   steps = runner.new
   print(f"\nWall {1e3 * wall / steps:.1f} ms per token; XLA op time "
         f"{sum(totals.values()) / 1e6 / steps:.1f} ms per token (ops on the 2 threads overlap).")

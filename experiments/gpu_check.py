@@ -148,9 +148,9 @@ def train_rows(models, peak: float, limit, args, fields) -> list[tuple]:
 
 
 def decode_rows(models, args, torch_device: str | None) -> list[tuple]:
-  """Decoding rows: ours (gpt.generate.Generator) beside transformers generate, batch 1 and 16."""
+  """Decoding rows: ours (gpt.sample.Generator) beside transformers generate, batch 1 and 16."""
   from experiments.bench_decode import EOT, HuggingFace
-  from gpt.generate import Generator
+  from gpt.sample import Generator
   from gpt.model import GPTConfig, init_model
   from gpt.sampling import SamplingOptions
   from gpt.tokenizer import get_tokenizer
@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     args.max_batch, args.eval_batch = args.max_batch or 2, 2
   args.decode_dtype = args.decode_dtype or ("bfloat16" if on_gpu else "float32")
   models = TINY_MODELS if args.tiny else MODELS
-  fields = {"attention": "cudnn" if on_gpu else "xla"}
+  fields = {"attention_impl": "cudnn" if on_gpu else "xla"}
   skip = set(filter(None, args.skip.split(",")))
   peak, peak_source = peak_flops(device, args.tiny)
   limit = device_memory(device)

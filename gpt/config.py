@@ -95,8 +95,9 @@ def base_config() -> ml_collections.ConfigDict:
   m.scan_layers = True
   # Rematerialisation per block: none | full | dots (save matmul outputs) | dots_no_batch.
   m.remat = "none"
-  # Attention kernel for jax.nn.dot_product_attention: xla | cudnn | auto (cudnn when on GPU).
-  m.attention = "xla"
+  # Attention kernel (not the `attention` view section): xla (spelled out) | cudnn (fused, via
+  # jax.nn.dot_product_attention) | auto (cudnn when on GPU). Decoding always spells it out.
+  m.attention_impl = "xla"
 
   c.data = d = ml_collections.ConfigDict()
   # Training text: a file, a directory, a glob, an encoded .npz/.bin token file, or a URL.

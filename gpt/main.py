@@ -20,8 +20,8 @@ from gpt.errors import GPTError
 # mode name -> "module:function"; each function takes (config, workdir).
 MODES = {
     "train": "gpt.train:run",
-    "sample": "gpt.generate:run_sample",
-    "interactive": "gpt.generate:run_interactive",
+    "sample": "gpt.sample:run_sample",
+    "interactive": "gpt.sample:run_interactive",
     "eval": "gpt.evaluate:run",
     "attention": "gpt.attention_view:run",
 }

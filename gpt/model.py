@@ -1,4 +1,4 @@
-"""GPT-2 in Flax NNX, parameter for parameter the model OpenAI released.
+"""GPT-2 in Flax NNX, parameter for parameter the model OpenAI released, and its one forward pass.
 
 Parameter names follow OpenAI's checkpoint (`wte`, `wpe`, `h/ln_1/g`, `h/attn/c_attn/w`, ...,
 `ln_f/b`), so loading and exporting are renames (`gpt.convert`). The blocks are stored stacked:
@@ -6,10 +6,19 @@ every parameter under `h` has a leading `[n_layer]` axis, and the forward pass r
 `lax.scan` (rolled, fast to compile) or fully unrolled (a little faster per step on CPU). Both
 layouts share one parameter tree, so checkpoints move freely between them.
 
+Every mode runs `GPT.__call__` (tokens, positions, mask, optional KVCache, `logits_at`), built
+from one of each piece, defined here once: `attention` (which can also return its weights, for
+`attention_probs`), `layer_norm`, `dense`/`matmul` (float32 accumulation) and `attention_inputs`
+(position ids and masks for left-padded rows and for the cache). Decoding does not get a second
+model: `prepare_for_decoding` lays the same model out per layer in the compute dtype (one Block
+per layer instead of a scan over the stack), which is what makes token-by-token steps fast on CPU;
+`decoding_functions` hands it to gpt.sampling's model-agnostic decoder.
+
 Every parameter carries logical axis names in its `axes` metadata ("vocab", "embed", "heads",
 "mlp", "layers"); `gpt.sharding` maps them to mesh axes.
 
-Shape legend: B batch, T new tokens, S cached key slots, L layers, D width, H heads, K head dim.
+Shape legend: B batch, T new tokens, S cached key slots, L layers, D width, H heads, K head dim,
+V vocabulary.
 """
 
 from __future__ import annotations
@@ -36,6 +45,9 @@ LN_EPS = 1e-5
 # The dense layers low-rank adapters can go into, named as Hugging Face PEFT's target_modules
 # suffixes name them (`c_attn` and `c_fc` are unique; the two `c_proj` need their parent).
 LORA_TARGETS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")
+# Masked attention scores: finite, so that a fully masked (padding) row softmaxes to a uniform
+# distribution instead of NaN; exp(MASK_VALUE - max) is exactly 0 in float32 elsewhere.
+MASK_VALUE = -1e30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,7 +66,7 @@ class GPTConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True
   remat: str = "none"
-  attention: str = "xla"
+  attention_impl: str = "xla"
   # Low-rank adapters (gpt.lora): rank 0 = none. Training sets these from `config.train.lora_*`.
   lora_rank: int = 0
   lora_alpha: float = 16.0
@@ -74,8 +86,8 @@ class GPTConfig:
         raise GPTError(f"model.{name}={getattr(self, name)!r}; choose one of {sorted(DTYPES)}")
     if self.remat not in REMAT_POLICIES:
       raise GPTError(f"model.remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
-    if self.attention not in ATTENTION_IMPLS:
-      raise GPTError(f"model.attention={self.attention!r}; choose one of {ATTENTION_IMPLS}")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise GPTError(f"model.attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLS}")
     if self.lora_rank:
       bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
       if bad or not self.lora_targets:
@@ -117,27 +129,57 @@ class GPTConfig:
 
 
 class KVCache(NamedTuple):
-  """Fixed-size decoding cache.
+  """The decoding cache (one type for every path), fixed size.
 
-  k, v: [L, B, S, H, K] keys and values per layer and slot. `mask` [B, S] marks the slots that hold
-  real tokens (left-padding stays False). `index` is the next slot to write (shared by all rows);
-  `pos` [B] is each row's next position id.
+  k, v: per-layer tuples of [B * H, S, K] keys and values (batch and heads share one axis: XLA
+  then updates the cache in place and feeds it to the attention matmul without copies). `mask`
+  [B, S] marks the slots that hold real tokens (left padding stays False). `index` is the next
+  slot to write (shared by all rows); `pos` [B] is each row's next position id.
   """
 
-  k: jax.Array
-  v: jax.Array
+  k: tuple[jax.Array, ...]
+  v: tuple[jax.Array, ...]
   mask: jax.Array
   index: jax.Array
   pos: jax.Array
 
   @classmethod
   def init(cls, cfg: GPTConfig, batch: int, length: int | None = None, dtype=None) -> "KVCache":
+    """An empty cache of `length` slots per row (default n_ctx) in the compute dtype."""
     length = cfg.n_ctx if length is None else length
-    shape = (cfg.n_layer, batch, length, cfg.n_head, cfg.head_dim)
+    shape = (batch * cfg.n_head, length, cfg.head_dim)
     dtype = cfg.compute_dtype if dtype is None else dtype
-    return cls(k=jnp.zeros(shape, dtype), v=jnp.zeros(shape, dtype),
-               mask=jnp.zeros((batch, length), bool), index=jnp.zeros((), jnp.int32),
-               pos=jnp.zeros((batch,), jnp.int32))
+    zeros = lambda: tuple(jnp.zeros(shape, dtype) for _ in range(cfg.n_layer))
+    return cls(k=zeros(), v=zeros(), mask=jnp.zeros((batch, length), bool),
+               index=jnp.zeros((), jnp.int32), pos=jnp.zeros((batch,), jnp.int32))
+
+
+def attention_inputs(tokens: jax.Array, token_mask: jax.Array | None = None,
+                     cache: KVCache | None = None):
+  """The one builder of position ids and attention masks: (positions [B, T], mask, cache).
+
+  `token_mask` [B, T] marks real tokens when rows are left-padded (None: all real). Position ids
+  count real tokens only, continuing from `cache.pos`; a query sees the real keys at or before it;
+  padding sees nothing. Without a cache the keys are the T tokens themselves and the mask is
+  [B, 1, T, T], or None for plain causal attention (no padding: the kernel's causal fast path).
+  With a cache the keys are its S slots, the tokens going to slots index..index+T-1: the mask is
+  [B, 1, T, S] and the returned cache has those slots marked and `pos` advanced (the model's call
+  writes the keys and values and advances `index`).
+  """
+  B, T = tokens.shape
+  if token_mask is None and cache is None:
+    return jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T)), None, None
+  valid = jnp.ones((B, T), bool) if token_mask is None else token_mask.astype(bool)
+  start = jnp.zeros((B,), jnp.int32) if cache is None else cache.pos
+  positions = start[:, None] + jnp.maximum(jnp.cumsum(valid, axis=1, dtype=jnp.int32) - 1, 0)
+  if cache is None:
+    slots, index = valid, 0
+  else:
+    index = cache.index
+    slots = jax.lax.dynamic_update_slice(cache.mask, valid, (0, index))
+    cache = cache._replace(mask=slots, pos=cache.pos + valid.sum(axis=1, dtype=jnp.int32))
+  causal = jnp.arange(slots.shape[1])[None, :] <= (index + jnp.arange(T))[:, None]  # [T, S]
+  return positions, causal[None, None] & slots[:, None, None, :], cache
 
 
 def _param(rngs: nnx.Rngs | None, shape, axes, init: str, std: float, stack: int, dtype) -> nnx.Param:
@@ -153,6 +195,72 @@ def _param(rngs: nnx.Rngs | None, shape, axes, init: str, std: float, stack: int
   return nnx.Param(value.astype(dtype), axes=axes)
 
 
+def layer_norm(x: jax.Array, g: jax.Array, b: jax.Array) -> jax.Array:
+  """LayerNorm over the last axis, computed in float32 and returned in x's dtype."""
+  x32 = x.astype(jnp.float32)
+  mean = x32.mean(-1, keepdims=True)
+  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+  y = (x32 - mean) * jax.lax.rsqrt(var + LN_EPS)
+  return (y * g.astype(jnp.float32) + b.astype(jnp.float32)).astype(x.dtype)
+
+
+def matmul(x: jax.Array, w: jax.Array, spec: str = "...d,df->...f") -> jax.Array:
+  """einsum(spec, x, w) accumulated and returned in float32.
+
+  XLA:CPU has no bf16 matrix-vector kernel: for a single row it converts the whole bf16 weight
+  matrix to float32 first (4-10x slower than reading it). Two rows take its bf16 matrix-matrix
+  kernel instead, so a lone bf16 row (a batch-1 decode step) is computed as a pair.
+  """
+  rows = math.prod(x.shape[:-1])
+  if rows == 1 and w.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
+    pair = jnp.concatenate([x, x], axis=0)
+    return jnp.einsum(spec, pair, w, preferred_element_type=jnp.float32)[:1]
+  return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+
+
+def dense(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+  """x @ w + b with w cast to x's dtype, accumulated in float32, returned in x's dtype."""
+  return (matmul(x, w.astype(x.dtype)) + b.astype(jnp.float32)).astype(x.dtype)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
+              impl: str = "xla", dropout: float = 0.0, rng: jax.Array | None = None,
+              return_probs: bool = False):
+  """The one attention: softmax(q k^T / sqrt(K), masked) v, per head.
+
+  q [B, H, T, K]; k, v [B, H, S, K]; `mask` [B, 1, T, S] (True = may attend), or None for causal
+  attention whose last query is the last key. Returns y [B, H, T, K] in q's dtype, and with
+  `return_probs` also the probabilities float32 [B, H, T, S] (before dropout).
+  `impl` "xla" / "cudnn" / "auto" (cudnn on a GPU) run jax.nn.dot_product_attention's kernels.
+  "einsum" spells it out here, with batch and heads folded into one axis and float32 scores,
+  softmax and accumulation; masked scores are MASK_VALUE. It is what runs over a KVCache (that
+  layout is what lets XLA update the cache in place and feed it to the matmul without copies),
+  and whenever dropout is on or the weights are asked for (the library returns neither).
+  """
+  B, H, T, K = q.shape
+  S = k.shape[2]
+  dropping = rng is not None and dropout > 0
+  if impl != "einsum" and not (dropping or return_probs):
+    if impl == "auto":
+      impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    lib = lambda a: a.transpose(0, 2, 1, 3)  # the library's [B, T, H, K]
+    y = jax.nn.dot_product_attention(lib(q), lib(k), lib(v), mask=mask, is_causal=mask is None,
+                                     implementation=impl if impl == "xla" or mask is None else None)
+    return lib(y)
+  if mask is None:
+    mask = jnp.tril(jnp.ones((T, S), bool), S - T)[None, None]
+  N = B * H
+  scores = jnp.einsum("ntk,nsk->nts", q.reshape(N, T, K), k.reshape(N, S, K),
+                      preferred_element_type=jnp.float32)
+  scores = jnp.where(mask, scores.reshape(B, H, T, S) / math.sqrt(K), MASK_VALUE)
+  probs = jax.nn.softmax(scores, axis=-1)
+  kept = _dropout(probs, dropout, rng) if dropping else probs
+  y = jnp.einsum("nts,nsk->ntk", kept.astype(v.dtype).reshape(N, T, S), v.reshape(N, S, K),
+                 preferred_element_type=jnp.float32)
+  y = y.astype(q.dtype).reshape(B, H, T, K)
+  return (y, probs) if return_probs else y
+
+
 class LayerNorm(nnx.Module):
   """LayerNorm with OpenAI's names `g` (scale) and `b` (bias); computed in float32."""
 
@@ -161,16 +269,12 @@ class LayerNorm(nnx.Module):
     self.b = _param(None, (d,), ("embed",), "zeros", 0.0, stack, dtype)
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    x32 = x.astype(jnp.float32)
-    mean = x32.mean(-1, keepdims=True)
-    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + LN_EPS)
-    return (y * self.g[...].astype(jnp.float32) + self.b[...].astype(jnp.float32)).astype(x.dtype)
+    return layer_norm(x, self.g[...], self.b[...])
 
 
 class Conv1D(nnx.Module):
-  """OpenAI's 'conv1d' (a dense layer): `w` [n_in, n_out], `b` [n_out], and with `lora_rank` > 0 a
-  low-rank adapter (Hu et al. 2021): `lora_a` [n_in, r], `lora_b` [r, n_out], so that
+  """OpenAI's 'conv1d', the model's one dense layer: `w` [n_in, n_out], `b` [n_out], and with
+  `lora_rank` > 0 a low-rank adapter (Hu et al. 2021): `lora_a` [n_in, r], `lora_b` [r, n_out], so that
 
       y = x w + b + (alpha / r) * dropout(x) lora_a lora_b.
 
@@ -195,11 +299,11 @@ class Conv1D(nnx.Module):
 
   def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     """`rng` turns the adapter's input dropout on (training); None means deterministic."""
-    y = x @ self.w[...].astype(x.dtype) + self.b[...].astype(x.dtype)
+    y = dense(x, self.w[...], self.b[...])
     if not self.lora_scale:
       return y
     h = _dropout(x, self.lora_dropout, rng) @ self.lora_a[...].astype(x.dtype)
-    return y + self.lora_scale * (h @ self.lora_b[...].astype(x.dtype))
+    return y + (self.lora_scale * (h @ self.lora_b[...].astype(x.dtype))).astype(y.dtype)
 
 
 def _fold(rng: jax.Array | None, i: int) -> jax.Array | None:
@@ -221,7 +325,7 @@ def _lora_args(cfg: GPTConfig, target: str) -> dict:
 
 
 class Attention(nnx.Module):
-  """Causal multi-head self-attention with an optional fixed-size KV cache."""
+  """Causal multi-head self-attention (gpt.model.attention), optionally over a KV cache layer."""
 
   def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, stack: int = 0):
     d, pdt = cfg.n_embd, DTYPES[cfg.param_dtype]
@@ -232,38 +336,26 @@ class Attention(nnx.Module):
     self.c_proj = Conv1D(d, d, ("heads", "embed"), std=0.02 / math.sqrt(2 * cfg.n_layer),
                          rngs=rngs, stack=stack, dtype=pdt, **_lora_args(cfg, "attn.c_proj"))
 
-  def __call__(self, x, *, mask, cache_kv, cache_index, rng) -> tuple[jax.Array, Any]:
+  def __call__(self, x, *, mask, cache_kv=None, cache_index=None, rng=None, return_probs=False):
+    """(output [B, T, D], updated (k, v) cache layer or None, probabilities or None)."""
     cfg = self.cfg
     B, T, _ = x.shape
-    q, k, v = jnp.split(self.c_attn(x, _fold(rng, 1)), 3, axis=-1)
-    q, k, v = (a.reshape(B, T, cfg.n_head, cfg.head_dim) for a in (q, k, v))
-    if cache_kv is not None:
+    H, K = cfg.n_head, cfg.head_dim
+    heads = lambda a: a.reshape(B, T, H, K).transpose(0, 2, 1, 3)  # [B, H, T, K]
+    q, k, v = map(heads, jnp.split(self.c_attn(x, _fold(rng, 1)), 3, axis=-1))
+    impl = cfg.attention_impl
+    if cache_kv is not None:  # cache layers are [B * H, S, K]; the reshapes are free
       ck, cv = cache_kv
-      k = jax.lax.dynamic_update_slice(ck, k.astype(ck.dtype), (0, cache_index, 0, 0))
-      v = jax.lax.dynamic_update_slice(cv, v.astype(cv.dtype), (0, cache_index, 0, 0))
-      cache_kv = (k, v)
-      k, v = k.astype(q.dtype), v.astype(q.dtype)
-    y = _attend(q, k, v, mask, cfg, rng)
-    return self.c_proj(y.reshape(B, T, cfg.n_embd), _fold(rng, 2)), cache_kv
-
-
-def _attend(q, k, v, mask, cfg: GPTConfig, rng) -> jax.Array:
-  """softmax(q k^T / sqrt(K)) v. `mask` is None (plain causal) or a [B, 1, T, S] boolean."""
-  if rng is not None and cfg.attn_pdrop > 0:
-    # jax.nn.dot_product_attention has no dropout: spell the attention out.
-    scores = jnp.einsum("bthk,bshk->bhts", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
-    if mask is None:
-      T, S = q.shape[1], k.shape[1]
-      mask = jnp.tril(jnp.ones((T, S), bool), S - T)[None, None]
-    probs = jax.nn.softmax(jnp.where(mask, scores, -1e30), axis=-1)
-    probs = _dropout(probs, cfg.attn_pdrop, rng).astype(v.dtype)
-    return jnp.einsum("bhts,bshk->bthk", probs, v)
-  impl = cfg.attention
-  if impl == "auto":
-    impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
-  if mask is None:
-    return jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation=impl)
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl if impl == "xla" else None)
+      S = ck.shape[1]
+      ck = jax.lax.dynamic_update_slice(ck, k.reshape(B * H, T, K).astype(ck.dtype), (0, cache_index, 0))
+      cv = jax.lax.dynamic_update_slice(cv, v.reshape(B * H, T, K).astype(cv.dtype), (0, cache_index, 0))
+      cache_kv, impl = (ck, cv), "einsum"
+      k, v = ck.reshape(B, H, S, K), cv.reshape(B, H, S, K)
+    out = attention(q, k, v, mask, impl=impl, dropout=cfg.attn_pdrop, rng=rng,
+                    return_probs=return_probs)
+    y, probs = out if return_probs else (out, None)
+    y = y.transpose(0, 2, 1, 3).reshape(B, T, H * K)
+    return self.c_proj(y, _fold(rng, 2)), cache_kv, probs
 
 
 class MLP(nnx.Module):
@@ -292,126 +384,183 @@ class Block(nnx.Module):
     self.ln_2 = LayerNorm(cfg.n_embd, stack=stack, dtype=pdt)
     self.mlp = MLP(cfg, rngs=rngs, stack=stack)
 
-  def __call__(self, x, *, mask=None, cache_kv=None, cache_index=None, rng=None):
+  def __call__(self, x, *, mask=None, cache_kv=None, cache_index=None, rng=None, return_probs=False):
     rngs = (None, None, None) if rng is None else tuple(jax.random.split(rng, 3))
-    a, cache_kv = self.attn(self.ln_1(x), mask=mask, cache_kv=cache_kv, cache_index=cache_index,
-                            rng=rngs[0])
+    a, cache_kv, probs = self.attn(self.ln_1(x), mask=mask, cache_kv=cache_kv,
+                                   cache_index=cache_index, rng=rngs[0], return_probs=return_probs)
     x = x + _dropout(a, self.cfg.resid_pdrop, rngs[1])
     x = x + _dropout(self.mlp(self.ln_2(x), rngs[2]), self.cfg.resid_pdrop, rngs[2])
-    return x, cache_kv
+    return x, cache_kv, probs
 
 
 class GPT(nnx.Module):
-  """GPT-2 language model with the output projection tied to `wte`."""
+  """GPT-2 language model with the output projection tied to `wte`.
 
-  def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs):
+  `h` holds the blocks stacked (one Block whose parameters have a leading [n_layer] axis, run by
+  `lax.scan`); `prepare_for_decoding` gives the same model with one Block per layer instead.
+  """
+
+  def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, per_layer: bool = False):
     pdt = DTYPES[cfg.param_dtype]
     self.cfg = cfg
     self.wte = _param(rngs, (cfg.n_vocab, cfg.n_embd), ("vocab", "embed"), "normal", 0.02, 0, pdt)
     self.wpe = _param(rngs, (cfg.n_ctx, cfg.n_embd), (None, "embed"), "normal", 0.01, 0, pdt)
-    self.h = Block(cfg, rngs=rngs, stack=cfg.n_layer)
+    if per_layer:
+      self.h = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
+    else:
+      self.h = Block(cfg, rngs=rngs, stack=cfg.n_layer)
     self.ln_f = LayerNorm(cfg.n_embd, dtype=pdt)
 
-  def __call__(self, tokens: jax.Array, *, token_mask: jax.Array | None = None,
-               rng: jax.Array | None = None) -> jax.Array:
-    """Logits [B, T, V] (float32) for `tokens` [B, T].
+  def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
+               mask: jax.Array | None = None, *, cache: KVCache | None = None,
+               rng: jax.Array | None = None, logits_at: Any = "all"):
+    """The forward pass of every mode: training, scoring, sampling (tokens [B, T] int).
 
-    `token_mask` [B, T] marks real tokens when rows are left-padded: pads get no attention and
-    position ids count real tokens only. Right padding needs no mask (attention is causal).
+    positions [B, T]: position ids (default 0..T-1). mask [B, 1, T, S]: which keys each query
+    sees (default causal); `attention_inputs` builds both for left-padded rows, and rows that
+    pack several sequences (the eval scorer's) pass their own. `cache`: attend over, and write
+    the new keys and values into, a KVCache at `cache.index`; without positions and mask they
+    are built from the cache (`attention_inputs(tokens, None, cache)`).
     `rng` turns dropout on (training); None means deterministic.
+    `logits_at` chooses the output: "all" float32 logits [B, T, V]; "last" the last column's
+    [B, 1, V] (decoding); an int array [M] of flat indices b * T + t, logits [M, V] of just those
+    states (the eval scorer's head where needed); None the final hidden states [B, T, D] (after
+    ln_f, before the tied head).
+    Returns the output, or (output, updated cache) when `cache` is given.
     """
-    mask, positions = None, None
-    if token_mask is not None:
-      positions = jnp.maximum(jnp.cumsum(token_mask, axis=1) - 1, 0)
-      T = tokens.shape[1]
-      mask = jnp.tril(jnp.ones((T, T), bool))[None, None] & token_mask[:, None, None, :].astype(bool)
-    logits, _ = self._forward(tokens, positions, mask, None, rng)
-    return logits
+    if cache is not None and positions is None and mask is None:
+      positions, mask, cache = attention_inputs(tokens, None, cache)
+    x, cache = self._trunk(tokens, positions, mask, cache, rng)
+    out = self._output(x, logits_at)
+    return out if cache is None else (out, cache)
 
-  def decode(self, tokens: jax.Array, cache: KVCache, *,
-             token_mask: jax.Array | None = None) -> tuple[jax.Array, KVCache]:
-    """Runs `tokens` [B, T] through the model against `cache`, writing them at `cache.index`.
+  def decode(self, tokens: jax.Array, cache: KVCache, token_mask: jax.Array | None = None, *,
+             logits_at: Any = "all") -> tuple[jax.Array, KVCache]:
+    """`tokens` [B, T] (left-padded when `token_mask` is given) run against `cache`: a whole
+    prompt at once (prefill) or one token per step. Returns (logits, updated cache)."""
+    positions, mask, cache = attention_inputs(tokens, token_mask, cache)
+    return self(tokens, positions, mask, cache=cache, logits_at=logits_at)
 
-    Works for a whole (left-padded) prompt at once (prefill) and for one token per step.
-    Returns float32 logits [B, T, V] and the updated cache.
-    """
-    B, T = tokens.shape
-    S = cache.k.shape[2]
-    valid = jnp.ones((B, T), bool) if token_mask is None else token_mask.astype(bool)
-    positions = cache.pos[:, None] + jnp.maximum(jnp.cumsum(valid, axis=1) - 1, 0)
-    slot_mask = jax.lax.dynamic_update_slice(cache.mask, valid, (0, cache.index))
-    slots = jnp.arange(S)
-    causal = slots[None, :] <= (cache.index + jnp.arange(T))[:, None]  # [T, S]
-    mask = causal[None, None] & slot_mask[:, None, None, :]
-    logits, (k, v) = self._forward(tokens, positions, mask, (cache.k, cache.v, cache.index), None)
-    new_cache = KVCache(k=k, v=v, mask=slot_mask, index=cache.index + T,
-                        pos=cache.pos + valid.sum(axis=1, dtype=jnp.int32))
-    return logits, new_cache
+  def logits(self, hidden: jax.Array, at: jax.Array | None = None) -> jax.Array:
+    """The tied output head: float32 logits [..., V] of final hidden states [..., D] (after
+    ln_f), or of just the rows `hidden.reshape(-1, D)[at]` when `at` [M] is given."""
+    if at is not None:
+      hidden = hidden.reshape(-1, hidden.shape[-1])[at]
+    return matmul(hidden, self.wte[...].astype(hidden.dtype), "...d,vd->...v")
 
-  def hidden_states(self, tokens: jax.Array, *, positions: jax.Array | None = None,
-                    mask: jax.Array | None = None) -> jax.Array:
-    """Final-LayerNorm output [B, T, D] (before the tied output projection).
-
-    `positions` [B, T] are the position ids (default 0..T-1 in every row) and `mask` [B, 1, T, T]
-    says which keys each query sees (default causal). Rows that pack several sequences, as the
-    evaluation scorer's do, pass both: each sequence restarts its positions and sees only itself.
-    """
-    x, _ = self._trunk(tokens, positions, mask, None, None)
-    return self.ln_f(x)
-
-  def attention_probs(self, tokens: jax.Array) -> jax.Array:
-    """Every layer's attention probabilities, float32 [L, B, H, T, T] (query x key), for inspection."""
-    cfg = self.cfg
-    B, T = tokens.shape
-    x = (jnp.take(self.wte[...], tokens, axis=0) + self.wpe[...][:T]).astype(cfg.compute_dtype)
-    graphdef, layer_params = nnx.split(self.h)
-    causal = jnp.tril(jnp.ones((T, T), bool))
-
-    def layer(x, params):
-      block = nnx.merge(graphdef, params)
-      q, k, _ = jnp.split(block.attn.c_attn(block.ln_1(x)), 3, axis=-1)
-      q, k = (a.reshape(B, T, cfg.n_head, cfg.head_dim) for a in (q, k))
-      scores = jnp.einsum("bthk,bshk->bhts", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
-      probs = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
-      x, _ = block(x)
-      return x, probs
-
-    _, probs = jax.lax.scan(layer, x, layer_params)
+  def attention_probs(self, tokens: jax.Array, positions: jax.Array | None = None,
+                      mask: jax.Array | None = None) -> jax.Array:
+    """Every layer's attention probabilities, float32 [L, B, H, T, T] (query x key), for
+    inspection: gpt.model.attention's weights from the same forward pass."""
+    _, probs = self._trunk(tokens, positions, mask, None, None, return_probs=True)
     return probs
 
-  def _forward(self, tokens, positions, mask, cache, rng):
-    x, new_kv = self._trunk(tokens, positions, mask, cache, rng)
-    x = self.ln_f(x)
-    wte = self.wte[...].astype(x.dtype)
-    logits = jnp.einsum("btd,vd->btv", x, wte, preferred_element_type=jnp.float32)
-    return logits, new_kv
+  def _output(self, x, logits_at):
+    if logits_at is None:
+      return self.ln_f(x)
+    if isinstance(logits_at, str):
+      if logits_at == "last":
+        x = x[:, -1:]
+      elif logits_at != "all":
+        raise ValueError(f"logits_at={logits_at!r}: use 'all', 'last', None or an index array")
+      return self.logits(self.ln_f(x))
+    return self.logits(self.ln_f(x.reshape(-1, x.shape[-1])[logits_at]))
 
-  def _trunk(self, tokens, positions, mask, cache, rng):
+  def _trunk(self, tokens, positions, mask, cache, rng, return_probs=False):
+    """Embeddings and blocks: (x [B, T, D], updated cache, or the probabilities if asked)."""
     cfg = self.cfg
-    dtype = cfg.compute_dtype
     B, T = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-    x = (jnp.take(self.wte[...], tokens, axis=0) + jnp.take(self.wpe[...], positions, axis=0))
+    # Out-of-range ids clamp (as indexing does) rather than give NaN (jnp.take's default fill).
+    x = (jnp.take(self.wte[...], tokens, axis=0, mode="clip")
+         + jnp.take(self.wpe[...], positions, axis=0, mode="clip"))
     rng_embd, rng_layers = (None, None) if rng is None else jax.random.split(rng)
-    x = _dropout(x.astype(dtype), cfg.embd_pdrop, rng_embd)
+    x = _dropout(x.astype(cfg.compute_dtype), cfg.embd_pdrop, rng_embd)
+    layer_rngs = None if rng_layers is None else jax.random.split(rng_layers, cfg.n_layer)
+    index = None if cache is None else cache.index
+    if isinstance(self.h, Block):
+      x, extra = self._scan(x, mask, cache, index, layer_rngs, return_probs)
+    else:  # prepared for decoding: one Block per layer, each with its own cache arrays
+      ks, vs, probs = [], [], []
+      for i, block in enumerate(self.h):
+        kv = None if cache is None else (cache.k[i], cache.v[i])
+        x, kv, p = block(x, mask=mask, cache_kv=kv, cache_index=index,
+                         rng=None if layer_rngs is None else layer_rngs[i], return_probs=return_probs)
+        if cache is not None:
+          ks.append(kv[0])
+          vs.append(kv[1])
+        probs.append(p)
+      extra = (jnp.stack(probs) if return_probs else
+               None if cache is None else (tuple(ks), tuple(vs)))
+    if return_probs:
+      return x, extra
+    if cache is not None:
+      cache = cache._replace(k=extra[0], v=extra[1], index=cache.index + T)
+    return x, cache
 
+  def _scan(self, x, mask, cache, index, layer_rngs, return_probs):
+    """The stacked blocks as one lax.scan; returns (x, new (k, v) per layer or probabilities)."""
+    cfg = self.cfg
     graphdef, layer_params = nnx.split(self.h)
-    cache_index = None if cache is None else cache[2]
 
     def layer(x, xs):
       params, kv, layer_rng = xs
       block = nnx.merge(graphdef, params)
-      x, kv = block(x, mask=mask, cache_kv=kv, cache_index=cache_index, rng=layer_rng)
-      return x, kv
+      x, kv, probs = block(x, mask=mask, cache_kv=kv, cache_index=index, rng=layer_rng,
+                           return_probs=return_probs)
+      return x, (probs if return_probs else kv)
 
     if cfg.remat != "none":
       layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
-    kv = None if cache is None else (cache[0], cache[1])
-    layer_rngs = None if rng_layers is None else jax.random.split(rng_layers, cfg.n_layer)
-    x, new_kv = jax.lax.scan(layer, x, (layer_params, kv, layer_rngs),
-                             unroll=1 if cfg.scan_layers else cfg.n_layer)
-    return x, new_kv
+    kv = None if cache is None else (jnp.stack(cache.k), jnp.stack(cache.v))
+    x, out = jax.lax.scan(layer, x, (layer_params, kv, layer_rngs),
+                          unroll=1 if cfg.scan_layers else cfg.n_layer)
+    if cache is not None and not return_probs:
+      out = (tuple(out[0]), tuple(out[1]))
+    return x, out
+
+
+def prepare_for_decoding(model: GPT) -> GPT:
+  """The same model laid out for token-by-token decoding (sampling), computing the same function.
+
+  The stacked blocks become one Block per layer, each weight cast once to the compute dtype. In a
+  scan over stacked weights, every decode step on CPU first copies each layer's weights out of the
+  stack and re-stacks the cache (2x slower in float32, up to 10x in bfloat16, measured by
+  experiments/bench_decode.py); per-layer weights and per-layer KVCache arrays avoid both. Over a
+  cache, attention is the spelled-out "einsum" one, whose cache layout XLA updates in place. Made
+  once per set of weights; not for training (the parameter tree differs: `h/0/...`, ...).
+  """
+  cfg = model.cfg
+  graphdef, abstract = _decoding_layout(cfg)
+  pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  cast = lambda a: jnp.asarray(a, cfg.compute_dtype)
+  layers = {i: jax.tree.map(lambda a: cast(a[i]), pure["h"]) for i in range(cfg.n_layer)}
+  params = {"wte": cast(pure["wte"]), "wpe": cast(pure["wpe"]), "ln_f": jax.tree.map(cast, pure["ln_f"]),
+            "h": layers}
+  nnx.replace_by_pure_dict(abstract, params)
+  return nnx.merge(graphdef, abstract)
+
+
+def _decoding_layout(cfg: GPTConfig):
+  """(graphdef, abstract state) of the per-layer model that `prepare_for_decoding` makes."""
+  dcfg = cfg.replace(param_dtype=cfg.dtype, attention_impl="xla", scan_layers=False, remat="none")
+  return nnx.split(nnx.eval_shape(lambda: GPT(dcfg, rngs=nnx.Rngs(params=0), per_layer=True)))
+
+
+def decoding_functions(cfg: GPTConfig):
+  """(logits_fn, init_cache) for gpt.sampling.Decoder over a model prepared for decoding.
+
+  `logits_fn(params, tokens, cache, token_mask)` returns the last column's logits [B, 1, V] and
+  the updated KVCache, where `params` is `nnx.state(prepare_for_decoding(model))` (passed as a
+  jit argument, never baked in). `init_cache(batch, length)` is `KVCache.init(cfg, batch, length)`.
+  """
+  graphdef, _ = _decoding_layout(cfg)
+
+  def logits_fn(params, tokens, cache, token_mask):
+    return nnx.merge(graphdef, params).decode(tokens, cache, token_mask, logits_at="last")
+
+  return logits_fn, lambda batch, length: KVCache.init(cfg, batch, length)
 
 
 def init_model(cfg: GPTConfig, seed: int = 0) -> GPT:

@@ -128,6 +128,16 @@ class Decoder:
     self.stop_at_token = stop_at_token
     self._start = jax.jit(self._start_impl, static_argnames=("cache_length", "max_new"))
     self._advance = jax.jit(self._advance_impl, donate_argnames=("state",))
+    self._traces = {"start": 0, "advance": 0}
+
+  @property
+  def compiles(self) -> dict[str, int]:
+    """How many programs `start` and `advance` have compiled (one per new shape)."""
+    return dict(self._traces)
+
+  def lower_advance(self, params: Any, state: DecodeState, until: int = 2) -> jax.stages.Lowered:
+    """The decode loop lowered for `params` and `state` (e.g. `.compile().as_text()` for its HLO)."""
+    return self._advance.lower(params, state, jnp.asarray(until, jnp.int32))
 
   def start(self, params: Any, prompt: jax.Array, prompt_mask: jax.Array, key: jax.Array, *,
             cache_length: int, max_new: int) -> DecodeState:
@@ -157,6 +167,7 @@ class Decoder:
     return self.advance(params, state, num_new).tokens
 
   def _start_impl(self, params, prompt, prompt_mask, key, *, cache_length: int, max_new: int):
+    self._traces["start"] += 1  # Python runs only while tracing: once per compiled shape
     B = prompt.shape[0]
     cache = self.init_cache(B, cache_length)
     logits, cache = self.logits_fn(params, prompt, cache, prompt_mask)
@@ -167,6 +178,7 @@ class Decoder:
                        step=jnp.ones((), jnp.int32), key=key)
 
   def _advance_impl(self, params, state: DecodeState, until: jax.Array) -> DecodeState:
+    self._traces["advance"] += 1
     until = jnp.minimum(until, state.tokens.shape[1])
 
     def cond(s: DecodeState):

@@ -394,26 +394,25 @@ class Loop:
 
   def write_samples(self, step: int) -> None:
     """Unconditional samples (from <|endoftext|>) into samples/step_<step>.txt, as nshepperd's."""
-    from gpt.sampling import Decoder, SamplingOptions, trim
-    from gpt.model import KVCache
+    from gpt.sample import decoding_params, make_decoder
+    from gpt.sampling import SamplingOptions, trim
 
     cfg, t, s = self.setup.cfg, self.t, self.config.sampling
     tok = self.setup.tokenizer
     length = max(1, min(t.sample_length, cfg.n_ctx - 1))
-    if self.decoder is None:
-      graphdef = self.graphdef
-      self.decoder = Decoder(
-          lambda params, tokens, cache, mask: nnx.merge(graphdef, params).decode(
-              tokens, cache, token_mask=mask),
-          lambda batch, n: KVCache.init(cfg, batch, n),
-          SamplingOptions(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p),
+    if self.decoder is None:  # the `sample` mode's decoder, kept: it compiles once per run
+      self.decoder = make_decoder(
+          cfg, SamplingOptions(temperature=s.temperature, top_k=s.top_k, top_p=s.top_p),
           stop_token=tok.eot_id, stop_at_token=False)
+      graphdef = self.graphdef
+      self.prepare = jax.jit(lambda p: decoding_params(nnx.merge(graphdef, p)))
     n = max(1, t.sample_num)
     prompt = np.full((n, 1), tok.eot_id, np.int32)
     key = jax.random.fold_in(jax.random.key(s.seed), step)
-    params = lora.combine(self.state.params, self.frozen)  # a LoRA run: adapters + frozen base
-    tokens = self.decoder.generate(params, prompt, np.ones_like(prompt, bool), key, length,
-                                   cache_length=length + 1)
+    # The current weights (a LoRA run's adapters joined to the frozen base), laid out for decoding.
+    params = self.prepare(lora.combine(self.state.params, self.frozen))
+    tokens = self.decoder.generate(params, prompt, np.ones_like(prompt, bool), key,
+                                   length, cache_length=length + 1)
     rows = trim(to_host(tokens), tok.eot_id, False, length)
     text = "".join(f"{'=' * 20} SAMPLE {i + 1} {'=' * 20}\n{tok.decode(r)}\n"
                    for i, r in enumerate(rows))

@@ -61,8 +61,8 @@ def test_hidden_states_with_explicit_causal_mask_and_positions_are_the_default(m
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, CFG.n_vocab, (2, 11)))
   positions = jnp.broadcast_to(jnp.arange(11), (2, 11))
   mask = jnp.broadcast_to(jnp.tril(jnp.ones((11, 11), bool)), (2, 1, 11, 11))
-  ours = jax.jit(lambda m, t, p, k: m.hidden_states(t, positions=p, mask=k))(model, tokens, positions, mask)
-  np.testing.assert_allclose(ours, jax.jit(lambda m, t: m.hidden_states(t))(model, tokens), atol=1e-6)
+  ours = jax.jit(lambda m, t, p, k: m(t, p, k, logits_at=None))(model, tokens, positions, mask)
+  np.testing.assert_allclose(ours, jax.jit(lambda m, t: m(t, logits_at=None))(model, tokens), atol=1e-6)
 
 
 def test_every_loglikelihood_equals_a_direct_forward(scorer, log_probs):

@@ -26,7 +26,7 @@ def test_peak_table_matches_device_kinds():
 
 def test_largest_batch_is_the_largest_that_fits_the_compiled_memory(monkeypatch):
   gc = load_gpu_check()
-  shape, fields = (1, 32, 2, 16), {"attention": "xla"}
+  shape, fields = (1, 32, 2, 16), {"attention_impl": "xla"}
   at = {b: gc.train_bytes(shape, "none", b, fields) for b in (1, 2, 4, 8, 16)}
   # The search asks for the same compiles again: answer from the ones made above.
   monkeypatch.setattr(gc, "train_bytes", lambda shape, remat, batch, fields: at[batch])

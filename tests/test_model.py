@@ -1,4 +1,4 @@
-"""The model: parameter counts, layouts, KV cache, padding, options."""
+"""The model: parameter counts, layouts, KV cache, padding, options, the one forward's outputs."""
 
 import jax
 import jax.numpy as jnp
@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from gpt.errors import GPTError
-from gpt.model import GPTConfig, KVCache, abstract_model, count_params, init_model, param_axes
+from gpt.model import (GPTConfig, KVCache, abstract_model, attention_inputs, count_params, init_model,
+                       param_axes, prepare_for_decoding)
 
 TINY = GPTConfig(n_vocab=97, n_ctx=32, n_embd=32, n_head=4, n_layer=3)
 TOKENS = np.random.RandomState(0).randint(0, 97, size=(2, 12))
@@ -15,12 +16,13 @@ TOKENS = np.random.RandomState(0).randint(0, 97, size=(2, 12))
 @jax.jit
 def forward(model, tokens, token_mask=None, rng=None):
   # Jitted: eager op-by-op execution of the scanned blocks is many small compiles.
-  return model(tokens, token_mask=token_mask, rng=rng)
+  positions, mask, _ = attention_inputs(tokens, token_mask)
+  return model(tokens, positions, mask, rng=rng)
 
 
 @jax.jit
 def decode(model, tokens, cache, token_mask=None):
-  return model.decode(tokens, cache, token_mask=token_mask)
+  return model.decode(tokens, cache, token_mask)
 
 
 @pytest.mark.parametrize("n_layer,n_embd,n_head,expected", [
@@ -101,13 +103,13 @@ def test_bfloat16_compute_is_close_to_float32():
 
 
 def test_attention_auto_uses_xla_on_cpu():
-  model = init_model(TINY.replace(attention="auto"), seed=6)
+  model = init_model(TINY.replace(attention_impl="auto"), seed=6)
   np.testing.assert_allclose(forward(model, TOKENS), forward(init_model(TINY, seed=6), TOKENS), atol=1e-6)
 
 
 @pytest.mark.parametrize("bad,message", [
     (dict(n_embd=30, n_head=4), "divisible"), (dict(dtype="fp8"), "model.dtype"),
-    (dict(remat="some"), "model.remat"), (dict(attention="flash"), "model.attention")])
+    (dict(remat="some"), "model.remat"), (dict(attention_impl="flash"), "model.attention_impl")])
 def test_bad_model_options_are_one_clear_error(bad, message):
   with pytest.raises(GPTError, match=message):
     TINY.replace(**bad)
@@ -129,3 +131,93 @@ def test_attention_probs_are_causal_distributions_consistent_with_the_forward():
   s = np.einsum("bthk,bshk->bhts", q, k) / np.sqrt(8) + np.triu(np.full((12, 12), -np.inf), 1)
   e = np.exp(s - s.max(-1, keepdims=True))
   np.testing.assert_allclose(probs[0], e / e.sum(-1, keepdims=True), atol=1e-5)
+
+
+def old_attention_probs(model, tokens):
+  """GPT.attention_probs as it was before the one attention function (its own einsum, -inf)."""
+  import math
+  from flax import nnx
+  cfg = model.cfg
+  B, T = tokens.shape
+  x = (jnp.take(model.wte[...], tokens, axis=0) + model.wpe[...][:T]).astype(cfg.compute_dtype)
+  graphdef, layer_params = nnx.split(model.h)
+  causal = jnp.tril(jnp.ones((T, T), bool))
+
+  def layer(x, params):
+    block = nnx.merge(graphdef, params)
+    q, k, _ = jnp.split(block.attn.c_attn(block.ln_1(x)), 3, axis=-1)
+    q, k = (a.reshape(B, T, cfg.n_head, cfg.head_dim) for a in (q, k))
+    scores = jnp.einsum("bthk,bshk->bhts", q, k).astype(jnp.float32) / math.sqrt(cfg.head_dim)
+    probs = jax.nn.softmax(jnp.where(causal, scores, -jnp.inf), axis=-1)
+    return block(x)[0], probs
+
+  return jax.lax.scan(layer, x, layer_params)[1]
+
+
+def test_attention_probs_flag_equals_the_old_separate_attention():
+  model = init_model(TINY, seed=7)
+  new = jax.jit(lambda m, t: m.attention_probs(t))(model, TOKENS)
+  np.testing.assert_allclose(new, jax.jit(old_attention_probs)(model, TOKENS), atol=1e-6)
+
+
+def test_logits_at_positions_and_hidden_states_are_slices_of_the_full_forward():
+  model = init_model(TINY, seed=8)
+  full = np.asarray(forward(model, TOKENS))
+  run = jax.jit(lambda m, t, at: m(t, logits_at=at))
+  np.testing.assert_allclose(jax.jit(lambda m, t: m(t, logits_at="last"))(model, TOKENS), full[:, -1:],
+                             atol=1e-5)
+  at = jnp.asarray([0, 5, 11, 12, 23])  # flat b * T + t: row 0's 0, 5, 11 and row 1's 0, 11
+  np.testing.assert_allclose(run(model, TOKENS, at), full.reshape(-1, full.shape[-1])[np.asarray(at)],
+                             atol=1e-5)
+  hidden = jax.jit(lambda m, t: m(t, logits_at=None))(model, TOKENS)
+  assert hidden.shape == (2, 12, 32)
+  np.testing.assert_allclose(jax.jit(lambda m, h: m.logits(h, at=at))(model, hidden),
+                             full.reshape(-1, full.shape[-1])[np.asarray(at)], atol=1e-5)
+
+
+def test_positions_and_mask_builder_for_padding_and_cache():
+  token_mask = np.array([[0, 0, 1, 1], [1, 1, 1, 1]], bool)
+  positions, mask, cache = attention_inputs(jnp.zeros((2, 4), jnp.int32), token_mask)
+  np.testing.assert_array_equal(positions, [[0, 0, 0, 1], [0, 1, 2, 3]])
+  assert mask.shape == (2, 1, 4, 4) and cache is None
+  np.testing.assert_array_equal(mask[0, 0], [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 1, 0], [0, 0, 1, 1]])
+  np.testing.assert_array_equal(mask[1, 0], np.tril(np.ones((4, 4), bool)))
+  _, none_mask, _ = attention_inputs(jnp.zeros((2, 4), jnp.int32))
+  assert none_mask is None  # plain causal: the kernel's own causal path
+  cache = KVCache.init(TINY, batch=2, length=6)
+  positions, mask, cache = attention_inputs(jnp.zeros((2, 4), jnp.int32), token_mask, cache)
+  assert mask.shape == (2, 1, 4, 6) and list(cache.pos) == [2, 4]
+  np.testing.assert_array_equal(cache.mask, [[0, 0, 1, 1, 0, 0], [1, 1, 1, 1, 0, 0]])
+  cache = cache._replace(index=jnp.asarray(4))  # as the model's call leaves it
+  positions, mask, _ = attention_inputs(jnp.zeros((2, 1), jnp.int32), None, cache)
+  np.testing.assert_array_equal(positions, [[2], [4]])
+  np.testing.assert_array_equal(mask[:, 0, 0], [[0, 0, 1, 1, 1, 0], [1, 1, 1, 1, 1, 0]])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prepared_decoding_equals_the_full_forward_at_every_step(dtype):
+  """prepare_for_decoding (per-layer weights, what sampling runs) against the stacked full forward,
+  left-padded rows, prefill then one token per step, logits of the last column."""
+  cfg = TINY.replace(dtype=dtype, param_dtype=dtype)
+  model = init_model(cfg, seed=9)
+  prepared = prepare_for_decoding(model)
+  assert prepared.h[0].mlp.c_fc.w.get_value().dtype == cfg.compute_dtype
+  step = jax.jit(lambda m, t, c, k: m.decode(t, c, k, logits_at="last"))
+  stacked_step = jax.jit(lambda m, t, c, k: m.decode(t, c, k))
+  mask = np.ones((2, 8), bool)
+  mask[0, :3] = False
+  new_tokens = np.asarray([[t + 1, t + 2] for t in range(8)])  # [step, row]
+  rows = [list(TOKENS[0, 3:8]) + list(new_tokens[:, 0]), list(TOKENS[1, :8]) + list(new_tokens[:, 1])]
+  # Each row alone, right-padded, in one uncached forward (causal: padding changes nothing before it).
+  full = np.asarray(forward(model, np.asarray([rows[0] + [0] * 3, rows[1]])))
+  logits, cache = step(prepared, jnp.asarray(TOKENS[:, :8]), KVCache.init(cfg, 2, 20), mask)
+  stacked, stacked_cache = stacked_step(model, jnp.asarray(TOKENS[:, :8]), KVCache.init(cfg, 2, 20), mask)
+  tol = 1e-5 if dtype == "float32" else 0.05
+  for t in range(9):
+    for r, seen in enumerate((5 + t, 8 + t)):
+      np.testing.assert_allclose(logits[r, -1], full[r, seen - 1], atol=tol, err_msg=f"step {t} row {r}")
+      np.testing.assert_allclose(stacked[r, -1], full[r, seen - 1], atol=tol)
+    if t < 8:
+      logits, cache = step(prepared, jnp.asarray(new_tokens[t][:, None]), cache, None)
+      stacked, stacked_cache = stacked_step(model, jnp.asarray(new_tokens[t][:, None]), stacked_cache, None)
+  assert int(cache.index) == 16 and list(cache.pos) == [13, 16]

@@ -164,8 +164,7 @@ def test_compiles_once_per_shape():
     prompt = np.zeros((2, 4), np.int32)
     mask = np.arange(4)[None, :] >= 4 - np.array(lengths)[:, None]
     decoder.generate(logits, prompt, mask, jax.random.key(seed), n_new, cache_length=20, max_new=16)
-  assert decoder._start._cache_size() == 1
-  assert decoder._advance._cache_size() == 1
+  assert decoder.compiles == {"start": 1, "advance": 1}
 
 
 def test_cache_too_small_is_refused():

@@ -1,7 +1,7 @@
 """Generation until stop strings, for the generative eval tasks and the lm-eval `generate_until`.
 
 The one place where evaluation touches the decoder: everything here goes through the public
-`gpt.generate.Generator` (the jitted KV-cache decoder of gpt.sampling), so when the decoder moves
+`gpt.sample.Generator` (the jitted KV-cache decoder of gpt.sampling), so when the decoder moves
 only this module changes.
 
 Prompts (token ids, of different lengths) are sorted longest first and decoded `batch_size` at a
@@ -23,7 +23,7 @@ import numpy as np
 from tqdm import tqdm
 
 from gpt.errors import GPTError
-from gpt.generate import Generator
+from gpt.sample import Generator
 from gpt.sampling import SamplingOptions
 
 Stop = Union[str, "re.Pattern[str]"]
@@ -49,7 +49,7 @@ def cut_at_stop(text: str, stops: Sequence[Stop]) -> tuple[str, bool]:
 class TextGenerator:
   """A model wrapped for batched generation of text until stop strings (see module docstring).
 
-  One `gpt.generate.Generator` (hence one set of compiled decode programs) is kept per sampling
+  One `gpt.sample.Generator` (hence one set of compiled decode programs) is kept per sampling
   setting, so the greedy and sampled requests of a run each compile once per shape.
   """
 

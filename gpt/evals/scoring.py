@@ -95,13 +95,13 @@ def _trunk(graphdef, state, tokens, positions, segments):
   B, T = tokens.shape
   key, query = segments[:, None, :], segments[:, :, None]
   mask = jnp.tril(jnp.ones((T, T), bool))[None] & ((key == 0) | (key == query))
-  return model.hidden_states(tokens, positions=positions, mask=mask[:, None]).reshape(B * T, -1)
+  return model(tokens, positions, mask[:, None], logits_at=None).reshape(B * T, -1)
 
 
-def _head(wte, hidden, sources, targets):
-  """log P(target) [K] and whether each target is the argmax [K], from the states at `sources`."""
-  h = hidden[sources]
-  logits = jnp.einsum("kd,vd->kv", h, wte.astype(h.dtype), preferred_element_type=jnp.float32)
+def _head(graphdef, state, hidden, sources, targets):
+  """log P(target) [K] and whether each target is the argmax [K], from the states at `sources`
+  (the model's own output head, applied only there)."""
+  logits = nnx.merge(graphdef, state).logits(hidden, at=sources)
   picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
   return picked - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == targets
 
@@ -111,12 +111,11 @@ class Scorer:
 
   def __init__(self, model: GPT, batch_size: int = 8, max_buckets: int = 8):
     self.graphdef, self.state = nnx.split(model)
-    self.wte = model.wte[...]
     self.n_ctx = model.cfg.n_ctx
     self.batch_size = batch_size
     self.max_buckets = max_buckets
     self._trunk = jax.jit(functools.partial(_trunk, self.graphdef))
-    self._head = jax.jit(_head)
+    self._head = jax.jit(functools.partial(_head, self.graphdef))
     self._lengths: set[int] = set()  # row lengths the trunk is compiled for
 
   @property
@@ -141,7 +140,7 @@ class Scorer:
             [rows[i] for i in chosen], self.batch_size, length)
         hidden = self._trunk(self.state, tokens, positions, segments)
         chunk = min(len(targets), HEAD_CHUNK)
-        parts = [self._head(self.wte, hidden, sources[c:c + chunk], targets[c:c + chunk])
+        parts = [self._head(self.state, hidden, sources[c:c + chunk], targets[c:c + chunk])
                  for c in range(0, len(targets), chunk)]
         logprobs = np.concatenate([np.asarray(p[0], np.float64) for p in parts])
         greedy = np.concatenate([np.asarray(p[1]) for p in parts])

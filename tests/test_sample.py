@@ -1,4 +1,4 @@
-"""gpt.generate: the model wrapped for decoding, prompt fitting, and the sample/interactive modes.
+"""gpt.sample: the model wrapped for decoding, prompt fitting, and the sample/interactive modes.
 
 Correctness is checked on the fixture GPT-2 (2 layers, n_ctx 64) against full forward passes and,
 when torch and transformers are installed (the [hf] extra), against Hugging Face generate().
@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from gpt import generate, kv_decode
+from gpt import sample
 from gpt.config import base_config
 from gpt.errors import GPTError
-from gpt.model import KVCache
+from gpt.model import KVCache, prepare_for_decoding
 from gpt.sampling import SamplingOptions
 
 PROMPTS = [[464, 3290, 318, 257, 1588], [50256], [15496, 11, 616, 1438, 318, 5395, 13, 314, 1101]]
@@ -62,21 +62,29 @@ def full_forward(loaded):
   return run
 
 
+def decode_fn(model):
+  """The model's decode step, jitted with the model's state as an argument."""
+  graphdef, state = nnx.split(model)
+  run = jax.jit(lambda s, t, c, m, last_only: nnx.merge(graphdef, s).decode(
+      t, c, m, logits_at="last" if last_only else "all"), static_argnums=4)
+  return lambda tokens, cache, mask=None, last_only=False: run(state, tokens, cache, mask, last_only)
+
+
 @pytest.mark.parametrize("last_only", [False, True])
 def test_cache_logits_equal_full_forward_at_every_step(loaded, full_forward, last_only):
-  """gpt.kv_decode (what sampling runs) against GPT.__call__, left-padded prompts of 3 lengths."""
+  """The model prepared for decoding (what sampling runs) against GPT.__call__, left-padded
+  prompts of 3 lengths."""
   cfg = loaded.cfg
-  params = kv_decode.decode_params(loaded.model)
-  step = jax.jit(functools.partial(kv_decode.decode, cfg, last_only=last_only))
-  tokens, mask = generate.pad_left(PROMPTS, generate.bucket(9))
-  logits, cache = step(params, tokens, kv_decode.init_cache(cfg, 3, 16 + 32), mask)
+  step = decode_fn(prepare_for_decoding(loaded.model))
+  tokens, mask = sample.pad_left(PROMPTS, sample.bucket(9))
+  logits, cache = step(tokens, KVCache.init(cfg, 3, 16 + 32), mask, last_only)
   rows = [list(p) for p in PROMPTS]
   for r, prompt in enumerate(PROMPTS):
     want = full_forward(prompt)[-1:] if last_only else full_forward(prompt)
     np.testing.assert_allclose(logits[r, -len(want):], want, rtol=1e-5, atol=1e-5)
   step_tokens = np.random.default_rng(0).integers(0, cfg.n_vocab, size=(30, 3))
   for t, new in enumerate(step_tokens):
-    logits, cache = step(params, jnp.asarray(new[:, None], jnp.int32), cache)
+    logits, cache = step(jnp.asarray(new[:, None], jnp.int32), cache, None, last_only)
     for r in range(3):
       rows[r].append(int(new[r]))
       np.testing.assert_allclose(logits[r, 0], full_forward(rows[r])[-1], rtol=1e-5, atol=1e-5,
@@ -84,14 +92,11 @@ def test_cache_logits_equal_full_forward_at_every_step(loaded, full_forward, las
 
 
 def test_model_decode_agrees(loaded):
-  """GPT.decode (the model's own cached path) and kv_decode give the same logits."""
+  """GPT.decode on the stacked model and on the model prepared for decoding give the same logits."""
   cfg = loaded.cfg
-  tokens, mask = generate.pad_left(PROMPTS, 16)
-  graphdef, state = nnx.split(loaded.model)
-  model_decode = jax.jit(lambda s, t, c, m: nnx.merge(graphdef, s).decode(t, c, token_mask=m))
-  want, _ = model_decode(state, tokens, KVCache.init(cfg, 3, 24), mask)
-  got, _ = kv_decode.decode(cfg, kv_decode.decode_params(loaded.model), tokens,
-                            kv_decode.init_cache(cfg, 3, 24), mask)
+  tokens, mask = sample.pad_left(PROMPTS, 16)
+  want, _ = decode_fn(loaded.model)(tokens, KVCache.init(cfg, 3, 24), mask)
+  got, _ = decode_fn(prepare_for_decoding(loaded.model))(tokens, KVCache.init(cfg, 3, 24), mask)
   np.testing.assert_allclose(got * mask[..., None], want * mask[..., None], rtol=1e-5, atol=1e-5)
 
 
@@ -102,14 +107,14 @@ def test_bfloat16_decode_tracks_float32(full_forward, openai_fixture):
   config = fixture_config(openai_fixture)
   config.model.dtype = config.model.param_dtype = "bfloat16"
   bf16 = load_model(config)
-  params = kv_decode.decode_params(bf16.model)
-  assert params["layers"][0]["mlp"]["c_fc"]["w"].dtype == jnp.bfloat16
+  prepared = prepare_for_decoding(bf16.model)
+  assert prepared.h[0].mlp.c_fc.w.get_value().dtype == jnp.bfloat16
+  step = decode_fn(prepared)
   for prompts in (PROMPTS[:1], PROMPTS):
-    tokens, mask = generate.pad_left(prompts, 16)
-    _, cache = kv_decode.decode(bf16.cfg, params, tokens, kv_decode.init_cache(bf16.cfg, len(prompts), 17),
-                                mask, last_only=True)
-    step = np.full((len(prompts), 1), 11, np.int32)  # one decode step: a single row when batch 1
-    logits, _ = kv_decode.decode(bf16.cfg, params, step, cache, last_only=True)
+    tokens, mask = sample.pad_left(prompts, 16)
+    _, cache = step(tokens, KVCache.init(bf16.cfg, len(prompts), 17), mask, True)
+    new = np.full((len(prompts), 1), 11, np.int32)  # one decode step: a single row when batch 1
+    logits, _ = step(new, cache, None, True)
     for r, prompt in enumerate(prompts):
       want = np.asarray(full_forward(prompt + [11])[-1])
       err = np.abs(np.asarray(logits[r, 0]) - want).max()
@@ -117,7 +122,7 @@ def test_bfloat16_decode_tracks_float32(full_forward, openai_fixture):
 
 
 def test_greedy_equals_argmax_loop_over_full_forwards(loaded, full_forward):
-  gen = generate.Generator(loaded.model, loaded.tokenizer, SamplingOptions(temperature=0.0),
+  gen = sample.Generator(loaded.model, loaded.tokenizer, SamplingOptions(temperature=0.0),
                            stop_at_eot=False)
   with pytest.raises(GPTError, match="do not fit n_ctx=64"):
     gen.generate([[1] * 60, [2]], 6, jax.random.key(0))
@@ -136,7 +141,7 @@ def test_greedy_equals_hugging_face_generate(hf_fixture):
 
   hf = transformers.GPT2LMHeadModel.from_pretrained(hf_fixture).eval()
   ours = load_model(fixture_config(hf_fixture))
-  gen = generate.Generator(ours.model, ours.tokenizer, SamplingOptions(temperature=0.0),
+  gen = sample.Generator(ours.model, ours.tokenizer, SamplingOptions(temperature=0.0),
                            stop_at_eot=False)
   got = gen.generate(PROMPTS, 48, jax.random.key(0))
   for prompt, row in zip(PROMPTS, got):
@@ -147,7 +152,7 @@ def test_greedy_equals_hugging_face_generate(hf_fixture):
 
 
 def test_fit_prompt():
-  fit = generate.fit_prompt
+  fit = sample.fit_prompt
   assert fit([1, 2, 3], 0, 64, False) == ([1, 2, 3], 62)  # fill the context (last token not fed)
   assert fit([1, 2, 3], 62, 64, False) == ([1, 2, 3], 62)
   with pytest.raises(GPTError, match=r"prompt \(3 tokens\) \+ sampling.length \(63\) = 66 .*n_ctx=64"):
@@ -163,28 +168,28 @@ def test_fit_prompt():
 
 
 def test_counts_and_stop_option():
-  generate.check_counts(0, 4)
-  generate.check_counts(8, 4)
+  sample.check_counts(0, 4)
+  sample.check_counts(8, 4)
   with pytest.raises(GPTError, match="nsamples=6 must be a multiple of sampling.batch_size=4"):
-    generate.check_counts(6, 4)
+    sample.check_counts(6, 4)
   with pytest.raises(GPTError, match="batch_size=0"):
-    generate.check_counts(4, 0)
-  assert generate.stop_at_eot("auto", True) and not generate.stop_at_eot("auto", False)
-  assert generate.stop_at_eot(True, False) and not generate.stop_at_eot("false", True)
+    sample.check_counts(4, 0)
+  assert sample.stop_at_eot("auto", True) and not sample.stop_at_eot("auto", False)
+  assert sample.stop_at_eot(True, False) and not sample.stop_at_eot("false", True)
   with pytest.raises(GPTError, match="stop_at_eot"):
-    generate.stop_at_eot("maybe", True)
-  assert [generate.bucket(n) for n in (1, 16, 17, 64, 65)] == [16, 16, 32, 64, 128]
+    sample.stop_at_eot("maybe", True)
+  assert [sample.bucket(n) for n in (1, 16, 17, 64, 65)] == [16, 16, 32, 64, 128]
 
 
 def test_sample_mode_prompt_file_output_file_and_seed(openai_fixture, tmp_path, capsys):
   (tmp_path / "prompt.txt").write_text("The critique of pure reason\n", encoding="utf-8")
   config = fixture_config(openai_fixture, prompt_file=str(tmp_path / "prompt.txt"), nsamples=4,
                           batch_size=2, length=20, seed=3, output_file=str(tmp_path / "out.txt"))
-  generate.run_sample(config, None)
+  sample.run_sample(config, None)
   first = capsys.readouterr().out
   assert [line for line in first.splitlines() if "SAMPLE" in line] == [HEADER.format(n) for n in range(1, 5)]
   assert (tmp_path / "out.txt").read_text(encoding="utf-8") == first
-  generate.run_sample(config, None)
+  sample.run_sample(config, None)
   assert capsys.readouterr().out == first, "same seed, same text"
 
 
@@ -194,7 +199,7 @@ def test_sample_mode_rejects_bad_options_before_loading(tmp_path):
     sampling[key] = value
     config = fixture_config(tmp_path / "does-not-exist", **sampling)
     with pytest.raises(GPTError, match=word):
-      generate.run_sample(config, None)
+      sample.run_sample(config, None)
 
 
 def test_samples_from_a_training_workdir(loaded, openai_fixture, tmp_path, capsys):
@@ -202,7 +207,7 @@ def test_samples_from_a_training_workdir(loaded, openai_fixture, tmp_path, capsy
   from gpt.checkpoint import Checkpointer, checkpoint_dir
 
   config = fixture_config(openai_fixture, nsamples=2, length=24, seed=1)
-  generate.run_sample(config, None)
+  sample.run_sample(config, None)
   expected = capsys.readouterr().out
   workdir = tmp_path / "run"
   ckpt = Checkpointer(checkpoint_dir(workdir), async_save=False)
@@ -213,7 +218,7 @@ def test_samples_from_a_training_workdir(loaded, openai_fixture, tmp_path, capsy
   model_section = {k: getattr(loaded.cfg, k) for k in ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")}
   (workdir / "config.json").write_text(json.dumps({"model": model_section}))
   config.init = str(workdir)
-  generate.run_sample(config, None)
+  sample.run_sample(config, None)
   assert capsys.readouterr().out == expected
 
 

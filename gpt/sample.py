@@ -1,13 +1,15 @@
-"""Text generation modes: `sample` (unconditional or from a prompt) and `interactive` (a REPL).
+"""The `sample` mode (unconditional or from a prompt) and `interactive` (a REPL).
 
   python -m gpt.main --config=configs/117m.py --config.mode=sample --config.sampling.nsamples=4
   python -m gpt.main --config=configs/117m.py --config.mode=sample --config.sampling.prompt="Kant said"
   python -m gpt.main --config=configs/117m.py --config.mode=interactive
 
-Weights and tokenizer come from `config.init` (gpt.weights). The model is laid out for
-decoding by gpt.kv_decode, whose pure `logits_fn(params, tokens, cache, token_mask)` is what
-`gpt.sampling.Decoder` runs. Prompts are left-padded to a power-of-two bucket and the cache sized
-to bucket(prompt) + bucket(length), so a session compiles once per (batch size, length bucket).
+Weights and tokenizer come from `config.init` (gpt.weights). `Generator` is "a decoder for this
+model": gpt.model's one forward pass, laid out by `prepare_for_decoding` (per-layer weights in the
+compute dtype, a KVCache that XLA updates in place), run by `gpt.sampling.Decoder` through
+`decoding_functions`' `logits_fn`; training's in-loop samples use the same `make_decoder`.
+Prompts are left-padded to a power-of-two bucket and the cache sized to bucket(prompt) +
+bucket(length), so a session compiles once per (batch size, length bucket).
 Output follows OpenAI's generate_unconditional_samples.py / interactive_conditional_samples.py:
 `===== SAMPLE n =====` separators, the first sample of a batch streamed as it is generated.
 """
@@ -23,9 +25,10 @@ import jax
 import numpy as np
 from absl import logging
 
-from gpt import kv_decode
+from flax import nnx
+
 from gpt.errors import GPTError
-from gpt.model import GPT
+from gpt.model import GPT, GPTConfig, decoding_functions, prepare_for_decoding
 from gpt.prompt_reader import PromptReader
 from gpt.sampling import Decoder, SamplingOptions, trim
 
@@ -108,20 +111,33 @@ def pad_left(prompts: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarr
   return tokens, mask
 
 
+def make_decoder(cfg: GPTConfig, options: SamplingOptions, *, stop_token: int,
+                 stop_at_token: bool) -> Decoder:
+  """A gpt.sampling.Decoder for models of shape `cfg`; pass it `decoding_params(model)` as params.
+
+  The decoder (and its compiled programs) can be kept while the weights change (training)."""
+  logits_fn, init_cache = decoding_functions(cfg)
+  return Decoder(logits_fn, init_cache, options, stop_token=stop_token, stop_at_token=stop_at_token)
+
+
+def decoding_params(model: GPT) -> nnx.State:
+  """The weights a `make_decoder` decoder runs: the model prepared for decoding, as a pytree."""
+  return nnx.state(prepare_for_decoding(model))
+
+
 class Generator:
   """A model and tokenizer wrapped for sampling: token prompts in, new tokens out.
 
-  Decoding runs gpt.kv_decode's layout of the model (per-layer weights in the compute dtype, a
-  per-layer cache); the model itself is not kept.
+  Decoding runs the model prepared for decoding (gpt.model.prepare_for_decoding: per-layer weights
+  in the compute dtype, a per-layer cache); the stacked model itself is not kept.
   """
 
   def __init__(self, model: GPT, tokenizer: Any, options: SamplingOptions, *, stop_at_eot: bool):
-    self.cfg = cfg = model.cfg
+    self.cfg = model.cfg
     self.tokenizer = tokenizer
     self.stop_at_eot = stop_at_eot
-    self.params = kv_decode.decode_params(model)
-    self.decoder = Decoder(kv_decode.make_logits_fn(cfg), lambda b, n: kv_decode.init_cache(cfg, b, n),
-                           options, stop_token=tokenizer.eot_id, stop_at_token=stop_at_eot)
+    self.params = decoding_params(model)
+    self.decoder = make_decoder(self.cfg, options, stop_token=tokenizer.eot_id, stop_at_token=stop_at_eot)
 
   def stream(self, prompts: list[list[int]], length: int, key: jax.Array,
              chunk: int = STREAM_CHUNK) -> Iterator[np.ndarray]:
@@ -133,7 +149,7 @@ class Generator:
     longest = max(map(len, prompts))
     if min(map(len, prompts)) == 0 or length < 1 or longest + length - 1 > self.cfg.n_ctx:
       raise GPTError(f"prompts of {min(map(len, prompts))}..{longest} tokens and length={length} do not "
-                     f"fit n_ctx={self.cfg.n_ctx}; see gpt.generate.fit_prompt")
+                     f"fit n_ctx={self.cfg.n_ctx}; see gpt.sample.fit_prompt")
     tokens, mask = pad_left(prompts, bucket(longest))
     max_new = bucket(length)
     state = self.decoder.start(self.params, tokens, mask, key, cache_length=tokens.shape[1] + max_new,
