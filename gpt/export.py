@@ -15,32 +15,25 @@ import argparse
 import sys
 from pathlib import Path
 
-from gpt import convert
+from gpt import weights
 from gpt.config import base_config
 from gpt.errors import GPTError
-from gpt.weights import export_hf, hparams_of, load_model
 
 
 def export(init: str, out: str, fmt: str = "hf", models_dir: str = "models") -> Path:
   """Loads `init` as `config.init` would and writes it to `out` in format `fmt` (hf | openai)."""
+  weights.check_export_format(fmt)  # before loading: a typo should not cost a model load
   config = base_config()
   config.init, config.models_dir = init, models_dir
-  loaded = load_model(config)
-  if fmt == "hf":
-    return export_hf(loaded.model, loaded.tokenizer, out)
-  if fmt == "openai":
-    from gpt.tf_checkpoint import write_checkpoint
-    folder = write_checkpoint(out, convert.model_to_flat(loaded.model), hparams_of(loaded.cfg))
-    loaded.tokenizer.save(folder, fmt="openai")
-    return folder
-  raise GPTError(f"--format={fmt!r}: choose hf or openai")
+  loaded = weights.load_model(config)
+  return weights.export(loaded.model, loaded.tokenizer, out, fmt)
 
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m gpt.export", description=__doc__.split("\n")[0])
   parser.add_argument("--init", required=True, help="what to export (anything config.init accepts)")
   parser.add_argument("--out", required=True, help="output folder")
-  parser.add_argument("--format", default="hf", choices=("hf", "openai"))
+  parser.add_argument("--format", default="hf", choices=weights.EXPORT_FORMATS)
   parser.add_argument("--models_dir", default="models")
   args = parser.parse_args(argv)
   try:

@@ -42,13 +42,7 @@ def resolve_mode(mode: str):
     raise UsageError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)} "
                      f"(--config.mode=...)")
   module_name, func_name = MODES[mode].split(":")
-  try:
-    module = importlib.import_module(module_name)
-  except ModuleNotFoundError as e:
-    if e.name != module_name:  # a real missing dependency inside the module
-      raise
-    raise UsageError(f"mode {mode!r} is not implemented yet") from None
-  return getattr(module, func_name)
+  return getattr(importlib.import_module(module_name), func_name)
 
 
 def main(argv: list[str]) -> None:

@@ -27,15 +27,12 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gpt import data, optim, sharding
+from gpt import data, optim, sharding, weights
 from gpt.checkpoint import Checkpointer, checkpoint_dir, load_params, resolve_checkpoint
 from gpt.errors import GPTError
 from gpt.model import GPTConfig, abstract_model
 from gpt.train_log import Throughput, TrainLog, quiet_orbax
 from gpt.train_step import TrainState, create_state, jit_eval_step, jit_train_step, uses_dropout
-
-SHAPE_FIELDS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
-
 
 class TrainingDiverged(GPTError):
   """The loss became NaN or infinite."""
@@ -117,44 +114,27 @@ class Setup:
   source: str
 
 
-def _tokenizer(config: Any):
-  from gpt.tokenizer import get_tokenizer
-
-  folder = Path(str(config.init)).expanduser()
-  if folder.is_dir() and any((folder / f).is_file() for f in ("encoder.json", "vocab.json")):
-    return get_tokenizer(folder)
-  return get_tokenizer(None)
-
-
-def _saved_cfg(config: Any, config_json: Path) -> GPTConfig | None:
-  """config.model with the shape saved in a workdir's config.json (None when there is none)."""
-  if not config_json.is_file():
-    return None
-  saved = json.loads(config_json.read_text())["model"]
-  return GPTConfig.from_config({**config.model.to_dict(), **{k: saved[k] for k in SHAPE_FIELDS}})
-
-
 def _setup(config: Any, workdir: Path, ckpt: Checkpointer) -> Setup:
   """Decides where the weights come from: the workdir's latest checkpoint, a checkpoint path
   (`restore_from`), or `config.init` (scratch, OpenAI/HF weights, another workdir)."""
   restore_from = str(config.train.restore_from)
   latest = ckpt.latest_step()
   if restore_from == "latest" and latest is not None:
-    cfg = _saved_cfg(config, workdir / "config.json")
+    cfg = weights.workdir_model_config(config.model, workdir)
     if cfg is None:
       raise GPTError(f"{workdir} has checkpoints but no config.json; cannot tell the model shape")
-    return Setup(cfg, _tokenizer(config), None, latest, f"checkpoint step {latest} in {workdir}")
+    return Setup(cfg, weights.init_tokenizer(config.init), None, latest,
+                 f"checkpoint step {latest} in {workdir}")
   if latest is not None:
     raise GPTError(f"{workdir} already has checkpoints (latest step {latest}); to continue them use "
                    f"--config.train.restore_from=latest, or pick a new --workdir")
   if restore_from not in ("latest", "fresh"):
     directory, _ = resolve_checkpoint(restore_from)
-    cfg = _saved_cfg(config, directory.parent / "config.json") or GPTConfig.from_config(config.model)
+    cfg = (weights.workdir_model_config(config.model, directory.parent)
+           or weights.model_config(config.model, None))
     params = jax.device_get(load_params(restore_from, cfg))
-    return Setup(cfg, _tokenizer(config), params, None, f"weights of {restore_from}")
-  from gpt.weights import load_model
-
-  loaded = load_model(config)
+    return Setup(cfg, weights.init_tokenizer(config.init), params, None, f"weights of {restore_from}")
+  loaded = weights.load_model(config)
   params = jax.device_get(nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param)))
   return Setup(loaded.cfg, loaded.tokenizer, params, None, loaded.source)
 
