@@ -15,13 +15,15 @@ import argparse
 import sys
 from pathlib import Path
 
-from gpt import weights
+from gpt import console
 from gpt.config import base_config
 from gpt.errors import GPTError
 
 
 def export(init: str, out: str, fmt: str = "hf", models_dir: str = "models") -> Path:
   """Loads `init` as `config.init` would and writes it to `out` in format `fmt` (hf | openai)."""
+  from gpt import weights  # imports jax: only after main() has set up the console
+
   weights.check_export_format(fmt)  # before loading: a typo should not cost a model load
   config = base_config()
   config.init, config.models_dir = init, models_dir
@@ -33,9 +35,18 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m gpt.export", description=__doc__.split("\n")[0])
   parser.add_argument("--init", required=True, help="what to export (anything config.init accepts)")
   parser.add_argument("--out", required=True, help="output folder")
-  parser.add_argument("--format", default="hf", choices=weights.EXPORT_FORMATS)
+  parser.add_argument("--format", default="hf", choices=("hf", "openai"))
   parser.add_argument("--models_dir", default="models")
+  parser.add_argument("--verbosity", type=int, default=None,
+                      help="absl log level; shows the libraries' logs too (as GPT_VERBOSE=1 does)")
   args = parser.parse_args(argv)
+  verbose = console.verbose_requested() or args.verbosity is not None
+  if not verbose:
+    console.quiet_native_logs()
+  console.setup(verbose)
+  if args.verbosity is not None:
+    from absl import logging
+    logging.set_verbosity(args.verbosity)
   try:
     folder = export(args.init, args.out, args.format, args.models_dir)
   except GPTError as e:

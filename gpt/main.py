@@ -3,7 +3,11 @@
   python -m gpt.main --config=configs/117m.py --workdir=runs/kant --config.mode=train
 
 This file is intentionally thin: each mode lives in its own module with a
-`run(config, workdir) -> None` function, listed in MODES.
+`run(config, workdir) -> None` function, listed in MODES. `run(argv)` is the entry point for the
+console script, `python -m gpt.main` and in-process callers (tests) alike: it ends in SystemExit,
+0 on success and 2 after one `error: ...` line for anything a user can cause. By default only the
+command's own messages are printed (gpt/console.py); `--verbosity=N` or GPT_VERBOSE=1 brings the
+libraries' logs back.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from gpt import console
 from gpt.errors import GPTError
 
 # mode name -> "module:function"; each function takes (config, workdir).
@@ -52,7 +57,8 @@ def main(argv: list[str]) -> None:
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/117m.py")
   run_mode = resolve_mode(config.mode)
-  logging.info("mode=%s workdir=%s", config.mode, _WORKDIR.value)
+  console.setup(verbose=console.verbose_requested() or bool(flags.FLAGS["verbosity"].present))
+  logging.debug("mode=%s workdir=%s", config.mode, _WORKDIR.value)
   run_mode(config, _WORKDIR.value)
 
 
@@ -81,16 +87,36 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
-def run() -> None:
-  """Console-script entry point (`gpt ...`)."""
+def _forget_previous_parse() -> None:
+  """Lets the flags be parsed again in this process: ml_collections defines one flag per
+  `--config.x.y` override it sees, and absl keeps every flag's last value."""
+  for name in [n for n in flags.FLAGS if n.startswith(f"{_CONFIG.name}.")]:
+    delattr(flags.FLAGS, name)
+  flags.FLAGS.unparse_flags()
+
+
+def run(argv: list[str] | None = None) -> None:
+  """The entry point: `gpt ...`, `python -m gpt.main ...` (argv None: sys.argv), or in process
+  `run(["--config=configs/tiny.py", ...])`. Always ends in SystemExit (0, or 2 after one
+  `error: ...` line on stderr)."""
+  saved_argv = sys.argv
+  if argv is not None:
+    # ml_collections reads the --config.* overrides from sys.argv, not from the parser's argv.
+    sys.argv = [sys.argv[0] if sys.argv else "gpt", *argv]
+    if flags.FLAGS.is_parsed():
+      _forget_previous_parse()
+  if not console.verbose_requested(sys.argv):
+    console.quiet_native_logs()
   try:
-    app.run(main, flags_parser=_flags_parser)
+    app.run(main, argv=list(sys.argv), flags_parser=_flags_parser)
   except (UsageError, GPTError) as e:
     _fail(str(e))
   except OSError as e:
     if "config file" not in str(e):
       raise
     _fail(f"cannot load the config file: {str(e).splitlines()[-1].strip()}")
+  finally:
+    sys.argv = saved_argv
 
 
 if __name__ == "__main__":

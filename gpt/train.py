@@ -230,7 +230,9 @@ class Loop:
                               abs_state, self.state_sharding)
       self.state, meta = ckpt.restore(abstract, setup.resume_step)
       self.last_saved = setup.resume_step
-      logging.info("resumed from checkpoint step %d (loss %s)", setup.resume_step, meta.get("loss"))
+      loss = meta.get("loss")
+      logging.info("resumed from checkpoint step %d (loss %s)", setup.resume_step,
+                   "unknown" if loss is None else f"{float(loss):.4f}")
     else:
       params = _put_global(setup.params, psh)
       self.state = jax.jit(lambda p: create_state(p, self.tx, config.seed),
