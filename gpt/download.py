@@ -162,9 +162,18 @@ def download_model(name: str, models_dir: str | os.PathLike = "models", source: 
   checkpoint folder) or 'hf' (config.json + model.safetensors); `base_url` overrides the server.
   """
   folder, base, files = model_source(name, models_dir, source, base_url)
+  created = [d for d in (folder, *folder.parents) if not d.exists()]  # innermost first
   folder.mkdir(parents=True, exist_ok=True)
-  for file in files:
-    fetch(f"{base}/{file}", folder / file, retries=retries)
+  try:
+    for file in files:
+      fetch(f"{base}/{file}", folder / file, retries=retries)
+  except BaseException:
+    for d in created:  # a first download that failed before any byte came leaves no empty folders
+      try:
+        d.rmdir()
+      except OSError:  # holds a .part to resume from
+        break
+    raise
   return folder
 
 

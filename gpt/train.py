@@ -176,6 +176,7 @@ def run(config: Any, workdir: str | None) -> None:
   quiet_orbax()
   t = config.train
   workdir = Path(workdir).expanduser().resolve()
+  created = [d for d in (checkpoint_dir(workdir), workdir) if not d.exists()]
   workdir.mkdir(parents=True, exist_ok=True)
   main_process = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh)
@@ -194,6 +195,17 @@ def run(config: Any, workdir: str | None) -> None:
     Loop(config, workdir, setup, dataset, mesh, ckpt, main_process).run()
   finally:
     ckpt.close()
+    if main_process:  # a run that failed before saving anything (offline, say) leaves no empty folders
+      _remove_empty(created)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+  """Removes each of `folders` (innermost first) that exists and is empty."""
+  for folder in folders:
+    try:
+      folder.rmdir()
+    except OSError:  # not empty, or already gone
+      pass
 
 
 class Loop:

@@ -52,6 +52,7 @@ def test_roofline_counts_weights_and_cache(bench_decode):
   assert bench_decode.roofline(TINY, 8, 1, 1e9) > 7 * one
 
 
+@pytest.mark.slow
 def test_train_runners_compile_and_step():
   bench_train = load_script("bench_train")
   shape = (1, 32, 2, 16, 2)  # layers, width, heads, context, batch (GPT-2's vocabulary)
@@ -76,6 +77,7 @@ def test_hlo_summaries_name_shapes_and_jax_ops():
   assert got["tuple.1"].startswith("(f32[8]) tuple(%dot.7)")
 
 
+@pytest.mark.slow
 def test_train_benchmark_profile_as_a_user_runs_it(repo_dir):
   """`bench_train.py --profile` in a fresh process (XLA's op events need a flag at start-up)."""
   import os

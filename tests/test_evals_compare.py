@@ -66,6 +66,7 @@ def test_plot_is_written(workdirs, tmp_path, capsys):
   assert "plot saved to" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_missing_matplotlib_is_one_line(workdirs):
   code = ("import sys, runpy; sys.modules['matplotlib'] = None; "
           f"sys.argv = ['compare_shots.py', {workdirs[0]!r}]; runpy.run_path({str(SCRIPT)!r}, run_name='__main__')")

@@ -1,7 +1,6 @@
 """The eval mode end to end on the tiny OpenAI-format fixture: every task, 0 and 1 shot."""
 
 import json
-import subprocess
 import sys
 
 import jax
@@ -102,9 +101,7 @@ def test_console_table_lists_every_metric():
     ("--config.eval.tasks=lambada,nope", "unknown eval task 'nope'"),
     ("--config.eval.shots=0,x", "eval.shots='0,x'"),
 ])
-def test_bad_eval_settings_are_one_line_errors(override, message):
-  proc = subprocess.run(
-      [sys.executable, "-m", "gpt.main", "--config=configs/tiny.py", "--config.mode=eval", override],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 2
-  assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+def test_bad_eval_settings_are_one_line_errors(gpt_main, override, message):
+  code, _, stderr = gpt_main("--config=configs/tiny.py", "--config.mode=eval", override)
+  assert code == 2
+  assert stderr.strip().splitlines()[-1].startswith(f"error: {message}")

@@ -269,6 +269,7 @@ class Session:
     return rc, self.out, self.proc.stderr.read()
 
 
+@pytest.mark.slow
 def test_interactive_piped_session(repo_dir, openai_fixture):
   session = Session(repo_dir, openai_fixture, "interactive", "--config.sampling.nsamples=2",
                     "--config.sampling.length=12")
@@ -284,6 +285,7 @@ def test_interactive_piped_session(repo_dir, openai_fixture):
   assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_interactive_ctrl_c_stops_the_sample_then_eof_exits(repo_dir, openai_fixture):
   session = Session(repo_dir, openai_fixture, "interactive", "--config.sampling.nsamples=0",
                     "--config.sampling.length=20")
@@ -300,6 +302,7 @@ def test_interactive_ctrl_c_stops_the_sample_then_eof_exits(repo_dir, openai_fix
   assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_sample_mode_runs_until_ctrl_c(repo_dir, openai_fixture):
   session = Session(repo_dir, openai_fixture, "sample", "--config.sampling.nsamples=0",
                     "--config.sampling.length=16", stdin=subprocess.DEVNULL)

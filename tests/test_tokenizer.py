@@ -157,6 +157,7 @@ def test_fuzz_long_path(tok, ref, texts, chunk_chars, allow_special):
         ref.encode(t, allowed_special=allowed, disallowed_special=()) for t in texts]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_long_text_in_forked_child(tok, ref, monkeypatch):
   """A child forked after the worker threads exist must not wait on the parent's (absent) threads."""

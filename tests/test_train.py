@@ -167,6 +167,7 @@ def test_remat_gives_the_same_gradients_and_bf16_keeps_float32_master_weights():
   assert float(metrics["loss"]) == pytest.approx(float(results["none"][0]), abs=0.05)
 
 
+@pytest.mark.slow
 def test_training_run_logs_samples_checkpoints_and_resumes(tmp_path):
   config = tiny_config(tmp_path, steps=30, learning_rate=3e-3, log_every=10, val_every=15,
                        val_batches=2, sample_every=15, sample_length=8, sample_num=2,
@@ -217,6 +218,7 @@ def test_training_run_logs_samples_checkpoints_and_resumes(tmp_path):
   assert sorted(read_metrics(tmp_path / "run2")) == [1]
 
 
+@pytest.mark.slow
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
   config = tiny_config(tmp_path, steps=20, optimizer="sgd", learning_rate=1e30, grad_clip=0.0,
                        save_every=1, log_every=5)
@@ -249,6 +251,7 @@ def _when_logged(workdir: Path, n_lines: int, action, timeout: float = 600):
   return thread
 
 
+@pytest.mark.slow
 def test_sigterm_saves_a_checkpoint_and_returns(tmp_path):
   config = tiny_config(tmp_path, steps=100_000)
   workdir = tmp_path / "run"
@@ -262,6 +265,7 @@ def test_sigterm_saves_a_checkpoint_and_returns(tmp_path):
   assert signal.getsignal(signal.SIGTERM) == before  # handlers restored
 
 
+@pytest.mark.slow
 def test_ctrl_c_in_a_subprocess_saves_and_exits_cleanly(tmp_path):
   workdir = tmp_path / "run"
   proc = subprocess.Popen(train_command(tmp_path, workdir, train={"steps": 100_000}),
@@ -298,6 +302,7 @@ def _main(*args, env=None, timeout=600):
                         text=True, timeout=timeout, env=env)
 
 
+@pytest.mark.slow
 def test_chapter_flow_with_117m_config_and_fixture_model(tmp_path, openai_fixture):
   """encode.py -> train.py -> sample from the workdir, as the book chapter runs them."""
   kant = str(tmp_path / "kant.npz")
@@ -324,20 +329,22 @@ def test_chapter_flow_with_117m_config_and_fixture_model(tmp_path, openai_fixtur
   assert "SAMPLE 1" in sample.stdout
 
 
-def test_offline_main_command_says_what_to_pass(tmp_path, openai_fixture):
+def test_offline_main_command_says_what_to_pass(gpt_main, tmp_path, openai_fixture):
+  """Offline, the first run says what to pass and leaves no empty folders behind."""
   from http_fixture import closed_port_url
-  env = subprocess_env(XLA_FLAGS="--xla_force_host_platform_device_count=1")
   offline = closed_port_url()
-  result = _main("--config=configs/117m.py", f"--workdir={tmp_path / 'w1'}",
-                 f"--config.models_dir={tmp_path / 'models'}", f"--config.download_url={offline}",
-                 env=env)
-  assert result.returncode == 2
-  assert result.stderr.strip().splitlines()[-1].startswith("error: ")
-  assert "--config.init=" in result.stderr.strip().splitlines()[-1]
-  result = _main("--config=configs/117m.py", f"--workdir={tmp_path / 'w2'}",
-                 f"--config.init={openai_fixture}", f"--config.data.path={offline}/pg4280.txt",
-                 "--config.train.seq_len=32", f"--config.data.cache_dir={tmp_path / 'cache'}",
-                 env=env)
-  assert result.returncode == 2
-  last = result.stderr.strip().splitlines()[-1]
+  code, _, stderr = gpt_main("--config=configs/117m.py", f"--workdir={tmp_path / 'w1'}",
+                             f"--config.models_dir={tmp_path / 'models'}",
+                             f"--config.download_url={offline}")
+  assert code == 2
+  assert stderr.strip().splitlines()[-1].startswith("error: ")
+  assert "--config.init=" in stderr.strip().splitlines()[-1]
+  assert not (tmp_path / "models" / "124M").exists() and not (tmp_path / "w1" / "checkpoints").exists()
+  code, _, stderr = gpt_main("--config=configs/117m.py", f"--workdir={tmp_path / 'w2'}",
+                             f"--config.init={openai_fixture}", f"--config.data.path={offline}/pg4280.txt",
+                             "--config.train.seq_len=32", "--config.train.batch_size=8",  # 8 test devices
+                             f"--config.data.cache_dir={tmp_path / 'cache'}")
+  assert code == 2
+  last = stderr.strip().splitlines()[-1]
   assert last.startswith("error: cannot download") and "--config.data.path=" in last
+  assert not (tmp_path / "w2" / "checkpoints").exists()
