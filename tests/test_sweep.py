@@ -286,3 +286,29 @@ def test_ray_engine_stop_cancels_tasks_and_their_runs_get_sigterm(tmp_path, ray_
     time.sleep(0.05)
   assert [r["stopped"] for r in calls(root)] == [True, True]
   assert not list(root.glob("*/sweep/*.done"))
+
+
+def test_progress_shows_each_running_points_newest_log_line(tmp_path):
+  """While points run, the sweep prints each one's newest log line (a progress bar's newest redraw
+  included), once per change, and nothing for points that have not started or have finished."""
+  from experiments.engines.point import Point, Stage
+  from experiments.progress import PointProgress, last_line
+
+  points = [Point(n, str(tmp_path / n), str(tmp_path), [Stage("0-train", []), Stage("1-eval", [])])
+            for n in ("a", "b", "c")]
+  progress = PointProgress(points, clock=lambda: 0.0)
+  assert progress.poll() == []  # nothing has started
+  for p in points:
+    (Path(p.workdir) / "sweep").mkdir(parents=True)
+  points[0].log(points[0].stages[0]).write_text("=== attempt 1\nstep 10 | loss 5.1\n")
+  points[1].log(points[1].stages[0]).write_text("done training\n")
+  points[1].log(points[1].stages[1]).write_text("lambada: 12%|#   | 3/25\r lambada: 40%|####  | 10/25")
+  assert progress.poll() == ["  a [0-train] step 10 | loss 5.1", "  b [1-eval] lambada: 40%|####  | 10/25"]
+  assert progress.poll() == []  # unchanged: not repeated
+  with open(points[0].log(points[0].stages[0]), "a") as f:
+    f.write("step 20 | loss 4.7\n\n")
+  progress.finished("b")
+  points[1].log(points[1].stages[1]).write_text("lambada: 100%")
+  assert progress.poll() == ["  a [0-train] step 20 | loss 4.7"]
+  assert last_line(tmp_path / "missing.log") == ""
+  assert (Path(points[0].workdir) / "sweep" / "0-train.log").exists()  # the names README gives
