@@ -31,10 +31,15 @@ MODES = {
     "attention": "gpt.attention_view:run",
 }
 
+# This command's own flags live apart from absl's global FLAGS, so that gpt.main can run in a
+# process that defines its own --workdir (experiments/sweep.py, the tests) and run more than once.
+FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file, e.g. configs/117m.py.", lock_config=True)
+    "config", None, "Experiment config file, e.g. configs/117m.py.", lock_config=True,
+    flag_values=FLAGS)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Folder for checkpoints, logs, samples and eval results (mode-dependent).")
+    "workdir", None, "Folder for checkpoints, logs, samples and eval results (mode-dependent).",
+    flag_values=FLAGS)
 
 
 class UsageError(GPTError):
@@ -69,9 +74,13 @@ def _flags_parser(argv: list[str]) -> list[str]:
   `--config.x.y` key; users should see which key was wrong and what was meant instead.
   """
   try:
-    return flags.FLAGS(argv)
+    if any(a.split("=")[0] in ("--help", "--helpfull", "-h", "--helpshort") for a in argv[1:]):
+      print(FLAGS.main_module_help() or FLAGS, file=sys.stderr)
+    rest = FLAGS(argv, known_only=True)  # --config, --config.*, --workdir
+    return flags.FLAGS(rest)  # absl's own: --verbosity, --help, ...
   except flags.Error as e:
-    _fail(f"{e}\nPass --helpfull for the list of flags.")
+    _fail(f"{e}\nFlags: --config=<file> --config.<key>=<value> ... --workdir=<folder>; "
+          f"--helpfull for absl's flags.")
   except (AttributeError, KeyError) as e:
     hint = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', str(e).replace("\\", ""))
     bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
@@ -90,8 +99,9 @@ def _fail(message: str) -> None:
 def _forget_previous_parse() -> None:
   """Lets the flags be parsed again in this process: ml_collections defines one flag per
   `--config.x.y` override it sees, and absl keeps every flag's last value."""
-  for name in [n for n in flags.FLAGS if n.startswith(f"{_CONFIG.name}.")]:
-    delattr(flags.FLAGS, name)
+  for name in [n for n in FLAGS if n.startswith(f"{_CONFIG.name}.")]:
+    delattr(FLAGS, name)
+  FLAGS.unparse_flags()
   flags.FLAGS.unparse_flags()
 
 
@@ -103,7 +113,7 @@ def run(argv: list[str] | None = None) -> None:
   if argv is not None:
     # ml_collections reads the --config.* overrides from sys.argv, not from the parser's argv.
     sys.argv = [sys.argv[0] if sys.argv else "gpt", *argv]
-    if flags.FLAGS.is_parsed():
+    if FLAGS.is_parsed():
       _forget_previous_parse()
   if not console.verbose_requested(sys.argv):
     console.quiet_native_logs()
