@@ -31,6 +31,8 @@ setup(
         "tfds": ["tensorflow-datasets>=4.9", "array-record>=0.5"],
         "gpu": ["jax[cuda12]>=0.4.35"],
         "plots": ["matplotlib>=3.8"],
+        # experiments/bench_decode.py's CTranslate2 columns (the CPU decoding engine to beat).
+        "bench": ["ctranslate2>=4.0"],
         # experiments/sweep.py --engine=ray (a local ray.init() cluster or a real one).
         "sweep": ["ray>=2.9"],
     },

@@ -7,6 +7,8 @@ grouped in the sections the rest of the package reads: `model`, `data`, `train`,
 
 from __future__ import annotations
 
+import os
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -212,8 +214,16 @@ def base_config() -> ml_collections.ConfigDict:
   e.batch_size = 8
   # Seed for drawing demonstrations.
   e.seed = 1234
-  # Folder holding the task data files.
-  e.data_dir = "../shared/data"
+  # Folder holding the task data files; missing ones are downloaded into it on first use
+  # ($GPT_EVAL_DATA moves the default; ../shared/data in this repository's environment).
+  e.data_dir = os.environ.get("GPT_EVAL_DATA") or "data_cache/eval"
+  # Base URL of a mirror laid out like data_dir, fetched from instead of the original hosts.
+  e.mirror = ""
+  # Where task data comes from: files (data_dir, fetched when missing) | tfds (TensorFlow
+  # Datasets, for the tasks it carries; the others still read files).
+  e.source = "files"
+  # TFDS data_dir holding prepared datasets for eval.source=tfds ('' = TFDS's default).
+  e.tfds_data_dir = ""
   # Separator between demonstrations.
   e.example_separator = "\n\n"
   # Separator between a question and its answer.

@@ -43,9 +43,17 @@ class _Interrupted(Exception):
     self.got, self.total = got, total
 
 
+class Unreachable(GPTError):
+  """No route to the server (refused, DNS failure, timeout): callers may offer another way."""
+
+  def __init__(self, message: str, url: str, reason: object):
+    super().__init__(message)
+    self.url, self.reason = url, reason
+
+
 def _offline(url: str, reason: object) -> GPTError:
-  return GPTError(f"cannot reach {url} (offline?): {reason}; download the folder elsewhere and pass "
-                  f"--config.init=/path/to/folder")
+  return Unreachable(f"cannot reach {url} (offline?): {reason}; download the folder elsewhere and "
+                     f"pass --config.init=/path/to/folder", url, reason)
 
 
 def _open(url: str, part: Path, timeout: float):
