@@ -30,6 +30,7 @@ def bench_decode():
   return load_script("bench_decode")
 
 
+@pytest.mark.slow  # runs the decode benchmark's runners
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_decode_runners_sample_the_asked_shape(bench_decode, dtype):
   cfg = TINY.replace(dtype=dtype, param_dtype=dtype)

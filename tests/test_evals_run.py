@@ -34,6 +34,7 @@ def run_dir(tmp_path_factory):
   return workdir / "eval", config
 
 
+@pytest.mark.slow  # runs the eval mode end to end over every task
 def test_every_task_and_shot_count_writes_a_result(run_dir):
   out, _ = run_dir
   for name, factory in TASKS.items():
@@ -50,6 +51,7 @@ def test_every_task_and_shot_count_writes_a_result(run_dir):
   assert not (out / "wikitext2_1shot.json").exists()
 
 
+@pytest.mark.slow  # runs the eval mode end to end over every task
 def test_accuracies_are_the_means_of_the_per_item_records(run_dir):
   out, _ = run_dir
   record = json.loads((out / "hellaswag_1shot.json").read_text())
@@ -62,6 +64,7 @@ def test_accuracies_are_the_means_of_the_per_item_records(run_dir):
     assert len(item["demos"]) == 1 and item["demos"][0] != item["index"]
 
 
+@pytest.mark.slow  # runs the eval mode end to end over every task
 def test_recorded_loglikelihoods_equal_a_direct_forward(run_dir):
   """sst2 prompts fit the fixture's 64-token context untruncated: rescore them with model(tokens)."""
   out, config = run_dir

@@ -95,6 +95,7 @@ def test_model_decode_agrees(loaded):
   np.testing.assert_allclose(got * mask[..., None], want * mask[..., None], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # compiles the decoder twice more (bf16)
 def test_bfloat16_decode_tracks_float32(full_forward, openai_fixture):
   """bf16 weights and compute (float32 accumulation), batch 1 (the paired-row path on CPU) and 3."""
   from gpt.weights import load_model
@@ -129,6 +130,7 @@ def test_greedy_equals_argmax_loop_over_full_forwards(loaded, full_forward):
     assert row == tokens[len(prompt):]
 
 
+@pytest.mark.slow  # runs PyTorch's generate as the reference
 def test_greedy_equals_hugging_face_generate(hf_fixture):
   torch = pytest.importorskip("torch", reason="needs the [hf] extra (torch) for the reference")
   transformers = pytest.importorskip("transformers", reason="needs the [hf] extra (transformers)")
