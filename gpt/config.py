@@ -8,6 +8,7 @@ grouped in the sections the rest of the package reads: `model`, `data`, `train`,
 from __future__ import annotations
 
 import os
+import re
 
 import ml_collections
 from ml_collections import config_dict
@@ -208,7 +209,7 @@ def base_config() -> ml_collections.ConfigDict:
   e.tasks = "lambada"
   # Comma-separated shot counts; every task runs at each.
   e.shots = "0"
-  # Score at most this many examples per task (0 = all).
+  # Score at most this many examples per task (0 = all; negative is refused).
   e.limit = 0
   # Examples scored per forward pass.
   e.batch_size = 8
@@ -281,5 +282,24 @@ def size_config(name: str) -> ml_collections.ConfigDict:
 
 __all__ = [
     "base_config", "size_config", "canonical_model_name", "is_model_name", "MODEL_SIZES",
-    "HF_REPOS", "config_dict",
+    "HF_REPOS", "config_dict", "unknown_key_message",
 ]
+
+
+def unknown_key_message(error: Exception, argv: list[str]) -> str:
+  """One line naming the --config.* override that ml_collections could not find, and only it."""
+  text = str(error).replace("\\", "")
+  hint = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+  lookup = re.search(r"Attempting to lookup: ([\w.]+)", text)
+  if hint:
+    bad, what = hint.group(2), f'unknown config key "{hint.group(2)}" (did you mean "{hint.group(1)}"?)'
+  elif lookup:
+    bad = lookup.group(1)
+    what = f'unknown config key "{bad}" ({bad.rsplit(".", 1)[0]} is a value, not a section)'
+  else:
+    bad = (str(error.args[0]) if isinstance(error, KeyError) and error.args else text).strip("'\" ")
+    what = f'unknown config key "{bad}"'
+  keys = [a.split("=")[0].removeprefix("--config.") for a in argv[1:] if a.startswith("--config.")]
+  culprits = [k for k in keys if k == bad or bad in k.split(".")]
+  where = f" in {' '.join('--config.' + k for k in culprits)}" if culprits else ""
+  return f"{what}{where}; see the config file for valid keys"

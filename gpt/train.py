@@ -10,6 +10,11 @@ the same command again resumes from the latest checkpoint (`train.restore_from=l
 continues to `train.steps`. Ctrl-C (SIGINT) or SIGTERM saves a checkpoint and exits cleanly; a
 second Ctrl-C aborts at once. A NaN/inf loss stops the run before anything is saved, so the last
 checkpoint on disk is the last good one.
+
+Guarding work (see gpt/workdir_lock.py and gpt/checkpoint.py): a run holds its workdir with an OS
+file lock, so a second run on it is refused; a resume checks the checkpoints' checksums and falls
+back past damaged ones; a failed save (a full disk) stops the run at once; and the rows a resumed
+run will replay are dropped from metrics.jsonl (TensorBoard purges them too).
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gpt import data, optim, sharding, weights
-from gpt.checkpoint import Checkpointer, checkpoint_dir, load_params, resolve_checkpoint
+from gpt.checkpoint import (Checkpointer, checkpoint_dir, intact_step, load_params,
+                            resolve_checkpoint)
 from gpt.errors import GPTError
 from gpt.model import GPTConfig, abstract_model
 from gpt.train_log import Throughput, TrainLog, quiet_orbax
 from gpt.train_step import TrainState, create_state, jit_eval_step, jit_train_step, uses_dropout
+from gpt.workdir_lock import hold_workdir
 
 class TrainingDiverged(GPTError):
   """The loss became NaN or infinite."""
@@ -114,13 +121,36 @@ class Setup:
   source: str
 
 
+def _saved_cfg(config: Any, workdir: Path, ckpt: Checkpointer | None = None) -> GPTConfig | None:
+  """config.model with the shape saved in a workdir's config.json (None when there is none), as
+  gpt.weights reads it for every mode.
+
+  A damaged config.json (truncated, hand-edited) is not fatal when `ckpt` has checkpoints: each
+  one's metadata records the model too, so the shape is read from there (one warning line) and
+  config.json is rewritten by the run."""
+  try:
+    return weights.workdir_model_config(config.model, workdir)
+  except weights.DamagedWorkdirConfig as e:
+    if ckpt is None or ckpt.latest_step() is None:
+      raise
+    try:
+      step = intact_step(ckpt)
+      cfg = weights.model_config(config.model, ckpt.read_meta(step)["model"])
+    except (GPTError, OSError, ValueError, KeyError, TypeError):
+      raise GPTError(f"{e.problem}, and the checkpoints' metadata does not say the model's shape "
+                     f"either: restore config.json from a backup") from None
+    logging.warning("%s; the model shape is taken from checkpoint step %d and config.json will be "
+                    "rewritten", e.problem, step)
+    return cfg
+
+
 def _setup(config: Any, workdir: Path, ckpt: Checkpointer) -> Setup:
   """Decides where the weights come from: the workdir's latest checkpoint, a checkpoint path
   (`restore_from`), or `config.init` (scratch, OpenAI/HF weights, another workdir)."""
   restore_from = str(config.train.restore_from)
   latest = ckpt.latest_step()
   if restore_from == "latest" and latest is not None:
-    cfg = weights.workdir_model_config(config.model, workdir)
+    cfg = _saved_cfg(config, workdir, ckpt)
     if cfg is None:
       raise GPTError(f"{workdir} has checkpoints but no config.json; cannot tell the model shape")
     return Setup(cfg, weights.init_tokenizer(config.init), None, latest,
@@ -130,8 +160,7 @@ def _setup(config: Any, workdir: Path, ckpt: Checkpointer) -> Setup:
                    f"--config.train.restore_from=latest, or pick a new --workdir")
   if restore_from not in ("latest", "fresh"):
     directory, _ = resolve_checkpoint(restore_from)
-    cfg = (weights.workdir_model_config(config.model, directory.parent)
-           or weights.model_config(config.model, None))
+    cfg = _saved_cfg(config, directory.parent) or weights.model_config(config.model, None)
     params = jax.device_get(load_params(restore_from, cfg))
     return Setup(cfg, weights.init_tokenizer(config.init), params, None, f"weights of {restore_from}")
   loaded = weights.load_model(config)
@@ -146,7 +175,7 @@ def _check_config(t: Any, cfg: GPTConfig, mesh) -> None:
   if t.grad_accum < 1 or t.batch_size % need:
     raise GPTError(f"train.batch_size={t.batch_size} must be a multiple of grad_accum={t.grad_accum} "
                    f"x {sharding.batch_divisor(mesh)} data-parallel devices (mesh data x fsdp)")
-  for name in ("steps", "log_every", "keep"):
+  for name in ("steps", "log_every", "keep", "seq_len", "batch_size"):
     if t[name] < 1:
       raise GPTError(f"train.{name}={t[name]} must be >= 1")
   for name in ("val_every", "sample_every", "save_every"):
@@ -180,6 +209,16 @@ def run(config: Any, workdir: str | None) -> None:
   workdir.mkdir(parents=True, exist_ok=True)
   main_process = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh)
+  lock = hold_workdir(workdir)  # before anything in the workdir is touched
+  try:
+    _train(config, workdir, mesh, main_process)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(config: Any, workdir: Path, mesh, main_process: bool) -> None:
+  t = config.train
   ckpt = Checkpointer(checkpoint_dir(workdir), keep=t.keep)
   try:
     setup = _setup(config, workdir, ckpt)
@@ -240,7 +279,7 @@ class Loop:
     if setup.resume_step is not None:
       abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
                               abs_state, self.state_sharding)
-      self.state, meta = ckpt.restore(abstract, setup.resume_step)
+      self.state, meta, setup.resume_step = ckpt.restore_intact(abstract)
       self.last_saved = setup.resume_step
       loss = meta.get("loss")
       logging.info("resumed from checkpoint step %d (loss %s)", setup.resume_step,
@@ -261,7 +300,7 @@ class Loop:
     if step >= self.t.steps:
       logging.info("already trained to step %d (train.steps=%d): nothing to do", step, self.t.steps)
       return
-    self.log = TrainLog(self.workdir, enabled=self.main)
+    self.log = TrainLog(self.workdir, enabled=self.main, start_step=step)
     try:
       with StopRequest() as stop:
         self.loop(step, stop)
@@ -278,6 +317,7 @@ class Loop:
       self.state, metrics = self.step_fn(self.state, self.batch(self.windows.starts(step),
                                                                 self.dataset.train))
       step += 1
+      self.ckpt.check()  # a background save that failed stops the run here, not steps later
       if pending is not None:
         self.check(*pending)  # the previous step: its result is (nearly always) ready
       pending = (step, metrics)

@@ -84,18 +84,27 @@ def model_config(model_section: Any, hparams: dict | None) -> GPTConfig:
   return GPTConfig.from_config({**values, **shape})
 
 
+class DamagedWorkdirConfig(GPTError):
+  """A workdir's config.json that cannot be read (truncated by a full disk, hand-edited)."""
+
+  def __init__(self, problem: str):
+    self.problem = problem
+    super().__init__(f"{problem}; it records the trained model's shape: restore it, or delete it "
+                     f"and pass the shape as --config.model.*")
+
+
 def read_workdir_config(workdir: str | os.PathLike) -> dict | None:
   """A training workdir's saved config.json (the resolved config it trained with), or None when
-  the workdir has none; GPTError when it cannot be read."""
+  the workdir has none; DamagedWorkdirConfig when it cannot be read or lacks the model's shape."""
   path = Path(workdir) / "config.json"
   if not path.is_file():
     return None
   try:
     saved = json.loads(path.read_text())
-  except (OSError, json.JSONDecodeError) as e:
-    raise GPTError(f"cannot read {path}: {e}") from None
-  if not isinstance(saved, dict) or not isinstance(saved.get("model"), dict):
-    raise GPTError(f"{path} has no 'model' section; it is not a training workdir's config")
+    {k: int(saved["model"][k]) for k in SHAPE_FIELDS}
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise DamagedWorkdirConfig(
+        f"{path} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
   return saved
 
 
