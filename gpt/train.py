@@ -215,6 +215,8 @@ def run(config: Any, workdir: str | None) -> None:
   finally:
     if lock is not None:
       lock.release()
+    if main_process:  # a run that failed before saving anything (offline, say) leaves no empty folders
+      _remove_empty(created)
 
 
 def _train(config: Any, workdir: Path, mesh, main_process: bool) -> None:
@@ -234,8 +236,6 @@ def _train(config: Any, workdir: Path, mesh, main_process: bool) -> None:
     Loop(config, workdir, setup, dataset, mesh, ckpt, main_process).run()
   finally:
     ckpt.close()
-    if main_process:  # a run that failed before saving anything (offline, say) leaves no empty folders
-      _remove_empty(created)
 
 
 def _remove_empty(folders: list[Path]) -> None:

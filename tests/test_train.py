@@ -376,5 +376,5 @@ def test_offline_main_command_says_what_to_pass(gpt_main, tmp_path, openai_fixtu
                              f"--config.data.cache_dir={tmp_path / 'cache'}")
   assert code == 2
   last = stderr.strip().splitlines()[-1]
-  assert last.startswith("error: cannot download") and "--config.data.path=" in last
+  assert last.startswith("error: cannot reach") and "--config.data.path=" in last
   assert not (tmp_path / "w2" / "checkpoints").exists()
