@@ -411,7 +411,7 @@ def check_tf_index(path: Path, data: Path) -> None:
   """InvalidDownload unless `path` is a TF bundle index and every tensor's bytes in `data` (the
   single data shard, downloaded before the index) have the crc32c the index records. A data file
   that does not match is deleted too: it is the one that was truncated or corrupted."""
-  from gpt import tf_checkpoint, tf_table
+  from gpt.formats import tf_checkpoint, tf_table
 
   try:
     header, entries = tf_checkpoint.read_index(path)

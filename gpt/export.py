@@ -6,7 +6,11 @@
 `hf` writes config.json + model.safetensors + vocab.json + merges.txt (loads in transformers'
 GPT2LMHeadModel.from_pretrained); `openai` writes OpenAI's TF checkpoint layout (hparams.json,
 checkpoint, model.ckpt.index/data, encoder.json, vocab.bpe) that this package and OpenAI's
-scripts read.
+scripts read. A LoRA workdir (gpt.lora) exports as its base with the adapters merged in;
+`adapters` writes only its adapters, as Hugging Face PEFT loads them (adapter_config.json +
+adapter_model.safetensors, for the base its lora.json names):
+
+  python -m gpt.export --init=runs/kant-lora --out=exports/kant-lora-peft --format=adapters
 """
 
 from __future__ import annotations
@@ -20,13 +24,20 @@ from gpt.config import base_config
 from gpt.errors import GPTError
 
 
+FORMATS = ("hf", "openai", "adapters")
+
+
 def export(init: str, out: str, fmt: str = "hf", models_dir: str = "models") -> Path:
-  """Loads `init` as `config.init` would and writes it to `out` in format `fmt` (hf | openai)."""
+  """Loads `init` as `config.init` would and writes it to `out` in format `fmt` (hf | openai,
+  through gpt.weights), or writes the adapters of LoRA workdir `init` (fmt `adapters`)."""
+  config = base_config()
+  config.init, config.models_dir = init, models_dir
+  if fmt == "adapters":
+    from gpt.lora import export_peft
+    return export_peft(init, out, config)
   from gpt import weights  # imports jax: only after main() has set up the console
 
   weights.check_export_format(fmt)  # before loading: a typo should not cost a model load
-  config = base_config()
-  config.init, config.models_dir = init, models_dir
   loaded = weights.load_model(config)
   return weights.export(loaded.model, loaded.tokenizer, out, fmt)
 
@@ -35,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m gpt.export", description=__doc__.split("\n")[0])
   parser.add_argument("--init", required=True, help="what to export (anything config.init accepts)")
   parser.add_argument("--out", required=True, help="output folder")
-  parser.add_argument("--format", default="hf", choices=("hf", "openai"))
+  parser.add_argument("--format", default="hf", choices=FORMATS)
   parser.add_argument("--models_dir", default="models")
   parser.add_argument("--verbosity", type=int, default=None,
                       help="absl log level; shows the libraries' logs too (as GPT_VERBOSE=1 does)")

@@ -32,7 +32,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gpt import data, optim, sharding, weights
+from gpt import data, lora, optim, sharding, weights
 from gpt.checkpoint import (Checkpointer, checkpoint_dir, intact_step, load_params,
                             resolve_checkpoint)
 from gpt.errors import GPTError
@@ -116,9 +116,16 @@ class Setup:
 
   cfg: GPTConfig
   tokenizer: Any
-  params: Any  # host params to start from, or None when resuming
+  params: Any  # host params to start from (the trainable ones), or None when resuming
   resume_step: int | None
   source: str
+  frozen: Any = None  # host params held fixed (a LoRA run's base weights), else None
+  lora_cfg: GPTConfig | None = None  # the trained model (cfg with adapters) of a LoRA run
+
+  @property
+  def model_cfg(self) -> GPTConfig:
+    """The model the step runs: with adapters for a LoRA run, else `cfg`."""
+    return self.lora_cfg or self.cfg
 
 
 def _saved_cfg(config: Any, workdir: Path, ckpt: Checkpointer | None = None) -> GPTConfig | None:
@@ -223,7 +230,7 @@ def _train(config: Any, workdir: Path, mesh, main_process: bool) -> None:
   t = config.train
   ckpt = Checkpointer(checkpoint_dir(workdir), keep=t.keep)
   try:
-    setup = _setup(config, workdir, ckpt)
+    setup = lora.prepare_training(config, workdir, _setup(config, workdir, ckpt), main_process)
     _check_config(t, setup.cfg, mesh)
     if main_process:
       resolved = config.to_dict()
@@ -254,13 +261,19 @@ class Loop:
                main_process: bool):
     self.config, self.t, self.workdir, self.setup = config, config.train, workdir, setup
     self.dataset, self.mesh, self.ckpt, self.main = dataset, mesh, ckpt, main_process
-    cfg, t = setup.cfg, config.train
+    cfg, t = setup.model_cfg, config.train
     self.graphdef = nnx.graphdef(abstract_model(cfg))
     abs_params = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
+    axes = sharding.logical_axes(abstract_model(cfg))
+    abs_frozen, frozen_axes = {}, {}
+    if setup.lora_cfg is not None:  # LoRA: only the adapters are trained (and checkpointed)
+      (abs_params, abs_frozen), (axes, frozen_axes) = lora.split(abs_params), lora.split(axes)
     self.tx = optim.make_optimizer(t, abs_params)
     self.schedule = optim.learning_rate_schedule(t)
-    axes = sharding.logical_axes(abstract_model(cfg))
     psh = sharding.param_shardings(abs_params, axes, mesh)
+    fsh = sharding.param_shardings(abs_frozen, frozen_axes, mesh)
+    self.frozen = _put_global(setup.frozen, fsh) if setup.lora_cfg is not None else {}
+    setup.frozen = None  # the host copy is no longer needed (1558M: 6 GB)
     rep = sharding.replicated(mesh)
     abs_state = jax.eval_shape(lambda p: create_state(p, self.tx, config.seed), abs_params)
     self.state_sharding = TrainState(
@@ -270,9 +283,9 @@ class Loop:
     self.step_fn = jit_train_step(
         self.graphdef, self.tx, self.schedule, grad_accum=t.grad_accum, noise=t.noise,
         dropout=uses_dropout(cfg), state_sharding=self.state_sharding,
-        batch_sharding=self.batch_sharding, scalar_sharding=rep,
+        batch_sharding=self.batch_sharding, scalar_sharding=rep, frozen_sharding=fsh,
         micro_sharding=NamedSharding(mesh, P(None, sharding.BATCH_AXES, None)))
-    self.eval_fn = jit_eval_step(self.graphdef, params_sharding=psh,
+    self.eval_fn = jit_eval_step(self.graphdef, params_sharding=psh, frozen_sharding=fsh,
                                  batch_sharding=self.batch_sharding, scalar_sharding=rep)
     self.windows = data.Windows(dataset.train, t.seq_len, t.batch_size, config.seed)
     self.last_saved = None
@@ -286,6 +299,7 @@ class Loop:
                    "unknown" if loss is None else f"{float(loss):.4f}")
     else:
       params = _put_global(setup.params, psh)
+      setup.params = None
       self.state = jax.jit(lambda p: create_state(p, self.tx, config.seed),
                            out_shardings=self.state_sharding)(params)
     self.decoder = None
@@ -315,7 +329,7 @@ class Loop:
     self.meter = Throughput(self.setup.cfg, t, jax.device_count())
     while step < t.steps:
       self.state, metrics = self.step_fn(self.state, self.batch(self.windows.starts(step),
-                                                                self.dataset.train))
+                                                                self.dataset.train), self.frozen)
       step += 1
       self.ckpt.check()  # a background save that failed stops the run here, not steps later
       if pending is not None:
@@ -371,7 +385,7 @@ class Loop:
     """Mean loss over the fixed validation windows."""
     t, val = self.t, self.dataset.val
     starts = data.eval_starts(len(val), t.seq_len, t.val_batches, t.batch_size)
-    losses = [self.eval_fn(self.state.params, self.batch(s, val)) for s in starts]
+    losses = [self.eval_fn(self.state.params, self.batch(s, val), self.frozen) for s in starts]
     return float(np.mean([to_host(x) for x in losses]))
 
   def write_samples(self, step: int) -> None:
@@ -393,8 +407,9 @@ class Loop:
     n = max(1, t.sample_num)
     prompt = np.full((n, 1), tok.eot_id, np.int32)
     key = jax.random.fold_in(jax.random.key(s.seed), step)
-    tokens = self.decoder.generate(self.state.params, prompt, np.ones_like(prompt, bool), key,
-                                   length, cache_length=length + 1)
+    params = lora.combine(self.state.params, self.frozen)  # a LoRA run: adapters + frozen base
+    tokens = self.decoder.generate(params, prompt, np.ones_like(prompt, bool), key, length,
+                                   cache_length=length + 1)
     rows = trim(to_host(tokens), tok.eot_id, False, length)
     text = "".join(f"{'=' * 20} SAMPLE {i + 1} {'=' * 20}\n{tok.decode(r)}\n"
                    for i, r in enumerate(rows))
