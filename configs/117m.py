@@ -4,9 +4,10 @@ Fine-tunes OpenAI's released weights on Kant's Critique of Pure Reason at lr 2e-
 train.py does, sampling as it goes:
   python -m gpt.main --config=configs/117m.py --workdir=runs/kant
 """
-from gpt.config import base_config
+from gpt.config import size_config
 
 
 def get_config():
-  # The base config is already GPT-2 small (12 layers, 768 wide, 12 heads) from '124M' weights.
-  return base_config()
+  # Shape (12 layers, 768 wide, 12 heads) and weights of the released 124M model, which are also
+  # the base config's defaults.
+  return size_config("124M")

@@ -1,13 +1,10 @@
 """GPT-2 XL (1542M; OpenAI later counted it as 1558M)."""
-from gpt.config import base_config
+from gpt.config import size_config
 
 
 def get_config():
-  c = base_config()
-  c.init = "1558M"
-  c.model.n_layer = 48
-  c.model.n_embd = 1600
-  c.model.n_head = 25
+  # Shape (48 layers, 1600 wide, 25 heads) and weights of the released 1558M model.
+  c = size_config("1558M")
   # Fits training on a single 80 GB GPU only with rematerialisation and bf16 compute.
   c.model.remat = "dots"
   c.model.dtype = "bfloat16"

@@ -2,13 +2,9 @@
 
   python -m gpt.main --config=configs/345m.py --config.mode=interactive
 """
-from gpt.config import base_config
+from gpt.config import size_config
 
 
 def get_config():
-  c = base_config()
-  c.init = "355M"
-  c.model.n_layer = 24
-  c.model.n_embd = 1024
-  c.model.n_head = 16
-  return c
+  # Shape (24 layers, 1024 wide, 16 heads) and weights of the released 355M model.
+  return size_config("355M")

@@ -49,11 +49,11 @@ def main():
 
   def forced_threads():
     """ours.encode with threads whatever the load (it normally skips them on a busy machine)."""
-    free_cpus, tokenizer_lib._free_cpus = tokenizer_lib._free_cpus, lambda: threads
+    free_cpus, tokenizer_lib.free_cpus = tokenizer_lib.free_cpus, lambda: threads
     try:
       return ours.encode(text)
     finally:
-      tokenizer_lib._free_cpus = free_cpus
+      tokenizer_lib.free_cpus = free_cpus
 
   join = lambda batches: [i for ids in batches for i in ids]
   encoders = {
@@ -70,7 +70,7 @@ def main():
       "tiktoken `decode(ids)`": lambda: ref.decode(expected),
       "ours `decode(ids)`": lambda: ours.decode(expected),
   }
-  free_at_start = tokenizer_lib._free_cpus()
+  free_at_start = tokenizer_lib.free_cpus()
   times = {name: [] for name in (*encoders, *decoders)}
   same = {}
   methods = [*encoders.items(), *decoders.items()]
@@ -89,7 +89,7 @@ def main():
   n_bytes = len(text.encode("utf-8"))
   load = " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
   print(f"load average (1/5/15 min) at the end: {load}; CPUs ours judged free at start/end: "
-        f"{free_at_start}/{tokenizer_lib._free_cpus()}")
+        f"{free_at_start}/{tokenizer_lib.free_cpus()}")
   print(f"text: {args.text.name}, {n_bytes:,} bytes, {len(expected):,} tokens; "
         f"{args.repeats} interleaved rounds; {threads} CPUs usable; {platform.processor() or platform.machine()}; "
         f"tiktoken {tiktoken.__version__}\n")

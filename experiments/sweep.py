@@ -30,6 +30,7 @@ from absl import app, flags  # noqa: E402
 
 from experiments.engines import ENGINES, make_engine  # noqa: E402
 from experiments.engines.point import Outcome, StopRequest  # noqa: E402
+from experiments.progress import PointProgress  # noqa: E402
 from experiments.sweep_spec import build_points, load_sweep  # noqa: E402
 from gpt.errors import GPTError  # noqa: E402
 
@@ -40,6 +41,8 @@ _PARALLEL = flags.DEFINE_integer("parallel", None, "Runs at once (local: default
 _DEVICES = flags.DEFINE_string("devices", "auto", "local engine: auto | none | gpu:0,1,.. | cpu:0-7; "
                                "split evenly between the --parallel runs.")
 _RETRIES = flags.DEFINE_integer("retries", 1, "Extra attempts for a failed stage.")
+_PROGRESS = flags.DEFINE_float("progress_every", 10, "Seconds between progress lines (each running "
+                               "point's newest log line).")
 _SET = flags.DEFINE_multi_string("set", [], "key=value added to the sweep's fixed overrides (repeatable).")
 _DRY_RUN = flags.DEFINE_bool("dry_run", False, "Print the commands and exit.")
 _RAY_ADDRESS = flags.DEFINE_string("ray_address", "", "ray engine: cluster address ('auto' = the "
@@ -103,8 +106,10 @@ def summary_table(outcomes: list[Outcome]) -> str:
 
 
 def run_sweep(sweep_file: str, workdir: str, engine, retries: int = 1,
-              sets: dict | None = None, stop: StopRequest | None = None) -> list[Outcome]:
-  """Loads, writes out and runs the sweep; returns one Outcome per point (in sweep order)."""
+              sets: dict | None = None, stop: StopRequest | None = None,
+              progress_every: float = 10.0) -> list[Outcome]:
+  """Loads, writes out and runs the sweep; returns one Outcome per point (in sweep order). While
+  it runs, each running point's newest log line is printed (at most every `progress_every` s)."""
   sweep = load_sweep(sweep_file, sets)
   points, infos = build_points(sweep, workdir)
   root = Path(workdir).expanduser().resolve()
@@ -115,15 +120,18 @@ def run_sweep(sweep_file: str, workdir: str, engine, retries: int = 1,
   print(f"sweep {sweep_file}: {len(points)} points, {len(points) - len(left)} already finished, "
         f"{len(left)} to run in {root}", flush=True)
   counter = iter(range(1, len(points) + 1))
+  progress = PointProgress(left, every=progress_every)
 
   def on_done(o: Outcome) -> None:
+    progress.finished(o.name)
     extra = f" (stage {o.stage})" if o.stage else ""
     print(f"[{next(counter)}/{len(points)}] {o.name}: {o.status}{extra}, {o.attempts} run(s) "
           f"({o.retries} retried), {o.seconds:.0f}s", flush=True)
     if o.status == "failed" and o.detail:
       print("  " + o.detail.replace("\n", "\n  "), flush=True)
 
-  outcomes = engine.run(points, retries, stop or StopRequest(), on_done)
+  with progress:
+    outcomes = engine.run(points, retries, stop or StopRequest(), on_done)
   table = summary_table(outcomes)
   (root / "sweep_summary.md").write_text(table + "\n", encoding="utf-8")
   _write_json(root / "sweep_summary.json", [dataclasses.asdict(o) for o in outcomes])
@@ -156,7 +164,8 @@ def main(argv: list[str]) -> int:
                        resources_per_run=_RESOURCES.value)
   start = time.time()
   with StopOnSignal() as signals:
-    outcomes = run_sweep(argv[1], _WORKDIR.value, engine, _RETRIES.value, sets, signals.stop)
+    outcomes = run_sweep(argv[1], _WORKDIR.value, engine, _RETRIES.value, sets, signals.stop,
+                         _PROGRESS.value)
   print(f"sweep took {time.time() - start:.0f}s")
   if any(o.status == "interrupted" for o in outcomes):
     return 130

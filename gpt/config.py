@@ -281,7 +281,8 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def size_config(name: str) -> ml_collections.ConfigDict:
-  """The base config with the model shape (and init weights) of a released GPT-2 size."""
+  """The base config with the model shape (and init weights) of a released GPT-2 size; the size
+  configs in configs/ start from it, so MODEL_SIZES is the one place a size's shape is written."""
   size = canonical_model_name(name)
   c = base_config()
   c.model.n_layer, c.model.n_embd, c.model.n_head = MODEL_SIZES[size]

@@ -411,7 +411,7 @@ def check_tf_index(path: Path, data: Path) -> None:
   """InvalidDownload unless `path` is a TF bundle index and every tensor's bytes in `data` (the
   single data shard, downloaded before the index) have the crc32c the index records. A data file
   that does not match is deleted too: it is the one that was truncated or corrupted."""
-  from gpt import tf_checkpoint, tf_table
+  from gpt.formats import tf_checkpoint, tf_table
 
   try:
     header, entries = tf_checkpoint.read_index(path)
@@ -460,11 +460,20 @@ def download_model(name: str, models_dir: str | os.PathLike = "models", source: 
   checkpoint folder) or 'hf' (config.json + model.safetensors); `base_url` overrides the server.
   """
   folder, base, files = model_source(name, models_dir, source, base_url)
+  created = [d for d in (folder, *folder.parents) if not d.exists()]  # innermost first
   folder.mkdir(parents=True, exist_ok=True)
-  for file in files:
-    validate = model_file_check(folder, file)
-    recheck(folder / file, validate)
-    fetch(f"{base}/{file}", folder / file, retries=retries, validate=validate)
+  try:
+    for file in files:
+      validate = model_file_check(folder, file)
+      recheck(folder / file, validate)
+      fetch(f"{base}/{file}", folder / file, retries=retries, validate=validate)
+  except BaseException:
+    for d in created:  # a first download that failed before any byte came leaves no empty folders
+      try:
+        d.rmdir()
+      except OSError:  # holds a .part to resume from
+        break
+    raise
   return folder
 
 

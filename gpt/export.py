@@ -19,34 +19,27 @@ import argparse
 import sys
 from pathlib import Path
 
-from gpt import convert
+from gpt import console
 from gpt.config import base_config
 from gpt.errors import GPTError
-from gpt.weights import export_hf, hparams_of, load_model
 
 
 FORMATS = ("hf", "openai", "adapters")
 
 
 def export(init: str, out: str, fmt: str = "hf", models_dir: str = "models") -> Path:
-  """Loads `init` as `config.init` would and writes it to `out` in format `fmt` (hf | openai), or
-  writes the adapters of LoRA workdir `init` (fmt `adapters`)."""
+  """Loads `init` as `config.init` would and writes it to `out` in format `fmt` (hf | openai,
+  through gpt.weights), or writes the adapters of LoRA workdir `init` (fmt `adapters`)."""
   config = base_config()
   config.init, config.models_dir = init, models_dir
   if fmt == "adapters":
     from gpt.lora import export_peft
     return export_peft(init, out, config)
-  if fmt not in FORMATS:
-    raise GPTError(f"--format={fmt!r}: choose one of {', '.join(FORMATS)}")
-  loaded = load_model(config)
-  if fmt == "hf":
-    return export_hf(loaded.model, loaded.tokenizer, out)
-  if fmt == "openai":
-    from gpt.tf_checkpoint import write_checkpoint
-    folder = write_checkpoint(out, convert.model_to_flat(loaded.model), hparams_of(loaded.cfg))
-    loaded.tokenizer.save(folder, fmt="openai")
-    return folder
-  raise GPTError(f"--format={fmt!r}: choose one of {', '.join(FORMATS)}")
+  from gpt import weights  # imports jax: only after main() has set up the console
+
+  weights.check_export_format(fmt)  # before loading: a typo should not cost a model load
+  loaded = weights.load_model(config)
+  return weights.export(loaded.model, loaded.tokenizer, out, fmt)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,7 +48,16 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--out", required=True, help="output folder")
   parser.add_argument("--format", default="hf", choices=FORMATS)
   parser.add_argument("--models_dir", default="models")
+  parser.add_argument("--verbosity", type=int, default=None,
+                      help="absl log level; shows the libraries' logs too (as GPT_VERBOSE=1 does)")
   args = parser.parse_args(argv)
+  verbose = console.verbose_requested() or args.verbosity is not None
+  if not verbose:
+    console.quiet_native_logs()
+  console.setup(verbose)
+  if args.verbosity is not None:
+    from absl import logging
+    logging.set_verbosity(args.verbosity)
   try:
     folder = export(args.init, args.out, args.format, args.models_dir)
   except GPTError as e:

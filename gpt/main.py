@@ -3,7 +3,11 @@
   python -m gpt.main --config=configs/117m.py --workdir=runs/kant --config.mode=train
 
 This file is intentionally thin: each mode lives in its own module with a
-`run(config, workdir) -> None` function, listed in MODES.
+`run(config, workdir) -> None` function, listed in MODES. `run(argv)` is the entry point for the
+console script, `python -m gpt.main` and in-process callers (tests) alike: it ends in SystemExit,
+0 on success and 2 after one `error: ...` line for anything a user can cause. By default only the
+command's own messages are printed (gpt/console.py); `--verbosity=N` or GPT_VERBOSE=1 brings the
+libraries' logs back.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from gpt import console
 from gpt.config import unknown_key_message
 from gpt.errors import GPTError
 
@@ -26,10 +31,15 @@ MODES = {
     "attention": "gpt.attention_view:run",
 }
 
+# This command's own flags live apart from absl's global FLAGS, so that gpt.main can run in a
+# process that defines its own --workdir (experiments/sweep.py, the tests) and run more than once.
+FLAGS = flags.FlagValues()
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Experiment config file, e.g. configs/117m.py.", lock_config=True)
+    "config", None, "Experiment config file, e.g. configs/117m.py.", lock_config=True,
+    flag_values=FLAGS)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Folder for checkpoints, logs, samples and eval results (mode-dependent).")
+    "workdir", None, "Folder for checkpoints, logs, samples and eval results (mode-dependent).",
+    flag_values=FLAGS)
 
 
 class UsageError(GPTError):
@@ -42,13 +52,7 @@ def resolve_mode(mode: str):
     raise UsageError(f"unknown mode {mode!r}: choose one of {', '.join(MODES)} "
                      f"(--config.mode=...)")
   module_name, func_name = MODES[mode].split(":")
-  try:
-    module = importlib.import_module(module_name)
-  except ModuleNotFoundError as e:
-    if e.name != module_name:  # a real missing dependency inside the module
-      raise
-    raise UsageError(f"mode {mode!r} is not implemented yet") from None
-  return getattr(module, func_name)
+  return getattr(importlib.import_module(module_name), func_name)
 
 
 def main(argv: list[str]) -> None:
@@ -58,7 +62,8 @@ def main(argv: list[str]) -> None:
   if config is None:
     raise app.UsageError("--config is required, e.g. --config=configs/117m.py")
   run_mode = resolve_mode(config.mode)
-  logging.info("mode=%s workdir=%s", config.mode, _WORKDIR.value)
+  console.setup(verbose=console.verbose_requested() or bool(flags.FLAGS["verbosity"].present))
+  logging.debug("mode=%s workdir=%s", config.mode, _WORKDIR.value)
   run_mode(config, _WORKDIR.value)
 
 
@@ -69,9 +74,13 @@ def _flags_parser(argv: list[str]) -> list[str]:
   `--config.x.y` key; users should see which key was wrong and what was meant instead.
   """
   try:
-    return flags.FLAGS(argv)
+    if any(a.split("=")[0] in ("--help", "--helpfull", "-h", "--helpshort") for a in argv[1:]):
+      print(FLAGS.main_module_help() or FLAGS, file=sys.stderr)
+    rest = FLAGS(argv, known_only=True)  # --config, --config.*, --workdir
+    return flags.FLAGS(rest)  # absl's own: --verbosity, --help, ...
   except flags.Error as e:
-    _fail(f"{e}\nPass --helpfull for the list of flags.")
+    _fail(f"{e}\nFlags: --config=<file> --config.<key>=<value> ... --workdir=<folder>; "
+          f"--helpfull for absl's flags.")
   except (AttributeError, KeyError) as e:
     _fail(unknown_key_message(e, argv))
   except (FileNotFoundError, ImportError, SyntaxError) as e:
@@ -83,16 +92,37 @@ def _fail(message: str) -> None:
   sys.exit(2)
 
 
-def run() -> None:
-  """Console-script entry point (`gpt ...`)."""
+def _forget_previous_parse() -> None:
+  """Lets the flags be parsed again in this process: ml_collections defines one flag per
+  `--config.x.y` override it sees, and absl keeps every flag's last value."""
+  for name in [n for n in FLAGS if n.startswith(f"{_CONFIG.name}.")]:
+    delattr(FLAGS, name)
+  FLAGS.unparse_flags()
+  flags.FLAGS.unparse_flags()
+
+
+def run(argv: list[str] | None = None) -> None:
+  """The entry point: `gpt ...`, `python -m gpt.main ...` (argv None: sys.argv), or in process
+  `run(["--config=configs/tiny.py", ...])`. Always ends in SystemExit (0, or 2 after one
+  `error: ...` line on stderr)."""
+  saved_argv = sys.argv
+  if argv is not None:
+    # ml_collections reads the --config.* overrides from sys.argv, not from the parser's argv.
+    sys.argv = [sys.argv[0] if sys.argv else "gpt", *argv]
+    if FLAGS.is_parsed():
+      _forget_previous_parse()
+  if not console.verbose_requested(sys.argv):
+    console.quiet_native_logs()
   try:
-    app.run(main, flags_parser=_flags_parser)
+    app.run(main, argv=list(sys.argv), flags_parser=_flags_parser)
   except (UsageError, GPTError) as e:
     _fail(str(e))
   except OSError as e:
     if "config file" not in str(e):
       raise
     _fail(f"cannot load the config file: {str(e).splitlines()[-1].strip()}")
+  finally:
+    sys.argv = saved_argv
 
 
 if __name__ == "__main__":

@@ -170,7 +170,7 @@ class Tokenizer:
     """encode_ordinary of each piece; one contiguous group of pieces per thread, so that many short
     pieces do not pay a thread hand-off each (tiktoken's encode_ordinary_batch does)."""
     total = sum(map(len, pieces))
-    n_threads = min(_free_cpus(), len(pieces), total // CHUNK_CHARS)
+    n_threads = min(free_cpus(), len(pieces), total // CHUNK_CHARS)
     if n_threads < 2:
       return [self._enc.encode_ordinary(p) for p in pieces]
     groups, group, size = [], [], 0
@@ -194,7 +194,7 @@ class Tokenizer:
     since the parent's threads do not exist in it."""
     with self._workers_lock:
       if self._workers is None or self._workers_pid != os.getpid():
-        self._workers = ThreadPoolExecutor(max(1, _cpu_count() - 1), thread_name_prefix="tokenizer")
+        self._workers = ThreadPoolExecutor(max(1, cpu_count() - 1), thread_name_prefix="tokenizer")
         self._workers_pid = os.getpid()
       return self._workers
 
@@ -228,20 +228,20 @@ class Tokenizer:
     return folder
 
 
-def _cpu_count() -> int:
+def cpu_count() -> int:
   """CPUs this process may run on."""
   if hasattr(os, "sched_getaffinity"):
     return len(os.sched_getaffinity(0))
   return os.cpu_count() or 1
 
 
-def _free_cpus() -> int:
+def free_cpus() -> int:
   """CPUs not already busy by the 1-minute load average, counting the caller's own (at least 1).
 
   On a saturated machine a second thread buys nothing and costs ~15% (measured on 2 loaded cores),
   so the pieces are then encoded one after the other, which is as fast as tiktoken's single call.
   """
-  cpus = _cpu_count()
+  cpus = cpu_count()
   try:
     load = os.getloadavg()[0]
   except (AttributeError, OSError):  # No load average on this platform.

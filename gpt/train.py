@@ -32,7 +32,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gpt import data, lora, optim, sharding
+from gpt import data, lora, optim, sharding, weights
 from gpt.checkpoint import (Checkpointer, checkpoint_dir, intact_step, load_params,
                             resolve_checkpoint)
 from gpt.errors import GPTError
@@ -40,9 +40,6 @@ from gpt.model import GPTConfig, abstract_model
 from gpt.train_log import Throughput, TrainLog, quiet_orbax
 from gpt.train_step import TrainState, create_state, jit_eval_step, jit_train_step, uses_dropout
 from gpt.workdir_lock import hold_workdir
-
-SHAPE_FIELDS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
-
 
 class TrainingDiverged(GPTError):
   """The loss became NaN or infinite."""
@@ -131,41 +128,27 @@ class Setup:
     return self.lora_cfg or self.cfg
 
 
-def _tokenizer(config: Any):
-  from gpt.tokenizer import get_tokenizer
-
-  folder = Path(str(config.init)).expanduser()
-  if folder.is_dir() and any((folder / f).is_file() for f in ("encoder.json", "vocab.json")):
-    return get_tokenizer(folder)
-  return get_tokenizer(None)
-
-
-def _saved_cfg(config: Any, config_json: Path, ckpt: Checkpointer | None = None) -> GPTConfig | None:
-  """config.model with the shape saved in a workdir's config.json (None when there is none).
+def _saved_cfg(config: Any, workdir: Path, ckpt: Checkpointer | None = None) -> GPTConfig | None:
+  """config.model with the shape saved in a workdir's config.json (None when there is none), as
+  gpt.weights reads it for every mode.
 
   A damaged config.json (truncated, hand-edited) is not fatal when `ckpt` has checkpoints: each
   one's metadata records the model too, so the shape is read from there (one warning line) and
   config.json is rewritten by the run."""
-  if not config_json.is_file():
-    return None
   try:
-    saved = json.loads(config_json.read_text())["model"]
-    shape = {k: int(saved[k]) for k in SHAPE_FIELDS}
-  except (OSError, ValueError, KeyError, TypeError) as e:
-    problem = f"{config_json} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    return weights.workdir_model_config(config.model, workdir)
+  except weights.DamagedWorkdirConfig as e:
     if ckpt is None or ckpt.latest_step() is None:
-      raise GPTError(f"{problem}; it records the trained model's shape: restore it, or delete it "
-                     f"and pass the shape as --config.model.*") from None
+      raise
     try:
       step = intact_step(ckpt)
-      saved = ckpt.read_meta(step)["model"]
-      shape = {k: int(saved[k]) for k in SHAPE_FIELDS}
+      cfg = weights.model_config(config.model, ckpt.read_meta(step)["model"])
     except (GPTError, OSError, ValueError, KeyError, TypeError):
-      raise GPTError(f"{problem}, and the checkpoints' metadata does not say the model's shape "
+      raise GPTError(f"{e.problem}, and the checkpoints' metadata does not say the model's shape "
                      f"either: restore config.json from a backup") from None
     logging.warning("%s; the model shape is taken from checkpoint step %d and config.json will be "
-                    "rewritten", problem, step)
-  return GPTConfig.from_config({**config.model.to_dict(), **shape})
+                    "rewritten", e.problem, step)
+    return cfg
 
 
 def _setup(config: Any, workdir: Path, ckpt: Checkpointer) -> Setup:
@@ -174,21 +157,20 @@ def _setup(config: Any, workdir: Path, ckpt: Checkpointer) -> Setup:
   restore_from = str(config.train.restore_from)
   latest = ckpt.latest_step()
   if restore_from == "latest" and latest is not None:
-    cfg = _saved_cfg(config, workdir / "config.json", ckpt)
+    cfg = _saved_cfg(config, workdir, ckpt)
     if cfg is None:
       raise GPTError(f"{workdir} has checkpoints but no config.json; cannot tell the model shape")
-    return Setup(cfg, _tokenizer(config), None, latest, f"checkpoint step {latest} in {workdir}")
+    return Setup(cfg, weights.init_tokenizer(config.init), None, latest,
+                 f"checkpoint step {latest} in {workdir}")
   if latest is not None:
     raise GPTError(f"{workdir} already has checkpoints (latest step {latest}); to continue them use "
                    f"--config.train.restore_from=latest, or pick a new --workdir")
   if restore_from not in ("latest", "fresh"):
     directory, _ = resolve_checkpoint(restore_from)
-    cfg = _saved_cfg(config, directory.parent / "config.json") or GPTConfig.from_config(config.model)
+    cfg = _saved_cfg(config, directory.parent) or weights.model_config(config.model, None)
     params = jax.device_get(load_params(restore_from, cfg))
-    return Setup(cfg, _tokenizer(config), params, None, f"weights of {restore_from}")
-  from gpt.weights import load_model
-
-  loaded = load_model(config)
+    return Setup(cfg, weights.init_tokenizer(config.init), params, None, f"weights of {restore_from}")
+  loaded = weights.load_model(config)
   params = jax.device_get(nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param)))
   return Setup(loaded.cfg, loaded.tokenizer, params, None, loaded.source)
 
@@ -230,6 +212,7 @@ def run(config: Any, workdir: str | None) -> None:
   quiet_orbax()
   t = config.train
   workdir = Path(workdir).expanduser().resolve()
+  created = [d for d in (checkpoint_dir(workdir), workdir) if not d.exists()]
   workdir.mkdir(parents=True, exist_ok=True)
   main_process = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh)
@@ -239,6 +222,8 @@ def run(config: Any, workdir: str | None) -> None:
   finally:
     if lock is not None:
       lock.release()
+    if main_process:  # a run that failed before saving anything (offline, say) leaves no empty folders
+      _remove_empty(created)
 
 
 def _train(config: Any, workdir: Path, mesh, main_process: bool) -> None:
@@ -258,6 +243,15 @@ def _train(config: Any, workdir: Path, mesh, main_process: bool) -> None:
     Loop(config, workdir, setup, dataset, mesh, ckpt, main_process).run()
   finally:
     ckpt.close()
+
+
+def _remove_empty(folders: list[Path]) -> None:
+  """Removes each of `folders` (innermost first) that exists and is empty."""
+  for folder in folders:
+    try:
+      folder.rmdir()
+    except OSError:  # not empty, or already gone
+      pass
 
 
 class Loop:
@@ -300,7 +294,9 @@ class Loop:
                               abs_state, self.state_sharding)
       self.state, meta, setup.resume_step = ckpt.restore_intact(abstract)
       self.last_saved = setup.resume_step
-      logging.info("resumed from checkpoint step %d (loss %s)", setup.resume_step, meta.get("loss"))
+      loss = meta.get("loss")
+      logging.info("resumed from checkpoint step %d (loss %s)", setup.resume_step,
+                   "unknown" if loss is None else f"{float(loss):.4f}")
     else:
       params = _put_global(setup.params, psh)
       setup.params = None

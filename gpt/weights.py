@@ -1,4 +1,5 @@
-"""Resolves `config.init` into a ready model and its tokenizer.
+"""The one way weights come in and go out: resolves `config.init` into a model and its tokenizer,
+and exports a model in either format.
 
 `config.init` may be:
   scratch                      a fresh GPT-2 shaped by `config.model`
@@ -7,7 +8,12 @@
                                (config.json + model.safetensors) or a training workdir (config.json +
                                checkpoints/; a LoRA workdir's adapters come merged into its base)
 For pretrained weights the checkpoint decides the shape (n_layer, n_embd, ...); `config.model` still
-decides everything else (dtypes, dropout, scan, remat, attention kernel).
+decides everything else (dtypes, dropout, scan, remat, attention kernel). Every mode, training
+included, asks this module for the model config and the tokenizer, so that the rule is written once.
+
+The file formats themselves live in `gpt/formats/` (OpenAI's TF checkpoint and its table reader,
+Hugging Face safetensors, and the renames between them and our parameter tree); nothing outside
+this module needs to import them to load or export a model.
 """
 
 from __future__ import annotations
@@ -21,13 +27,13 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from gpt import convert
 from gpt.config import canonical_model_name, is_model_name
 from gpt.errors import GPTError
+from gpt.formats import convert
+from gpt.formats.convert import SHAPE_FIELDS, hparams_of
 from gpt.model import GPT, GPTConfig, init_model
 
-SHAPE_FIELDS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
-
+EXPORT_FORMATS = ("hf", "openai")
 
 @dataclasses.dataclass
 class Loaded:
@@ -50,11 +56,11 @@ def is_workdir(folder: Path) -> bool:
 
 def read_weights(folder: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict, str]:
   """(OpenAI-named tensors, hparams, 'openai'|'hf') from an OpenAI or Hugging Face folder."""
-  from gpt import hf_checkpoint
+  from gpt.formats import hf_checkpoint
 
   folder = Path(folder)
   if is_openai_folder(folder):
-    from gpt import tf_checkpoint
+    from gpt.formats import tf_checkpoint
     flat, hparams = tf_checkpoint.load_openai(folder)
     return flat, hparams, "openai"
   if hf_checkpoint.is_hf_folder(folder):
@@ -64,25 +70,66 @@ def read_weights(folder: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict
                  f"Hugging Face folder (config.json + model.safetensors) nor a training workdir")
 
 
-def _model_config(model_section: Any, hparams: dict | None) -> GPTConfig:
-  """config.model, with the shape taken from the checkpoint's hparams when there are any."""
-  cfg = GPTConfig.from_config(model_section)
+def model_config(model_section: Any, hparams: dict | None) -> GPTConfig:
+  """config.model, with the shape taken from a checkpoint's hparams (or a workdir's saved `model`
+  section) when there are any."""
   if hparams is None:
-    return cfg
+    return GPTConfig.from_config(model_section)
+  values = dict(model_section.items()) if hasattr(model_section, "items") else dict(model_section)
   shape = {k: int(hparams[k]) for k in SHAPE_FIELDS}
-  differs = {k: (getattr(cfg, k), v) for k, v in shape.items() if getattr(cfg, k) != v}
+  differs = {k: values[k] for k, v in shape.items() if k in values and values[k] != v}
   if differs:
     logging.info("model shape taken from the checkpoint (config had %s)",
-                 ", ".join(f"{k}={a}" for k, (a, _) in differs.items()))
-  return cfg.replace(**shape)
+                 ", ".join(f"{k}={v}" for k, v in differs.items()))
+  return GPTConfig.from_config({**values, **shape})
 
 
-def _tokenizer_for(folder: Path | None):
+class DamagedWorkdirConfig(GPTError):
+  """A workdir's config.json that cannot be read (truncated by a full disk, hand-edited)."""
+
+  def __init__(self, problem: str):
+    self.problem = problem
+    super().__init__(f"{problem}; it records the trained model's shape: restore it, or delete it "
+                     f"and pass the shape as --config.model.*")
+
+
+def read_workdir_config(workdir: str | os.PathLike) -> dict | None:
+  """A training workdir's saved config.json (the resolved config it trained with), or None when
+  the workdir has none; DamagedWorkdirConfig when it cannot be read or lacks the model's shape."""
+  path = Path(workdir) / "config.json"
+  if not path.is_file():
+    return None
+  try:
+    saved = json.loads(path.read_text())
+    {k: int(saved["model"][k]) for k in SHAPE_FIELDS}
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise DamagedWorkdirConfig(
+        f"{path} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]})") from None
+  return saved
+
+
+def workdir_model_config(model_section: Any, workdir: str | os.PathLike) -> GPTConfig | None:
+  """config.model with the shape a training workdir was trained with (None when it has no
+  config.json)."""
+  saved = read_workdir_config(workdir)
+  return None if saved is None else model_config(model_section, saved["model"])
+
+
+def tokenizer_for(folder: str | os.PathLike | None):
+  """The tokenizer a weights folder ships (encoder.json + vocab.bpe or vocab.json + merges.txt),
+  else GPT-2's, which the package carries."""
   from gpt.tokenizer import get_tokenizer
 
+  folder = None if folder is None else Path(folder).expanduser()
   if folder is not None and ((folder / "encoder.json").is_file() or (folder / "vocab.json").is_file()):
     return get_tokenizer(folder)
   return get_tokenizer(None)
+
+
+def init_tokenizer(init: str):
+  """The tokenizer that goes with `config.init`, without loading (or downloading) any weights."""
+  path = Path(str(init).strip()).expanduser()
+  return tokenizer_for(path if path.is_dir() else None)
 
 
 def resolve_init(init: str, models_dir: str, download_url: str | None = None) -> tuple[str, Path | None]:
@@ -96,7 +143,7 @@ def resolve_init(init: str, models_dir: str, download_url: str | None = None) ->
       return "workdir", path
     if is_openai_folder(path):
       return "openai", path
-    from gpt.hf_checkpoint import is_hf_folder
+    from gpt.formats.hf_checkpoint import is_hf_folder
     if is_hf_folder(path):
       return "hf", path
     raise GPTError(f"--config.init={init}: the folder holds no OpenAI checkpoint, Hugging Face model "
@@ -117,35 +164,48 @@ def load_model(config: Any) -> Loaded:
   kind, folder = resolve_init(config.init, config.get("models_dir", "models"),
                               config.get("download_url", None))
   if kind == "scratch":
-    cfg = _model_config(config.model, None)
-    return Loaded(init_model(cfg, seed=config.get("seed", 0)), _tokenizer_for(None), cfg,
+    cfg = model_config(config.model, None)
+    return Loaded(init_model(cfg, seed=config.get("seed", 0)), tokenizer_for(None), cfg,
                   "random init", kind)
   if kind == "workdir":
     from gpt import lora
     if lora.is_lora_workdir(folder):  # adapters: merged into the base they reference
       return lora.load_workdir(folder, config)
     from gpt.checkpoint import restore_model
-    try:
-      saved = json.loads((folder / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as e:
-      raise GPTError(f"cannot read {folder / 'config.json'}: {e}") from None
-    cfg = _model_config(config.model, saved["model"])
-    return Loaded(restore_model(str(folder), cfg), _tokenizer_for(None), cfg,
+    cfg = workdir_model_config(config.model, folder)
+    return Loaded(restore_model(str(folder), cfg), tokenizer_for(None), cfg,
                   f"training checkpoint {folder}", kind)
   flat, hparams, kind = read_weights(folder)
-  cfg = _model_config(config.model, hparams)
+  cfg = model_config(config.model, hparams)
   model = convert.flat_to_model(flat, cfg, source=str(folder))
   label = "OpenAI checkpoint" if kind == "openai" else "Hugging Face model"
-  return Loaded(model, _tokenizer_for(folder), cfg, f"{label} {folder}", kind)
-
-
-def hparams_of(cfg: GPTConfig) -> dict:
-  """OpenAI's hparams.json for a model config."""
-  return {k: getattr(cfg, k) for k in SHAPE_FIELDS}
+  return Loaded(model, tokenizer_for(folder), cfg, f"{label} {folder}", kind)
 
 
 def export_hf(model: GPT, tokenizer: Any, out_dir: str | os.PathLike) -> Path:
   """Writes `model` as a Hugging Face GPT-2 folder (config.json, model.safetensors, vocab files)."""
-  from gpt.hf_checkpoint import export_hf as _export
+  from gpt.formats import hf_checkpoint
 
-  return _export(convert.model_to_flat(model), hparams_of(model.cfg), tokenizer, out_dir)
+  return hf_checkpoint.export_hf(convert.model_to_flat(model), hparams_of(model.cfg), tokenizer, out_dir)
+
+
+def export_openai(model: GPT, tokenizer: Any, out_dir: str | os.PathLike) -> Path:
+  """Writes `model` in OpenAI's TF checkpoint layout (hparams.json, checkpoint, model.ckpt.*,
+  encoder.json, vocab.bpe), which this package and OpenAI's scripts read."""
+  from gpt.formats import tf_checkpoint
+
+  folder = tf_checkpoint.write_checkpoint(out_dir, convert.model_to_flat(model), hparams_of(model.cfg))
+  tokenizer.save(folder, fmt="openai")
+  return folder
+
+
+def check_export_format(fmt: str) -> None:
+  """GPTError unless `fmt` is one of EXPORT_FORMATS."""
+  if fmt not in EXPORT_FORMATS:
+    raise GPTError(f"--format={fmt!r}: choose {' or '.join(EXPORT_FORMATS)}")
+
+
+def export(model: GPT, tokenizer: Any, out_dir: str | os.PathLike, fmt: str = "hf") -> Path:
+  """Writes `model` and its tokenizer to `out_dir` in `fmt` (one of EXPORT_FORMATS)."""
+  check_export_format(fmt)
+  return {"hf": export_hf, "openai": export_openai}[fmt](model, tokenizer, out_dir)

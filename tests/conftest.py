@@ -49,3 +49,35 @@ def hf_fixture() -> Path:
 @pytest.fixture
 def repo_dir() -> Path:
   return REPO
+
+
+@pytest.fixture
+def gpt_main(capsys, monkeypatch):
+  """Runs `python -m gpt.main ARGS` in this process, from the repository root, as a user would
+  (one-line errors, exit codes): returns (exit code, stdout, stderr). No interpreter start, no
+  re-import of jax, so these checks stay in the fast tier."""
+  import logging
+  import warnings
+
+  from absl import logging as absl_logging
+
+  from gpt import main
+
+  monkeypatch.chdir(REPO)
+  handler = absl_logging.get_absl_handler()
+
+  def run(*args: str) -> tuple[int, str, str]:
+    capsys.readouterr()
+    filters, formatter = list(handler.filters), handler.python_handler.formatter
+    level = logging.getLogger("absl").level
+    try:
+      with warnings.catch_warnings(), pytest.raises(SystemExit) as exit_info:
+        main.run(list(args))
+    finally:  # the console set-up is for a process of its own: leave pytest's logging as it was
+      handler.filters[:] = filters
+      handler.python_handler.setFormatter(formatter)
+      logging.getLogger("absl").setLevel(level)
+    out, err = capsys.readouterr()
+    return exit_info.value.code or 0, out, err
+
+  return run

@@ -265,7 +265,10 @@ def _line_hues(img: np.ndarray, box) -> np.ndarray:
   return np.array([colorsys.rgb_to_hsv(*p)[0] * 360 for p in px])
 
 
+@pytest.mark.slow
 def test_page_in_chromium_layer_heads_hover_and_weights(written, browser):
+  pytest.importorskip("PIL", reason="screenshots are read with Pillow, which the [plots] extra "
+                      "(matplotlib) brings: pip install -e '.[plots]'")
   out, probs, ids = written
   browser.open((out / "attention.html").as_uri())
   n_layer, n_head, n_tok, _ = probs.shape
@@ -304,6 +307,7 @@ def test_page_in_chromium_layer_heads_hover_and_weights(written, browser):
   assert len(browser.js(VISIBLE)) == len(_expected_edges(probs, 1, [0]))
 
 
+@pytest.mark.slow
 def test_page_url_hash_sets_the_view(written, browser):
   out, probs, _ = written
   browser.open((out / "attention.html").as_uri() + "#layer=1&heads=1&hover=k2")

@@ -30,6 +30,7 @@ def bench_decode():
   return load_script("bench_decode")
 
 
+@pytest.mark.slow  # runs the decode benchmark's runners
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_decode_runners_sample_the_asked_shape(bench_decode, dtype):
   cfg = TINY.replace(dtype=dtype, param_dtype=dtype)
@@ -52,6 +53,7 @@ def test_roofline_counts_weights_and_cache(bench_decode):
   assert bench_decode.roofline(TINY, 8, 1, 1e9) > 7 * one
 
 
+@pytest.mark.slow
 def test_train_runners_compile_and_step():
   bench_train = load_script("bench_train")
   shape = (1, 32, 2, 16, 2)  # layers, width, heads, context, batch (GPT-2's vocabulary)
@@ -76,6 +78,7 @@ def test_hlo_summaries_name_shapes_and_jax_ops():
   assert got["tuple.1"].startswith("(f32[8]) tuple(%dot.7)")
 
 
+@pytest.mark.slow
 def test_train_benchmark_profile_as_a_user_runs_it(repo_dir):
   """`bench_train.py --profile` in a fresh process (XLA's op events need a flag at start-up)."""
   import os

@@ -40,27 +40,52 @@ def test_every_config_file_builds_a_valid_model_config():
     GPTConfig.from_config(config.model)
 
 
+def commented_fields() -> tuple[set[str], list[str]]:
+  """(dotted paths assigned in base_config(), those without a `#` comment on the line above),
+  following the section aliases (`c.model = m = ConfigDict()`) whatever their names."""
+  import ast
+  source = (Path(__file__).resolve().parent.parent / "gpt" / "config.py").read_text()
+  lines = source.splitlines()
+  func = next(n for n in ast.parse(source).body
+              if isinstance(n, ast.FunctionDef) and n.name == "base_config")
+  paths, uncommented, alias = set(), [], {"c": ""}
+  for node in ast.walk(func):
+    if not isinstance(node, ast.Assign):
+      continue
+    targets = [t for t in node.targets if isinstance(t, ast.Attribute) and isinstance(t.value, ast.Name)]
+    names = [t.id for t in node.targets if isinstance(t, ast.Name)]
+    for target in targets:
+      path = f"{alias[target.value.id]}{target.attr}"
+      if "ConfigDict" in ast.unparse(node.value):
+        alias.update({n: f"{path}." for n in names})
+        continue
+      paths.add(path)
+      if not lines[node.lineno - 2].strip().startswith("#"):
+        uncommented.append(path)
+  return paths, uncommented
+
+
 def test_every_config_field_has_a_comment():
-  """The base config documents each field on the line above it."""
-  source = (Path(__file__).resolve().parent.parent / "gpt" / "config.py").read_text().splitlines()
-  start = source.index("def base_config() -> ml_collections.ConfigDict:")
-  body = source[start:source.index("  return c", start)]
-  for i, line in enumerate(body):
-    stripped = line.strip()
-    if "=" in stripped and stripped.startswith(("c.", "m.", "d.", "t.", "s.", "e.", "mh.")) \
-        and "ConfigDict()" not in stripped:
-      assert body[i - 1].strip().startswith("#"), f"config field without a comment: {stripped}"
+  """The base config documents each field, in every section, on the line above it."""
+  from gpt.config import base_config, config_dict
+  paths, uncommented = commented_fields()
+  assert uncommented == [], f"config fields without a comment: {uncommented}"
+  leaves = set()
+  def walk(node, prefix=""):
+    for key, value in node.items():
+      if isinstance(value, config_dict.ConfigDict):
+        walk(value, f"{prefix}{key}.")
+      else:
+        leaves.add(f"{prefix}{key}")
+  walk(base_config())
+  assert leaves == paths  # every field was seen, the attention view's (`av.`) included
+  assert {"attention.prompt", "attention.max_tokens", "model.n_layer", "mesh.data"} <= paths
 
 
 def test_model_names_in_both_spellings():
   assert canonical_model_name("117M") == canonical_model_name("124M") == "124M"
   assert canonical_model_name("1542m") == "1558M" and canonical_model_name("gpt2-medium") == "355M"
   assert not is_model_name("300M")
-
-
-def run_main(*args):
-  return subprocess.run([sys.executable, "-m", "gpt.main", *args], capture_output=True, text=True,
-                        cwd=CONFIGS.parent, timeout=120)
 
 
 @pytest.mark.parametrize("args,expected", [
@@ -75,9 +100,18 @@ def run_main(*args):
     (["--config=configs/tiny.py", "--config.init=/no/such/dir", "--config.mode=sample"],
      "error: --config.init='/no/such/dir' is not 'scratch', a model name"),
 ])
-def test_cli_mistakes_are_one_clear_line(args, expected):
-  result = run_main(*args)
-  assert result.returncode == 2, result.stderr
-  assert "Traceback" not in result.stderr
-  lines = [l for l in result.stderr.splitlines() if l.startswith("error:")]
-  assert len(lines) == 1 and lines[0].startswith(expected), result.stderr
+def test_cli_mistakes_are_one_clear_line(gpt_main, args, expected):
+  code, _, stderr = gpt_main(*args)
+  assert code == 2, stderr
+  assert "Traceback" not in stderr
+  lines = [l for l in stderr.splitlines() if l.startswith("error:")]
+  assert len(lines) == 1 and lines[0].startswith(expected), stderr
+
+
+@pytest.mark.slow
+def test_the_console_script_is_the_same_entry(repo_dir):
+  """`python -m gpt.main` (and the `gpt` script, gpt.main:run) reach the same one-line errors."""
+  result = subprocess.run([sys.executable, "-m", "gpt.main", "--config=configs/117m.py",
+                           "--config.mode=nope"], capture_output=True, text=True, cwd=repo_dir,
+                          timeout=300)
+  assert result.returncode == 2 and result.stderr.startswith("error: unknown mode 'nope'"), result.stderr

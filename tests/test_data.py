@@ -114,6 +114,7 @@ def test_encode_cli(tmp_path, capsys):
   assert "must end in .bin or .npz" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_encoding_memory_is_bounded(tmp_path):
   """A 12 MB corpus encodes in well under 10x its size of memory (streaming, 1 MB blocks)."""
   kant = require_shared("data", "kant", "critique_of_pure_reason.txt").read_bytes()

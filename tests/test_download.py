@@ -4,7 +4,8 @@ import shutil
 
 import pytest
 
-from gpt import download, tf_checkpoint
+from gpt import download
+from gpt.formats import tf_checkpoint
 from gpt.errors import GPTError
 from http_fixture import FileServer, closed_port_url
 from test_tf_checkpoint import assert_matches_expected_logits

@@ -80,6 +80,7 @@ def test_plot_goes_into_the_eval_folder_it_read_not_the_current_directory(workdi
   assert list(cwd.iterdir()) == [] and not (Path(workdirs[1]) / "eval" / "compare_shots.png").exists()
 
 
+@pytest.mark.slow
 def test_without_matplotlib_the_table_is_printed_and_the_plot_skipped_in_one_line(workdirs, tmp_path):
   code = ("import sys, runpy; sys.modules['matplotlib'] = None; "
           f"sys.argv = ['compare_shots.py', *{workdirs!r}]; runpy.run_path({str(SCRIPT)!r}, run_name='__main__')")

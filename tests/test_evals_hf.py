@@ -28,6 +28,8 @@ from gpt.evals.perplexity import TextDoc, split_articles, wikitext_detokenize  #
 from gpt.evals.scoring import Scorer  # noqa: E402
 from gpt.weights import export_hf, load_model  # noqa: E402
 
+pytestmark = pytest.mark.slow  # lm-eval runs
+
 FMT = Format()
 ITEMS = 3
 TASK_FILES = Path(lm_eval.__file__).parent / "tasks"

@@ -1,7 +1,6 @@
 """The eval mode end to end on the tiny OpenAI-format fixture: every task, 0 and 1 shot."""
 
 import json
-import subprocess
 import sys
 
 import jax
@@ -35,6 +34,7 @@ def run_dir(tmp_path_factory):
   return workdir / "eval", config
 
 
+@pytest.mark.slow  # runs the eval mode end to end over every task
 def test_every_task_and_shot_count_writes_a_result(run_dir):
   out, _ = run_dir
   for name, factory in TASKS.items():
@@ -51,6 +51,7 @@ def test_every_task_and_shot_count_writes_a_result(run_dir):
   assert not (out / "wikitext2_1shot.json").exists()
 
 
+@pytest.mark.slow  # runs the eval mode end to end over every task
 def test_accuracies_are_the_means_of_the_per_item_records(run_dir):
   out, _ = run_dir
   record = json.loads((out / "hellaswag_1shot.json").read_text())
@@ -63,6 +64,7 @@ def test_accuracies_are_the_means_of_the_per_item_records(run_dir):
     assert len(item["demos"]) == 1 and item["demos"][0] != item["index"]
 
 
+@pytest.mark.slow  # runs the eval mode end to end over every task
 def test_recorded_loglikelihoods_equal_a_direct_forward(run_dir):
   """sst2 prompts fit the fixture's 64-token context untruncated: rescore them with model(tokens)."""
   out, config = run_dir
@@ -102,9 +104,7 @@ def test_console_table_lists_every_metric():
     ("--config.eval.tasks=lambada,nope", "unknown eval task 'nope'"),
     ("--config.eval.shots=0,x", "eval.shots='0,x'"),
 ])
-def test_bad_eval_settings_are_one_line_errors(override, message):
-  proc = subprocess.run(
-      [sys.executable, "-m", "gpt.main", "--config=configs/tiny.py", "--config.mode=eval", override],
-      cwd=REPO, capture_output=True, text=True, timeout=300)
-  assert proc.returncode == 2
-  assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+def test_bad_eval_settings_are_one_line_errors(gpt_main, override, message):
+  code, _, stderr = gpt_main("--config=configs/tiny.py", "--config.mode=eval", override)
+  assert code == 2
+  assert stderr.strip().splitlines()[-1].startswith(f"error: {message}")

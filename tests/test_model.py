@@ -102,9 +102,24 @@ def test_bfloat16_compute_is_close_to_float32():
   np.testing.assert_allclose(logits, forward(f32, TOKENS), atol=0.1)
 
 
-def test_attention_auto_uses_xla_on_cpu():
+def test_attention_auto_picks_cudnn_on_gpu_and_xla_elsewhere(monkeypatch):
+  """`auto` asks jax for the cuDNN kernel on a GPU backend and for XLA's on CPU and TPU (the
+  kernel jax is asked for is recorded; cuDNN itself cannot run here, so XLA's stands in)."""
+  asked = []
+  real = jax.nn.dot_product_attention
+
+  def recording(*args, implementation=None, **kwargs):
+    asked.append(implementation)
+    return real(*args, implementation=None if implementation == "cudnn" else implementation, **kwargs)
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
   model = init_model(TINY.replace(attention_impl="auto"), seed=6)
-  np.testing.assert_allclose(forward(model, TOKENS), forward(init_model(TINY, seed=6), TOKENS), atol=1e-6)
+  reference = forward(init_model(TINY, seed=6), TOKENS)
+  for backend, kernel in (("cpu", "xla"), ("gpu", "cudnn"), ("tpu", "xla")):
+    monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+    asked.clear()
+    np.testing.assert_allclose(model(TOKENS), reference, atol=1e-6)  # eager: traced afresh
+    assert asked and set(asked) == {kernel}, (backend, asked)
 
 
 @pytest.mark.parametrize("bad,message", [

@@ -11,6 +11,8 @@ from gpt import train
 from train_utils import (compile_cache, final_params, max_abs_diff, read_metrics, subprocess_env,
                          tiny_config, train_command)
 
+pytestmark = pytest.mark.slow  # spawns a second training process
+
 
 @pytest.fixture(scope="module", autouse=True)
 def _compile_cache(tmp_path_factory):

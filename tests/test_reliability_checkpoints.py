@@ -54,6 +54,7 @@ def _drop_step_metadata(step_dir):
   return "_CHECKPOINT_METADATA is missing"
 
 
+@pytest.mark.slow  # trains
 def test_manifest_is_written_with_every_save_and_detects_each_kind_of_damage(tmp_path):
   config = tiny_config(tmp_path, steps=4, save_every=2, keep=3)
   train.run(config, str(tmp_path / "run"))

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from gpt import encode, evaluate, hf_checkpoint
+from gpt import encode, evaluate
+from gpt.formats import hf_checkpoint
 from gpt.config import base_config
 from gpt.errors import GPTError
 from gpt.evals.base import Truncation

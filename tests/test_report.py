@@ -154,6 +154,7 @@ def real_lr_sweep(tmp_path_factory):
   return tmp / "lr", outcomes
 
 
+@pytest.mark.slow
 def test_real_lr_sweep_on_local_engine_and_its_report(real_lr_sweep):
   root, outcomes = real_lr_sweep
   assert [(o.name, o.status) for o in outcomes] == [(n, "done") for n in NAMES], outcomes

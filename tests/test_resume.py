@@ -12,6 +12,8 @@ from gpt import train
 from train_utils import (compile_cache, final_params, max_abs_diff, read_metrics, subprocess_env,
                          tiny_config, train_command)
 
+pytestmark = pytest.mark.slow  # trains, and kills a training subprocess
+
 STEPS = 20
 
 

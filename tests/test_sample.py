@@ -100,6 +100,7 @@ def test_model_decode_agrees(loaded):
   np.testing.assert_allclose(got * mask[..., None], want * mask[..., None], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow  # compiles the decoder twice more (bf16)
 def test_bfloat16_decode_tracks_float32(full_forward, openai_fixture):
   """bf16 weights and compute (float32 accumulation), batch 1 (the paired-row path on CPU) and 3."""
   from gpt.weights import load_model
@@ -134,6 +135,7 @@ def test_greedy_equals_argmax_loop_over_full_forwards(loaded, full_forward):
     assert row == tokens[len(prompt):]
 
 
+@pytest.mark.slow  # runs PyTorch's generate as the reference
 def test_greedy_equals_hugging_face_generate(hf_fixture):
   torch = pytest.importorskip("torch", reason="needs the [hf] extra (torch) for the reference")
   transformers = pytest.importorskip("transformers", reason="needs the [hf] extra (transformers)")
@@ -274,6 +276,7 @@ class Session:
     return rc, self.out, self.proc.stderr.read()
 
 
+@pytest.mark.slow
 def test_interactive_piped_session(repo_dir, openai_fixture):
   session = Session(repo_dir, openai_fixture, "interactive", "--config.sampling.nsamples=2",
                     "--config.sampling.length=12")
@@ -289,6 +292,7 @@ def test_interactive_piped_session(repo_dir, openai_fixture):
   assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_interactive_ctrl_c_stops_the_sample_then_eof_exits(repo_dir, openai_fixture):
   session = Session(repo_dir, openai_fixture, "interactive", "--config.sampling.nsamples=0",
                     "--config.sampling.length=20")
@@ -305,6 +309,7 @@ def test_interactive_ctrl_c_stops_the_sample_then_eof_exits(repo_dir, openai_fix
   assert "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_sample_mode_runs_until_ctrl_c(repo_dir, openai_fixture):
   session = Session(repo_dir, openai_fixture, "sample", "--config.sampling.nsamples=0",
                     "--config.sampling.length=16", stdin=subprocess.DEVNULL)

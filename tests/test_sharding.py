@@ -22,6 +22,7 @@ def reference(tmp_path_factory):
   return tmp, read_metrics(tmp / "run"), final_params(tmp / "run", config.model)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data,fsdp,tensor", [(8, 1, 1), (2, 4, 1), (4, 1, 2)])
 def test_sharded_training_equals_one_device(reference, data, fsdp, tensor):
   tmp, ref_losses, ref_params = reference

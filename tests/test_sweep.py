@@ -121,6 +121,7 @@ def _overlap(a: dict, b: dict) -> bool:
   return a["start"] < b["end"] and b["start"] < a["end"]
 
 
+@pytest.mark.slow
 def test_local_engine_pins_retries_isolates_failures_and_skips_finished(tmp_path):
   sweep, _ = write_fake_sweep(tmp_path, {NAMES[0]: {"fail": 1, "sleep": 0.5},
                                          NAMES[1]: {"fail": 9}, NAMES[2]: {"sleep": 0.5},
@@ -153,6 +154,7 @@ def test_local_engine_pins_retries_isolates_failures_and_skips_finished(tmp_path
   assert [o.status for o in changed] == ["done", "failed", "done", "done"]
 
 
+@pytest.mark.slow
 def test_cpu_slots_pin_affinity(tmp_path):
   core = sorted(os.sched_getaffinity(0))[-1]
   sweep, _ = write_fake_sweep(tmp_path, {})
@@ -162,6 +164,7 @@ def test_cpu_slots_pin_affinity(tmp_path):
   assert {tuple(r["cpus"]) for r in calls(tmp_path / "runs")} == {(core,)}
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_rerun_runs_only_what_is_left(tmp_path):
   sweep, plan = write_fake_sweep(tmp_path, {NAMES[1]: {"sleep": 60}})
   root = tmp_path / "runs"
@@ -186,6 +189,7 @@ def test_interrupted_sweep_rerun_runs_only_what_is_left(tmp_path):
   assert [r["name"] for r in calls(root)[2:]] == NAMES[1:]
 
 
+@pytest.mark.slow
 def test_stop_event_stops_running_points_without_marking_them(tmp_path):
   sweep, _ = write_fake_sweep(tmp_path, {n: {"sleep": 60} for n in NAMES})
   stop = StopRequest()
@@ -196,6 +200,7 @@ def test_stop_event_stops_running_points_without_marking_them(tmp_path):
   assert all(r["stopped"] for r in calls(tmp_path / "runs"))
 
 
+@pytest.mark.slow
 def test_second_stop_kills_runs_that_ignore_sigterm(tmp_path):
   sweep, _ = write_fake_sweep(tmp_path, {n: {"sleep": 60, "ignore_term": True} for n in NAMES})
   root = tmp_path / "runs"
@@ -229,6 +234,7 @@ def ray_cluster():
     ray.shutdown()
 
 
+@pytest.mark.slow
 def test_ray_engine_runs_retries_and_isolates_failures(tmp_path, ray_cluster):
   sweep, _ = write_fake_sweep(tmp_path, {NAMES[0]: {"fail": 1}, NAMES[3]: {"fail": 9}})
   root = tmp_path / "runs"
@@ -240,6 +246,7 @@ def test_ray_engine_runs_retries_and_isolates_failures(tmp_path, ray_cluster):
   assert [o.status for o in again] == ["skipped", "skipped", "skipped", "failed"]
 
 
+@pytest.mark.slow
 def test_lr_sweep_for_real_on_ray_then_report(tmp_path, ray_cluster, shared_dir):
   from conftest import require_shared
   from experiments import report
@@ -258,6 +265,7 @@ def test_lr_sweep_for_real_on_ray_then_report(tmp_path, ray_cluster, shared_dir)
   assert [r.name for r in runs] == NAMES and all(r.final("train/loss") > 0 for r in runs)
 
 
+@pytest.mark.slow
 def test_ray_engine_stop_cancels_tasks_and_their_runs_get_sigterm(tmp_path, ray_cluster):
   sweep, _ = write_fake_sweep(tmp_path, {n: {"sleep": 60} for n in NAMES})
   root = tmp_path / "runs"
@@ -278,3 +286,29 @@ def test_ray_engine_stop_cancels_tasks_and_their_runs_get_sigterm(tmp_path, ray_
     time.sleep(0.05)
   assert [r["stopped"] for r in calls(root)] == [True, True]
   assert not list(root.glob("*/sweep/*.done"))
+
+
+def test_progress_shows_each_running_points_newest_log_line(tmp_path):
+  """While points run, the sweep prints each one's newest log line (a progress bar's newest redraw
+  included), once per change, and nothing for points that have not started or have finished."""
+  from experiments.engines.point import Point, Stage
+  from experiments.progress import PointProgress, last_line
+
+  points = [Point(n, str(tmp_path / n), str(tmp_path), [Stage("0-train", []), Stage("1-eval", [])])
+            for n in ("a", "b", "c")]
+  progress = PointProgress(points, clock=lambda: 0.0)
+  assert progress.poll() == []  # nothing has started
+  for p in points:
+    (Path(p.workdir) / "sweep").mkdir(parents=True)
+  points[0].log(points[0].stages[0]).write_text("=== attempt 1\nstep 10 | loss 5.1\n")
+  points[1].log(points[1].stages[0]).write_text("done training\n")
+  points[1].log(points[1].stages[1]).write_text("lambada: 12%|#   | 3/25\r lambada: 40%|####  | 10/25")
+  assert progress.poll() == ["  a [0-train] step 10 | loss 5.1", "  b [1-eval] lambada: 40%|####  | 10/25"]
+  assert progress.poll() == []  # unchanged: not repeated
+  with open(points[0].log(points[0].stages[0]), "a") as f:
+    f.write("step 20 | loss 4.7\n\n")
+  progress.finished("b")
+  points[1].log(points[1].stages[1]).write_text("lambada: 100%")
+  assert progress.poll() == ["  a [0-train] step 20 | loss 4.7"]
+  assert last_line(tmp_path / "missing.log") == ""
+  assert (Path(points[0].workdir) / "sweep" / "0-train.log").exists()  # the names README gives

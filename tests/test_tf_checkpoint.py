@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 import ml_dtypes
 
-from gpt import tf_checkpoint as tfc
-from gpt import tf_table
-from gpt.convert import flat_to_model, model_to_flat
+from gpt.formats import tf_checkpoint as tfc
+from gpt.formats import tf_table
+from gpt.formats.convert import flat_to_model, model_to_flat
 from gpt.errors import GPTError
 from gpt.model import GPTConfig
 

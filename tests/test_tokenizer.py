@@ -86,7 +86,7 @@ def test_pattern_is_tiktokens():
 @pytest.fixture(params=[1, 4], ids=["serial", "4 threads"])
 def free_cpus(request, monkeypatch) -> int:
   """Long texts run on as many threads as CPUs look free; test both ways whatever the load."""
-  monkeypatch.setattr(tokenizer_lib, "_free_cpus", lambda: request.param)
+  monkeypatch.setattr(tokenizer_lib, "free_cpus", lambda: request.param)
   return request.param
 
 
@@ -148,7 +148,7 @@ def test_fuzz_long_path(tok, ref, texts, chunk_chars, allow_special):
   assert [i for p in pieces for i in ref.encode_ordinary(p)] == ref.encode_ordinary(text)
   assert [t for p in pieces for t in pre_tokens(p)] == pre_tokens(text)
   with pytest.MonkeyPatch.context() as mp:
-    mp.setattr(tokenizer_lib, "_free_cpus", lambda: 3)
+    mp.setattr(tokenizer_lib, "free_cpus", lambda: 3)
     mp.setattr(tokenizer_lib, "SPLIT_CHARS", 0)
     mp.setattr(tokenizer_lib, "CHUNK_CHARS", chunk_chars)
     allowed = {EOT_TEXT} if allow_special else set()
@@ -157,10 +157,11 @@ def test_fuzz_long_path(tok, ref, texts, chunk_chars, allow_special):
         ref.encode(t, allowed_special=allowed, disallowed_special=()) for t in texts]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
 def test_long_text_in_forked_child(tok, ref, monkeypatch):
   """A child forked after the worker threads exist must not wait on the parent's (absent) threads."""
-  monkeypatch.setattr(tokenizer_lib, "_free_cpus", lambda: 2)
+  monkeypatch.setattr(tokenizer_lib, "free_cpus", lambda: 2)
   text = "Fork me, 'twas brillig.\n\n" * 20000  # > SPLIT_CHARS: uses the worker threads.
   expected = ref.encode_ordinary(text)
   assert tok.encode(text) == expected
@@ -182,10 +183,10 @@ def test_long_text_in_forked_child(tok, ref, monkeypatch):
 
 
 def test_free_cpus_follows_load(monkeypatch):
-  cpus = tokenizer_lib._cpu_count()
+  cpus = tokenizer_lib.cpu_count()
   for load, expected in ((0.0, cpus), (cpus - 1.0, 2 if cpus > 1 else 1), (cpus + 5.0, 1)):
     monkeypatch.setattr(os, "getloadavg", lambda: (load, load, load))
-    assert tokenizer_lib._free_cpus() == min(cpus, expected)
+    assert tokenizer_lib.free_cpus() == min(cpus, expected)
 
 
 def test_cut_rule_whitespace_agrees_with_tiktoken():

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 from scipy.special import logsumexp
 
-from gpt import convert
+from gpt.formats import convert
 from gpt.config import base_config
 from gpt.errors import GPTError
-from gpt.hf_checkpoint import load_hf
+from gpt.formats.hf_checkpoint import load_hf
 from gpt.weights import export_hf, load_model, read_weights, resolve_init
 
 forward = jax.jit(lambda model, tokens: model(tokens))
@@ -138,3 +138,36 @@ def test_export_cli_openai_then_hf_keeps_logits(hf_fixture, tmp_path):
   assert loaded.kind == "hf"
   assert_matches_reference(loaded.model, hf_fixture)
   assert main(["--init=/no/such", f"--out={tmp_path / 'x'}"]) == 2
+
+
+def test_exported_files_get_the_umask_mode_like_any_file(hf_fixture, tmp_path):
+  """safetensors writes through a private 0600 temporary file; the export must not keep that."""
+  import os
+  from gpt.weights import export
+  loaded = load_model(config_with_init(hf_fixture))
+  old = os.umask(0o022)
+  try:
+    for fmt in ("hf", "openai"):
+      out = export(loaded.model, loaded.tokenizer, tmp_path / fmt, fmt)
+      modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+      assert set(modes.values()) == {0o644}, modes
+  finally:
+    os.umask(old)
+  with pytest.raises(GPTError, match="--format='onnx': choose hf or openai"):
+    export(loaded.model, loaded.tokenizer, tmp_path / "x", "onnx")
+
+
+def test_workdir_config_gives_the_shape_and_keeps_the_run_options(tmp_path):
+  """Training (resume, restore_from) and `config.init=<workdir>` take the shape from one place."""
+  from gpt.weights import init_tokenizer, model_config, workdir_model_config
+  saved = base_config()
+  saved.model.update(n_layer=2, n_embd=32, n_head=2, n_ctx=16)
+  (tmp_path / "config.json").write_text(json.dumps(saved.to_dict()))
+  cfg = workdir_model_config(config_with_init("scratch", dtype="bfloat16").model, tmp_path)
+  assert (cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.n_ctx, cfg.dtype) == (2, 32, 2, 16, "bfloat16")
+  assert workdir_model_config(base_config().model, tmp_path / "none") is None
+  assert model_config(base_config().model, None).n_layer == 12
+  (tmp_path / "config.json").write_text('{"model": ')
+  with pytest.raises(GPTError, match=r"config\.json is damaged .*restore it, or delete it"):
+    workdir_model_config(base_config().model, tmp_path)
+  assert init_tokenizer(str(tmp_path)).encode("Hello world") == [15496, 995]

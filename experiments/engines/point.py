@@ -5,7 +5,8 @@ import nothing from the project.
 
 A point's workdir holds, next to what `gpt.main` writes:
   sweep/point.json          the point: overrides, stage commands, resolved configs
-  sweep/<stage>.log         stdout+stderr of every attempt of the stage
+  sweep/<stage>.log         stdout+stderr of every attempt of the stage; stages are named
+                            <index>-<mode> (0-train.log, 1-eval.log, ...)
   sweep/<stage>.done        written (atomically) after the stage's command exited 0 and nothing
                             interrupted it; holds the command. A stage counts as finished only if
                             its marker exists AND records the same command, so editing a sweep

@@ -121,10 +121,18 @@ def load_hf(folder: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
   return flat, hparams
 
 
+def _permissions_like_open(path: Path) -> None:
+  """The mode a plain open() would give (0666 less the umask): safetensors writes its file
+  through a private temporary file (0600), which other users could not read."""
+  umask = os.umask(0)
+  os.umask(umask)
+  os.chmod(path, 0o666 & ~umask)
+
+
 def export_hf(flat: dict[str, np.ndarray], hparams: dict, tokenizer, out_dir: str | os.PathLike) -> Path:
   """Writes an HF folder that `GPT2LMHeadModel.from_pretrained(out_dir)` loads.
 
-  `flat` holds OpenAI-named tensors (gpt.convert.model_to_flat), `hparams` OpenAI's keys
+  `flat` holds OpenAI-named tensors (gpt.formats.convert.model_to_flat), `hparams` OpenAI's keys
   (n_vocab, n_ctx, n_embd, n_head, n_layer). The tokenizer files are written beside the weights.
   """
   from safetensors.numpy import save_file
@@ -135,6 +143,7 @@ def export_hf(flat: dict[str, np.ndarray], hparams: dict, tokenizer, out_dir: st
   tensors = {_openai_to_hf_name(k): np.ascontiguousarray(v, dtype=np.float32) for k, v in flat.items()}
   tmp = out / "model.safetensors.tmp"
   save_file(tensors, str(tmp), metadata={"format": "pt"})
+  _permissions_like_open(tmp)
   os.replace(tmp, out / "model.safetensors")
   config = {
       "architectures": ["GPT2LMHeadModel"], "model_type": "gpt2",

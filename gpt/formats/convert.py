@@ -1,4 +1,4 @@
-"""Renames between our parameter tree and OpenAI's flat checkpoint names.
+"""Renames between our parameter tree and OpenAI's flat checkpoint names, and the shape fields.
 
 The interchange form is a flat dict of numpy arrays keyed by OpenAI's names without the `model/`
 prefix: `wte`, `wpe`, `h0/ln_1/g`, `h0/attn/c_attn/w` ([n_in, n_out]), ..., `ln_f/b`. Every
@@ -17,6 +17,10 @@ from flax import nnx
 from gpt.errors import GPTError
 from gpt.model import GPT, GPTConfig, abstract_model
 
+# The fields of a model config that a checkpoint fixes (OpenAI's hparams.json keys); everything else
+# (dtypes, dropout, scan, remat, the attention kernel) is the run's choice.
+SHAPE_FIELDS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
+
 # Per-layer parameter names and their shapes as functions of n_embd (d).
 LAYER_PARAMS = {
     "ln_1/g": lambda d: (d,), "ln_1/b": lambda d: (d,),
@@ -26,11 +30,15 @@ LAYER_PARAMS = {
     "mlp/c_fc/w": lambda d: (d, 4 * d), "mlp/c_fc/b": lambda d: (4 * d,),
     "mlp/c_proj/w": lambda d: (4 * d, d), "mlp/c_proj/b": lambda d: (d,),
 }
-_LAYER_NAME = re.compile(r"^h(\d+)/(.+)$")
 
 
 class WeightsError(GPTError):
   """A checkpoint that does not fit the model: missing, unexpected or wrongly shaped tensors."""
+
+
+def hparams_of(cfg: GPTConfig) -> dict[str, int]:
+  """OpenAI's hparams.json (the shape fields) for a model config."""
+  return {k: int(getattr(cfg, k)) for k in SHAPE_FIELDS}
 
 
 def expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
@@ -102,14 +110,6 @@ def model_to_flat(model: GPT) -> dict[str, np.ndarray]:
     for i in range(stacked.shape[0]):
       flat[f"h{i}/{name}"] = np.ascontiguousarray(stacked[i])
   return flat
-
-
-def config_from_flat(flat: dict[str, np.ndarray], n_head: int, **overrides) -> GPTConfig:
-  """Infers n_vocab, n_ctx, n_embd and n_layer from tensor shapes (n_head must be given)."""
-  layers = {int(m.group(1)) for k in flat if (m := _LAYER_NAME.match(k))}
-  n_vocab, n_embd = np.shape(flat["wte"])
-  return GPTConfig(n_vocab=n_vocab, n_ctx=np.shape(flat["wpe"])[0], n_embd=n_embd, n_head=n_head,
-                   n_layer=len(layers), **overrides)
 
 
 def _natural(name: str):

@@ -6,7 +6,7 @@ A checkpoint `<prefix>` (OpenAI's is `model.ckpt`) is a TF "tensor bundle":
                                  each tensor name -> BundleEntryProto (dtype, shape, shard, offset,
                                  size, masked crc32c of the bytes)
   <prefix>.data-00000-of-00001   the raw little-endian tensor bytes, back to back
-The SSTable and protobuf plumbing lives in gpt/tf_table.py. The writer follows TF's BundleWriter
+The SSTable and protobuf plumbing lives in gpt/formats/tf_table.py. The writer follows TF's BundleWriter
 choices (keys and data in bytewise name order, proto3 field omission), so its output for the test
 fixture is byte for byte the files TensorFlow wrote.
 """
@@ -22,7 +22,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from gpt import tf_table as tt
+from gpt.formats import tf_table as tt
+from gpt.formats.convert import SHAPE_FIELDS
 from gpt.errors import GPTError
 
 _BUNDLE_VERSION = 1  # kTensorBundleVersion
@@ -226,14 +227,13 @@ def _read_hparams(path: Path) -> dict:
     raise GPTError(f"cannot read {path}: {e.strerror}") from None
   except json.JSONDecodeError as e:
     raise GPTError(f"{path} is not valid JSON: {e}") from None
-  keys = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
-  if not isinstance(hparams, dict) or not all(isinstance(hparams.get(k), int) for k in keys):
-    raise GPTError(f"{path} must be a JSON object with integer {', '.join(keys)}")
+  if not isinstance(hparams, dict) or not all(isinstance(hparams.get(k), int) for k in SHAPE_FIELDS):
+    raise GPTError(f"{path} must be a JSON object with integer {', '.join(SHAPE_FIELDS)}")
   return hparams
 
 
 def load_openai(folder: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
-  """(flat OpenAI-named tensors as gpt.convert uses them, hparams.json) from an OpenAI model folder.
+  """(flat OpenAI-named tensors as gpt.formats.convert uses them, hparams.json) from an OpenAI model folder.
 
   Strips the 'model/' scope and squeezes the conv1d kernels' leading 1 ([1, in, out] -> [in, out]).
   Shapes are checked against the hparams later, by convert.check_flat.
