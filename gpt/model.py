@@ -1,7 +1,7 @@
 """GPT-2 in Flax NNX, parameter for parameter the model OpenAI released, and its one forward pass.
 
 Parameter names follow OpenAI's checkpoint (`wte`, `wpe`, `h/ln_1/g`, `h/attn/c_attn/w`, ...,
-`ln_f/b`), so loading and exporting are renames (`gpt.convert`). The blocks are stored stacked:
+`ln_f/b`), so loading and exporting are renames (`gpt.formats.convert`). The blocks are stored stacked:
 every parameter under `h` has a leading `[n_layer]` axis, and the forward pass runs them with
 `lax.scan` (rolled, fast to compile) or fully unrolled (a little faster per step on CPU). Both
 layouts share one parameter tree, so checkpoints move freely between them.

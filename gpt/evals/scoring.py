@@ -114,14 +114,19 @@ class Scorer:
     self.n_ctx = model.cfg.n_ctx
     self.batch_size = batch_size
     self.max_buckets = max_buckets
-    self._trunk = jax.jit(functools.partial(_trunk, self.graphdef))
+    self._trunk_traces = 0
+    self._trunk = jax.jit(self._counted_trunk)
     self._head = jax.jit(functools.partial(_head, self.graphdef))
     self._lengths: set[int] = set()  # row lengths the trunk is compiled for
+
+  def _counted_trunk(self, *args):
+    self._trunk_traces += 1  # runs only while jit traces: once per new shape, i.e. per compile
+    return _trunk(self.graphdef, *args)
 
   @property
   def compiles(self) -> int:
     """Number of row lengths the trunk has been compiled for (the head's compiles are cheap)."""
-    return self._trunk._cache_size()
+    return self._trunk_traces
 
   def score(self, requests: Sequence[TokenRequest],
             desc: str | None = None) -> list[list[ContinuationScore]]:
