@@ -24,6 +24,7 @@ MODES = {
     "interactive": "gpt.generate:run_interactive",
     "eval": "gpt.evaluate:run",
     "attention": "gpt.attention_view:run",
+    "compile": "gpt.compile:run",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
