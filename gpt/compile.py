@@ -405,8 +405,14 @@ def format_search(rows: list[dict]) -> str:
 
 
 def devices_for(config: Any) -> list:
+  """The devices to compile for: the slice named by mesh.topology, or the local ones."""
   topology = str(config.mesh.get("topology", "") or "")
-  return topology_devices(topology) if topology else jax.devices()
+  if not topology:
+    return jax.devices()
+  if "JAX_PLATFORMS" not in os.environ:
+    # The host only traces and lowers: keep jax from opening a local TPU another run may be using.
+    jax.config.update("jax_platforms", "cpu")
+  return topology_devices(topology)
 
 
 def fit(config: Any, topology: str) -> dict:

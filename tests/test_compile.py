@@ -1,0 +1,176 @@
+"""Compile mode (gpt.compile): memory figures, fit verdicts, the search, and the sweep's --check_fit.
+
+The CPU tests compile a tiny model on the 8 fake CPU devices. The TPU tests need libtpu (the
+`[tpu]` extra): they skip without it, and fail under GPT_REQUIRE_SHARED=1 (as CI runs). A TPU
+compile of a real GPT-2 takes 10-60 s of CPU, so every compile is made once per module (fixtures)
+and shared through one Planner's cache.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from gpt import compile as aot
+from gpt import sharding
+from gpt.config import base_config, size_config
+from gpt.errors import GPTError
+from gpt.model import GPTConfig
+from gpt.train import build_programs
+
+
+def tiny_config():
+  c = base_config()
+  c.init = "scratch"
+  c.model.n_layer, c.model.n_embd, c.model.n_head, c.model.n_ctx = 2, 64, 2, 64
+  c.train.seq_len, c.train.batch_size = 32, 8
+  c.mesh.fsdp = 2
+  return c
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+  """compile mode's output (stdout, compile.json) for the tiny config on the local devices."""
+  import contextlib
+  import io
+
+  workdir = tmp_path_factory.mktemp("compile")
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    aot.run(tiny_config(), str(workdir))
+  return out.getvalue(), json.loads((workdir / "compile.json").read_text())
+
+
+def test_cpu_memory_equals_the_compiled_train_and_eval_steps(cpu_run):
+  stdout, result = cpu_run
+  config = tiny_config()
+  cfg = GPTConfig.from_config(config.model)
+  mesh = sharding.make_mesh(config.mesh)  # the mesh train builds
+  built = build_programs(config, cfg, mesh)
+  batch = jax.ShapeDtypeStruct((8, 33), np.int32, sharding=built.batch_sharding)
+  expected = {
+      "train": built.train_step.lower(built.abstract_state, batch).compile().memory_analysis(),
+      "eval": built.eval_step.lower(built.abstract_state.params, batch).compile().memory_analysis(),
+  }
+  assert [r["program"] for r in result["programs"]] == ["train", "eval"]
+  for row in result["programs"]:
+    ma, pc = expected[row["program"]], row["per_chip"]
+    assert row["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert pc["arguments"] == ma.argument_size_in_bytes
+    assert pc["temporaries"] == ma.temp_size_in_bytes
+    assert pc["outputs"] == ma.output_size_in_bytes and pc["aliased"] == ma.alias_size_in_bytes
+    total = (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
+             + ma.temp_size_in_bytes + ma.generated_code_size_in_bytes)
+    assert pc["total"] == total
+    # The breakdown of the arguments adds up to what the compiler counts.
+    assert pc["params"] + pc["opt_state"] + pc["batch"] == ma.argument_size_in_bytes
+    assert f"{aot.human_bytes(ma.temp_size_in_bytes):>12}" in stdout
+    assert f"{aot.human_bytes(total):>12}" in stdout
+  train = result["programs"][0]["per_chip"]
+  # fsdp=2 halves the 2-D weights; Adam holds two slots per parameter.
+  assert cfg.num_params() * 4 / 2 <= train["params"] < cfg.num_params() * 4
+  assert train["opt_state"] >= 2 * train["params"]
+  assert "multi-host: 8 chips on 1 host(s)" in stdout
+
+
+def test_impossible_setting_is_one_error_line(tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  proc = subprocess.run(
+      [sys.executable, "-m", "gpt.main", "--config=configs/tiny.py", "--config.mode=compile",
+       "--config.mesh.fsdp=2", "--config.train.batch_size=3", f"--workdir={tmp_path}"],
+      capture_output=True, text=True, env=env, cwd=aot.Path(__file__).resolve().parent.parent,
+      timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "train.batch_size=3 must be a multiple" in errors[0], proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_bad_topology_names_are_one_line_errors():
+  with pytest.raises(GPTError, match="expected <chip>:<chips per axis>"):
+    aot.topology_devices("v5litepod-16")
+
+
+def test_oom_message_figures():
+  msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+         "temporaries (368.73G) exceeds available HBM (15.75G).")
+  assert aot.parse_oom(msg) == {"needed": int(368.73 * 2 ** 30), "available": int(15.75 * 2 ** 30)}
+
+
+def test_remat_recompute_flops():
+  cfg = GPTConfig(n_layer=4, n_embd=64, n_head=2, n_ctx=64)
+  assert aot.recompute_flops_per_token(cfg.replace(remat="none"), 32) == 0
+  full = aot.recompute_flops_per_token(cfg.replace(remat="full"), 32)
+  # A block forward is a third of the blocks' training FLOPs (the head is not recomputed).
+  head = 6 * cfg.n_vocab * cfg.n_embd
+  assert full == pytest.approx((cfg.flops_per_token(32) - head) / 3, rel=1e-3)
+
+
+# --- TPU topologies (libtpu) ---
+
+
+def require_libtpu() -> None:
+  if not aot.libtpu_available():
+    reason = "needs libtpu to compile for TPU topologies (pip install -e '.[tpu]')"
+    if os.environ.get("GPT_REQUIRE_SHARED") == "1":
+      pytest.fail(f"GPT_REQUIRE_SHARED=1 but {reason}")
+    pytest.skip(reason)
+
+
+def xl_config():
+  c = size_config("1558M")
+  c.model.dtype = "bfloat16"
+  c.train.batch_size, c.train.seq_len = 32, 1024
+  c.mesh.fsdp = 16
+  c.mesh.topology = "v5e:4x4"
+  c.compile.search_limit = 5
+  return c
+
+
+@pytest.fixture(scope="module")
+def xl_planner():
+  require_libtpu()
+  config = xl_config()
+  return aot.Planner(config, aot.devices_for(config), "v5e:4x4")
+
+
+@pytest.mark.slow
+def test_124m_fits_v5e_2x2():
+  require_libtpu()
+  c = size_config("124M")
+  c.model.dtype = "bfloat16"
+  c.train.batch_size, c.train.seq_len = 16, 1024
+  c.mesh.topology = "v5e:2x2"
+  planner = aot.Planner(c, aot.devices_for(c), "v5e:2x2")
+  row = planner.compile(planner.configured(), ("train",))[0]
+  assert row["fits"] and row["chip"] == "v5e" and row["chips"] == 4 and row["hosts"] == 1
+  assert 0 < row["per_chip"]["total"] <= 16 * 2 ** 30
+  assert row["per_chip"]["temporaries"] > row["per_chip"]["params"]
+  assert row["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_1558m_v5e_4x4_fits_with_full_remat_not_without(xl_planner):
+  full = xl_planner.compile(aot.Setting("full", 16, 1), ("train",))[0]
+  assert full["fits"] and full["per_chip"]["total"] <= 16 * 2 ** 30
+  assert full["multihost"] == {"hosts": 4, "chips_per_host": 4, "rows_per_host": 8,
+                               "rows_per_chip_micro": 2}
+  none = xl_planner.compile(aot.Setting("none", 16, 1), ("train",))[0]
+  assert not none["fits"] and "RESOURCE_EXHAUSTED" in none["error"]
+  assert none["oom"]["needed"] > none["oom"]["available"] > 15 * 2 ** 30
+  assert "DOES NOT FIT" in aot.format_table(none)
+  # Recomputing costs FLOPs: the estimate ranks remat=none faster.
+  assert none["tokens_per_s"] > full["tokens_per_s"]
+
+
+@pytest.mark.slow
+def test_search_finds_a_fitting_setting_for_1558m_on_v5e_4x4(xl_planner):
+  ranked = xl_planner.search()
+  assert 1 <= len(ranked) <= 5
+  assert ranked[0]["fits"], aot.format_search(ranked)
+  assert all(r["fits"] for r in ranked[:sum(r["fits"] for r in ranked)])
