@@ -30,6 +30,8 @@ setup(
         "hf": ["torch>=2.3", "transformers>=4.44", "lm-eval>=0.4.3", "accelerate>=0.26"],
         "tfds": ["tensorflow-datasets>=4.9", "array-record>=0.5"],
         "gpu": ["jax[cuda12]>=0.4.35"],
+        # Compile mode for TPU slices on any machine (gpt.compile): libtpu from PyPI, no TPU needed.
+        "tpu": ["jax[tpu]>=0.4.35"],
         "plots": ["matplotlib>=3.8"],
         # experiments/sweep.py --engine=ray (a local ray.init() cluster or a real one).
         "sweep": ["ray>=2.9"],

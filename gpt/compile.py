@@ -432,9 +432,10 @@ def run(config: Any, workdir: str | None) -> None:
   planner = Planner(config, devices, topology)
   print(f"compiling for {topology or 'the local devices'}: {len(devices)} x {devices[0].device_kind} "
         f"on {planner.hosts} host(s); no weights are loaded, nothing is allocated", flush=True)
-  rows = planner.compile(planner.configured())
-  for row in rows:
-    print("\n" + format_table(row), flush=True)
+  rows = []
+  for program in ("train", "eval"):  # each table as soon as its program is compiled
+    rows += planner.compile(planner.configured(), (program,))
+    print("\n" + format_table(rows[-1]), flush=True)
   print("\n" + format_multihost(rows[0]))
   result = {"topology": topology or "local", "jax": jax.__version__, "programs": rows}
   if config.compile.search:
