@@ -75,7 +75,7 @@ def main(argv: list[str]) -> None:
   for i in picked:
     path, topology, o = CASES[i]
     config = case_config(path, topology, o)
-    planner = aot.Planner(config, aot.devices_for(config), topology)
+    planner = aot.Planner(config, aot.devices_for(topology), topology)
     wall, cpu = time.perf_counter(), cpu_seconds()
     row = planner.compile(planner.configured(), ("train",))[0]
     wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu

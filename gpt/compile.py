@@ -69,7 +69,7 @@ TPU_CHIPS = {
 }
 TOPOLOGY_RE = re.compile(r"^(v4|v5e|v5p|v6e):\d+(x\d+){1,2}$")
 TOPOLOGY_EXAMPLES = "v5e:2x2, v5e:4x4, v4:2x2x4, v5p:2x2x2, v6e:4x4"
-REMATS = ("none", "dots", "full")  # the search's policies, fastest first
+REMAT_ORDER = ("none", "dots", "dots_no_batch", "full")  # least recomputation (fastest) first
 
 
 def libtpu_available() -> bool:
@@ -304,12 +304,17 @@ def search_settings(planner: Planner, limit: int):
     raise GPTError(f"train.batch_size={config.train.batch_size} must be a multiple of the "
                    f"{n // tensor} data-parallel chips for the search")
   accums = divisors(rows)[:4]
+  remats = [r.strip() for r in str(config.compile.search_remat).split(",") if r.strip()]
+  unknown = [r for r in remats if r not in REMAT_ORDER]
+  if unknown or not remats:
+    raise GPTError(f"compile.search_remat={config.compile.search_remat!r}: a comma-separated "
+                   f"list of {', '.join(REMAT_ORDER)}")
   count = 0
 
   def fits(s: Setting) -> bool:
     return planner.compile(s, ("train",))[0]["fits"]
 
-  for remat in REMATS:
+  for remat in sorted(set(remats), key=REMAT_ORDER.index):
     for accum in accums:
       if count >= limit:
         return
@@ -404,9 +409,8 @@ def format_search(rows: list[dict]) -> str:
   return "\n".join(out)
 
 
-def devices_for(config: Any) -> list:
-  """The devices to compile for: the slice named by mesh.topology, or the local ones."""
-  topology = str(config.mesh.get("topology", "") or "")
+def devices_for(topology: str) -> list:
+  """The devices to compile for: the TPU slice named `topology`, or the local ones when empty."""
   if not topology:
     return jax.devices()
   if "JAX_PLATFORMS" not in os.environ:
@@ -416,10 +420,8 @@ def devices_for(config: Any) -> list:
 
 
 def fit(config: Any, topology: str) -> dict:
-  """The train-step row of `config` on `topology` (for sweeps' --check_fit)."""
-  with config.unlocked():
-    config.mesh.topology = topology
-  planner = Planner(config, devices_for(config), topology)
+  """The train-step row of `config` on TPU slice `topology` (for sweeps' --check_fit)."""
+  planner = Planner(config, devices_for(topology), topology)
   return planner.compile(planner.configured(), ("train",))[0]
 
 
@@ -428,7 +430,7 @@ def run(config: Any, workdir: str | None) -> None:
   topology = str(config.mesh.topology or "")
   if not 0 < float(config.compile.mfu) <= 1:
     raise GPTError(f"compile.mfu={config.compile.mfu} must be in (0, 1]")
-  devices = devices_for(config)
+  devices = devices_for(topology)
   planner = Planner(config, devices, topology)
   print(f"compiling for {topology or 'the local devices'}: {len(devices)} x {devices[0].device_kind} "
         f"on {planner.hosts} host(s); no weights are loaded, nothing is allocated", flush=True)

@@ -254,6 +254,8 @@ def base_config() -> ml_collections.ConfigDict:
   cp.search = False
   # Most compiles the search may run (each takes seconds to minutes on a CPU).
   cp.search_limit = 12
+  # Remat policies the search tries (comma-separated; tried from least recomputation up).
+  cp.search_remat = "none,dots,full"
 
   c.attention = av = ml_collections.ConfigDict()
   # Text whose attention is shown (`--config.mode=attention`).

@@ -128,7 +128,10 @@ def xl_config():
   c.train.batch_size, c.train.seq_len = 32, 1024
   c.mesh.fsdp = 16
   c.mesh.topology = "v5e:4x4"
-  c.compile.search_limit = 5
+  # The search tries remat none, then full: none at fsdp=16 (the most sharded) is one fast
+  # out-of-memory compile per grad_accum, and full at fsdp=16 is the fixture's compile (cached).
+  c.compile.search_remat = "full,none"
+  c.compile.search_limit = 3
   return c
 
 
@@ -136,7 +139,7 @@ def xl_config():
 def xl_planner():
   require_libtpu()
   config = xl_config()
-  return aot.Planner(config, aot.devices_for(config), "v5e:4x4")
+  return aot.Planner(config, aot.devices_for("v5e:4x4"), "v5e:4x4")
 
 
 @pytest.mark.slow
@@ -146,7 +149,7 @@ def test_124m_fits_v5e_2x2():
   c.model.dtype = "bfloat16"
   c.train.batch_size, c.train.seq_len = 16, 1024
   c.mesh.topology = "v5e:2x2"
-  planner = aot.Planner(c, aot.devices_for(c), "v5e:2x2")
+  planner = aot.Planner(c, aot.devices_for("v5e:2x2"), "v5e:2x2")
   row = planner.compile(planner.configured(), ("train",))[0]
   assert row["fits"] and row["chip"] == "v5e" and row["chips"] == 4 and row["hosts"] == 1
   assert 0 < row["per_chip"]["total"] <= 16 * 2 ** 30
@@ -171,6 +174,34 @@ def test_1558m_v5e_4x4_fits_with_full_remat_not_without(xl_planner):
 @pytest.mark.slow
 def test_search_finds_a_fitting_setting_for_1558m_on_v5e_4x4(xl_planner):
   ranked = xl_planner.search()
-  assert 1 <= len(ranked) <= 5
-  assert ranked[0]["fits"], aot.format_search(ranked)
-  assert all(r["fits"] for r in ranked[:sum(r["fits"] for r in ranked)])
+  table = aot.format_search(ranked)
+  tried = [(r["remat"], r["mesh"]["fsdp"], r["grad_accum"]) for r in ranked]
+  # none: grad_accum 1 and 2 (2 rows per chip) do not fit at fsdp=16, so no smaller fsdp is
+  # tried; full fits at fsdp=16 and is ranked first.
+  assert tried == [("full", 16, 1), ("none", 16, 1), ("none", 16, 2)], table
+  assert ranked[0]["fits"] and not any(r["fits"] for r in ranked[1:]), table
+  assert "| 1 | full | 16 | 1 | 1 |" in table
+
+
+@pytest.mark.slow
+def test_sweep_check_fit_reports_points_that_do_not_fit_before_launching(tmp_path):
+  require_libtpu()
+  repo = aot.Path(__file__).resolve().parent.parent
+  marker = tmp_path / "launched"
+  sweep_file = tmp_path / "fit.py"
+  # A 1-layer model: batch 8 fits a v5e:2x2; 32768 rows (8192 per chip) need ~50 GiB of logits.
+  sweep_file.write_text(
+      f"base = {str(repo / 'configs/tiny.py')!r}\n"
+      "fixed = {'model.n_layer': 1, 'model.n_embd': 64, 'model.n_head': 2, 'model.n_ctx': 64,\n"
+      "         'train.seq_len': 32}\n"
+      "product = {'train.batch_size': [8, 32768]}\n"
+      f"program = [{sys.executable!r}, '-c', 'open({str(marker)!r}, \"w\")']\n")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run(
+      [sys.executable, "experiments/sweep.py", str(sweep_file), f"--workdir={tmp_path / 'runs'}",
+       "--check_fit=v5e:2x2"], capture_output=True, text=True, env=env, cwd=repo, timeout=900)
+  assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
+  assert "batch_size=8: fits on v5e:2x2" in proc.stdout
+  assert "batch_size=32768: DOES NOT FIT on v5e:2x2" in proc.stdout
+  assert "1 point(s) do not fit on v5e:2x2: batch_size=32768; nothing was launched" in proc.stdout
+  assert not marker.exists()
