@@ -33,6 +33,8 @@ setup(
         # Compile mode for TPU slices on any machine (gpt.compile): libtpu from PyPI, no TPU needed.
         "tpu": ["jax[tpu]>=0.4.35"],
         "plots": ["matplotlib>=3.8"],
+        # experiments/bench_decode.py's CTranslate2 columns (the CPU decoding engine to beat).
+        "bench": ["ctranslate2>=4.0"],
         # experiments/sweep.py --engine=ray (a local ray.init() cluster or a real one).
         "sweep": ["ray>=2.9"],
     },

@@ -12,6 +12,10 @@ run that compiles. Columns:
   GPT.decode   the same sampler over gpt.model's own cached forward (lax.scan over stacked layers)
   HF           transformers GPT2LMHeadModel.generate(do_sample=True, top_k=40), PyTorch, KV cache
                (skipped with a note when torch/transformers are not installed: pip install .[hf])
+  CT2 <type>   CTranslate2's Generator (generate_batch, sampling_topk=40, exactly `--new` tokens) on
+               the same weights exported to Hugging Face form and converted by its converter, one
+               column per `--ct2` compute type (float32, int8, ...; skipped with a note when
+               ctranslate2 is not installed: pip install .[bench])
   roofline     batch / (bytes read per step / bandwidth): every weight once per step plus each
                row's filled KV cache (averaged over the run), at two measured bandwidths: "copy"
                (best of a numpy copy and an XLA in-place update, read + write bytes counted, as the
@@ -170,7 +174,7 @@ class MatmulsOnly:
 class HuggingFace:
   """transformers' GPT2LMHeadModel.generate with sampling and its KV cache."""
 
-  def __init__(self, cfg: GPTConfig, batch: int, new: int):
+  def __init__(self, cfg: GPTConfig, batch: int, new: int, device: str = "cpu"):
     import torch
     import transformers
 
@@ -178,8 +182,9 @@ class HuggingFace:
     hf_cfg = transformers.GPT2Config(n_embd=cfg.n_embd, n_layer=cfg.n_layer, n_head=cfg.n_head,
                                      n_positions=cfg.n_ctx, vocab_size=cfg.n_vocab)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    self.model = transformers.GPT2LMHeadModel(hf_cfg).to(dtype).eval()
-    self.prompt = torch.full((batch, 1), EOT, dtype=torch.long)
+    with torch.device(device):  # initialised where it runs (a 1542M on the GPU in seconds)
+      self.model = transformers.GPT2LMHeadModel(hf_cfg).to(dtype).eval()
+    self.prompt = torch.full((batch, 1), EOT, dtype=torch.long, device=device)
     self.new = new
 
   def __call__(self) -> np.ndarray:
@@ -187,7 +192,47 @@ class HuggingFace:
       out = self.model.generate(self.prompt, attention_mask=self.torch.ones_like(self.prompt),
                                 do_sample=True, top_k=40, max_new_tokens=self.new,
                                 min_new_tokens=self.new, pad_token_id=EOT)
-    return out[:, 1:].numpy()
+    return out[:, 1:].cpu().numpy()
+
+
+class CTranslate2:
+  """CTranslate2 (the engine people pick to run GPT-2 fast on a CPU) on our weights: exported with
+  gpt.weights.export_hf, converted once per shape by its TransformersConverter."""
+
+  converted: dict = {}  # (n_layer, n_embd, n_head) -> converted model folder, shared by rows
+
+  def __init__(self, cfg: GPTConfig, batch: int, new: int, compute_type: str):
+    import tempfile
+
+    import ctranslate2
+    from ctranslate2.converters import TransformersConverter
+    from gpt.tokenizer import get_tokenizer
+    from gpt.weights import export_hf
+
+    key = (cfg.n_layer, cfg.n_embd, cfg.n_head)
+    if key not in CTranslate2.converted:
+      hf_dir, ct2_dir = tempfile.mkdtemp(prefix="bench_hf_"), tempfile.mkdtemp(prefix="bench_ct2_")
+      export_hf(init_model(cfg.replace(dtype="float32", param_dtype="float32")), get_tokenizer(), hf_dir)
+      TransformersConverter(hf_dir).convert(ct2_dir, force=True)
+      CTranslate2.converted[key] = ct2_dir
+    self.generator = ctranslate2.Generator(CTranslate2.converted[key], device="cpu",
+                                           compute_type=compute_type, intra_threads=os.cpu_count())
+    self.prompt = [["<|endoftext|>"]] * batch
+    self.new = new
+
+  def __call__(self) -> np.ndarray:
+    results = self.generator.generate_batch(self.prompt, max_length=self.new, min_length=self.new,
+                                            sampling_topk=40, include_prompt_in_result=False)
+    return np.array([r.sequences_ids[0] for r in results])
+
+
+def ct2_available() -> str | None:
+  """None if ctranslate2 imports, else why its columns are skipped."""
+  try:
+    import ctranslate2  # noqa: F401
+  except ImportError as e:
+    return f"CTranslate2 columns skipped: {e} (pip install .[bench])"
+  return None
 
 
 def hf_available() -> str | None:
@@ -226,10 +271,16 @@ def main():
   parser.add_argument("--no_model_decode", action="store_true", help="skip the GPT.decode column")
   parser.add_argument("--profile", action="store_true", help="trace one run of each config")
   parser.add_argument("--no_hf", action="store_true", help="skip the Hugging Face column")
+  parser.add_argument("--ct2", default="float32,int8",
+                      help="CTranslate2 compute types, one column each ('' = none)")
   args = parser.parse_args()
 
   n_layer, n_embd, n_head = MODEL_SIZES[canonical_model_name(args.model)]
   skip_hf = "HF column skipped: --no_hf" if args.no_hf else hf_available()
+  ct2_types = [t for t in args.ct2.split(",") if t]
+  skip_ct2 = ct2_available() if ct2_types else None
+  if ct2_types and (skip_ct2 or skip_hf):  # its converter needs transformers too
+    skip_ct2, ct2_types = skip_ct2 or "CTranslate2 columns skipped: its converter needs [hf]", []
   bandwidth = measure_bandwidth()
   copy_bw = max(v for k, v in bandwidth.items() if k.startswith("copy"))
   read_bw = max(v for k, v in bandwidth.items() if k.startswith("read"))
@@ -242,6 +293,8 @@ def main():
       methods["GPT.decode"] = Ours(cfg, batch, args.new, model_decode=True)
     if not skip_hf:
       methods["HF"] = HuggingFace(cfg, batch, args.new)
+    for compute_type in ct2_types:
+      methods[f"CT2 {compute_type}"] = CTranslate2(cfg, batch, args.new, compute_type)
     for name, run in methods.items():  # warm-up: compile, and check the shapes
       expected = (batch, 1, n_embd) if name == "matmuls" else (batch, args.new)
       assert run().shape == expected, name
@@ -258,6 +311,7 @@ def main():
         times[(key, name)].append(time.perf_counter() - start)
 
   names = ["ours", "matmuls"] + ([] if args.no_model_decode else ["GPT.decode"]) + ([] if skip_hf else ["HF"])
+  names += [f"CT2 {t}" for t in ct2_types]
   rate = lambda key, name: [key[1] * args.new / t for t in times[(key, name)]]
   print(f"\n{args.model} architecture, {args.new} new tokens after a 1-token prompt, top-k 40, "
         f"median of {args.repeats} (best). Device: {jax.devices()[0].device_kind}, "
@@ -267,8 +321,9 @@ def main():
         f"({read_bw / 1e9:.1f} GB/s).\n")
   head = " | ".join(f"{n} tok/s" for n in names)
   print(f"| weights | batch | {head} | roofline (copy) | ours / roofline (copy) | roofline (read) | "
-        f"ours / roofline (read) |" + (" ours / HF |" if not skip_hf else ""))
-  print("|---|---|" + "---|" * (len(names) + 4 + (not skip_hf)))
+        f"ours / roofline (read) |" + (" ours / HF |" if not skip_hf else "")
+        + "".join(f" ours / CT2 {t} |" for t in ct2_types))
+  print("|---|---|" + "---|" * (len(names) + 4 + (not skip_hf) + len(ct2_types)))
   for key, (cfg, _) in runners.items():
     cells = [f"{statistics.median(rate(key, n)):.1f} ({max(rate(key, n)):.1f})" for n in names]
     ours = statistics.median(rate(key, "ours"))
@@ -279,9 +334,12 @@ def main():
     line += " |"
     if not skip_hf:
       line += f" {ours / statistics.median(rate(key, 'HF')):.2f}x |"
+    for t in ct2_types:
+      line += f" {ours / statistics.median(rate(key, f'CT2 {t}')):.2f}x |"
     print(line)
-  if skip_hf:
-    print(f"\n{skip_hf}")
+  for note in (skip_hf, skip_ct2):
+    if note:
+      print(f"\n{note}")
   if args.profile:
     for key, (_, methods) in runners.items():
       print(f"\n## {key[0]} batch {key[1]}: ours")

@@ -36,25 +36,55 @@ def parse_args() -> argparse.Namespace:
   return p.parse_args()
 
 
-def main() -> None:
-  args = parse_args()
-  try:
-    import torch
-    from lm_eval.api.instance import Instance
-    from lm_eval.models.huggingface import HFLM
-  except ImportError as e:
-    raise SystemExit(f"error: needs torch, transformers and lm-eval ({e}); "
-                     f"pip install torch transformers lm-eval accelerate")
+def time_task(name: str, data_dir: Path, examples: int, batch: int, model, tokenizer, harness,
+              reps: int, max_buckets: int) -> dict:
+  """Zero-shot examples/s of task `name`: ours (gpt.evals.runner.evaluate) and lm-eval's `harness`
+  (HFLM.loglikelihood) on the same first `examples` items, best of `reps` interleaved runs, after
+  an untimed pass of ours that compiles. Also the largest |log-likelihood difference|."""
+  from lm_eval.api.instance import Instance
   from gpt.evals import get_task
   from gpt.evals.base import Format, assemble
   from gpt.evals.runner import evaluate
   from gpt.evals.scoring import Scorer
+
+  task, fmt = get_task(name), Format()
+  data = task.load(data_dir)
+  docs = data.docs[:examples]
+  instances = [Instance("loglikelihood", {}, (assemble(req.demos, req.query, fmt), cont), 0)
+               for doc in docs for req in task.requests(doc, [], fmt) for cont in req.continuations]
+  scorer = Scorer(model, batch_size=batch, max_buckets=max_buckets)
+  start = time.perf_counter()
+  result = evaluate(task, data, scorer, tokenizer, 0, fmt, limit=examples, keep_examples=True)
+  first = time.perf_counter() - start
+  ours, theirs = [], []
+  for _ in range(reps):
+    start = time.perf_counter()
+    evaluate(task, data, scorer, tokenizer, 0, fmt, limit=examples)
+    ours.append(time.perf_counter() - start)
+    harness.batch_size_per_gpu = batch
+    start = time.perf_counter()
+    their_scores = harness.loglikelihood(instances, disable_tqdm=True)
+    theirs.append(time.perf_counter() - start)
+  mine = [c["logprob"] for e in result.examples for r in e["scores"] for c in r]
+  diff = float(np.max(np.abs(np.array(mine) - [ll for ll, _ in their_scores])))
+  return {"ours": len(docs) / min(ours), "theirs": len(docs) / min(theirs), "first": first,
+          "compiles": scorer.compiles, "max_diff": diff}
+
+
+def main() -> None:
+  args = parse_args()
+  try:
+    import torch
+    from lm_eval.models.huggingface import HFLM
+  except ImportError as e:
+    raise SystemExit(f"error: needs torch, transformers and lm-eval ({e}); "
+                     f"pip install torch transformers lm-eval accelerate")
   from gpt.model import GPTConfig, init_model
   from gpt.tokenizer import get_tokenizer
   from gpt.weights import export_hf
 
   cfg = GPTConfig(scan_layers=bool(args.scan_layers))  # 117M: 12 layers, 768 wide, 1024 context
-  model, tokenizer, fmt = init_model(cfg, seed=0), get_tokenizer(), Format()
+  model, tokenizer = init_model(cfg, seed=0), get_tokenizer()
   folder = Path(tempfile.mkdtemp(prefix="bench_eval_hf_"))
   export_hf(model, tokenizer, folder)
   harness = HFLM(pretrained=str(folder), device="cpu", dtype="float32", batch_size=8)
@@ -62,33 +92,13 @@ def main() -> None:
 
   rows, checks = [], []
   for name in args.tasks.split(","):
-    task = get_task(name)
-    data = task.load(Path(args.data_dir))
-    docs = data.docs[:args.examples]
-    instances, n_conts = [], 0
-    for doc in docs:
-      for req in task.requests(doc, [], fmt):
-        for cont in req.continuations:
-          instances.append(Instance("loglikelihood", {}, (assemble(req.demos, req.query, fmt), cont), 0))
     for batch in batches:
-      scorer = Scorer(model, batch_size=batch, max_buckets=args.max_buckets)
-      start = time.perf_counter()
-      result = evaluate(task, data, scorer, tokenizer, 0, fmt, limit=args.examples, keep_examples=True)
-      first = time.perf_counter() - start
-      ours, theirs = [], []
-      for _ in range(args.reps):
-        start = time.perf_counter()
-        evaluate(task, data, scorer, tokenizer, 0, fmt, limit=args.examples)
-        ours.append(time.perf_counter() - start)
-        harness.batch_size_per_gpu = batch
-        start = time.perf_counter()
-        their_scores = harness.loglikelihood(instances, disable_tqdm=True)
-        theirs.append(time.perf_counter() - start)
-      mine = [c["logprob"] for e in result.examples for r in e["scores"] for c in r]
-      checks.append(float(np.max(np.abs(np.array(mine) - [ll for ll, _ in their_scores]))))
-      rows.append((name, batch, len(docs) / min(ours), len(docs) / min(theirs), first, scorer.compiles))
-      print(f"{name} batch {batch}: ours {rows[-1][2]:.2f} ex/s, lm-eval {rows[-1][3]:.2f} ex/s "
-            f"(first pass {first:.1f} s, {scorer.compiles} compiles)", flush=True)
+      r = time_task(name, Path(args.data_dir), args.examples, batch, model, tokenizer, harness,
+                    args.reps, args.max_buckets)
+      checks.append(r["max_diff"])
+      rows.append((name, batch, r["ours"], r["theirs"], r["first"], r["compiles"]))
+      print(f"{name} batch {batch}: ours {r['ours']:.2f} ex/s, lm-eval {r['theirs']:.2f} ex/s "
+            f"(first pass {r['first']:.1f} s, {r['compiles']} compiles)", flush=True)
 
   print(f"\nMachine: {platform.machine()}, {torch.get_num_threads()} torch threads; model: 117M "
         f"architecture, random weights, float32, scan_layers={cfg.scan_layers}, max_buckets="

@@ -1,14 +1,17 @@
 """Training throughput: gpt's jitted train step beside a PyTorch reference, in one process.
 
-  python experiments/bench_train.py                       # 30M and tiny shapes, f32 and bf16
+  python experiments/bench_train.py                       # the chapter's 117M step, then 30M
+  python experiments/bench_train.py --shapes=30m,tiny --rounds=5
   python experiments/bench_train.py --shapes=117m --rounds=3
   python experiments/bench_train.py --profile              # + where a jax step spends its time
   XLA_FLAGS=--xla_cpu_use_onednn=true python experiments/bench_train.py --shapes=30m
 
 Every row is one (shape, implementation) pair doing the same work per step: forward, backward,
 global-norm clipping at 1.0 and an AdamW update on a GPT-2 with a tied LM head and the GPT-2
-vocabulary (50257). gpt runs `gpt.train_step` jitted on one device (no sharding); the reference is
-transformers' GPT2LMHeadModel with torch.optim.AdamW in eager mode (bf16 rows under
+vocabulary (50257). The `chapter` shape is the job the README's one command runs
+(configs/117m.py: 117M, context 1024, batch 1, Adam at 2e-5 without weight decay, clipping at 1.0),
+so both frameworks use that optimizer there. gpt runs `gpt.train_step` jitted on one device (no sharding); the reference is
+transformers' GPT2LMHeadModel with torch.optim's Adam/AdamW in eager mode (bf16 rows under
 torch.autocast). Rows are measured round-robin (`--rounds` rounds of `--steps` timed steps each)
 so a shared machine's load hits every row alike; the table reports the median step time, and
 "vs torch f32" is the median over rounds of (torch f32 step time / this row's step time) measured
@@ -25,6 +28,7 @@ import argparse
 import os
 import platform
 import resource
+import runpy
 import statistics
 import sys
 import time
@@ -49,11 +53,26 @@ import numpy as np  # noqa: E402
 
 # name -> (n_layer, n_embd, n_head, seq_len, batch)
 SHAPES = {
+    "chapter": (12, 768, 12, 1024, 1),
     "tiny": (4, 256, 4, 128, 8),
     "30m": (6, 384, 6, 256, 8),
     "117m": (12, 768, 12, 128, 4),
 }
 VOCAB = 50257
+# Shapes whose optimizer is configs/117m.py's (Adam, no weight decay) rather than AdamW 0.1.
+CHAPTER_SHAPES = ("chapter",)
+
+
+def train_section(shape_name: str):
+  """The `train` config section the jax row uses (the torch row mirrors it): configs/117m.py's
+  for the chapter shape, AdamW with weight decay 0.1 otherwise."""
+  if shape_name in CHAPTER_SHAPES:
+    path = Path(__file__).resolve().parent.parent / "configs" / "117m.py"
+    return runpy.run_path(str(path))["get_config"]().train
+  from gpt.config import base_config
+  t = base_config().train
+  t.update(optimizer="adamw", learning_rate=1e-4, weight_decay=0.1, grad_clip=1.0)
+  return t
 
 
 def matmul_peak_jax(dtype=jnp.float32, n: int = 2048, reps: int = 5) -> float:
@@ -86,34 +105,49 @@ def _timed(fn: Callable[[], object]) -> float:
 VARIANT_OPTIONS = {"eigen": {"xla_cpu_experimental_ynn_fusion_type": ""}}
 
 
-def jax_runner(shape, dtype: str, scan: bool, seed: int = 0, options: dict | None = None):
-  """(compile seconds, step()) for gpt's train step at `shape`, compiled with XLA `options`."""
+def train_program(shape, dtype: str, scan: bool, seed: int = 0, train=None, abstract: bool = False,
+                  **model_fields):
+  """(jitted step, state, batch) of gpt's train step at `shape` on one device.
+
+  `train` is the config's train section (default: train_section("")); `model_fields` go to
+  GPTConfig (e.g. remat, or the attention kernel on a GPU). With `abstract`, state and batch are
+  ShapeDtypeStructs: the step can be compiled (and its memory analysed) with nothing allocated.
+  """
   from flax import nnx
   from gpt import optim, sharding
   from gpt.config import base_config
-  from gpt.model import GPTConfig, init_model
+  from gpt.model import GPTConfig, abstract_model, init_model
   from gpt.train_step import create_state, jit_train_step
 
   L, D, H, T, B = shape
   cfg = GPTConfig(n_vocab=VOCAB, n_ctx=T, n_embd=D, n_head=H, n_layer=L, dtype=dtype,
-                  scan_layers=scan)
-  model = init_model(cfg, seed)
+                  scan_layers=scan, **model_fields)
+  model = abstract_model(cfg) if abstract else init_model(cfg, seed)
   graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  t = base_config().train
-  t.update(optimizer="adamw", learning_rate=1e-4, weight_decay=0.1, grad_clip=1.0)
+  t = train_section("") if train is None else train
   tx, schedule = optim.make_optimizer(t, params), optim.learning_rate_schedule(t)
   mesh_cfg = base_config().mesh
   mesh_cfg.data = 1
   mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:1])
   rep = sharding.replicated(mesh)
-  psh = jax.tree.map(lambda _: rep, params)
-  state = create_state(params, tx, seed)
+  if abstract:
+    state = jax.eval_shape(lambda p: create_state(p, tx, seed), params)
+    batch = jax.ShapeDtypeStruct((B, T + 1), jnp.int32)
+  else:
+    state = create_state(params, tx, seed)
+    batch = jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, (B, T + 1)), jnp.int32)
   ssh = jax.tree.map(lambda _: rep, state)
   step = jit_train_step(graphdef, tx, schedule, grad_accum=1, noise=0.0, dropout=False,
                         state_sharding=ssh, batch_sharding=rep, micro_sharding=None,
                         scalar_sharding=rep)
-  del psh
-  batch = jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, (B, T + 1)), jnp.int32)
+  return step, state, batch
+
+
+def jax_runner(shape, dtype: str, scan: bool, seed: int = 0, options: dict | None = None,
+               train=None, **model_fields):
+  """(compile seconds, step()) for gpt's train step at `shape`, compiled with XLA `options`
+  (other arguments as train_program)."""
+  step, state, batch = train_program(shape, dtype, scan, seed, train, **model_fields)
   t0, c0 = time.perf_counter(), _cpu_seconds()
   compiled = step.lower(state, batch).compile(compiler_options=options or None)
   compile_s = (time.perf_counter() - t0, _cpu_seconds() - c0)
@@ -127,28 +161,38 @@ def jax_runner(shape, dtype: str, scan: bool, seed: int = 0, options: dict | Non
   return compile_s, run
 
 
-def torch_runner(torch, shape, dtype: str, seed: int = 0):
-  """(0, step()) for transformers' GPT2LMHeadModel + AdamW at `shape`, eager."""
+def torch_runner(torch, shape, dtype: str, seed: int = 0, train=None, device: str = "cpu"):
+  """(None, step()) for transformers' GPT2LMHeadModel at `shape`, eager, with the optimizer of
+  `train` (Adam or AdamW, as the jax row; default train_section(""))."""
   from transformers import GPT2Config, GPT2LMHeadModel
 
   L, D, H, T, B = shape
   torch.manual_seed(seed)
   config = GPT2Config(vocab_size=VOCAB, n_positions=T, n_embd=D, n_layer=L, n_head=H,
                       resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-  model = GPT2LMHeadModel(config).train()
-  opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.1)
-  batch = torch.from_numpy(np.random.default_rng(seed).integers(0, VOCAB, (B, T + 1)))
+  model = GPT2LMHeadModel(config).to(device).train()
+  t = train_section("") if train is None else train
+  betas, eps = (float(t.b1), float(t.b2)), float(t.eps)
+  if t.optimizer == "adamw":
+    opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=betas, eps=eps,
+                            weight_decay=t.weight_decay)
+  else:  # configs/117m.py: plain Adam
+    opt = torch.optim.Adam(model.parameters(), lr=t.learning_rate, betas=betas, eps=eps)
+  batch = torch.from_numpy(np.random.default_rng(seed).integers(0, VOCAB, (B, T + 1))).to(device)
   x, y = batch[:, :-1], batch[:, 1:]
   amp = dtype == "bfloat16"
+  kind = "cuda" if device.startswith("cuda") else "cpu"
 
   def run():
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+    with torch.autocast(kind, dtype=torch.bfloat16, enabled=amp):
       logits = model(x).logits
     loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, VOCAB), y.reshape(-1))
     loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), float(t.grad_clip))
     opt.step()
     opt.zero_grad(set_to_none=True)
+    if kind == "cuda":
+      torch.cuda.synchronize()
 
   return None, run
 
@@ -163,7 +207,7 @@ def profile_step(run, top: int = 12) -> None:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--shapes", default="30m,tiny", help=f"comma list of {sorted(SHAPES)}")
+  parser.add_argument("--shapes", default="chapter,30m", help=f"comma list of {sorted(SHAPES)}")
   parser.add_argument("--impls", default="jax-f32-scan,jax-f32-unrolled,jax-f32-scan-eigen,"
                       "jax-bf16-scan,torch-f32,torch-bf16",
                       help="framework-dtype[-scan|-unrolled][-eigen] names")
@@ -197,8 +241,9 @@ def main() -> None:
       options = {}
       for v in variant:
         options.update(VARIANT_OPTIONS.get(v, {}))
-      runners[impl] = (jax_runner(shape, dtype, scan="scan" in variant, options=options)
-                       if framework == "jax" else torch_runner(torch, shape, dtype))
+      train = train_section(name)
+      runners[impl] = (jax_runner(shape, dtype, scan="scan" in variant, options=options, train=train)
+                       if framework == "jax" else torch_runner(torch, shape, dtype, train=train))
     for _, run in runners.values():  # warm-up step
       run()
     times = {impl: [] for impl in runners}

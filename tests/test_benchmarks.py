@@ -90,3 +90,13 @@ def test_train_benchmark_profile_as_a_user_runs_it(repo_dir):
   profile = out.stdout.split("## profile: tiny, jax-f32-scan")[1]
   assert "By op kind:" in profile and "Largest instructions:" in profile
   assert "btd,vd->btv" in profile  # the LM head's matmul, named by the jax op it came from
+
+
+def test_ctranslate2_runner_samples_the_asked_shape(bench_decode):
+  pytest.importorskip("ctranslate2", reason="the CTranslate2 column needs the [bench] extra")
+  pytest.importorskip("transformers", reason="CTranslate2's converter reads a Hugging Face export")
+  cfg = TINY.replace(n_vocab=50257)  # the converter checks the vocabulary against the tokenizer's
+  ct2 = bench_decode.CTranslate2(cfg, batch=2, new=5, compute_type="float32")
+  tokens = ct2()
+  assert tokens.shape == (2, 5) and ((0 <= tokens) & (tokens < cfg.n_vocab)).all()
+  assert not np.array_equal(tokens, ct2())  # it samples (top-k 40), as the other columns do
