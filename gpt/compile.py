@@ -288,10 +288,10 @@ def search_settings(planner: Planner, limit: int):
   """Yields the settings to compile, at most `limit`, using that memory shrinks with a stronger
   remat policy, a larger fsdp axis and more grad_accum (fewer rows per micro-batch).
 
-  Per remat policy, fastest first: for grad_accum from 1 up, the most-sharded fsdp is tried first;
-  if it does not fit, nothing smaller will (more grad_accum is tried); if it does, a bisection
-  finds the smallest fsdp that fits (less gathering). A policy found fitting at grad_accum=1 with
-  the smallest fsdp ends the search: slower policies cannot rank above it.
+  Per remat policy, least recomputation first: for grad_accum from 1 up, the most-sharded fsdp is
+  tried first; if it does not fit, nothing smaller will (more grad_accum is tried); if it does, a
+  bisection finds the smallest fsdp that fits (less gathering). Once a policy fits, policies that
+  recompute more are not tried: their estimated tokens/s is lower, so they cannot rank above it.
   """
   config = planner.config
   tensor = int(config.mesh.tensor)
@@ -309,12 +309,15 @@ def search_settings(planner: Planner, limit: int):
   if unknown or not remats:
     raise GPTError(f"compile.search_remat={config.compile.search_remat!r}: a comma-separated "
                    f"list of {', '.join(REMAT_ORDER)}")
-  count = 0
+  count, fitting_cost = 0, None
 
   def fits(s: Setting) -> bool:
     return planner.compile(s, ("train",))[0]["fits"]
 
   for remat in sorted(set(remats), key=REMAT_ORDER.index):
+    cost = recompute_flops_per_token(planner.base_cfg.replace(remat=remat), int(config.train.seq_len))
+    if fitting_cost is not None and cost > fitting_cost:
+      return
     for accum in accums:
       if count >= limit:
         return
@@ -330,8 +333,7 @@ def search_settings(planner: Planner, limit: int):
         count += 1
         yield s
         lo, hi = (lo, mid) if fits(s) else (mid + 1, hi)
-      if accum == accums[0] and hi == 0:
-        return
+      fitting_cost = cost
       break
 
 

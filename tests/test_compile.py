@@ -111,6 +111,36 @@ def test_remat_recompute_flops():
   assert full == pytest.approx((cfg.flops_per_token(32) - head) / 3, rel=1e-3)
 
 
+class FakePlanner:
+  """Stands in for aot.Planner in the search: a memory rule instead of compiles."""
+
+  def __init__(self, fits, limit=12):
+    self.config = base_config()
+    self.config.train.batch_size = 32
+    self.config.compile.search_limit = limit
+    self.devices, self.topology = list(range(16)), "fake:4x4"
+    self.base_cfg = GPTConfig(n_layer=2, n_embd=64, n_head=2, n_ctx=64)
+    self.rule, self.compiled = fits, []
+
+  def compile(self, s, programs):
+    if (s.remat, s.fsdp, s.grad_accum) not in self.compiled:
+      self.compiled.append((s.remat, s.fsdp, s.grad_accum))
+    return [{"fits": self.rule(s.remat, s.fsdp, s.grad_accum)}]
+
+
+def test_search_prunes_what_cannot_fit_or_rank_higher():
+  # dots fits only with fsdp=16 and grad_accum=2; full fits from fsdp=4.
+  planner = FakePlanner(lambda r, f, a: (r == "dots" and f == 16 and a == 2) or (r == "full" and f >= 4))
+  tried = [(s.remat, s.fsdp, s.grad_accum) for s in aot.search_settings(planner, 12)]
+  # none: the most sharded setting fails at both grad_accums, so no smaller fsdp is tried. dots:
+  # fits at (16, 2), bisection over fsdp 1, 2, 4, 8, 16 tries 4 and 8. full recomputes more than
+  # dots, so it cannot rank above it and is not tried.
+  assert tried == [("none", 16, 1), ("none", 16, 2), ("dots", 16, 1), ("dots", 16, 2),
+                   ("dots", 4, 2), ("dots", 8, 2)]
+  assert tried == planner.compiled
+  assert len(list(aot.search_settings(FakePlanner(lambda *_: False, limit=3), 3))) == 3
+
+
 # --- TPU topologies (libtpu) ---
 
 
