@@ -270,13 +270,15 @@ class Planner:
             "rows_per_host": per_host[-1], "rows_per_chip_micro": int(
                 t.batch_size // sharding.batch_divisor(built.batch_sharding.mesh) // t.grad_accum)}
 
-  def search(self) -> list[dict]:
+  def search(self, progress=None) -> list[dict]:
     """Train-step rows of the settings tried, ranked: fitting first, then by estimated tokens/s
-    and per-chip micro-batch (see `search_settings`)."""
+    and per-chip micro-batch (see `search_settings`). `progress(i, row)` hears of each compile."""
     limit = int(self.config.compile.search_limit)
     tried: list[dict] = []
     for s in search_settings(self, limit):
       tried.append(self.compile(s, ("train",))[0])
+      if progress:
+        progress(len(tried), tried[-1])
     return rank(tried)
 
 
@@ -438,6 +440,7 @@ def run(config: Any, workdir: str | None) -> None:
         f"on {planner.hosts} host(s); no weights are loaded, nothing is allocated", flush=True)
   rows = []
   for program in ("train", "eval"):  # each table as soon as its program is compiled
+    print(f"\ncompiling the {program} step...", flush=True)
     rows += planner.compile(planner.configured(), (program,))
     print("\n" + format_table(rows[-1]), flush=True)
   print("\n" + format_multihost(rows[0]))
@@ -445,7 +448,13 @@ def run(config: Any, workdir: str | None) -> None:
   if config.compile.search:
     print(f"\nsearching remat x fsdp x grad_accum (at most {config.compile.search_limit} compiles)...",
           flush=True)
-    ranked = planner.search()
+    def progress(i: int, row: dict) -> None:
+      total = row["per_chip"].get("total") or row.get("oom", {}).get("needed")
+      print(f"  [{i}] remat={row['remat']} fsdp={row['mesh']['fsdp']} grad_accum={row['grad_accum']}: "
+            f"{'fits' if row['fits'] else 'does not fit'} ({human_bytes(total)} per chip, "
+            f"{row['compile_s']:.0f} s)", flush=True)
+
+    ranked = planner.search(progress)
     print(format_search(ranked))
     best = next((r for r in ranked if r["fits"]), None)
     print(f"\n{len(ranked)} setting(s) compiled; " + (
