@@ -39,9 +39,13 @@ def cpu_run(tmp_path_factory):
   import io
 
   workdir = tmp_path_factory.mktemp("compile")
+  config = tiny_config()
+  # Two search steps: fsdp=8 (the most sharded) and, by bisection, fsdp=2, the configured run
+  # (its compile is reused).
+  config.compile.search, config.compile.search_limit = True, 2
   out = io.StringIO()
   with contextlib.redirect_stdout(out):
-    aot.run(tiny_config(), str(workdir))
+    aot.run(config, str(workdir))
   return out.getvalue(), json.loads((workdir / "compile.json").read_text())
 
 
@@ -75,6 +79,16 @@ def test_cpu_memory_equals_the_compiled_train_and_eval_steps(cpu_run):
   assert cfg.num_params() * 4 / 2 <= train["params"] < cfg.num_params() * 4
   assert train["opt_state"] >= 2 * train["params"]
   assert "multi-host: 8 chips on 1 host(s)" in stdout
+
+
+def test_cpu_search_ranks_and_reuses_the_configured_compile(cpu_run):
+  stdout, result = cpu_run
+  ranked = result["search"]
+  assert [(r["remat"], r["mesh"]["fsdp"], r["grad_accum"]) for r in ranked] == [
+      ("none", 2, 1), ("none", 8, 1)]  # all fit on CPU: equal estimates, smaller fsdp first
+  assert ranked[0] == result["programs"][0]  # the same compile, not a second one
+  assert "[1] remat=none fsdp=8 grad_accum=1: fits" in stdout
+  assert "2 setting(s) compiled; best: --config.model.remat=none --config.mesh.fsdp=2" in stdout
 
 
 def test_impossible_setting_is_one_error_line(tmp_path):
