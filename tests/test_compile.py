@@ -233,13 +233,14 @@ def test_sweep_check_fit_reports_points_that_do_not_fit_before_launching(tmp_pat
   repo = aot.Path(__file__).resolve().parent.parent
   marker = tmp_path / "launched"
   sweep_file = tmp_path / "fit.py"
+  launch = f"open({str(marker)!r}, 'w')"  # what a launched point would do
   # A 1-layer model: batch 8 fits a v5e:2x2; 32768 rows (8192 per chip) need ~50 GiB of logits.
   sweep_file.write_text(
       f"base = {str(repo / 'configs/tiny.py')!r}\n"
       "fixed = {'model.n_layer': 1, 'model.n_embd': 64, 'model.n_head': 2, 'model.n_ctx': 64,\n"
       "         'train.seq_len': 32}\n"
       "product = {'train.batch_size': [8, 32768]}\n"
-      f"program = [{sys.executable!r}, '-c', 'open({str(marker)!r}, \"w\")']\n")
+      f"program = [{sys.executable!r}, '-c', {launch!r}]\n")
   env = {**os.environ, "JAX_PLATFORMS": "cpu"}
   proc = subprocess.run(
       [sys.executable, "experiments/sweep.py", str(sweep_file), f"--workdir={tmp_path / 'runs'}",
