@@ -32,6 +32,7 @@ CASES = [
     ("configs/1542m.py", "v5e:4x4", dict(batch_size=32, fsdp=16, remat="none")),
     ("configs/124m.py", "v4:2x2x1", dict(batch_size=16, fsdp=1, remat="none")),
     ("configs/355m.py", "v4:2x2x1", dict(batch_size=16, fsdp=4, remat="dots")),
+    ("configs/355m.py", "v4:2x2x1", dict(batch_size=16, fsdp=4, remat="full")),
     ("configs/774m.py", "v4:2x2x2", dict(batch_size=32, fsdp=8, remat="full")),
     ("configs/1542m.py", "v4:2x2x4", dict(batch_size=32, fsdp=16, remat="full")),
 ]
