@@ -2,7 +2,7 @@
 
 Every file in `configs/` starts from `base_config()` and changes only what differs. Fields are
 grouped in the sections the rest of the package reads: `model`, `data`, `train`, `sampling`,
-`eval`, `mesh`, plus the top-level `mode`, `init` and `seed`.
+`eval`, `mesh`, `compile`, plus the top-level `mode`, `init` and `seed`.
 """
 
 from __future__ import annotations
