@@ -1,12 +1,14 @@
 """Zero/one/few-shot comparison: a Markdown table and a plot from one or more eval workdirs.
 
-  python experiments/compare_shots.py runs/eval-124m runs/eval-355m --out=shots.png
+  python experiments/compare_shots.py runs/eval-124m runs/eval-355m [--out=shots.png]
 
 Reads every <workdir>/eval/<task>_<shots>shot.json written by the eval mode and prints one table
 row per (model, task) with the task's primary metric at each shot count (value ± stderr), then
 plots accuracy against shots with one line per task and model size, as in the GPT-3 paper's
-figures (perplexity tasks are in the table only). The plot needs matplotlib (`pip install
-matplotlib`, or the package's [plots] extra); --no_plot prints the table alone.
+figures (perplexity tasks are in the table only), into the eval folder it read (the first one's,
+given several) unless --out says where. The table needs nothing beyond Python; the plot needs
+matplotlib (`pip install matplotlib`, or the package's [plots] extra), and without it the table
+is still printed, followed by one line saying so. --no_plot prints the table alone.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from pathlib import Path
 def parse_args(argv: list[str]) -> argparse.Namespace:
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   p.add_argument("workdirs", nargs="+", help="eval workdirs (or their eval/ folders)")
-  p.add_argument("--out", default="compare_shots.png", help="where to save the plot")
+  p.add_argument("--out", default="", help="where to save the plot (default: "
+                 "compare_shots.png in the first workdir's eval folder)")
   p.add_argument("--metric", action="append", default=[],
                  help="task=metric to show instead of the task's primary metric (repeatable)")
   p.add_argument("--no_plot", action="store_true", help="print the table only")
@@ -34,12 +37,17 @@ def model_label(record: dict) -> str:
   return f"{n / 1e6:.0f}M" if n >= 1e7 else f"{n / 1e6:.2g}M"
 
 
+def eval_folder(workdir: str) -> Path:
+  """A workdir's eval/ folder, or the folder itself when it is one."""
+  return Path(workdir) / "eval" if (Path(workdir) / "eval").is_dir() else Path(workdir)
+
+
 def load_results(workdirs: list[str]) -> list[dict]:
   """Every result record under the workdirs, labelled with its model size (and workdir if two
   workdirs hold models of the same size)."""
   records, dirs_of_label = [], defaultdict(set)
   for workdir in workdirs:
-    folder = Path(workdir) / "eval" if (Path(workdir) / "eval").is_dir() else Path(workdir)
+    folder = eval_folder(workdir)
     files = sorted(folder.glob("*shot.json"))
     if not files:
       raise SystemExit(f"error: no <task>_<shots>shot.json files in {folder}; run the eval mode first")
@@ -124,18 +132,20 @@ def plot(data: dict[tuple[str, str, str], dict[int, tuple]], out: str) -> None:
 
 def main(argv: list[str]) -> None:
   args = parse_args(argv)
-  if not args.no_plot:
-    try:
-      import matplotlib  # noqa: F401
-    except ImportError:
-      raise SystemExit("error: the plot needs matplotlib: pip install matplotlib "
-                       "(or pip install -e '.[plots]'); --no_plot prints the table only") from None
   chosen = dict(m.split("=", 1) for m in args.metric)
   data = series(load_results(args.workdirs), chosen)
   print(markdown_table(data))
-  if not args.no_plot:
-    plot(data, args.out)
-    print(f"\nplot saved to {args.out}")
+  if args.no_plot:
+    return
+  try:
+    import matplotlib  # noqa: F401
+  except ImportError:
+    print("no plot: it needs matplotlib: pip install matplotlib (or pip install -e '.[plots]'); "
+          "the table above is complete", file=sys.stderr)
+    return
+  out = args.out or str(eval_folder(args.workdirs[0]) / "compare_shots.png")
+  plot(data, out)
+  print(f"\nplot saved to {out}")
 
 
 if __name__ == "__main__":

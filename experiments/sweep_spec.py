@@ -130,6 +130,20 @@ def cli_value(value: Any) -> str:
   raise GPTError(f"sweep values must be bool, int, float or str, not {value!r}")
 
 
+def check_arg(what: str, text: str) -> str:
+  """`text` unchanged if a process can be given it (in argv or the environment), else a GPTError.
+
+  A NUL byte ends a C string, so the OS refuses it; a lone surrogate (e.g. from a bad \\udXXX escape)
+  has no UTF-8 encoding. Either would fail only when the point starts, so they are refused up front.
+  """
+  for i, ch in enumerate(text):
+    if ch == "\0" or "\ud800" <= ch <= "\udfff":
+      kind = "a NUL byte" if ch == "\0" else f"a lone surrogate {ch.encode('unicode_escape').decode()}"
+      raise GPTError(f"{what}={text!r} holds {kind} at character {i}, which cannot be passed to a "
+                     f"process; fix the value in the sweep file or --set")
+  return text
+
+
 def point_name(overrides: dict[str, Any], all_keys: list[str]) -> str:
   """'learning_rate=0.001,seed=0': the last part of each key (the full key if that is ambiguous)."""
   leaves = [k.split(".")[-1] for k in all_keys]
@@ -154,6 +168,10 @@ def build_points(sweep: Sweep, workdir: str) -> tuple[list[Point], list[dict]]:
   if len(set(names)) != len(names):
     dup = sorted({n for n in names if names.count(n) > 1})
     raise GPTError(f"{sweep.path}: several points are named {dup}; every point needs different overrides")
+  for key, value in sweep.env.items():
+    check_arg(f"env {check_arg('env name', key)}", value)
+  for item in [sweep.base, *sweep.program]:
+    check_arg("program" if item != sweep.base else "base", item)
   for name, overrides in zip(names, sweep.grid):
     run_dir = str(root / name)
     stages, resolved = [], []
@@ -163,7 +181,7 @@ def build_points(sweep: Sweep, workdir: str) -> tuple[list[Point], list[dict]]:
       config = load_config(sweep.base)
       apply_overrides(config, merged)
       command = list(sweep.program) + [f"--config={sweep.base}", f"--workdir={run_dir}"] + [
-          f"--config.{k}={cli_value(v)}" for k, v in merged.items()]
+          f"--config.{check_arg(k, k)}={check_arg(k, cli_value(v))}" for k, v in merged.items()]
       stages.append(Stage(f"{i}-{config.get('mode', 'run')}", command))
       resolved.append(json.loads(json.dumps(config.to_dict(), default=str)))
     points.append(Point(name, run_dir, os.getcwd(), stages, dict(sweep.env)))

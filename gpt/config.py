@@ -7,6 +7,9 @@ grouped in the sections the rest of the package reads: `model`, `data`, `train`,
 
 from __future__ import annotations
 
+import os
+import re
+
 import ml_collections
 from ml_collections import config_dict
 
@@ -206,14 +209,22 @@ def base_config() -> ml_collections.ConfigDict:
   e.tasks = "lambada"
   # Comma-separated shot counts; every task runs at each.
   e.shots = "0"
-  # Score at most this many examples per task (0 = all).
+  # Score at most this many examples per task (0 = all; negative is refused).
   e.limit = 0
   # Examples scored per forward pass.
   e.batch_size = 8
   # Seed for drawing demonstrations.
   e.seed = 1234
-  # Folder holding the task data files.
-  e.data_dir = "../shared/data"
+  # Folder holding the task data files; missing ones are downloaded into it on first use
+  # ($GPT_EVAL_DATA moves the default; ../shared/data in this repository's environment).
+  e.data_dir = os.environ.get("GPT_EVAL_DATA") or "data_cache/eval"
+  # Base URL of a mirror laid out like data_dir, fetched from instead of the original hosts.
+  e.mirror = ""
+  # Where task data comes from: files (data_dir, fetched when missing) | tfds (TensorFlow
+  # Datasets, for the tasks it carries; the others still read files).
+  e.source = "files"
+  # TFDS data_dir holding prepared datasets for eval.source=tfds ('' = TFDS's default).
+  e.tfds_data_dir = ""
   # Separator between demonstrations.
   e.example_separator = "\n\n"
   # Separator between a question and its answer.
@@ -282,5 +293,24 @@ def size_config(name: str) -> ml_collections.ConfigDict:
 
 __all__ = [
     "base_config", "size_config", "canonical_model_name", "is_model_name", "MODEL_SIZES",
-    "HF_REPOS", "config_dict",
+    "HF_REPOS", "config_dict", "unknown_key_message",
 ]
+
+
+def unknown_key_message(error: Exception, argv: list[str]) -> str:
+  """One line naming the --config.* override that ml_collections could not find, and only it."""
+  text = str(error).replace("\\", "")
+  hint = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', text)
+  lookup = re.search(r"Attempting to lookup: ([\w.]+)", text)
+  if hint:
+    bad, what = hint.group(2), f'unknown config key "{hint.group(2)}" (did you mean "{hint.group(1)}"?)'
+  elif lookup:
+    bad = lookup.group(1)
+    what = f'unknown config key "{bad}" ({bad.rsplit(".", 1)[0]} is a value, not a section)'
+  else:
+    bad = (str(error.args[0]) if isinstance(error, KeyError) and error.args else text).strip("'\" ")
+    what = f'unknown config key "{bad}"'
+  keys = [a.split("=")[0].removeprefix("--config.") for a in argv[1:] if a.startswith("--config.")]
+  culprits = [k for k in keys if k == bad or bad in k.split(".")]
+  where = f" in {' '.join('--config.' + k for k in culprits)}" if culprits else ""
+  return f"{what}{where}; see the config file for valid keys"

@@ -1,8 +1,9 @@
 """Training data: `config.data` -> train/val token arrays -> seeded, resumable windows.
 
 `data.path` may be a text file, a directory, a glob, a token file (.bin/.npz from `gpt.encode`),
-an http(s) URL (fetched once into `data.cache_dir`; Project Gutenberg's licence header and footer
-are cut off) or `tfds:<name>` (a TensorFlow Datasets text dataset; needs the `[tfds]` extra).
+an http(s) URL (fetched once into `data.cache_dir` by gpt.download's checked, resumable
+downloader, cached under a hash of the whole URL; Project Gutenberg's licence header and footer are
+cut off) or `tfds:<name>` (a TensorFlow Datasets text dataset; needs the `[tfds]` extra).
 Text is encoded once into `<cache_dir>/<name>-<hash>.bin`, keyed by the sources' paths, sizes and
 modification times, the encoding options and the tokenizer, and memory-mapped from then on.
 
@@ -16,12 +17,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import re
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import Any, Iterator
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
@@ -57,19 +57,43 @@ def strip_gutenberg(text: str) -> str:
   return text[start.end():end.start()].strip() + "\n"
 
 
-def fetch(url: str, cache_dir: str, timeout: float = 30.0) -> Path:
-  """Downloads `url` into `cache_dir` once (atomically) and returns the local file."""
-  name = Path(urlsplit(url).path).name or "download.txt"
-  dest = Path(cache_dir).expanduser() / name
+def url_cache_path(url: str, cache_dir: str) -> Path:
+  """Where `url` is cached: its file name plus a hash of the whole URL, so two URLs that end in the
+  same name (two servers' corpus.txt, or ?query variants) never share a cached file."""
+  name = Path(unquote(Path(urlsplit(url).path).name) or "download.txt")
+  stem = re.sub(r"[^A-Za-z0-9._-]", "_", name.stem)[:80] or "download"
+  suffix = re.sub(r"[^A-Za-z0-9.]", "_", name.suffix)[:16]
+  digest = hashlib.sha256(url.encode("utf-8", "surrogatepass")).hexdigest()[:16]
+  return Path(cache_dir).expanduser() / f"{stem}-{digest}{suffix}"
+
+
+def fetch(url: str, cache_dir: str, timeout: float = 30.0, retries: int = 3) -> Path:
+  """Downloads `url` into `cache_dir` once and returns the local file.
+
+  Uses gpt.download.fetch (Range resume across retries and runs, atomic rename, and no HTML page,
+  truncated body or bad checksum ever lands in the cache), then cuts Project Gutenberg's licence
+  header and footer from text.
+  """
+  from gpt import download
+
+  dest = url_cache_path(url, cache_dir)
   if dest.is_file():
     return dest
-  try:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-      body = response.read()
-  except (urllib.error.URLError, OSError) as e:
-    reason = getattr(e, "reason", e)
-    raise GPTError(f"cannot download {url} ({reason}); offline? pass --config.data.path=<a local "
-                   f"text or token file> ({LOCAL_HINT})") from None
+  dest.parent.mkdir(parents=True, exist_ok=True)
+  raw = dest.with_name(f".{dest.stem}.download{dest.suffix}")
+  hint = (f"cannot download the data; pass --config.data.path=<a local text or token file> "
+          f"({LOCAL_HINT})")
+  download.fetch(url, raw, retries=retries, timeout=timeout, offline_hint=hint)
+  if dest.suffix in encode.TOKEN_SUFFIXES:
+    try:
+      encode.read_token_chunks(raw)  # a damaged token file is not cached
+    except GPTError as e:
+      raw.unlink()
+      what = str(e).replace(str(raw), "the download").rsplit("; ", 1)[0]  # not its how-to-fix
+      raise GPTError(f"{url}: {what}; deleted it; check the URL") from None
+    raw.replace(dest)
+    return dest
+  body = raw.read_bytes()
   try:
     text = body.decode("utf-8-sig")
     stripped = strip_gutenberg(text)
@@ -77,10 +101,10 @@ def fetch(url: str, cache_dir: str, timeout: float = 30.0) -> Path:
       body = stripped.encode("utf-8")
   except UnicodeDecodeError:
     pass  # not UTF-8 text: keep the bytes as they are; data.encoding decides later
-  dest.parent.mkdir(parents=True, exist_ok=True)
-  tmp = dest.with_name(f".{dest.name}.part")
+  tmp = dest.with_name(f".{dest.name}.tmp{os.getpid()}")
   tmp.write_bytes(body)
   tmp.replace(dest)
+  raw.unlink()
   return dest
 
 
@@ -177,9 +201,8 @@ def load_dataset(data_cfg: Any, tokenizer: Any, seq_len: int, n_vocab: int | Non
       raise GPTError(f"the {name} data has {len(arr)} tokens, fewer than one window of seq_len+1 = "
                      f"{seq_len + 1}; use more text or a smaller --config.train.seq_len")
   for arr in (tokens, val):
-    if arr is not None and int(arr.max(initial=0)) >= n_vocab:
-      raise GPTError(f"{source} holds token id {int(arr.max())} but the model's vocabulary has "
-                     f"{n_vocab} ids (model.n_vocab)")
+    if arr is not None:
+      encode.check_token_ids(arr, n_vocab, source)
   return Dataset(tokens, val, source)
 
 

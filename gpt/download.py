@@ -2,22 +2,41 @@
 
   python -m gpt.download 124M [--models_dir models] [--source openai|hf] [--base_url URL]
 
-Each file goes to `<file>.part` first and is renamed into place only once its size checks out, so a
-file without `.part` is always complete and is never fetched again. An interrupted download resumes
-from the `.part` with an HTTP Range request (retried a few times within one run, and again on the
-next run). urllib only: no extra dependency.
+Each file goes to `<file>.part` first and is renamed into place only once it checks out, so a file
+without `.part` is always complete and is never fetched again. An interrupted download resumes from
+the `.part` with an HTTP Range request (retried a few times within one run, and again on the next
+run). urllib only: no extra dependency.
+
+"Checks out" means more than a 200 status, because a proxy's or login page's HTML, or a body cut
+short under a Content-Length that lies, also arrives with one. Every finished `.part` must have the
+size every response announced, must not be an HTML page (by Content-Type and by its first bytes),
+must match any checksum the caller or the server gives (`sha256=`, Content-MD5,
+x-ms-blob-content-md5, X-Linked-Etag, Digest/Repr-Digest), and must parse as what its name says
+(`check_format`; for a model's files `model_file_check`: GPT-2's exact vocabulary and merges, a TF
+index whose per-tensor crc32c's match the data file, a safetensors header whose offsets end at the
+end of the file). A `validate` callable adds checks of the caller's own (gpt.data and the eval task
+sources use it). A file that fails is deleted, and the error says what was wrong in one line.
+`download_model` also rechecks the small files already in place, so running it again repairs a
+folder an older downloader left with, say, an HTML hparams.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import functools
+import hashlib
 import http.client
+import importlib.resources
+import json
 import os
 import re
+import struct
 import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Any, Callable
 
 from tqdm import tqdm
 
@@ -33,6 +52,19 @@ OPENAI_FILES = ("checkpoint", "encoder.json", "vocab.bpe", "model.ckpt.meta",
 HF_FILES = ("generation_config.json", "vocab.json", "merges.txt", "model.safetensors", "config.json")
 _CHUNK = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
+# The first bytes of an HTML page (after optional whitespace, a byte-order mark or an XML prolog).
+_HTML_START = re.compile(rb"\s*(<\?xml[^>]*>\s*)?(<!--.*?-->\s*)*<(!doctype\s+html|html|head|body)\b",
+                         re.IGNORECASE | re.DOTALL)
+_HTML_TYPES = ("text/html", "application/xhtml+xml")
+
+Validator = Callable[[Path], None]
+"""Checks a finished download (its `.part` file) before it is renamed into place: returns nothing
+when the file is good, raises ValueError with the reason when it is not (json.JSONDecodeError and
+UnicodeDecodeError are ValueErrors, so a bare `json.loads` is already a validator)."""
+
+
+class InvalidDownload(ValueError):
+  """A downloaded file is not what it should be (the message says why, without the URL)."""
 
 
 class _Interrupted(Exception):
@@ -43,12 +75,22 @@ class _Interrupted(Exception):
     self.got, self.total = got, total
 
 
-def _offline(url: str, reason: object) -> GPTError:
-  return GPTError(f"cannot reach {url} (offline?): {reason}; download the folder elsewhere and pass "
-                  f"--config.init=/path/to/folder")
+MODEL_HINT = "download the folder elsewhere and pass --config.init=/path/to/folder"
 
 
-def _open(url: str, part: Path, timeout: float):
+class Unreachable(GPTError):
+  """No route to the server (refused, DNS failure, timeout): callers may offer another way."""
+
+  def __init__(self, message: str, url: str, reason: object):
+    super().__init__(message)
+    self.url, self.reason = url, reason
+
+
+def _offline(url: str, reason: object, hint: str = MODEL_HINT) -> GPTError:
+  return Unreachable(f"cannot reach {url} (offline?): {reason}; {hint}", url, reason)
+
+
+def _open(url: str, part: Path, timeout: float, hint: str):
   """(response for `url` from the end of `part` on, bytes in `part`); (None, size) if `part` is whole."""
   have = part.stat().st_size if part.exists() else 0
   headers = {"Range": f"bytes={have}-"} if have else {}
@@ -60,10 +102,10 @@ def _open(url: str, part: Path, timeout: float):
       if total and int(total.group(1)) == have:
         return None, have
       part.unlink()  # longer than the file on the server: stale, start over
-      return _open(url, part, timeout)
+      return _open(url, part, timeout, hint)
     raise GPTError(f"{url}: HTTP {e.code} {e.reason}") from None
   except (urllib.error.URLError, OSError) as e:  # refused, DNS failure, timeout
-    raise _offline(url, getattr(e, "reason", e)) from None
+    raise _offline(url, getattr(e, "reason", e), hint) from None
 
 
 def _expected_range(url: str, resp, have: int) -> tuple[int, int | None]:
@@ -88,21 +130,77 @@ def _check_total(url: str, part: Path, announced: int | None, total: int | None)
                    f"changed or a proxy is truncating it; delete {part} and retry")
 
 
-def _fetch_once(url: str, part: Path, timeout: float, announced: int | None) -> None:
+def _wants_html(name: str) -> bool:
+  return name.lower().endswith((".html", ".htm"))
+
+
+def _refuse_html(resp, first: bytes, name: str) -> None:
+  """InvalidDownload if a response meant to be `name` is an HTML page (by type or first bytes)."""
+  if _wants_html(name):
+    return
+  kind = resp.headers.get_content_type() if resp.headers.get("Content-Type") else ""
+  if kind in _HTML_TYPES or _HTML_START.match(first.removeprefix(b"\xef\xbb\xbf")):
+    how = f"Content-Type {kind}" if kind in _HTML_TYPES else "it starts like one"
+    raise InvalidDownload(f"the server sent an HTML page ({how}), not {name}: a proxy's, login or "
+                          f"error page?")
+
+
+def server_checksums(resp) -> dict[str, str]:
+  """{'md5' | 'sha256': hex digest of the whole file} from the checksum headers servers send.
+
+  Content-MD5 describes the body, so only a 200's counts; Azure's x-ms-blob-content-md5, the Hugging
+  Face hub's X-Linked-Etag (the sha256 of an LFS file) and Digest / Repr-Digest describe the file.
+  """
+  headers, out = resp.headers, {}
+
+  def b64hex(value: str | None, n: int) -> str | None:
+    try:
+      raw = base64.b64decode((value or "").strip().strip(":"), validate=True)
+    except ValueError:
+      return None
+    return raw.hex() if len(raw) == n else None
+
+  if resp.status == 200 and (md5 := b64hex(headers.get("Content-MD5"), 16)):
+    out["md5"] = md5
+  if md5 := b64hex(headers.get("x-ms-blob-content-md5"), 16):
+    out["md5"] = md5
+  etag = (headers.get("X-Linked-Etag") or "").strip().removeprefix("W/").strip('"').lower()
+  if re.fullmatch(r"[0-9a-f]{64}", etag):
+    out["sha256"] = etag
+  for header in ("Digest", "Repr-Digest"):
+    for item in (headers.get(header) or "").split(","):
+      algo, _, value = item.strip().partition("=")
+      algo = {"sha-256": "sha256", "md5": "md5"}.get(algo.strip().lower())
+      if algo and (digest := b64hex(value, 32 if algo == "sha256" else 16)):
+        out[algo] = digest
+  return out
+
+
+def _fetch_once(url: str, part: Path, timeout: float, announced: int | None,
+                checksums: dict[str, str], name: str, hint: str) -> None:
   """Appends the rest of `url` to `part`; raises _Interrupted if the body ends early."""
-  resp, have = _open(url, part, timeout)
+  resp, have = _open(url, part, timeout, hint)
   total = have
   if resp is not None:
     with resp:
       start, total = _expected_range(url, resp, have)
       _check_total(url, part, announced, total)
+      for algo, digest in server_checksums(resp).items():
+        checksums.setdefault(algo, digest)  # a caller's sha256 wins over the server's
+      try:
+        chunk = resp.read(_CHUNK)
+      except (OSError, http.client.HTTPException):
+        chunk = b""
+      if start == 0:
+        _refuse_html(resp, chunk, name)  # before `part` is touched: an earlier .part stays as it was
       with open(part, "ab" if start else "wb") as f, tqdm(
           total=total, initial=start, unit="B", unit_scale=True, unit_divisor=1024,
-          desc=part.name.removesuffix(".part"), leave=True) as bar:
+          desc=name, leave=True) as bar:
         try:
-          while chunk := resp.read(_CHUNK):
+          while chunk:
             f.write(chunk)
             bar.update(len(chunk))
+            chunk = resp.read(_CHUNK)
         except (OSError, http.client.HTTPException):  # reset, timeout, IncompleteRead
           pass  # the size check below reports it
   _check_total(url, part, announced, total)
@@ -114,28 +212,228 @@ def _fetch_once(url: str, part: Path, timeout: float, announced: int | None) -> 
                    f"and retry")
 
 
-def fetch(url: str, dest: str | os.PathLike, retries: int = 3, timeout: float = 60.0) -> bool:
+def _digest(path: Path, algo: str) -> str:
+  h = hashlib.new(algo)
+  with open(path, "rb") as f:
+    while block := f.read(_CHUNK * 8):
+      h.update(block)
+  return h.hexdigest()
+
+
+def _check_part(part: Path, name: str, size: int | None, checksums: dict[str, str],
+                validate: Validator | None) -> None:
+  """Raises InvalidDownload unless the finished file is good (a validator's error becomes one)."""
+  have = part.stat().st_size
+  if size is not None and have != size:
+    raise InvalidDownload(f"it has {have} bytes, {size} expected")
+  for algo, want in sorted(checksums.items()):
+    got = _digest(part, algo)
+    if got != want.lower():
+      raise InvalidDownload(f"its {algo} is {got}, {want.lower()} expected (corrupted or truncated)")
+  check_format(part, name)
+  if validate is not None:
+    try:
+      validate(part)
+    except InvalidDownload:
+      raise
+    except (ValueError, GPTError) as e:
+      raise InvalidDownload(f"it is not a valid {name} ({_one_line(e)})") from None
+
+
+def fetch(url: str, dest: str | os.PathLike, retries: int = 3, timeout: float = 60.0, *,
+          validate: Validator | None = None, sha256: str | None = None, size: int | None = None,
+          offline_hint: str = MODEL_HINT) -> bool:
   """Downloads `url` to `dest` via `dest.part` (resumed with HTTP Range); False if already there.
 
-  Size checks: each body must match its Content-Length/Content-Range, all responses must agree on
-  the file's total size, and the finished .part must have exactly that size.
+  Before the rename into place the file must pass, in order: the size checks (each body matches its
+  Content-Length/Content-Range, all responses agree on the file's total size, the finished .part has
+  exactly that size, and `size` bytes if given), no HTML page where something else was asked for,
+  the checksums (`sha256` if given, and those the server's headers state: `server_checksums`), the
+  format its name implies (`check_format`), and `validate(part)` if given. A file that fails is
+  deleted and a GPTError says why in one line. `offline_hint` ends the "cannot reach" message.
   """
   dest = Path(dest)
   if dest.is_file():
     return False
+  dest.parent.mkdir(parents=True, exist_ok=True)
   part = dest.with_name(dest.name + ".part")
   announced = None
-  for attempt in range(retries + 1):
-    try:
-      _fetch_once(url, part, timeout, announced)
-      break
-    except _Interrupted as e:
-      announced = e.total
-      if attempt == retries:
-        raise GPTError(f"{url}: the connection kept dropping ({e.got} of {e.total} bytes after "
-                       f"{retries + 1} tries); run the same command again to resume from {part}") from None
+  checksums = {"sha256": sha256.lower()} if sha256 else {}
+  advice = "check the URL and the network (proxy, login) and run again"
+  try:
+    for attempt in range(retries + 1):
+      try:
+        _fetch_once(url, part, timeout, announced, checksums, dest.name, offline_hint)
+        break
+      except _Interrupted as e:
+        announced = e.total
+        if attempt == retries:
+          raise GPTError(f"{url}: the connection kept dropping ({e.got} of {e.total} bytes after "
+                         f"{retries + 1} tries); run the same command again to resume from {part}") from None
+  except InvalidDownload as e:  # an HTML page, refused before a byte of it was written
+    kept = f" (kept the earlier {part.name})" if part.is_file() else ""
+    raise GPTError(f"{url}: {e}; deleted the download{kept}; {advice}") from None
+  try:
+    _check_part(part, dest.name, size, checksums, validate)
+  except InvalidDownload as e:
+    part.unlink(missing_ok=True)
+    raise GPTError(f"{url}: {e}; deleted the download; {advice}") from None
   os.replace(part, dest)
   return True
+
+
+def _one_line(e: BaseException) -> str:
+  text = " ".join(str(e).split())
+  return text if len(text) <= 300 else text[:297] + "..."
+
+
+# ---------------------------------------------------------------- format checks
+
+def check_format(path: Path, name: str | None = None) -> None:
+  """Raises InvalidDownload unless `path` parses as its name (default: its own) says.
+
+  .json must parse, .jsonl must parse line by line, .safetensors must have a header whose tensor
+  offsets end exactly at the end of the file; other names are taken as they come (the HTML check
+  happens while downloading).
+  """
+  name = (name or path.name).lower()
+  if name.endswith(".json"):
+    check_json(path)
+  elif name.endswith(".jsonl"):
+    check_jsonl(path)
+  elif name.endswith(".safetensors"):
+    check_safetensors(path)
+
+
+def check_json(path: Path) -> Any:
+  """The parsed JSON of `path`, or InvalidDownload (truncated, not UTF-8, not JSON)."""
+  try:
+    return json.loads(path.read_bytes().decode("utf-8-sig"))
+  except UnicodeDecodeError as e:
+    raise InvalidDownload(f"it is not UTF-8 text (byte {e.start})") from None
+  except json.JSONDecodeError as e:
+    raise InvalidDownload(f"it is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; "
+                          f"truncated?)") from None
+
+
+def check_jsonl(path: Path) -> None:
+  """InvalidDownload unless every non-blank line of `path` is a JSON value."""
+  with open(path, "rb") as f:
+    for number, line in enumerate(f, start=1):
+      try:
+        if line.strip():
+          json.loads(line.decode("utf-8-sig" if number == 1 else "utf-8"))
+      except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise InvalidDownload(f"line {number} is not valid JSON ({e}; truncated?)") from None
+
+
+def check_safetensors(path: Path) -> None:
+  """InvalidDownload unless `path` has a safetensors header whose data ends where the file ends."""
+  size = path.stat().st_size
+  with open(path, "rb") as f:
+    head = f.read(8)
+    if len(head) < 8:
+      raise InvalidDownload(f"it has {size} bytes, too few for a safetensors header")
+    (n,) = struct.unpack("<Q", head)
+    if n > size - 8:
+      raise InvalidDownload(f"its header claims {n} bytes but the file has {size}: not safetensors, "
+                            f"or truncated")
+    try:
+      header = json.loads(f.read(n))
+      ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+      raise InvalidDownload("its safetensors header is not valid JSON with data_offsets") from None
+  want = 8 + n + max(ends, default=0)
+  if want != size:
+    raise InvalidDownload(f"its header describes {want} bytes but the file has {size}"
+                          f"{': truncated' if size < want else ''}")
+
+
+@functools.lru_cache(maxsize=1)
+def _gpt2_vocabulary() -> tuple[dict, tuple[str, ...]]:
+  """GPT-2's encoder and merge lines as shipped in gpt/assets/gpt2 (every release uses them)."""
+  assets = importlib.resources.files("gpt").joinpath("assets", "gpt2")
+  encoder = json.loads(assets.joinpath("encoder.json").read_text(encoding="utf-8"))
+  return encoder, _merge_lines(assets.joinpath("vocab.bpe").read_text(encoding="utf-8"))
+
+
+def _merge_lines(text: str) -> tuple[str, ...]:
+  """The merges of a BPE file, without blank lines and the '#version' header (whose wording varies)."""
+  lines = [line for line in text.splitlines() if line.strip()]
+  return tuple(lines[1:] if lines and lines[0].startswith("#version") else lines)
+
+
+def check_gpt2_vocab(path: Path) -> None:
+  """InvalidDownload unless `path` (encoder.json / vocab.json) is GPT-2's vocabulary."""
+  encoder, _ = _gpt2_vocabulary()
+  got = check_json(path)
+  if got != encoder:
+    n = len(got) if isinstance(got, dict) else 0
+    raise InvalidDownload(f"it is not GPT-2's vocabulary ({n} entries, {len(encoder)} expected, or "
+                          f"different ids)")
+
+
+def check_gpt2_merges(path: Path) -> None:
+  """InvalidDownload unless `path` (vocab.bpe / merges.txt) holds GPT-2's merges."""
+  _, merges = _gpt2_vocabulary()
+  try:
+    got = _merge_lines(path.read_bytes().decode("utf-8"))
+  except UnicodeDecodeError as e:
+    raise InvalidDownload(f"it is not UTF-8 text (byte {e.start})") from None
+  if got != merges:
+    raise InvalidDownload(f"it is not GPT-2's merges file ({len(got)} merges, {len(merges)} "
+                          f"expected, or different ones; truncated?)")
+
+
+def check_json_ints(*keys: str) -> Validator:
+  """A validator: the file is a JSON object with an integer value for each of `keys`."""
+
+  def validate(path: Path) -> None:
+    value = check_json(path)
+    missing = [k for k in keys if not isinstance(value, dict) or type(value.get(k)) is not int]
+    if missing:
+      raise InvalidDownload(f"it is not a JSON object with integer {', '.join(missing)}")
+
+  return validate
+
+
+def check_checkpoint_state(path: Path) -> None:
+  """InvalidDownload unless `path` is TF's `checkpoint` text naming a model_checkpoint_path."""
+  try:
+    text = path.read_bytes().decode("utf-8")
+  except UnicodeDecodeError:
+    raise InvalidDownload("it is not text") from None
+  if not re.search(r'^model_checkpoint_path:\s*"', text, re.M):
+    raise InvalidDownload("it has no model_checkpoint_path line")
+
+
+def check_tf_index(path: Path, data: Path) -> None:
+  """InvalidDownload unless `path` is a TF bundle index and every tensor's bytes in `data` (the
+  single data shard, downloaded before the index) have the crc32c the index records. A data file
+  that does not match is deleted too: it is the one that was truncated or corrupted."""
+  from gpt import tf_checkpoint, tf_table
+
+  try:
+    header, entries = tf_checkpoint.read_index(path)
+  except GPTError as e:
+    reason = _one_line(e).split(": ", 1)[-1]
+    raise InvalidDownload(f"it is not a TensorFlow checkpoint index ({reason})") from None
+  if header["num_shards"] != 1 or not data.is_file():
+    return  # a layout the downloader does not fetch; the loader checks it
+  size = data.stat().st_size
+  end = max((e["offset"] + e["size"] for e in entries.values()), default=0)
+  problem = f"it has {size} bytes but the index needs {end} (truncated?)" if size < end else None
+  if problem is None:
+    with open(data, "rb") as f:
+      for name, entry in sorted(entries.items(), key=lambda kv: kv[1]["offset"]):
+        f.seek(entry["offset"])
+        if tf_table.masked_crc(f.read(entry["size"])) != entry["crc32c"]:
+          problem = f"tensor {name!r} fails its crc32c checksum (corrupted)"
+          break
+  if problem:
+    data.unlink()
+    raise InvalidDownload(f"the data file {data.name} does not match the index: {problem}; deleted "
+                          f"it too")
 
 
 def model_source(name: str, models_dir: str | os.PathLike = "models", source: str = "openai",
@@ -164,8 +462,51 @@ def download_model(name: str, models_dir: str | os.PathLike = "models", source: 
   folder, base, files = model_source(name, models_dir, source, base_url)
   folder.mkdir(parents=True, exist_ok=True)
   for file in files:
-    fetch(f"{base}/{file}", folder / file, retries=retries)
+    validate = model_file_check(folder, file)
+    recheck(folder / file, validate)
+    fetch(f"{base}/{file}", folder / file, retries=retries, validate=validate)
   return folder
+
+
+def recheck(path: Path, validate: Validator | None, max_bytes: int = 16 << 20) -> bool:
+  """Moves a small file that is already in place but fails its checks (an HTML page saved by a
+  downloader without them) aside to `<file>.invalid`, with one line on stderr, so it is fetched
+  again; True if it did. Big files and the TF index (whose check reads the whole data file) are
+  left to the loader, which checks them anyway."""
+  if not path.is_file() or path.stat().st_size > max_bytes or path.name == "model.ckpt.index":
+    return False
+  try:
+    with open(path, "rb") as f:
+      head = f.read(4096).removeprefix(b"\xef\xbb\xbf")
+    if not _wants_html(path.name) and _HTML_START.match(head):
+      raise InvalidDownload("it is an HTML page")
+    check_format(path)
+    if validate is not None:
+      validate(path)
+  except (ValueError, GPTError) as e:
+    aside = path.with_name(path.name + ".invalid")
+    os.replace(path, aside)
+    print(f"{path}: {_one_line(e)}; moved it to {aside.name} and downloading it again",
+          file=sys.stderr)
+    return True
+  return False
+
+
+def model_file_check(folder: Path, file: str) -> Validator | None:
+  """What a released model's `file` must be, beyond check_format (None: nothing more is known)."""
+  if file in ("encoder.json", "vocab.json"):
+    return check_gpt2_vocab
+  if file in ("vocab.bpe", "merges.txt"):
+    return check_gpt2_merges
+  if file == "checkpoint":
+    return check_checkpoint_state
+  if file == "hparams.json":
+    return check_json_ints("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
+  if file == "config.json":
+    return check_json_ints("vocab_size", "n_embd", "n_head", "n_layer")
+  if file == "model.ckpt.index":
+    return functools.partial(check_tf_index, data=folder / "model.ckpt.data-00000-of-00001")
+  return None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,6 +27,8 @@ import glob
 import json
 import os
 import sys
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -36,6 +38,7 @@ from gpt.errors import GPTError
 
 BLOCK_BYTES = 1 << 20  # bytes read per step when streaming a file
 TOKEN_SUFFIXES = (".bin", ".npz")
+_REDO = "encode the text again with python -m gpt.encode"  # the fix for a damaged token file
 
 
 def token_dtype(n_vocab: int) -> np.dtype:
@@ -134,6 +137,7 @@ def iter_pieces(paths: list[Path], tokenizer: Any, *, encoding: str = "utf-8",
         yield Piece(np.zeros(0, dtype), chunk_end=True)
         chars = 0
       for chunk in read_token_chunks(path):
+        check_token_ids(chunk, tokenizer.n_vocab, str(path))  # astype would wrap negative ids
         yield Piece(chunk.astype(dtype), chunk_end=True)
       if progress is not None:
         progress.update(path.stat().st_size)
@@ -206,20 +210,73 @@ def write_tokens(pieces: Iterable[Piece], out: str | os.PathLike, *, eot_id: int
 
 
 def read_token_chunks(path: str | os.PathLike) -> list[np.ndarray]:
-  """The chunks of a token file: the arrays of an .npz, or the one flat array of a .bin (memmap)."""
+  """The chunks of a token file: the arrays of an .npz, or the one flat array of a .bin (memmap).
+
+  A file that cannot be token ids (a damaged or foreign .npz, a .bin that is not a whole number of
+  tokens, float or multi-dimensional arrays) is a GPTError naming it, not a numpy traceback.
+  """
   path = Path(path)
   if path.suffix == ".npz":
-    with np.load(path) as npz:
-      return [npz[name] for name in npz.files]
+    return _read_npz(path)
   if path.suffix == ".bin":
-    dtype = np.uint16
-    meta = Path(f"{path}.json")
-    if meta.is_file():
-      dtype = np.dtype(json.loads(meta.read_text())["dtype"])
-    if path.stat().st_size == 0:
+    dtype = _bin_dtype(path)
+    size = path.stat().st_size
+    if size % dtype.itemsize:
+      raise GPTError(f"{path} has {size} bytes, not a whole number of {dtype.itemsize}-byte "
+                     f"{dtype.name} tokens: it is truncated or its .json sidecar names the wrong dtype; "
+                     f"{_REDO}")
+    if size == 0:
       return [np.zeros(0, dtype)]
     return [np.memmap(path, dtype=dtype, mode="r")]
   raise GPTError(f"{path} is not a token file (.bin or .npz)")
+
+
+def _bin_dtype(path: Path) -> np.dtype:
+  """The dtype a .bin's `<file>.json` sidecar names (uint16 without one)."""
+  meta = Path(f"{path}.json")
+  if not meta.is_file():
+    return np.dtype(np.uint16)
+  try:
+    dtype = np.dtype(json.loads(meta.read_text(encoding="utf-8"))["dtype"])
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    raise GPTError(f"{meta} (the dtype of {path.name}) is unreadable ({type(e).__name__}: {e}); "
+                   f"{_REDO}") from None
+  if dtype.kind != "u":
+    raise GPTError(f"{meta} says {path.name} holds {dtype.name}; token ids are unsigned integers "
+                   f"(uint16 or uint32); {_REDO}")
+  return dtype
+
+
+def _read_npz(path: Path) -> list[np.ndarray]:
+  """The arrays of an .npz token file, each checked to be a 1-D integer array."""
+  try:
+    with np.load(path, allow_pickle=False) as npz:
+      chunks = [(name, npz[name]) for name in npz.files]
+  except (zipfile.BadZipFile, EOFError, zlib.error, ValueError, OSError, KeyError) as e:
+    reason = " ".join(str(e).split())[:200] or type(e).__name__
+    raise GPTError(f"{path} is not a readable .npz token file ({reason}): it is truncated, damaged "
+                   f"or not an .npz; {_REDO}") from None
+  for name, chunk in chunks:
+    if chunk.ndim != 1 or chunk.dtype.kind not in "ui":
+      raise GPTError(f"{path}: array {name!r} has dtype {chunk.dtype} and shape {chunk.shape}; token "
+                     f"files hold 1-D integer token ids; {_REDO}")
+  return [chunk for _, chunk in chunks]
+
+
+def check_token_ids(tokens: np.ndarray, n_vocab: int, source: str) -> None:
+  """GPTError unless every id in `tokens` is an integer in [0, n_vocab)."""
+  if tokens.dtype.kind not in "ui":
+    raise GPTError(f"{source} holds {tokens.dtype} values; token ids must be integers; {_REDO}")
+  if tokens.size == 0:
+    return
+  if tokens.dtype.kind == "i" and int(tokens.min()) < 0:  # unsigned files need only one pass
+    at = int(np.argmax(tokens < 0))
+    raise GPTError(f"{source} holds a negative token id ({int(tokens[at])} at position {at}); token "
+                   f"ids are 0..{n_vocab - 1}; {_REDO}")
+  high = int(tokens.max())
+  if high >= n_vocab:
+    raise GPTError(f"{source} holds token id {high} but the model's vocabulary has {n_vocab} ids "
+                   f"(model.n_vocab)")
 
 
 def load_token_file(path: str | os.PathLike, eot_id: int) -> np.ndarray:

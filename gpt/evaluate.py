@@ -5,7 +5,10 @@
 
 Writes <workdir>/eval/<task>_<shots>shot.json (metrics with stderrs, item counts, truncation counts,
 the config, data checksums, timing) and, with eval.write_examples, a .jsonl of per-item scores
-beside it; then prints a table of all results. Without --workdir results go to runs/eval.
+beside it; then prints a table of all results. Without --workdir results go to runs/eval. Both are
+written to a temporary name and renamed, the .jsonl first, so a .json always has its complete .jsonl.
+Task files come from eval.data_dir, where missing ones are fetched first (from the original
+releases or eval.mirror, checked: gpt.evals.sources), or from TensorFlow Datasets (eval.source).
 """
 
 from __future__ import annotations
@@ -13,13 +16,14 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 
 from gpt.errors import GPTError
-from gpt.evals import get_task
+from gpt.evals import get_task, sources
 from gpt.evals.base import Format
 from gpt.evals.runner import TaskResult, evaluate
 from gpt.evals.scoring import Scorer
@@ -60,15 +64,18 @@ def run(config, workdir: str | None) -> None:
   if e.batch_size < 1 or e.max_buckets < 1:
     raise GPTError(f"eval.batch_size={e.batch_size} and eval.max_buckets={e.max_buckets} must be at "
                    f"least 1")
+  if e.limit < 0:  # a slice [:-n] would silently score all but the last n items
+    raise GPTError(f"eval.limit={e.limit}: give the number of items to score per task, or 0 for all")
   out_dir = Path(workdir or DEFAULT_WORKDIR) / "eval"
   out_dir.mkdir(parents=True, exist_ok=True)
+  load_data = task_data_loader(e, tasks)  # fetches missing task files before the model loads
   loaded = load_model(config)
   logging.info("evaluating %s (%s parameters)", loaded.source, f"{loaded.cfg.num_params():,}")
   scorer = Scorer(loaded.model, e.batch_size, e.max_buckets)
   fmt = Format(e.example_separator, e.target_delimiter)
   results = []
   for task in tasks:
-    data = task.load(Path(e.data_dir))
+    data = load_data(task)
     if not task.uses_shots and shots != [0]:
       logging.info("%s is a perplexity task: shot counts do not apply, scoring it once", task.name)
     for k in (shots if task.uses_shots else [0]):
@@ -79,6 +86,26 @@ def run(config, workdir: str | None) -> None:
       results.append((task, result))
   print(format_table(results))
   print(f"results in {out_dir}")
+
+
+def task_data_loader(e, tasks: list) -> Callable[[Any], Any]:
+  """task -> its TaskData, from eval.source: files in eval.data_dir (missing ones fetched now, from
+  the original hosts or eval.mirror) or TensorFlow Datasets for the tasks it carries."""
+  source = e.get("source", "files")
+  if source not in ("files", "tfds"):
+    raise GPTError(f"eval.source={source!r}: choose files or tfds")
+  data_dir = Path(e.data_dir).expanduser()
+  from_tfds = {t.name for t in tasks if source == "tfds" and t.name in sources.TFDS_TASKS}
+  if source == "tfds" and len(from_tfds) < len(tasks):
+    logging.info("not in TensorFlow Datasets, read from %s: %s", data_dir,
+                 ", ".join(t.name for t in tasks if t.name not in from_tfds))
+  sources.ensure_tasks([t for t in tasks if t.name not in from_tfds], data_dir, e.get("mirror", ""))
+
+  def load(task):
+    if task.name in from_tfds:
+      return sources.load_tfds(task, e.get("tfds_data_dir", ""))
+    return task.load(data_dir)
+  return load
 
 
 def write_result(out_dir: Path, task, data, result: TaskResult, config, loaded) -> Path:
@@ -100,12 +127,24 @@ def write_result(out_dir: Path, task, data, result: TaskResult, config, loaded) 
   if hasattr(task, "describe"):
     record["patterns"] = task.describe()
   path = out_dir / f"{stem}.json"
-  path.write_text(json.dumps(record, indent=2) + "\n")
-  if result.examples:
-    with open(out_dir / f"{stem}.jsonl", "w", encoding="utf-8") as f:
-      for example in result.examples:
-        f.write(json.dumps(example, ensure_ascii=False) + "\n")
+  if result.examples:  # first: a .json beside it means both are complete
+    _write_atomic(out_dir / f"{stem}.jsonl",
+                  "".join(json.dumps(example, ensure_ascii=False) + "\n" for example in result.examples))
+  _write_atomic(path, json.dumps(record, indent=2) + "\n")
   return path
+
+
+def _write_atomic(path: Path, text: str) -> None:
+  """Writes `text` to a temporary name and renames it over `path`, so a failure never leaves a half
+  file. Characters UTF-8 cannot encode (a lone surrogate in task data) are written as \\uXXXX, which
+  inside a JSON string is the same escape json.dumps would write, so the line still parses to the
+  same string."""
+  tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+  try:
+    tmp.write_text(text, encoding="utf-8", errors="backslashreplace")
+    os.replace(tmp, path)
+  finally:
+    tmp.unlink(missing_ok=True)
 
 
 def _finite(x: float) -> float | None:

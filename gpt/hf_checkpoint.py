@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 from pathlib import Path
 
@@ -71,7 +72,21 @@ def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
   except ImportError:
     raise GPTError(f"{folder} has only pytorch_model.bin, which needs torch (pip install torch); "
                    f"or convert it to model.safetensors") from None
-  state = torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+  path = folder / "pytorch_model.bin"
+  try:
+    state = torch.load(path, map_location="cpu", weights_only=True)
+  except pickle.UnpicklingError as e:  # weights_only=True met something that is not plain tensors
+    detail = re.search(r"WeightsUnpickler error:\s*(.*?\.)(\s|$)", str(e), re.S)
+    reason = " ".join((detail.group(1) if detail else str(e).splitlines()[0]).split())[:200]
+    raise GPTError(f"{path} was refused: loading it with weights_only=True found Python objects "
+                   f"besides tensors, which can run code when unpickled ({reason}); if you trust "
+                   f"its source, convert it to model.safetensors with transformers") from None
+  except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated, not a torch file
+    first = re.match(r".*?\.(?=\s|$)", " ".join(str(e).split()))
+    raise GPTError(f"{path} is not a readable PyTorch checkpoint "
+                   f"({(first.group(0) if first else str(e))[:200]}); download it again") from None
+  if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    raise GPTError(f"{path} holds a {type(state).__name__}, not a state dict of tensors")
   return {k: v.float().numpy() for k, v in state.items()}
 
 
@@ -80,13 +95,20 @@ def read_hparams(folder: str | os.PathLike) -> dict:
   config_path = Path(folder) / "config.json"
   try:
     hf_config = json.loads(config_path.read_text())
-  except (OSError, json.JSONDecodeError) as e:
+  except (OSError, ValueError) as e:  # ValueError: not JSON or not UTF-8
     raise GPTError(f"cannot read {config_path}: {e}") from None
+  if not isinstance(hf_config, dict):
+    raise GPTError(f"{config_path} is not a JSON object; it is not a Hugging Face config")
   if hf_config.get("model_type", "gpt2") != "gpt2":
     raise GPTError(f"{config_path}: model_type is {hf_config.get('model_type')!r}, expected 'gpt2'")
   if hf_config.get("activation_function", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh"):
     raise GPTError(f"{config_path}: activation_function {hf_config['activation_function']!r} is not "
                    f"GPT-2's tanh GELU")
+  defaults = {"vocab_size": None, "n_embd": None, "n_head": None, "n_layer": None, "n_positions": 1024}
+  missing = [k for k, d in defaults.items() if type(hf_config.get(k, d)) is not int]
+  if missing:
+    raise GPTError(f"{config_path} has no integer {', '.join(missing)}: it is not a GPT-2 config.json "
+                   f"(or it is damaged); download it again")
   return {"n_vocab": hf_config["vocab_size"], "n_ctx": hf_config.get("n_positions", 1024),
           "n_embd": hf_config["n_embd"], "n_head": hf_config["n_head"],
           "n_layer": hf_config["n_layer"]}

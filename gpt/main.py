@@ -9,12 +9,12 @@ This file is intentionally thin: each mode lives in its own module with a
 from __future__ import annotations
 
 import importlib
-import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from gpt.config import unknown_key_message
 from gpt.errors import GPTError
 
 # mode name -> "module:function"; each function takes (config, workdir).
@@ -74,11 +74,7 @@ def _flags_parser(argv: list[str]) -> list[str]:
   except flags.Error as e:
     _fail(f"{e}\nPass --helpfull for the list of flags.")
   except (AttributeError, KeyError) as e:
-    hint = re.search(r'Did you mean "([^"]+)" instead of "([^"]+)"', str(e).replace("\\", ""))
-    bad = [a.split("=")[0] for a in argv[1:] if a.startswith("--config.")]
-    what = f'unknown config key "{hint.group(2)}" (did you mean "{hint.group(1)}"?)' if hint else (
-        f"unknown config key {e}")
-    _fail(f"{what} in {' '.join(bad) or 'the overrides'}; see the config file for valid keys")
+    _fail(unknown_key_message(e, argv))
   except (FileNotFoundError, ImportError, SyntaxError) as e:
     _fail(f"cannot load the config file: {e}")
 

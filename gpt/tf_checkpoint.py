@@ -108,10 +108,10 @@ def _read_tensor(f, path: Path, file_size: int, name: str, entry: dict, dtype: n
   return np.frombuffer(buf, dtype).reshape(entry["shape"])
 
 
-def read_bundle(prefix: str | os.PathLike) -> dict[str, np.ndarray]:
-  """Tensors of the bundle `<prefix>.index` + `<prefix>.data-*`, keyed by their stored names."""
-  prefix = Path(prefix)
-  index_path = prefix.with_name(prefix.name + ".index")
+def read_index(index_path: str | os.PathLike) -> tuple[dict, dict[str, dict]]:
+  """(header, {tensor name: entry}) of a bundle index; entries hold dtype, shape, shard_id, offset,
+  size and crc32c (masked) of each tensor's bytes in its data shard."""
+  index_path = Path(index_path)
   try:
     raw = index_path.read_bytes()
   except OSError as e:
@@ -120,9 +120,16 @@ def read_bundle(prefix: str | os.PathLike) -> dict[str, np.ndarray]:
     items = tt.read_table(raw)
     if not items or items[0][0] != b"":
       raise tt.TableError("no bundle header (the empty key)")
-    header, entries = _parse_header(items[0][1]), {k.decode(): _parse_entry(v) for k, v in items[1:]}
+    return _parse_header(items[0][1]), {k.decode(): _parse_entry(v) for k, v in items[1:]}
   except (tt.TableError, UnicodeDecodeError) as e:
     raise GPTError(f"{index_path} is corrupt: {e}; download it again") from None
+
+
+def read_bundle(prefix: str | os.PathLike) -> dict[str, np.ndarray]:
+  """Tensors of the bundle `<prefix>.index` + `<prefix>.data-*`, keyed by their stored names."""
+  prefix = Path(prefix)
+  index_path = prefix.with_name(prefix.name + ".index")
+  header, entries = read_index(index_path)
   if header["min_consumer"] > _BUNDLE_VERSION or _BUNDLE_VERSION in header["bad_consumers"]:
     raise GPTError(f"{index_path} needs a newer tensor-bundle reader (min_consumer "
                    f"{header['min_consumer']})")

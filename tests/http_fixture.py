@@ -20,15 +20,18 @@ class FileServer:
   """Serves the files under `root`; state (cuts, log) belongs to the instance, not the module."""
 
   def __init__(self, root: str | Path, cuts: dict[str, list[int]] | None = None,
-               ignore_range: bool = False, extra_length: dict[str, int] | None = None):
+               ignore_range: bool = False, extra_length: dict[str, int] | None = None,
+               headers: dict[str, dict[str, str]] | None = None):
     """`cuts[path]`: per request of `path`, in turn, how many body bytes to send before closing.
     `ignore_range`: answer every GET with 200 and the whole file, as some servers do.
     `extra_length[path]`: announce a Content-Length this much larger than what is sent (a lying
-    server or proxy)."""
+    server or proxy; negative: a Content-Length shorter than the file, which is sent whole).
+    `headers[path]`: extra response headers for `path` (Content-Type, checksums, ...)."""
     self.root = Path(root).resolve()
     self.cuts = {k: list(v) for k, v in (cuts or {}).items()}
     self.ignore_range = ignore_range
     self.extra_length = dict(extra_length or {})
+    self.headers = {k: dict(v) for k, v in (headers or {}).items()}
     self.log: list[tuple[str, str | None, int]] = []
     self._lock = threading.Lock()
     self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -87,7 +90,7 @@ class FileServer:
         server._record(path, rng, status)
         cut = server._next_cut(path) if status in (200, 206) else None
         self.send_response(status)
-        for k, v in headers.items():
+        for k, v in {**server.headers.get(path, {}), **headers}.items():
           self.send_header(k, v)
         self.send_header("Content-Length", str(len(body) + server.extra_length.get(path, 0)))
         self.send_header("Accept-Ranges", "bytes")

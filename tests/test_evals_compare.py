@@ -3,6 +3,7 @@
 import importlib.util
 import subprocess
 import sys
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -66,14 +67,31 @@ def test_plot_is_written(workdirs, tmp_path, capsys):
   assert "plot saved to" in capsys.readouterr().out
 
 
-def test_missing_matplotlib_is_one_line(workdirs):
+def test_plot_goes_into_the_eval_folder_it_read_not_the_current_directory(workdirs, tmp_path,
+                                                                           monkeypatch, capsys):
+  pytest.importorskip("matplotlib", reason="the plot needs the [plots] extra (matplotlib)")
+  cwd = tmp_path / "elsewhere"
+  cwd.mkdir()
+  monkeypatch.chdir(cwd)
+  load_script().main(workdirs)
+  out = Path(workdirs[0]) / "eval" / "compare_shots.png"
+  assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+  assert f"plot saved to {out}" in capsys.readouterr().out
+  assert list(cwd.iterdir()) == [] and not (Path(workdirs[1]) / "eval" / "compare_shots.png").exists()
+
+
+def test_without_matplotlib_the_table_is_printed_and_the_plot_skipped_in_one_line(workdirs, tmp_path):
   code = ("import sys, runpy; sys.modules['matplotlib'] = None; "
-          f"sys.argv = ['compare_shots.py', {workdirs[0]!r}]; runpy.run_path({str(SCRIPT)!r}, run_name='__main__')")
-  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-  assert proc.returncode == 1
+          f"sys.argv = ['compare_shots.py', *{workdirs!r}]; runpy.run_path({str(SCRIPT)!r}, run_name='__main__')")
+  proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                        cwd=tmp_path)
+  assert proc.returncode == 0
+  table = proc.stdout.strip().splitlines()
+  assert table[0] == "| task | model | metric | n | 0-shot | 1-shot | 5-shot |" and len(table) == 6
   assert proc.stderr.strip().splitlines() == [
-      "error: the plot needs matplotlib: pip install matplotlib (or pip install -e '.[plots]'); "
-      "--no_plot prints the table only"]
+      "no plot: it needs matplotlib: pip install matplotlib (or pip install -e '.[plots]'); "
+      "the table above is complete"]
+  assert not list(Path(workdirs[0]).rglob("*.png")) and not list(tmp_path.glob("*.png"))
 
 
 def test_empty_workdir_is_one_line_error(tmp_path):

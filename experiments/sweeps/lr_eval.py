@@ -18,5 +18,5 @@ product = {"train.learning_rate": [1e-3, 3e-3], "seed": [0, 1]}
 stages = [
     {"mode": "train"},
     {"mode": "eval", "init": "{workdir}", "eval.tasks": "lambada,piqa", "eval.shots": "0,1,3",
-     "eval.limit": 200},
+     "eval.limit": 200, "eval.data_dir": "../shared/data"},
 ]

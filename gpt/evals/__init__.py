@@ -7,6 +7,8 @@
   wikitext2 text                    perplexity.py       token/word/byte perplexity, bits_per_byte
 
 `gpt.evals.runner.evaluate` runs one task at one shot count; `gpt.evaluate.run` is the eval mode.
+`gpt.evals.sources` says where each task's files come from: downloaded on first use from their
+original release (or `eval.mirror`) and checked, or read from TensorFlow Datasets.
 """
 
 from __future__ import annotations

@@ -101,6 +101,12 @@ class Task:
   def load(self, data_dir: Path) -> TaskData:
     raise NotImplementedError
 
+  def data_files(self) -> list[tuple[str, ...]]:
+    """The files `load` reads, relative to eval.data_dir, as alternative forms (each a tuple of
+    files that together hold the data), the preferred first; gpt.evals.sources fetches a missing
+    form. Empty for tasks that read nothing from data_dir."""
+    return []
+
   def requests(self, doc: Any, demos: Sequence[Any], fmt: Format) -> list[Request]:
     """The prompts that score `doc`, with `demos` (docs of the few-shot pool) in front."""
     raise NotImplementedError

@@ -71,8 +71,13 @@ class Cloze(Task):
 
 
 class BoolQ(Cloze):
+  """BoolQ dev: Google's original dev.jsonl, or SuperGLUE's val.jsonl (the same 3270 items, each
+  passage led by "<title> -- ", `label` for `answer`: what lm-eval's boolq reads) when only it is
+  present."""
+
   name = "boolq"
   FILE = "boolq/dev.jsonl"
+  SUPERGLUE = "boolq/val.jsonl"
   field_names = ("passage", "question")
   patterns = (
       Pattern(lambda d: f"{d['passage']}\nQuestion: {d['question']}?\nAnswer:", ("no", "yes"),
@@ -83,15 +88,25 @@ class BoolQ(Cloze):
               ("No", "Yes"), "PET BoolQ pattern 2"),
   )
 
+  def data_files(self) -> list[tuple[str, ...]]:
+    return [(self.FILE,), (self.SUPERGLUE,)]
+
   def load(self, data_dir: Path) -> TaskData:
+    superglue = Path(data_dir) / self.SUPERGLUE
+    if not (Path(data_dir) / self.FILE).is_file() and superglue.is_file():
+      docs = [self.to_doc({**r, "answer": r.get("label")}, superglue) for r in read_jsonl(superglue)]
+      return TaskData(docs, None, {str(superglue): sha256_of(superglue)}, "dev (minus the item)")
     path = require_files(data_dir, self.name, self.FILE)[self.FILE]
-    docs = []
-    for r in read_jsonl(path):
-      if not isinstance(r.get("answer"), bool):
-        raise GPTError(f"{path}: item {r.get('question')!r} has no true/false 'answer'")
-      docs.append(LabeledText((("passage", r["passage"]), ("question", r["question"])),
-                              int(r["answer"])))
+    docs = [self.to_doc(r, path) for r in read_jsonl(path)]
     return TaskData(docs, None, {str(path): sha256_of(path)}, "dev (minus the item)")
+
+  @staticmethod
+  def to_doc(row: dict, where: Any) -> LabeledText:
+    """One record of BoolQ's dev.jsonl ({question, passage, answer: bool}); `where` for errors."""
+    if not isinstance(row.get("answer"), (bool,)):
+      raise GPTError(f"{where}: item {row.get('question')!r} has no true/false 'answer'")
+    return LabeledText((("passage", row["passage"]), ("question", row["question"])),
+                       int(row["answer"]))
 
 
 class SST2(Cloze):
@@ -107,6 +122,9 @@ class SST2(Cloze):
               ("negative", "positive"), "lm-evaluation-harness sst2"),
   )
 
+  def data_files(self) -> list[tuple[str, ...]]:
+    return [self.FILES]
+
   def load(self, data_dir: Path) -> TaskData:
     paths = require_files(data_dir, self.name, *self.FILES)
     dev, train = (self._read(paths[f]) for f in self.FILES)
@@ -119,5 +137,10 @@ class SST2(Cloze):
       label, _, sentence = line.partition(" ")
       if label not in ("0", "1") or not sentence:
         raise GPTError(f"{path}:{n} is not '<0|1> <sentence>'")
-      docs.append(LabeledText((("sentence", sentence),), int(label)))
+      docs.append(SST2.to_doc(sentence, int(label)))
     return docs
+
+  @staticmethod
+  def to_doc(sentence: str, label: int) -> LabeledText:
+    """A sentence and its label (0 negative, 1 positive)."""
+    return LabeledText((("sentence", sentence),), int(label))

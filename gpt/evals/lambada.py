@@ -36,6 +36,9 @@ class Lambada(Task):
   name = "lambada"
   primary_metric = "acc"
 
+  def data_files(self) -> list[tuple[str, ...]]:
+    return [(FILE,)]
+
   def load(self, data_dir: Path) -> TaskData:
     path = require_files(data_dir, self.name, FILE)[FILE]
     docs = []

@@ -16,7 +16,7 @@ import dataclasses
 import json
 import re
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 from gpt.errors import GPTError
 from gpt.evals import metrics
@@ -88,6 +88,9 @@ class HellaSwag(MultipleChoice):
   FILE = "hellaswag/hellaswag_val_full.txt.bz2"
   JSONL = "hellaswag/hellaswag_val.jsonl"
 
+  def data_files(self) -> list[tuple[str, ...]]:
+    return [(self.JSONL,), (self.FILE,)]  # the official form first (a mirror may have the other)
+
   def load(self, data_dir: Path) -> TaskData:
     jsonl = Path(data_dir) / self.JSONL
     if jsonl.is_file():
@@ -111,6 +114,13 @@ class HellaSwag(MultipleChoice):
     return ChoiceDoc(clean_wikihow(row["activity_label"] + ": " + ctx),
                      tuple(clean_wikihow(e) for e in row["endings"]), int(row["label"]))
 
+  @staticmethod
+  def from_context(activity_label: str, context: str, endings: Sequence[str], label: int) -> ChoiceDoc:
+    """An item whose context comes joined (TFDS's `context` is the jsonl's `ctx`, ctx_b as written,
+    like the text form's context line)."""
+    return ChoiceDoc(clean_wikihow(activity_label + ": " + context),
+                     tuple(clean_wikihow(e) for e in endings), int(label))
+
 
 def clean_wikihow(text: str) -> str:
   """lm-eval's hellaswag `preprocess`: drops WikiHow's [title]/[step]/... markers."""
@@ -122,13 +132,20 @@ class PIQA(MultipleChoice):
   name = "piqa"
   FILES = ("piqa/valid.jsonl", "piqa/valid-labels.lst")
 
+  def data_files(self) -> list[tuple[str, ...]]:
+    return [self.FILES]
+
   def load(self, data_dir: Path) -> TaskData:
     paths = require_files(data_dir, self.name, *self.FILES)
     rows = read_jsonl(paths[self.FILES[0]])
     labels = read_labels(paths[self.FILES[1]], len(rows))
-    docs = [ChoiceDoc(f"Question: {r['goal']}\nAnswer:", (r["sol1"], r["sol2"]), y)
-            for r, y in zip(rows, labels)]
+    docs = [self.to_doc(r, y) for r, y in zip(rows, labels)]
     return TaskData(docs, None, {str(p): sha256_of(p) for p in paths.values()}, "dev (minus the item)")
+
+  @staticmethod
+  def to_doc(row: dict, label: int) -> ChoiceDoc:
+    """A {goal, sol1, sol2} record and its label (0: sol1, 1: sol2)."""
+    return ChoiceDoc(f"Question: {row['goal']}\nAnswer:", (row["sol1"], row["sol2"]), int(label))
 
 
 class ARC(MultipleChoice):
@@ -139,8 +156,11 @@ class ARC(MultipleChoice):
     self.name = f"arc_{subset.lower()}"
     self.unconditional = unconditional
 
+  def data_files(self) -> list[tuple[str, ...]]:
+    return [(f"arc/ARC-{self.subset}-Test.jsonl", f"arc/ARC-{self.subset}-Train.jsonl")]
+
   def load(self, data_dir: Path) -> TaskData:
-    test, train = f"arc/ARC-{self.subset}-Test.jsonl", f"arc/ARC-{self.subset}-Train.jsonl"
+    test, train = self.data_files()[0]
     paths = require_files(data_dir, self.name, test, train)
     return TaskData([self.to_doc(r) for r in read_jsonl(paths[test])],
                     [self.to_doc(r) for r in read_jsonl(paths[train])],
@@ -179,19 +199,20 @@ class Winogrande(Task):
   primary_metric = "acc"
   FILES = ("winogrande/dev.jsonl", "winogrande/train_s.jsonl")
 
+  def data_files(self) -> list[tuple[str, ...]]:
+    return [self.FILES]
+
   def load(self, data_dir: Path) -> TaskData:
     paths = require_files(data_dir, self.name, *self.FILES)
-    dev, train = (self._docs(paths[f]) for f in self.FILES)
+    dev, train = ([self.to_doc(r, p) for r in read_jsonl(p)] for p in (paths[f] for f in self.FILES))
     return TaskData(dev, train, {str(p): sha256_of(p) for p in paths.values()}, "train_s")
 
   @staticmethod
-  def _docs(path: Path) -> list[WinograndeDoc]:
-    docs = []
-    for r in read_jsonl(path):
-      if r["sentence"].count("_") != 1 or r["answer"] not in ("1", "2"):
-        raise GPTError(f"{path}: item {r.get('qID')} needs one '_' and answer '1' or '2'")
-      docs.append(WinograndeDoc(r["sentence"], (r["option1"], r["option2"]), int(r["answer"]) - 1))
-    return docs
+  def to_doc(row: dict, where: Any) -> WinograndeDoc:
+    """One {sentence, option1, option2, answer: '1'|'2'} record; `where` names the file in errors."""
+    if row["sentence"].count("_") != 1 or row["answer"] not in ("1", "2"):
+      raise GPTError(f"{where}: item {row.get('qID')} needs one '_' and answer '1' or '2'")
+    return WinograndeDoc(row["sentence"], (row["option1"], row["option2"]), int(row["answer"]) - 1)
 
   def requests(self, doc: WinograndeDoc, demos: Sequence[WinograndeDoc],
                fmt: Format) -> list[Request]:

@@ -126,6 +126,9 @@ class Perplexity(Task):
 class WikiText2(Perplexity):
   name = "wikitext2"
 
+  def data_files(self) -> list[tuple[str, ...]]:
+    return [(WIKITEXT_FILE,)]
+
   def load(self, data_dir: Path) -> TaskData:
     path = require_files(data_dir, self.name, WIKITEXT_FILE)[WIKITEXT_FILE]
     articles = split_articles(path.read_text(encoding="utf-8"))
