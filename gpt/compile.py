@@ -84,8 +84,9 @@ def topology_devices(name: str) -> list:
   if not libtpu_available():
     raise GPTError(f"mesh.topology={name} needs libtpu to compile for TPUs: pip install 'gpt[tpu]' "
                    f"(or jax[tpu] matching the installed jax {jax.__version__})")
-  # libtpu looks for a TPU VM's metadata and for other processes on the same TPU; off a TPU VM
-  # these say where the notices would come from, and compiling needs no lock on a TPU.
+  # Off a TPU VM, libtpu asks a metadata server for the accelerator type and worker hostnames and
+  # prints notices when there is none, and takes /tmp/libtpu_lockfile, meant for processes that
+  # share a real TPU (any jax process on the machine may hold it). A compile needs none of that.
   for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
                      ("TPU_ACCELERATOR_TYPE", "v5litepod-4"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
     os.environ.setdefault(key, value)
