@@ -43,7 +43,9 @@ def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
   """{tag: [(step, value), ...]} sorted by step, over every event file in `logdir`.
 
   Files are read oldest first (their names start with the creation time), so when a resumed run
-  logs a step again, the later value wins.
+  logs a step again, the later value wins. A resumed run's writer starts with a SessionLog START
+  event at its purge step (gpt.train_log): as TensorBoard does, everything logged before it at
+  that step or later is discarded, so steps the resumed run did not replay do not linger.
   """
   from tensorboardX.proto import event_pb2
 
@@ -53,6 +55,10 @@ def read_scalars(logdir: str | Path) -> dict[str, list[tuple[int, float]]]:
   for file in files:
     for payload in read_records(file):
       event = event_pb2.Event.FromString(payload)
+      if event.HasField("session_log") and event.session_log.status == event.session_log.START:
+        for steps in by_tag.values():
+          for step in [s for s in steps if s >= event.step]:
+            del steps[step]
       for value in event.summary.value:
         kind = value.WhichOneof("value")
         if kind == "simple_value":

@@ -10,6 +10,11 @@ the same command again resumes from the latest checkpoint (`train.restore_from=l
 continues to `train.steps`. Ctrl-C (SIGINT) or SIGTERM saves a checkpoint and exits cleanly; a
 second Ctrl-C aborts at once. A NaN/inf loss stops the run before anything is saved, so the last
 checkpoint on disk is the last good one.
+
+Guarding work (see gpt/workdir_lock.py and gpt/checkpoint.py): a run holds its workdir with an OS
+file lock, so a second run on it is refused; a resume checks the checkpoints' checksums and falls
+back past damaged ones; a failed save (a full disk) stops the run at once; and the rows a resumed
+run will replay are dropped from metrics.jsonl (TensorBoard purges them too).
 """
 
 from __future__ import annotations
@@ -28,11 +33,13 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from gpt import data, optim, sharding
-from gpt.checkpoint import Checkpointer, checkpoint_dir, load_params, resolve_checkpoint
+from gpt.checkpoint import (Checkpointer, checkpoint_dir, intact_step, load_params,
+                            resolve_checkpoint)
 from gpt.errors import GPTError
 from gpt.model import GPTConfig, abstract_model
 from gpt.train_log import Throughput, TrainLog, quiet_orbax
 from gpt.train_step import TrainState, create_state, jit_eval_step, jit_train_step, uses_dropout
+from gpt.workdir_lock import hold_workdir
 
 SHAPE_FIELDS = ("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
 
@@ -126,12 +133,32 @@ def _tokenizer(config: Any):
   return get_tokenizer(None)
 
 
-def _saved_cfg(config: Any, config_json: Path) -> GPTConfig | None:
-  """config.model with the shape saved in a workdir's config.json (None when there is none)."""
+def _saved_cfg(config: Any, config_json: Path, ckpt: Checkpointer | None = None) -> GPTConfig | None:
+  """config.model with the shape saved in a workdir's config.json (None when there is none).
+
+  A damaged config.json (truncated, hand-edited) is not fatal when `ckpt` has checkpoints: each
+  one's metadata records the model too, so the shape is read from there (one warning line) and
+  config.json is rewritten by the run."""
   if not config_json.is_file():
     return None
-  saved = json.loads(config_json.read_text())["model"]
-  return GPTConfig.from_config({**config.model.to_dict(), **{k: saved[k] for k in SHAPE_FIELDS}})
+  try:
+    saved = json.loads(config_json.read_text())["model"]
+    shape = {k: int(saved[k]) for k in SHAPE_FIELDS}
+  except (OSError, ValueError, KeyError, TypeError) as e:
+    problem = f"{config_json} is damaged ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+    if ckpt is None or ckpt.latest_step() is None:
+      raise GPTError(f"{problem}; it records the trained model's shape: restore it, or delete it "
+                     f"and pass the shape as --config.model.*") from None
+    try:
+      step = intact_step(ckpt)
+      saved = ckpt.read_meta(step)["model"]
+      shape = {k: int(saved[k]) for k in SHAPE_FIELDS}
+    except (GPTError, OSError, ValueError, KeyError, TypeError):
+      raise GPTError(f"{problem}, and the checkpoints' metadata does not say the model's shape "
+                     f"either: restore config.json from a backup") from None
+    logging.warning("%s; the model shape is taken from checkpoint step %d and config.json will be "
+                    "rewritten", problem, step)
+  return GPTConfig.from_config({**config.model.to_dict(), **shape})
 
 
 def _setup(config: Any, workdir: Path, ckpt: Checkpointer) -> Setup:
@@ -140,7 +167,7 @@ def _setup(config: Any, workdir: Path, ckpt: Checkpointer) -> Setup:
   restore_from = str(config.train.restore_from)
   latest = ckpt.latest_step()
   if restore_from == "latest" and latest is not None:
-    cfg = _saved_cfg(config, workdir / "config.json")
+    cfg = _saved_cfg(config, workdir / "config.json", ckpt)
     if cfg is None:
       raise GPTError(f"{workdir} has checkpoints but no config.json; cannot tell the model shape")
     return Setup(cfg, _tokenizer(config), None, latest, f"checkpoint step {latest} in {workdir}")
@@ -167,7 +194,7 @@ def check_config(t: Any, cfg: GPTConfig, mesh) -> None:
   if t.grad_accum < 1 or t.batch_size % need:
     raise GPTError(f"train.batch_size={t.batch_size} must be a multiple of grad_accum={t.grad_accum} "
                    f"x {sharding.batch_divisor(mesh)} data-parallel devices (mesh data x fsdp)")
-  for name in ("steps", "log_every", "keep"):
+  for name in ("steps", "log_every", "keep", "seq_len", "batch_size"):
     if t[name] < 1:
       raise GPTError(f"train.{name}={t[name]} must be >= 1")
   for name in ("val_every", "sample_every", "save_every"):
@@ -200,6 +227,16 @@ def run(config: Any, workdir: str | None) -> None:
   workdir.mkdir(parents=True, exist_ok=True)
   main_process = jax.process_index() == 0
   mesh = sharding.make_mesh(config.mesh)
+  lock = hold_workdir(workdir)  # before anything in the workdir is touched
+  try:
+    _train(config, workdir, mesh, main_process)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train(config: Any, workdir: Path, mesh, main_process: bool) -> None:
+  t = config.train
   ckpt = Checkpointer(checkpoint_dir(workdir), keep=t.keep)
   try:
     setup = _setup(config, workdir, ckpt)
@@ -276,7 +313,7 @@ class Loop:
     self.windows = data.Windows(dataset.train, t.seq_len, t.batch_size, config.seed)
     self.last_saved = None
     if setup.resume_step is not None:
-      self.state, meta = ckpt.restore(programs.abstract_state, setup.resume_step)
+      self.state, meta, setup.resume_step = ckpt.restore_intact(programs.abstract_state)
       self.last_saved = setup.resume_step
       logging.info("resumed from checkpoint step %d (loss %s)", setup.resume_step, meta.get("loss"))
     else:
@@ -295,7 +332,7 @@ class Loop:
     if step >= self.t.steps:
       logging.info("already trained to step %d (train.steps=%d): nothing to do", step, self.t.steps)
       return
-    self.log = TrainLog(self.workdir, enabled=self.main)
+    self.log = TrainLog(self.workdir, enabled=self.main, start_step=step)
     try:
       with StopRequest() as stop:
         self.loop(step, stop)
@@ -312,6 +349,7 @@ class Loop:
       self.state, metrics = self.step_fn(self.state, self.batch(self.windows.starts(step),
                                                                 self.dataset.train))
       step += 1
+      self.ckpt.check()  # a background save that failed stops the run here, not steps later
       if pending is not None:
         self.check(*pending)  # the previous step: its result is (nearly always) ready
       pending = (step, metrics)

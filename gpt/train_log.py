@@ -3,6 +3,12 @@ and the throughput (tokens/s, MFU) that goes into them.
 
 Only process 0 writes. `metrics.jsonl` (one JSON object per logged step, train and validation)
 is what tests and plots read; TensorBoard reads `<workdir>/tensorboard`.
+
+A run resumed from checkpoint step S replays the steps after S that its killed predecessor had
+already logged (S is 0 when that one died before its first checkpoint). So that the logs read like
+an uninterrupted run's, `metrics.jsonl` is rewritten without the rows past S (and without a line
+cut short by the kill), and the TensorBoard writer starts with `purge_step=S+1`: TensorBoard (and
+experiments/tb_events.py) then discards the older events from step S+1 on.
 """
 
 from __future__ import annotations
@@ -32,12 +38,15 @@ def measure_peak_flops(dtype=jnp.float32, n: int = 1024, repeats: int = 5) -> fl
 
 
 def quiet_orbax() -> None:
-  """Drops orbax's INFO chatter (dozens of lines per save) from the absl log; warnings stay."""
+  """Drops orbax's INFO chatter (dozens of lines per save) from the absl log; warnings stay.
+
+  Orbax's ERROR records (with tracebacks, several per failed save) go too: every save failure
+  reaches gpt.checkpoint, which reports it as one line."""
   import logging as pylogging
 
   class _Filter(pylogging.Filter):
     def filter(self, record: pylogging.LogRecord) -> bool:
-      return record.levelno >= pylogging.WARNING or "orbax" not in record.pathname
+      return record.levelno == pylogging.WARNING or "orbax" not in record.pathname
 
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _Filter) or type(f).__name__ == "_Filter" for f in handler.filters):
@@ -68,15 +77,22 @@ class Throughput:
 class TrainLog:
   """Writes scalars to the log, TensorBoard and metrics.jsonl (process 0 only)."""
 
-  def __init__(self, workdir: str | Path, enabled: bool = True):
+  def __init__(self, workdir: str | Path, enabled: bool = True, start_step: int | None = None):
+    """`start_step`: the step this run starts from (0 fresh, else its checkpoint's step); rows
+    logged after it by an earlier run in the workdir go. None keeps every row."""
     self.enabled = enabled
     self.workdir = Path(workdir)
     self.writer = None
     if enabled:
       from tensorboardX import SummaryWriter
 
-      self.writer = SummaryWriter(str(self.workdir / "tensorboard"))
-      self.jsonl = open(self.workdir / "metrics.jsonl", "a", encoding="utf-8")
+      path = self.workdir / "metrics.jsonl"
+      purge = None
+      if start_step is not None:
+        drop_rows_after(path, start_step)
+        purge = start_step + 1
+      self.writer = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=purge)
+      self.jsonl = open(path, "a", encoding="utf-8")
 
   def scalars(self, step: int, values: dict[str, float], prefix: str) -> None:
     """Records `values` at `step` under `prefix` ('train' or 'val') and prints one line."""
@@ -98,6 +114,28 @@ class TrainLog:
     if self.enabled:
       self.writer.close()
       self.jsonl.close()
+
+
+def drop_rows_after(path: Path, step: int) -> int:
+  """Rewrites metrics.jsonl `path` (atomically) without rows logged after `step` and without
+  unreadable lines; returns how many rows were dropped."""
+  if not path.is_file():
+    return 0
+  keep, dropped = [], 0
+  for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+    try:
+      ok = int(json.loads(line)["step"]) <= step
+    except (ValueError, KeyError, TypeError):
+      ok = False
+    if ok:
+      keep.append(line + "\n")
+    else:
+      dropped += 1
+  if dropped:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(keep), encoding="utf-8")
+    tmp.replace(path)
+  return dropped
 
 
 def format_line(step: int, values: dict[str, float], prefix: str) -> str:
