@@ -28,6 +28,10 @@ setup(
         "test": ["pytest>=8", "hypothesis>=6.100"],
         # Reference checks against PyTorch/transformers and lm-evaluation-harness (torch 2.13 CPU wheel here).
         "hf": ["torch>=2.3", "transformers>=4.44", "lm-eval>=0.4.3", "accelerate>=0.26"],
+        # python -m gpt.harness: lm-evaluation-harness with this package's model (no torch needed).
+        "harness": ["lm-eval>=0.4.13"],
+        # tests/test_lora.py loads our exported LoRA adapters with Hugging Face PEFT.
+        "peft": ["peft>=0.10"],
         "tfds": ["tensorflow-datasets>=4.9", "array-record>=0.5"],
         "gpu": ["jax[cuda12]>=0.4.35"],
         # Compile mode for TPU slices on any machine (gpt.compile): libtpu from PyPI, no TPU needed.

@@ -103,7 +103,8 @@ def plot(data: dict[tuple[str, str, str], dict[int, tuple]], out: str) -> None:
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  accuracy = {k: v for k, v in data.items() if k[2].startswith("acc")}
+  # Accuracies, and the exact match of generative tasks (gpt.evals.generative): both fractions.
+  accuracy = {k: v for k, v in data.items() if k[2].startswith("acc") or k[2] == "exact_match"}
   if not accuracy:
     raise SystemExit("error: no accuracy metrics to plot (perplexity tasks are in the table only)")
   fig, ax = plt.subplots(figsize=(7, 4.5))

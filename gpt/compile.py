@@ -195,9 +195,9 @@ class Planner:
                                    sharding=built.batch_sharding)
       for program in todo:
         if program == "train":
-          fn, args = built.train_step, (built.abstract_state, batch)
+          fn, args = built.train_step, (built.abstract_state, batch, built.abstract_frozen)
         else:
-          fn, args = built.eval_step, (built.abstract_state.params, batch)
+          fn, args = built.eval_step, (built.abstract_state.params, batch, built.abstract_frozen)
         row = self._compile_row(program, fn, args, config, cfg, mesh, built)
         self._done[(dataclasses.astuple(s), program)] = row
     return [self._done[(dataclasses.astuple(s), p)] for p in programs]

@@ -155,6 +155,15 @@ def base_config() -> ml_collections.ConfigDict:
   t.grad_clip = 1.0
   # Train only the transformer blocks, freezing embeddings and ln_f (nshepperd's option).
   t.only_train_transformer_layers = False
+  # Low-rank adapters (LoRA) of this rank in the `lora_targets` layers, base weights frozen (0 = off:
+  # full fine-tuning). The workdir then stores only the adapters plus a reference to config.init.
+  t.lora_rank = 0
+  # LoRA scale numerator: the adapters' output is multiplied by lora_alpha / lora_rank.
+  t.lora_alpha = 16.0
+  # Comma-separated layers that get adapters: any of c_attn, attn.c_proj, c_fc, mlp.c_proj.
+  t.lora_targets = "c_attn"
+  # Dropout on the adapters' input (training only).
+  t.lora_dropout = 0.0
   # Replace input tokens with random ones at this rate (nshepperd's --noise).
   t.noise = 0.0
   # Checkpoint to start from in the workdir: latest | fresh | a checkpoint path.

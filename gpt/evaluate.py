@@ -72,6 +72,10 @@ def run(config, workdir: str | None) -> None:
   loaded = load_model(config)
   logging.info("evaluating %s (%s parameters)", loaded.source, f"{loaded.cfg.num_params():,}")
   scorer = Scorer(loaded.model, e.batch_size, e.max_buckets)
+  generator = None
+  if any(task.generative for task in tasks):
+    from gpt.evals.greedy import TextGenerator
+    generator = TextGenerator(loaded.model, loaded.tokenizer, e.batch_size, seed=e.seed)
   fmt = Format(e.example_separator, e.target_delimiter)
   results = []
   for task in tasks:
@@ -80,7 +84,7 @@ def run(config, workdir: str | None) -> None:
       logging.info("%s is a perplexity task: shot counts do not apply, scoring it once", task.name)
     for k in (shots if task.uses_shots else [0]):
       result = evaluate(task, data, scorer, loaded.tokenizer, k, fmt, seed=e.seed, limit=e.limit,
-                        keep_examples=e.write_examples)
+                        keep_examples=e.write_examples, generator=generator)
       path = write_result(out_dir, task, data, result, config, loaded)
       logging.info("wrote %s", path)
       results.append((task, result))

@@ -6,7 +6,11 @@
 `hf` writes config.json + model.safetensors + vocab.json + merges.txt (loads in transformers'
 GPT2LMHeadModel.from_pretrained); `openai` writes OpenAI's TF checkpoint layout (hparams.json,
 checkpoint, model.ckpt.index/data, encoder.json, vocab.bpe) that this package and OpenAI's
-scripts read.
+scripts read. A LoRA workdir (gpt.lora) exports as its base with the adapters merged in;
+`adapters` writes only its adapters, as Hugging Face PEFT loads them (adapter_config.json +
+adapter_model.safetensors, for the base its lora.json names):
+
+  python -m gpt.export --init=runs/kant-lora --out=exports/kant-lora-peft --format=adapters
 """
 
 from __future__ import annotations
@@ -21,10 +25,19 @@ from gpt.errors import GPTError
 from gpt.weights import export_hf, hparams_of, load_model
 
 
+FORMATS = ("hf", "openai", "adapters")
+
+
 def export(init: str, out: str, fmt: str = "hf", models_dir: str = "models") -> Path:
-  """Loads `init` as `config.init` would and writes it to `out` in format `fmt` (hf | openai)."""
+  """Loads `init` as `config.init` would and writes it to `out` in format `fmt` (hf | openai), or
+  writes the adapters of LoRA workdir `init` (fmt `adapters`)."""
   config = base_config()
   config.init, config.models_dir = init, models_dir
+  if fmt == "adapters":
+    from gpt.lora import export_peft
+    return export_peft(init, out, config)
+  if fmt not in FORMATS:
+    raise GPTError(f"--format={fmt!r}: choose one of {', '.join(FORMATS)}")
   loaded = load_model(config)
   if fmt == "hf":
     return export_hf(loaded.model, loaded.tokenizer, out)
@@ -33,14 +46,14 @@ def export(init: str, out: str, fmt: str = "hf", models_dir: str = "models") -> 
     folder = write_checkpoint(out, convert.model_to_flat(loaded.model), hparams_of(loaded.cfg))
     loaded.tokenizer.save(folder, fmt="openai")
     return folder
-  raise GPTError(f"--format={fmt!r}: choose hf or openai")
+  raise GPTError(f"--format={fmt!r}: choose one of {', '.join(FORMATS)}")
 
 
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(prog="python -m gpt.export", description=__doc__.split("\n")[0])
   parser.add_argument("--init", required=True, help="what to export (anything config.init accepts)")
   parser.add_argument("--out", required=True, help="output folder")
-  parser.add_argument("--format", default="hf", choices=("hf", "openai"))
+  parser.add_argument("--format", default="hf", choices=FORMATS)
   parser.add_argument("--models_dir", default="models")
   args = parser.parse_args(argv)
   try:

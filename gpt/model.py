@@ -33,6 +33,9 @@ REMAT_POLICIES = {
 }
 ATTENTION_IMPLS = ("xla", "cudnn", "auto")
 LN_EPS = 1e-5
+# The dense layers low-rank adapters can go into, named as Hugging Face PEFT's target_modules
+# suffixes name them (`c_attn` and `c_fc` are unique; the two `c_proj` need their parent).
+LORA_TARGETS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,8 +55,18 @@ class GPTConfig:
   scan_layers: bool = True
   remat: str = "none"
   attention: str = "xla"
+  # Low-rank adapters (gpt.lora): rank 0 = none. Training sets these from `config.train.lora_*`.
+  lora_rank: int = 0
+  lora_alpha: float = 16.0
+  lora_dropout: float = 0.0
+  lora_targets: tuple[str, ...] = ("c_attn",)
 
   def __post_init__(self):
+    # JSON and ConfigDicts hand lists or comma-separated strings; the config must stay hashable.
+    targets = self.lora_targets
+    if isinstance(targets, str):
+      targets = [t.strip() for t in targets.split(",") if t.strip()]
+    object.__setattr__(self, "lora_targets", tuple(targets))
     if self.n_embd % self.n_head:
       raise GPTError(f"model.n_embd={self.n_embd} must be divisible by model.n_head={self.n_head}")
     for name in ("dtype", "param_dtype"):
@@ -63,6 +76,15 @@ class GPTConfig:
       raise GPTError(f"model.remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
     if self.attention not in ATTENTION_IMPLS:
       raise GPTError(f"model.attention={self.attention!r}; choose one of {ATTENTION_IMPLS}")
+    if self.lora_rank:
+      bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
+      if bad or not self.lora_targets:
+        raise GPTError(f"train.lora_targets={','.join(self.lora_targets)!r}: choose one or more of "
+                       f"{', '.join(LORA_TARGETS)} (comma-separated)")
+
+  def lora_rank_of(self, target: str) -> int:
+    """The adapter rank of dense layer `target` (one of LORA_TARGETS): 0 when it has none."""
+    return self.lora_rank if target in self.lora_targets else 0
 
   @classmethod
   def from_config(cls, model_cfg: Any) -> "GPTConfig":
@@ -147,15 +169,42 @@ class LayerNorm(nnx.Module):
 
 
 class Conv1D(nnx.Module):
-  """OpenAI's 'conv1d' (a dense layer): `w` [n_in, n_out], `b` [n_out]."""
+  """OpenAI's 'conv1d' (a dense layer): `w` [n_in, n_out], `b` [n_out], and with `lora_rank` > 0 a
+  low-rank adapter (Hu et al. 2021): `lora_a` [n_in, r], `lora_b` [r, n_out], so that
+
+      y = x w + b + (alpha / r) * dropout(x) lora_a lora_b.
+
+  `lora_b` starts at zero, so a fresh adapter leaves the layer exactly as it was; `lora_a` starts
+  as PEFT's does (Kaiming-uniform, bound 1/sqrt(n_in)). The adapter's axes are the layer's own on
+  the outer dimensions and unnamed (replicated) on the rank, so gpt.sharding lays it out like `w`.
+  """
 
   def __init__(self, n_in: int, n_out: int, axes: tuple[str | None, str | None], *, std: float,
-               rngs: nnx.Rngs, stack: int = 0, dtype=jnp.float32):
+               rngs: nnx.Rngs, stack: int = 0, dtype=jnp.float32, lora_rank: int = 0,
+               lora_alpha: float = 16.0, lora_dropout: float = 0.0):
     self.w = _param(rngs, (n_in, n_out), axes, "normal", std, stack, dtype)
     self.b = _param(None, (n_out,), axes[1:], "zeros", 0.0, stack, dtype)
+    self.lora_scale = lora_alpha / lora_rank if lora_rank else 0.0
+    self.lora_dropout = lora_dropout
+    if lora_rank:
+      bound = 1.0 / math.sqrt(n_in)
+      shape = (stack, n_in, lora_rank) if stack else (n_in, lora_rank)
+      a = jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound)
+      self.lora_a = nnx.Param(a.astype(dtype), axes=(("layers",) if stack else ()) + (axes[0], None))
+      self.lora_b = _param(None, (lora_rank, n_out), (None, axes[1]), "zeros", 0.0, stack, dtype)
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return x @ self.w[...].astype(x.dtype) + self.b[...].astype(x.dtype)
+  def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    """`rng` turns the adapter's input dropout on (training); None means deterministic."""
+    y = x @ self.w[...].astype(x.dtype) + self.b[...].astype(x.dtype)
+    if not self.lora_scale:
+      return y
+    h = _dropout(x, self.lora_dropout, rng) @ self.lora_a[...].astype(x.dtype)
+    return y + self.lora_scale * (h @ self.lora_b[...].astype(x.dtype))
+
+
+def _fold(rng: jax.Array | None, i: int) -> jax.Array | None:
+  """An independent key for sub-layer `i` (None stays None: no dropout)."""
+  return None if rng is None else jax.random.fold_in(rng, i)
 
 
 def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
@@ -165,21 +214,28 @@ def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
   return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
+def _lora_args(cfg: GPTConfig, target: str) -> dict:
+  """Conv1D's adapter arguments for dense layer `target` (none when it is not a LoRA target)."""
+  rank = cfg.lora_rank_of(target)
+  return dict(lora_rank=rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout) if rank else {}
+
+
 class Attention(nnx.Module):
   """Causal multi-head self-attention with an optional fixed-size KV cache."""
 
   def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, stack: int = 0):
     d, pdt = cfg.n_embd, DTYPES[cfg.param_dtype]
     self.cfg = cfg
-    self.c_attn = Conv1D(d, 3 * d, ("embed", "heads"), std=0.02, rngs=rngs, stack=stack, dtype=pdt)
+    self.c_attn = Conv1D(d, 3 * d, ("embed", "heads"), std=0.02, rngs=rngs, stack=stack, dtype=pdt,
+                         **_lora_args(cfg, "c_attn"))
     # GPT-2 scales residual projections by 1/sqrt(2 * n_layer) at init.
     self.c_proj = Conv1D(d, d, ("heads", "embed"), std=0.02 / math.sqrt(2 * cfg.n_layer),
-                         rngs=rngs, stack=stack, dtype=pdt)
+                         rngs=rngs, stack=stack, dtype=pdt, **_lora_args(cfg, "attn.c_proj"))
 
   def __call__(self, x, *, mask, cache_kv, cache_index, rng) -> tuple[jax.Array, Any]:
     cfg = self.cfg
     B, T, _ = x.shape
-    q, k, v = jnp.split(self.c_attn(x), 3, axis=-1)
+    q, k, v = jnp.split(self.c_attn(x, _fold(rng, 1)), 3, axis=-1)
     q, k, v = (a.reshape(B, T, cfg.n_head, cfg.head_dim) for a in (q, k, v))
     if cache_kv is not None:
       ck, cv = cache_kv
@@ -188,7 +244,7 @@ class Attention(nnx.Module):
       cache_kv = (k, v)
       k, v = k.astype(q.dtype), v.astype(q.dtype)
     y = _attend(q, k, v, mask, cfg, rng)
-    return self.c_proj(y.reshape(B, T, cfg.n_embd)), cache_kv
+    return self.c_proj(y.reshape(B, T, cfg.n_embd), _fold(rng, 2)), cache_kv
 
 
 def _attend(q, k, v, mask, cfg: GPTConfig, rng) -> jax.Array:
@@ -215,12 +271,14 @@ class MLP(nnx.Module):
 
   def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, stack: int = 0):
     d, pdt = cfg.n_embd, DTYPES[cfg.param_dtype]
-    self.c_fc = Conv1D(d, 4 * d, ("embed", "mlp"), std=0.02, rngs=rngs, stack=stack, dtype=pdt)
+    self.c_fc = Conv1D(d, 4 * d, ("embed", "mlp"), std=0.02, rngs=rngs, stack=stack, dtype=pdt,
+                       **_lora_args(cfg, "c_fc"))
     self.c_proj = Conv1D(4 * d, d, ("mlp", "embed"), std=0.02 / math.sqrt(2 * cfg.n_layer),
-                         rngs=rngs, stack=stack, dtype=pdt)
+                         rngs=rngs, stack=stack, dtype=pdt, **_lora_args(cfg, "mlp.c_proj"))
 
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return self.c_proj(jax.nn.gelu(self.c_fc(x), approximate=True))
+  def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    """`rng` turns the adapters' dropout on (training); None means deterministic."""
+    return self.c_proj(jax.nn.gelu(self.c_fc(x, _fold(rng, 1)), approximate=True), _fold(rng, 2))
 
 
 class Block(nnx.Module):
@@ -239,7 +297,7 @@ class Block(nnx.Module):
     a, cache_kv = self.attn(self.ln_1(x), mask=mask, cache_kv=cache_kv, cache_index=cache_index,
                             rng=rngs[0])
     x = x + _dropout(a, self.cfg.resid_pdrop, rngs[1])
-    x = x + _dropout(self.mlp(self.ln_2(x)), self.cfg.resid_pdrop, rngs[2])
+    x = x + _dropout(self.mlp(self.ln_2(x), rngs[2]), self.cfg.resid_pdrop, rngs[2])
     return x, cache_kv
 
 

@@ -9,6 +9,9 @@ LayerNorm gains/biases or the embeddings, as in GPT-2 / nanoGPT practice. With
 are zero and it is left out of gradient clipping, as nshepperd's train.py left those variables
 out of the optimizer altogether.
 
+A LoRA run (gpt.lora) hands this module only the adapters: the frozen base is not part of the
+optimized tree at all, so it has no optimizer state.
+
 Gradient accumulation is done by the train step (micro-batches inside one jitted step), not here,
 so that one optimizer step is one `config.train.steps` step.
 """
@@ -47,9 +50,11 @@ def _path_names(path) -> tuple[str, ...]:
 
 
 def decay_mask(params: Any) -> Any:
-  """True for the weights that get weight decay: the blocks' matmul weights `h/.../w` only."""
+  """True for the weights that get weight decay: the blocks' matmul weights `h/.../w` only, and
+  the LoRA adapter matrices `lora_a`/`lora_b` (as PEFT with transformers' Trainer decays them)."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: _path_names(path)[0] == "h" and _path_names(path)[-1] == "w", params)
+      lambda path, _: _path_names(path)[0] == "h" and _path_names(path)[-1] in ("w", "lora_a", "lora_b"),
+      params)
 
 
 def trainable_labels(params: Any, only_transformer_layers: bool) -> Any:

@@ -32,7 +32,7 @@ from absl import logging
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from gpt import data, optim, sharding
+from gpt import data, lora, optim, sharding
 from gpt.checkpoint import (Checkpointer, checkpoint_dir, intact_step, load_params,
                             resolve_checkpoint)
 from gpt.errors import GPTError
@@ -119,9 +119,16 @@ class Setup:
 
   cfg: GPTConfig
   tokenizer: Any
-  params: Any  # host params to start from, or None when resuming
+  params: Any  # host params to start from (the trainable ones), or None when resuming
   resume_step: int | None
   source: str
+  frozen: Any = None  # host params held fixed (a LoRA run's base weights), else None
+  lora_cfg: GPTConfig | None = None  # the trained model (cfg with adapters) of a LoRA run
+
+  @property
+  def model_cfg(self) -> GPTConfig:
+    """The model the step runs: with adapters for a LoRA run, else `cfg`."""
+    return self.lora_cfg or self.cfg
 
 
 def _tokenizer(config: Any):
@@ -239,7 +246,7 @@ def _train(config: Any, workdir: Path, mesh, main_process: bool) -> None:
   t = config.train
   ckpt = Checkpointer(checkpoint_dir(workdir), keep=t.keep)
   try:
-    setup = _setup(config, workdir, ckpt)
+    setup = lora.prepare_training(config, workdir, _setup(config, workdir, ckpt), main_process)
     check_config(t, setup.cfg, mesh)
     if main_process:
       resolved = config.to_dict()
@@ -267,19 +274,26 @@ class Programs:
   state_sharding: TrainState
   params_sharding: Any
   batch_sharding: NamedSharding  # token windows [B, T+1]
-  train_step: Any  # jitted (state, batch) -> (state, metrics), state donated
-  eval_step: Any  # jitted (params, batch) -> mean loss
+  train_step: Any  # jitted (state, batch, frozen) -> (state, metrics), state donated
+  eval_step: Any  # jitted (params, batch, frozen) -> mean loss
+  abstract_frozen: Any  # the parameters held fixed (a LoRA run's base), as abstract_state; else {}
+  frozen_sharding: Any
 
 
-def build_programs(config: Any, cfg: GPTConfig, mesh) -> Programs:
-  """The train/eval programs of `config.train` for model `cfg` on `mesh` (see Programs)."""
+def build_programs(config: Any, cfg: GPTConfig, mesh, lora_run: bool = False) -> Programs:
+  """The train/eval programs of `config.train` for model `cfg` on `mesh` (see Programs). With
+  `lora_run`, only the adapters are trained: the rest is the steps' separate `frozen` argument."""
   t = config.train
   graphdef = nnx.graphdef(abstract_model(cfg))
   abs_params = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
+  axes = sharding.logical_axes(abstract_model(cfg))
+  abs_frozen, frozen_axes = {}, {}
+  if lora_run:  # LoRA: only the adapters are trained (and checkpointed)
+    (abs_params, abs_frozen), (axes, frozen_axes) = lora.split(abs_params), lora.split(axes)
   tx = optim.make_optimizer(t, abs_params)
   schedule = optim.learning_rate_schedule(t)
-  axes = sharding.logical_axes(abstract_model(cfg))
   psh = sharding.param_shardings(abs_params, axes, mesh)
+  fsh = sharding.param_shardings(abs_frozen, frozen_axes, mesh)
   rep = sharding.replicated(mesh)
   abs_state = jax.eval_shape(lambda p: create_state(p, tx, config.seed), abs_params)
   state_sharding = TrainState(
@@ -289,13 +303,16 @@ def build_programs(config: Any, cfg: GPTConfig, mesh) -> Programs:
   step_fn = jit_train_step(
       graphdef, tx, schedule, grad_accum=t.grad_accum, noise=t.noise, dropout=uses_dropout(cfg),
       state_sharding=state_sharding, batch_sharding=batch_sharding, scalar_sharding=rep,
-      micro_sharding=NamedSharding(mesh, P(None, sharding.BATCH_AXES, None)))
-  eval_fn = jit_eval_step(graphdef, params_sharding=psh, batch_sharding=batch_sharding,
-                          scalar_sharding=rep)
-  abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                          abs_state, state_sharding)
-  return Programs(graphdef, tx, schedule, abstract, state_sharding, psh, batch_sharding, step_fn,
-                  eval_fn)
+      frozen_sharding=fsh, micro_sharding=NamedSharding(mesh, P(None, sharding.BATCH_AXES, None)))
+  eval_fn = jit_eval_step(graphdef, params_sharding=psh, frozen_sharding=fsh,
+                          batch_sharding=batch_sharding, scalar_sharding=rep)
+
+  def with_sharding(tree, shardings):
+    return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), tree,
+                        shardings)
+
+  return Programs(graphdef, tx, schedule, with_sharding(abs_state, state_sharding), state_sharding,
+                  psh, batch_sharding, step_fn, eval_fn, with_sharding(abs_frozen, fsh), fsh)
 
 
 class Loop:
@@ -305,11 +322,14 @@ class Loop:
                main_process: bool):
     self.config, self.t, self.workdir, self.setup = config, config.train, workdir, setup
     self.dataset, self.mesh, self.ckpt, self.main = dataset, mesh, ckpt, main_process
-    cfg, t = setup.cfg, config.train
-    programs = build_programs(config, cfg, mesh)
+    cfg, t = setup.model_cfg, config.train
+    programs = build_programs(config, cfg, mesh, lora_run=setup.lora_cfg is not None)
     self.graphdef, self.tx, self.schedule = programs.graphdef, programs.tx, programs.schedule
     self.state_sharding, self.batch_sharding = programs.state_sharding, programs.batch_sharding
     self.step_fn, self.eval_fn = programs.train_step, programs.eval_step
+    self.frozen = (_put_global(setup.frozen, programs.frozen_sharding)
+                   if setup.lora_cfg is not None else {})
+    setup.frozen = None  # the host copy is no longer needed (1558M: 6 GB)
     self.windows = data.Windows(dataset.train, t.seq_len, t.batch_size, config.seed)
     self.last_saved = None
     if setup.resume_step is not None:
@@ -318,6 +338,7 @@ class Loop:
       logging.info("resumed from checkpoint step %d (loss %s)", setup.resume_step, meta.get("loss"))
     else:
       params = _put_global(setup.params, programs.params_sharding)
+      setup.params = None
       self.state = jax.jit(lambda p: create_state(p, self.tx, config.seed),
                            out_shardings=self.state_sharding)(params)
     self.decoder = None
@@ -347,7 +368,7 @@ class Loop:
     self.meter = Throughput(self.setup.cfg, t, jax.device_count())
     while step < t.steps:
       self.state, metrics = self.step_fn(self.state, self.batch(self.windows.starts(step),
-                                                                self.dataset.train))
+                                                                self.dataset.train), self.frozen)
       step += 1
       self.ckpt.check()  # a background save that failed stops the run here, not steps later
       if pending is not None:
@@ -403,7 +424,7 @@ class Loop:
     """Mean loss over the fixed validation windows."""
     t, val = self.t, self.dataset.val
     starts = data.eval_starts(len(val), t.seq_len, t.val_batches, t.batch_size)
-    losses = [self.eval_fn(self.state.params, self.batch(s, val)) for s in starts]
+    losses = [self.eval_fn(self.state.params, self.batch(s, val), self.frozen) for s in starts]
     return float(np.mean([to_host(x) for x in losses]))
 
   def write_samples(self, step: int) -> None:
@@ -425,8 +446,9 @@ class Loop:
     n = max(1, t.sample_num)
     prompt = np.full((n, 1), tok.eot_id, np.int32)
     key = jax.random.fold_in(jax.random.key(s.seed), step)
-    tokens = self.decoder.generate(self.state.params, prompt, np.ones_like(prompt, bool), key,
-                                   length, cache_length=length + 1)
+    params = lora.combine(self.state.params, self.frozen)  # a LoRA run: adapters + frozen base
+    tokens = self.decoder.generate(params, prompt, np.ones_like(prompt, bool), key, length,
+                                   cache_length=length + 1)
     rows = trim(to_host(tokens), tok.eot_id, False, length)
     text = "".join(f"{'=' * 20} SAMPLE {i + 1} {'=' * 20}\n{tok.decode(r)}\n"
                    for i, r in enumerate(rows))

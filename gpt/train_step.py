@@ -7,6 +7,11 @@ activations and the result equals one big batch (the mean of equal-sized micro-b
 Micro-batch m takes rows m, m + accum, m + 2*accum, ...: every device keeps a share of every
 micro-batch, so no device idles while another works.
 
+Frozen weights (the base model of a LoRA run, gpt.lora) are not part of the state: they come in as
+a separate argument `frozen`, merged with `state.params` inside the loss, so only the trainable
+leaves get gradients and optimizer state, and the frozen ones are neither donated nor copied.
+Full fine-tuning passes `frozen={}`.
+
 Randomness (dropout, input noise) comes from `fold_in(fold_in(state.rng, step), micro_batch)`: a
 pure function of the seed and the step, so a resumed run draws what an uninterrupted one would.
 """
@@ -22,6 +27,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from gpt.lora import combine
 from gpt.model import GPTConfig
 
 
@@ -29,7 +35,7 @@ class TrainState(flax.struct.PyTreeNode):
   """Everything a training run carries from step to step (and checkpoints)."""
 
   step: jax.Array  # int32 scalar: optimizer steps taken
-  params: Any  # pure nested dict of float arrays, shaped like the model
+  params: Any  # pure nested dict of the trainable float arrays (all of the model, or its adapters)
   opt_state: Any  # optax state over `params`
   rng: jax.Array  # uint32[2]: raw key data of the run's base PRNG key
 
@@ -48,10 +54,11 @@ def add_noise(tokens: jax.Array, rate: float, n_vocab: int, rng: jax.Array) -> j
 
 
 def loss_fn(params: Any, graphdef: Any, windows: jax.Array, rng: jax.Array | None,
-            noise: float, dropout: bool) -> jax.Array:
-  """Mean next-token cross-entropy over windows [B, T+1]; noise only touches the inputs."""
+            noise: float, dropout: bool, frozen: Any = None) -> jax.Array:
+  """Mean next-token cross-entropy over windows [B, T+1]; noise only touches the inputs.
+  `frozen` holds the parameters that are not trained (not differentiated), if any."""
   inputs, targets = windows[:, :-1], windows[:, 1:]
-  model = nnx.merge(graphdef, params)
+  model = nnx.merge(graphdef, combine(params, frozen))
   r_noise, r_drop = (None, None) if rng is None else jax.random.split(rng)
   if noise > 0:
     inputs = add_noise(inputs, noise, model.cfg.n_vocab, r_noise)
@@ -60,13 +67,14 @@ def loss_fn(params: Any, graphdef: Any, windows: jax.Array, rng: jax.Array | Non
 
 
 def uses_dropout(cfg: GPTConfig) -> bool:
-  return max(cfg.embd_pdrop, cfg.attn_pdrop, cfg.resid_pdrop) > 0
+  return max(cfg.embd_pdrop, cfg.attn_pdrop, cfg.resid_pdrop, cfg.lora_dropout) > 0
 
 
-def train_step(state: TrainState, batch: jax.Array, *, graphdef: Any,
+def train_step(state: TrainState, batch: jax.Array, frozen: Any = None, *, graphdef: Any,
                tx: optax.GradientTransformation, schedule: optax.Schedule, grad_accum: int,
                noise: float, dropout: bool, micro_sharding: Any = None) -> tuple[TrainState, dict]:
-  """One optimizer step on `batch` [B, T+1]; returns the new state and {loss, grad_norm, lr}."""
+  """One optimizer step on `batch` [B, T+1] (with `frozen` parameters held fixed); returns the new
+  state and {loss, grad_norm, lr}."""
   step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   grad_fn = jax.value_and_grad(loss_fn)
   B, T1 = batch.shape
@@ -78,12 +86,12 @@ def train_step(state: TrainState, batch: jax.Array, *, graphdef: Any,
     loss_sum, grad_sum = carry
     windows, i = xs
     loss, grads = grad_fn(state.params, graphdef, windows, jax.random.fold_in(step_rng, i),
-                          noise, dropout)
+                          noise, dropout, frozen)
     return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
   if grad_accum == 1:  # no loop: keeps the whole step one straight-line program
     loss, grads = grad_fn(state.params, graphdef, batch, jax.random.fold_in(step_rng, 0), noise,
-                          dropout)
+                          dropout, frozen)
   else:
     zeros = jax.tree.map(jnp.zeros_like, state.params)
     (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
@@ -96,22 +104,33 @@ def train_step(state: TrainState, batch: jax.Array, *, graphdef: Any,
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
-def eval_step(params: Any, batch: jax.Array, *, graphdef: Any) -> jax.Array:
+def eval_step(params: Any, batch: jax.Array, frozen: Any = None, *, graphdef: Any) -> jax.Array:
   """Mean next-token loss of `batch` [B, T+1] (no dropout, no noise)."""
-  return loss_fn(params, graphdef, batch, None, 0.0, False)
+  return loss_fn(params, graphdef, batch, None, 0.0, False, frozen)
 
 
 def jit_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                    grad_accum: int, noise: float, dropout: bool, state_sharding: Any,
-                   batch_sharding: Any, micro_sharding: Any, scalar_sharding: Any):
-  """`train_step` jitted over the mesh: state in and out with its sharding, and donated."""
+                   batch_sharding: Any, micro_sharding: Any, scalar_sharding: Any,
+                   frozen_sharding: Any = None):
+  """`train_step` jitted over the mesh: state in and out with its sharding, and donated. With
+  `frozen_sharding` the step takes (state, batch, frozen); without, (state, batch)."""
   fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
                          grad_accum=grad_accum, noise=noise, dropout=dropout,
                          micro_sharding=micro_sharding)
-  return jax.jit(fn, in_shardings=(state_sharding, batch_sharding),
+  in_shardings = (state_sharding, batch_sharding)
+  if frozen_sharding is not None:
+    in_shardings += (frozen_sharding,)
+  return jax.jit(fn, in_shardings=in_shardings,
                  out_shardings=(state_sharding, scalar_sharding), donate_argnums=0)
 
 
-def jit_eval_step(graphdef: Any, *, params_sharding: Any, batch_sharding: Any, scalar_sharding: Any):
-  return jax.jit(functools.partial(eval_step, graphdef=graphdef),
-                 in_shardings=(params_sharding, batch_sharding), out_shardings=scalar_sharding)
+def jit_eval_step(graphdef: Any, *, params_sharding: Any, batch_sharding: Any, scalar_sharding: Any,
+                  frozen_sharding: Any = None):
+  """`eval_step` jitted over the mesh: (params, batch) or, with `frozen_sharding`, (params, batch,
+  frozen)."""
+  in_shardings = (params_sharding, batch_sharding)
+  if frozen_sharding is not None:
+    in_shardings += (frozen_sharding,)
+  return jax.jit(functools.partial(eval_step, graphdef=graphdef), in_shardings=in_shardings,
+                 out_shardings=scalar_sharding)

@@ -5,7 +5,7 @@
   117M / 124M / gpt2-medium... a released size: `<models_dir>/<124M|355M|...>`, downloaded if missing
   a folder                     OpenAI TF checkpoint (hparams.json + model.ckpt.*), Hugging Face folder
                                (config.json + model.safetensors) or a training workdir (config.json +
-                               checkpoints/)
+                               checkpoints/; a LoRA workdir's adapters come merged into its base)
 For pretrained weights the checkpoint decides the shape (n_layer, n_embd, ...); `config.model` still
 decides everything else (dtypes, dropout, scan, remat, attention kernel).
 """
@@ -145,6 +145,9 @@ def load_model(config: Any) -> Loaded:
     return Loaded(init_model(cfg, seed=config.get("seed", 0)), _tokenizer_for(None), cfg,
                   "random init", kind)
   if kind == "workdir":
+    from gpt import lora
+    if lora.is_lora_workdir(folder):  # adapters: merged into the base they reference
+      return lora.load_workdir(folder, config)
     from gpt.checkpoint import restore_model
     try:
       saved = json.loads((folder / "config.json").read_text())

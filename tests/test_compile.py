@@ -57,8 +57,9 @@ def test_cpu_memory_equals_the_compiled_train_and_eval_steps(cpu_run):
   built = build_programs(config, cfg, mesh)
   batch = jax.ShapeDtypeStruct((8, 33), np.int32, sharding=built.batch_sharding)
   expected = {
-      "train": built.train_step.lower(built.abstract_state, batch).compile().memory_analysis(),
-      "eval": built.eval_step.lower(built.abstract_state.params, batch).compile().memory_analysis(),
+      "train": built.train_step.lower(built.abstract_state, batch, {}).compile().memory_analysis(),
+      "eval": built.eval_step.lower(built.abstract_state.params, batch, {}).compile()
+              .memory_analysis(),
   }
   assert [r["program"] for r in result["programs"]] == ["train", "eval"]
   for row in result["programs"]:

@@ -340,4 +340,4 @@ def test_offline_main_command_says_what_to_pass(tmp_path, openai_fixture):
                  env=env)
   assert result.returncode == 2
   last = result.stderr.strip().splitlines()[-1]
-  assert last.startswith("error: cannot download") and "--config.data.path=" in last
+  assert last.startswith("error: cannot reach") and "--config.data.path=" in last

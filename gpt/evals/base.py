@@ -97,6 +97,8 @@ class Task:
   primary_metric: str = "acc"
   # Whether shot counts apply (perplexity tasks score plain text and ignore them).
   uses_shots: bool = True
+  # Scored by generated text (gpt.evals.generative) instead of log-likelihoods.
+  generative: bool = False
 
   def load(self, data_dir: Path) -> TaskData:
     raise NotImplementedError

@@ -24,12 +24,20 @@ class TaskResult:
 
 
 def evaluate(task: Task, data: TaskData, scorer: Scorer, tokenizer, shots: int, fmt: Format,
-             seed: int = 1234, limit: int = 0, keep_examples: bool = False) -> TaskResult:
+             seed: int = 1234, limit: int = 0, keep_examples: bool = False,
+             generator=None) -> TaskResult:
   """Scores the first `limit` items (0 = all) of `data` with `shots` demonstrations each.
 
   Demonstrations for item i are `sample_demos(pool, shots, seed, i)`: from the task's few-shot split,
-  or from the scored split without item i when the task has none.
+  or from the scored split without item i when the task has none. Generative tasks run on
+  `generator` (a gpt.evals.greedy.TextGenerator) instead of `scorer`.
   """
+  if task.generative:
+    from gpt.evals.generative import evaluate_generative
+    if generator is None:
+      raise ValueError(f"{task.name} is a generative task: pass a TextGenerator")
+    return evaluate_generative(task, data, generator, tokenizer, shots, fmt, seed, limit,
+                               keep_examples)
   start = time.perf_counter()
   docs = data.docs[:limit] if limit else data.docs
   pool = data.docs if data.fewshot_pool is None else data.fewshot_pool

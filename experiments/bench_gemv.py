@@ -1,0 +1,120 @@
+"""Weight-streaming speed: gpt.kernels.gemv (gemv.cc through JAX's FFI) beside XLA's own matmul.
+
+  python experiments/bench_gemv.py                         # 117M's matrices, f32/bf16/int8, rows 1 and 8
+  python experiments/bench_gemv.py --model=1542M --rows=1 --repeats=9
+
+One call multiplies `--rows` activation rows by every weight matrix of one decode step of the
+model's shape (c_attn, attn c_proj, c_fc, mlp c_proj per layer, then the tied output layer
+[n_vocab, n_embd]), chained inside one jitted function so that nothing can be skipped: what a
+decode step's matmuls cost, without attention or sampling. "XLA" is gpt.kernels.gemv.reference
+(einsum with float32 accumulation; int8 weights converted first, as XLA has no int8 dot here).
+GB/s counts the weight bytes read once per call. Calls alternate between the two so the machine's
+load hits both alike; the table gives the median (best in brackets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+  sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from gpt.config import MODEL_SIZES, canonical_model_name  # noqa: E402
+from gpt.kernels import gemv  # noqa: E402
+
+
+def weights(n_layer: int, d: int, vocab: int, dtype, seed: int = 0):
+  """One decode step's matrices (with int8 per-column scales), and the bytes they hold."""
+  rng = np.random.default_rng(seed)
+  # [N, K]: outputs by inputs, as gpt.kernels.gemv.matmul takes them (Conv1D weights transposed).
+  shapes = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d)] * n_layer + [(vocab, d)]
+  mats = []
+  for shape in shapes:
+    w = rng.standard_normal(shape, np.float32) * 0.02
+    if dtype == jnp.int8:
+      scale = np.abs(w).max(axis=1) / 127  # one scale per output (row)
+      q = np.round(w / scale[:, None]).astype(np.int8)
+      mats.append((jnp.asarray(q), jnp.asarray(scale, jnp.float32)))
+    else:
+      mats.append((jnp.asarray(w, dtype), None))
+  nbytes = sum(w.nbytes + (0 if s is None else s.nbytes) for w, s in mats)
+  return mats, nbytes
+
+
+def step_fn(d: int, matmul):
+  """x [rows, d] through every matrix in turn, each output feeding the next input (as in a
+  decode step: c_attn's first third, c_proj, c_fc's 4d into mlp c_proj, then the output layer)."""
+
+  def run(mats, x):
+    *layers, (head, head_scale) = mats
+    for i in range(0, len(layers), 4):
+      (qkv, s0), (proj, s1), (fc, s2), (out, s3) = layers[i:i + 4]
+      x = matmul(x, qkv, scale=s0)[:, :d].astype(x.dtype)
+      x = matmul(x, proj, scale=s1).astype(x.dtype)
+      h = matmul(x, fc, scale=s2).astype(x.dtype)
+      x = matmul(h, out, scale=s3).astype(x.dtype)
+    logits = matmul(x, head, scale=head_scale)
+    return x + logits[:, :d].astype(x.dtype)
+
+  return jax.jit(run)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--model", default="117M")
+  parser.add_argument("--dtypes", default="float32,bfloat16,int8")
+  parser.add_argument("--rows", default="1,8")
+  parser.add_argument("--repeats", type=int, default=7)
+  args = parser.parse_args()
+  n_layer, d, _ = MODEL_SIZES[canonical_model_name(args.model)]
+  vocab = 50257
+  if not gemv.available():
+    raise SystemExit("error: gpt.kernels.gemv did not build (see the warning above)")
+  rows_out = []
+  for name in args.dtypes.split(","):
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8}[name]
+    mats, nbytes = weights(n_layer, d, vocab, dtype)
+    act = jnp.float32 if dtype == jnp.int8 else dtype
+    for rows in map(int, args.rows.split(",")):
+      x = jnp.asarray(np.random.default_rng(1).standard_normal((rows, d)), act)
+      fns = {"kernel": step_fn(d, gemv.matmul), "XLA": step_fn(d, gemv.reference)}
+      outs = {k: np.asarray(f(mats, x), np.float32) for k, f in fns.items()}  # compile, and check
+      diff = float(np.max(np.abs(outs["kernel"] - outs["XLA"])) / (np.max(np.abs(outs["XLA"])) + 1e-30))
+      times = {k: [] for k in fns}
+      for r in range(args.repeats):
+        for k in (fns if r % 2 == 0 else list(fns)[::-1]):
+          start = time.perf_counter()
+          fns[k](mats, x).block_until_ready()
+          times[k].append(time.perf_counter() - start)
+      rows_out.append((name, rows, nbytes, times, diff))
+      print(f"done: {name} rows {rows}", file=sys.stderr, flush=True)
+
+  cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+              if l.startswith("model name")), platform.processor())
+  flags = Path("/proc/cpuinfo").read_text()
+  bf16 = "avx512_bf16" in flags
+  print(f"\n{args.model} matrices ({n_layer} layers x 4 + output layer), {cpu}, {os.cpu_count()} "
+        f"CPUs, AVX512-BF16: {'yes' if bf16 else 'no'}, jax {jax.__version__}, load average "
+        f"{os.getloadavg()[0]:.1f}; median of {args.repeats} (best).\n")
+  print("| weights | rows | MB read | kernel ms | XLA ms | kernel GB/s | XLA GB/s | kernel / XLA | max rel. diff |")
+  print("|---|---|---|---|---|---|---|---|---|")
+  for name, rows, nbytes, times, diff in rows_out:
+    k, x = statistics.median(times["kernel"]), statistics.median(times["XLA"])
+    kb, xb = min(times["kernel"]), min(times["XLA"])
+    print(f"| {name} | {rows} | {nbytes / 1e6:.0f} | {1e3 * k:.1f} ({1e3 * kb:.1f}) | "
+          f"{1e3 * x:.1f} ({1e3 * xb:.1f}) | {nbytes / k / 1e9:.1f} ({nbytes / kb / 1e9:.1f}) | "
+          f"{nbytes / x / 1e9:.1f} ({nbytes / xb / 1e9:.1f}) | {x / k:.2f}x | {diff:.1e} |")
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,134 @@
+"""Weight matrix times a few activation rows, for decoding on a CPU: gemv.cc through JAX's FFI.
+
+Batch-1 decoding reads every weight once per token, so its speed is the speed at which matrix-
+vector products stream weights from memory. XLA:CPU's own kernels read slower than the memory
+allows, and it has no bf16 or int8 matrix-vector kernel (it converts a bf16 matrix to float32
+before multiplying). `matmul` runs gemv.cc's loops instead where they apply: a CPU backend, at most
+MAX_ROWS rows, and a library that built. Weights are taken as [N, K] (one output per row, so every
+output is a dot product over contiguous memory): the tied output layer already is, Conv1D weights
+are transposed once by `to_rows`. The library is compiled from gemv.cc with the system
+C++ compiler the first time it is needed (about 10 s) and cached under GPT_KERNEL_CACHE (default
+~/.cache/gpt/kernels), keyed by the source, the flags, jaxlib's version and this CPU's model and
+flags (it is built with -march=native). Without a compiler, on a GPU/TPU, for more rows, or with
+GPT_GEMV=0, `matmul` is `reference`: XLA's own einsum, same results to float32 rounding.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import math
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+MAX_ROWS = 16  # past a few rows a matrix-matrix kernel (XLA's) reuses each weight better
+SOURCE = Path(__file__).with_name("gemv.cc")
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC", "-w")
+_SUFFIX = {jnp.dtype(jnp.float32): "F32", jnp.dtype(jnp.bfloat16): "BF16", jnp.dtype(jnp.int8): "S8"}
+_lock = threading.Lock()
+_loaded: list[bool] = []  # [] = not tried yet; [True] registered; [False] unavailable
+
+
+def cache_dir() -> Path:
+  """Where built kernel libraries are kept."""
+  return Path(os.environ.get("GPT_KERNEL_CACHE") or Path.home() / ".cache" / "gpt" / "kernels")
+
+
+def _cpu_signature() -> bytes:
+  """The CPU model and flags: a library built with -march=native runs only where they match."""
+  try:
+    lines = Path("/proc/cpuinfo").read_text().splitlines()
+  except OSError:
+    return platform.processor().encode()
+  keep = [l for l in lines if l.startswith(("model name", "flags"))][:2]
+  return "\n".join(keep).encode()
+
+
+def library_path() -> Path:
+  key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + jax.__version__.encode()
+                       + _cpu_signature()).hexdigest()[:16]
+  return cache_dir() / f"gemv-{key}.so"
+
+
+def build() -> Path:
+  """Compiles gemv.cc (once per key; the file is renamed into place when complete)."""
+  path = library_path()
+  if path.exists():
+    return path
+  compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+  if not compiler:
+    raise RuntimeError("no C++ compiler (g++/c++ or $CXX) on PATH")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
+  os.close(fd)
+  cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+  done = subprocess.run(cmd, capture_output=True, text=True)
+  if done.returncode != 0:
+    os.unlink(tmp)
+    raise RuntimeError(f"{compiler} failed: {done.stderr.strip().splitlines()[-1:]}")
+  os.replace(tmp, path)
+  return path
+
+
+def available() -> bool:
+  """True when the kernels are registered with XLA (building them now if needed)."""
+  if os.environ.get("GPT_GEMV", "1") == "0":
+    return False
+  with _lock:
+    if not _loaded:
+      try:
+        lib = ctypes.cdll.LoadLibrary(str(build()))
+        for suffix in _SUFFIX.values():
+          name = f"GptGemv{suffix}"
+          jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+        _loaded.append(True)
+      except (OSError, RuntimeError, AttributeError) as e:
+        logging.warning("gpt.kernels.gemv unavailable, using XLA's matmul: %s", e)
+        _loaded.append(False)
+  return _loaded[0]
+
+
+def uses_kernel(rows: int, w: jax.Array) -> bool:
+  """Whether `matmul` with this many rows and this weight runs gemv.cc."""
+  return (rows <= MAX_ROWS and jnp.dtype(w.dtype) in _SUFFIX and jax.default_backend() == "cpu"
+          and available())
+
+
+def to_rows(w: jax.Array) -> jax.Array:
+  """A Conv1D weight [n_in, n_out] laid out as `matmul` takes it: [n_out, n_in]."""
+  return jnp.transpose(jnp.asarray(w))
+
+
+def matmul(x: jax.Array, w: jax.Array, *, scale: jax.Array | None = None) -> jax.Array:
+  """x [..., K] times w [N, K] transposed, accumulated in float32: float32 [..., N].
+
+  w may be float32, bfloat16 or int8; `scale` [N] multiplies output n (int8 weights' per-output
+  scales).
+  """
+  K, N = x.shape[-1], w.shape[0]
+  rows = math.prod(x.shape[:-1])
+  if not uses_kernel(rows, w):
+    return reference(x, w, scale=scale)
+  no_scale = jnp.zeros((0,), jnp.float32)
+  out = jax.ffi.ffi_call(f"GptGemv{_SUFFIX[jnp.dtype(w.dtype)]}",
+                         jax.ShapeDtypeStruct((rows, N), jnp.float32))(
+      x.reshape(rows, K).astype(jnp.float32), w,
+      no_scale if scale is None else scale.astype(jnp.float32))
+  return out.reshape(*x.shape[:-1], N)
+
+
+def reference(x: jax.Array, w: jax.Array, *, scale: jax.Array | None = None) -> jax.Array:
+  """`matmul` in XLA: the fallback, and what the tests hold the kernels to."""
+  if w.dtype == jnp.int8:
+    w = w.astype(x.dtype)
+  out = jnp.einsum("...k,nk->...n", x, w, preferred_element_type=jnp.float32)
+  return out if scale is None else out * scale.astype(jnp.float32)

@@ -1,0 +1,65 @@
+"""gpt.kernels.gemv: the FFI kernels equal XLA's matmul (float32 rounding) for every weight dtype,
+row count and ragged shape, inside jit and a while_loop, and fall back to XLA where they don't apply."""
+
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gpt.kernels import gemv
+
+pytestmark = pytest.mark.skipif(not (shutil.which("g++") or shutil.which("c++")),
+                                reason="the kernels are built with the system C++ compiler")
+
+
+def quantized(w: np.ndarray):
+  scale = np.abs(w).max(axis=1) / 127
+  return jnp.asarray(np.round(w / scale[:, None]), jnp.int8), jnp.asarray(scale, jnp.float32)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("rows,K,N", [(1, 64, 256), (3, 70, 37), (16, 33, 130)])
+def test_kernel_equals_xla(dtype, rows, K, N):
+  rng = np.random.default_rng(rows * K + N)
+  w = rng.standard_normal((N, K)).astype(np.float32)
+  x = jnp.asarray(rng.standard_normal((rows, K)), jnp.float32)
+  scale = None
+  if dtype == "int8":
+    w, scale = quantized(w)
+  else:
+    w = jnp.asarray(w, dtype)
+  assert gemv.uses_kernel(rows, w), "the kernel library did not build or register"
+  got = jax.jit(lambda x, w, s: gemv.matmul(x, w, scale=s))(x, w, scale)
+  want = gemv.reference(x, w.astype(jnp.float32) if dtype != "int8" else w, scale=scale)
+  assert got.dtype == jnp.float32 and got.shape == (rows, N)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+def test_kernel_runs_inside_a_while_loop_with_leading_axes():
+  rng = np.random.default_rng(0)
+  w = jnp.asarray(rng.standard_normal((48, 48)) / 7, jnp.bfloat16)
+  x0 = jnp.asarray(rng.standard_normal((2, 1, 48)), jnp.float32)
+
+  def chain(mm):
+    return jax.jit(lambda x: jax.lax.fori_loop(0, 5, lambda _, x: jnp.tanh(mm(x, w)), x))
+
+  got, want = chain(gemv.matmul)(x0), chain(lambda x, w: gemv.reference(x, w.astype(jnp.float32)))(x0)
+  assert got.shape == (2, 1, 48)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_more_rows_and_gemv_off_use_xla(monkeypatch):
+  w = jnp.ones((8, 4), jnp.float32)
+  assert not gemv.uses_kernel(gemv.MAX_ROWS + 1, w)
+  x = jnp.ones((gemv.MAX_ROWS + 1, 4))
+  np.testing.assert_array_equal(gemv.matmul(x, w), jnp.full((gemv.MAX_ROWS + 1, 8), 4.0))
+  monkeypatch.setenv("GPT_GEMV", "0")
+  assert not gemv.available() and not gemv.uses_kernel(1, w)
+
+
+def test_to_rows_transposes_conv1d_weights():
+  w = jnp.arange(6, dtype=jnp.float32).reshape(2, 3)  # [n_in, n_out]
+  x = jnp.asarray([[1.0, -2.0]])
+  np.testing.assert_allclose(gemv.matmul(x, gemv.to_rows(w)), x @ w)
