@@ -34,6 +34,8 @@ setup(
         "peft": ["peft>=0.10"],
         "tfds": ["tensorflow-datasets>=4.9", "array-record>=0.5"],
         "gpu": ["jax[cuda12]>=0.4.35"],
+        # Compile mode for TPU slices on any machine (gpt.compile): libtpu from PyPI, no TPU needed.
+        "tpu": ["jax[tpu]>=0.4.35"],
         "plots": ["matplotlib>=3.8"],
         # experiments/bench_decode.py's CTranslate2 columns (the CPU decoding engine to beat).
         "bench": ["ctranslate2>=4.0"],

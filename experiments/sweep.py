@@ -4,6 +4,7 @@
   python experiments/sweep.py experiments/sweeps/lr.py --workdir=runs/lr --parallel=2
   python experiments/sweep.py experiments/sweeps/lr.py --workdir=runs/lr --engine=ray
   python experiments/sweep.py experiments/sweeps/lr.py --workdir=runs/lr --set=train.steps=50
+  python experiments/sweep.py experiments/sweeps/lr.py --workdir=runs/lr --check_fit=v5e:4x4
 
 Points already finished are skipped (see experiments/engines/point.py for what "finished" means),
 so rerunning an interrupted sweep runs only what is left. A failed stage is retried once
@@ -22,6 +23,7 @@ import signal
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
   sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -49,6 +51,8 @@ _RAY_ADDRESS = flags.DEFINE_string("ray_address", "", "ray engine: cluster addre
                                    "cluster started by `ray start`; '' = a local one for this sweep).")
 _CPUS = flags.DEFINE_float("cpus_per_run", 1, "ray engine: CPUs reserved per run.")
 _GPUS = flags.DEFINE_float("gpus_per_run", 0, "ray engine: GPUs per run (Ray pins them).")
+_CHECK_FIT = flags.DEFINE_string("check_fit", "", "Compile every point's train step for this TPU "
+                                 "topology (e.g. v5e:4x4; gpt.compile) first; stop if any does not fit.")
 _RESOURCES = flags.DEFINE_string("resources_per_run", "", "ray engine: other resources per run as "
                                  "JSON, e.g. '{\"TPU\": 4}'.")
 
@@ -139,6 +143,46 @@ def run_sweep(sweep_file: str, workdir: str, engine, retries: int = 1,
   return outcomes
 
 
+# Config fields that change a train step's memory; points equal in all of them share one compile.
+FIT_KEYS = ("init", "model", "mesh", "train.batch_size", "train.seq_len", "train.grad_accum",
+            "train.optimizer", "train.momentum", "train.only_train_transformer_layers")
+
+
+def _dotted(tree: dict, key: str) -> Any:
+  for part in key.split("."):
+    tree = tree.get(part) if isinstance(tree, dict) else None
+  return tree
+
+
+def check_fit(sweep_file: str, workdir: str, topology: str, sets: dict | None = None) -> list[str]:
+  """Compiles the train stage of every point for TPU `topology` (gpt.compile: no TPU needed) and
+  prints each verdict; returns the names of the points that do not fit."""
+  import ml_collections
+
+  from gpt import compile as aot
+
+  sweep = load_sweep(sweep_file, sets)
+  _, infos = build_points(sweep, workdir)
+  verdicts: dict[str, dict] = {}
+  bad = []
+  for i, info in enumerate(infos, 1):
+    for stage in info["stages"]:
+      if stage["config"].get("mode") != "train":
+        continue
+      config = ml_collections.ConfigDict(stage["config"])
+      key = json.dumps([_dotted(stage["config"], k) for k in FIT_KEYS], sort_keys=True, default=str)
+      if key not in verdicts:
+        verdicts[key] = aot.fit(config, topology)
+      row = verdicts[key]
+      total = row["per_chip"].get("total") or row.get("oom", {}).get("needed")
+      print(f"[fit {i}/{len(infos)}] {info['name']}: {'fits' if row['fits'] else 'DOES NOT FIT'} "
+            f"on {topology} ({aot.human_bytes(total)} of {aot.human_bytes(row['hbm'])} per chip)",
+            flush=True)
+      if not row["fits"]:
+        bad.append(info["name"])
+  return bad
+
+
 def _write_json(path: Path, obj) -> None:
   tmp = path.with_name(f".{path.name}.tmp")
   tmp.write_text(json.dumps(obj, indent=2, default=str))
@@ -151,6 +195,12 @@ def main(argv: list[str]) -> int:
   if not _WORKDIR.value:
     raise app.UsageError("--workdir is required")
   sets = parse_sets(_SET.value)
+  if _CHECK_FIT.value:
+    bad = check_fit(argv[1], _WORKDIR.value, _CHECK_FIT.value, sets)
+    if bad:
+      print(f"{len(bad)} point(s) do not fit on {_CHECK_FIT.value}: {', '.join(bad)}; nothing was "
+            f"launched (see --config.mode=compile --config.compile.search=true for settings that fit)")
+      return 1
   if _DRY_RUN.value:
     points, _ = build_points(load_sweep(argv[1], sets), _WORKDIR.value)
     for p in points:

@@ -2,7 +2,7 @@
 
 Every file in `configs/` starts from `base_config()` and changes only what differs. Fields are
 grouped in the sections the rest of the package reads: `model`, `data`, `train`, `sampling`,
-`eval`, `mesh`, plus the top-level `mode`, `init` and `seed`.
+`eval`, `mesh`, `compile`, plus the top-level `mode`, `init` and `seed`.
 """
 
 from __future__ import annotations
@@ -265,6 +265,18 @@ def base_config() -> ml_collections.ConfigDict:
   mh.num_processes = 0
   # This process's index in a multi-host run (-1 = auto-detect).
   mh.process_id = -1
+  # Compile mode: the TPU slice to plan for, e.g. v5e:4x4, v4:2x2x4 ('' = the local devices).
+  mh.topology = ""
+
+  c.compile = cp = ml_collections.ConfigDict()
+  # Assumed model FLOPs utilisation for compile mode's step-time estimate (fraction of bf16 peak).
+  cp.mfu = 0.5
+  # Compile mode: try a grid of remat / fsdp / grad_accum settings and rank the ones that fit.
+  cp.search = False
+  # Most compiles the search may run (each takes seconds to minutes on a CPU).
+  cp.search_limit = 12
+  # Remat policies the search tries (comma-separated; tried from least recomputation up).
+  cp.search_remat = "none,dots,full"
 
   c.attention = av = ml_collections.ConfigDict()
   # Text whose attention is shown (`--config.mode=attention`).

@@ -29,6 +29,7 @@ MODES = {
     "interactive": "gpt.sample:run_interactive",
     "eval": "gpt.evaluate:run",
     "attention": "gpt.attention_view:run",
+    "compile": "gpt.compile:run",
 }
 
 # This command's own flags live apart from absl's global FLAGS, so that gpt.main can run in a

@@ -175,7 +175,8 @@ def _setup(config: Any, workdir: Path, ckpt: Checkpointer) -> Setup:
   return Setup(loaded.cfg, loaded.tokenizer, params, None, loaded.source)
 
 
-def _check_config(t: Any, cfg: GPTConfig, mesh) -> None:
+def check_config(t: Any, cfg: GPTConfig, mesh) -> None:
+  """GPTError for `config.train` settings that cannot run with this model on this mesh."""
   if t.seq_len > cfg.n_ctx:
     raise GPTError(f"train.seq_len={t.seq_len} exceeds the model's context n_ctx={cfg.n_ctx}")
   need = t.grad_accum * sharding.batch_divisor(mesh)
@@ -231,7 +232,7 @@ def _train(config: Any, workdir: Path, mesh, main_process: bool) -> None:
   ckpt = Checkpointer(checkpoint_dir(workdir), keep=t.keep)
   try:
     setup = lora.prepare_training(config, workdir, _setup(config, workdir, ckpt), main_process)
-    _check_config(t, setup.cfg, mesh)
+    check_config(t, setup.cfg, mesh)
     if main_process:
       resolved = config.to_dict()
       resolved["model"] = dataclasses.asdict(setup.cfg)
@@ -254,6 +255,60 @@ def _remove_empty(folders: list[Path]) -> None:
       pass
 
 
+@dataclasses.dataclass
+class Programs:
+  """The jitted train and eval steps for one model on one mesh, the abstract (shape-only) train
+  state and the layouts they take: what `Loop` runs, and what compile mode (gpt.compile) compiles
+  ahead of time, so both see the same program."""
+
+  graphdef: Any
+  tx: Any  # the optax transformation
+  schedule: Any  # the learning-rate schedule
+  abstract_state: TrainState  # ShapeDtypeStructs carrying their shardings; nothing allocated
+  state_sharding: TrainState
+  params_sharding: Any
+  batch_sharding: NamedSharding  # token windows [B, T+1]
+  train_step: Any  # jitted (state, batch, frozen) -> (state, metrics), state donated
+  eval_step: Any  # jitted (params, batch, frozen) -> mean loss
+  abstract_frozen: Any  # the parameters held fixed (a LoRA run's base), as abstract_state; else {}
+  frozen_sharding: Any
+
+
+def build_programs(config: Any, cfg: GPTConfig, mesh, lora_run: bool = False) -> Programs:
+  """The train/eval programs of `config.train` for model `cfg` on `mesh` (see Programs). With
+  `lora_run`, only the adapters are trained: the rest is the steps' separate `frozen` argument."""
+  t = config.train
+  graphdef = nnx.graphdef(abstract_model(cfg))
+  abs_params = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
+  axes = sharding.logical_axes(abstract_model(cfg))
+  abs_frozen, frozen_axes = {}, {}
+  if lora_run:  # LoRA: only the adapters are trained (and checkpointed)
+    (abs_params, abs_frozen), (axes, frozen_axes) = lora.split(abs_params), lora.split(axes)
+  tx = optim.make_optimizer(t, abs_params)
+  schedule = optim.learning_rate_schedule(t)
+  psh = sharding.param_shardings(abs_params, axes, mesh)
+  fsh = sharding.param_shardings(abs_frozen, frozen_axes, mesh)
+  rep = sharding.replicated(mesh)
+  abs_state = jax.eval_shape(lambda p: create_state(p, tx, config.seed), abs_params)
+  state_sharding = TrainState(
+      step=rep, params=psh, opt_state=sharding.opt_state_shardings(tx, abs_state.opt_state, psh, mesh),
+      rng=rep)
+  batch_sharding = sharding.batch_sharding(mesh)
+  step_fn = jit_train_step(
+      graphdef, tx, schedule, grad_accum=t.grad_accum, noise=t.noise, dropout=uses_dropout(cfg),
+      state_sharding=state_sharding, batch_sharding=batch_sharding, scalar_sharding=rep,
+      frozen_sharding=fsh, micro_sharding=NamedSharding(mesh, P(None, sharding.BATCH_AXES, None)))
+  eval_fn = jit_eval_step(graphdef, params_sharding=psh, frozen_sharding=fsh,
+                          batch_sharding=batch_sharding, scalar_sharding=rep)
+
+  def with_sharding(tree, shardings):
+    return jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh), tree,
+                        shardings)
+
+  return Programs(graphdef, tx, schedule, with_sharding(abs_state, state_sharding), state_sharding,
+                  psh, batch_sharding, step_fn, eval_fn, with_sharding(abs_frozen, fsh), fsh)
+
+
 class Loop:
   """The training loop and its periodic validation, sampling and checkpointing."""
 
@@ -262,43 +317,23 @@ class Loop:
     self.config, self.t, self.workdir, self.setup = config, config.train, workdir, setup
     self.dataset, self.mesh, self.ckpt, self.main = dataset, mesh, ckpt, main_process
     cfg, t = setup.model_cfg, config.train
-    self.graphdef = nnx.graphdef(abstract_model(cfg))
-    abs_params = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
-    axes = sharding.logical_axes(abstract_model(cfg))
-    abs_frozen, frozen_axes = {}, {}
-    if setup.lora_cfg is not None:  # LoRA: only the adapters are trained (and checkpointed)
-      (abs_params, abs_frozen), (axes, frozen_axes) = lora.split(abs_params), lora.split(axes)
-    self.tx = optim.make_optimizer(t, abs_params)
-    self.schedule = optim.learning_rate_schedule(t)
-    psh = sharding.param_shardings(abs_params, axes, mesh)
-    fsh = sharding.param_shardings(abs_frozen, frozen_axes, mesh)
-    self.frozen = _put_global(setup.frozen, fsh) if setup.lora_cfg is not None else {}
+    programs = build_programs(config, cfg, mesh, lora_run=setup.lora_cfg is not None)
+    self.graphdef, self.tx, self.schedule = programs.graphdef, programs.tx, programs.schedule
+    self.state_sharding, self.batch_sharding = programs.state_sharding, programs.batch_sharding
+    self.step_fn, self.eval_fn = programs.train_step, programs.eval_step
+    self.frozen = (_put_global(setup.frozen, programs.frozen_sharding)
+                   if setup.lora_cfg is not None else {})
     setup.frozen = None  # the host copy is no longer needed (1558M: 6 GB)
-    rep = sharding.replicated(mesh)
-    abs_state = jax.eval_shape(lambda p: create_state(p, self.tx, config.seed), abs_params)
-    self.state_sharding = TrainState(
-        step=rep, params=psh, opt_state=sharding.opt_state_shardings(self.tx, abs_state.opt_state,
-                                                                     psh, mesh), rng=rep)
-    self.batch_sharding = sharding.batch_sharding(mesh)
-    self.step_fn = jit_train_step(
-        self.graphdef, self.tx, self.schedule, grad_accum=t.grad_accum, noise=t.noise,
-        dropout=uses_dropout(cfg), state_sharding=self.state_sharding,
-        batch_sharding=self.batch_sharding, scalar_sharding=rep, frozen_sharding=fsh,
-        micro_sharding=NamedSharding(mesh, P(None, sharding.BATCH_AXES, None)))
-    self.eval_fn = jit_eval_step(self.graphdef, params_sharding=psh, frozen_sharding=fsh,
-                                 batch_sharding=self.batch_sharding, scalar_sharding=rep)
     self.windows = data.Windows(dataset.train, t.seq_len, t.batch_size, config.seed)
     self.last_saved = None
     if setup.resume_step is not None:
-      abstract = jax.tree.map(lambda a, sh: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sh),
-                              abs_state, self.state_sharding)
-      self.state, meta, setup.resume_step = ckpt.restore_intact(abstract)
+      self.state, meta, setup.resume_step = ckpt.restore_intact(programs.abstract_state)
       self.last_saved = setup.resume_step
       loss = meta.get("loss")
       logging.info("resumed from checkpoint step %d (loss %s)", setup.resume_step,
                    "unknown" if loss is None else f"{float(loss):.4f}")
     else:
-      params = _put_global(setup.params, psh)
+      params = _put_global(setup.params, programs.params_sharding)
       setup.params = None
       self.state = jax.jit(lambda p: create_state(p, self.tx, config.seed),
                            out_shardings=self.state_sharding)(params)

@@ -27,7 +27,7 @@ from typing import Any
 import numpy as np
 from absl import logging
 
-from gpt.config import canonical_model_name, is_model_name
+from gpt.config import MODEL_SIZES, canonical_model_name, is_model_name
 from gpt.errors import GPTError
 from gpt.formats import convert
 from gpt.formats.convert import SHAPE_FIELDS, hparams_of
@@ -157,6 +157,27 @@ def resolve_init(init: str, models_dir: str, download_url: str | None = None) ->
     return "openai", folder
   raise GPTError(f"--config.init={init!r} is not 'scratch', a model name (117M/124M, 345M/355M, "
                  f"762M/774M, 1542M/1558M) or an existing folder")
+
+
+def planned_model_config(config: Any) -> GPTConfig:
+  """The GPTConfig `load_model(config)` would return, from config files alone: no weights are read
+  and nothing is downloaded (a released size's shape is known), for planning a run (compile mode)."""
+  init = str(config.init).strip()
+  if init == "scratch":
+    return model_config(config.model, None)
+  path = Path(init).expanduser()
+  if not path.is_dir() and is_model_name(init):
+    n_layer, n_embd, n_head = MODEL_SIZES[canonical_model_name(init)]
+    return model_config(config.model, {"n_vocab": 50257, "n_ctx": 1024, "n_embd": n_embd,
+                                       "n_head": n_head, "n_layer": n_layer})
+  kind, folder = resolve_init(init, config.get("models_dir", "models"))
+  if kind == "workdir":
+    return workdir_model_config(config.model, folder) or model_config(config.model, None)
+  if kind == "openai":
+    from gpt.formats.tf_checkpoint import read_hparams
+    return model_config(config.model, read_hparams(folder / "hparams.json"))
+  from gpt.formats.hf_checkpoint import read_hparams
+  return model_config(config.model, read_hparams(folder))
 
 
 def load_model(config: Any) -> Loaded:

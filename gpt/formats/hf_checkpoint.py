@@ -90,10 +90,9 @@ def _read_tensors(folder: Path) -> dict[str, np.ndarray]:
   return {k: v.float().numpy() for k, v in state.items()}
 
 
-def load_hf(folder: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
-  """Reads an HF GPT-2 folder: (OpenAI-named float32 tensors, hparams in OpenAI's hparams.json keys)."""
-  folder = Path(folder)
-  config_path = folder / "config.json"
+def read_hparams(folder: str | os.PathLike) -> dict:
+  """The model shape of an HF GPT-2 folder (its config.json) in OpenAI's hparams.json keys."""
+  config_path = Path(folder) / "config.json"
   try:
     hf_config = json.loads(config_path.read_text())
   except (OSError, ValueError) as e:  # ValueError: not JSON or not UTF-8
@@ -110,9 +109,15 @@ def load_hf(folder: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
   if missing:
     raise GPTError(f"{config_path} has no integer {', '.join(missing)}: it is not a GPT-2 config.json "
                    f"(or it is damaged); download it again")
-  hparams = {"n_vocab": hf_config["vocab_size"], "n_ctx": hf_config.get("n_positions", 1024),
-             "n_embd": hf_config["n_embd"], "n_head": hf_config["n_head"],
-             "n_layer": hf_config["n_layer"]}
+  return {"n_vocab": hf_config["vocab_size"], "n_ctx": hf_config.get("n_positions", 1024),
+          "n_embd": hf_config["n_embd"], "n_head": hf_config["n_head"],
+          "n_layer": hf_config["n_layer"]}
+
+
+def load_hf(folder: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]:
+  """Reads an HF GPT-2 folder: (OpenAI-named float32 tensors, hparams in OpenAI's hparams.json keys)."""
+  folder = Path(folder)
+  hparams = read_hparams(folder)
   flat = {}
   for name, value in _read_tensors(folder).items():
     ours = _hf_to_openai_name(name)

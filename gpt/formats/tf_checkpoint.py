@@ -220,7 +220,8 @@ def read_checkpoint(folder: str | os.PathLike) -> dict[str, np.ndarray]:
   return read_bundle(checkpoint_prefix(folder))
 
 
-def _read_hparams(path: Path) -> dict:
+def read_hparams(path: Path) -> dict:
+  """The model shape from an OpenAI `hparams.json` (checked: integer n_vocab, n_ctx, n_embd, ...)."""
   try:
     hparams = json.loads(path.read_text())
   except OSError as e:
@@ -239,7 +240,7 @@ def load_openai(folder: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict]
   Shapes are checked against the hparams later, by convert.check_flat.
   """
   folder = Path(folder)
-  hparams = _read_hparams(folder / "hparams.json")
+  hparams = read_hparams(folder / "hparams.json")
   flat = {}
   for name, arr in read_checkpoint(folder).items():
     if not name.startswith("model/"):

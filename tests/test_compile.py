@@ -1,0 +1,253 @@
+"""Compile mode (gpt.compile): memory figures, fit verdicts, the search, and the sweep's --check_fit.
+
+The CPU tests compile a tiny model on the 8 fake CPU devices. The TPU tests need libtpu (the
+`[tpu]` extra): they skip without it, and fail under GPT_REQUIRE_SHARED=1 (as CI runs). A TPU
+compile of a real GPT-2 takes 10-60 s of CPU, so every compile is made once per module (fixtures)
+and shared through one Planner's cache.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from gpt import compile as aot
+from gpt import sharding
+from gpt.config import base_config, size_config
+from gpt.errors import GPTError
+from gpt.model import GPTConfig
+from gpt.train import build_programs
+
+
+def tiny_config():
+  c = base_config()
+  c.init = "scratch"
+  c.model.n_layer, c.model.n_embd, c.model.n_head, c.model.n_ctx = 2, 64, 2, 64
+  c.train.seq_len, c.train.batch_size = 32, 8
+  c.mesh.fsdp = 2
+  return c
+
+
+@pytest.fixture(scope="module")
+def cpu_run(tmp_path_factory):
+  """compile mode's output (stdout, compile.json) for the tiny config on the local devices."""
+  import contextlib
+  import io
+
+  workdir = tmp_path_factory.mktemp("compile")
+  config = tiny_config()
+  # Two search steps: fsdp=8 (the most sharded) and, by bisection, fsdp=2, the configured run
+  # (its compile is reused).
+  config.compile.search, config.compile.search_limit = True, 2
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    aot.run(config, str(workdir))
+  return out.getvalue(), json.loads((workdir / "compile.json").read_text())
+
+
+def test_cpu_memory_equals_the_compiled_train_and_eval_steps(cpu_run):
+  stdout, result = cpu_run
+  config = tiny_config()
+  cfg = GPTConfig.from_config(config.model)
+  mesh = sharding.make_mesh(config.mesh)  # the mesh train builds
+  built = build_programs(config, cfg, mesh)
+  batch = jax.ShapeDtypeStruct((8, 33), np.int32, sharding=built.batch_sharding)
+  expected = {
+      "train": built.train_step.lower(built.abstract_state, batch, {}).compile().memory_analysis(),
+      "eval": built.eval_step.lower(built.abstract_state.params, batch, {}).compile()
+              .memory_analysis(),
+  }
+  assert [r["program"] for r in result["programs"]] == ["train", "eval"]
+  for row in result["programs"]:
+    ma, pc = expected[row["program"]], row["per_chip"]
+    assert row["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1}
+    assert pc["arguments"] == ma.argument_size_in_bytes
+    assert pc["temporaries"] == ma.temp_size_in_bytes
+    assert pc["outputs"] == ma.output_size_in_bytes and pc["aliased"] == ma.alias_size_in_bytes
+    total = (ma.argument_size_in_bytes + ma.output_size_in_bytes - ma.alias_size_in_bytes
+             + ma.temp_size_in_bytes + ma.generated_code_size_in_bytes)
+    assert pc["total"] == total
+    # The breakdown of the arguments adds up to what the compiler counts.
+    assert pc["params"] + pc["opt_state"] + pc["batch"] == ma.argument_size_in_bytes
+    assert f"{aot.human_bytes(ma.temp_size_in_bytes):>12}" in stdout
+    assert f"{aot.human_bytes(total):>12}" in stdout
+  train = result["programs"][0]["per_chip"]
+  # fsdp=2 halves the 2-D weights; Adam holds two slots per parameter.
+  assert cfg.num_params() * 4 / 2 <= train["params"] < cfg.num_params() * 4
+  assert train["opt_state"] >= 2 * train["params"]
+  assert "multi-host: 8 chips on 1 host(s)" in stdout
+
+
+def test_cpu_search_ranks_and_reuses_the_configured_compile(cpu_run):
+  stdout, result = cpu_run
+  ranked = result["search"]
+  assert [(r["remat"], r["mesh"]["fsdp"], r["grad_accum"]) for r in ranked] == [
+      ("none", 2, 1), ("none", 8, 1)]  # all fit on CPU: equal estimates, smaller fsdp first
+  assert ranked[0] == result["programs"][0]  # the same compile, not a second one
+  assert "[1] remat=none fsdp=8 grad_accum=1: fits" in stdout
+  assert "2 setting(s) compiled; best: --config.model.remat=none --config.mesh.fsdp=2" in stdout
+
+
+def test_impossible_setting_is_one_error_line(tmp_path):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu",
+         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+  proc = subprocess.run(
+      [sys.executable, "-m", "gpt.main", "--config=configs/tiny.py", "--config.mode=compile",
+       "--config.mesh.fsdp=2", "--config.train.batch_size=3", f"--workdir={tmp_path}"],
+      capture_output=True, text=True, env=env, cwd=aot.Path(__file__).resolve().parent.parent,
+      timeout=300)
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "train.batch_size=3 must be a multiple" in errors[0], proc.stderr
+  assert "Traceback" not in proc.stderr
+
+
+def test_bad_topology_names_are_one_line_errors():
+  with pytest.raises(GPTError, match="expected <chip>:<chips per axis>"):
+    aot.topology_devices("v5litepod-16")
+
+
+def test_oom_message_figures():
+  msg = ("RESOURCE_EXHAUSTED: Ran out of memory on HBM, the total memory required for HLO "
+         "temporaries (368.73G) exceeds available HBM (15.75G).")
+  assert aot.parse_oom(msg) == {"needed": int(368.73 * 2 ** 30), "available": int(15.75 * 2 ** 30)}
+
+
+def test_remat_recompute_flops():
+  cfg = GPTConfig(n_layer=4, n_embd=64, n_head=2, n_ctx=64)
+  assert aot.recompute_flops_per_token(cfg.replace(remat="none"), 32) == 0
+  full = aot.recompute_flops_per_token(cfg.replace(remat="full"), 32)
+  # A block forward is a third of the blocks' training FLOPs (the head is not recomputed).
+  head = 6 * cfg.n_vocab * cfg.n_embd
+  assert full == pytest.approx((cfg.flops_per_token(32) - head) / 3, rel=1e-3)
+
+
+class FakePlanner:
+  """Stands in for aot.Planner in the search: a memory rule instead of compiles."""
+
+  def __init__(self, fits, limit=12):
+    self.config = base_config()
+    self.config.train.batch_size = 32
+    self.config.compile.search_limit = limit
+    self.devices, self.topology = list(range(16)), "fake:4x4"
+    self.base_cfg = GPTConfig(n_layer=2, n_embd=64, n_head=2, n_ctx=64)
+    self.rule, self.compiled = fits, []
+
+  def compile(self, s, programs):
+    if (s.remat, s.fsdp, s.grad_accum) not in self.compiled:
+      self.compiled.append((s.remat, s.fsdp, s.grad_accum))
+    return [{"fits": self.rule(s.remat, s.fsdp, s.grad_accum)}]
+
+
+def test_search_prunes_what_cannot_fit_or_rank_higher():
+  # dots fits only with fsdp=16 and grad_accum=2; full fits from fsdp=4.
+  planner = FakePlanner(lambda r, f, a: (r == "dots" and f == 16 and a == 2) or (r == "full" and f >= 4))
+  tried = [(s.remat, s.fsdp, s.grad_accum) for s in aot.search_settings(planner, 12)]
+  # none: the most sharded setting fails at both grad_accums, so no smaller fsdp is tried. dots:
+  # fits at (16, 2), bisection over fsdp 1, 2, 4, 8, 16 tries 4 and 8. full recomputes more than
+  # dots, so it cannot rank above it and is not tried.
+  assert tried == [("none", 16, 1), ("none", 16, 2), ("dots", 16, 1), ("dots", 16, 2),
+                   ("dots", 4, 2), ("dots", 8, 2)]
+  assert tried == planner.compiled
+  assert len(list(aot.search_settings(FakePlanner(lambda *_: False, limit=3), 3))) == 3
+
+
+# --- TPU topologies (libtpu) ---
+
+
+def require_libtpu() -> None:
+  if not aot.libtpu_available():
+    reason = "needs libtpu to compile for TPU topologies (pip install -e '.[tpu]')"
+    if os.environ.get("GPT_REQUIRE_SHARED") == "1":
+      pytest.fail(f"GPT_REQUIRE_SHARED=1 but {reason}")
+    pytest.skip(reason)
+
+
+def xl_config():
+  c = size_config("1558M")
+  c.model.dtype = "bfloat16"
+  c.train.batch_size, c.train.seq_len = 32, 1024
+  c.mesh.fsdp = 16
+  c.mesh.topology = "v5e:4x4"
+  # The search tries remat none, then full: none at fsdp=16 (the most sharded) is one fast
+  # out-of-memory compile per grad_accum, and full at fsdp=16 is the fixture's compile (cached).
+  c.compile.search_remat = "full,none"
+  c.compile.search_limit = 3
+  return c
+
+
+@pytest.fixture(scope="module")
+def xl_planner():
+  require_libtpu()
+  config = xl_config()
+  return aot.Planner(config, aot.devices_for("v5e:4x4"), "v5e:4x4")
+
+
+@pytest.mark.slow
+def test_124m_fits_v5e_2x2():
+  require_libtpu()
+  c = size_config("124M")
+  c.model.dtype = "bfloat16"
+  c.train.batch_size, c.train.seq_len = 16, 1024
+  c.mesh.topology = "v5e:2x2"
+  planner = aot.Planner(c, aot.devices_for("v5e:2x2"), "v5e:2x2")
+  row = planner.compile(planner.configured(), ("train",))[0]
+  assert row["fits"] and row["chip"] == "v5e" and row["chips"] == 4 and row["hosts"] == 1
+  assert 0 < row["per_chip"]["total"] <= 16 * 2 ** 30
+  assert row["per_chip"]["temporaries"] > row["per_chip"]["params"]
+  assert row["tokens_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_1558m_v5e_4x4_fits_with_full_remat_not_without(xl_planner):
+  full = xl_planner.compile(aot.Setting("full", 16, 1), ("train",))[0]
+  assert full["fits"] and full["per_chip"]["total"] <= 16 * 2 ** 30
+  assert full["multihost"] == {"hosts": 4, "chips_per_host": 4, "rows_per_host": 8,
+                               "rows_per_chip_micro": 2}
+  none = xl_planner.compile(aot.Setting("none", 16, 1), ("train",))[0]
+  assert not none["fits"] and "RESOURCE_EXHAUSTED" in none["error"]
+  assert none["oom"]["needed"] > none["oom"]["available"] > 15 * 2 ** 30
+  assert "DOES NOT FIT" in aot.format_table(none)
+  # Recomputing costs FLOPs: the estimate ranks remat=none faster.
+  assert none["tokens_per_s"] > full["tokens_per_s"]
+
+
+@pytest.mark.slow
+def test_search_finds_a_fitting_setting_for_1558m_on_v5e_4x4(xl_planner):
+  ranked = xl_planner.search()
+  table = aot.format_search(ranked)
+  tried = [(r["remat"], r["mesh"]["fsdp"], r["grad_accum"]) for r in ranked]
+  # none: grad_accum 1 and 2 (2 rows per chip) do not fit at fsdp=16, so no smaller fsdp is
+  # tried; full fits at fsdp=16 and is ranked first.
+  assert tried == [("full", 16, 1), ("none", 16, 1), ("none", 16, 2)], table
+  assert ranked[0]["fits"] and not any(r["fits"] for r in ranked[1:]), table
+  assert "| 1 | full | 16 | 1 | 1 |" in table
+
+
+@pytest.mark.slow
+def test_sweep_check_fit_reports_points_that_do_not_fit_before_launching(tmp_path):
+  require_libtpu()
+  repo = aot.Path(__file__).resolve().parent.parent
+  marker = tmp_path / "launched"
+  sweep_file = tmp_path / "fit.py"
+  launch = f"open({str(marker)!r}, 'w')"  # what a launched point would do
+  # A 1-layer model: batch 8 fits a v5e:2x2; 32768 rows (8192 per chip) need ~50 GiB of logits.
+  sweep_file.write_text(
+      f"base = {str(repo / 'configs/tiny.py')!r}\n"
+      "fixed = {'model.n_layer': 1, 'model.n_embd': 64, 'model.n_head': 2, 'model.n_ctx': 64,\n"
+      "         'train.seq_len': 32}\n"
+      "product = {'train.batch_size': [8, 32768]}\n"
+      f"program = [{sys.executable!r}, '-c', {launch!r}]\n")
+  env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run(
+      [sys.executable, "experiments/sweep.py", str(sweep_file), f"--workdir={tmp_path / 'runs'}",
+       "--check_fit=v5e:2x2"], capture_output=True, text=True, env=env, cwd=repo, timeout=900)
+  assert proc.returncode == 1, proc.stdout + proc.stderr[-3000:]
+  assert "batch_size=8: fits on v5e:2x2" in proc.stdout
+  assert "batch_size=32768: DOES NOT FIT on v5e:2x2" in proc.stdout
+  assert "1 point(s) do not fit on v5e:2x2: batch_size=32768; nothing was launched" in proc.stdout
+  assert not marker.exists()
