@@ -11,7 +11,8 @@ import shutil
 
 import pytest
 
-from gpt import data, download, tf_checkpoint
+from gpt import data, download
+from gpt.formats import tf_checkpoint
 from gpt.errors import GPTError
 from gpt.tokenizer import get_tokenizer
 from http_fixture import FileServer
