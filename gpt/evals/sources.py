@@ -41,6 +41,7 @@ from typing import Any, Callable, Iterable, Sequence
 from urllib.parse import quote
 
 from gpt import download
+from gpt.evals.base import sha256_of
 from gpt.errors import GPTError
 
 # Release archives are fetched here (inside data_dir) and deleted once their members are out.
@@ -308,18 +309,10 @@ def verify(source: Source, path: Path) -> None:
   if n != source.records:
     raise BadFile(f"{n} records where the release has {source.records}; truncated?")
   if source.sha256:
-    digest = sha256_file(path)
+    digest = sha256_of(path)
     if digest != source.sha256:
       raise BadFile(f"sha256 {digest[:12]}... is not the release's {source.sha256[:12]}... "
                     f"({path.stat().st_size} bytes)")
-
-
-def sha256_file(path: Path) -> str:
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def mirror_url(mirror: str, path: str) -> str:
@@ -449,7 +442,7 @@ class Fetcher:
     path = folder / archive.url.rsplit("/", 1)[-1]
     download.fetch(archive.url, path, retries=self.retries, timeout=self.timeout)
     problem = ""
-    if archive.sha256 and sha256_file(path) != archive.sha256:
+    if archive.sha256 and sha256_of(path) != archive.sha256:
       problem = f"sha256 is not the release's {archive.sha256[:12]}..."
     elif not zipfile.is_zipfile(path):
       problem = "not a zip file (an error page?)"
