@@ -215,7 +215,7 @@ def check_base(ref: dict, base_params: dict, base: str, folder: str | os.PathLik
 
 def restore_adapters(folder: str | os.PathLike, cfg: GPTConfig, step: int | None = None) -> dict:
   """The adapters (pure dict) of the latest (or `step`) checkpoint of LoRA workdir `folder`."""
-  from gpt.checkpoint import Checkpointer, checkpoint_dir
+  from gpt.checkpoint import Checkpointer, checkpoint_dir, intact_step
 
   adapters, _ = split(nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param)))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
@@ -224,6 +224,7 @@ def restore_adapters(folder: str | os.PathLike, cfg: GPTConfig, step: int | None
   try:
     if ckpt.latest_step() is None:
       raise GPTError(f"{folder} holds no finished checkpoint")
+    step = intact_step(ckpt, step)  # checksums, as for full checkpoints: a damaged one is skipped
     try:
       return ckpt.restore_params(abstract, step)
     except (ValueError, KeyError) as e:

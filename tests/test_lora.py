@@ -193,6 +193,19 @@ def test_lora_workdir_stores_adapters_resumes_loads_merged_and_exports(tmp_path,
     load_model(_with_init(workdir))
   ref_path.write_text(saved)
 
+  # A damaged latest adapter checkpoint is caught by its checksums: the newest intact one loads.
+  damaged = tmp_path / "damaged-run"
+  shutil.copytree(workdir, damaged)
+  ckpts = damaged / "checkpoints"
+  steps = sorted(int(p.name) for p in ckpts.iterdir() if p.name.isdigit())
+  biggest = max((p for p in (ckpts / str(steps[-1])).rglob("*") if p.is_file()),
+                key=lambda p: p.stat().st_size)
+  data = bytearray(biggest.read_bytes())
+  data[len(data) // 2] ^= 0x01
+  biggest.write_bytes(bytes(data))
+  assert max_abs_diff(lora.restore_adapters(damaged, cfg),
+                      lora.restore_adapters(workdir, cfg, step=steps[-2])) == 0
+
   # Export: merged HF folder loads back to the same logits; --format=adapters loads in PEFT.
   from gpt.export import export
 
