@@ -47,6 +47,21 @@ def hf_fixture() -> Path:
 
 
 @pytest.fixture
+def www(openai_fixture, tmp_path) -> Path:
+  """tmp/www/124M/ holding the fixture's seven OpenAI files, as OpenAI's bucket lays them out
+  (what the download tests serve from a loopback server)."""
+  import shutil
+
+  from gpt import download
+
+  root = tmp_path / "www"
+  (root / "124M").mkdir(parents=True)
+  for name in download.OPENAI_FILES:
+    shutil.copy(openai_fixture / name, root / "124M" / name)
+  return root
+
+
+@pytest.fixture
 def repo_dir() -> Path:
   return REPO
 

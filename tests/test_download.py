@@ -14,16 +14,6 @@ DATA = "model.ckpt.data-00000-of-00001"
 DATA_PATH = f"/124M/{DATA}"
 
 
-@pytest.fixture
-def www(openai_fixture, tmp_path):
-  """tmp/www/124M/ holding the fixture's seven OpenAI files, as OpenAI's bucket lays them out."""
-  root = tmp_path / "www"
-  (root / "124M").mkdir(parents=True)
-  for name in download.OPENAI_FILES:
-    shutil.copy(openai_fixture / name, root / "124M" / name)
-  return root
-
-
 def _same_files(folder, reference, names):
   for name in names:
     assert (folder / name).read_bytes() == (reference / name).read_bytes(), name

@@ -22,16 +22,6 @@ DATA = "model.ckpt.data-00000-of-00001"
 LOGIN = b"<!DOCTYPE html>\n<html><head><title>Sign in</title></head><body>Proxy login</body></html>\n"
 
 
-@pytest.fixture
-def www(openai_fixture, tmp_path):
-  """tmp/www/124M/ holding the fixture's seven OpenAI files, as OpenAI's bucket lays them out."""
-  root = tmp_path / "www"
-  (root / "124M").mkdir(parents=True)
-  for name in download.OPENAI_FILES:
-    shutil.copy(openai_fixture / name, root / "124M" / name)
-  return root
-
-
 def _one_line(info) -> str:
   message = str(info.value)
   assert "\n" not in message and "Traceback" not in message
