@@ -37,7 +37,7 @@ from tqdm import tqdm
 from gpt.config import HF_REPOS, canonical_model_name
 from gpt.download_checks import (InvalidDownload, Validator, check_format, html_evidence,
                                  model_file_check, one_line)
-from gpt.errors import GPTError
+from gpt.errors import GPTError, print_error
 from gpt.hashing import hash_file
 
 OPENAI_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
@@ -331,8 +331,7 @@ def main(argv: list[str] | None = None) -> int:
       folder = download_model(name, args.models_dir, args.source, args.base_url)
       print(f"{name}: {folder}")
   except GPTError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return print_error(e)
   return 0
 
 

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Callable
 
-from gpt.errors import GPTError
+from gpt.errors import GPTError, print_error
 from gpt.evals.data_checks import hellaswag_text, jsonl, labeled_sentences, labels, text_lines
 
 
@@ -136,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [get_task(name) for name in (args.tasks or [n for n in TASKS if n != "text"])]
     ensure_tasks(tasks, args.data_dir, args.mirror)
   except GPTError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return print_error(e)
   for task in tasks:
     present = [f for form in task.data_files() for f in form if (Path(args.data_dir) / f).is_file()]
     print(f"{task.name}: {', '.join(present)}")
