@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import codecs
 import contextlib
-import functools
 import sys
 from typing import Any, Iterator, TextIO
 
@@ -112,14 +111,11 @@ def pad_left(prompts: list[list[int]], width: int) -> tuple[np.ndarray, np.ndarr
   return tokens, mask
 
 
-@functools.lru_cache(maxsize=16)
 def make_decoder(cfg: GPTConfig, options: SamplingOptions, *, stop_token: int,
                  stop_at_token: bool) -> Decoder:
   """A gpt.sampling.Decoder for models of shape `cfg`; pass it `decoding_params(model)` as params.
 
-  The decoder (and its compiled programs) can be kept while the weights change (training). It is
-  cached per arguments, so every Generator of one process with the same shape and options (a mode
-  run twice, the evals' generators, the tests) shares one set of compiled programs."""
+  The decoder (and its compiled programs) can be kept while the weights change (training)."""
   logits_fn, init_cache = decoding_functions(cfg)
   return Decoder(logits_fn, init_cache, options, stop_token=stop_token, stop_at_token=stop_at_token)
 
