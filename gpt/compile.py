@@ -35,7 +35,8 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -196,34 +197,54 @@ class Planner:
       config.mesh.data = s.data
     return config
 
-  def compile(self, s: Setting, programs: tuple[str, ...] = ("train", "eval")) -> list[dict]:
-    """One row per program (train, eval) for setting `s`: memory per chip, fit, time estimate."""
-    todo = [p for p in programs if (dataclasses.astuple(s), p) not in self._done]
-    if todo:
-      from gpt import sharding
-      from gpt.train import build_programs, check_config
+  def compile(self, s: Setting, programs: tuple[str, ...] = ("train", "eval"),
+              on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """One row per program for setting `s`: memory per chip, fit, time estimate. Programs are
+    "train", "eval" and "decode" (the sampler's, which does not depend on `s`); the ones not
+    compiled before are compiled concurrently, and `on_row(row)` hears of each as it finishes."""
+    keys = {p: "decode" if p == "decode" else (dataclasses.astuple(s), p) for p in programs}
+    jobs = self._lower(s, [p for p in programs if keys[p] not in self._done])
+    for key, row in compile_concurrently(jobs):
+      self._done[key] = row
+      if on_row:
+        on_row(row)
+    return [self._done[keys[p]] for p in programs]
 
-      config = self._config_for(s)
-      cfg = self.train_cfg.replace(remat=s.remat)
-      mesh = sharding.make_mesh(config.mesh, self.devices)
-      check_config(config.train, cfg, mesh)
-      built = build_programs(config, cfg, mesh, lora_run=cfg.lora_rank > 0)
-      t = config.train
-      batch = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), np.int32,
-                                   sharding=built.batch_sharding)
-      for program in todo:
-        if program == "train":
-          fn, args = built.train_step, (built.abstract_state, batch, built.abstract_frozen)
-        else:
-          fn, args = built.eval_step, (built.abstract_state.params, batch, built.abstract_frozen)
-        row = self._compile_row(program, fn, args, config, cfg, mesh, built)
-        self._done[(dataclasses.astuple(s), program)] = row
-    return [self._done[(dataclasses.astuple(s), p)] for p in programs]
+  def _lower(self, s: Setting, programs: list[str]) -> list[tuple]:
+    """(key, job) per program: traced and lowered here, in the calling thread (tracing is
+    Python); `job()` compiles and returns the row (the compile releases the GIL)."""
+    jobs = []
+    if "decode" in programs:
+      jobs.append(("decode", self._decode_job()))
+    programs = [p for p in programs if p != "decode"]
+    if not programs:
+      return jobs
+    from gpt import sharding
+    from gpt.train import build_programs, check_config
 
-  def _compile_row(self, program, fn, args, config, cfg, mesh, built) -> dict:
+    config = self._config_for(s)
+    cfg = self.train_cfg.replace(remat=s.remat)
+    mesh = sharding.make_mesh(config.mesh, self.devices)
+    check_config(config.train, cfg, mesh)
+    built = build_programs(config, cfg, mesh, lora_run=cfg.lora_rank > 0)
+    t = config.train
+    batch = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), np.int32,
+                                 sharding=built.batch_sharding)
+    for program in programs:
+      if program == "train":
+        fn, args = built.train_step, (built.abstract_state, batch, built.abstract_frozen)
+      else:
+        fn, args = built.eval_step, (built.abstract_state.params, batch, built.abstract_frozen)
+      row = self._row(program, args, config, cfg, mesh, built)
+      jobs.append(((dataclasses.astuple(s), program), functools.partial(
+          self._compiled_row, row, fn.lower(*args), functools.partial(self._estimate, cfg=cfg))))
+    return jobs
+
+  def _row(self, program, args, config, cfg, mesh, built) -> dict:
+    """A train/eval row before compiling: the setting and the bytes of its arguments."""
     t = config.train
     state = built.abstract_state
-    row = {
+    return {
         "program": program, "topology": self.topology, "chip": self.chip.name,
         "chips": mesh.size, "hosts": self.hosts,
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
@@ -241,31 +262,33 @@ class Planner:
                      "batch": shard_bytes(args[1])},
         "hbm": self.chip.hbm, "multihost": self._multihost(t, built),
     }
+
+  def _compiled_row(self, row: dict, lowered: Any, estimate: Callable[[dict], dict]) -> dict:
+    """`row` completed by compiling `lowered`: the compiler's memory figures and the verdict (an
+    out-of-memory compile is a "does not fit" row with the compiler's figure), then `estimate`."""
     start = time.perf_counter()
     try:
-      compiled = fn.lower(*args).compile()
+      compiled = lowered.compile()
     except Exception as e:  # noqa: BLE001 - XLA raises JaxRuntimeError; only OOM is an answer
       if "RESOURCE_EXHAUSTED" not in str(e):
-        raise GPTError(f"compiling the {program} step for {self.topology} failed: "
+        raise GPTError(f"compiling the {row['program']} step for {self.topology} failed: "
                        f"{str(e).splitlines()[0][:300]}") from None
-      row["compile_s"] = time.perf_counter() - start
-      row.update(fits=False, error=str(e).splitlines()[0][:300], oom=parse_oom(str(e)))
-      return self._estimate(row, cfg)
+      row.update(compile_s=time.perf_counter() - start, fits=False,
+                 error=str(e).splitlines()[0][:300], oom=parse_oom(str(e)))
+      return estimate(row)
     row["compile_s"] = time.perf_counter() - start
-    mem = memory_figures(compiled)
-    row["per_chip"].update(mem)
-    row["fits"] = self.chip.hbm is None or mem["total"] <= self.chip.hbm
-    return self._estimate(row, cfg)
+    row["per_chip"].update(memory_figures(compiled))
+    row["fits"] = self.chip.hbm is None or row["per_chip"]["total"] <= self.chip.hbm
+    return estimate(row)
 
   def compile_decode(self) -> dict:
-    """The row of the sampler's decode loop (gpt.sampling.Decoder.advance, what sample mode runs
-    per token) for `sampling.batch_size` rows on one chip (sample mode uses one device, no mesh):
-    the model prepared for decoding (abstract), a KV cache of the full context (n_ctx slots)."""
-    if "decode" not in self._done:
-      self._done["decode"] = self._decode_row()
-    return self._done["decode"]
+    """The row of the sampler's decode loop (see `_decode_job`)."""
+    return self.compile(self.configured(), ("decode",))[0]
 
-  def _decode_row(self) -> dict:
+  def _decode_job(self) -> Callable[[], dict]:
+    """The sampler's decode loop (gpt.sampling.Decoder.advance: what sample mode runs per token)
+    for `sampling.batch_size` rows on one chip (sample mode uses one device, no mesh): the model
+    prepared for decoding (abstract, in the compute dtype) and a KV cache of the full context."""
     from jax.sharding import SingleDeviceSharding
 
     from gpt.model import abstract_model
@@ -297,22 +320,10 @@ class Planner:
                      "decode_state": shard_bytes(dstate._replace(cache=()))},
         "hbm": self.chip.hbm,
     }
-    start_s = time.perf_counter()
-    try:
-      compiled = decoder.lower_advance(params, dstate).compile()
-    except Exception as e:  # noqa: BLE001 - as for the train step: only OOM is an answer
-      if "RESOURCE_EXHAUSTED" not in str(e):
-        raise GPTError(f"compiling the decode step for {self.topology} failed: "
-                       f"{str(e).splitlines()[0][:300]}") from None
-      row.update(compile_s=time.perf_counter() - start_s, fits=False,
-                 error=str(e).splitlines()[0][:300], oom=parse_oom(str(e)))
-      return self._estimate_decode(row, cfg)
-    row["compile_s"] = time.perf_counter() - start_s
-    row["per_chip"].update(memory_figures(compiled))
-    row["fits"] = self.chip.hbm is None or row["per_chip"]["total"] <= self.chip.hbm
-    return self._estimate_decode(row, cfg)
+    return functools.partial(self._compiled_row, row, decoder.lower_advance(params, dstate),
+                             functools.partial(self._estimate_decode, cfg=cfg))
 
-  def _estimate_decode(self, row: dict, cfg: GPTConfig) -> dict:
+  def _estimate_decode(self, row: dict, *, cfg: GPTConfig) -> dict:
     """A roofline bound on decoding speed: every step (one token per row) reads all the weights
     and the whole fixed-size cache (attention runs over every slot, masked) from HBM, and does
     2 FLOPs per weight per row; the step takes the longer of the two at the chip's HBM bandwidth
@@ -328,7 +339,7 @@ class Planner:
       row["tokens_per_s"] = row["batch_size"] / row["step_s"]
     return row
 
-  def _estimate(self, row: dict, cfg: GPTConfig) -> dict:
+  def _estimate(self, row: dict, *, cfg: GPTConfig) -> dict:
     """Adds the estimated step time and tokens/s at the assumed MFU (None when peak is unknown)."""
     mfu = float(self.config.compile.mfu)
     tokens = row["batch_size"] * row["seq_len"]
@@ -367,6 +378,19 @@ class Planner:
       if progress:
         progress(len(tried), tried[-1])
     return rank(tried)
+
+
+def compile_concurrently(jobs: list[tuple]):
+  """Runs the (key, job) pairs' compiles at once, one thread each, yielding (key, row) as each
+  finishes. XLA's compile releases the GIL and is mostly one thread per program, so on a
+  multi-core machine the wall time is the longest compile's, not the sum (train + eval + decode)."""
+  if len(jobs) == 1:
+    yield jobs[0][0], jobs[0][1]()
+    return
+  with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="compile") as pool:
+    futures = {pool.submit(job): key for key, job in jobs}
+    for future in as_completed(futures):
+      yield futures[future], future.result()
 
 
 def divisors(n: int) -> list[int]:
@@ -544,12 +568,11 @@ def run(config: Any, workdir: str | None) -> None:
   planner = Planner(config, devices, topology)
   print(f"compiling for {topology or 'the local devices'}: {len(devices)} x {devices[0].device_kind} "
         f"on {planner.hosts} host(s); no weights are loaded, nothing is allocated", flush=True)
-  rows = []
-  for program in ("train", "eval", "decode"):  # each table as soon as its program is compiled
-    print(f"\ncompiling the {program} step...", flush=True)
-    rows += ([planner.compile_decode()] if program == "decode"
-             else planner.compile(planner.configured(), (program,)))
-    print("\n" + format_table(rows[-1]), flush=True)
+  programs = ("train", "eval", "decode")
+  print(f"\ncompiling the {', '.join(programs)} steps (concurrently)...", flush=True)
+  # Each table as soon as its program is compiled.
+  rows = planner.compile(planner.configured(), programs,
+                         on_row=lambda row: print("\n" + format_table(row), flush=True))
   print("\n" + format_multihost(rows[0]))
   result = {"topology": topology or "local", "jax": jax.__version__, "programs": rows}
   if config.compile.search:
