@@ -384,8 +384,9 @@ def compile_concurrently(jobs: list[tuple]):
   """Runs the (key, job) pairs' compiles at once, one thread each, yielding (key, row) as each
   finishes. XLA's compile releases the GIL and is mostly one thread per program, so on a
   multi-core machine the wall time is the longest compile's, not the sum (train + eval + decode)."""
-  if len(jobs) == 1:
-    yield jobs[0][0], jobs[0][1]()
+  if len(jobs) <= 1:
+    for key, job in jobs:
+      yield key, job()
     return
   with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="compile") as pool:
     futures = {pool.submit(job): key for key, job in jobs}
