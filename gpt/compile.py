@@ -13,9 +13,17 @@ read, nothing is allocated), compiles for them on the CPU. The compiler's memory
 each chip holds; a compile that runs out of HBM is the answer "does not fit", with the compiler's
 own figure. The eval step (validation) is compiled the same way.
 
-The decode step (sampling) is not compiled: sample mode runs on one device without a mesh, and its
-jitted decode loop is private to gpt.sampling (and being folded into the model), so there is no
-public program a pod would run to plan for.
+The decode step is the sampler's (gpt.sampling.Decoder.advance over gpt.sample's model prepared
+for decoding), compiled for one chip of the slice, as sample mode runs on one device without a
+mesh, with a KV cache of the full context for `sampling.batch_size` rows. Its tokens/s is a
+roofline: every step reads all the weights and the whole cache from HBM.
+
+With `train.lora_rank` the plan is of a LoRA run (gpt.lora.trained_config): the adapters are
+trained and carry the optimizer state, the base weights are the steps' frozen argument.
+
+The three programs are lowered in turn and compiled on threads (XLA's compile releases the GIL);
+`compile.programs` picks which, `compile.fast` asks XLA for its least optimisation effort (about
+half the CPU for a TPU train step; the memory figures come out a few % larger).
 
 Step times are estimates, not measurements: the model's FLOPs (GPTConfig.flops_per_token; XLA's
 cost analysis counts a `scan` body once, so it undercounts the layers) plus what remat recomputes,
@@ -171,6 +179,15 @@ class Setting:
   data: int = -1  # the search leaves the data axis to take the chips fsdp x tensor leaves over
 
 
+@dataclasses.dataclass
+class Job:
+  """One lowered program of a Planner, ready to compile."""
+
+  key: Any  # its key in the Planner's cache of rows
+  lowered: Any  # jax.stages.Lowered
+  run: Callable[[], dict]  # compiles `lowered` and returns the program's row
+
+
 class Planner:
   """Builds and compiles the run of one config on one set of devices, many settings of it."""
 
@@ -203,19 +220,19 @@ class Planner:
     "train", "eval" and "decode" (the sampler's, which does not depend on `s`); the ones not
     compiled before are compiled concurrently, and `on_row(row)` hears of each as it finishes."""
     keys = {p: "decode" if p == "decode" else (dataclasses.astuple(s), p) for p in programs}
-    jobs = self._lower(s, [p for p in programs if keys[p] not in self._done])
+    jobs = self.lower(s, [p for p in programs if keys[p] not in self._done])
     for key, row in compile_concurrently(jobs):
       self._done[key] = row
       if on_row:
         on_row(row)
     return [self._done[keys[p]] for p in programs]
 
-  def _lower(self, s: Setting, programs: list[str]) -> list[tuple]:
-    """(key, job) per program: traced and lowered here, in the calling thread (tracing is
-    Python); `job()` compiles and returns the row (the compile releases the GIL)."""
+  def lower(self, s: Setting, programs: list[str]) -> list[Job]:
+    """A Job per program of setting `s`: traced and lowered here, in the calling thread (tracing
+    is Python); `job.run()` compiles and returns the row (the compile releases the GIL)."""
     jobs = []
     if "decode" in programs:
-      jobs.append(("decode", self._decode_job()))
+      jobs.append(self._decode_job())
     programs = [p for p in programs if p != "decode"]
     if not programs:
       return jobs
@@ -235,9 +252,9 @@ class Planner:
         fn, args = built.train_step, (built.abstract_state, batch, built.abstract_frozen)
       else:
         fn, args = built.eval_step, (built.abstract_state.params, batch, built.abstract_frozen)
-      row = self._row(program, args, config, cfg, mesh, built)
-      jobs.append(((dataclasses.astuple(s), program), functools.partial(
-          self._compiled_row, row, fn.lower(*args), functools.partial(self._estimate, cfg=cfg))))
+      row, lowered = self._row(program, args, config, cfg, mesh, built), fn.lower(*args)
+      jobs.append(Job((dataclasses.astuple(s), program), lowered, functools.partial(
+          self._compiled_row, row, lowered, functools.partial(self._estimate, cfg=cfg))))
     return jobs
 
   def _row(self, program, args, config, cfg, mesh, built) -> dict:
@@ -287,7 +304,7 @@ class Planner:
     """The row of the sampler's decode loop (see `_decode_job`)."""
     return self.compile(self.configured(), ("decode",))[0]
 
-  def _decode_job(self) -> Callable[[], dict]:
+  def _decode_job(self) -> Job:
     """The sampler's decode loop (gpt.sampling.Decoder.advance: what sample mode runs per token)
     for `sampling.batch_size` rows on one chip (sample mode uses one device, no mesh): the model
     prepared for decoding (abstract, in the compute dtype) and a KV cache of the full context."""
@@ -322,8 +339,9 @@ class Planner:
                      "decode_state": shard_bytes(dstate._replace(cache=()))},
         "hbm": self.chip.hbm,
     }
-    return functools.partial(self._compiled_row, row, decoder.lower_advance(params, dstate),
-                             functools.partial(self._estimate_decode, cfg=cfg))
+    lowered = decoder.lower_advance(params, dstate)
+    return Job("decode", lowered, functools.partial(
+        self._compiled_row, row, lowered, functools.partial(self._estimate_decode, cfg=cfg)))
 
   def _estimate_decode(self, row: dict, *, cfg: GPTConfig) -> dict:
     """A roofline bound on decoding speed: every step (one token per row) reads all the weights
@@ -382,16 +400,16 @@ class Planner:
     return rank(tried)
 
 
-def compile_concurrently(jobs: list[tuple]):
-  """Runs the (key, job) pairs' compiles at once, one thread each, yielding (key, row) as each
+def compile_concurrently(jobs: list[Job]):
+  """Runs the jobs' compiles at once, one thread each, yielding (job.key, row) as each
   finishes. XLA's compile releases the GIL and is mostly one thread per program, so on a
   multi-core machine the wall time is the longest compile's, not the sum (train + eval + decode)."""
   if len(jobs) <= 1:
-    for key, job in jobs:
-      yield key, job()
+    for job in jobs:
+      yield job.key, job.run()
     return
   with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="compile") as pool:
-    futures = {pool.submit(job): key for key, job in jobs}
+    futures = {pool.submit(job.run): job.key for job in jobs}
     for future in as_completed(futures):
       yield futures[future], future.result()
 
@@ -480,8 +498,8 @@ def format_table(row: dict) -> str:
   head = (f"{m['n_layer']} layers x {m['n_embd']} ({m['params'] / 1e6:.0f}M params), "
           f"{m['dtype']} compute")
   if decode:
-    lines = [f"decode step (sampler, one chip as sample mode uses): {head}, batch {row['batch_size']} "
-             f"rows, KV cache of {row['seq_len']} slots; on 1 {row['chip']} of {row['topology']}"]
+    lines = [f"decode step (sampler, one chip as sample mode uses): {head}, {row['batch_size']} row(s), "
+             f"KV cache of {row['seq_len']} slots; on 1 {row['chip']} of {row['topology']}"]
     items = [("parameters", pc["params"]), ("KV cache", pc["cache"]),
              ("decode state", pc["decode_state"])]
   else:
