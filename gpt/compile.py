@@ -593,7 +593,8 @@ def run(config: Any, workdir: str | None) -> None:
   if not programs or set(programs) - {"train", "eval", "decode"} or "train" not in programs:
     raise GPTError(f"compile.programs={config.compile.programs!r}: train, optionally with eval "
                    f"and decode (comma-separated)")
-  print(f"\ncompiling the {', '.join(programs)} steps (concurrently)...", flush=True)
+  print(f"\ncompiling the {', '.join(programs)} step" + ("s (concurrently)..." if len(programs) > 1
+                                                       else "..."), flush=True)
   # Each table as soon as its program is compiled.
   rows = planner.compile(planner.configured(), programs,
                          on_row=lambda row: print("\n" + format_table(row), flush=True))
