@@ -21,7 +21,7 @@ roofline: every step reads all the weights and the whole cache from HBM.
 With `train.lora_rank` the plan is of a LoRA run (gpt.lora.trained_config): the adapters are
 trained and carry the optimizer state, the base weights are the steps' frozen argument.
 
-The three programs are lowered in turn and compiled on threads (XLA's compile releases the GIL);
+The programs compile one after another (on threads they took as long for TPU targets);
 `compile.programs` picks which, `compile.fast` asks XLA for its least optimisation effort (about
 half the CPU for a TPU train step; the memory figures come out a few % larger).
 
@@ -43,7 +43,6 @@ import os
 import re
 import time
 from pathlib import Path
-from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any, Callable
 
 import jax
@@ -218,18 +217,21 @@ class Planner:
               on_row: Callable[[dict], None] | None = None) -> list[dict]:
     """One row per program for setting `s`: memory per chip, fit, time estimate. Programs are
     "train", "eval" and "decode" (the sampler's, which does not depend on `s`); the ones not
-    compiled before are compiled concurrently, and `on_row(row)` hears of each as it finishes."""
+    compiled before are compiled in turn, and `on_row(row)` hears of each as it finishes.
+
+    In turn, not on threads: XLA's compile releases the GIL, but three TPU compiles on threads
+    took as long as in turn (libtpu seems to run one at a time: the eval step, a quarter of the
+    train step's CPU, finished with it), and in turn the first table comes out sooner."""
     keys = {p: "decode" if p == "decode" else (dataclasses.astuple(s), p) for p in programs}
-    jobs = self.lower(s, [p for p in programs if keys[p] not in self._done])
-    for key, row in compile_concurrently(jobs):
-      self._done[key] = row
+    for job in self.lower(s, [p for p in programs if keys[p] not in self._done]):
+      self._done[job.key] = row = job.run()
       if on_row:
         on_row(row)
     return [self._done[keys[p]] for p in programs]
 
   def lower(self, s: Setting, programs: list[str]) -> list[Job]:
-    """A Job per program of setting `s`: traced and lowered here, in the calling thread (tracing
-    is Python); `job.run()` compiles and returns the row (the compile releases the GIL)."""
+    """A Job per program of setting `s`, traced and lowered; `job.run()` compiles it and returns
+    the row (XLA's compile releases the GIL, so jobs may run on threads)."""
     jobs = []
     if "decode" in programs:
       jobs.append(self._decode_job())
@@ -398,20 +400,6 @@ class Planner:
       if progress:
         progress(len(tried), tried[-1])
     return rank(tried)
-
-
-def compile_concurrently(jobs: list[Job]):
-  """Runs the jobs' compiles at once, one thread each, yielding (job.key, row) as each
-  finishes. XLA's compile releases the GIL and is mostly one thread per program, so on a
-  multi-core machine the wall time is the longest compile's, not the sum (train + eval + decode)."""
-  if len(jobs) <= 1:
-    for job in jobs:
-      yield job.key, job.run()
-    return
-  with ThreadPoolExecutor(max_workers=len(jobs), thread_name_prefix="compile") as pool:
-    futures = {pool.submit(job.run): job.key for job in jobs}
-    for future in as_completed(futures):
-      yield futures[future], future.result()
 
 
 def divisors(n: int) -> list[int]:
@@ -593,8 +581,8 @@ def run(config: Any, workdir: str | None) -> None:
   if not programs or set(programs) - {"train", "eval", "decode"} or "train" not in programs:
     raise GPTError(f"compile.programs={config.compile.programs!r}: train, optionally with eval "
                    f"and decode (comma-separated)")
-  print(f"\ncompiling the {', '.join(programs)} step" + ("s (concurrently)..." if len(programs) > 1
-                                                       else "..."), flush=True)
+  print(f"\ncompiling the {', '.join(programs)} step{'s' if len(programs) > 1 else ''}...",
+        flush=True)
   # Each table as soon as its program is compiled.
   rows = planner.compile(planner.configured(), programs,
                          on_row=lambda row: print("\n" + format_table(row), flush=True))
