@@ -277,6 +277,11 @@ def base_config() -> ml_collections.ConfigDict:
   cp.search_limit = 12
   # Remat policies the search tries (comma-separated; tried from least recomputation up).
   cp.search_remat = "none,dots,full"
+  # Programs compile mode compiles (comma-separated): train, eval, decode (the sampler's step).
+  cp.programs = "train,eval,decode"
+  # Compile with XLA's least optimisation effort: about 2x less CPU for a TPU train step, figures
+  # slightly pessimistic (1558M on v5e:4x4: 2.7% more temporaries); for quick checks and the search.
+  cp.fast = False
 
   c.attention = av = ml_collections.ConfigDict()
   # Text whose attention is shown (`--config.mode=attention`).
