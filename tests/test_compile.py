@@ -273,6 +273,28 @@ def test_124m_fits_v5e_2x2():
 
 
 @pytest.mark.slow
+def test_fast_compile_is_redone_at_full_effort_near_the_limit():
+  require_libtpu()
+  c = tiny_config()
+  c.mesh.topology, c.mesh.fsdp = "v5e:2x2", 2
+
+  def plan(margin):
+    c.compile.exact_margin = margin
+    planner = aot.Planner(c, aot.devices_for("v5e:2x2"), "v5e:2x2")
+    return planner.compile(planner.configured(), ("train",))[0]
+
+  fast = plan(0.05)  # a tiny model is nowhere near 16 GiB: the fast figures stand
+  assert fast["effort"] == "fast" and fast["fits"]
+  exact = plan(1.0)  # everything counts as near the limit: compiled again, exactly
+  assert exact["effort"].startswith("full") and exact["fits"]
+  # Least effort never plans for less memory than full effort does.
+  assert fast["per_chip"]["total"] >= exact["per_chip"]["total"] > 0
+  assert "XLA effort: full" in aot.format_table(exact)
+  c.compile.fast = False
+  assert plan(1.0)["effort"] == "full"
+
+
+@pytest.mark.slow
 def test_1558m_v5e_4x4_fits_with_full_remat_not_without(xl_planner):
   full = xl_planner.compile(aot.Setting("full", 16, 1), ("train",))[0]
   assert full["fits"] and full["per_chip"]["total"] <= 16 * 2 ** 30
