@@ -40,8 +40,9 @@ def test_int8_model_equals_its_dequantized_weights_and_tracks_float():
   assert q.h.mlp.c_fc.w[...].dtype == jnp.int8 and q.h.mlp.c_fc.w_scale[...].shape == (2, 256)
   assert q.wpe[...].dtype == jnp.float32 and q.h.mlp.c_fc.b[...].dtype == jnp.float32
   t = tokens()
-  got, deq, full = q(t), quantize.dequantize_model(q)(t), model(t)
-  np.testing.assert_allclose(got, deq, rtol=1e-5, atol=1e-5)
+  deq = quantize.dequantize_model(q)
+  got, full = q(t), model(t)
+  np.testing.assert_allclose(got, deq(t), rtol=1e-5, atol=1e-5)
   assert float(jnp.abs(got - full).max()) < 0.02 * float(jnp.abs(full).max())
   at = jnp.asarray([1, 5, 9])  # the eval scorer's head at a few positions
   np.testing.assert_allclose(q(t, logits_at=at), deq(t, logits_at=at), rtol=1e-5, atol=1e-5)
