@@ -183,7 +183,9 @@ def test_int8_perplexity_within_one_percent_on_kant(shared_dir, capsys):
   q = quantize.quantize_model(model)
   windows = jnp.asarray(held_out[:(len(held_out) // 65) * 65].reshape(-1, 65)[:512])
   f32, int8 = perplexity(model, windows), perplexity(q, windows)
-  assert f32 < 6.0, f"the model did not train (byte perplexity {f32:.2f})"
+  counts = np.bincount(train, minlength=256) + 1.0
+  unigram = float(np.exp(-np.mean(np.log(counts / counts.sum())[np.asarray(windows[:, 1:])])))
+  assert f32 < 0.85 * unigram, f"the model did not train (perplexity {f32:.2f}, unigram {unigram:.2f})"
   assert abs(int8 / f32 - 1) < 0.01, (f32, int8)
 
   # greedy continuations of a few prompts through the sampler (prepared, gemv where it runs)
