@@ -204,3 +204,10 @@ def test_int8_perplexity_within_one_percent_on_kant(shared_dir, capsys):
     print(f"\nKant bytes: perplexity float32 {f32:.4f}, int8 {int8:.4f} ({100 * (int8 / f32 - 1):+.2f}%); "
           f"greedy agreement {100 * agree:.1f}% of {outs[0].size} tokens over {len(prompts)} prompts")
   assert agree > 0.5
+
+
+def test_training_an_int8_model_is_refused_in_one_line(gpt_main, openai_fixture, tmp_path):
+  code, _, stderr = gpt_main("--config=configs/tiny.py", "--config.mode=train",
+                             f"--config.init={openai_fixture}", f"--workdir={tmp_path / 'run'}",
+                             "--config.model.quantize=int8")
+  assert code == 2 and "model.quantize=int8 is for inference" in stderr, stderr
