@@ -299,7 +299,7 @@ def main():
   skip_hf = "HF column skipped: --no_hf" if args.no_hf else hf_available()
   ct2_types = [t for t in args.ct2.split(",") if t]
   skip_ct2 = ct2_available() if ct2_types else None
-  if ct2_types and (skip_ct2 or skip_hf):  # its converter needs transformers too
+  if ct2_types and (skip_ct2 or hf_available()):  # its converter needs transformers too
     skip_ct2, ct2_types = skip_ct2 or "CTranslate2 columns skipped: its converter needs [hf]", []
   bandwidth = measure_bandwidth()
   copy_bw = max(v for k, v in bandwidth.items() if k.startswith("copy"))
