@@ -5,8 +5,8 @@
   python experiments/bench_decode.py --profile          # + where one decode step spends its time
 
 Random weights (speed does not depend on them). Weights "int8" are model.quantize=int8 (gpt.quantize:
-int8 weights with per-output scales, float32 activations) beside CTranslate2's int8 column. Every configuration samples `--new` tokens (top-k
-40) after a one-token prompt, timed end to end (prefill + decode loop), after one untimed warm-up
+int8 weights with per-output scales, float32 activations) beside CTranslate2's int8 column.
+Every configuration samples `--new` tokens (top-k 40) after a one-token prompt, timed end to end (prefill + decode loop), after one untimed warm-up
 run that compiles. Columns:
   ours         gpt.sample.Generator: gpt.sampling's while_loop over the model prepared for
                decoding (gpt.model.prepare_for_decoding: per-layer weights and cache, laid out by
@@ -232,7 +232,8 @@ class CTranslate2:
     key = (cfg.n_layer, cfg.n_embd, cfg.n_head)
     if key not in CTranslate2.converted:
       hf_dir, ct2_dir = tempfile.mkdtemp(prefix="bench_hf_"), tempfile.mkdtemp(prefix="bench_ct2_")
-      export_hf(init_model(cfg.replace(dtype="float32", param_dtype="float32", quantize="none")), get_tokenizer(), hf_dir)
+      plain = cfg.replace(dtype="float32", param_dtype="float32", quantize="none")
+      export_hf(init_model(plain), get_tokenizer(), hf_dir)
       TransformersConverter(hf_dir).convert(ct2_dir, force=True)
       CTranslate2.converted[key] = ct2_dir
     self.generator = ctranslate2.Generator(CTranslate2.converted[key], device="cpu",
