@@ -211,3 +211,21 @@ def test_training_an_int8_model_is_refused_in_one_line(gpt_main, openai_fixture,
                              f"--config.init={openai_fixture}", f"--workdir={tmp_path / 'run'}",
                              "--config.model.quantize=int8")
   assert code == 2 and "model.quantize=int8 is for inference" in stderr, stderr
+
+
+@pytest.mark.slow  # runs the decode benchmark's runners
+def test_decode_benchmark_runs_int8(monkeypatch):
+  import importlib.util
+  import sys
+
+  from conftest import REPO
+
+  spec = importlib.util.spec_from_file_location("bench_decode", REPO / "experiments" / "bench_decode.py")
+  bench = importlib.util.module_from_spec(spec)
+  monkeypatch.setitem(sys.modules, "bench_decode", bench)
+  spec.loader.exec_module(bench)
+  cfg = GPTConfig(n_vocab=256, n_ctx=32, n_embd=32, n_head=2, n_layer=2, quantize="int8")
+  tokens = bench.Ours(cfg, batch=2, new=5)()
+  assert tokens.shape == (2, 5) and ((0 <= tokens) & (tokens < 256)).all()
+  assert np.isfinite(bench.MatmulsOnly(cfg, 2, 5)()).all()
+  assert bench.roofline(cfg, 1, 1, 1e9) > 3 * bench.roofline(cfg.replace(quantize="none"), 1, 1, 1e9)
