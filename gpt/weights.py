@@ -204,7 +204,8 @@ def load_model(config: Any) -> Loaded:
     loaded = _load_float(plain)
   if wanted == "int8" or loaded.kind == "int8":
     model = quantize.quantize_model(loaded.model)
-    loaded = dataclasses.replace(loaded, model=model, cfg=model.cfg)
+    source = loaded.source if loaded.kind == "int8" else f"{loaded.source}, int8 weights"
+    loaded = dataclasses.replace(loaded, model=model, cfg=model.cfg, source=source)
   return loaded
 
 
