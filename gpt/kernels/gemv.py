@@ -105,7 +105,7 @@ def uses_kernel(rows: int, w: jax.Array) -> bool:
 
 # Up to how many rows the kernel beats XLA, per weight dtype (experiments/bench_gemv.py, interleaved
 # runs; BENCHMARKS.md): 0 = never. Past these, XLA's matrix-matrix kernels reuse weights better.
-WIN_ROWS = {jnp.dtype(jnp.float32): 8, jnp.dtype(jnp.bfloat16): 8, jnp.dtype(jnp.int8): MAX_ROWS}
+WIN_ROWS = {jnp.dtype(jnp.float32): MAX_ROWS, jnp.dtype(jnp.bfloat16): 8, jnp.dtype(jnp.int8): MAX_ROWS}
 
 
 def max_rows(dtype) -> int:
