@@ -98,6 +98,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Attention kernel (not the `attention` view section): xla (spelled out) | cudnn (fused, via
   # jax.nn.dot_product_attention) | auto (cudnn when on GPU). Decoding always spells it out.
   m.attention_impl = "xla"
+  # Weight-only quantization for inference (sample, interactive, eval, the harness model): none |
+  # int8 (int8 matrices with per-output-channel scales, float activations; gpt.quantize). Applied
+  # when the model is loaded; training refuses it.
+  m.quantize = "none"
 
   c.data = d = ml_collections.ConfigDict()
   # Training text: a file, a directory, a glob, an encoded .npz/.bin token file, or a URL.
