@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import random
 import statistics
 import sys
@@ -28,6 +27,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from experiments.machine import cpu_flags, cpu_model  # noqa: E402
 
 
 def parse_args(argv):
@@ -106,12 +107,10 @@ def main(argv):
       if round_:
         times[kind, name].append(time.perf_counter() - start)
     print(f"round {round_} done", file=sys.stderr)
-  cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
-             platform.processor())
-  flags = next((l.split(":", 1)[1].split() for l in open("/proc/cpuinfo") if l.startswith("flags")), [])
   import jax
   import torch
-  print(f"machine: {cpu}, {os.cpu_count()} cores ({', '.join(f for f in flags if f.startswith('avx512'))}); "
+  avx512 = ", ".join(sorted(f for f in cpu_flags() if f.startswith("avx512")))
+  print(f"machine: {cpu_model()}, {os.cpu_count()} cores ({avx512}); "
         f"jax {jax.__version__}, torch {torch.__version__}; load average "
         f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} (1/5/15 min)")
   print(f"model: {args.n_layer} layers x {args.n_embd}, n_ctx {args.n_ctx}, float32, batch_size "

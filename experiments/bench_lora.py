@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -41,28 +40,9 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments.machine import cpu_flags, cpu_model  # noqa: E402
+
 VOCAB = 50257
-
-
-def _cpu_name() -> str:
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
-
-
-def _cpu_flags() -> str:
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("flags"):
-        flags = set(line.split(":", 1)[1].split())
-        return " ".join(sorted(f for f in flags if f.startswith(("avx", "fma", "amx"))))
-  except OSError:
-    pass
-  return "?"
 
 
 def train_settings(lora_rank: int, targets: str):
@@ -273,7 +253,8 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=2)
   args = parser.parse_args()
   parts = args.parts.split(",")
-  print(f"machine: {_cpu_name()} ({_cpu_flags()}), {os.cpu_count()} cores; jax {jax.__version__}; "
+  vector_flags = " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "fma", "amx")))) or "?"
+  print(f"machine: {cpu_model()} ({vector_flags}), {os.cpu_count()} cores; jax {jax.__version__}; "
         f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average at start "
         f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
   print(f"command: {' '.join([Path(sys.argv[0]).name] + sys.argv[1:])}\n")

@@ -10,7 +10,8 @@ Every row is one (shape, implementation) pair doing the same work per step: forw
 global-norm clipping at 1.0 and an AdamW update on a GPT-2 with a tied LM head and the GPT-2
 vocabulary (50257). The `chapter` shape is the job the README's one command runs
 (configs/117m.py: 117M, context 1024, batch 1, Adam at 2e-5 without weight decay, clipping at 1.0),
-so both frameworks use that optimizer there. gpt runs `gpt.train_step` jitted on one device (no sharding); the reference is
+so both frameworks use that optimizer there. gpt runs the train mode's own program
+(gpt.train.build_programs) on a one-device mesh; the reference is
 transformers' GPT2LMHeadModel with torch.optim's Adam/AdamW in eager mode (bf16 rows under
 torch.autocast). Rows are measured round-robin (`--rounds` rounds of `--steps` timed steps each)
 so a shared machine's load hits every row alike; the table reports the median step time, and
@@ -112,54 +113,51 @@ VARIANT_FIELDS = {"attnxla": {"attention_impl": "xla"}, "attnblocked": {"attenti
 
 def train_program(shape, dtype: str, scan: bool, seed: int = 0, train=None, abstract: bool = False,
                   **model_fields):
-  """(jitted step, state, batch) of gpt's train step at `shape` on one device.
+  """(jitted step, state, batch, frozen) of gpt's train step at `shape` on one device: the program
+  the train mode runs (gpt.train.build_programs), on a one-device mesh; call step(state, batch, frozen).
 
   `train` is the config's train section (default: train_section("")); `model_fields` go to
   GPTConfig (e.g. remat, or the attention kernel on a GPU). With `abstract`, state and batch are
   ShapeDtypeStructs: the step can be compiled (and its memory analysed) with nothing allocated.
   """
   from flax import nnx
-  from gpt import optim, sharding
+  from gpt import sharding
   from gpt.config import base_config
-  from gpt.model import GPTConfig, abstract_model, init_model
-  from gpt.train_step import create_state, jit_train_step
+  from gpt.model import GPTConfig, init_model
+  from gpt.train import build_programs
+  from gpt.train_step import create_state
 
   L, D, H, T, B = shape
   cfg = GPTConfig(n_vocab=VOCAB, n_ctx=T, n_embd=D, n_head=H, n_layer=L, dtype=dtype,
                   scan_layers=scan, **model_fields)
-  model = abstract_model(cfg) if abstract else init_model(cfg, seed)
-  graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  t = train_section("") if train is None else train
-  tx, schedule = optim.make_optimizer(t, params), optim.learning_rate_schedule(t)
-  mesh_cfg = base_config().mesh
-  mesh_cfg.data = 1
-  mesh = sharding.make_mesh(mesh_cfg, jax.devices()[:1])
-  rep = sharding.replicated(mesh)
+  config = base_config()
+  config.seed = seed
+  config.train = train_section("") if train is None else train
+  config.mesh.data = 1
+  programs = build_programs(config, cfg, sharding.make_mesh(config.mesh, jax.devices()[:1]))
   if abstract:
-    state = jax.eval_shape(lambda p: create_state(p, tx, seed), params)
-    batch = jax.ShapeDtypeStruct((B, T + 1), jnp.int32)
+    state = programs.abstract_state
+    batch = jax.ShapeDtypeStruct((B, T + 1), jnp.int32, sharding=programs.batch_sharding)
   else:
-    state = create_state(params, tx, seed)
-    batch = jnp.asarray(np.random.default_rng(seed).integers(0, VOCAB, (B, T + 1)), jnp.int32)
-  ssh = jax.tree.map(lambda _: rep, state)
-  step = jit_train_step(graphdef, tx, schedule, grad_accum=1, noise=0.0, dropout=False,
-                        state_sharding=ssh, batch_sharding=rep, micro_sharding=None,
-                        scalar_sharding=rep)
-  return step, state, batch
+    params = nnx.to_pure_dict(nnx.state(init_model(cfg, seed), nnx.Param))
+    state = jax.device_put(create_state(params, programs.tx, seed), programs.state_sharding)
+    tokens = np.random.default_rng(seed).integers(0, VOCAB, (B, T + 1))
+    batch = jax.device_put(jnp.asarray(tokens, jnp.int32), programs.batch_sharding)
+  return programs.train_step, state, batch, programs.abstract_frozen
 
 
 def jax_runner(shape, dtype: str, scan: bool, seed: int = 0, options: dict | None = None,
                train=None, **model_fields):
   """(compile seconds, step()) for gpt's train step at `shape`, compiled with XLA `options`
   (other arguments as train_program)."""
-  step, state, batch = train_program(shape, dtype, scan, seed, train, **model_fields)
+  step, state, batch, frozen = train_program(shape, dtype, scan, seed, train, **model_fields)
   t0, c0 = time.perf_counter(), _cpu_seconds()
-  compiled = step.lower(state, batch).compile(compiler_options=options or None)
+  compiled = step.lower(state, batch, frozen).compile(compiler_options=options or None)
   compile_s = (time.perf_counter() - t0, _cpu_seconds() - c0)
   holder = {"state": state}
 
   def run():
-    holder["state"], metrics = compiled(holder["state"], batch)
+    holder["state"], metrics = compiled(holder["state"], batch, frozen)
     metrics["loss"].block_until_ready()
 
   run.hlo_text = compiled.as_text  # for --profile

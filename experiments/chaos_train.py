@@ -35,6 +35,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):  # run as a script: import this checkout's gpt, as the runs do
   sys.path.insert(0, str(REPO))
+
+from experiments.machine import cpu_model  # noqa: E402
+
 VOCAB = 512
 RESUMED = re.compile(r"resumed from checkpoint step (\d+)")
 
@@ -187,16 +190,6 @@ def params_of(workdir: Path):
 
   cfg = GPTConfig(n_vocab=VOCAB, n_ctx=64, n_embd=64, n_head=4, n_layer=2)
   return jax.tree.leaves(jax.device_get(load_params(workdir, cfg)))
-
-
-def cpu_model() -> str:
-  try:
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return "unknown CPU"
 
 
 def chaos(args) -> dict:

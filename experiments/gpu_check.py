@@ -79,10 +79,10 @@ def compiled_bytes(memory) -> int:
 def train_bytes(shape, remat: str, batch: int, fields: dict) -> int:
   """Device bytes of the bf16 train step at `shape` and `batch`, from compiling it abstractly."""
   L, D, H, T = shape
-  step, state, tokens = bench_train.train_program((L, D, H, T, batch), "bfloat16", scan=True,
-                                                  train=bench_train.train_section("chapter"),
-                                                  abstract=True, remat=remat, **fields)
-  return compiled_bytes(step.lower(state, tokens).compile().memory_analysis())
+  step, *args = bench_train.train_program((L, D, H, T, batch), "bfloat16", scan=True,
+                                          train=bench_train.train_section("chapter"),
+                                          abstract=True, remat=remat, **fields)
+  return compiled_bytes(step.lower(*args).compile().memory_analysis())
 
 
 def largest_batch(shape, remat: str, limit: int | None, cap: int, fields: dict) -> tuple[int, int]:

@@ -27,7 +27,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
   sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments.tb_events import read_scalars  # noqa: E402
-from gpt.errors import GPTError  # noqa: E402
+from gpt.errors import GPTError, print_error  # noqa: E402
 
 
 @dataclasses.dataclass
@@ -287,8 +287,7 @@ def main(argv: list[str]) -> int:
   try:
     path = write_report(args.root, args.out)
   except GPTError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return print_error(e)
   print(path.read_text(encoding="utf-8"))
   print(f"wrote {path.parent}")
   return 0

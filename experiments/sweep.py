@@ -34,7 +34,8 @@ from experiments.engines import ENGINES, make_engine  # noqa: E402
 from experiments.engines.point import Outcome, StopRequest  # noqa: E402
 from experiments.progress import PointProgress  # noqa: E402
 from experiments.sweep_spec import build_points, load_sweep  # noqa: E402
-from gpt.errors import GPTError  # noqa: E402
+from gpt.errors import GPTError, print_error  # noqa: E402
+from gpt.stop_signals import StopSignals  # noqa: E402
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Root folder of the sweep; each point runs in <workdir>/<name>.")
 _ENGINE = flags.DEFINE_enum("engine", "local", list(ENGINES), "Where the points run.")
@@ -68,24 +69,14 @@ def parse_sets(items: list[str]) -> dict[str, str]:
   return out
 
 
-class StopOnSignal:
+class StopOnSignal(StopSignals):
   """First SIGINT/SIGTERM: a graceful stop (no new points; running ones get SIGTERM and time to
   save). Second: running ones are killed. Third: the driver exits at once."""
 
   def __init__(self):
     self.stop = StopRequest()
-    self.old = {}
 
-  def __enter__(self) -> "StopOnSignal":
-    for sig in (signal.SIGINT, signal.SIGTERM):
-      self.old[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def __exit__(self, *exc) -> None:
-    for sig, old in self.old.items():
-      signal.signal(sig, old)
-
-  def _handle(self, signum, frame) -> None:
+  def on_signal(self, signum: int) -> None:
     name = signal.Signals(signum).name
     if self.stop.kill.is_set():
       raise KeyboardInterrupt
@@ -227,8 +218,7 @@ def run() -> None:
     try:
       sys.exit(main(argv))
     except GPTError as e:
-      print(f"error: {e}", file=sys.stderr)
-      sys.exit(2)
+      sys.exit(print_error(e))
 
   app.run(entry)
 

@@ -31,7 +31,6 @@ intact (orbax deletes old checkpoints only after a new one is complete).
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import os
 import shutil
@@ -46,6 +45,7 @@ from absl import logging
 from flax import nnx
 
 from gpt.errors import GPTError
+from gpt.hashing import hash_file
 from gpt.model import GPT, GPTConfig, abstract_model
 
 ITEMS = ("params", "opt_state", "train", "meta")
@@ -85,14 +85,6 @@ def checkpoint_dir(workdir: str | Path) -> Path:
   return Path(workdir).expanduser().resolve() / "checkpoints"
 
 
-def _sha256(path: Path) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      h.update(block)
-  return h.hexdigest()
-
-
 def write_manifest(folder: Path) -> None:
   """Records size and sha256 of every file under `folder` in `folder/checksums.json`."""
   files = {}
@@ -101,7 +93,7 @@ def write_manifest(folder: Path) -> None:
     if rel == MANIFEST or rel.startswith(f".{MANIFEST}"):
       continue
     files[rel] = None if rel in LATE_FILES else {"size": path.stat().st_size,
-                                                 "sha256": _sha256(path)}
+                                                 "sha256": hash_file(path)}
   tmp = folder / f".{MANIFEST}.tmp"
   with open(tmp, "w") as f:
     json.dump({"algorithm": "sha256", "files": files}, f, indent=1, sort_keys=True)
@@ -131,7 +123,7 @@ def verify_folder(folder: Path) -> str | None:
     size = path.stat().st_size
     if size != want["size"]:
       return f"{rel} has {size} bytes instead of {want['size']}"
-    if _sha256(path) != want["sha256"]:
+    if hash_file(path) != want["sha256"]:
       return f"{rel} does not match its checksum"
   return None
 
@@ -434,22 +426,31 @@ def intact_step(ckpt: Checkpointer, step: int | None = None) -> int:
   raise NoIntactCheckpoint(f"no intact checkpoint in {ckpt.directory}: {', '.join(damaged)}")
 
 
-def load_params(path: str | Path, cfg: GPTConfig, shardings: Any = None) -> Any:
-  """The parameters (pure dict) saved at `path` (see resolve_checkpoint) for a model shaped `cfg`."""
-  directory, step = resolve_checkpoint(path)
+def restore_verified(directory: Path, abstract: Any, step: int | None, name: str | Path,
+                     mismatch: str) -> Any:
+  """The parameters (pure dict) of checkpoint `step` (None: the newest intact one, see
+  intact_step) in checkpoints folder `directory`, restored into `abstract`. One-line GPTErrors:
+  `name` (the folder as the user gave it) holds no finished checkpoint; or `mismatch` (what the
+  parameters were expected to be), when they do not fit `abstract`."""
   ckpt = Checkpointer(directory, read_only=True)
   try:
     if ckpt.latest_step() is None:
-      raise GPTError(f"{directory} holds no finished checkpoint")
+      raise GPTError(f"{name} holds no finished checkpoint")
     step = intact_step(ckpt, step)
     try:
-      return ckpt.restore_params(abstract_params(cfg, shardings), step)
+      return ckpt.restore_params(abstract, step)
     except (ValueError, KeyError) as e:
-      raise GPTError(f"the checkpoint in {directory} does not fit model {cfg.n_layer} layers x "
-                     f"{cfg.n_embd} wide, vocab {cfg.n_vocab}, n_ctx {cfg.n_ctx}: "
-                     f"{str(e).splitlines()[0][:200]}") from None
+      raise GPTError(f"{mismatch}: {str(e).splitlines()[0][:200]}") from None
   finally:
     ckpt.close()
+
+
+def load_params(path: str | Path, cfg: GPTConfig, shardings: Any = None) -> Any:
+  """The parameters (pure dict) saved at `path` (see resolve_checkpoint) for a model shaped `cfg`."""
+  directory, step = resolve_checkpoint(path)
+  return restore_verified(directory, abstract_params(cfg, shardings), step, directory,
+                          f"the checkpoint in {directory} does not fit model {cfg.n_layer} layers "
+                          f"x {cfg.n_embd} wide, vocab {cfg.n_vocab}, n_ctx {cfg.n_ctx}")
 
 
 def restore_model(workdir: str | Path, cfg: GPTConfig) -> GPT:

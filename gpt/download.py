@@ -7,41 +7,38 @@ without `.part` is always complete and is never fetched again. An interrupted do
 the `.part` with an HTTP Range request (retried a few times within one run, and again on the next
 run). urllib only: no extra dependency.
 
-"Checks out" means more than a 200 status, because a proxy's or login page's HTML, or a body cut
-short under a Content-Length that lies, also arrives with one. Every finished `.part` must have the
-size every response announced, must not be an HTML page (by Content-Type and by its first bytes),
-must match any checksum the caller or the server gives (`sha256=`, Content-MD5,
-x-ms-blob-content-md5, X-Linked-Etag, Digest/Repr-Digest), and must parse as what its name says
-(`check_format`; for a model's files `model_file_check`: GPT-2's exact vocabulary and merges, a TF
-index whose per-tensor crc32c's match the data file, a safetensors header whose offsets end at the
-end of the file). A `validate` callable adds checks of the caller's own (gpt.data and the eval task
-sources use it). A file that fails is deleted, and the error says what was wrong in one line.
-`download_model` also rechecks the small files already in place, so running it again repairs a
-folder an older downloader left with, say, an HTML hparams.json.
+"Checks out" means more than a 200 status. Every finished `.part` must have the size every response
+announced, must not be an HTML page (by Content-Type and by its first bytes), must match any
+checksum the caller or the server gives (`sha256=`, Content-MD5, x-ms-blob-content-md5,
+X-Linked-Etag, Digest/Repr-Digest), and must pass the format checks of gpt.download_checks (what
+its name says it is; for a model's files, what GPT-2 ships). A `validate` callable adds checks of
+the caller's own (gpt.data and the eval task sources use it). A file that fails is deleted, and the
+error says what was wrong in one line. `download_model` also rechecks the small files already in
+place, so running it again repairs a folder an older downloader left with, say, an HTML hparams.json.
+
+This module is the HTTP side (requests, resuming, sizes, checksums) and the released models' file
+lists; what a file must contain is gpt.download_checks' business.
 """
 
 from __future__ import annotations
 
 import argparse
 import base64
-import functools
-import hashlib
 import http.client
-import importlib.resources
-import json
 import os
 import re
-import struct
 import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Callable
 
 from tqdm import tqdm
 
 from gpt.config import HF_REPOS, canonical_model_name
-from gpt.errors import GPTError
+from gpt.download_checks import (InvalidDownload, Validator, check_format, html_evidence,
+                                 model_file_check, one_line)
+from gpt.errors import GPTError, print_error
+from gpt.hashing import hash_file
 
 OPENAI_URL = "https://openaipublic.blob.core.windows.net/gpt-2/models"
 HF_URL = "https://huggingface.co"
@@ -52,19 +49,6 @@ OPENAI_FILES = ("checkpoint", "encoder.json", "vocab.bpe", "model.ckpt.meta",
 HF_FILES = ("generation_config.json", "vocab.json", "merges.txt", "model.safetensors", "config.json")
 _CHUNK = 1 << 20
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-(\d+)/(\d+)")
-# The first bytes of an HTML page (after optional whitespace, a byte-order mark or an XML prolog).
-_HTML_START = re.compile(rb"\s*(<\?xml[^>]*>\s*)?(<!--.*?-->\s*)*<(!doctype\s+html|html|head|body)\b",
-                         re.IGNORECASE | re.DOTALL)
-_HTML_TYPES = ("text/html", "application/xhtml+xml")
-
-Validator = Callable[[Path], None]
-"""Checks a finished download (its `.part` file) before it is renamed into place: returns nothing
-when the file is good, raises ValueError with the reason when it is not (json.JSONDecodeError and
-UnicodeDecodeError are ValueErrors, so a bare `json.loads` is already a validator)."""
-
-
-class InvalidDownload(ValueError):
-  """A downloaded file is not what it should be (the message says why, without the URL)."""
 
 
 class _Interrupted(Exception):
@@ -130,17 +114,10 @@ def _check_total(url: str, part: Path, announced: int | None, total: int | None)
                    f"changed or a proxy is truncating it; delete {part} and retry")
 
 
-def _wants_html(name: str) -> bool:
-  return name.lower().endswith((".html", ".htm"))
-
-
 def _refuse_html(resp, first: bytes, name: str) -> None:
   """InvalidDownload if a response meant to be `name` is an HTML page (by type or first bytes)."""
-  if _wants_html(name):
-    return
   kind = resp.headers.get_content_type() if resp.headers.get("Content-Type") else ""
-  if kind in _HTML_TYPES or _HTML_START.match(first.removeprefix(b"\xef\xbb\xbf")):
-    how = f"Content-Type {kind}" if kind in _HTML_TYPES else "it starts like one"
+  if how := html_evidence(first, name, kind):
     raise InvalidDownload(f"the server sent an HTML page ({how}), not {name}: a proxy's, login or "
                           f"error page?")
 
@@ -212,14 +189,6 @@ def _fetch_once(url: str, part: Path, timeout: float, announced: int | None,
                    f"and retry")
 
 
-def _digest(path: Path, algo: str) -> str:
-  h = hashlib.new(algo)
-  with open(path, "rb") as f:
-    while block := f.read(_CHUNK * 8):
-      h.update(block)
-  return h.hexdigest()
-
-
 def _check_part(part: Path, name: str, size: int | None, checksums: dict[str, str],
                 validate: Validator | None) -> None:
   """Raises InvalidDownload unless the finished file is good (a validator's error becomes one)."""
@@ -227,7 +196,7 @@ def _check_part(part: Path, name: str, size: int | None, checksums: dict[str, st
   if size is not None and have != size:
     raise InvalidDownload(f"it has {have} bytes, {size} expected")
   for algo, want in sorted(checksums.items()):
-    got = _digest(part, algo)
+    got = hash_file(part, algo)
     if got != want.lower():
       raise InvalidDownload(f"its {algo} is {got}, {want.lower()} expected (corrupted or truncated)")
   check_format(part, name)
@@ -237,7 +206,7 @@ def _check_part(part: Path, name: str, size: int | None, checksums: dict[str, st
     except InvalidDownload:
       raise
     except (ValueError, GPTError) as e:
-      raise InvalidDownload(f"it is not a valid {name} ({_one_line(e)})") from None
+      raise InvalidDownload(f"it is not a valid {name} ({one_line(e)})") from None
 
 
 def fetch(url: str, dest: str | os.PathLike, retries: int = 3, timeout: float = 60.0, *,
@@ -280,160 +249,6 @@ def fetch(url: str, dest: str | os.PathLike, retries: int = 3, timeout: float = 
     raise GPTError(f"{url}: {e}; deleted the download; {advice}") from None
   os.replace(part, dest)
   return True
-
-
-def _one_line(e: BaseException) -> str:
-  text = " ".join(str(e).split())
-  return text if len(text) <= 300 else text[:297] + "..."
-
-
-# ---------------------------------------------------------------- format checks
-
-def check_format(path: Path, name: str | None = None) -> None:
-  """Raises InvalidDownload unless `path` parses as its name (default: its own) says.
-
-  .json must parse, .jsonl must parse line by line, .safetensors must have a header whose tensor
-  offsets end exactly at the end of the file; other names are taken as they come (the HTML check
-  happens while downloading).
-  """
-  name = (name or path.name).lower()
-  if name.endswith(".json"):
-    check_json(path)
-  elif name.endswith(".jsonl"):
-    check_jsonl(path)
-  elif name.endswith(".safetensors"):
-    check_safetensors(path)
-
-
-def check_json(path: Path) -> Any:
-  """The parsed JSON of `path`, or InvalidDownload (truncated, not UTF-8, not JSON)."""
-  try:
-    return json.loads(path.read_bytes().decode("utf-8-sig"))
-  except UnicodeDecodeError as e:
-    raise InvalidDownload(f"it is not UTF-8 text (byte {e.start})") from None
-  except json.JSONDecodeError as e:
-    raise InvalidDownload(f"it is not valid JSON ({e.msg} at line {e.lineno} column {e.colno}; "
-                          f"truncated?)") from None
-
-
-def check_jsonl(path: Path) -> None:
-  """InvalidDownload unless every non-blank line of `path` is a JSON value."""
-  with open(path, "rb") as f:
-    for number, line in enumerate(f, start=1):
-      try:
-        if line.strip():
-          json.loads(line.decode("utf-8-sig" if number == 1 else "utf-8"))
-      except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise InvalidDownload(f"line {number} is not valid JSON ({e}; truncated?)") from None
-
-
-def check_safetensors(path: Path) -> None:
-  """InvalidDownload unless `path` has a safetensors header whose data ends where the file ends."""
-  size = path.stat().st_size
-  with open(path, "rb") as f:
-    head = f.read(8)
-    if len(head) < 8:
-      raise InvalidDownload(f"it has {size} bytes, too few for a safetensors header")
-    (n,) = struct.unpack("<Q", head)
-    if n > size - 8:
-      raise InvalidDownload(f"its header claims {n} bytes but the file has {size}: not safetensors, "
-                            f"or truncated")
-    try:
-      header = json.loads(f.read(n))
-      ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
-    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
-      raise InvalidDownload("its safetensors header is not valid JSON with data_offsets") from None
-  want = 8 + n + max(ends, default=0)
-  if want != size:
-    raise InvalidDownload(f"its header describes {want} bytes but the file has {size}"
-                          f"{': truncated' if size < want else ''}")
-
-
-@functools.lru_cache(maxsize=1)
-def _gpt2_vocabulary() -> tuple[dict, tuple[str, ...]]:
-  """GPT-2's encoder and merge lines as shipped in gpt/assets/gpt2 (every release uses them)."""
-  assets = importlib.resources.files("gpt").joinpath("assets", "gpt2")
-  encoder = json.loads(assets.joinpath("encoder.json").read_text(encoding="utf-8"))
-  return encoder, _merge_lines(assets.joinpath("vocab.bpe").read_text(encoding="utf-8"))
-
-
-def _merge_lines(text: str) -> tuple[str, ...]:
-  """The merges of a BPE file, without blank lines and the '#version' header (whose wording varies)."""
-  lines = [line for line in text.splitlines() if line.strip()]
-  return tuple(lines[1:] if lines and lines[0].startswith("#version") else lines)
-
-
-def check_gpt2_vocab(path: Path) -> None:
-  """InvalidDownload unless `path` (encoder.json / vocab.json) is GPT-2's vocabulary."""
-  encoder, _ = _gpt2_vocabulary()
-  got = check_json(path)
-  if got != encoder:
-    n = len(got) if isinstance(got, dict) else 0
-    raise InvalidDownload(f"it is not GPT-2's vocabulary ({n} entries, {len(encoder)} expected, or "
-                          f"different ids)")
-
-
-def check_gpt2_merges(path: Path) -> None:
-  """InvalidDownload unless `path` (vocab.bpe / merges.txt) holds GPT-2's merges."""
-  _, merges = _gpt2_vocabulary()
-  try:
-    got = _merge_lines(path.read_bytes().decode("utf-8"))
-  except UnicodeDecodeError as e:
-    raise InvalidDownload(f"it is not UTF-8 text (byte {e.start})") from None
-  if got != merges:
-    raise InvalidDownload(f"it is not GPT-2's merges file ({len(got)} merges, {len(merges)} "
-                          f"expected, or different ones; truncated?)")
-
-
-def check_json_ints(*keys: str) -> Validator:
-  """A validator: the file is a JSON object with an integer value for each of `keys`."""
-
-  def validate(path: Path) -> None:
-    value = check_json(path)
-    missing = [k for k in keys if not isinstance(value, dict) or type(value.get(k)) is not int]
-    if missing:
-      raise InvalidDownload(f"it is not a JSON object with integer {', '.join(missing)}")
-
-  return validate
-
-
-def check_checkpoint_state(path: Path) -> None:
-  """InvalidDownload unless `path` is TF's `checkpoint` text naming a model_checkpoint_path."""
-  try:
-    text = path.read_bytes().decode("utf-8")
-  except UnicodeDecodeError:
-    raise InvalidDownload("it is not text") from None
-  if not re.search(r'^model_checkpoint_path:\s*"', text, re.M):
-    raise InvalidDownload("it has no model_checkpoint_path line")
-
-
-def check_tf_index(path: Path, data: Path) -> None:
-  """InvalidDownload unless `path` is a TF bundle index and every tensor's bytes in `data` (the
-  single data shard, downloaded before the index) have the crc32c the index records. A data file
-  that does not match is deleted too: it is the one that was truncated or corrupted."""
-  from gpt.formats import tf_checkpoint, tf_table
-
-  try:
-    header, entries = tf_checkpoint.read_index(path)
-  except GPTError as e:
-    reason = _one_line(e).split(": ", 1)[-1]
-    raise InvalidDownload(f"it is not a TensorFlow checkpoint index ({reason})") from None
-  if header["num_shards"] != 1 or not data.is_file():
-    return  # a layout the downloader does not fetch; the loader checks it
-  size = data.stat().st_size
-  end = max((e["offset"] + e["size"] for e in entries.values()), default=0)
-  problem = f"it has {size} bytes but the index needs {end} (truncated?)" if size < end else None
-  if problem is None:
-    with open(data, "rb") as f:
-      for name, entry in sorted(entries.items(), key=lambda kv: kv[1]["offset"]):
-        f.seek(entry["offset"])
-        if tf_table.masked_crc(f.read(entry["size"])) != entry["crc32c"]:
-          problem = f"tensor {name!r} fails its crc32c checksum (corrupted)"
-          break
-  if problem:
-    data.unlink()
-    raise InvalidDownload(f"the data file {data.name} does not match the index: {problem}; deleted "
-                          f"it too")
 
 
 def model_source(name: str, models_dir: str | os.PathLike = "models", source: str = "openai",
@@ -486,8 +301,8 @@ def recheck(path: Path, validate: Validator | None, max_bytes: int = 16 << 20) -
     return False
   try:
     with open(path, "rb") as f:
-      head = f.read(4096).removeprefix(b"\xef\xbb\xbf")
-    if not _wants_html(path.name) and _HTML_START.match(head):
+      head = f.read(4096)
+    if html_evidence(head, path.name):
       raise InvalidDownload("it is an HTML page")
     check_format(path)
     if validate is not None:
@@ -495,27 +310,10 @@ def recheck(path: Path, validate: Validator | None, max_bytes: int = 16 << 20) -
   except (ValueError, GPTError) as e:
     aside = path.with_name(path.name + ".invalid")
     os.replace(path, aside)
-    print(f"{path}: {_one_line(e)}; moved it to {aside.name} and downloading it again",
+    print(f"{path}: {one_line(e)}; moved it to {aside.name} and downloading it again",
           file=sys.stderr)
     return True
   return False
-
-
-def model_file_check(folder: Path, file: str) -> Validator | None:
-  """What a released model's `file` must be, beyond check_format (None: nothing more is known)."""
-  if file in ("encoder.json", "vocab.json"):
-    return check_gpt2_vocab
-  if file in ("vocab.bpe", "merges.txt"):
-    return check_gpt2_merges
-  if file == "checkpoint":
-    return check_checkpoint_state
-  if file == "hparams.json":
-    return check_json_ints("n_vocab", "n_ctx", "n_embd", "n_head", "n_layer")
-  if file == "config.json":
-    return check_json_ints("vocab_size", "n_embd", "n_head", "n_layer")
-  if file == "model.ckpt.index":
-    return functools.partial(check_tf_index, data=folder / "model.ckpt.data-00000-of-00001")
-  return None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -533,8 +331,7 @@ def main(argv: list[str] | None = None) -> int:
       folder = download_model(name, args.models_dir, args.source, args.base_url)
       print(f"{name}: {folder}")
   except GPTError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return print_error(e)
   return 0
 
 

@@ -34,7 +34,7 @@ from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from gpt.errors import GPTError
+from gpt.errors import GPTError, print_error
 
 BLOCK_BYTES = 1 << 20  # bytes read per step when streaming a file
 TOKEN_SUFFIXES = (".bin", ".npz")
@@ -338,8 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     n = encode_paths(paths, tokenizer, args.out, encoding=args.encoding, errors=args.errors,
                      combine=args.combine)
   except GPTError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return print_error(e)
   print(f"wrote {n} tokens from {len(paths)} file(s) to {args.out}")
   return 0
 

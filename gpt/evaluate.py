@@ -8,7 +8,7 @@ the config, data checksums, timing) and, with eval.write_examples, a .jsonl of p
 beside it; then prints a table of all results. Without --workdir results go to runs/eval. Both are
 written to a temporary name and renamed, the .jsonl first, so a .json always has its complete .jsonl.
 Task files come from eval.data_dir, where missing ones are fetched first (from the original
-releases or eval.mirror, checked: gpt.evals.sources), or from TensorFlow Datasets (eval.source).
+releases or eval.mirror, checked: gpt.evals.fetch), or from TensorFlow Datasets (eval.source).
 """
 
 from __future__ import annotations
@@ -23,10 +23,12 @@ from typing import Any, Callable
 from absl import logging
 
 from gpt.errors import GPTError
-from gpt.evals import get_task, sources
+from gpt.evals import get_task
 from gpt.evals.base import Format
+from gpt.evals.fetch import ensure_tasks
 from gpt.evals.runner import TaskResult, evaluate
 from gpt.evals.scoring import Scorer
+from gpt.evals.tfds_source import TFDS_TASKS, load_tfds
 
 DEFAULT_WORKDIR = "runs/eval"
 
@@ -99,15 +101,15 @@ def task_data_loader(e, tasks: list) -> Callable[[Any], Any]:
   if source not in ("files", "tfds"):
     raise GPTError(f"eval.source={source!r}: choose files or tfds")
   data_dir = Path(e.data_dir).expanduser()
-  from_tfds = {t.name for t in tasks if source == "tfds" and t.name in sources.TFDS_TASKS}
+  from_tfds = {t.name for t in tasks if source == "tfds" and t.name in TFDS_TASKS}
   if source == "tfds" and len(from_tfds) < len(tasks):
     logging.info("not in TensorFlow Datasets, read from %s: %s", data_dir,
                  ", ".join(t.name for t in tasks if t.name not in from_tfds))
-  sources.ensure_tasks([t for t in tasks if t.name not in from_tfds], data_dir, e.get("mirror", ""))
+  ensure_tasks([t for t in tasks if t.name not in from_tfds], data_dir, e.get("mirror", ""))
 
   def load(task):
     if task.name in from_tfds:
-      return sources.load_tfds(task, e.get("tfds_data_dir", ""))
+      return load_tfds(task, e.get("tfds_data_dir", ""))
     return task.load(data_dir)
   return load
 

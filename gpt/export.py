@@ -21,7 +21,7 @@ from pathlib import Path
 
 from gpt import console
 from gpt.config import base_config
-from gpt.errors import GPTError
+from gpt.errors import GPTError, print_error
 
 
 FORMATS = ("hf", "openai", "adapters")
@@ -61,8 +61,7 @@ def main(argv: list[str] | None = None) -> int:
   try:
     folder = export(args.init, args.out, args.format, args.models_dir)
   except GPTError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return print_error(e)
   print(f"wrote {folder}")
   return 0
 

@@ -38,7 +38,7 @@ import logging
 import sys
 from typing import Any
 
-from gpt.errors import GPTError
+from gpt.errors import GPTError, print_error
 
 from tqdm import tqdm
 
@@ -224,17 +224,15 @@ class GPTLM(TemplateLM):
 def main(argv: list[str] | None = None) -> int:
   """The lm_eval command line with the `gpt` model registered."""
   if not HAVE_LM_EVAL:
-    print("error: python -m gpt.harness needs lm-evaluation-harness: pip install 'gpt[harness]' "
-          "(or pip install lm-eval)", file=sys.stderr)
-    return 2
+    return print_error("python -m gpt.harness needs lm-evaluation-harness: pip install "
+                       "'gpt[harness]' (or pip install lm-eval)")
   from lm_eval.__main__ import cli_evaluate
 
   sys.argv = [sys.argv[0], *(sys.argv[1:] if argv is None else argv)]
   try:
     cli_evaluate()
   except GPTError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return print_error(e)
   return 0
 
 

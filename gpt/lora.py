@@ -215,24 +215,15 @@ def check_base(ref: dict, base_params: dict, base: str, folder: str | os.PathLik
 
 def restore_adapters(folder: str | os.PathLike, cfg: GPTConfig, step: int | None = None) -> dict:
   """The adapters (pure dict) of the latest (or `step`) checkpoint of LoRA workdir `folder`."""
-  from gpt.checkpoint import Checkpointer, checkpoint_dir, intact_step
+  from gpt.checkpoint import checkpoint_dir, restore_verified
 
   adapters, _ = split(nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param)))
   device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   abstract = jax.tree.map(lambda p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=device), adapters)
-  ckpt = Checkpointer(checkpoint_dir(folder), read_only=True)
-  try:
-    if ckpt.latest_step() is None:
-      raise GPTError(f"{folder} holds no finished checkpoint")
-    step = intact_step(ckpt, step)  # checksums, as for full checkpoints: a damaged one is skipped
-    try:
-      return ckpt.restore_params(abstract, step)
-    except (ValueError, KeyError) as e:
-      raise GPTError(f"the adapters in {folder} do not fit rank {cfg.lora_rank} on "
-                     f"{', '.join(cfg.lora_targets)} of a {cfg.n_layer}-layer model: "
-                     f"{str(e).splitlines()[0][:200]}") from None
-  finally:
-    ckpt.close()
+  # Checksums as for full checkpoints: a damaged checkpoint is skipped for the newest intact one.
+  return restore_verified(checkpoint_dir(folder), abstract, step, folder,
+                          f"the adapters in {folder} do not fit rank {cfg.lora_rank} on "
+                          f"{', '.join(cfg.lora_targets)} of a {cfg.n_layer}-layer model")
 
 
 def load_base(config: Any, init: str, workdir: Path | None = None):

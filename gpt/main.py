@@ -20,7 +20,7 @@ from ml_collections import config_flags
 
 from gpt import console
 from gpt.config import unknown_key_message
-from gpt.errors import GPTError
+from gpt.errors import GPTError, print_error
 
 # mode name -> "module:function"; each function takes (config, workdir).
 MODES = {
@@ -89,8 +89,7 @@ def _flags_parser(argv: list[str]) -> list[str]:
 
 
 def _fail(message: str) -> None:
-  print(f"error: {message}", file=sys.stderr)
-  sys.exit(2)
+  sys.exit(print_error(message))
 
 
 def _forget_previous_parse() -> None:

@@ -37,6 +37,7 @@ from gpt.checkpoint import (Checkpointer, checkpoint_dir, intact_step, load_para
                             resolve_checkpoint)
 from gpt.errors import GPTError
 from gpt.model import GPTConfig, abstract_model
+from gpt.stop_signals import StopSignals
 from gpt.train_log import Throughput, TrainLog, quiet_orbax
 from gpt.train_step import TrainState, create_state, jit_eval_step, jit_train_step, uses_dropout
 from gpt.workdir_lock import hold_workdir
@@ -77,23 +78,13 @@ def to_host(x: jax.Array) -> np.ndarray:
   return np.asarray(x.addressable_data(0))
 
 
-class StopRequest:
+class StopRequest(StopSignals):
   """Turns the first SIGINT/SIGTERM into a request to save and stop; a second one aborts."""
 
   def __init__(self):
     self.signum = None
-    self._old = {}
 
-  def __enter__(self) -> "StopRequest":
-    for sig in (signal.SIGINT, signal.SIGTERM):
-      self._old[sig] = signal.signal(sig, self._handle)
-    return self
-
-  def __exit__(self, *exc) -> None:
-    for sig, old in self._old.items():
-      signal.signal(sig, old)
-
-  def _handle(self, signum, frame) -> None:
+  def on_signal(self, signum: int) -> None:
     if self.signum is not None:
       raise KeyboardInterrupt
     self.signum = signum

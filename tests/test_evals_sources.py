@@ -13,10 +13,10 @@ import pytest
 
 from conftest import require_shared
 from http_fixture import FileServer, closed_port_url
-from gpt import evaluate
+from gpt import evaluate, ranged_file
 from gpt.config import base_config
 from gpt.errors import GPTError
-from gpt.evals import TASKS, arithmetic, get_task, scramble, sources
+from gpt.evals import TASKS, arithmetic, data_checks, fetch, get_task, scramble, sources, tfds_source
 
 # Tasks that read task files (not `text`, which reads the user's file, nor the generated tasks).
 FILE_TASKS = [name for name in TASKS
@@ -64,7 +64,7 @@ def test_every_file_task_has_sources_and_shared_files_pass_the_checks(shared_dir
     assert all(sources.SOURCES[f].url or sources.SOURCES[f].archive for f in forms[0]), name
   for path, source in sources.SOURCES.items():
     if (shared_dir / "data" / path).is_file():
-      sources.verify(source, shared_dir / "data" / path)
+      data_checks.verify(source, shared_dir / "data" / path)
 
 
 def test_mirror_fills_an_empty_cache_and_results_equal_the_shared_folder(shared_dir, tmp_path):
@@ -81,15 +81,15 @@ def test_mirror_fills_an_empty_cache_and_results_equal_the_shared_folder(shared_
   assert "/hellaswag/hellaswag_val.jsonl" not in fetched and "/hellaswag/hellaswag_val_full.txt.bz2" in fetched
   for path in fetched:
     assert (cache / path.lstrip("/")).read_bytes() == (shared_dir / "data" / path.lstrip("/")).read_bytes()
-  assert not (cache / sources.INCOMING).exists()
+  assert not (cache / fetch.INCOMING).exists()
 
 
 def test_every_task_loads_the_same_from_a_mirror(shared_dir, tmp_path):
   with FileServer(shared_dir / "data") as server:
     tasks = [get_task(n) for n in FILE_TASKS]
-    sources.ensure_tasks(tasks, tmp_path, server.url)
+    fetch.ensure_tasks(tasks, tmp_path, server.url)
     n_requests = len(server.log)
-    sources.ensure_tasks(tasks, tmp_path, server.url)  # all present: nothing fetched again
+    fetch.ensure_tasks(tasks, tmp_path, server.url)  # all present: nothing fetched again
     assert len(server.log) == n_requests
   for task in tasks:
     mirrored, direct = task.load(tmp_path), task.load(shared_dir / "data")
@@ -109,7 +109,7 @@ def test_a_bad_download_is_deleted_and_named_in_one_line(tmp_path, body, why):
   (www / "valid.jsonl").write_bytes(body)
   cache = tmp_path / "cache"
   with FileServer(tmp_path / "www") as server, pytest.raises(GPTError) as err:
-    sources.ensure_tasks([get_task("piqa")], cache, server.url)
+    fetch.ensure_tasks([get_task("piqa")], cache, server.url)
   message = str(err.value)
   assert "\n" not in message and message.startswith(f"{server.url}/piqa/valid.jsonl: ")
   assert why in message and "deleted" in message
@@ -123,7 +123,7 @@ def test_offline_lists_every_missing_file_with_both_ways_out(monkeypatch, tmp_pa
   for path in ("lambada/lambada_test.jsonl", "piqa/valid.jsonl", "piqa/valid-labels.lst"):
     replace_source(monkeypatch, path, url=f"{dead}/{path}")
   with pytest.raises(GPTError) as err:
-    sources.ensure_tasks([get_task("lambada"), get_task("piqa")], tmp_path)
+    fetch.ensure_tasks([get_task("lambada"), get_task("piqa")], tmp_path)
   lines = str(err.value).splitlines()
   assert lines[0].startswith("task data missing and its source unreachable")
   assert len(lines) == 4
@@ -155,11 +155,11 @@ def test_original_hosts_files_and_release_zips(shared_dir, monkeypatch, tmp_path
     archive = sources.Archive(f"{server.url}/winogrande_1.1.zip", zip_sha)
     for path in get_task("winogrande").data_files()[0]:
       replace_source(monkeypatch, path, archive=archive)
-    sources.ensure_tasks([get_task("lambada"), get_task("winogrande")], cache)
+    fetch.ensure_tasks([get_task("lambada"), get_task("winogrande")], cache)
     assert [p for p, _, _ in server.log].count("/winogrande_1.1.zip") == 1  # one download, two members
   for task in ("lambada", "winogrande"):
     assert get_task(task).load(cache).docs == get_task(task).load(shared_dir / "data").docs
-  assert not (cache / sources.ARCHIVE_DIR).exists()
+  assert not (cache / fetch.ARCHIVE_DIR).exists()
 
   # A zip that is not the pinned one is deleted and named.
   (cache / "winogrande" / "dev.jsonl").unlink()
@@ -167,8 +167,8 @@ def test_original_hosts_files_and_release_zips(shared_dir, monkeypatch, tmp_path
     replace_source(monkeypatch, "winogrande/dev.jsonl",
                    archive=sources.Archive(f"{server.url}/winogrande_1.1.zip", "0" * 64))
     with pytest.raises(GPTError, match=r"winogrande_1.1.zip: sha256 .* deleted"):
-      sources.ensure_tasks([get_task("winogrande")], cache)
-  assert not (cache / sources.ARCHIVE_DIR).exists()
+      fetch.ensure_tasks([get_task("winogrande")], cache)
+  assert not (cache / fetch.ARCHIVE_DIR).exists()
 
 
 def test_hellaswag_official_jsonl_is_fetched_first_and_read(shared_dir, monkeypatch, tmp_path):
@@ -186,7 +186,7 @@ def test_hellaswag_official_jsonl_is_fetched_first_and_read(shared_dir, monkeypa
   with FileServer(tmp_path / "www") as server:
     replace_source(monkeypatch, "hellaswag/hellaswag_val.jsonl", url=f"{server.url}/hellaswag/hellaswag_val.jsonl",
                    records=3, sha256=hashlib.sha256(body).hexdigest())
-    sources.ensure_tasks([get_task("hellaswag")], tmp_path / "cache")
+    fetch.ensure_tasks([get_task("hellaswag")], tmp_path / "cache")
   docs = get_task("hellaswag").load(tmp_path / "cache").docs
   assert docs[0].query == "Roof shingle removal: A man is sitting on a roof. He"
   assert docs[0].choices[3] == "starts pulling up roofing on a roof." and docs[0].gold == 3
@@ -262,8 +262,8 @@ def tiny_tfds(tmp_path_factory):
 def test_tfds_source_reads_the_same_items_as_the_files(monkeypatch, tiny_tfds):
   root, entries = tiny_tfds
   for task, entry in entries.items():
-    monkeypatch.setitem(sources.TFDS_TASKS, task, entry)
-  docs = {t: sources.load_tfds(get_task(t), root) for t in sources.TFDS_TASKS if t != "arc_challenge"}
+    monkeypatch.setitem(tfds_source.TFDS_TASKS, task, entry)
+  docs = {t: tfds_source.load_tfds(get_task(t), root) for t in tfds_source.TFDS_TASKS if t != "arc_challenge"}
   sort = lambda items: sorted(items, key=repr)  # noqa: E731  (TFDS stores records shuffled)
   hs = sort(docs["hellaswag"].docs)
   assert hs[0].query == "Roofing: A man. sits 0. he" and hs[0].choices == ("e0", "e1", "e2", "e3")
@@ -281,9 +281,9 @@ def test_tfds_source_reads_the_same_items_as_the_files(monkeypatch, tiny_tfds):
 
 def test_tfds_errors_are_one_line(monkeypatch, tmp_path):
   pytest.importorskip("tensorflow_datasets", reason="eval.source=tfds needs the [tfds] extra")
-  monkeypatch.setitem(sources.TFDS_TASKS, "piqa", ("no_such_tiny_dataset", "validation", None))
+  monkeypatch.setitem(tfds_source.TFDS_TASKS, "piqa", ("no_such_tiny_dataset", "validation", None))
   with pytest.raises(GPTError, match="cannot open TFDS dataset 'no_such_tiny_dataset'") as err:
-    sources.load_tfds(get_task("piqa"), str(tmp_path))
+    tfds_source.load_tfds(get_task("piqa"), str(tmp_path))
   assert "\n" not in str(err.value)
 
 
@@ -303,10 +303,10 @@ def test_arc_members_are_read_out_of_the_release_zip(shared_dir, monkeypatch, tm
   with FileServer(www, ignore_range=not ranges) as server:
     archive = sources.Archive(f"{server.url}/ARC-V1-Feb2018.zip",
                               hashlib.sha256(zip_path.read_bytes()).hexdigest(), ranged=True)
-    monkeypatch.setattr(sources.RangedFile, "BLOCK", 1 << 16)
+    monkeypatch.setattr(ranged_file.RangedFile, "BLOCK", 1 << 16)
     for path in get_task("arc_challenge").data_files()[0]:
       replace_source(monkeypatch, path, archive=archive)
-    sources.ensure_tasks([get_task("arc_challenge")], tmp_path / "cache")
+    fetch.ensure_tasks([get_task("arc_challenge")], tmp_path / "cache")
     requests = server.requests_for("/ARC-V1-Feb2018.zip")
   for name in ("ARC-Challenge-Test.jsonl", "ARC-Challenge-Train.jsonl"):
     assert (tmp_path / "cache/arc" / name).read_bytes() == (shared_dir / "data/arc" / name).read_bytes()
@@ -321,11 +321,11 @@ def test_arc_members_are_read_out_of_the_release_zip(shared_dir, monkeypatch, tm
 def test_tfds_source_in_the_eval_mode_reads_tfds_tasks_and_files_for_the_rest(shared_dir, monkeypatch,
                                                                                 tiny_tfds):
   root, entries = tiny_tfds
-  monkeypatch.setitem(sources.TFDS_TASKS, "piqa", entries["piqa"])
+  monkeypatch.setitem(tfds_source.TFDS_TASKS, "piqa", entries["piqa"])
   e = base_config().eval
   e.source, e.tfds_data_dir, e.data_dir = "tfds", root, str(shared_dir / "data")
   load = evaluate.task_data_loader(e, [get_task("piqa"), get_task("lambada")])
-  assert list(load(get_task("piqa")).files) == [f"tfds:{sources.TFDS_TASKS['piqa'][0]}/validation"]
+  assert list(load(get_task("piqa")).files) == [f"tfds:{tfds_source.TFDS_TASKS['piqa'][0]}/validation"]
   assert len(load(get_task("lambada")).docs) == 5153
   e.source = "hub"
   with pytest.raises(GPTError, match="eval.source='hub': choose files or tfds"):
@@ -344,7 +344,7 @@ def test_a_form_with_one_file_present_fetches_only_the_other(shared_dir, tmp_pat
   cache = copy_shared(shared_dir, tmp_path / "cache", "piqa/valid.jsonl")
   (cache / "piqa/valid.jsonl").write_bytes(b"mine\n")  # the user's file is never replaced
   with FileServer(shared_dir / "data") as server:
-    sources.ensure_tasks([get_task("piqa")], cache, server.url)
+    fetch.ensure_tasks([get_task("piqa")], cache, server.url)
     assert [p for p, _, _ in server.log] == ["/piqa/valid-labels.lst"]
   assert (cache / "piqa/valid.jsonl").read_bytes() == b"mine\n"
 
@@ -372,7 +372,7 @@ def test_boolq_falls_back_to_superglue_when_googles_bucket_refuses(shared_dir, m
   with FileServer(www) as server:
     replace_source(monkeypatch, "boolq/dev.jsonl", url=f"{server.url}/boolq/dev.jsonl")
     replace_source(monkeypatch, "boolq/val.jsonl", archive=sources.Archive(f"{server.url}/BoolQ.zip"))
-    sources.ensure_tasks([get_task("boolq")], tmp_path / "cache")
+    fetch.ensure_tasks([get_task("boolq")], tmp_path / "cache")
   assert sorted(p.name for p in (tmp_path / "cache/boolq").iterdir()) == ["val.jsonl"]
   docs = get_task("boolq").load(tmp_path / "cache").docs
   assert [d.label for d in docs] == [int(r["answer"]) for r in rows]
@@ -382,6 +382,6 @@ def test_boolq_falls_back_to_superglue_when_googles_bucket_refuses(shared_dir, m
 def test_a_data_dir_that_cannot_be_written_is_one_line(tmp_path):
   (tmp_path / "file").write_text("not a folder")
   with pytest.raises(GPTError) as err:
-    sources.ensure_tasks([get_task("lambada")], tmp_path / "file", closed_port_url())
+    fetch.ensure_tasks([get_task("lambada")], tmp_path / "file", closed_port_url())
   assert str(err.value).startswith(f"cannot create {tmp_path / 'file'}")
   assert str(err.value).endswith("set --config.eval.data_dir to a writable folder")

@@ -12,8 +12,9 @@
   lambada_generate                  lambada_generate.py the last word generated: exact_match
 
 `gpt.evals.runner.evaluate` runs one task at one shot count; `gpt.evaluate.run` is the eval mode.
-`gpt.evals.sources` says where each task's files come from: downloaded on first use from their
-original release (or `eval.mirror`) and checked, or read from TensorFlow Datasets.
+`gpt.evals.sources` says where each task's files come from; `gpt.evals.fetch` downloads a missing
+one on first use from its original release (or `eval.mirror`) and `gpt.evals.data_checks` checks
+it; `gpt.evals.tfds_source` reads the tasks TensorFlow Datasets carries instead.
 """
 
 from __future__ import annotations

@@ -18,7 +18,6 @@ continuation is only ever a target, never an input.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -105,7 +104,7 @@ class Task:
 
   def data_files(self) -> list[tuple[str, ...]]:
     """The files `load` reads, relative to eval.data_dir, as alternative forms (each a tuple of
-    files that together hold the data), the preferred first; gpt.evals.sources fetches a missing
+    files that together hold the data), the preferred first; gpt.evals.fetch fetches a missing
     form. Empty for tasks that read nothing from data_dir."""
     return []
 
@@ -241,15 +240,6 @@ def _demos_that_fit(requests: Sequence[Request], tokenizer, n_ctx: int, fmt: For
 
 def _longest(conts: Sequence[Sequence[int]]) -> int:
   return max((len(c) for c in conts), default=0)
-
-
-def sha256_of(path: Path) -> str:
-  """Hex sha256 of a file's bytes (recorded with every result)."""
-  digest = hashlib.sha256()
-  with open(path, "rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
 
 
 def require_files(data_dir: Path, task: str, *names: str) -> dict[str, Path]:

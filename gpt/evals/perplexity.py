@@ -24,7 +24,8 @@ import numpy as np
 from gpt.errors import GPTError
 from gpt.evals import metrics
 from gpt.evals.base import (ContinuationScore, Format, Task, TaskData, TokenRequest, Truncation,
-                            require_files, sha256_of)
+                            require_files)
+from gpt.hashing import hash_file
 
 WIKITEXT_FILE = "wikitext-2/wiki.test.tokens"
 _ARTICLE_TITLE = re.compile(r"^ = [^=].* = $")
@@ -133,7 +134,7 @@ class WikiText2(Perplexity):
     path = require_files(data_dir, self.name, WIKITEXT_FILE)[WIKITEXT_FILE]
     articles = split_articles(path.read_text(encoding="utf-8"))
     docs = [TextDoc(wikitext_detokenize(a), count_words(a), len(a.encode("utf-8"))) for a in articles]
-    return TaskData(docs, None, {str(path): sha256_of(path)})
+    return TaskData(docs, None, {str(path): hash_file(path)})
 
 
 class TextFile(Perplexity):
@@ -156,4 +157,4 @@ class TextFile(Perplexity):
     except UnicodeDecodeError as e:
       raise GPTError(f"{path} is not UTF-8 text (byte {e.start}); convert it first") from None
     return TaskData([TextDoc(text, count_words(text), len(text.encode("utf-8")))], None,
-                    {str(path): sha256_of(path)})
+                    {str(path): hash_file(path)})

@@ -34,8 +34,9 @@ from pathlib import Path
 
 import numpy as np
 
-from gpt.evals.base import TaskData, sha256_of
+from gpt.evals.base import TaskData
 from gpt.evals.generative import Example, GenerativeTask
+from gpt.hashing import hash_file
 
 SEED = 2020
 N_ITEMS = 10_000
@@ -124,7 +125,7 @@ class Scramble(GenerativeTask):
   def load(self, data_dir: Path) -> TaskData:
     del data_dir  # generated from the packaged vocabulary
     docs, pool = items(self.name)
-    return TaskData(list(docs), list(pool), {str(VOCAB): sha256_of(VOCAB)},
+    return TaskData(list(docs), list(pool), {str(VOCAB): hash_file(VOCAB)},
                     fewshot_source=f"the usable words after the first {N_ITEMS} ({len(pool)})")
 
   def example(self, doc: tuple[str, str], shots: int) -> Example:

@@ -1,138 +1,28 @@
-"""Where each task's data files come from, and how a missing one is fetched, checked and read.
+"""Where each eval task's data files come from: the table of their original releases.
 
 A task names the files it reads, relative to `eval.data_dir` (the `data_dir` layout: the same
-folder names as ../shared/data). When one is missing it is downloaded on first use:
+folder names as ../shared/data). For each file the table below says where its original lives (the
+URLs lm-evaluation-harness's and the data sets' own loaders use, or a member of a release zip), how
+many records it holds and its format, and the sha256 where the original file's hash is known
+(SOURCES.md in ../shared/data and TensorFlow Datasets' url checksums record them). gpt.evals.fetch
+downloads a missing file from here (or from eval.mirror), gpt.evals.data_checks checks it against
+its entry; eval.source=tfds reads the tasks TensorFlow Datasets carries instead (gpt.evals.tfds_source).
 
-  - from the original public release (the URLs lm-evaluation-harness's and the data sets' own
-    loaders use; a member of a release zip is read out of the zip, which is then deleted; ARC's
-    681 MB zip is read remotely with Range requests), or
-  - with `eval.mirror=<base URL>`, from `<base URL>/<path in data_dir>`: a mirror is any web
-    server holding a copy of a data_dir (a cluster without internet).
+  python -m gpt.evals.sources [task ...] --data_dir=<folder> [--mirror=<URL>]
 
-Every download goes through gpt.download.fetch (resumable, atomic) to
-`<data_dir>/.incoming/<file>` and is checked before it moves to its place: its sha256 where the
-original file's hash is known (pinned below; SOURCES.md in ../shared/data and TensorFlow Datasets'
-url checksums record them), and always its format and record count, so an HTML error page or a
-truncated body is deleted and reported in one line naming the URL, and never read. Files already
-in data_dir are the user's: used as they are, never replaced.
-
-Offline (no route to the host) every missing file is listed, one line each, with the two ways out.
-`eval.source=tfds` reads the tasks that TensorFlow Datasets carries with `tfds.data_source` instead.
+fills a data_dir ahead of time (e.g. on a machine with internet, to serve as a cluster's eval.mirror).
 """
 
 from __future__ import annotations
 
-import bz2
-import contextlib
 import dataclasses
-import hashlib
-import http.client
-import io
-import json
 import os
-import re
-import shutil
 import sys
-import urllib.error
-import urllib.request
-import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterable, Sequence
-from urllib.parse import quote
+from typing import Callable
 
-from gpt import download
-from gpt.evals.base import sha256_of
-from gpt.errors import GPTError
-
-# Release archives are fetched here (inside data_dir) and deleted once their members are out.
-ARCHIVE_DIR = ".archives"
-# Downloads land here (same names, inside data_dir) and move to their place once checked.
-INCOMING = ".incoming"
-
-
-class BadFile(Exception):
-  """A downloaded file is not the data it should be (the message says why)."""
-
-
-class NotWritable(GPTError):
-  """data_dir cannot take the download (no other source helps)."""
-
-
-class NoRanges(Exception):
-  """The server answers Range requests with the whole file."""
-
-
-class RangedFile(io.RawIOBase):
-  """A remote file read a block at a time with HTTP Range requests: enough for zipfile to take a
-  member out of a large release zip (its end record, central directory, the member's bytes)
-  without downloading the rest. zipfile checks each member's CRC-32 as it reads it."""
-
-  BLOCK = 1 << 20
-
-  def __init__(self, url: str, timeout: float = 60.0):
-    super().__init__()
-    self.url, self.timeout, self.pos = url, timeout, 0
-    self.blocks: dict[int, bytes] = {}
-    self.size = 0
-    self._get(0, 0).close()  # learns the size (or raises NoRanges)
-
-  def _get(self, start: int, end: int):
-    request = urllib.request.Request(self.url, headers={"Range": f"bytes={start}-{end}"})
-    try:
-      resp = urllib.request.urlopen(request, timeout=self.timeout)
-    except urllib.error.HTTPError as e:
-      raise GPTError(f"{self.url}: HTTP {e.code} {e.reason}") from None
-    except (urllib.error.URLError, OSError) as e:
-      reason = getattr(e, "reason", e)
-      raise download.Unreachable(f"cannot reach {self.url} (offline?): {reason}", self.url,
-                                 reason) from None
-    if resp.status != 206:
-      resp.close()
-      raise NoRanges
-    match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", resp.headers.get("Content-Range", ""))
-    if not match or int(match.group(1)) != start:
-      resp.close()
-      raise GPTError(f"{self.url}: asked for bytes {start}-{end} but got Content-Range "
-                     f"{resp.headers.get('Content-Range')!r}")
-    self.size = int(match.group(3))
-    return resp
-
-  def _block(self, n: int) -> bytes:
-    if n not in self.blocks:
-      start = n * self.BLOCK
-      end = min(self.size, start + self.BLOCK) - 1
-      with self._get(start, end) as resp:
-        try:
-          data = resp.read(end - start + 1)  # a server may send more than asked: read only ours
-        except (OSError, http.client.HTTPException):
-          data = b""
-      if len(data) != end - start + 1:
-        raise GPTError(f"{self.url}: the connection dropped reading bytes {start}-{end}; run again")
-      self.blocks[n] = data
-    return self.blocks[n]
-
-  def readable(self) -> bool:
-    return True
-
-  def seekable(self) -> bool:
-    return True
-
-  def tell(self) -> int:
-    return self.pos
-
-  def seek(self, offset: int, whence: int = 0) -> int:
-    self.pos = {0: 0, 1: self.pos, 2: self.size}[whence] + offset
-    return self.pos
-
-  def readinto(self, buffer) -> int:
-    view, done = memoryview(buffer).cast("B"), 0
-    while done < len(view) and self.pos < self.size:
-      block = self._block(self.pos // self.BLOCK)
-      chunk = block[self.pos % self.BLOCK:][:len(view) - done]
-      view[done:done + len(chunk)] = chunk
-      done += len(chunk)
-      self.pos += len(chunk)
-    return done
+from gpt.errors import GPTError, print_error
+from gpt.evals.data_checks import hellaswag_text, jsonl, labeled_sentences, labels, text_lines
 
 
 @dataclasses.dataclass(frozen=True)
@@ -165,81 +55,6 @@ class Source:
       return f"{self.archive.url} ({self.member})"
     return self.url
 
-
-# ---- format checks: each returns the record count, or raises BadFile ----
-
-def _lines(path: Path) -> list[str]:
-  """The file's lines as UTF-8 text (BadFile for binary junk or an HTML page)."""
-  raw = path.read_bytes()
-  head = raw[:512].lstrip().lower()
-  if head.startswith((b"<!doctype html", b"<html", b"<?xml", b"<head", b"<body")):
-    raise BadFile("an HTML/XML page, not the data (an error page or a login redirect?)")
-  try:
-    text = raw.decode("utf-8")
-  except UnicodeDecodeError as e:
-    raise BadFile(f"not UTF-8 text (byte {e.start})") from None
-  return text.splitlines()
-
-
-def jsonl(*keys: str) -> Callable[[Path], int]:
-  """A .jsonl of objects that have `keys`."""
-  def count(path: Path) -> int:
-    n = 0
-    for i, line in enumerate(_lines(path), 1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise BadFile(f"line {i} is not JSON ({e.msg}); truncated?") from None
-      if not isinstance(row, dict) or any(k not in row for k in keys):
-        raise BadFile(f"line {i} is not a JSON object with {', '.join(keys)}")
-      n += 1
-    return n
-  return count
-
-
-def labels(*allowed: str) -> Callable[[Path], int]:
-  """One label per line, each one of `allowed`."""
-  def count(path: Path) -> int:
-    lines = [l.strip() for l in _lines(path) if l.strip()]
-    for i, label in enumerate(lines, 1):
-      if label not in allowed:
-        raise BadFile(f"line {i} is {label[:20]!r}, not one of {', '.join(allowed)}")
-    return len(lines)
-  return count
-
-
-def labeled_sentences(path: Path) -> int:
-  """SST-2's '<0|1> <sentence>' lines."""
-  lines = _lines(path)
-  for i, line in enumerate(lines, 1):
-    label, _, sentence = line.partition(" ")
-    if label not in ("0", "1") or not sentence:
-      raise BadFile(f"line {i} is not '<0|1> <sentence>'")
-  return len(lines)
-
-
-def text_lines(path: Path) -> int:
-  """Plain UTF-8 text; its line count."""
-  return len(_lines(path))
-
-
-def hellaswag_text(path: Path) -> int:
-  """The bz2 text form of HellaSwag: 6 lines per item (context, label, 4 endings)."""
-  try:
-    with bz2.open(path, "rt", encoding="utf-8") as f:
-      lines = f.read().split("\n")
-  except (OSError, EOFError, UnicodeDecodeError) as e:
-    raise BadFile(f"not a complete bz2 text file ({e})") from None
-  if lines and lines[-1] == "":
-    lines.pop()
-  if len(lines) % 6 or any(lines[i + 1] not in ("0", "1", "2", "3") for i in range(0, len(lines), 6)):
-    raise BadFile(f"{len(lines)} lines are not 6 per item (context, label 0-3, 4 endings)")
-  return len(lines) // 6
-
-
-# ---- the sources ----
 
 _ARC_ZIP = Archive("https://ai2-public-datasets.s3.amazonaws.com/arc/ARC-V1-Feb2018.zip",
                    "6d2d5ab50b2ceec6ba5f79c921be77cf2de712ea25a2b3f4fff3acc101cecfa0", ranged=True)
@@ -303,280 +118,13 @@ SOURCES: dict[str, Source] = {s.path: s for s in (
 )}
 
 
-def verify(source: Source, path: Path) -> None:
-  """Raises BadFile unless `path` is `source`'s file: format, record count and pinned sha256."""
-  n = source.count(path)
-  if n != source.records:
-    raise BadFile(f"{n} records where the release has {source.records}; truncated?")
-  if source.sha256:
-    digest = sha256_of(path)
-    if digest != source.sha256:
-      raise BadFile(f"sha256 {digest[:12]}... is not the release's {source.sha256[:12]}... "
-                    f"({path.stat().st_size} bytes)")
-
-
-def mirror_url(mirror: str, path: str) -> str:
-  """Where a mirror laid out like data_dir serves `path`."""
-  return f"{mirror.rstrip('/')}/{quote(path)}"
-
-
-def _present(data_dir: Path, form: Sequence[str]) -> bool:
-  return all((data_dir / name).is_file() for name in form)
-
-
-class Fetcher:
-  """Fetches the missing files of several tasks in one run (each release archive only once)."""
-
-  def __init__(self, data_dir: str | os.PathLike, mirror: str = "", retries: int = 3,
-               timeout: float = 60.0):
-    self.data_dir = Path(data_dir).expanduser()
-    self.mirror = mirror
-    self.retries, self.timeout = retries, timeout
-    self.offline: list[str] = []  # one line per file that could not be fetched (no route)
-    self.offline_reason = ""
-    self.archives: dict[str, Path] = {}
-    self.remote: dict[str, zipfile.ZipFile] = {}  # ranged archives' central directories
-
-  def ensure(self, task: str, forms: Sequence[Sequence[str]]) -> None:
-    """Makes one form (a set of files that together hold the task's data) complete in data_dir.
-
-    The first complete form is used as it is; otherwise forms are fetched in order (a mirror may
-    hold only a later form, e.g. HellaSwag's text form), and the first form's failure is reported.
-    """
-    if not forms or any(_present(self.data_dir, form) for form in forms):
-      return
-    first_error = None
-    for form in forms:
-      known = [SOURCES.get(name) for name in form]
-      if any(s is None for s in known) or (not self.mirror and any(
-          not (s.url or s.archive) for s in known)):
-        continue  # no original of this form: only a mirror can have it
-      missing = [s for s in known if not (self.data_dir / s.path).is_file()]
-      try:
-        if not self.offline_reason:
-          for s in missing:
-            self.fetch(s)
-          return
-      except download.Unreachable as e:
-        self.offline_reason = str(e.reason)
-      except NotWritable:
-        raise
-      except GPTError as e:  # HTTP error, failed check: a mirror may still hold another form
-        first_error = first_error or e
-        continue
-      # No route to the hosts: list what is missing without trying again.
-      self.offline += [self._offline_line(s) for s in missing if not (self.data_dir / s.path).is_file()]
-      return
-    if first_error is not None:
-      folder = forms[0][0].split("/")[0]
-      raise GPTError(f"{first_error}; for task {task!r} pass --config.eval.data_dir=<folder holding "
-                     f"{folder}/> or --config.eval.mirror=<base URL of a copy of that folder>")
-    raise GPTError(f"task {task!r} needs {' and '.join(forms[0])} in {self.data_dir}, which has no "
-                   f"known source; set --config.eval.data_dir to a folder holding them")
-
-  def _url(self, source: Source) -> str:
-    return mirror_url(self.mirror, source.path) if self.mirror else source.origin
-
-  def _offline_line(self, source: Source) -> str:
-    folder = source.path.split("/")[0]
-    return (f"cannot download {self._url(source)} ({self.offline_reason}): pass "
-            f"--config.eval.data_dir=<folder holding {folder}/> or "
-            f"--config.eval.mirror=<base URL of a copy of that folder>")
-
-  def fetch(self, source: Source) -> Path:
-    """Downloads `source` into data_dir, checks it, and only then gives it its name."""
-    dest = self.data_dir / source.path
-    staged = self.data_dir / INCOMING / source.path
-    try:
-      dest.parent.mkdir(parents=True, exist_ok=True)
-      staged.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-      raise NotWritable(f"cannot create {e.filename} for the {source.path} download ({e.strerror}); "
-                        f"set --config.eval.data_dir to a writable folder") from None
-    url = self._url(source)
-    print(f"eval data: {source.path} from {url}", file=sys.stderr, flush=True)
-    if self.mirror or source.archive is None:
-      download.fetch(url, staged, retries=self.retries, timeout=self.timeout)
-    else:
-      url = source.archive.url
-      self._extract(source, staged)
-    try:
-      verify(source, staged)
-    except BadFile as e:
-      staged.unlink()
-      raise GPTError(f"{url}: {e}; deleted the download ({source.path})") from None
-    os.replace(staged, dest)
-    return dest
-
-  def _extract(self, source: Source, staged: Path) -> None:
-    archive = source.archive
-    try:
-      with self._zip(archive) as z, z.open(source.member) as src, open(staged, "wb") as out:
-        shutil.copyfileobj(src, out)
-    except KeyError:
-      raise GPTError(f"{archive.url}: the archive has no {source.member}") from None
-    except (zipfile.BadZipFile, zipfile.LargeZipFile, EOFError) as e:  # also a bad member CRC
-      staged.unlink(missing_ok=True)
-      raise GPTError(f"{archive.url}: {e} reading {source.member}") from None
-
-  def _zip(self, archive: Archive):
-    """The release zip (a context manager), read remotely when `archive.ranged` and the server
-    allows it, else downloaded."""
-    if archive.ranged and archive.url not in self.archives:
-      if archive.url not in self.remote:
-        try:
-          self.remote[archive.url] = zipfile.ZipFile(RangedFile(archive.url, self.timeout))
-        except NoRanges:
-          return zipfile.ZipFile(self._archive(archive))
-        except zipfile.BadZipFile as e:
-          raise GPTError(f"{archive.url}: not a zip file ({e})") from None
-      return contextlib.nullcontext(self.remote[archive.url])  # kept open: its directory is reused
-    return zipfile.ZipFile(self._archive(archive))
-
-  def _archive(self, archive: Archive) -> Path:
-    """The release zip, downloaded and checked once per run."""
-    if archive.url in self.archives:
-      return self.archives[archive.url]
-    folder = self.data_dir / ARCHIVE_DIR
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / archive.url.rsplit("/", 1)[-1]
-    download.fetch(archive.url, path, retries=self.retries, timeout=self.timeout)
-    problem = ""
-    if archive.sha256 and sha256_of(path) != archive.sha256:
-      problem = f"sha256 is not the release's {archive.sha256[:12]}..."
-    elif not zipfile.is_zipfile(path):
-      problem = "not a zip file (an error page?)"
-    if problem:
-      path.unlink()
-      raise GPTError(f"{archive.url}: {problem}; deleted the download")
-    self.archives[archive.url] = path
-    return path
-
-  def cleanup(self) -> None:
-    """Deletes the release archives (their members are out) and empty staging folders (a partial
-    download stays, to be resumed)."""
-    for path in self.archives.values():
-      path.unlink(missing_ok=True)
-    self.archives.clear()
-    for folder in (self.data_dir / ARCHIVE_DIR, self.data_dir / INCOMING):
-      for sub in sorted(folder.rglob("*"), reverse=True) + [folder]:
-        if sub.is_dir() and not any(sub.iterdir()):
-          sub.rmdir()
-
-  def finish(self) -> None:
-    """Cleans up and reports every file that could not be fetched for want of a route, at once."""
-    self.cleanup()
-    if self.offline:
-      raise GPTError("task data missing and its source unreachable (offline?):\n  " +
-                     "\n  ".join(self.offline))
-
-
-def ensure_tasks(tasks: Iterable[Any], data_dir: str | os.PathLike, mirror: str = "",
-                 **kwargs) -> None:
-  """Fetches whatever the tasks' files lack in data_dir (see the module docstring)."""
-  fetcher = Fetcher(data_dir, mirror, **kwargs)
-  try:
-    for task in tasks:
-      fetcher.ensure(task.name, task.data_files())
-  except BaseException:
-    fetcher.cleanup()
-    raise
-  fetcher.finish()
-
-
-# ---- TensorFlow Datasets (eval.source=tfds) ----
-
-# task -> (TFDS name, scored split, few-shot split or None: demonstrations from the scored split).
-# Features as TFDS's builders define them (tensorflow_datasets/{datasets,text}/...).
-TFDS_TASKS: dict[str, tuple[str, str, str | None]] = {
-    "hellaswag": ("hellaswag", "validation", None),
-    "piqa": ("piqa", "validation", None),
-    "arc_easy": ("ai2_arc/ARC-Easy", "test", "train"),
-    "arc_challenge": ("ai2_arc/ARC-Challenge", "test", "train"),
-    "winogrande": ("winogrande", "validation", "train_s"),
-    "boolq": ("bool_q", "validation", None),
-    "sst2": ("glue/sst2", "validation", "train"),
-}
-_ARC_LABELS = "ABCDE"  # TFDS's ClassLabel names for ARC (it maps labels 1-5 to A-E)
-
-
-def _plain(value: Any) -> Any:
-  """A TFDS record value as plain Python: bytes -> str, arrays -> lists, numpy scalars -> items."""
-  if isinstance(value, bytes):
-    return value.decode("utf-8")
-  if isinstance(value, dict):
-    return {k: _plain(v) for k, v in value.items()}
-  if hasattr(value, "tolist"):
-    return _plain(value.tolist())
-  if isinstance(value, (list, tuple)):
-    return [_plain(v) for v in value]
-  return value
-
-
-def _tfds_doc(task: Any, r: dict, where: str) -> Any:
-  """One TFDS record as the doc the task's file loader makes from the same item."""
-  from gpt.evals.cloze import SST2, BoolQ
-  from gpt.evals.multiple_choice import ARC, PIQA, HellaSwag, Winogrande
-  name = task.name
-  if name == "hellaswag":
-    return HellaSwag.from_context(r["activity_label"], r["context"], r["endings"], r["label"])
-  if name == "piqa":
-    return PIQA.to_doc(r, r["label"])
-  if name.startswith("arc_"):
-    choices = [{"text": t, "label": _ARC_LABELS[l]}
-               for t, l in zip(r["choices"]["text"], r["choices"]["label"])]
-    return ARC.to_doc({"id": r.get("id"), "question": {"stem": r["question"], "choices": choices},
-                       "answerKey": _ARC_LABELS[r["answerKey"]]})
-  if name == "winogrande":
-    return Winogrande.to_doc({**r, "answer": str(r["label"] + 1)}, where)
-  if name == "boolq":
-    return BoolQ.to_doc({**r, "answer": bool(r["answer"])}, where)
-  if name == "sst2":
-    return SST2.to_doc(r["sentence"].strip(), r["label"])  # GLUE's sentences end with a space
-  raise GPTError(f"task {name!r} has no TFDS reader")
-
-
-def _tfds_split(task: Any, name: str, split: str, data_dir: str) -> tuple[list[Any], str]:
-  """(docs, sha256 of the records) of one split of a prepared TFDS dataset."""
-  import tensorflow_datasets as tfds
-  try:
-    source = tfds.data_source(name, split=split, data_dir=data_dir or None)
-  except Exception as e:  # tfds raises many types (DatasetNotFoundError, ValueError, ...)
-    raise GPTError(f"cannot open TFDS dataset {name!r} split {split!r}: {str(e).splitlines()[0]} "
-                   f"(prepare it with `tfds build {name.split('/')[0]}`, or use eval.source=files)") from None
-  digest, docs = hashlib.sha256(), []
-  for i in range(len(source)):
-    record = _plain(source[i])
-    digest.update(json.dumps(record, sort_keys=True, ensure_ascii=False).encode("utf-8"))
-    try:
-      docs.append(_tfds_doc(task, record, f"tfds:{name}/{split}[{i}]"))
-    except (KeyError, IndexError, TypeError) as e:
-      raise GPTError(f"tfds:{name}/{split}[{i}] is not a {task.name} record (no {e})") from None
-  return docs, digest.hexdigest()
-
-
-def load_tfds(task: Any, data_dir: str = "") -> Any:
-  """The task's data read with `tfds.data_source` (TFDS's record order; see TFDS_TASKS)."""
-  from gpt.evals.base import TaskData
-  try:
-    import tensorflow_datasets  # noqa: F401
-  except ImportError:
-    raise GPTError("eval.source=tfds needs TensorFlow Datasets: pip install -e '.[tfds]'") from None
-  name, split, fewshot = TFDS_TASKS[task.name]
-  docs, digest = _tfds_split(task, name, split, data_dir)
-  files = {f"tfds:{name}/{split}": digest}
-  pool = None
-  if fewshot:
-    pool, files[f"tfds:{name}/{fewshot}"] = _tfds_split(task, name, fewshot, data_dir)
-  return TaskData(docs, pool, files, f"tfds {fewshot}" if fewshot else f"tfds {split} (minus the item)")
-
-
 def main(argv: list[str] | None = None) -> int:
   """`python -m gpt.evals.sources [task ...]`: fills a data_dir ahead of time (e.g. on a machine
   with internet, to serve as a cluster's eval.mirror)."""
   import argparse
 
   from gpt.evals import TASKS, get_task
+  from gpt.evals.fetch import ensure_tasks
   parser = argparse.ArgumentParser(prog="python -m gpt.evals.sources",
                                    description="Downloads and checks evaluation task data.")
   parser.add_argument("tasks", nargs="*", help=f"default: every task ({', '.join(TASKS)})")
@@ -588,8 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     tasks = [get_task(name) for name in (args.tasks or [n for n in TASKS if n != "text"])]
     ensure_tasks(tasks, args.data_dir, args.mirror)
   except GPTError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return print_error(e)
   for task in tasks:
     present = [f for form in task.data_files() for f in form if (Path(args.data_dir) / f).is_file()]
     print(f"{task.name}: {', '.join(present)}")
