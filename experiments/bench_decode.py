@@ -1,15 +1,18 @@
 """Decode speed: new tokens/s of gpt's sampler beside Hugging Face generate() and the roofline.
 
-  python experiments/bench_decode.py                    # 117M, batch 1 and 8, float32 and bfloat16
+  python experiments/bench_decode.py                    # 117M, batch 1 and 8, float32, bfloat16, int8
   python experiments/bench_decode.py --model=1542M --new=256 --batch=1,8
   python experiments/bench_decode.py --profile          # + where one decode step spends its time
 
-Random weights (speed does not depend on them). Every configuration samples `--new` tokens (top-k
-40) after a one-token prompt, timed end to end (prefill + decode loop), after one untimed warm-up
+Random weights (speed does not depend on them). Weights "int8" are model.quantize=int8 (gpt.quantize:
+int8 weights with per-output scales, float32 activations) beside CTranslate2's int8 column.
+Every configuration samples `--new` tokens (top-k 40) after a one-token prompt, timed end to end (prefill + decode loop), after one untimed warm-up
 run that compiles. Columns:
   ours         gpt.sample.Generator: gpt.sampling's while_loop over the model prepared for
-               decoding (gpt.model.prepare_for_decoding: per-layer weights and cache)
-  matmuls      only the weight matmuls of each step (see MatmulsOnly): XLA:CPU's kernel ceiling
+               decoding (gpt.model.prepare_for_decoding: per-layer weights and cache, laid out by
+               row for gpt.kernels.gemv where it runs)
+  matmuls      only the weight matmuls of each step (see MatmulsOnly), as the prepared model
+               runs them (gemv where it wins, else XLA): the matmul ceiling
   GPT.decode   the same sampler over the unprepared model (lax.scan over the stacked layers)
   HF           transformers GPT2LMHeadModel.generate(do_sample=True, top_k=40), PyTorch, KV cache
                (skipped with a note when torch/transformers are not installed: pip install .[hf])
@@ -51,7 +54,8 @@ from flax import nnx
 
 from gpt import sample
 from gpt.config import MODEL_SIZES, canonical_model_name
-from gpt.model import GPTConfig, KVCache, init_model, matmul, prepare_for_decoding
+from gpt.model import GPTConfig, KVCache, init_model, matmul, matmul_rows, prepare_for_decoding
+from gpt.quantize import quantize_model
 from gpt.sampling import Decoder, SamplingOptions
 
 EOT = 50256
@@ -105,16 +109,25 @@ def roofline(cfg: GPTConfig, batch: int, new: int, bandwidth: float) -> float:
   """Tokens/s if each step only had to read every weight once and each row's filled cache."""
   itemsize = jnp.dtype(cfg.compute_dtype).itemsize
   weights = (cfg.num_params() - cfg.n_ctx * cfg.n_embd) * itemsize  # wpe: one row per step
+  if cfg.quantize == "int8":  # the matrices at 1 byte (biases, LayerNorms, scales are ~1%)
+    weights = (cfg.num_params() - cfg.n_ctx * cfg.n_embd) * 1
   mean_filled = 1 + (new - 1) / 2
   cache = 2 * cfg.n_layer * mean_filled * cfg.n_embd * itemsize * batch
   return batch * bandwidth / (weights + cache)
+
+
+def make_model(cfg: GPTConfig):
+  """A random model of `cfg` (quantized after init when cfg.quantize is int8, as loading does)."""
+  if cfg.quantize == "int8":
+    return quantize_model(init_model(cfg.replace(quantize="none")))
+  return init_model(cfg)
 
 
 class Ours:
   """gpt.sample.Generator's decoder (sample.make_decoder), timed through Decoder.generate."""
 
   def __init__(self, cfg: GPTConfig, batch: int, new: int, model_decode: bool = False):
-    model = init_model(cfg)
+    model = make_model(cfg)
     options = SamplingOptions(temperature=1.0, top_k=40)
     if model_decode:  # the model's own cached forward, for comparison
       graphdef, self.params = nnx.split(model)
@@ -147,21 +160,27 @@ class MatmulsOnly:
   """
 
   def __init__(self, cfg: GPTConfig, batch: int, new: int):
-    model = init_model(cfg)
-    self.params = nnx.to_pure_dict(nnx.state(prepare_for_decoding(model)))
-    del model
+    prepared = prepare_for_decoding(make_model(cfg))
+    by_row = prepared.cfg.weights_by_row
+    self.params = nnx.to_pure_dict(nnx.state(prepared))
+    del prepared
     self.x = jnp.ones((batch, 1, cfg.n_embd), cfg.compute_dtype)
     self.new = new
     D = cfg.n_embd
 
+    def mm(x, p):
+      w, scale = p["w"], p.get("w_scale")
+      return (matmul_rows(x, w, scale=scale) if by_row else matmul(x, w, scale=scale)).astype(x.dtype)
+
     def run(params, x):
       def step(_, x):
         for layer in params["h"].values():
-          qkv = matmul(x, layer["attn"]["c_attn"]["w"]).astype(x.dtype)
-          x = matmul(qkv[..., :D], layer["attn"]["c_proj"]["w"]).astype(x.dtype)
-          h = matmul(x, layer["mlp"]["c_fc"]["w"]).astype(x.dtype)
-          x = matmul(h, layer["mlp"]["c_proj"]["w"]).astype(x.dtype)
-        logits = matmul(x, params["wte"], "...d,vd->...v")
+          qkv = mm(x, layer["attn"]["c_attn"])
+          x = mm(qkv[..., :D], layer["attn"]["c_proj"])
+          h = mm(x, layer["mlp"]["c_fc"])
+          x = mm(h, layer["mlp"]["c_proj"])
+        head = {"w": params["wte"], "w_scale": params.get("wte_scale")}
+        logits = mm(x, head) if by_row else matmul(x, head["w"], "...d,vd->...v", scale=head["w_scale"])
         return x + logits[..., :D].astype(x.dtype)  # the next step depends on the head
       return jax.lax.fori_loop(0, new, step, x)
 
@@ -213,7 +232,8 @@ class CTranslate2:
     key = (cfg.n_layer, cfg.n_embd, cfg.n_head)
     if key not in CTranslate2.converted:
       hf_dir, ct2_dir = tempfile.mkdtemp(prefix="bench_hf_"), tempfile.mkdtemp(prefix="bench_ct2_")
-      export_hf(init_model(cfg.replace(dtype="float32", param_dtype="float32")), get_tokenizer(), hf_dir)
+      plain = cfg.replace(dtype="float32", param_dtype="float32", quantize="none")
+      export_hf(init_model(plain), get_tokenizer(), hf_dir)
       TransformersConverter(hf_dir).convert(ct2_dir, force=True)
       CTranslate2.converted[key] = ct2_dir
     self.generator = ctranslate2.Generator(CTranslate2.converted[key], device="cpu",
@@ -265,7 +285,8 @@ def main():
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--model", default="117M", help="released size whose shape to use")
   parser.add_argument("--batch", default="1,8")
-  parser.add_argument("--dtype", default="float32,bfloat16", help="weights and compute dtype")
+  parser.add_argument("--dtype", default="float32,bfloat16,int8",
+                      help="weights and compute dtype; int8 = int8 weights, float32 compute")
   parser.add_argument("--new", type=int, default=128, help="new tokens per sample")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--no_model_decode", action="store_true", help="skip the GPT.decode column")
@@ -279,7 +300,7 @@ def main():
   skip_hf = "HF column skipped: --no_hf" if args.no_hf else hf_available()
   ct2_types = [t for t in args.ct2.split(",") if t]
   skip_ct2 = ct2_available() if ct2_types else None
-  if ct2_types and (skip_ct2 or skip_hf):  # its converter needs transformers too
+  if ct2_types and (skip_ct2 or hf_available()):  # its converter needs transformers too
     skip_ct2, ct2_types = skip_ct2 or "CTranslate2 columns skipped: its converter needs [hf]", []
   bandwidth = measure_bandwidth()
   copy_bw = max(v for k, v in bandwidth.items() if k.startswith("copy"))
@@ -287,7 +308,9 @@ def main():
   configs = [(d, int(b)) for d in args.dtype.split(",") for b in args.batch.split(",")]
   runners = {}
   for dtype, batch in configs:
-    cfg = GPTConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head, dtype=dtype, param_dtype=dtype)
+    float_dtype = "float32" if dtype == "int8" else dtype
+    cfg = GPTConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head, dtype=float_dtype,
+                    param_dtype=float_dtype, quantize="int8" if dtype == "int8" else "none")
     methods = {"ours": Ours(cfg, batch, args.new), "matmuls": MatmulsOnly(cfg, batch, args.new)}
     if not args.no_model_decode:
       methods["GPT.decode"] = Ours(cfg, batch, args.new, model_decode=True)

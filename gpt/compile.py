@@ -13,9 +13,17 @@ read, nothing is allocated), compiles for them on the CPU. The compiler's memory
 each chip holds; a compile that runs out of HBM is the answer "does not fit", with the compiler's
 own figure. The eval step (validation) is compiled the same way.
 
-The decode step (sampling) is not compiled: sample mode runs on one device without a mesh, and its
-jitted decode loop is private to gpt.sampling (and being folded into the model), so there is no
-public program a pod would run to plan for.
+The decode step is the sampler's (gpt.sampling.Decoder.advance over gpt.sample's model prepared
+for decoding), compiled for one chip of the slice, as sample mode runs on one device without a
+mesh, with a KV cache of the full context for `sampling.batch_size` rows. Its tokens/s is a
+roofline: every step reads all the weights and the whole cache from HBM.
+
+With `train.lora_rank` the plan is of a LoRA run (gpt.lora.trained_config): the adapters are
+trained and carry the optimizer state, the base weights are the steps' frozen argument.
+
+The programs compile one after another (on threads they took as long for TPU targets);
+`compile.programs` picks which, `compile.fast` asks XLA for its least optimisation effort (about
+half the CPU for a TPU train step; the memory figures come out a few % larger).
 
 Step times are estimates, not measurements: the model's FLOPs (GPTConfig.flops_per_token; XLA's
 cost analysis counts a `scan` body once, so it undercounts the layers) plus what remat recomputes,
@@ -27,6 +35,7 @@ settings; they do not model communication. With `mesh.topology` empty the local 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib.util
 import json
 import math
@@ -34,10 +43,11 @@ import os
 import re
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
+from flax import nnx
 
 from gpt.errors import GPTError
 from gpt.model import GPTConfig
@@ -52,20 +62,21 @@ class Chip:
   name: str
   hbm: int | None  # bytes of HBM per chip (None: unknown, e.g. host RAM)
   peak_flops: float | None  # dense bf16 FLOP/s per chip (None: unknown)
+  hbm_bandwidth: float | None = None  # bytes/s between HBM and the chip (None: unknown)
 
 
 # Per-chip HBM and dense bf16 peak, keyed by jax's device_kind, from Google Cloud's TPU system
 # architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e, read 2025):
-#   v4   275 TFLOP/s bf16, 32 GiB HBM2      v5e  197 TFLOP/s bf16, 16 GiB HBM2
-#   v5p  459 TFLOP/s bf16, 95 GiB HBM2e     v6e  918 TFLOP/s bf16, 32 GiB HBM
+#   v4   275 TFLOP/s bf16, 32 GiB HBM2,  1200 GB/s      v5e  197 TFLOP/s bf16, 16 GiB HBM2,  819 GB/s
+#   v5p  459 TFLOP/s bf16, 95 GiB HBM2e, 2765 GB/s      v6e  918 TFLOP/s bf16, 32 GiB HBM, 1640 GB/s
 # (The compiler keeps a little HBM for itself: it reports 15.75G available on a v5e.)
 TPU_CHIPS = {
-    "TPU v4": Chip("v4", 32 * GIB, 275e12),
-    "TPU v5 lite": Chip("v5e", 16 * GIB, 197e12),
-    "TPU v5": Chip("v5p", 95 * GIB, 459e12),
-    "TPU v5p": Chip("v5p", 95 * GIB, 459e12),
-    "TPU v6 lite": Chip("v6e", 32 * GIB, 918e12),
-    "TPU v6e": Chip("v6e", 32 * GIB, 918e12),
+    "TPU v4": Chip("v4", 32 * GIB, 275e12, 1200e9),
+    "TPU v5 lite": Chip("v5e", 16 * GIB, 197e12, 819e9),
+    "TPU v5": Chip("v5p", 95 * GIB, 459e12, 2765e9),
+    "TPU v5p": Chip("v5p", 95 * GIB, 459e12, 2765e9),
+    "TPU v6 lite": Chip("v6e", 32 * GIB, 918e12, 1640e9),
+    "TPU v6e": Chip("v6e", 32 * GIB, 918e12, 1640e9),
 }
 TOPOLOGY_RE = re.compile(r"^(v4|v5e|v5p|v6e):\d+(x\d+){1,2}$")
 TOPOLOGY_EXAMPLES = "v5e:2x2, v5e:4x4, v4:2x2x4, v5p:2x2x2, v6e:4x4"
@@ -111,7 +122,7 @@ def chip_of(device: Any, peak_override: float = 0.0) -> Chip:
     hbm = (device.memory_stats() or {}).get("bytes_limit")
   except Exception:  # noqa: BLE001 - CPU devices have no memory stats
     pass
-  return Chip(device.device_kind, hbm, peak_override or None)
+  return Chip(device.device_kind, hbm, peak_override or None, None)
 
 
 def recompute_flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
@@ -129,8 +140,20 @@ def recompute_flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
 
 def shard_bytes(tree: Any) -> int:
   """Bytes one device holds of a tree of sharded ShapeDtypeStructs (the largest shard)."""
-  return sum(math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+  # dtype.itemsize also covers typed PRNG keys (key<fry>: 8 bytes), which np.dtype does not know.
+  return sum(math.prod(x.sharding.shard_shape(x.shape)) * x.dtype.itemsize
              for x in jax.tree.leaves(tree))
+
+
+def memory_figures(compiled: Any) -> dict:
+  """Per-chip bytes from the compiler's memory analysis of `compiled`, with the total live at the
+  peak: inputs, the outputs not written over donated inputs, scratch and code."""
+  ma = compiled.memory_analysis()
+  mem = {"arguments": ma.argument_size_in_bytes, "outputs": ma.output_size_in_bytes,
+         "aliased": ma.alias_size_in_bytes, "temporaries": ma.temp_size_in_bytes,
+         "code": ma.generated_code_size_in_bytes}
+  mem["total"] = mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"] + mem["code"]
+  return mem
 
 
 def parse_oom(message: str) -> dict:
@@ -155,14 +178,26 @@ class Setting:
   data: int = -1  # the search leaves the data axis to take the chips fsdp x tensor leaves over
 
 
+@dataclasses.dataclass
+class Job:
+  """One lowered program of a Planner, ready to compile."""
+
+  key: Any  # its key in the Planner's cache of rows
+  lowered: Any  # jax.stages.Lowered
+  run: Callable[[], dict]  # compiles `lowered` and returns the program's row
+
+
 class Planner:
   """Builds and compiles the run of one config on one set of devices, many settings of it."""
 
   def __init__(self, config: Any, devices: list, topology: str):
+    from gpt import lora
     from gpt.weights import planned_model_config
 
     self.config, self.devices, self.topology = config, devices, topology or "local"
     self.base_cfg = planned_model_config(config)
+    # What train trains: the base model, or with train.lora_rank > 0 its adapters (base frozen).
+    self.train_cfg = lora.trained_config(config.train, self.base_cfg)
     self.chip = chip_of(devices[0], float(config.train.peak_flops))
     self.hosts = len({d.process_index for d in devices})
     self._done: dict = {}  # (setting, program) -> row; the search and the table share compiles
@@ -178,71 +213,177 @@ class Planner:
       config.mesh.data = s.data
     return config
 
-  def compile(self, s: Setting, programs: tuple[str, ...] = ("train", "eval")) -> list[dict]:
-    """One row per program (train, eval) for setting `s`: memory per chip, fit, time estimate."""
-    todo = [p for p in programs if (dataclasses.astuple(s), p) not in self._done]
-    if todo:
-      from gpt import sharding
-      from gpt.train import build_programs, check_config
+  def compile(self, s: Setting, programs: tuple[str, ...] = ("train", "eval"),
+              on_row: Callable[[dict], None] | None = None) -> list[dict]:
+    """One row per program for setting `s`: memory per chip, fit, time estimate. Programs are
+    "train", "eval" and "decode" (the sampler's, which does not depend on `s`); the ones not
+    compiled before are compiled in turn, and `on_row(row)` hears of each as it finishes.
 
-      config = self._config_for(s)
-      cfg = self.base_cfg.replace(remat=s.remat)
-      mesh = sharding.make_mesh(config.mesh, self.devices)
-      check_config(config.train, cfg, mesh)
-      built = build_programs(config, cfg, mesh)
-      t = config.train
-      batch = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), np.int32,
-                                   sharding=built.batch_sharding)
-      for program in todo:
-        if program == "train":
-          fn, args = built.train_step, (built.abstract_state, batch, built.abstract_frozen)
-        else:
-          fn, args = built.eval_step, (built.abstract_state.params, batch, built.abstract_frozen)
-        row = self._compile_row(program, fn, args, config, cfg, mesh, built)
-        self._done[(dataclasses.astuple(s), program)] = row
-    return [self._done[(dataclasses.astuple(s), p)] for p in programs]
+    In turn, not on threads: XLA's compile releases the GIL, but three TPU compiles on threads
+    took as long as in turn (libtpu seems to run one at a time: the eval step, a quarter of the
+    train step's CPU, finished with it), and in turn the first table comes out sooner."""
+    keys = {p: "decode" if p == "decode" else (dataclasses.astuple(s), p) for p in programs}
+    for job in self.lower(s, [p for p in programs if keys[p] not in self._done]):
+      self._done[job.key] = row = job.run()
+      if on_row:
+        on_row(row)
+    return [self._done[keys[p]] for p in programs]
 
-  def _compile_row(self, program, fn, args, config, cfg, mesh, built) -> dict:
+  def lower(self, s: Setting, programs: list[str]) -> list[Job]:
+    """A Job per program of setting `s`, traced and lowered; `job.run()` compiles it and returns
+    the row (XLA's compile releases the GIL, so jobs may run on threads)."""
+    jobs = []
+    if "decode" in programs:
+      jobs.append(self._decode_job())
+    programs = [p for p in programs if p != "decode"]
+    if not programs:
+      return jobs
+    from gpt import sharding
+    from gpt.train import build_programs, check_config
+
+    config = self._config_for(s)
+    cfg = self.train_cfg.replace(remat=s.remat)
+    mesh = sharding.make_mesh(config.mesh, self.devices)
+    check_config(config.train, cfg, mesh)
+    built = build_programs(config, cfg, mesh, lora_run=cfg.lora_rank > 0)
+    t = config.train
+    batch = jax.ShapeDtypeStruct((t.batch_size, t.seq_len + 1), np.int32,
+                                 sharding=built.batch_sharding)
+    for program in programs:
+      if program == "train":
+        fn, args = built.train_step, (built.abstract_state, batch, built.abstract_frozen)
+      else:
+        fn, args = built.eval_step, (built.abstract_state.params, batch, built.abstract_frozen)
+      row, lowered = self._row(program, args, config, cfg, mesh, built), fn.lower(*args)
+      jobs.append(Job((dataclasses.astuple(s), program), lowered, functools.partial(
+          self._compiled_row, row, lowered, functools.partial(self._estimate, cfg=cfg))))
+    return jobs
+
+  def _row(self, program, args, config, cfg, mesh, built) -> dict:
+    """A train/eval row before compiling: the setting and the bytes of its arguments."""
     t = config.train
     state = built.abstract_state
-    row = {
+    return {
         "program": program, "topology": self.topology, "chip": self.chip.name,
         "chips": mesh.size, "hosts": self.hosts,
         "mesh": {k: int(v) for k, v in mesh.shape.items()},
         "model": {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "n_head": cfg.n_head,
                   "params": cfg.num_params(), "dtype": cfg.dtype, "param_dtype": cfg.param_dtype},
+        "lora": ({"rank": cfg.lora_rank, "targets": list(cfg.lora_targets)}
+                 if cfg.lora_rank > 0 else None),
         "remat": cfg.remat, "batch_size": int(t.batch_size), "seq_len": int(t.seq_len),
         "grad_accum": int(t.grad_accum) if program == "train" else 1,
         "optimizer": str(t.optimizer),
         "per_chip": {"params": shard_bytes(state.params),
                      "opt_state": shard_bytes((state.opt_state, state.step, state.rng))
                      if program == "train" else 0,
+                     "frozen": shard_bytes(built.abstract_frozen),  # LoRA's base weights
                      "batch": shard_bytes(args[1])},
         "hbm": self.chip.hbm, "multihost": self._multihost(t, built),
     }
+
+  def _compiled_row(self, row: dict, lowered: Any, estimate: Callable[[dict], dict]) -> dict:
+    """`row` completed by compiling `lowered`: the compiler's memory figures and the verdict (an
+    out-of-memory compile is a "does not fit" row with the compiler's figure), then `estimate`.
+
+    With `compile.fast` on a TPU slice, XLA first compiles with its least effort (about half the
+    CPU; figures a few % high). A verdict that close to the chip's HBM (`compile.exact_margin`,
+    either side) could flip, so that program is compiled again at full effort for the exact one.
+    """
+    fast = bool(self.config.compile.fast) and self.topology != "local"
+    self._compile_into(row, lowered, fast)
+    if fast and self._near_limit(row):
+      self._compile_into(row, lowered, False)
+      row["effort"] = "full (fast compile was near the limit)"
+    return estimate(row)
+
+  def _compile_into(self, row: dict, lowered: Any, fast: bool) -> None:
+    """Compiles `lowered` (at XLA's least effort if `fast`) and writes the figures into `row`."""
+    options = {"exec_time_optimization_effort": -1.0} if fast else None
+    row["effort"] = "fast" if fast else "full"
     start = time.perf_counter()
     try:
-      compiled = fn.lower(*args).compile()
+      compiled = lowered.compile(compiler_options=options)
     except Exception as e:  # noqa: BLE001 - XLA raises JaxRuntimeError; only OOM is an answer
       if "RESOURCE_EXHAUSTED" not in str(e):
-        raise GPTError(f"compiling the {program} step for {self.topology} failed: "
+        raise GPTError(f"compiling the {row['program']} step for {self.topology} failed: "
                        f"{str(e).splitlines()[0][:300]}") from None
-      row["compile_s"] = time.perf_counter() - start
-      row.update(fits=False, error=str(e).splitlines()[0][:300], oom=parse_oom(str(e)))
-      return self._estimate(row, cfg)
-    row["compile_s"] = time.perf_counter() - start
-    ma = compiled.memory_analysis()
-    mem = {"arguments": ma.argument_size_in_bytes, "outputs": ma.output_size_in_bytes,
-           "aliased": ma.alias_size_in_bytes, "temporaries": ma.temp_size_in_bytes,
-           "code": ma.generated_code_size_in_bytes}
-    # Live at the peak: inputs, the outputs not written over donated inputs, scratch and code.
-    mem["total"] = (mem["arguments"] + mem["outputs"] - mem["aliased"] + mem["temporaries"]
-                    + mem["code"])
-    row["per_chip"].update(mem)
-    row["fits"] = self.chip.hbm is None or mem["total"] <= self.chip.hbm
-    return self._estimate(row, cfg)
+      row.update(compile_s=row.get("compile_s", 0.0) + time.perf_counter() - start, fits=False,
+                 error=str(e).splitlines()[0][:300], oom=parse_oom(str(e)))
+      return
+    row.pop("error", None), row.pop("oom", None)
+    row["compile_s"] = row.get("compile_s", 0.0) + time.perf_counter() - start
+    row["per_chip"].update(memory_figures(compiled))
+    row["fits"] = self.chip.hbm is None or row["per_chip"]["total"] <= self.chip.hbm
 
-  def _estimate(self, row: dict, cfg: GPTConfig) -> dict:
+  def _near_limit(self, row: dict) -> bool:
+    """Whether the row's total (or the compiler's out-of-memory figure) is within
+    `compile.exact_margin` of the chip's HBM, on either side."""
+    total = row["per_chip"].get("total") or row.get("oom", {}).get("needed")
+    if not self.chip.hbm or not total:
+      return False
+    return abs(total - self.chip.hbm) <= float(self.config.compile.exact_margin) * self.chip.hbm
+
+  def compile_decode(self) -> dict:
+    """The row of the sampler's decode loop (see `_decode_job`)."""
+    return self.compile(self.configured(), ("decode",))[0]
+
+  def _decode_job(self) -> Job:
+    """The sampler's decode loop (gpt.sampling.Decoder.advance: what sample mode runs per token)
+    for `sampling.batch_size` rows on one chip (sample mode uses one device, no mesh): the model
+    prepared for decoding (abstract, in the compute dtype) and a KV cache of the full context."""
+    from jax.sharding import SingleDeviceSharding
+
+    from gpt.model import abstract_model
+    from gpt.sample import decoding_params, make_decoder, options_from_config
+
+    cfg, s = self.base_cfg, self.config.sampling  # a LoRA workdir samples the merged base model
+    batch, one = int(s.batch_size), SingleDeviceSharding(self.devices[0])
+    if batch < 1:
+      raise GPTError(f"sampling.batch_size={batch} must be >= 1")
+    # The stop token's value does not change the program's shapes; GPT-2's <|endoftext|> is the last id.
+    decoder = make_decoder(cfg, options_from_config(s), stop_token=cfg.n_vocab - 1,
+                           stop_at_token=True)
+    graphdef, state = nnx.split(abstract_model(cfg))
+    params = jax.eval_shape(lambda st: decoding_params(nnx.merge(graphdef, st)), state)
+    on_chip = lambda tree: jax.tree.map(
+        lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=one), tree)
+    prompt = jax.ShapeDtypeStruct((batch, 1), np.int32)
+    start = functools.partial(decoder.start, cache_length=cfg.n_ctx, max_new=cfg.n_ctx)
+    dstate = jax.eval_shape(start, params, prompt, jax.ShapeDtypeStruct((batch, 1), bool),
+                            jax.eval_shape(lambda: jax.random.key(0)))
+    params, dstate = on_chip(params), on_chip(dstate)
+    row = {
+        "program": "decode", "topology": self.topology, "chip": self.chip.name, "chips": 1,
+        "hosts": 1, "mesh": {}, "model": {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd,
+                                          "n_head": cfg.n_head, "params": cfg.num_params(),
+                                          "dtype": cfg.dtype, "param_dtype": cfg.dtype},
+        "lora": None, "remat": "none", "batch_size": batch, "seq_len": cfg.n_ctx, "grad_accum": 1,
+        "per_chip": {"params": shard_bytes(params), "cache": shard_bytes(dstate.cache),
+                     "decode_state": shard_bytes(dstate._replace(cache=()))},
+        "hbm": self.chip.hbm,
+    }
+    lowered = decoder.lower_advance(params, dstate)
+    return Job("decode", lowered, functools.partial(
+        self._compiled_row, row, lowered, functools.partial(self._estimate_decode, cfg=cfg)))
+
+  def _estimate_decode(self, row: dict, *, cfg: GPTConfig) -> dict:
+    """A roofline bound on decoding speed: every step (one token per row) reads all the weights
+    and the whole fixed-size cache (attention runs over every slot, masked) from HBM, and does
+    2 FLOPs per weight per row; the step takes the longer of the two at the chip's HBM bandwidth
+    and bf16 peak x compile.mfu. Sampling and cache writes are ignored, so it is an upper bound
+    on tokens/s; None when the chip's bandwidth is unknown (local devices)."""
+    pc, mfu = row["per_chip"], float(self.config.compile.mfu)
+    read = pc["params"] + pc["cache"]
+    flops = 2 * cfg.num_params() * row["batch_size"]
+    row.update(mfu=mfu, peak_flops=self.chip.peak_flops, hbm_bandwidth=self.chip.hbm_bandwidth,
+               bytes_per_step=read, flops_per_step=flops, step_s=None, tokens_per_s=None)
+    if self.chip.hbm_bandwidth and self.chip.peak_flops:
+      row["step_s"] = max(read / self.chip.hbm_bandwidth, flops / (self.chip.peak_flops * mfu))
+      row["tokens_per_s"] = row["batch_size"] / row["step_s"]
+    return row
+
+  def _estimate(self, row: dict, *, cfg: GPTConfig) -> dict:
     """Adds the estimated step time and tokens/s at the assumed MFU (None when peak is unknown)."""
     mfu = float(self.config.compile.mfu)
     tokens = row["batch_size"] * row["seq_len"]
@@ -363,12 +504,26 @@ def human_rate(r: float | None) -> str:
 def format_table(row: dict) -> str:
   """One program's table: per-chip memory, fit, compile time and the estimates."""
   m, pc = row["model"], row["per_chip"]
-  mesh = " ".join(f"{k}={v}" for k, v in row["mesh"].items())
-  lines = [f"{row['program']} step: {m['n_layer']} layers x {m['n_embd']} ({m['params'] / 1e6:.0f}M params), "
-           f"{m['dtype']} compute, remat={row['remat']}, batch {row['batch_size']} x {row['seq_len']}"
-           + (f", grad_accum {row['grad_accum']}" if row["program"] == "train" else "")
-           + f"; mesh {mesh} on {row['topology']} ({row['chips']} x {row['chip']})"]
-  items = [("parameters", pc["params"]), ("optimizer state", pc["opt_state"]), ("batch", pc["batch"])]
+  decode = row["program"] == "decode"
+  head = (f"{m['n_layer']} layers x {m['n_embd']} ({m['params'] / 1e6:.0f}M params), "
+          f"{m['dtype']} compute")
+  if decode:
+    lines = [f"decode step (sampler, one chip as sample mode uses): {head}, {row['batch_size']} row(s), "
+             f"KV cache of {row['seq_len']} slots; on 1 {row['chip']} of {row['topology']}"]
+    items = [("parameters", pc["params"]), ("KV cache", pc["cache"]),
+             ("decode state", pc["decode_state"])]
+  else:
+    mesh = " ".join(f"{k}={v}" for k, v in row["mesh"].items())
+    lora = row.get("lora")
+    lines = [f"{row['program']} step: {head}, remat={row['remat']}, batch {row['batch_size']} x "
+             f"{row['seq_len']}" + (f", grad_accum {row['grad_accum']}" if row["program"] == "train" else "")
+             + (f", LoRA rank {lora['rank']} on {','.join(lora['targets'])}" if lora else "")
+             + f"; mesh {mesh} on {row['topology']} ({row['chips']} x {row['chip']})"]
+    items = [("parameters" + (" (adapters)" if lora else ""), pc["params"]),
+             ("optimizer state", pc["opt_state"])]
+    if pc.get("frozen"):
+      items.append(("frozen base weights", pc["frozen"]))
+    items.append(("batch", pc["batch"]))
   if "temporaries" in pc:
     items += [("temporaries", pc["temporaries"]), ("code", pc["code"]),
               ("outputs not donated", pc["outputs"] - pc["aliased"]),
@@ -384,13 +539,19 @@ def format_table(row: dict) -> str:
                f"{human_bytes(oom.get('available'))} ({row.get('error', '')})" if "error" in row else
                "DOES NOT FIT: total exceeds the chip's HBM")
   lines.append(f"  {'verdict':<{width}}{verdict}")
-  lines.append(f"  {'compile time':<{width}}{row['compile_s']:>10.1f} s")
-  if row["step_s"] is not None:
+  lines.append(f"  {'compile time':<{width}}{row['compile_s']:>10.1f} s"
+               + (f" (XLA effort: {row['effort']})" if row.get("effort") else ""))
+  if row["step_s"] is None:
+    what = "HBM bandwidth" if decode else "peak FLOP/s"
+    lines.append(f"  {'est. step':<{width}}- ({what} of {row['chip']} unknown"
+                 + ("" if decode else ": set --config.train.peak_flops") + ")")
+  elif decode:
+    lines.append(f"  {'est. step':<{width}}{row['step_s'] * 1e3:>10.2f} ms = "
+                 f"{human_rate(row['tokens_per_s'])} tokens/s at most: each step reads "
+                 f"{human_bytes(row['bytes_per_step'])} at {row['hbm_bandwidth'] / 1e9:.0f} GB/s HBM")
+  else:
     lines.append(f"  {'est. step':<{width}}{row['step_s']:>10.3f} s = {human_rate(row['tokens_per_s'])} "
                  f"tokens/s at {row['mfu']:.0%} MFU of {row['peak_flops'] / 1e12:.0f} TFLOP/s bf16 per chip")
-  else:
-    lines.append(f"  {'est. step':<{width}}- (peak FLOP/s of {row['chip']} unknown: "
-                 f"set --config.train.peak_flops)")
   return "\n".join(lines)
 
 
@@ -439,12 +600,16 @@ def run(config: Any, workdir: str | None) -> None:
   planner = Planner(config, devices, topology)
   print(f"compiling for {topology or 'the local devices'}: {len(devices)} x {devices[0].device_kind} "
         f"on {planner.hosts} host(s); no weights are loaded, nothing is allocated", flush=True)
-  rows = []
-  for program in ("train", "eval"):  # each table as soon as its program is compiled
-    print(f"\ncompiling the {program} step...", flush=True)
-    rows += planner.compile(planner.configured(), (program,))
-    print("\n" + format_table(rows[-1]), flush=True)
-  print("\n" + format_multihost(rows[0]))
+  programs = tuple(p.strip() for p in str(config.compile.programs).split(",") if p.strip())
+  if not programs or set(programs) - {"train", "eval", "decode"} or "train" not in programs:
+    raise GPTError(f"compile.programs={config.compile.programs!r}: train, optionally with eval "
+                   f"and decode (comma-separated)")
+  print(f"\ncompiling the {', '.join(programs)} step{'s' if len(programs) > 1 else ''}...",
+        flush=True)
+  # Each table as soon as its program is compiled.
+  rows = planner.compile(planner.configured(), programs,
+                         on_row=lambda row: print("\n" + format_table(row), flush=True))
+  print("\n" + format_multihost(rows[programs.index("train")]))
   result = {"topology": topology or "local", "jax": jax.__version__, "programs": rows}
   if config.compile.search:
     print(f"\nsearching remat x fsdp x grad_accum (at most {config.compile.search_limit} compiles)...",

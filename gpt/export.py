@@ -2,11 +2,15 @@
 
   python -m gpt.export --init=runs/kant --out=exports/kant-hf --format=hf
   python -m gpt.export --init=../shared/fixtures/hf-gpt2-tiny --out=/tmp/tiny-openai --format=openai
+  python -m gpt.export --init=models/124M --out=exports/124M-int8 --format=int8
 
 `hf` writes config.json + model.safetensors + vocab.json + merges.txt (loads in transformers'
 GPT2LMHeadModel.from_pretrained); `openai` writes OpenAI's TF checkpoint layout (hparams.json,
 checkpoint, model.ckpt.index/data, encoder.json, vocab.bpe) that this package and OpenAI's
-scripts read. A LoRA workdir (gpt.lora) exports as its base with the adapters merged in;
+scripts read. `int8` writes int8 weights with per-output-channel scales (gpt.quantize:
+model.int8.safetensors + config.json with a `quantization` entry + the tokenizer), which
+gpt.weights loads back as an int8 model (`--config.init=<folder>`). A LoRA workdir (gpt.lora)
+exports as its base with the adapters merged in;
 `adapters` writes only its adapters, as Hugging Face PEFT loads them (adapter_config.json +
 adapter_model.safetensors, for the base its lora.json names):
 
@@ -24,12 +28,13 @@ from gpt.config import base_config
 from gpt.errors import GPTError, print_error
 
 
-FORMATS = ("hf", "openai", "adapters")
+FORMATS = ("hf", "openai", "int8", "adapters")
 
 
 def export(init: str, out: str, fmt: str = "hf", models_dir: str = "models") -> Path:
-  """Loads `init` as `config.init` would and writes it to `out` in format `fmt` (hf | openai,
-  through gpt.weights), or writes the adapters of LoRA workdir `init` (fmt `adapters`)."""
+  """Loads `init` as `config.init` would and writes it to `out` in format `fmt` (hf | openai |
+  int8, through gpt.weights; int8: gpt.quantize's folder), or writes the adapters of LoRA
+  workdir `init` (fmt `adapters`)."""
   config = base_config()
   config.init, config.models_dir = init, models_dir
   if fmt == "adapters":

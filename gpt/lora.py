@@ -78,6 +78,15 @@ def with_adapters(cfg: GPTConfig, lora: dict) -> GPTConfig:
                      lora_targets=tuple(lora["targets"]))
 
 
+def trained_config(t: Any, cfg: GPTConfig) -> GPTConfig:
+  """The model a training run with `config.train` = `t` trains, from base model `cfg`: `cfg` with
+  the adapters of `t.lora_*` (checked by settings()), or `cfg` itself for full fine-tuning. Needs
+  no workdir or weights, so a run can be planned (compile mode) before it exists; a LoRA run is
+  one whose trained config has `lora_rank > 0`."""
+  lora = settings(t)
+  return with_adapters(cfg, lora) if lora else cfg
+
+
 # ----------------------------------------------------------------------------- params trees
 
 
@@ -298,7 +307,7 @@ def prepare_training(config: Any, workdir: Path, setup: Any, main_process: bool)
     if main_process:
       write_reference(workdir, base_name, fingerprint(base_params), lora)
   setup.frozen = base_params
-  setup.lora_cfg = with_adapters(setup.cfg, lora)
+  setup.lora_cfg = trained_config(config.train, setup.cfg)
   setup.params = None if resuming else jax.device_get(init_adapters(setup.lora_cfg, config.seed))
   setup.source = f"LoRA rank {lora['rank']} on {','.join(lora['targets'])} of {setup.source}"
   return setup

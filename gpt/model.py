@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gpt.errors import GPTError
+from gpt.kernels import gemv
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = {
@@ -48,6 +49,7 @@ ATTENTION_IMPLS = ("blocked", "xla", "cudnn", "auto")
 # (T=1024: 4 blocks 3.9x faster than jax.nn.dot_product_attention's xla; 8 blocks a little slower).
 QUERY_BLOCKS = 4
 MIN_QUERY_BLOCK = 64
+QUANTIZE = ("none", "int8")
 LN_EPS = 1e-5
 # The dense layers low-rank adapters can go into, named as Hugging Face PEFT's target_modules
 # suffixes name them (`c_attn` and `c_fc` are unique; the two `c_proj` need their parent).
@@ -79,6 +81,12 @@ class GPTConfig:
   lora_alpha: float = 16.0
   lora_dropout: float = 0.0
   lora_targets: tuple[str, ...] = ("c_attn",)
+  # Weight-only quantization (gpt.quantize): "int8" stores every Conv1D `w` and `wte` as int8 with
+  # per-output-channel float32 scales (`w_scale`, `wte_scale`); activations stay float.
+  quantize: str = "none"
+  # Set by prepare_for_decoding (never by configs): Conv1D weights stored [n_out, n_in], one output
+  # per row, the layout gpt.kernels.gemv streams.
+  weights_by_row: bool = False
 
   def __post_init__(self):
     # JSON and ConfigDicts hand lists or comma-separated strings; the config must stay hashable.
@@ -93,6 +101,8 @@ class GPTConfig:
         raise GPTError(f"model.{name}={getattr(self, name)!r}; choose one of {sorted(DTYPES)}")
     if self.remat not in REMAT_POLICIES:
       raise GPTError(f"model.remat={self.remat!r}; choose one of {sorted(REMAT_POLICIES)}")
+    if self.quantize not in QUANTIZE:
+      raise GPTError(f"model.quantize={self.quantize!r}; choose one of {QUANTIZE}")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise GPTError(f"model.attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLS}")
     if self.lora_rank:
@@ -211,23 +221,49 @@ def layer_norm(x: jax.Array, g: jax.Array, b: jax.Array) -> jax.Array:
   return (y * g.astype(jnp.float32) + b.astype(jnp.float32)).astype(x.dtype)
 
 
-def matmul(x: jax.Array, w: jax.Array, spec: str = "...d,df->...f") -> jax.Array:
-  """einsum(spec, x, w) accumulated and returned in float32.
+def matmul(x: jax.Array, w: jax.Array, spec: str = "...d,df->...f", *,
+           scale: jax.Array | None = None) -> jax.Array:
+  """einsum(spec, x, w) accumulated and returned in float32, times `scale` per output when given.
 
+  An int8 `w` (weight-only quantization) is converted to x's dtype inside the jitted program and
+  its per-output `scale` applied to the float32 result (the same numbers as multiplying with the
+  dequantized weight, without materialising it in the parameters).
   XLA:CPU has no bf16 matrix-vector kernel: for a single row it converts the whole bf16 weight
   matrix to float32 first (4-10x slower than reading it). Two rows take its bf16 matrix-matrix
   kernel instead, so a lone bf16 row (a batch-1 decode step) is computed as a pair.
   """
+  if w.dtype == jnp.int8:
+    w = w.astype(x.dtype)
   rows = math.prod(x.shape[:-1])
   if rows == 1 and w.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
     pair = jnp.concatenate([x, x], axis=0)
-    return jnp.einsum(spec, pair, w, preferred_element_type=jnp.float32)[:1]
-  return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+    out = jnp.einsum(spec, pair, w, preferred_element_type=jnp.float32)[:1]
+  else:
+    out = jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
+  return out if scale is None else out * scale.astype(jnp.float32)
 
 
-def dense(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
-  """x @ w + b with w cast to x's dtype, accumulated in float32, returned in x's dtype."""
-  return (matmul(x, w.astype(x.dtype)) + b.astype(jnp.float32)).astype(x.dtype)
+def matmul_rows(x: jax.Array, w: jax.Array, *, scale: jax.Array | None = None) -> jax.Array:
+  """`matmul` for a weight laid out by row, w [N, K] (outputs by inputs): float32 [..., N].
+
+  gpt.kernels.gemv streams it where it is faster than XLA (a CPU, few rows; `gemv.wins`), else
+  XLA's einsum. The kernel has no gradient: this runs in models prepared for decoding and in the
+  tied output layer of few rows, never in a training step.
+  """
+  rows = math.prod(x.shape[:-1])
+  if gemv.wins(rows, w):
+    return gemv.matmul(x, w, scale=scale)
+  return matmul(x, w, "...k,nk->...n", scale=scale)
+
+
+def dense(x: jax.Array, w: jax.Array, b: jax.Array, *, scale: jax.Array | None = None,
+          by_row: bool = False) -> jax.Array:
+  """x @ w + b accumulated in float32, returned in x's dtype. w is [n_in, n_out] in x's dtype
+  (cast here) or int8 with per-output `scale`; `by_row`: w is [n_out, n_in] (`matmul_rows`)."""
+  if w.dtype != jnp.int8:
+    w = w.astype(x.dtype)
+  y = matmul_rows(x, w, scale=scale) if by_row else matmul(x, w, scale=scale)
+  return (y + b.astype(jnp.float32)).astype(x.dtype)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
@@ -385,8 +421,17 @@ class Conv1D(nnx.Module):
 
   def __init__(self, n_in: int, n_out: int, axes: tuple[str | None, str | None], *, std: float,
                rngs: nnx.Rngs, stack: int = 0, dtype=jnp.float32, lora_rank: int = 0,
-               lora_alpha: float = 16.0, lora_dropout: float = 0.0):
-    self.w = _param(rngs, (n_in, n_out), axes, "normal", std, stack, dtype)
+               lora_alpha: float = 16.0, lora_dropout: float = 0.0, quantize: str = "none",
+               by_row: bool = False):
+    # Quantized (gpt.quantize): `w` int8 and `w_scale` [n_out] float32, w = w_int8 * w_scale.
+    # by_row (prepare_for_decoding, for gpt.kernels.gemv): `w` is stored [n_out, n_in].
+    self.by_row = by_row
+    shape, w_axes = ((n_out, n_in), axes[::-1]) if by_row else ((n_in, n_out), axes)
+    quantized = quantize == "int8"
+    self.w = _param(rngs, shape, w_axes, "zeros" if quantized else "normal", std, stack,
+                    jnp.int8 if quantized else dtype)
+    if quantized:
+      self.w_scale = _param(None, (n_out,), axes[1:], "ones", 0.0, stack, jnp.float32)
     self.b = _param(None, (n_out,), axes[1:], "zeros", 0.0, stack, dtype)
     self.lora_scale = lora_alpha / lora_rank if lora_rank else 0.0
     self.lora_dropout = lora_dropout
@@ -399,7 +444,8 @@ class Conv1D(nnx.Module):
 
   def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     """`rng` turns the adapter's input dropout on (training); None means deterministic."""
-    y = dense(x, self.w[...], self.b[...])
+    scale = self.w_scale[...] if hasattr(self, "w_scale") else None
+    y = dense(x, self.w[...], self.b[...], scale=scale, by_row=self.by_row)
     if not self.lora_scale:
       return y
     h = _dropout(x, self.lora_dropout, rng) @ self.lora_a[...].astype(x.dtype)
@@ -419,9 +465,12 @@ def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
 
 
 def _lora_args(cfg: GPTConfig, target: str) -> dict:
-  """Conv1D's adapter arguments for dense layer `target` (none when it is not a LoRA target)."""
+  """Conv1D's layout and adapter arguments for dense layer `target` (adapters only when it is a
+  LoRA target)."""
   rank = cfg.lora_rank_of(target)
-  return dict(lora_rank=rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout) if rank else {}
+  layout = dict(quantize=cfg.quantize, by_row=cfg.weights_by_row)
+  return {**layout, **(dict(lora_rank=rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout)
+                       if rank else {})}
 
 
 class Attention(nnx.Module):
@@ -503,7 +552,11 @@ class GPT(nnx.Module):
   def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, per_layer: bool = False):
     pdt = DTYPES[cfg.param_dtype]
     self.cfg = cfg
-    self.wte = _param(rngs, (cfg.n_vocab, cfg.n_embd), ("vocab", "embed"), "normal", 0.02, 0, pdt)
+    if cfg.quantize == "int8":  # wte = wte_int8 * wte_scale (one scale per word: per output)
+      self.wte = _param(None, (cfg.n_vocab, cfg.n_embd), ("vocab", "embed"), "zeros", 0, 0, jnp.int8)
+      self.wte_scale = _param(None, (cfg.n_vocab,), ("vocab",), "ones", 0, 0, jnp.float32)
+    else:
+      self.wte = _param(rngs, (cfg.n_vocab, cfg.n_embd), ("vocab", "embed"), "normal", 0.02, 0, pdt)
     self.wpe = _param(rngs, (cfg.n_ctx, cfg.n_embd), (None, "embed"), "normal", 0.01, 0, pdt)
     if per_layer:
       self.h = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
@@ -546,7 +599,24 @@ class GPT(nnx.Module):
     ln_f), or of just the rows `hidden.reshape(-1, D)[at]` when `at` [M] is given."""
     if at is not None:
       hidden = hidden.reshape(-1, hidden.shape[-1])[at]
-    return matmul(hidden, self.wte[...].astype(hidden.dtype), "...d,vd->...v")
+    wte, scale = self.wte[...], self._wte_scale()
+    if wte.dtype != jnp.int8:
+      wte = wte.astype(hidden.dtype)
+    if self.cfg.weights_by_row:  # prepared for decoding: gpt.kernels.gemv where it wins
+      return matmul_rows(hidden, wte, scale=scale)
+    return matmul(hidden, wte, "...d,vd->...v", scale=scale)
+
+  def _wte_scale(self) -> jax.Array | None:
+    return self.wte_scale[...] if self.cfg.quantize == "int8" else None
+
+  def _embed(self, tokens: jax.Array) -> jax.Array:
+    """wte rows of `tokens` in float32 (dequantized when wte is int8)."""
+    # Out-of-range ids clamp (as indexing does) rather than give NaN (jnp.take's default fill).
+    x = jnp.take(self.wte[...], tokens, axis=0, mode="clip")
+    scale = self._wte_scale()
+    if scale is None:
+      return x
+    return x.astype(jnp.float32) * jnp.take(scale, tokens, axis=0, mode="clip")[..., None]
 
   def attention_probs(self, tokens: jax.Array, positions: jax.Array | None = None,
                       mask: jax.Array | None = None) -> jax.Array:
@@ -572,9 +642,7 @@ class GPT(nnx.Module):
     B, T = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-    # Out-of-range ids clamp (as indexing does) rather than give NaN (jnp.take's default fill).
-    x = (jnp.take(self.wte[...], tokens, axis=0, mode="clip")
-         + jnp.take(self.wpe[...], positions, axis=0, mode="clip"))
+    x = self._embed(tokens) + jnp.take(self.wpe[...], positions, axis=0, mode="clip")
     rng_embd, rng_layers = (None, None) if rng is None else jax.random.split(rng)
     x = _dropout(x.astype(cfg.compute_dtype), cfg.embd_pdrop, rng_embd)
     layer_rngs = None if rng_layers is None else jax.random.split(rng_layers, cfg.n_layer)
@@ -630,21 +698,46 @@ def prepare_for_decoding(model: GPT) -> GPT:
   experiments/bench_decode.py); per-layer weights and per-layer KVCache arrays avoid both. Over a
   cache, attention is the spelled-out "einsum" one, whose cache layout XLA updates in place. Made
   once per set of weights; not for training (the parameter tree differs: `h/0/...`, ...).
+  Where gpt.kernels.gemv runs (a CPU and a built library, `decodes_by_row`), every Conv1D weight
+  is also transposed once to [n_out, n_in] (`weights_by_row`): the kernel then streams each
+  output's weights contiguously for the steps' few rows. int8 weights (model.quantize=int8) stay
+  int8 with their float32 scales; the kernel converts them in registers.
   """
   cfg = model.cfg
   graphdef, abstract = _decoding_layout(cfg)
+  by_row = decodes_by_row(cfg)
   pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  cast = lambda a: jnp.asarray(a, cfg.compute_dtype)
-  layers = {i: jax.tree.map(lambda a: cast(a[i]), pure["h"]) for i in range(cfg.n_layer)}
-  params = {"wte": cast(pure["wte"]), "wpe": cast(pure["wpe"]), "ln_f": jax.tree.map(cast, pure["ln_f"]),
-            "h": layers}
+
+  def cast(path, a):
+    a = jnp.asarray(a)
+    if a.dtype == jnp.int8 or path[-1].key.endswith("_scale"):
+      return a
+    return a.astype(cfg.compute_dtype)
+
+  def layer(i):
+    params = jax.tree_util.tree_map_with_path(lambda p, a: cast(p, a[i]), pure["h"])
+    if by_row:
+      for sub, name in (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj")):
+        params[sub][name]["w"] = gemv.to_rows(params[sub][name]["w"])
+    return params
+
+  rest = {k: v for k, v in pure.items() if k != "h"}
+  params = {**jax.tree_util.tree_map_with_path(cast, rest), "h": {i: layer(i) for i in range(cfg.n_layer)}}
   nnx.replace_by_pure_dict(abstract, params)
   return nnx.merge(graphdef, abstract)
 
 
+def decodes_by_row(cfg: GPTConfig) -> bool:
+  """Whether decoding lays weights out by row for gpt.kernels.gemv (it runs for this weight dtype
+  here: a CPU backend, the library built, GPT_GEMV not 0)."""
+  dtype = jnp.int8 if cfg.quantize == "int8" else cfg.compute_dtype
+  return gemv.max_rows(dtype) > 0
+
+
 def _decoding_layout(cfg: GPTConfig):
   """(graphdef, abstract state) of the per-layer model that `prepare_for_decoding` makes."""
-  dcfg = cfg.replace(param_dtype=cfg.dtype, attention_impl="xla", scan_layers=False, remat="none")
+  dcfg = cfg.replace(param_dtype=cfg.dtype, attention_impl="xla", scan_layers=False, remat="none",
+                     weights_by_row=decodes_by_row(cfg))
   return nnx.split(nnx.eval_shape(lambda: GPT(dcfg, rngs=nnx.Rngs(params=0), per_layer=True)))
 
 

@@ -162,6 +162,9 @@ def _setup(config: Any, workdir: Path, ckpt: Checkpointer) -> Setup:
     params = jax.device_get(load_params(restore_from, cfg))
     return Setup(cfg, weights.init_tokenizer(config.init), params, None, f"weights of {restore_from}")
   loaded = weights.load_model(config)
+  if loaded.cfg.quantize != "none":  # int8 weights have no gradients worth taking
+    raise GPTError(f"model.quantize={loaded.cfg.quantize} is for inference (sample, interactive, "
+                   f"eval); train with float weights (model.quantize=none, a float checkpoint)")
   params = jax.device_get(nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param)))
   return Setup(loaded.cfg, loaded.tokenizer, params, None, loaded.source)
 

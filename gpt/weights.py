@@ -5,8 +5,10 @@ and exports a model in either format.
   scratch                      a fresh GPT-2 shaped by `config.model`
   117M / 124M / gpt2-medium... a released size: `<models_dir>/<124M|355M|...>`, downloaded if missing
   a folder                     OpenAI TF checkpoint (hparams.json + model.ckpt.*), Hugging Face folder
-                               (config.json + model.safetensors) or a training workdir (config.json +
+                               (config.json + model.safetensors), our int8 export (config.json +
+                               model.int8.safetensors, gpt.quantize) or a training workdir (config.json +
                                checkpoints/; a LoRA workdir's adapters come merged into its base)
+`config.model.quantize=int8` quantizes whatever was loaded (gpt.quantize), here, once for every mode.
 For pretrained weights the checkpoint decides the shape (n_layer, n_embd, ...); `config.model` still
 decides everything else (dtypes, dropout, scan, remat, attention kernel). Every mode, training
 included, asks this module for the model config and the tokenizer, so that the rule is written once.
@@ -33,7 +35,7 @@ from gpt.formats import convert
 from gpt.formats.convert import SHAPE_FIELDS, hparams_of
 from gpt.model import GPT, GPTConfig, init_model
 
-EXPORT_FORMATS = ("hf", "openai")
+EXPORT_FORMATS = ("hf", "openai", "int8")
 
 @dataclasses.dataclass
 class Loaded:
@@ -143,6 +145,9 @@ def resolve_init(init: str, models_dir: str, download_url: str | None = None) ->
       return "workdir", path
     if is_openai_folder(path):
       return "openai", path
+    from gpt.quantize import is_quantized_folder
+    if is_quantized_folder(path):
+      return "int8", path
     from gpt.formats.hf_checkpoint import is_hf_folder
     if is_hf_folder(path):
       return "hf", path
@@ -177,11 +182,35 @@ def planned_model_config(config: Any) -> GPTConfig:
     from gpt.formats.tf_checkpoint import read_hparams
     return model_config(config.model, read_hparams(folder / "hparams.json"))
   from gpt.formats.hf_checkpoint import read_hparams
-  return model_config(config.model, read_hparams(folder))
+  cfg = model_config(config.model, read_hparams(folder))
+  return cfg.replace(quantize="int8") if kind == "int8" else cfg
 
 
 def load_model(config: Any) -> Loaded:
-  """The model and tokenizer named by `config.init`, shaped and typed as `config.model` says."""
+  """The model and tokenizer named by `config.init`, shaped and typed as `config.model` says
+  (quantized when `config.model.quantize` is int8, or when the folder is an int8 export)."""
+  from gpt import quantize
+
+  model_section = config.model
+  wanted = (model_section.get("quantize", "none") if hasattr(model_section, "get") else "none")
+  if wanted not in ("none", "int8"):
+    GPTConfig.from_config({"quantize": wanted})  # raises the GPTError naming the choices
+  if wanted == "none":
+    loaded = _load_float(config)
+  else:  # every loader builds the float model; quantized once, here
+    import copy
+    plain = copy.deepcopy(config)
+    plain.model.quantize = "none"
+    loaded = _load_float(plain)
+  if wanted == "int8" or loaded.kind == "int8":
+    model = quantize.quantize_model(loaded.model)
+    source = loaded.source if loaded.kind == "int8" else f"{loaded.source}, int8 weights"
+    loaded = dataclasses.replace(loaded, model=model, cfg=model.cfg, source=source)
+  return loaded
+
+
+def _load_float(config: Any) -> Loaded:
+  """load_model before quantization (an int8 export still comes back int8)."""
   kind, folder = resolve_init(config.init, config.get("models_dir", "models"),
                               config.get("download_url", None))
   if kind == "scratch":
@@ -196,6 +225,12 @@ def load_model(config: Any) -> Loaded:
     cfg = workdir_model_config(config.model, folder)
     return Loaded(restore_model(str(folder), cfg), tokenizer_for(None), cfg,
                   f"training checkpoint {folder}", kind)
+  if kind == "int8":
+    from gpt.formats.hf_checkpoint import read_hparams
+    from gpt.quantize import load_int8
+    cfg = model_config(config.model, read_hparams(folder))
+    model = load_int8(folder, cfg)
+    return Loaded(model, tokenizer_for(folder), model.cfg, f"int8 export {folder}", kind)
   flat, hparams, kind = read_weights(folder)
   cfg = model_config(config.model, hparams)
   model = convert.flat_to_model(flat, cfg, source=str(folder))
@@ -204,9 +239,12 @@ def load_model(config: Any) -> Loaded:
 
 
 def export_hf(model: GPT, tokenizer: Any, out_dir: str | os.PathLike) -> Path:
-  """Writes `model` as a Hugging Face GPT-2 folder (config.json, model.safetensors, vocab files)."""
+  """Writes `model` as a Hugging Face GPT-2 folder (config.json, model.safetensors, vocab files);
+  an int8 model is written dequantized (float32)."""
   from gpt.formats import hf_checkpoint
+  from gpt.quantize import dequantize_model
 
+  model = dequantize_model(model)
   return hf_checkpoint.export_hf(convert.model_to_flat(model), hparams_of(model.cfg), tokenizer, out_dir)
 
 
@@ -214,7 +252,9 @@ def export_openai(model: GPT, tokenizer: Any, out_dir: str | os.PathLike) -> Pat
   """Writes `model` in OpenAI's TF checkpoint layout (hparams.json, checkpoint, model.ckpt.*,
   encoder.json, vocab.bpe), which this package and OpenAI's scripts read."""
   from gpt.formats import tf_checkpoint
+  from gpt.quantize import dequantize_model
 
+  model = dequantize_model(model)
   folder = tf_checkpoint.write_checkpoint(out_dir, convert.model_to_flat(model), hparams_of(model.cfg))
   tokenizer.save(folder, fmt="openai")
   return folder
@@ -227,6 +267,9 @@ def check_export_format(fmt: str) -> None:
 
 
 def export(model: GPT, tokenizer: Any, out_dir: str | os.PathLike, fmt: str = "hf") -> Path:
-  """Writes `model` and its tokenizer to `out_dir` in `fmt` (one of EXPORT_FORMATS)."""
+  """Writes `model` and its tokenizer to `out_dir` in `fmt` (one of EXPORT_FORMATS; int8:
+  gpt.quantize's folder, quantizing a float model first)."""
+  from gpt.quantize import export_int8
+
   check_export_format(fmt)
-  return {"hf": export_hf, "openai": export_openai}[fmt](model, tokenizer, out_dir)
+  return {"hf": export_hf, "openai": export_openai, "int8": export_int8}[fmt](model, tokenizer, out_dir)

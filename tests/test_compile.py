@@ -29,6 +29,7 @@ def tiny_config():
   c.model.n_layer, c.model.n_embd, c.model.n_head, c.model.n_ctx = 2, 64, 2, 64
   c.train.seq_len, c.train.batch_size = 32, 8
   c.mesh.fsdp = 2
+  c.sampling.batch_size = 2
   return c
 
 
@@ -61,8 +62,8 @@ def test_cpu_memory_equals_the_compiled_train_and_eval_steps(cpu_run):
       "eval": built.eval_step.lower(built.abstract_state.params, batch, {}).compile()
               .memory_analysis(),
   }
-  assert [r["program"] for r in result["programs"]] == ["train", "eval"]
-  for row in result["programs"]:
+  assert [r["program"] for r in result["programs"]] == ["train", "eval", "decode"]
+  for row in result["programs"][:2]:
     ma, pc = expected[row["program"]], row["per_chip"]
     assert row["mesh"] == {"data": 4, "fsdp": 2, "tensor": 1}
     assert pc["arguments"] == ma.argument_size_in_bytes
@@ -72,7 +73,8 @@ def test_cpu_memory_equals_the_compiled_train_and_eval_steps(cpu_run):
              + ma.temp_size_in_bytes + ma.generated_code_size_in_bytes)
     assert pc["total"] == total
     # The breakdown of the arguments adds up to what the compiler counts.
-    assert pc["params"] + pc["opt_state"] + pc["batch"] == ma.argument_size_in_bytes
+    assert pc["params"] + pc["opt_state"] + pc["batch"] + pc["frozen"] == ma.argument_size_in_bytes
+    assert pc["frozen"] == 0  # full fine-tuning: nothing frozen
     assert f"{aot.human_bytes(ma.temp_size_in_bytes):>12}" in stdout
     assert f"{aot.human_bytes(total):>12}" in stdout
   train = result["programs"][0]["per_chip"]
@@ -80,6 +82,63 @@ def test_cpu_memory_equals_the_compiled_train_and_eval_steps(cpu_run):
   assert cfg.num_params() * 4 / 2 <= train["params"] < cfg.num_params() * 4
   assert train["opt_state"] >= 2 * train["params"]
   assert "multi-host: 8 chips on 1 host(s)" in stdout
+
+
+def test_cpu_decode_row_is_the_samplers_step_on_one_device(cpu_run):
+  from gpt.model import KVCache, init_model
+  from gpt.sample import decoding_params
+
+  stdout, result = cpu_run
+  row = result["programs"][2]
+  cfg = GPTConfig.from_config(tiny_config().model)
+  nbytes = lambda tree: sum(x.nbytes for x in jax.tree.leaves(tree))
+  pc = row["per_chip"]
+  # What sample mode holds on its one device: the model prepared for decoding and a full-context
+  # cache for sampling.batch_size rows.
+  assert pc["params"] == nbytes(decoding_params(init_model(cfg)))
+  assert pc["cache"] == nbytes(KVCache.init(cfg, 2, cfg.n_ctx))
+  assert row["batch_size"] == 2 and row["seq_len"] == cfg.n_ctx and row["chips"] == 1
+  # The compiler's arguments are exactly those, the loop state and the int32 `until`.
+  assert pc["arguments"] == pc["params"] + pc["cache"] + pc["decode_state"] + 4
+  assert pc["total"] >= pc["arguments"] and row["fits"]
+  assert row["tokens_per_s"] is None  # a CPU's HBM bandwidth is unknown: no estimate
+  assert "decode step (sampler, one chip as sample mode uses)" in stdout
+  assert "(HBM bandwidth of cpu unknown)" in stdout
+
+
+def test_decode_estimate_is_the_hbm_roofline():
+  planner = aot.Planner.__new__(aot.Planner)
+  planner.config, planner.chip = base_config(), aot.TPU_CHIPS["TPU v5 lite"]
+  cfg = GPTConfig(n_layer=2, n_embd=64, n_head=2, n_ctx=64)
+  row = planner._estimate_decode({"per_chip": {"params": 10 ** 9, "cache": 6 * 10 ** 8},
+                                  "batch_size": 4}, cfg=cfg)
+  # 1.6 GB read per step at v5e's 819 GB/s, 4 tokens a step (the FLOPs take far less time).
+  assert row["step_s"] == pytest.approx(1.6e9 / 819e9)
+  assert row["tokens_per_s"] == pytest.approx(4 * 819e9 / 1.6e9)
+
+
+def test_cpu_lora_trains_adapters_only(cpu_run):
+  """With train.lora_rank, compile mode plans what train runs: the adapters get the optimizer
+  state, the base weights are a frozen argument (lora.trained_config, no workdir needed)."""
+  from gpt import lora
+
+  full = cpu_run[1]["programs"][0]["per_chip"]
+  config = tiny_config()
+  config.train.lora_rank, config.train.lora_targets = 4, "c_attn,mlp.c_proj"
+  cfg = lora.trained_config(config.train, GPTConfig.from_config(config.model))
+  assert (cfg.lora_rank, cfg.lora_targets) == (4, ("c_attn", "mlp.c_proj"))
+  assert lora.trained_config(tiny_config().train, cfg.replace(lora_rank=0)).lora_rank == 0
+  planner = aot.Planner(config, jax.devices(), "")
+  row = planner.compile(planner.configured(), ("train",))[0]
+  pc = row["per_chip"]
+  assert row["lora"] == {"rank": 4, "targets": ["c_attn", "mlp.c_proj"]}
+  # Adam's two slots over the adapters only (+ the step and key), a sliver of full fine-tuning's.
+  assert 2 * pc["params"] <= pc["opt_state"] <= 2 * pc["params"] + 64  # + counters, the key
+  assert pc["opt_state"] < full["opt_state"] / 10
+  assert pc["frozen"] == full["params"]  # the whole base model rides along, not trained
+  assert pc["params"] + pc["opt_state"] + pc["batch"] + pc["frozen"] == pc["arguments"]
+  assert "LoRA rank 4 on c_attn,mlp.c_proj" in aot.format_table(row)
+  assert "frozen base weights" in aot.format_table(row)
 
 
 def test_cpu_search_ranks_and_reuses_the_configured_compile(cpu_run):
@@ -177,6 +236,9 @@ def xl_config():
   # out-of-memory compile per grad_accum, and full at fsdp=16 is the fixture's compile (cached).
   c.compile.search_remat = "full,none"
   c.compile.search_limit = 3
+  # Least compiler effort: half the CPU of a default compile; the verdicts here are far from the
+  # line (8.6 of 16 GiB; 369 GiB), so the few % it adds to the figures cannot change them.
+  c.compile.fast = True
   return c
 
 
@@ -194,12 +256,42 @@ def test_124m_fits_v5e_2x2():
   c.model.dtype = "bfloat16"
   c.train.batch_size, c.train.seq_len = 16, 1024
   c.mesh.topology = "v5e:2x2"
+  c.compile.fast = True
+  c.sampling.batch_size = 4
   planner = aot.Planner(c, aot.devices_for("v5e:2x2"), "v5e:2x2")
-  row = planner.compile(planner.configured(), ("train",))[0]
+  row, decode = planner.compile(planner.configured(), ("train", "decode"))
   assert row["fits"] and row["chip"] == "v5e" and row["chips"] == 4 and row["hosts"] == 1
   assert 0 < row["per_chip"]["total"] <= 16 * 2 ** 30
   assert row["per_chip"]["temporaries"] > row["per_chip"]["params"]
   assert row["tokens_per_s"] > 0
+  # Sampling 4 rows on one v5e: bf16 weights (2 bytes each) and a 1024-slot cache, read per token.
+  pc = decode["per_chip"]
+  assert decode["fits"] and decode["chips"] == 1
+  assert pc["params"] == pytest.approx(2 * row["model"]["params"], rel=0.01)
+  assert pc["cache"] == 2 * 12 * 4 * 1024 * 768 * 2 + 4 * 1024 + 4 + 16
+  assert decode["tokens_per_s"] == pytest.approx(4 * 819e9 / (pc["params"] + pc["cache"]))
+
+
+@pytest.mark.slow
+def test_fast_compile_is_redone_at_full_effort_near_the_limit():
+  require_libtpu()
+  c = tiny_config()
+  c.mesh.topology, c.mesh.fsdp = "v5e:2x2", 2
+
+  def plan(margin):
+    c.compile.exact_margin = margin
+    planner = aot.Planner(c, aot.devices_for("v5e:2x2"), "v5e:2x2")
+    return planner.compile(planner.configured(), ("train",))[0]
+
+  fast = plan(0.05)  # a tiny model is nowhere near 16 GiB: the fast figures stand
+  assert fast["effort"] == "fast" and fast["fits"]
+  exact = plan(1.0)  # everything counts as near the limit: compiled again, exactly
+  assert exact["effort"].startswith("full") and exact["fits"]
+  # Least effort never plans for less memory than full effort does.
+  assert fast["per_chip"]["total"] >= exact["per_chip"]["total"] > 0
+  assert "XLA effort: full" in aot.format_table(exact)
+  c.compile.fast = False
+  assert plan(1.0)["effort"] == "full"
 
 
 @pytest.mark.slow

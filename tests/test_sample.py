@@ -195,6 +195,27 @@ def test_sample_mode_prompt_file_output_file_and_seed(openai_fixture, tmp_path, 
   assert capsys.readouterr().out == first, "same seed, same text"
 
 
+def test_sample_mode_int8_quantizes_on_load_as_its_export_does(openai_fixture, tmp_path, capsys):
+  """--config.model.quantize=int8 through the sample mode (gpt.weights quantizes on load; the
+  decoder streams int8 weights through gpt.kernels.gemv where it runs) writes the same greedy text
+  as sampling the int8 export of the same weights, and its first token is the int8 model's argmax."""
+  from gpt import weights
+
+  config = fixture_config(openai_fixture, nsamples=1, batch_size=1, length=12, seed=0,
+                          temperature=0.0)
+  config.model.quantize = "int8"
+  sample.run_sample(config, None)
+  quantized = capsys.readouterr().out
+  loaded = weights.load_model(config)
+  folder = weights.export(loaded.model, loaded.tokenizer, tmp_path / "int8", fmt="int8")
+  config = fixture_config(folder, nsamples=1, batch_size=1, length=12, seed=0, temperature=0.0)
+  sample.run_sample(config, None)
+  assert "SAMPLE 1" in quantized and capsys.readouterr().out == quantized
+  eot = loaded.tokenizer.eot_id
+  first = int(jnp.argmax(loaded.model(jnp.asarray([[eot]]))[0, -1]))
+  assert quantized.split("\n")[1].startswith(loaded.tokenizer.decode([first]))
+
+
 def test_sample_mode_rejects_bad_options_before_loading(tmp_path):
   for key, value, word in [("top_p", 1.5, "top_p"), ("nsamples", 3, "multiple"), ("temperature", -1, "temperature")]:
     sampling = dict(nsamples=2, batch_size=2)

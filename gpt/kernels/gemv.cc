@@ -20,6 +20,10 @@
 
 #include "xla/ffi/api/ffi.h"
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 namespace ffi = xla::ffi;
 
 namespace {
@@ -36,9 +40,75 @@ inline float to_f32(uint16_t w) {  // bfloat16 -> float32: the high half of the 
 constexpr int64_t kBlock = 64;  // weight rows (outputs) per task: one contiguous slab of W
 constexpr int kTile = 4;        // weight rows multiplied together (independent accumulators)
 constexpr int kLanes = 16;      // floats per accumulator: one AVX-512 register
+constexpr int kRowsPerPass = 4; // activation rows sharing one read (and conversion) of a weight tile
 
-// y[b, n] = scale[n] * sum_k x[b, k] * W[n, k] for n in [n0, n1). W's rows are read once from
-// memory per tile; for every activation row after the first they come from L1.
+// The tail of a dot product past the last full vector, and the final scale.
+template <typename W>
+inline float Finish(float sum, const float* xb, const W* wr, int64_t k0, int64_t K, const float* scale,
+                    int64_t n) {
+  for (int64_t k = k0; k < K; ++k) sum += xb[k] * to_f32(wr[k]);
+  return scale ? sum * scale[n] : sum;
+}
+
+#ifdef __AVX512F__
+inline __m512 Load16(const float* w) { return _mm512_loadu_ps(w); }
+inline __m512 Load16(const uint16_t* w) {  // bf16: widen to 32 bits, shift into the high half
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 Load16(const int8_t* w) {
+  __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
+  return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+}
+
+// Up to kTile weight rows [n, n + R) times BR activation rows [b0, b0 + BR): each weight vector is
+// loaded and converted once and multiplied into BR accumulators (kTile x kRowsPerPass = 16 of the
+// 32 vector registers).
+template <typename W, int R, int BR>
+inline void Tile(const float* x, const W* w, const float* scale, float* y, int64_t b0, int64_t K,
+                 int64_t N, int64_t n) {
+  const int64_t k_vec = K - K % kLanes;
+  __m512 acc[BR][R];
+  for (int b = 0; b < BR; ++b)
+    for (int r = 0; r < R; ++r) acc[b][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < k_vec; k += kLanes) {
+    __m512 wv[R];
+    for (int r = 0; r < R; ++r) wv[r] = Load16(w + (n + r) * K + k);
+    for (int b = 0; b < BR; ++b) {
+      const __m512 xv = _mm512_loadu_ps(x + (b0 + b) * K + k);
+      for (int r = 0; r < R; ++r) acc[b][r] = _mm512_fmadd_ps(xv, wv[r], acc[b][r]);
+    }
+  }
+  for (int b = 0; b < BR; ++b)
+    for (int r = 0; r < R; ++r)
+      y[(b0 + b) * N + n + r] = Finish(_mm512_reduce_add_ps(acc[b][r]), x + (b0 + b) * K,
+                                       w + (n + r) * K, k_vec, K, scale, n + r);
+}
+
+template <typename W, int R>
+inline void Rows(const float* x, const W* w, const float* scale, float* y, int64_t B, int64_t K,
+                 int64_t N, int64_t n) {
+  int64_t b = 0;
+  for (; b + kRowsPerPass <= B; b += kRowsPerPass) Tile<W, R, kRowsPerPass>(x, w, scale, y, b, K, N, n);
+  switch (B - b) {
+    case 3: Tile<W, R, 3>(x, w, scale, y, b, K, N, n); break;
+    case 2: Tile<W, R, 2>(x, w, scale, y, b, K, N, n); break;
+    case 1: Tile<W, R, 1>(x, w, scale, y, b, K, N, n); break;
+  }
+}
+
+// y[b, n] = scale[n] * sum_k x[b, k] * W[n, k] for n in [n0, n1). Each tile of W is read from
+// memory once; activation rows past the first pass read it again from L1/L2.
+template <typename W>
+void Block(const float* x, const W* w, const float* scale, float* y, int64_t B, int64_t K,
+           int64_t N, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + kTile <= n1; n += kTile) Rows<W, kTile>(x, w, scale, y, B, K, N, n);
+  for (; n < n1; ++n) Rows<W, 1>(x, w, scale, y, B, K, N, n);
+}
+
+#else  // portable loops (the compiler vectorises the lane loop)
+
 template <typename W>
 void Block(const float* x, const W* w, const float* scale, float* y, int64_t B, int64_t K,
            int64_t N, int64_t n0, int64_t n1) {
@@ -57,13 +127,12 @@ void Block(const float* x, const W* w, const float* scale, float* y, int64_t B, 
       for (int r = 0; r < rows; ++r) {
         float sum = 0.0f;
         for (int l = 0; l < kLanes; ++l) sum += acc[r][l];
-        const W* wr = w + (n + r) * K;
-        for (int64_t k = k_vec; k < K; ++k) sum += xb[k] * to_f32(wr[k]);
-        y[b * N + n + r] = scale ? sum * scale[n + r] : sum;
+        y[b * N + n + r] = Finish(sum, xb, w + (n + r) * K, k_vec, K, scale, n + r);
       }
     }
   }
 }
+#endif
 
 // Blocks are claimed from a shared counter by the calling thread and by helper tasks on XLA's
 // pool. The caller waits only for blocks that were claimed, never for a task to start, so a busy

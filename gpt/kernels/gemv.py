@@ -103,6 +103,25 @@ def uses_kernel(rows: int, w: jax.Array) -> bool:
           and available())
 
 
+# Up to how many rows the kernel beats XLA, per weight dtype (experiments/bench_gemv.py, interleaved
+# runs; BENCHMARKS.md): 0 = never. Past these, XLA's matrix-matrix kernels reuse weights better.
+WIN_ROWS = {jnp.dtype(jnp.float32): MAX_ROWS, jnp.dtype(jnp.bfloat16): 8, jnp.dtype(jnp.int8): MAX_ROWS}
+
+
+def max_rows(dtype) -> int:
+  """The most rows for which `matmul` on `dtype` weights runs the kernel and it is the faster
+  choice here (0 where the kernel does not run: GPU/TPU, no library, GPT_GEMV=0)."""
+  dtype = jnp.dtype(dtype)
+  if dtype not in _SUFFIX or jax.default_backend() != "cpu" or not available():
+    return 0
+  return WIN_ROWS.get(dtype, 0)
+
+
+def wins(rows: int, w: jax.Array) -> bool:
+  """Whether `matmul` of `rows` rows by `w` should run the kernel rather than XLA (faster here)."""
+  return rows <= max_rows(w.dtype)
+
+
 def to_rows(w: jax.Array) -> jax.Array:
   """A Conv1D weight [n_in, n_out] laid out as `matmul` takes it: [n_out, n_in]."""
   return jnp.transpose(jnp.asarray(w))

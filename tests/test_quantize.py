@@ -1,0 +1,231 @@
+"""gpt.quantize: int8 weight-only models compute what their dequantized weights compute, through
+every path (stacked forward for eval, prepared decoding with and without gpt.kernels.gemv); they
+load through gpt.weights (model.quantize=int8, and an int8 export folder) and export back; and, on
+a model trained here on the Kant text, int8 perplexity stays within 1% of float32."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gpt import quantize
+from gpt.config import base_config
+from gpt.errors import GPTError
+from gpt.model import GPTConfig, KVCache, init_model, prepare_for_decoding
+
+TINY = GPTConfig(n_vocab=300, n_ctx=32, n_embd=64, n_head=4, n_layer=2)
+
+
+def tokens(batch=2, length=7, vocab=300, seed=0):
+  return jnp.asarray(np.random.default_rng(seed).integers(0, vocab, (batch, length)), jnp.int32)
+
+
+def test_quantize_is_per_output_channel_and_within_half_a_step():
+  rng = np.random.default_rng(0)
+  w = rng.standard_normal((5, 24, 40)).astype(np.float32) * rng.uniform(0.01, 3, (1, 1, 40))
+  w[:, :, 3] = 0.0  # an all-zero output channel
+  q, scale = quantize.quantize(w, axis=-2)
+  assert q.dtype == jnp.int8 and q.shape == w.shape and scale.shape == (5, 40)
+  np.testing.assert_allclose(scale[:, 3], 1.0)
+  np.testing.assert_allclose(np.abs(q).max(axis=-2)[:, np.r_[0:3, 4:40]], 127)
+  err = np.abs(np.asarray(quantize.dequantize(q, scale, -2)) - w)
+  assert (err <= np.asarray(scale)[:, None, :] / 2 + 1e-7).all()
+
+
+def test_int8_model_equals_its_dequantized_weights_and_tracks_float():
+  model = init_model(TINY)
+  q = quantize.quantize_model(model)
+  assert q.cfg.quantize == "int8" and q.wte[...].dtype == jnp.int8
+  assert q.h.mlp.c_fc.w[...].dtype == jnp.int8 and q.h.mlp.c_fc.w_scale[...].shape == (2, 256)
+  assert q.wpe[...].dtype == jnp.float32 and q.h.mlp.c_fc.b[...].dtype == jnp.float32
+  t = tokens()
+  deq = quantize.dequantize_model(q)
+  got, full = q(t), model(t)
+  np.testing.assert_allclose(got, deq(t), rtol=1e-5, atol=1e-5)
+  assert float(jnp.abs(got - full).max()) < 0.02 * float(jnp.abs(full).max())
+  at = jnp.asarray([1, 5, 9])  # the eval scorer's head at a few positions
+  np.testing.assert_allclose(q(t, logits_at=at), deq(t, logits_at=at), rtol=1e-5, atol=1e-5)
+  assert quantize.quantize_model(q) is q
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_prepared_decoding_with_and_without_the_kernel_agree(dtype, monkeypatch):
+  """Prefill (XLA) and one-row and three-row steps (gemv where it applies) equal GPT_GEMV=0's XLA
+  path on the same weights."""
+  from gpt.kernels import gemv
+
+  cfg = TINY.replace(dtype="float32" if dtype == "int8" else dtype,
+                     param_dtype="float32" if dtype == "int8" else dtype)
+  model = init_model(cfg)
+  model = quantize.quantize_model(model) if dtype == "int8" else model
+
+  def run(prepared, batch):
+    step = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).decode(t, c, logits_at="last"))
+    graphdef, state = nnx.split(prepared)
+    cache = KVCache.init(cfg, batch, 12)
+    outs = []
+    logits, cache = step(state, tokens(batch, 6), cache)
+    outs.append(logits)
+    for i in range(3):
+      logits, cache = step(state, tokens(batch, 1, seed=i + 1), cache)
+      outs.append(logits)
+    return np.concatenate([np.asarray(o, np.float32) for o in outs], axis=1)
+
+  with_kernel = prepare_for_decoding(model)
+  if gemv.available():
+    assert with_kernel.cfg.weights_by_row and with_kernel.h[0].attn.c_attn.w[...].shape == (192, 64)
+  want = {}
+  for batch in (1, 3):
+    want[batch] = run(with_kernel, batch)
+  monkeypatch.setenv("GPT_GEMV", "0")
+  plain = prepare_for_decoding(model)
+  assert not plain.cfg.weights_by_row and plain.h[0].attn.c_attn.w[...].shape == (64, 192)
+  tol = 2e-2 if dtype == "bfloat16" else 1e-5
+  for batch in (1, 3):
+    got = run(plain, batch)
+    np.testing.assert_allclose(got, want[batch], rtol=tol, atol=tol * np.abs(got).max())
+
+
+def fixture_config(init, **model):
+  config = base_config()
+  config.init = str(init)
+  config.model.update(model)
+  return config
+
+
+def test_load_quantized_export_and_load_back(openai_fixture, tmp_path):
+  from gpt import weights
+
+  float_model = weights.load_model(fixture_config(openai_fixture))
+  loaded = weights.load_model(fixture_config(openai_fixture, quantize="int8"))
+  assert loaded.cfg.quantize == "int8" and loaded.model.wte[...].dtype == jnp.int8
+  t = tokens(1, 9, vocab=loaded.cfg.n_vocab)
+  logits = loaded.model(t)
+  want = float_model.model(t)
+  assert float(jnp.abs(logits - want).max()) < 0.02 * float(jnp.abs(want).max())
+
+  folder = weights.export(loaded.model, loaded.tokenizer, tmp_path / "int8", fmt="int8")
+  assert (folder / quantize.WEIGHTS_FILE).is_file()
+  assert weights.resolve_init(str(folder), "models")[0] == "int8"
+  assert weights.planned_model_config(fixture_config(folder)).quantize == "int8"
+  back = weights.load_model(fixture_config(folder))  # int8 whatever model.quantize says
+  assert back.kind == "int8" and back.cfg.quantize == "int8"
+  for a, b in zip(jax.tree.leaves(nnx.state(back.model)), jax.tree.leaves(nnx.state(loaded.model))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  # a float export of the int8 model is its dequantized weights, loadable by anyone
+  hf = weights.export(back.model, back.tokenizer, tmp_path / "hf", fmt="hf")
+  np.testing.assert_allclose(weights.load_model(fixture_config(hf)).model(t), logits,
+                             rtol=1e-5, atol=1e-5)
+
+
+def test_bad_quantize_and_damaged_export_are_one_line_errors(openai_fixture, tmp_path):
+  from gpt import weights
+
+  with pytest.raises(GPTError, match="model.quantize='int4'"):
+    weights.load_model(fixture_config(openai_fixture, quantize="int4"))
+  loaded = weights.load_model(fixture_config(openai_fixture))
+  folder = quantize.export_int8(loaded.model, loaded.tokenizer, tmp_path / "q")
+  (folder / quantize.WEIGHTS_FILE).write_bytes(b"not safetensors")
+  with pytest.raises(GPTError, match="not a readable safetensors"):
+    weights.load_model(fixture_config(folder))
+
+
+def kant_bytes(shared_dir):
+  from conftest import require_shared
+
+  text = require_shared("data", "kant", "critique_of_pure_reason.txt").read_bytes()
+  return np.frombuffer(text, np.uint8).astype(np.int32)
+
+
+def train_bytes_model(data, cfg, steps=300, batch=16, seed=0):
+  """A tiny GPT trained on byte windows of `data` with Adam (enough to be far from uniform)."""
+  import optax
+
+  model = init_model(cfg, seed=seed)
+  graphdef, params = nnx.split(model)
+  tx = optax.adam(3e-3)
+  opt = tx.init(params)
+  T = cfg.n_ctx
+
+  def loss(p, w):
+    logits = nnx.merge(graphdef, p)(w[:, :-1])
+    return optax.softmax_cross_entropy_with_integer_labels(logits, w[:, 1:]).mean()
+
+  @jax.jit
+  def step(p, o, w):
+    value, grads = jax.value_and_grad(loss)(p, w)
+    updates, o = tx.update(grads, o, p)
+    return optax.apply_updates(p, updates), o, value
+
+  rng = np.random.default_rng(seed)
+  for _ in range(steps):
+    starts = rng.integers(0, len(data) - T - 1, batch)
+    params, opt, _ = step(params, opt, jnp.asarray(np.stack([data[s:s + T + 1] for s in starts])))
+  return nnx.merge(graphdef, params)
+
+
+def perplexity(model, windows):
+  logits = jax.jit(lambda m, w: m(w[:, :-1]))(model, windows)
+  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), windows[:, 1:, None], -1)
+  return float(jnp.exp(nll.mean()))
+
+
+@pytest.mark.slow  # trains a model
+def test_int8_perplexity_within_one_percent_on_kant(shared_dir, capsys):
+  from gpt.sample import make_decoder
+  from gpt.sampling import SamplingOptions
+
+  data = kant_bytes(shared_dir)
+  held_out, train = data[:60_000], data[60_000:]
+  cfg = GPTConfig(n_vocab=256, n_ctx=64, n_embd=96, n_head=4, n_layer=2)
+  model = train_bytes_model(train, cfg)
+  q = quantize.quantize_model(model)
+  windows = jnp.asarray(held_out[:(len(held_out) // 65) * 65].reshape(-1, 65)[:512])
+  f32, int8 = perplexity(model, windows), perplexity(q, windows)
+  counts = np.bincount(train, minlength=256) + 1.0
+  unigram = float(np.exp(-np.mean(np.log(counts / counts.sum())[np.asarray(windows[:, 1:])])))
+  assert f32 < 0.85 * unigram, f"the model did not train (perplexity {f32:.2f}, unigram {unigram:.2f})"
+  assert abs(int8 / f32 - 1) < 0.01, (f32, int8)
+
+  # greedy continuations of a few prompts through the sampler (prepared, gemv where it runs)
+  options = SamplingOptions(temperature=0.0)
+  prompts = [data[s:s + 16] for s in range(0, 48_000, 6_000)]
+  from gpt.sample import decoding_params, pad_left
+  prompt, mask = pad_left([list(map(int, p)) for p in prompts], 16)
+  key = jax.random.PRNGKey(0)
+  outs = []
+  for m in (model, q):
+    decoder = make_decoder(m.cfg, options, stop_token=-1, stop_at_token=False)
+    outs.append(np.asarray(decoder.generate(decoding_params(m), prompt, mask, key, 24,
+                                            cache_length=40)))
+  agree = float((outs[0] == outs[1]).mean())
+  with capsys.disabled():
+    print(f"\nKant bytes: perplexity float32 {f32:.4f}, int8 {int8:.4f} ({100 * (int8 / f32 - 1):+.2f}%); "
+          f"greedy agreement {100 * agree:.1f}% of {outs[0].size} tokens over {len(prompts)} prompts")
+  assert agree > 0.5
+
+
+def test_training_an_int8_model_is_refused_in_one_line(gpt_main, openai_fixture, tmp_path):
+  code, _, stderr = gpt_main("--config=configs/tiny.py", "--config.mode=train",
+                             f"--config.init={openai_fixture}", f"--workdir={tmp_path / 'run'}",
+                             "--config.model.quantize=int8")
+  assert code == 2 and "model.quantize=int8 is for inference" in stderr, stderr
+
+
+@pytest.mark.slow  # runs the decode benchmark's runners
+def test_decode_benchmark_runs_int8(monkeypatch):
+  import importlib.util
+  import sys
+
+  from conftest import REPO
+
+  spec = importlib.util.spec_from_file_location("bench_decode", REPO / "experiments" / "bench_decode.py")
+  bench = importlib.util.module_from_spec(spec)
+  monkeypatch.setitem(sys.modules, "bench_decode", bench)
+  spec.loader.exec_module(bench)
+  cfg = GPTConfig(n_vocab=256, n_ctx=32, n_embd=32, n_head=2, n_layer=2, quantize="int8")
+  tokens = bench.Ours(cfg, batch=2, new=5)()
+  assert tokens.shape == (2, 5) and ((0 <= tokens) & (tokens < 256)).all()
+  assert np.isfinite(bench.MatmulsOnly(cfg, 2, 5)()).all()
+  assert bench.roofline(cfg, 1, 1, 1e9) > 3 * bench.roofline(cfg.replace(quantize="none"), 1, 1, 1e9)
