@@ -104,6 +104,11 @@ def _timed(fn: Callable[[], object]) -> float:
 # Compiler options per variant suffix: `eigen` turns off XLA:CPU's default YNNPACK dot fusions,
 # so dots run on XLA's Eigen-based kernels.
 VARIANT_OPTIONS = {"eigen": {"xla_cpu_experimental_ynn_fusion_type": ""}}
+# Model fields per variant suffix: the attention formulation (model.attention_impl; the default is
+# GPTConfig's, "blocked") and rematerialisation, to compare training-speed routes side by side.
+VARIANT_FIELDS = {"attnxla": {"attention_impl": "xla"}, "attnblocked": {"attention_impl": "blocked"},
+                  "rematdots": {"remat": "dots"},
+                  "rematfull": {"remat": "full"}}
 
 
 def train_program(shape, dtype: str, scan: bool, seed: int = 0, train=None, abstract: bool = False,
@@ -208,7 +213,8 @@ def main() -> None:
   parser.add_argument("--shapes", default="chapter,30m", help=f"comma list of {sorted(SHAPES)}")
   parser.add_argument("--impls", default="jax-f32-scan,jax-f32-unrolled,jax-f32-scan-eigen,"
                       "jax-bf16-scan,torch-f32,torch-bf16",
-                      help="framework-dtype[-scan|-unrolled][-eigen] names")
+                      help="framework-dtype[-scan|-unrolled][-eigen][-attnxla]"
+                      "[-rematdots|-rematfull] names")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps", type=int, default=3, help="timed steps per row per round")
   parser.add_argument("--profile", action="store_true",
@@ -236,11 +242,13 @@ def main() -> None:
       if framework == "torch" and torch is None:
         missing.append(impl)
         continue
-      options = {}
+      options, fields = {}, {}
       for v in variant:
         options.update(VARIANT_OPTIONS.get(v, {}))
+        fields.update(VARIANT_FIELDS.get(v, {}))
       train = train_section(name)
-      runners[impl] = (jax_runner(shape, dtype, scan="scan" in variant, options=options, train=train)
+      runners[impl] = (jax_runner(shape, dtype, scan="scan" in variant, options=options, train=train,
+                                  **fields)
                        if framework == "jax" else torch_runner(torch, shape, dtype, train=train))
     for _, run in runners.values():  # warm-up step
       run()

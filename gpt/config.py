@@ -95,9 +95,11 @@ def base_config() -> ml_collections.ConfigDict:
   m.scan_layers = True
   # Rematerialisation per block: none | full | dots (save matmul outputs) | dots_no_batch.
   m.remat = "none"
-  # Attention kernel (not the `attention` view section): xla (spelled out) | cudnn (fused, via
-  # jax.nn.dot_product_attention) | auto (cudnn when on GPU). Decoding always spells it out.
-  m.attention_impl = "xla"
+  # Attention kernel (not the `attention` view section): blocked (causal query blocks over key
+  # prefixes with a hand-written backward, gpt.model.blocked_attention: fastest on CPU) | xla
+  # (jax.nn.dot_product_attention's XLA version) | cudnn (fused, GPU) | auto (cudnn when on GPU,
+  # else xla). Decoding over the KV cache always spells it out.
+  m.attention_impl = "blocked"
   # Weight-only quantization for inference (sample, interactive, eval, the harness model): none |
   # int8 (int8 matrices with per-output-channel scales, float activations; gpt.quantize). Applied
   # when the model is loaded; training refuses it.

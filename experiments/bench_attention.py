@@ -1,0 +1,119 @@
+"""Causal attention alone, forward + backward: gpt.model.attention's formulations beside torch's.
+
+  python experiments/bench_attention.py                         # the chapter's [1, 12, 1024, 64]
+  python experiments/bench_attention.py --shape=8,6,256,64      # the 30m shape's
+  python experiments/bench_attention.py --blocks=1,2,4,8        # query-block counts of "blocked"
+
+Why: at the chapter's shape (117M, context 1024, batch 1) the attention over [12, 1024, 1024] per
+layer dominated the profile of the train step. This times what one layer's attention costs in
+that step (value and the gradients of q, k, v), with the rows run round-robin (`--rounds`), so a
+shared machine's load hits every row alike; "vs xla" is the median over rounds of the paired
+ratio (jax.nn.dot_product_attention's XLA time / this row's time, same round). The torch row is
+torch.nn.functional.scaled_dot_product_attention (is_causal=True) with autograd, the fused kernel
+transformers uses. Each row's value and gradients are compared with the xla row's (max abs difference).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+  sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as bench_train.py: torch on a shared machine
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from gpt import model as gm  # noqa: E402
+
+
+def jax_row(fn, q, k, v, w):
+  """A timed callable: value and (dq, dk, dv) of sum(fn(q, k, v) * w), jitted."""
+  grad = jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v).astype(jnp.float32) * w),
+                                    argnums=(0, 1, 2)))
+  out = grad(q, k, v)
+  jax.block_until_ready(out)
+  return (lambda: jax.block_until_ready(grad(q, k, v))), out
+
+
+def torch_row(torch, q, k, v, w):
+  tq, tk, tv = (torch.from_numpy(np.array(a, np.float32)).requires_grad_() for a in (q, k, v))
+  tw = torch.from_numpy(np.array(w))
+
+  def run():
+    loss = (torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True) * tw).sum()
+    grads = torch.autograd.grad(loss, (tq, tk, tv))
+    return loss.detach().numpy(), [g.numpy() for g in grads]
+
+  return run, run()
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--shape", default="1,12,1024,64", help="B,H,T,K")
+  parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
+  parser.add_argument("--blocks", default=str(gm.QUERY_BLOCKS), help="query-block counts to time")
+  parser.add_argument("--rounds", type=int, default=5)
+  args = parser.parse_args()
+  B, H, T, K = (int(x) for x in args.shape.split(","))
+  rng = np.random.default_rng(0)
+  dtype = gm.DTYPES[args.dtype]
+  q, k, v = (jnp.asarray(rng.standard_normal((B, H, T, K)), dtype) for _ in range(3))
+  w = jnp.asarray(rng.standard_normal((B, H, T, K)), jnp.float32)
+
+  rows = {"xla (jax.nn.dot_product_attention)": functools.partial(gm.attention, mask=None, impl="xla"),
+          "einsum (spelled out)": functools.partial(gm.attention, mask=None, impl="einsum")}
+  for n in (int(b) for b in args.blocks.split(",")):
+    rows[f"blocked, {n} query blocks"] = functools.partial(gm.blocked_attention, mask=None, blocks=n)
+  runners, reference = {}, None
+  for name, fn in rows.items():
+    runners[name], out = jax_row(fn, q, k, v, w)
+    reference = out if reference is None else reference
+  try:
+    import torch
+    torch.set_num_threads(os.cpu_count() or 1)
+    runners["torch scaled_dot_product_attention (f32)"], torch_out = torch_row(torch, q, k, v, w)
+  except ImportError:
+    torch, torch_out = None, None
+
+  f32 = lambda a: np.asarray(a, np.float32)
+  errors = {}
+  for name, fn in rows.items():
+    out = jax.jit(jax.value_and_grad(lambda q, k, v, fn=fn: jnp.sum(fn(q, k, v).astype(jnp.float32) * w),
+                                     argnums=(0, 1, 2)))(q, k, v)
+    errors[name] = max(float(np.max(np.abs(f32(a) - f32(b))))
+                       for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(reference)))
+  if torch_out is not None:
+    errors["torch scaled_dot_product_attention (f32)"] = max(
+        float(np.max(np.abs(f32(a) - f32(b))))
+        for a, b in zip([torch_out[0], *torch_out[1]], jax.tree.leaves(reference)))
+
+  times = {name: [] for name in runners}
+  for _ in range(args.rounds):
+    for name, run in runners.items():
+      t0 = time.perf_counter()
+      run()
+      times[name].append(time.perf_counter() - t0)
+  base = times["xla (jax.nn.dot_product_attention)"]
+  print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax "
+        f"{jax.__version__}" + (f", torch {torch.__version__}" if torch else "") +
+        f"; shape [B, H, T, K] = [{B}, {H}, {T}, {K}] {args.dtype}; load average "
+        f"{os.getloadavg()[0]:.1f}\n")
+  print("| attention (forward + backward) | ms | vs xla | max abs diff vs xla |")
+  print("|---|---|---|---|")
+  for name, ts in times.items():
+    ratio = statistics.median(b / t for b, t in zip(base, ts))
+    print(f"| {name} | {1e3 * statistics.median(ts):.0f} | {ratio:.2f}x | {errors[name]:.1e} |")
+
+
+if __name__ == "__main__":
+  main()
