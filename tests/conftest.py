@@ -1,7 +1,13 @@
-"""Shared test set-up: 8 fake CPU devices, and access to ../shared (real data and fixtures).
+"""Shared test set-up: 8 fake CPU devices, access to ../shared (real data and fixtures), and the
+programs several test files run.
 
 Tests that need ../shared take the `shared_dir` fixture: they skip with a reason when it is absent,
 and fail instead when GPT_REQUIRE_SHARED=1 (as in CI), so a missing ../shared cannot pass silently.
+
+The fast tier's time is mostly XLA compiles. A jitted function compiles once per (function object,
+argument shapes), so a program that several test files run is defined once here (`forward`): the
+tiny fixture's forward compiles once for the whole run instead of once per file, and no test calls
+a model eagerly (which compiles the scanned blocks afresh on every call).
 """
 
 import os
@@ -11,6 +17,7 @@ from pathlib import Path
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+import jax  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
@@ -26,6 +33,12 @@ def require_shared(*parts: str) -> Path:
       pytest.fail(f"GPT_REQUIRE_SHARED=1 but {reason}")
     pytest.skip(reason)
   return path
+
+
+@jax.jit
+def forward(model, tokens):
+  """model(tokens): the logits [B, T, V] of a plain forward pass, one program for every test file."""
+  return model(tokens)
 
 
 @pytest.fixture

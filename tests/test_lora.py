@@ -21,10 +21,10 @@ from gpt.weights import load_model
 
 from train_utils import (VOCAB, compile_cache, max_abs_diff, read_metrics, subprocess_env,
                          tiny_config, train_command)
+from conftest import forward
 
 TINY = GPTConfig(n_vocab=VOCAB, n_ctx=64, n_embd=64, n_head=4, n_layer=2)
 ALL_TARGETS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")
-forward = jax.jit(lambda model, tokens: model(tokens))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,7 +54,7 @@ def test_fresh_adapters_leave_the_model_exactly_the_base():
   np.testing.assert_array_equal(np.asarray(forward(adapter_model(cfg, adapters, pure(base)), x)),
                                 np.asarray(forward(base, x)))
   # The model built with adapters has them where the targets say, with the layers axis first.
-  shapes = jax.tree.map(lambda a: a.shape, lora.split(pure(init_model(cfg, 0)))[0])
+  shapes = jax.tree.map(lambda a: a.shape, lora.split(pure(abstract_model(cfg)))[0])
   assert shapes["h"]["attn"]["c_attn"] == {"lora_a": (2, 64, 4), "lora_b": (2, 4, 192)}
   assert shapes["h"]["mlp"]["c_proj"] == {"lora_a": (2, 256, 4), "lora_b": (2, 4, 64)}
 

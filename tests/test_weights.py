@@ -3,7 +3,6 @@
 import json
 import shutil
 
-import jax
 import numpy as np
 import pytest
 from scipy.special import logsumexp
@@ -14,7 +13,7 @@ from gpt.errors import GPTError
 from gpt.formats.hf_checkpoint import load_hf
 from gpt.weights import export_hf, load_model, read_weights, resolve_init
 
-forward = jax.jit(lambda model, tokens: model(tokens))
+from conftest import forward
 
 
 def assert_matches_reference(model, fixture_dir, atol=1e-4):
