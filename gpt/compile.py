@@ -34,6 +34,7 @@ settings; they do not model communication. With `mesh.topology` empty the local 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib.util
@@ -232,12 +233,12 @@ class Planner:
   def lower(self, s: Setting, programs: list[str]) -> list[Job]:
     """A Job per program of setting `s`, traced and lowered; `job.run()` compiles it and returns
     the row (XLA's compile releases the GIL, so jobs may run on threads)."""
-    jobs = []
-    if "decode" in programs:
-      jobs.append(self._decode_job())
+    # The train step first: its table is the answer most runs wait for.
+    decode = [self._decode_job()] if "decode" in programs else []
     programs = [p for p in programs if p != "decode"]
     if not programs:
-      return jobs
+      return decode
+    jobs = []
     from gpt import sharding
     from gpt.train import build_programs, check_config
 
@@ -257,7 +258,7 @@ class Planner:
       row, lowered = self._row(program, args, config, cfg, mesh, built), fn.lower(*args)
       jobs.append(Job((dataclasses.astuple(s), program), lowered, functools.partial(
           self._compiled_row, row, lowered, functools.partial(self._estimate, cfg=cfg))))
-    return jobs
+    return jobs + decode
 
   def _row(self, program, args, config, cfg, mesh, built) -> dict:
     """A train/eval row before compiling: the setting and the bytes of its arguments."""
@@ -331,7 +332,15 @@ class Planner:
   def _decode_job(self) -> Job:
     """The sampler's decode loop (gpt.sampling.Decoder.advance: what sample mode runs per token)
     for `sampling.batch_size` rows on one chip (sample mode uses one device, no mesh): the model
-    prepared for decoding (abstract, in the compute dtype) and a KV cache of the full context."""
+    prepared for decoding (abstract, in the compute dtype) and a KV cache of the full context.
+    For a TPU slice it is laid out and traced as on the TPU: without this CPU's gemv kernel."""
+    from gpt.kernels import gemv
+
+    with gemv.off() if self.topology != "local" else contextlib.nullcontext():
+      return self._lower_decode()
+
+  def _lower_decode(self) -> Job:
+    """`_decode_job`'s program, laid out and lowered for the current platform choice."""
     from jax.sharding import SingleDeviceSharding
 
     from gpt.model import abstract_model

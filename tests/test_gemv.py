@@ -63,3 +63,17 @@ def test_to_rows_transposes_conv1d_weights():
   w = jnp.arange(6, dtype=jnp.float32).reshape(2, 3)  # [n_in, n_out]
   x = jnp.asarray([[1.0, -2.0]])
   np.testing.assert_allclose(gemv.matmul(x, gemv.to_rows(w)), x @ w)
+
+
+def test_off_keeps_the_kernel_out_of_programs_for_another_platform():
+  # Compile mode traces TPU programs on this CPU host: a CPU custom call in them cannot compile.
+  from gpt.model import matmul_rows
+
+  x, w = jnp.ones((1, 64), jnp.float32), jnp.ones((32, 64), jnp.bfloat16)
+  # A new function each time: the choice is made when a program is traced (jit caches traces).
+  lower = lambda: jax.jit(lambda x, w: matmul_rows(x, w)).lower(x, w).as_text()
+  assert gemv.max_rows(jnp.bfloat16) > 0 and "GptGemv" in lower()
+  with gemv.off():
+    assert gemv.max_rows(jnp.bfloat16) == 0 and not gemv.uses_kernel(1, w)
+    assert "GptGemv" not in lower()
+  assert "GptGemv" in lower()

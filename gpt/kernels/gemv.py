@@ -15,6 +15,8 @@ GPT_GEMV=0, `matmul` is `reference`: XLA's own einsum, same results to float32 r
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import ctypes
 import hashlib
 import math
@@ -97,10 +99,27 @@ def available() -> bool:
   return _loaded[0]
 
 
+# Set inside `off()`: programs lowered there are for another platform, never this CPU.
+_off = contextvars.ContextVar("gemv_off", default=False)
+
+
+@contextlib.contextmanager
+def off():
+  """Within this block the kernel is never chosen (by programs traced in it: jit caches traces,
+  so a function traced before keeps its choice). For programs traced here but compiled for
+  another platform: compile mode lowers TPU programs on a CPU host, where jax.default_backend()
+  is still "cpu" but a CPU custom call cannot run on the target."""
+  token = _off.set(True)
+  try:
+    yield
+  finally:
+    _off.reset(token)
+
+
 def uses_kernel(rows: int, w: jax.Array) -> bool:
   """Whether `matmul` with this many rows and this weight runs gemv.cc."""
   return (rows <= MAX_ROWS and jnp.dtype(w.dtype) in _SUFFIX and jax.default_backend() == "cpu"
-          and available())
+          and not _off.get() and available())
 
 
 # Up to how many rows the kernel beats XLA, per weight dtype (experiments/bench_gemv.py, interleaved
@@ -112,7 +131,7 @@ def max_rows(dtype) -> int:
   """The most rows for which `matmul` on `dtype` weights runs the kernel and it is the faster
   choice here (0 where the kernel does not run: GPU/TPU, no library, GPT_GEMV=0)."""
   dtype = jnp.dtype(dtype)
-  if dtype not in _SUFFIX or jax.default_backend() != "cpu" or not available():
+  if dtype not in _SUFFIX or jax.default_backend() != "cpu" or _off.get() or not available():
     return 0
   return WIN_ROWS.get(dtype, 0)
 
