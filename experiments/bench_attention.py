@@ -1,4 +1,4 @@
-"""Causal attention alone, forward + backward: gpt.model.attention's formulations beside torch's.
+"""Causal attention alone, forward + backward: gpt.attention.attention's formulations beside torch's.
 
   python experiments/bench_attention.py                         # the chapter's [1, 12, 1024, 64]
   python experiments/bench_attention.py --shape=8,6,256,64      # the 30m shape's
@@ -33,6 +33,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from gpt import attention as ga  # noqa: E402
 from gpt import model as gm  # noqa: E402
 
 
@@ -61,7 +62,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shape", default="1,12,1024,64", help="B,H,T,K")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-  parser.add_argument("--blocks", default=str(gm.QUERY_BLOCKS), help="query-block counts to time")
+  parser.add_argument("--blocks", default=str(ga.QUERY_BLOCKS), help="query-block counts to time")
   parser.add_argument("--rounds", type=int, default=5)
   args = parser.parse_args()
   B, H, T, K = (int(x) for x in args.shape.split(","))
@@ -70,10 +71,10 @@ def main() -> None:
   q, k, v = (jnp.asarray(rng.standard_normal((B, H, T, K)), dtype) for _ in range(3))
   w = jnp.asarray(rng.standard_normal((B, H, T, K)), jnp.float32)
 
-  rows = {"xla (jax.nn.dot_product_attention)": functools.partial(gm.attention, mask=None, impl="xla"),
-          "einsum (spelled out)": functools.partial(gm.attention, mask=None, impl="einsum")}
+  rows = {"xla (jax.nn.dot_product_attention)": functools.partial(ga.attention, mask=None, impl="xla"),
+          "einsum (spelled out)": functools.partial(ga.attention, mask=None, impl="einsum")}
   for n in (int(b) for b in args.blocks.split(",")):
-    rows[f"blocked, {n} query blocks"] = functools.partial(gm.blocked_attention, mask=None, blocks=n)
+    rows[f"blocked, {n} query blocks"] = functools.partial(ga.blocked_attention, mask=None, blocks=n)
   runners, reference = {}, None
   for name, fn in rows.items():
     runners[name], out = jax_row(fn, q, k, v, w)

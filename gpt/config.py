@@ -96,7 +96,7 @@ def base_config() -> ml_collections.ConfigDict:
   # Rematerialisation per block: none | full | dots (save matmul outputs) | dots_no_batch.
   m.remat = "none"
   # Attention kernel (not the `attention` view section): blocked (causal query blocks over key
-  # prefixes with a hand-written backward, gpt.model.blocked_attention: fastest on CPU) | xla
+  # prefixes with a hand-written backward, gpt.attention.blocked_attention: fastest on CPU) | xla
   # (jax.nn.dot_product_attention's XLA version) | cudnn (fused, GPU) | auto (cudnn when on GPU,
   # else xla). Decoding over the KV cache always spells it out.
   m.attention_impl = "blocked"

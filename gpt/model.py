@@ -7,8 +7,8 @@ every parameter under `h` has a leading `[n_layer]` axis, and the forward pass r
 layouts share one parameter tree, so checkpoints move freely between them.
 
 Every mode runs `GPT.__call__` (tokens, positions, mask, optional KVCache, `logits_at`), built
-from one of each piece, defined here once: `attention` (which can also return its weights, for
-`attention_probs`), `layer_norm`, `dense`/`matmul` (float32 accumulation) and `attention_inputs`
+from one of each piece, defined once: `attention` (gpt/attention.py, with its formulations; it can
+also return its weights, for `attention_probs`), `layer_norm`, `dense`/`matmul` (float32 accumulation) and `attention_inputs`
 (position ids and masks for left-padded rows and for the cache). Decoding does not get a second
 model: `prepare_for_decoding` lays the same model out per layer in the compute dtype (one Block
 per layer instead of a scan over the stack), which is what makes token-by-token steps fast on CPU;
@@ -24,7 +24,6 @@ V vocabulary.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Any, NamedTuple
 
@@ -32,6 +31,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from gpt.attention import apply_dropout, attention
 from gpt.errors import GPTError
 from gpt.kernels import gemv
 
@@ -43,20 +43,11 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 ATTENTION_IMPLS = ("blocked", "xla", "cudnn", "auto")
-# The blocked attention splits the queries into this many blocks (of at least MIN_QUERY_BLOCK
-# rows): with causal masking, block i only sees keys up to its last row, so the scores, softmax and
-# backward matmuls cover ~(n+1)/2n of the [T, S] square. Measured by experiments/bench_attention.py
-# (T=1024: 4 blocks 3.9x faster than jax.nn.dot_product_attention's xla; 8 blocks a little slower).
-QUERY_BLOCKS = 4
-MIN_QUERY_BLOCK = 64
 QUANTIZE = ("none", "int8")
 LN_EPS = 1e-5
 # The dense layers low-rank adapters can go into, named as Hugging Face PEFT's target_modules
 # suffixes name them (`c_attn` and `c_fc` are unique; the two `c_proj` need their parent).
 LORA_TARGETS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")
-# Masked attention scores: finite, so that a fully masked (padding) row softmaxes to a uniform
-# distribution instead of NaN; exp(MASK_VALUE - max) is exactly 0 in float32 elsewhere.
-MASK_VALUE = -1e30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -266,137 +257,6 @@ def dense(x: jax.Array, w: jax.Array, b: jax.Array, *, scale: jax.Array | None =
   return (y + b.astype(jnp.float32)).astype(x.dtype)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
-              impl: str = "blocked", dropout: float = 0.0, rng: jax.Array | None = None,
-              return_probs: bool = False):
-  """The one attention: softmax(q k^T / sqrt(K), masked) v, per head.
-
-  q [B, H, T, K]; k, v [B, H, S, K]; `mask` [B, 1, T, S] (True = may attend), or None for causal
-  attention whose last query is the last key. Returns y [B, H, T, K] in q's dtype, and with
-  `return_probs` also the probabilities float32 [B, H, T, S] (before dropout).
-  `impl` "blocked" (the default) is `blocked_attention`: the training and scoring path's own
-  formulation with a hand-written backward pass, the fastest on CPU. "xla" / "cudnn" / "auto"
-  (cudnn on a GPU, else xla) run jax.nn.dot_product_attention's kernels.
-  "einsum" spells it out here, with batch and heads folded into one axis and float32 scores,
-  softmax and accumulation; masked scores are MASK_VALUE. It is what runs over a KVCache (that
-  layout is what lets XLA update the cache in place and feed it to the matmul without copies),
-  and whenever dropout is on or the weights are asked for (the others return neither).
-  """
-  B, H, T, K = q.shape
-  S = k.shape[2]
-  dropping = rng is not None and dropout > 0
-  if impl != "einsum" and not (dropping or return_probs):
-    if impl == "auto":
-      impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
-    if impl == "blocked":
-      return blocked_attention(q, k, v, mask)
-    lib = lambda a: a.transpose(0, 2, 1, 3)  # the library's [B, T, H, K]
-    y = jax.nn.dot_product_attention(lib(q), lib(k), lib(v), mask=mask, is_causal=mask is None,
-                                     implementation=impl if impl == "xla" or mask is None else None)
-    return lib(y)
-  if mask is None:
-    mask = jnp.tril(jnp.ones((T, S), bool), S - T)[None, None]
-  N = B * H
-  scores = jnp.einsum("ntk,nsk->nts", q.reshape(N, T, K), k.reshape(N, S, K),
-                      preferred_element_type=jnp.float32)
-  scores = jnp.where(mask, scores.reshape(B, H, T, S) / math.sqrt(K), MASK_VALUE)
-  probs = jax.nn.softmax(scores, axis=-1)
-  kept = _dropout(probs, dropout, rng) if dropping else probs
-  y = jnp.einsum("nts,nsk->ntk", kept.astype(v.dtype).reshape(N, T, S), v.reshape(N, S, K),
-                 preferred_element_type=jnp.float32)
-  y = y.astype(q.dtype).reshape(B, H, T, K)
-  return (y, probs) if return_probs else y
-
-
-def query_blocks(T: int, S: int, causal: bool, blocks: int = QUERY_BLOCKS) -> list[tuple[int, int, int]]:
-  """(first row, end row, keys seen) of each query block of `blocked_attention`.
-
-  Causal (the last query is the last key): rows a..b-1 see keys 0..b-1+S-T, so later blocks see
-  longer prefixes and none sees a key above the diagonal of its last row. Otherwise (an explicit
-  mask, which need not be causal) one block sees all S keys.
-  """
-  if not causal:
-    return [(0, T, S)]
-  size = max(-(-T // blocks), min(MIN_QUERY_BLOCK, T))
-  return [(a, min(a + size, T), min(a + size, T) + S - T) for a in range(0, T, size)]
-
-
-def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None,
-                      blocks: int = QUERY_BLOCKS) -> jax.Array:
-  """`attention` without dropout or weights, as the training step wants it on CPU.
-
-  Same arguments and result as `attention(q, k, v, mask)`. Three things make it fast on XLA:CPU
-  (experiments/bench_attention.py; profile in BENCHMARKS.md "Training speed routes"):
-  - causal masking is an iota comparison fused into the scores, never a broadcast mask array;
-  - the queries go in `blocks` blocks over key prefixes (`query_blocks`), skipping the scores above
-    the diagonal: about 5/8 of the work of the full square at 4 blocks;
-  - the backward pass is written out (a custom VJP, the FlashAttention identity): with saved
-    float32 probabilities P and D = rowsum(dy * y), dS = P * (dy v^T - D), so it never reduces
-    over the [T, S] scores and never copies the softmax.
-  Scores, softmax and its statistics are float32; the matmuls take q's dtype (bfloat16 compute
-  feeds bf16 operands with float32 accumulation). Masked scores are MASK_VALUE, as in "einsum".
-  """
-  return _blocked(q, k, v, mask, blocks)
-
-
-def _block_keep(mask, T, S, a, b, keys):
-  """Which of the scores [.., b - a, keys] of query rows a..b-1 may attend (True = keep): the
-  causal iota comparison when `mask` is None, else the mask's block."""
-  if mask is not None:
-    return mask[:, :, a:b, :keys]
-  rows = jax.lax.broadcasted_iota(jnp.int32, (b - a, keys), 0) + (a + S - T)
-  return rows >= jax.lax.broadcasted_iota(jnp.int32, (b - a, keys), 1)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _blocked(q, k, v, mask, blocks):
-  return _blocked_forward(q, k, v, mask, blocks)[0]
-
-
-def _blocked_forward(q, k, v, mask, blocks):
-  """(y, residuals) of blocked_attention; the residuals keep each block's probabilities."""
-  T, S = q.shape[2], k.shape[2]
-  ys, probs = [], []
-  for a, b, keys in query_blocks(T, S, mask is None, blocks):
-    s = jnp.einsum("bhtk,bhsk->bhts", q[:, :, a:b], k[:, :, :keys],
-                   preferred_element_type=jnp.float32) * (1.0 / math.sqrt(q.shape[-1]))
-    s = jnp.where(_block_keep(mask, T, S, a, b, keys), s, MASK_VALUE)
-    e = jnp.exp(s - s.max(-1, keepdims=True))
-    p = e / e.sum(-1, keepdims=True)
-    ys.append(jnp.einsum("bhts,bhsk->bhtk", p.astype(v.dtype), v[:, :, :keys],
-                         preferred_element_type=jnp.float32))
-    probs.append(p)
-  y = (ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=2)).astype(q.dtype)
-  return y, (q, k, v, mask, y, tuple(probs))
-
-
-def _blocked_backward(blocks, res, dy):
-  q, k, v, mask, y, probs = res
-  T, S = q.shape[2], k.shape[2]
-  scale = 1.0 / math.sqrt(q.shape[-1])
-  # rowsum(P * dP) = rowsum(dy * y): a [T, K] reduction instead of one over the [T, S] scores.
-  d = jnp.sum(dy.astype(jnp.float32) * y.astype(jnp.float32), axis=-1, keepdims=True)
-  dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
-  for (a, b, keys), p in zip(query_blocks(T, S, mask is None, blocks), probs):
-    dyb = dy[:, :, a:b]
-    dv = dv.at[:, :, :keys].add(jnp.einsum("bhts,bhtk->bhsk", p.astype(dy.dtype), dyb,
-                                           preferred_element_type=jnp.float32))
-    dp = jnp.einsum("bhtk,bhsk->bhts", dyb, v[:, :, :keys].astype(dy.dtype),
-                    preferred_element_type=jnp.float32)
-    # Masked scores are constants: no gradient (a fully masked row's uniform P is not zero there).
-    ds = jnp.where(_block_keep(mask, T, S, a, b, keys), p * (dp - d[:, :, a:b]) * scale, 0)
-    ds = ds.astype(q.dtype)
-    dq.append(jnp.einsum("bhts,bhsk->bhtk", ds, k[:, :, :keys], preferred_element_type=jnp.float32))
-    dk = dk.at[:, :, :keys].add(jnp.einsum("bhts,bhtk->bhsk", ds, q[:, :, a:b],
-                                           preferred_element_type=jnp.float32))
-  dq = dq[0] if len(dq) == 1 else jnp.concatenate(dq, axis=2)
-  return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None
-
-
-_blocked.defvjp(lambda q, k, v, mask, blocks: _blocked_forward(q, k, v, mask, blocks),
-                _blocked_backward)
-
-
 class LayerNorm(nnx.Module):
   """LayerNorm with OpenAI's names `g` (scale) and `b` (bias); computed in float32."""
 
@@ -448,20 +308,13 @@ class Conv1D(nnx.Module):
     y = dense(x, self.w[...], self.b[...], scale=scale, by_row=self.by_row)
     if not self.lora_scale:
       return y
-    h = _dropout(x, self.lora_dropout, rng) @ self.lora_a[...].astype(x.dtype)
+    h = apply_dropout(x, self.lora_dropout, rng) @ self.lora_a[...].astype(x.dtype)
     return y + (self.lora_scale * (h @ self.lora_b[...].astype(x.dtype))).astype(y.dtype)
 
 
 def _fold(rng: jax.Array | None, i: int) -> jax.Array | None:
   """An independent key for sub-layer `i` (None stays None: no dropout)."""
   return None if rng is None else jax.random.fold_in(rng, i)
-
-
-def _dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
-  if rng is None or rate == 0.0:
-    return x
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 def _lora_args(cfg: GPTConfig, target: str) -> dict:
@@ -474,7 +327,7 @@ def _lora_args(cfg: GPTConfig, target: str) -> dict:
 
 
 class Attention(nnx.Module):
-  """Causal multi-head self-attention (gpt.model.attention), optionally over a KV cache layer."""
+  """Causal multi-head self-attention (gpt.attention.attention), optionally over a KV cache layer."""
 
   def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, stack: int = 0):
     d, pdt = cfg.n_embd, DTYPES[cfg.param_dtype]
@@ -537,8 +390,8 @@ class Block(nnx.Module):
     rngs = (None, None, None) if rng is None else tuple(jax.random.split(rng, 3))
     a, cache_kv, probs = self.attn(self.ln_1(x), mask=mask, cache_kv=cache_kv,
                                    cache_index=cache_index, rng=rngs[0], return_probs=return_probs)
-    x = x + _dropout(a, self.cfg.resid_pdrop, rngs[1])
-    x = x + _dropout(self.mlp(self.ln_2(x), rngs[2]), self.cfg.resid_pdrop, rngs[2])
+    x = x + apply_dropout(a, self.cfg.resid_pdrop, rngs[1])
+    x = x + apply_dropout(self.mlp(self.ln_2(x), rngs[2]), self.cfg.resid_pdrop, rngs[2])
     return x, cache_kv, probs
 
 
@@ -621,7 +474,7 @@ class GPT(nnx.Module):
   def attention_probs(self, tokens: jax.Array, positions: jax.Array | None = None,
                       mask: jax.Array | None = None) -> jax.Array:
     """Every layer's attention probabilities, float32 [L, B, H, T, T] (query x key), for
-    inspection: gpt.model.attention's weights from the same forward pass."""
+    inspection: gpt.attention.attention's weights from the same forward pass."""
     _, probs = self._trunk(tokens, positions, mask, None, None, return_probs=True)
     return probs
 
@@ -644,7 +497,7 @@ class GPT(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(T), (B, T))
     x = self._embed(tokens) + jnp.take(self.wpe[...], positions, axis=0, mode="clip")
     rng_embd, rng_layers = (None, None) if rng is None else jax.random.split(rng)
-    x = _dropout(x.astype(cfg.compute_dtype), cfg.embd_pdrop, rng_embd)
+    x = apply_dropout(x.astype(cfg.compute_dtype), cfg.embd_pdrop, rng_embd)
     layer_rngs = None if rng_layers is None else jax.random.split(rng_layers, cfg.n_layer)
     index = None if cache is None else cache.index
     if isinstance(self.h, Block):

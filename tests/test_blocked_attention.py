@@ -1,4 +1,4 @@
-"""gpt.model.blocked_attention (the default training attention) against the spelled-out reference.
+"""gpt.attention.blocked_attention (the default training attention) against the spelled-out reference.
 
 The blocked formulation has its own backward pass (a custom VJP), so values and all three
 gradients are compared with the "einsum" attention differentiated by JAX, on small shapes with
@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gpt.model import attention, attention_inputs, blocked_attention, query_blocks
+from gpt.attention import attention, blocked_attention, query_blocks
+from gpt.model import attention_inputs
 
 
 def _qkv(B, H, T, S, K, dtype, seed=0):
@@ -39,7 +40,7 @@ def _compare(q, k, v, cotangent, mask, blocks, atol):
 
 def test_query_blocks_cover_each_row_once_and_stop_at_the_diagonal(monkeypatch):
   assert query_blocks(10, 10, True, blocks=4) == [(0, 10, 10)]  # blocks of at least 64 rows
-  monkeypatch.setattr("gpt.model.MIN_QUERY_BLOCK", 1)
+  monkeypatch.setattr("gpt.attention.MIN_QUERY_BLOCK", 1)
   assert query_blocks(10, 10, True, blocks=4) == [(0, 3, 3), (3, 6, 6), (6, 9, 9), (9, 10, 10)]
   assert query_blocks(1024, 1024, True) == [(0, 256, 256), (256, 512, 512), (512, 768, 768),
                                             (768, 1024, 1024)]
@@ -49,7 +50,7 @@ def test_query_blocks_cover_each_row_once_and_stop_at_the_diagonal(monkeypatch):
 
 @pytest.mark.parametrize("T,S,blocks", [(10, 10, 4), (10, 13, 3), (10, 10, 1)])
 def test_causal_values_and_gradients_match_the_reference(T, S, blocks, monkeypatch):
-  monkeypatch.setattr("gpt.model.MIN_QUERY_BLOCK", 1)  # several blocks even at these sizes
+  monkeypatch.setattr("gpt.attention.MIN_QUERY_BLOCK", 1)  # several blocks even at these sizes
   _compare(*_qkv(2, 3, T, S, 8, jnp.float32), None, blocks, atol=2e-5)
 
 
@@ -61,7 +62,7 @@ def test_padding_masks_match_the_reference_including_fully_masked_rows():
 
 
 def test_bfloat16_stays_close_to_the_float32_reference(monkeypatch):
-  monkeypatch.setattr("gpt.model.MIN_QUERY_BLOCK", 1)
+  monkeypatch.setattr("gpt.attention.MIN_QUERY_BLOCK", 1)
   _compare(*_qkv(2, 3, 32, 32, 16, jnp.bfloat16, seed=2), None, 4, atol=0.1)
 
 
