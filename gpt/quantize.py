@@ -105,23 +105,9 @@ def is_quantized_folder(folder: str | os.PathLike) -> bool:
 def to_flat(model: GPT) -> dict[str, np.ndarray]:
   """OpenAI-named numpy tensors of an int8 model: `h3/attn/c_attn/w` int8, `.../w_scale`, `wte`
   int8, `wte_scale`, everything else float32."""
-  from gpt.formats.convert import LAYER_PARAMS
+  from gpt.formats.convert import model_to_flat
 
-  pure = nnx.to_pure_dict(nnx.state(quantize_model(model), nnx.Param))
-  get = lambda a: np.asarray(jax.device_get(a))
-  keep = lambda a: np.ascontiguousarray(a if a.dtype == np.int8 else a.astype(np.float32))
-  flat = {"wte": keep(get(pure["wte"])), "wte_scale": keep(get(pure["wte_scale"])),
-          "wpe": keep(get(pure["wpe"])), "ln_f/g": keep(get(pure["ln_f"]["g"])),
-          "ln_f/b": keep(get(pure["ln_f"]["b"]))}
-  names = list(LAYER_PARAMS) + [f"{sub}/{name}/w_scale" for sub, name in DENSE]
-  for name in names:
-    node = pure["h"]
-    for p in name.split("/"):
-      node = node[p]
-    stacked = get(node)
-    for i in range(stacked.shape[0]):
-      flat[f"h{i}/{name}"] = keep(stacked[i])
-  return flat
+  return model_to_flat(quantize_model(model), tuple(f"{sub}/{name}/w_scale" for sub, name in DENSE))
 
 
 def export_int8(model: GPT, tokenizer, out_dir: str | os.PathLike) -> Path:

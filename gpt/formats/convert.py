@@ -93,16 +93,22 @@ def flat_to_model(flat: dict[str, np.ndarray], cfg: GPTConfig, source: str = "we
   return nnx.merge(graphdef, state)
 
 
-def model_to_flat(model: GPT) -> dict[str, np.ndarray]:
-  """OpenAI-named float32 numpy arrays (contiguous, ready for safetensors) from a model."""
+def model_to_flat(model: GPT, extra_layer_params: tuple[str, ...] = ()) -> dict[str, np.ndarray]:
+  """OpenAI-named numpy arrays (contiguous, ready for safetensors) from a model: float32, except
+  int8 tensors (a quantized model's weights), which stay int8. `extra_layer_params` are per-layer
+  names beyond OpenAI's (e.g. an int8 model's `attn/c_attn/w_scale`); top-level extras such as
+  `wte_scale` are included when the model has them."""
   pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
 
   def get(x):
-    return np.ascontiguousarray(np.asarray(jax.device_get(x), dtype=np.float32))
+    a = np.asarray(jax.device_get(x))
+    return np.ascontiguousarray(a if a.dtype == np.int8 else a.astype(np.float32))
 
   flat = {"wte": get(pure["wte"]), "wpe": get(pure["wpe"]),
           "ln_f/g": get(pure["ln_f"]["g"]), "ln_f/b": get(pure["ln_f"]["b"])}
-  for name in LAYER_PARAMS:
+  if "wte_scale" in pure:
+    flat["wte_scale"] = get(pure["wte_scale"])
+  for name in tuple(LAYER_PARAMS) + tuple(extra_layer_params):
     node = pure["h"]
     for p in name.split("/"):
       node = node[p]
