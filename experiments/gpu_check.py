@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import statistics
 import sys
 import time
@@ -44,6 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import bench_train  # noqa: E402
+from experiments.machine import cpu_model  # noqa: E402
 from gpt import chips  # noqa: E402
 
 # name -> (n_layer, n_embd, n_head, context); --tiny replaces them with small shapes.
@@ -263,7 +263,7 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     pass
   memory = f"{limit / 2**30:.1f} GiB for XLA" if limit else "host memory"
   print(f"\nDevice: {device.device_kind} ({device.platform}), {memory}; {import_versions}; "
-        f"{platform.processor() or platform.machine()} host, load average {os.getloadavg()[0]:.1f}; "
+        f"{cpu_model()} host, load average {os.getloadavg()[0]:.1f}; "
         f"bf16 peak {peak / 1e12:.3g} TFLOP/s ({peak_source}); shapes: "
         f"{'tiny' if args.tiny else 'real'}; {time.perf_counter() - started:.0f} s in all.\n")
   print("| section | model | setting | ours | transformers / lm-eval | ratio or MFU | goal | met |")
