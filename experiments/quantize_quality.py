@@ -76,7 +76,11 @@ def main() -> None:
     valid = np.asarray(tok.encode((data / "wiki.valid.tokens").read_text(encoding="utf-8")), np.int32)
     cfg = GPTConfig(n_layer=args.n_layer, n_embd=args.n_embd, n_head=max(1, args.n_embd // 64),
                     n_ctx=args.ctx)
-    schedule = optax.warmup_cosine_decay_schedule(0, 3e-3, 20, args.steps, 3e-4)
+    if args.steps < 2:
+      raise SystemExit(f"error: --steps={args.steps}: at least 2 (warm-up, then cosine decay)")
+    # 20 warm-up steps (fewer in a short smoke run: the cosine needs steps left to decay over).
+    warmup = min(20, args.steps // 2)
+    schedule = optax.warmup_cosine_decay_schedule(0, 3e-3, warmup, args.steps, 3e-4)
     model = train_on_windows(valid, cfg, args.steps, args.batch, learning_rate=schedule,
                              log_every=50)
     source = (f"trained here: {args.n_layer}x{args.n_embd}, ctx {args.ctx}, {args.steps} Adam steps "
