@@ -45,6 +45,7 @@ import numpy as np  # noqa: E402
 from experiments import bench_train  # noqa: E402
 from experiments.machine import cpu_model  # noqa: E402
 from gpt import chips  # noqa: E402
+from gpt.compile import memory_figures  # noqa: E402
 
 # name -> (n_layer, n_embd, n_head, context); --tiny replaces them with small shapes.
 MODELS = {"124M": (12, 768, 12, 1024), "1542M": (48, 1600, 25, 1024)}
@@ -61,20 +62,14 @@ def peak_flops(device, tiny: bool) -> tuple[float, str]:
   return measured, f"measured bf16 matmul on {device.device_kind}"
 
 
-def compiled_bytes(memory) -> int:
-  """Peak device bytes of a compiled program: arguments, outputs and temporaries (donated
-  arguments alias outputs, so outputs are counted only beyond the aliased part)."""
-  return int(memory.argument_size_in_bytes + memory.temp_size_in_bytes
-             + max(0, memory.output_size_in_bytes - memory.alias_size_in_bytes))
-
-
 def train_bytes(shape, remat: str, batch: int, fields: dict) -> int:
-  """Device bytes of the bf16 train step at `shape` and `batch`, from compiling it abstractly."""
+  """Device bytes of the bf16 train step at `shape` and `batch`, from compiling it abstractly: the
+  compiler's total, as compile mode counts it (gpt.compile.memory_figures)."""
   L, D, H, T = shape
   step, *args = bench_train.train_program((L, D, H, T, batch), "bfloat16", scan=True,
                                           train=bench_train.train_section("chapter"),
                                           abstract=True, remat=remat, **fields)
-  return compiled_bytes(step.lower(*args).compile().memory_analysis())
+  return memory_figures(step.lower(*args).compile())["total"]
 
 
 def largest_batch(shape, remat: str, limit: int | None, cap: int, fields: dict) -> tuple[int, int]:
