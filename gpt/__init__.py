@@ -20,8 +20,9 @@ Each concern has one module; follow the data from the command line:
                            optimizer; sharding.py the mesh; checkpoint.py orbax checkpoints;
                            train_log.py logs and metrics; workdir_lock.py one run per workdir;
                            stop_signals.py Ctrl-C/kill as a clean stop; lora.py low-rank adapters
-  sampling.py, sample.py   the decoder (knows no model); sample and interactive modes, with the
-                           model laid out for decoding; prompt_reader.py the REPL's input
+  sampling.py, sample.py   the decoder (knows no model); sample and interactive modes;
+                           decoding.py the model laid out for decoding (prepare_for_decoding);
+                           prompt_reader.py the REPL's input
   evaluate.py, evals/      eval mode; the tasks, their data (sources, fetch, data_checks) and scorer
   harness.py               this model inside lm-evaluation-harness
   attention_view.py        attention mode; attention_page.py its HTML page
