@@ -48,7 +48,10 @@ def worker(args) -> None:
     n_layer, n_embd, n_head = MODEL_SIZES[canonical_model_name(args.model)]
     for dtype in args.dtype.split(","):
       for batch in map(int, args.batch.split(",")):
-        cfg = GPTConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head, dtype=dtype, param_dtype=dtype)
+        # int8 = int8 weights with float32 compute, as bench_decode.py's --dtype=int8.
+        float_dtype = "float32" if dtype == "int8" else dtype
+        cfg = GPTConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head, dtype=float_dtype,
+                        param_dtype=float_dtype, quantize="int8" if dtype == "int8" else "none")
         run = bench_decode.Ours(cfg, batch, args.new)
         assert run().shape == (batch, args.new)  # warm-up: compiles
         runners[f"{dtype} {batch}"] = run
@@ -75,7 +78,7 @@ def main():
   parser.add_argument("--shapes", default="tiny", help="train: bench_train.py shapes")
   parser.add_argument("--model", default="117M", help="decode: released size whose shape to use")
   parser.add_argument("--batch", default="1,8")
-  parser.add_argument("--dtype", default="float32,bfloat16")
+  parser.add_argument("--dtype", default="float32,bfloat16", help="decode: float32, bfloat16, int8")
   parser.add_argument("--new_tokens", type=int, default=64, dest="new_tokens")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--worker", help=argparse.SUPPRESS)

@@ -58,6 +58,10 @@ class SamplingOptions:
     return self.temperature == 0
 
 
+# Nucleus sampling without top-k first looks at this many most likely tokens (see `sample_logits`).
+NUCLEUS_PREFILTER = 1024
+
+
 def candidates(logits: jax.Array, options: SamplingOptions) -> tuple[jax.Array, jax.Array | None]:
   """Temperature, top-k and top-p applied to float32 logits [B, V].
 
@@ -76,19 +80,52 @@ def candidates(logits: jax.Array, options: SamplingOptions) -> tuple[jax.Array, 
   else:
     return scores, None
   if options.top_p < 1:
-    probs = jax.nn.softmax(scores, axis=-1)
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    # Keep a token while the mass of the more likely ones is still short of p: the smallest set
-    # reaching p. The first column has mass_before = 0 < p, so the top token always survives.
-    scores = jnp.where(mass_before < options.top_p, scores, -jnp.inf)
+    scores, _ = nucleus(scores, options.top_p)
   return scores, ids
 
 
-def sample_logits(key: jax.Array, logits: jax.Array, options: SamplingOptions) -> jax.Array:
-  """One token id per row [B] (int32) drawn from float32 logits [B, V]."""
+def nucleus(sorted_scores: jax.Array, top_p: float, total: jax.Array | None = None):
+  """Top-p on scores [B, C] sorted most likely first: (scores with the removed at -inf, the kept
+  mass [B]). The probabilities are softmax(sorted_scores), or, when the columns are only the most
+  likely C of a larger vocabulary, exp(score - max) / `total` [B, 1] with `total` the sum of
+  exp(score - max) over the whole vocabulary (the same softmax, over all of it)."""
+  if total is None:
+    probs = jax.nn.softmax(sorted_scores, axis=-1)
+  else:
+    probs = jnp.exp(sorted_scores - sorted_scores[:, :1]) / total
+  mass = jnp.cumsum(probs, axis=-1)
+  mass_before = mass - probs
+  # Keep a token while the mass of the more likely ones is still short of p: the smallest set
+  # reaching p. The first column has mass_before = 0 < p, so the top token always survives.
+  return jnp.where(mass_before < top_p, sorted_scores, -jnp.inf), mass[:, -1]
+
+
+def sample_logits(key: jax.Array, logits: jax.Array, options: SamplingOptions, *,
+                  prefilter: int = NUCLEUS_PREFILTER) -> jax.Array:
+  """One token id per row [B] (int32) drawn from float32 logits [B, V].
+
+  Nucleus sampling alone (top_p < 1, no top_k) needs the tokens in order of probability: a sort
+  of the whole vocabulary per row, ~100x the cost of a decode step's top-k at V = 50257 (BENCHMARKS.md,
+  "batch 8: outside the matmuls"). It first takes the `prefilter` most likely tokens (lax.top_k,
+  ties in index order as the stable sort); when they hold at least p of every row's mass, no
+  token past them can be in the nucleus, so the draw from them is the same distribution. Only
+  otherwise (a flat distribution) does it sort everything.
+  """
   if options.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  scores, ids = candidates(logits, options)
+  if options.top_p < 1 and not (options.top_k and options.top_k < logits.shape[-1]) \
+      and logits.shape[-1] > prefilter:
+    scores = logits.astype(jnp.float32) / options.temperature
+    top, ids = jax.lax.top_k(scores, prefilter)
+    total = jnp.sum(jnp.exp(scores - top[:, :1]), axis=-1, keepdims=True)
+    kept, mass = nucleus(top, options.top_p, total)
+    return jax.lax.cond(jnp.all(mass >= options.top_p), lambda: draw(key, kept, ids),
+                        lambda: draw(key, *candidates(logits, options)))
+  return draw(key, *candidates(logits, options))
+
+
+def draw(key: jax.Array, scores: jax.Array, ids: jax.Array | None) -> jax.Array:
+  """One candidate per row [B] (int32) drawn from `candidates`' (scores, ids)."""
   choice = jax.random.categorical(key, scores, axis=-1).astype(jnp.int32)
   if ids is None:
     return choice
