@@ -3,12 +3,11 @@
   python experiments/bench_sampling.py --batch=8 --repeats=20
 
 A batch-8 decode step of 117M takes ~5-40 ms here, so what picks the next token matters. Times
-the jitted `sample_logits` on float32 logits [B, 50257] for greedy, plain temperature, top-k 40,
-and top-p 0.9 with and without the nucleus prefilter (prefilter off = the full sort per row that
-top-p alone used before), interleaved in every repeat so the machine's load hits all alike. Two
-kinds of logits: "peaked" (normal * 4: the nucleus fits in the prefilter's 1024 tokens, as for a
-trained model's usual next-token distribution) and "flat" (standard normal: it does not, and the
-prefilter falls back to the sort).
+the jitted `sample_logits` on float32 logits [B, 50257] for greedy, plain temperature, top-k 40
+and top-p 0.9 (gpt.sampling.nucleus: a bisection, no sort), and beside it top-p 0.9 as it was
+done before (`sorted_top_p`: a stable sort of every row, then the cumulative mass), interleaved in
+every repeat so the machine's load hits all alike. Two kinds of logits: "peaked" (normal * 4) and
+"flat" (standard normal).
 """
 
 from __future__ import annotations
@@ -25,9 +24,21 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments.machine import cpu_model, load_average, vector_flags  # noqa: E402
-from gpt.sampling import NUCLEUS_PREFILTER, SamplingOptions, sample_logits  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+
+from gpt.sampling import SamplingOptions, draw, sample_logits  # noqa: E402
 
 V = 50257
+
+
+def sorted_top_p(key, logits, options):
+  """The sort-based top-p that gpt.sampling used before gpt.sampling.nucleus (the peer here)."""
+  scores = logits / options.temperature
+  iota = jnp.broadcast_to(jnp.arange(scores.shape[-1], dtype=jnp.int32), scores.shape)
+  neg, ids = jax.lax.sort((-scores, iota), dimension=-1, num_keys=1)
+  probs = jax.nn.softmax(-neg, axis=-1)
+  mass_before = jnp.cumsum(probs, axis=-1) - probs
+  return draw(key, jnp.where(mass_before < options.top_p, -neg, -jnp.inf), ids)
 
 
 def main():
@@ -39,16 +50,16 @@ def main():
   normal = np.asarray(jax.random.normal(jax.random.key(0), (args.batch, V)))
   logits = {"peaked": jax.numpy.asarray(4 * normal), "flat": jax.numpy.asarray(normal)}
   methods = {
-      "greedy": (SamplingOptions(temperature=0.0), NUCLEUS_PREFILTER),
-      "temperature 1": (SamplingOptions(), NUCLEUS_PREFILTER),
-      "top-k 40": (SamplingOptions(top_k=40), NUCLEUS_PREFILTER),
-      "top-p 0.9, full sort": (SamplingOptions(top_p=0.9), V + 1),
-      "top-p 0.9, prefilter": (SamplingOptions(top_p=0.9), NUCLEUS_PREFILTER),
+      "greedy": (SamplingOptions(temperature=0.0), sample_logits),
+      "temperature 1": (SamplingOptions(), sample_logits),
+      "top-k 40": (SamplingOptions(top_k=40), sample_logits),
+      "top-p 0.9, sorted (before)": (SamplingOptions(top_p=0.9), sorted_top_p),
+      "top-p 0.9, bisection (now)": (SamplingOptions(top_p=0.9), sample_logits),
   }
   runs = {}
   for kind, x in logits.items():
-    for name, (options, prefilter) in methods.items():
-      fn = jax.jit(lambda key, x, o=options, n=prefilter: sample_logits(key, x, o, prefilter=n))
+    for name, (options, how) in methods.items():
+      fn = jax.jit(lambda key, x, o=options, how=how: how(key, x, o))
       fn(jax.random.key(0), x).block_until_ready()  # compile
       runs[(kind, name)] = (fn, x)
   times = {k: [] for k in runs}

@@ -58,69 +58,65 @@ class SamplingOptions:
     return self.temperature == 0
 
 
-# Nucleus sampling without top-k first looks at this many most likely tokens (see `sample_logits`).
-NUCLEUS_PREFILTER = 1024
-
-
 def candidates(logits: jax.Array, options: SamplingOptions) -> tuple[jax.Array, jax.Array | None]:
   """Temperature, top-k and top-p applied to float32 logits [B, V].
 
   Returns (scores [B, C], ids [B, C] or None): the tokens that may be sampled, with removed ones at
   -inf. `ids` maps candidate columns back to vocabulary ids; None means the columns are the
-  vocabulary itself (no filtering, so no sort is needed).
+  vocabulary itself (no filtering).
   """
   scores = logits.astype(jnp.float32) / options.temperature
   V = scores.shape[-1]
   if options.top_k and options.top_k < V:
     scores, ids = jax.lax.top_k(scores, options.top_k)  # sorted, most likely first
-  elif options.top_p < 1:
-    iota = jnp.broadcast_to(jnp.arange(V, dtype=jnp.int32), scores.shape)
-    neg, ids = jax.lax.sort((-scores, iota), dimension=-1, num_keys=1)
-    scores = -neg
-  else:
-    return scores, None
+    if options.top_p < 1:
+      probs = jax.nn.softmax(scores, axis=-1)
+      mass_before = jnp.cumsum(probs, axis=-1) - probs
+      # Keep a token while the mass of the more likely ones is still short of p: the smallest set
+      # reaching p. The first column has mass_before = 0 < p, so the top token always survives.
+      scores = jnp.where(mass_before < options.top_p, scores, -jnp.inf)
+    return scores, ids
   if options.top_p < 1:
-    scores, _ = nucleus(scores, options.top_p)
-  return scores, ids
+    ids = jnp.broadcast_to(jnp.arange(V, dtype=jnp.int32), scores.shape)
+    return jnp.where(nucleus(scores, options.top_p), scores, -jnp.inf), ids
+  return scores, None
 
 
-def nucleus(sorted_scores: jax.Array, top_p: float, total: jax.Array | None = None):
-  """Top-p on scores [B, C] sorted most likely first: (scores with the removed at -inf, the kept
-  mass [B]). The probabilities are softmax(sorted_scores), or, when the columns are only the most
-  likely C of a larger vocabulary, exp(score - max) / `total` [B, 1] with `total` the sum of
-  exp(score - max) over the whole vocabulary (the same softmax, over all of it)."""
-  if total is None:
-    probs = jax.nn.softmax(sorted_scores, axis=-1)
-  else:
-    probs = jnp.exp(sorted_scores - sorted_scores[:, :1]) / total
-  mass = jnp.cumsum(probs, axis=-1)
-  mass_before = mass - probs
-  # Keep a token while the mass of the more likely ones is still short of p: the smallest set
-  # reaching p. The first column has mass_before = 0 < p, so the top token always survives.
-  return jnp.where(mass_before < top_p, sorted_scores, -jnp.inf), mass[:, -1]
+def nucleus(scores: jax.Array, top_p: float) -> jax.Array:
+  """[B, V] bool: the smallest set of most likely tokens whose probability reaches `top_p`, ties
+  taken in index order (as a stable sort by descending score would), found without sorting.
 
-
-def sample_logits(key: jax.Array, logits: jax.Array, options: SamplingOptions, *,
-                  prefilter: int = NUCLEUS_PREFILTER) -> jax.Array:
-  """One token id per row [B] (int32) drawn from float32 logits [B, V].
-
-  Nucleus sampling alone (top_p < 1, no top_k) needs the tokens in order of probability: a sort
-  of the whole vocabulary per row, ~100x the cost of a decode step's top-k at V = 50257 (BENCHMARKS.md,
-  "batch 8: outside the matmuls"). It first takes the `prefilter` most likely tokens (lax.top_k,
-  ties in index order as the stable sort); when they hold at least p of every row's mass, no
-  token past them can be in the nucleus, so the draw from them is the same distribution. Only
-  otherwise (a flat distribution) does it sort everything.
+  Sorting 50257 scores per row costs ~100x a decode step's top-k on XLA:CPU (BENCHMARKS.md,
+  "batch 8: outside the matmuls"). Instead: the mass strictly above a score threshold only falls
+  as the threshold rises, so a bisection over the 2^32 float32 values (32 masked sums) finds the
+  least likely kept score t, the smallest score whose "mass above" is short of p. Every token
+  above t is kept; of the tokens tied at t, those whose mass before them (the mass above t plus
+  their earlier-index ties) is still short of p.
   """
+  probs = jax.nn.softmax(scores, axis=-1)
+  bits = jax.lax.bitcast_convert_type(scores, jnp.uint32)
+  # float32 -> uint32 in the same order: flip every bit of negatives, only the sign of the rest.
+  keys = jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
+  above = lambda k: jnp.sum(jnp.where(keys > k, probs, 0.0), axis=-1, keepdims=True)
+
+  def halve(_, bounds):  # invariant: mass above lo reaches p (or lo is below every key); above hi does not
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    short = above(mid) < top_p
+    return jnp.where(short, lo, mid), jnp.where(short, mid, hi)
+
+  lo = jnp.zeros(keys.shape[:-1] + (1,), jnp.uint32)
+  hi = keys.max(axis=-1, keepdims=True)  # nothing lies above the top score
+  _, t = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+  tied = keys == t
+  ties_before = jnp.cumsum(tied, axis=-1, dtype=jnp.int32) - tied
+  return (keys > t) | (tied & (above(t) + probs * ties_before < top_p))
+
+
+def sample_logits(key: jax.Array, logits: jax.Array, options: SamplingOptions) -> jax.Array:
+  """One token id per row [B] (int32) drawn from float32 logits [B, V]."""
   if options.greedy:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  if options.top_p < 1 and not (options.top_k and options.top_k < logits.shape[-1]) \
-      and logits.shape[-1] > prefilter:
-    scores = logits.astype(jnp.float32) / options.temperature
-    top, ids = jax.lax.top_k(scores, prefilter)
-    total = jnp.sum(jnp.exp(scores - top[:, :1]), axis=-1, keepdims=True)
-    kept, mass = nucleus(top, options.top_p, total)
-    return jax.lax.cond(jnp.all(mass >= options.top_p), lambda: draw(key, kept, ids),
-                        lambda: draw(key, *candidates(logits, options)))
   return draw(key, *candidates(logits, options))
 
 
