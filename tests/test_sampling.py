@@ -7,7 +7,7 @@ import pytest
 from scipy import stats
 
 from gpt.errors import GPTError
-from gpt.sampling import Decoder, SamplingOptions, candidates, nucleus, sample_logits, trim
+from gpt.sampling import Decoder, SamplingOptions, candidates, draw, nucleus, sample_logits, trim
 
 V = 12
 STOP = V - 1
@@ -123,6 +123,28 @@ def test_nucleus_samples_the_renormalized_distribution():
     support = expected > 0
     if support.sum() > 1:
       assert stats.chisquare(counts[support], 4000 * expected[support]).pvalue > 1e-3, (r, counts)
+
+
+def test_two_stage_draw_has_the_same_distribution():
+  """`draw` in blocks of 3 over 12 columns (one whole block removed, a padded last block at 10
+  columns) against softmax, by the frequencies of 6000 draws; and the ids mapping."""
+  scores = np.array([[0.5, -np.inf, 1.0, -np.inf, -np.inf, -np.inf, 2.0, 0.0, 1.5, 0.2, 0.1, 1.0],
+                     [0.0] * 12], np.float32)
+  ids = jnp.asarray(np.arange(12)[::-1].copy()[None].repeat(2, 0), jnp.int32)
+  keys = jax.random.split(jax.random.key(11), 6000)
+  for width, mapped in [(12, False), (10, False), (12, True)]:
+    x = jnp.asarray(scores[:, :width])
+    fn = lambda k: draw(k, x, ids[:, :width] if mapped else None, block=3)
+    draws = np.asarray(jax.jit(jax.vmap(fn))(keys))
+    if mapped:
+      draws = 11 - draws
+    for r in range(2):
+      expected = np.exp(scores[r, :width].astype(np.float64) - scores[r, :width].max())
+      expected /= expected.sum()
+      counts = np.bincount(draws[:, r], minlength=width)
+      assert counts[expected == 0].sum() == 0, (width, r, counts)
+      support = expected > 0
+      assert stats.chisquare(counts[support], 6000 * expected[support]).pvalue > 1e-3, (width, r, counts)
 
 
 @pytest.mark.parametrize("options", [
