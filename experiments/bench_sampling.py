@@ -4,8 +4,9 @@
 
 A batch-8 decode step of 117M takes ~5-40 ms here, so what picks the next token matters. Times
 the jitted `sample_logits` on float32 logits [B, 50257] for greedy, plain temperature, top-k 40
-and top-p 0.9 (gpt.sampling.nucleus: a bisection, no sort), and beside it top-p 0.9 as it was
-done before (`sorted_top_p`: a stable sort of every row, then the cumulative mass), interleaved in
+and top-p 0.9 (gpt.sampling.nucleus: a bisection, no sort), and beside them temperature and top-p
+0.9 as they were done before (`one_stage`: a Gumbel variate per column; `sorted_top_p`: a stable
+sort of every row, then the cumulative mass), interleaved in
 every repeat so the machine's load hits all alike. Two kinds of logits: "peaked" (normal * 4) and
 "flat" (standard normal).
 """
@@ -26,7 +27,7 @@ import numpy as np  # noqa: E402
 from experiments.machine import cpu_model, load_average, vector_flags  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from gpt.sampling import SamplingOptions, draw, sample_logits  # noqa: E402
+from gpt.sampling import SamplingOptions, sample_logits  # noqa: E402
 
 V = 50257
 
@@ -38,7 +39,13 @@ def sorted_top_p(key, logits, options):
   neg, ids = jax.lax.sort((-scores, iota), dimension=-1, num_keys=1)
   probs = jax.nn.softmax(-neg, axis=-1)
   mass_before = jnp.cumsum(probs, axis=-1) - probs
-  return draw(key, jnp.where(mass_before < options.top_p, -neg, -jnp.inf), ids)
+  choice = jax.random.categorical(key, jnp.where(mass_before < options.top_p, -neg, -jnp.inf), axis=-1)
+  return jnp.take_along_axis(ids, choice[:, None], axis=-1)[:, 0]
+
+
+def one_stage(key, logits, options):
+  """Temperature alone as gpt.sampling drew it before its two-stage `draw`: a Gumbel per column."""
+  return jax.random.categorical(key, logits / options.temperature, axis=-1)
 
 
 def main():
@@ -51,7 +58,8 @@ def main():
   logits = {"peaked": jax.numpy.asarray(4 * normal), "flat": jax.numpy.asarray(normal)}
   methods = {
       "greedy": (SamplingOptions(temperature=0.0), sample_logits),
-      "temperature 1": (SamplingOptions(), sample_logits),
+      "temperature 1, one stage (before)": (SamplingOptions(), one_stage),
+      "temperature 1, two stages (now)": (SamplingOptions(), sample_logits),
       "top-k 40": (SamplingOptions(top_k=40), sample_logits),
       "top-p 0.9, sorted (before)": (SamplingOptions(top_p=0.9), sorted_top_p),
       "top-p 0.9, bisection (now)": (SamplingOptions(top_p=0.9), sample_logits),
