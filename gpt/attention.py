@@ -66,35 +66,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
   if mask is None:
     mask = jnp.tril(jnp.ones((T, S), bool), S - T)[None, None]
   N = B * H
-  single = T == 1 and not dropping
-  if single:  # a decode step: see `_one_query_scores`
-    scores = _one_query_scores(q, k)
-  else:
-    scores = jnp.einsum("ntk,nsk->nts", q.reshape(N, T, K), k.reshape(N, S, K),
-                        preferred_element_type=jnp.float32).reshape(B, H, T, S)
-  scores = jnp.where(mask, scores / math.sqrt(K), MASK_VALUE)
+  scores = jnp.einsum("ntk,nsk->nts", q.reshape(N, T, K), k.reshape(N, S, K),
+                      preferred_element_type=jnp.float32)
+  scores = jnp.where(mask, scores.reshape(B, H, T, S) / math.sqrt(K), MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1)
   kept = apply_dropout(probs, dropout, rng) if dropping else probs
-  if single:
-    y = _one_query_values(kept.astype(v.dtype), v)
-  else:
-    y = jnp.einsum("nts,nsk->ntk", kept.astype(v.dtype).reshape(N, T, S), v.reshape(N, S, K),
-                   preferred_element_type=jnp.float32).reshape(B, H, T, K)
-  y = y.astype(q.dtype)
+  y = jnp.einsum("nts,nsk->ntk", kept.astype(v.dtype).reshape(N, T, S), v.reshape(N, S, K),
+                 preferred_element_type=jnp.float32)
+  y = y.astype(q.dtype).reshape(B, H, T, K)
   return (y, probs) if return_probs else y
-
-
-def _one_query_scores(q: jax.Array, k: jax.Array) -> jax.Array:
-  """q k^T for one query per head (q [B, H, 1, K], k [B, H, S, K]) in float32, as a multiply and
-  a reduction over K. For a single query XLA:CPU runs the batched einsum as B * H tiny dot calls
-  (the largest cost outside the weight matmuls in a batch-8 decode step, BENCHMARKS.md's "batch 8:
-  outside the matmuls"); the elementwise form is one loop fusion over the cache, read once."""
-  return jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32), axis=-1)[:, :, None, :]
-
-
-def _one_query_values(p: jax.Array, v: jax.Array) -> jax.Array:
-  """p v for one query per head (p [B, H, 1, S], v [B, H, S, K]) in float32: the same fusion."""
-  return jnp.sum(p[:, :, 0, :, None].astype(jnp.float32) * v.astype(jnp.float32), axis=2)[:, :, None, :]
 
 
 def query_blocks(T: int, S: int, causal: bool, blocks: int = QUERY_BLOCKS) -> list[tuple[int, int, int]]:
