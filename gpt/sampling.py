@@ -94,12 +94,14 @@ def nucleus(scores: jax.Array, top_p: float) -> jax.Array:
   their earlier-index ties) is still short of p.
   """
   probs = jax.nn.softmax(scores, axis=-1)
-  bits = jax.lax.bitcast_convert_type(scores, jnp.uint32)
+  # -0.0 and 0.0 are one score (a tie) but two bit patterns: make every zero +0.0.
+  bits = jax.lax.bitcast_convert_type(jnp.where(scores == 0, 0.0, scores), jnp.uint32)
   # float32 -> uint32 in the same order: flip every bit of negatives, only the sign of the rest.
   keys = jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(1 << 31))
   above = lambda k: jnp.sum(jnp.where(keys > k, probs, 0.0), axis=-1, keepdims=True)
 
-  def halve(_, bounds):  # invariant: mass above lo reaches p (or lo is below every key); above hi does not
+  def halve(_, bounds):
+    # Invariant: the mass above lo reaches p (or lo is below every key); above hi it does not.
     lo, hi = bounds
     mid = lo + (hi - lo) // 2
     short = above(mid) < top_p

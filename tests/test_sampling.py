@@ -109,6 +109,8 @@ def test_nucleus_without_sort_keeps_what_a_stable_sort_keeps(top_p, temperature)
     np.testing.assert_array_equal(kept[r], want, err_msg=f"row {r}")
   if (top_p, temperature) == (0.5, 0.9):
     assert np.flatnonzero(kept[0]).tolist() == [1, 3, 4]  # a tie cut in index order
+  signed = np.array([[-0.0, 0.0, -0.0, 0.0, -5.0]], np.float32)  # four tied zeros, two signs
+  assert np.flatnonzero(np.asarray(nucleus(jnp.asarray(signed), 0.4))).tolist() == [0, 1]
 
 
 def test_nucleus_samples_the_renormalized_distribution():
