@@ -64,6 +64,8 @@ def cpu_seconds() -> float:
 def main(argv: list[str]) -> None:
   del argv
   from gpt import compile as aot
+  from gpt.chips import devices_for
+  from gpt.compile_tables import human_bytes, human_rate
 
   model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
                 if line.startswith("model name")), platform.processor())
@@ -76,7 +78,7 @@ def main(argv: list[str]) -> None:
   for i in picked:
     path, topology, o = CASES[i]
     config = case_config(path, topology, o)
-    planner = aot.Planner(config, aot.devices_for(topology), topology)
+    planner = aot.Planner(config, devices_for(topology), topology)
     wall, cpu = time.perf_counter(), cpu_seconds()
     row = planner.compile(planner.configured(), ("train",))[0]
     wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
@@ -84,10 +86,10 @@ def main(argv: list[str]) -> None:
     total = pc.get("total") or row.get("oom", {}).get("needed")
     print(f"| {row['model']['params'] / 1e6:.0f}M | {topology} ({row['chips']} chips, {row['hosts']} "
           f"host{'s' if row['hosts'] > 1 else ''}) | data={mesh['data']} fsdp={mesh['fsdp']} "
-          f"| {o['batch_size']} x 1024 | {o['remat']} | {aot.human_bytes(pc['params'] + pc['opt_state'])} "
-          f"| {aot.human_bytes(pc.get('temporaries'))} | {aot.human_bytes(total)}"
-          f"{'' if 'total' in pc else ' (compiler: OOM)'} | {aot.human_bytes(row['hbm'])} "
-          f"| {'yes' if row['fits'] else 'no'} | {aot.human_rate(row['tokens_per_s'])} | {wall:.0f} s "
+          f"| {o['batch_size']} x 1024 | {o['remat']} | {human_bytes(pc['params'] + pc['opt_state'])} "
+          f"| {human_bytes(pc.get('temporaries'))} | {human_bytes(total)}"
+          f"{'' if 'total' in pc else ' (compiler: OOM)'} | {human_bytes(row['hbm'])} "
+          f"| {'yes' if row['fits'] else 'no'} | {human_rate(row['tokens_per_s'])} | {wall:.0f} s "
           f"| {cpu:.0f} s | {os.getloadavg()[0]:.1f} |", flush=True)
   print("\ncommands (one per row):")
   for i in picked:

@@ -8,7 +8,8 @@ No GPU has been lent to this project in most sessions, so everything a GPU sessi
 this one script: it prints one Markdown table and nothing else is needed to fill BENCHMARKS.md.
   train   tokens/s and MFU for 124M (context 1024, bf16 compute, cuDNN attention, the largest
           batch that fits, with and without remat) and 1542M (remat full). MFU is against the
-          GPU's published dense bf16 peak (PEAK_BF16), on a CPU against a measured bf16 matmul.
+          GPU's published dense bf16 peak (gpt.chips.GPU_PEAK_BF16), on a CPU against a measured
+          bf16 matmul.
   decode  new tokens/s for 124M and 1542M at batch 1 and 16: ours (gpt's Generator, the code
           `--config.mode=sample` runs) beside transformers `generate` on the same device.
   eval    HellaSwag zero-shot examples/s: ours (gpt.evals) beside lm-eval's `hf` model on the
@@ -43,11 +44,8 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import bench_train  # noqa: E402
+from gpt import chips  # noqa: E402
 
-# Dense bf16 peak FLOP/s by device kind (NVIDIA data sheets: H100 SXM 989.4 TF, H100 PCIe 756 TF,
-# H200 989.4 TF, A100 312 TF, L4 121 TF). Matched by substring of jax's device_kind, first wins.
-PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989.4e12), ("H200", 989.4e12), ("A100", 312e12),
-             ("L4", 121e12))
 # name -> (n_layer, n_embd, n_head, context); --tiny replaces them with small shapes.
 MODELS = {"124M": (12, 768, 12, 1024), "1542M": (48, 1600, 25, 1024)}
 TINY_MODELS = {"124M": (2, 64, 2, 64), "1542M": (3, 96, 3, 64)}
@@ -56,17 +54,11 @@ VOCAB = 50257
 
 def peak_flops(device, tiny: bool) -> tuple[float, str]:
   """(bf16 FLOP/s, where the figure comes from) for `device`."""
-  for name, peak in PEAK_BF16:
-    if name in device.device_kind:
-      return peak, f"{device.device_kind} data sheet"
+  peak = chips.gpu_peak_flops(device.device_kind)  # the published figure (gpt.chips' GPU table)
+  if peak:
+    return peak, f"{device.device_kind} data sheet"
   measured = bench_train.matmul_peak_jax(jnp.bfloat16, n=512 if tiny else 2048)
   return measured, f"measured bf16 matmul on {device.device_kind}"
-
-
-def device_memory(device) -> int | None:
-  """Bytes XLA may use on `device`, or None where it does not say (CPU)."""
-  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-  return (stats or {}).get("bytes_limit")
 
 
 def compiled_bytes(memory) -> int:
@@ -251,7 +243,7 @@ def main(argv: list[str] | None = None) -> list[tuple]:
   fields = {"attention_impl": "cudnn" if on_gpu else "xla"}
   skip = set(filter(None, args.skip.split(",")))
   peak, peak_source = peak_flops(device, args.tiny)
-  limit = device_memory(device)
+  limit = chips.device_memory(device)
   torch_device = torch_device_name()
   started = time.perf_counter()
 
