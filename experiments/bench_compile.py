@@ -12,7 +12,6 @@ average are printed first: compile time is CPU-bound and scales with the load).
 from __future__ import annotations
 
 import os
-import platform
 import resource
 import sys
 import time
@@ -22,6 +21,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
   sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from absl import app, flags  # noqa: E402
+
+from experiments.machine import cpu_model, load_average  # noqa: E402
 
 # (config file, topology, overrides): a fitting setting per size and chip, and one that does not fit.
 CASES = [
@@ -67,10 +68,7 @@ def main(argv: list[str]) -> None:
   from gpt.chips import devices_for
   from gpt.compile_tables import human_bytes, human_rate
 
-  model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor())
-  print(f"CPU: {model}, {os.cpu_count()} cores; load average at start "
-        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+  print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; load average at start {load_average()}")
   picked = [int(i) for i in _CASES.value.split(",")] if _CASES.value else range(len(CASES))
   print("| model | slice | mesh | batch | remat | params+opt/chip | temporaries/chip | total/chip "
         "| HBM | fits | est. tokens/s (50% MFU) | compile wall | compile CPU | load |")

@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import statistics
 import sys
 import time
@@ -44,7 +43,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import bench_train  # noqa: E402
+from experiments.machine import cpu_model  # noqa: E402
 from gpt import chips  # noqa: E402
+from gpt.compile import memory_figures  # noqa: E402
 
 # name -> (n_layer, n_embd, n_head, context); --tiny replaces them with small shapes.
 MODELS = {"124M": (12, 768, 12, 1024), "1542M": (48, 1600, 25, 1024)}
@@ -61,20 +62,14 @@ def peak_flops(device, tiny: bool) -> tuple[float, str]:
   return measured, f"measured bf16 matmul on {device.device_kind}"
 
 
-def compiled_bytes(memory) -> int:
-  """Peak device bytes of a compiled program: arguments, outputs and temporaries (donated
-  arguments alias outputs, so outputs are counted only beyond the aliased part)."""
-  return int(memory.argument_size_in_bytes + memory.temp_size_in_bytes
-             + max(0, memory.output_size_in_bytes - memory.alias_size_in_bytes))
-
-
 def train_bytes(shape, remat: str, batch: int, fields: dict) -> int:
-  """Device bytes of the bf16 train step at `shape` and `batch`, from compiling it abstractly."""
+  """Device bytes of the bf16 train step at `shape` and `batch`, from compiling it abstractly: the
+  compiler's total, as compile mode counts it (gpt.compile.memory_figures)."""
   L, D, H, T = shape
   step, *args = bench_train.train_program((L, D, H, T, batch), "bfloat16", scan=True,
                                           train=bench_train.train_section("chapter"),
                                           abstract=True, remat=remat, **fields)
-  return compiled_bytes(step.lower(*args).compile().memory_analysis())
+  return memory_figures(step.lower(*args).compile())["total"]
 
 
 def largest_batch(shape, remat: str, limit: int | None, cap: int, fields: dict) -> tuple[int, int]:
@@ -263,7 +258,7 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     pass
   memory = f"{limit / 2**30:.1f} GiB for XLA" if limit else "host memory"
   print(f"\nDevice: {device.device_kind} ({device.platform}), {memory}; {import_versions}; "
-        f"{platform.processor() or platform.machine()} host, load average {os.getloadavg()[0]:.1f}; "
+        f"{cpu_model()} host, load average {os.getloadavg()[0]:.1f}; "
         f"bf16 peak {peak / 1e12:.3g} TFLOP/s ({peak_source}); shapes: "
         f"{'tiny' if args.tiny else 'real'}; {time.perf_counter() - started:.0f} s in all.\n")
   print("| section | model | setting | ours | transformers / lm-eval | ratio or MFU | goal | met |")
