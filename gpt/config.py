@@ -106,7 +106,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.quantize = "none"
   # With int8 weights, decoding (sample, interactive) also quantizes each activation row to int8
   # (per-row scale, as CTranslate2 does) and multiplies in integers on AVX-512 VNNI: faster, a little
-  # less exact (BENCHMARKS.md, decode); the eval scorer's many-row products stay float.
+  # less exact (BENCHMARKS.md, decode). Only where the gemv kernels lay decoding out (a CPU); the eval
+  # scorer's many-row products and GPU/TPU decoding stay float.
   m.int8_activations = False
 
   c.data = d = ml_collections.ConfigDict()
