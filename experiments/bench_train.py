@@ -102,11 +102,15 @@ def _timed(fn: Callable[[], object]) -> float:
 
 
 # Compiler options per variant suffix: `eigen` turns off XLA:CPU's default YNNPACK dot fusions,
-# so dots run on XLA's Eigen-based kernels.
-VARIANT_OPTIONS = {"eigen": {"xla_cpu_experimental_ynn_fusion_type": ""}}
+# so dots run on XLA's Eigen-based kernels; `ynndot` keeps YNNPACK for dots only (reductions go to
+# XLA's own loop emitter); `onednn` turns on XLA:CPU's oneDNN rewrites.
+VARIANT_OPTIONS = {"eigen": {"xla_cpu_experimental_ynn_fusion_type": ""},
+                   "ynndot": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
+                   "onednn": {"xla_cpu_use_onednn": True}}
 # Model fields per variant suffix: the attention formulation (model.attention_impl; the default is
-# GPTConfig's, "blocked") and rematerialisation, to compare training-speed routes side by side.
+# GPTConfig's, "blocked"), the output layer's loss (model.output_loss) and rematerialisation, to compare training-speed routes side by side.
 VARIANT_FIELDS = {"attnxla": {"attention_impl": "xla"}, "attnblocked": {"attention_impl": "blocked"},
+                  "logitsloss": {"output_loss": "logits"},
                   "rematdots": {"remat": "dots"},
                   "rematfull": {"remat": "full"}}
 
@@ -213,7 +217,7 @@ def main() -> None:
   parser.add_argument("--shapes", default="chapter,30m", help=f"comma list of {sorted(SHAPES)}")
   parser.add_argument("--impls", default="jax-f32-scan,jax-f32-unrolled,jax-f32-scan-eigen,"
                       "jax-bf16-scan,torch-f32,torch-bf16",
-                      help="framework-dtype[-scan|-unrolled][-eigen][-attnxla]"
+                      help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla][-logitsloss]"
                       "[-rematdots|-rematfull] names")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps", type=int, default=3, help="timed steps per row per round")

@@ -99,8 +99,9 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array 
   - causal masking is an iota comparison fused into the scores, never a broadcast mask array;
   - the queries go in `blocks` blocks over key prefixes (`query_blocks`), skipping the scores above
     the diagonal: about 5/8 of the work of the full square at 4 blocks;
-  - the backward pass is written out (a custom VJP, the FlashAttention identity): with saved
-    float32 probabilities P and D = rowsum(dy * y), dS = P * (dy v^T - D), so it never reduces
+  - the backward pass is written out (a custom VJP, the FlashAttention identity): it recomputes
+    the float32 probabilities P from the saved softmax statistics (nothing of size [T, S] is kept
+    between the passes) and, with D = rowsum(dy * y), dS = P * (dy v^T - D), so it never reduces
     over the [T, S] scores and never copies the softmax.
   Scores, softmax and its statistics are float32; the matmuls take q's dtype (bfloat16 compute
   feeds bf16 operands with float32 accumulation). Masked scores are MASK_VALUE, as in "einsum".
@@ -122,31 +123,48 @@ def _blocked(q, k, v, mask, blocks):
   return _blocked_forward(q, k, v, mask, blocks)[0]
 
 
+def _block_scores(q, k, mask, T, S, a, b, keys):
+  """Masked, scaled float32 scores [B, H, b - a, keys] of query rows a..b-1."""
+  s = jnp.einsum("bhtk,bhsk->bhts", q[:, :, a:b], k[:, :, :keys],
+                 preferred_element_type=jnp.float32) * (1.0 / math.sqrt(q.shape[-1]))
+  return jnp.where(_block_keep(mask, T, S, a, b, keys), s, MASK_VALUE)
+
+
+def _block_probs(s, m, l):
+  """softmax of scores `s` from its row max `m` and row sum `l` of exp(s - m): the forward and
+  the backward compute P with these same operations, so the backward's P is the forward's."""
+  return jnp.exp(s - m) / l
+
+
 def _blocked_forward(q, k, v, mask, blocks):
-  """(y, residuals) of blocked_attention; the residuals keep each block's probabilities."""
+  """(y, residuals) of blocked_attention. The residuals keep each block's softmax statistics
+  (row max and row sum, [B, H, rows, 1]), not its probabilities: the backward recomputes P from
+  them. Saved probabilities were [L, B, H, ~5/8 T, T] float32 buffers through the layer scan
+  (377 MB at the chapter shape), and zeroing, writing and reading them back cost more than
+  recomputing q k^T (~1% of the step's FLOPs); see BENCHMARKS.md "Training speed routes"."""
   T, S = q.shape[2], k.shape[2]
-  ys, probs = [], []
+  ys, stats = [], []
   for a, b, keys in query_blocks(T, S, mask is None, blocks):
-    s = jnp.einsum("bhtk,bhsk->bhts", q[:, :, a:b], k[:, :, :keys],
-                   preferred_element_type=jnp.float32) * (1.0 / math.sqrt(q.shape[-1]))
-    s = jnp.where(_block_keep(mask, T, S, a, b, keys), s, MASK_VALUE)
-    e = jnp.exp(s - s.max(-1, keepdims=True))
-    p = e / e.sum(-1, keepdims=True)
+    s = _block_scores(q, k, mask, T, S, a, b, keys)
+    m = s.max(-1, keepdims=True)
+    l = jnp.exp(s - m).sum(-1, keepdims=True)
+    p = _block_probs(s, m, l)
     ys.append(jnp.einsum("bhts,bhsk->bhtk", p.astype(v.dtype), v[:, :, :keys],
                          preferred_element_type=jnp.float32))
-    probs.append(p)
+    stats.append((m, l))
   y = (ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=2)).astype(q.dtype)
-  return y, (q, k, v, mask, y, tuple(probs))
+  return y, (q, k, v, mask, y, tuple(stats))
 
 
 def _blocked_backward(blocks, res, dy):
-  q, k, v, mask, y, probs = res
+  q, k, v, mask, y, stats = res
   T, S = q.shape[2], k.shape[2]
   scale = 1.0 / math.sqrt(q.shape[-1])
   # rowsum(P * dP) = rowsum(dy * y): a [T, K] reduction instead of one over the [T, S] scores.
   d = jnp.sum(dy.astype(jnp.float32) * y.astype(jnp.float32), axis=-1, keepdims=True)
   dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
-  for (a, b, keys), p in zip(query_blocks(T, S, mask is None, blocks), probs):
+  for (a, b, keys), (m, l) in zip(query_blocks(T, S, mask is None, blocks), stats):
+    p = _block_probs(_block_scores(q, k, mask, T, S, a, b, keys), m, l)
     dyb = dy[:, :, a:b]
     dv = dv.at[:, :, :keys].add(jnp.einsum("bhts,bhtk->bhsk", p.astype(dy.dtype), dyb,
                                            preferred_element_type=jnp.float32))

@@ -100,6 +100,10 @@ def base_config() -> ml_collections.ConfigDict:
   # (jax.nn.dot_product_attention's XLA version) | cudnn (fused, GPU) | auto (cudnn when on GPU,
   # else xla). Decoding over the KV cache always spells it out.
   m.attention_impl = "blocked"
+  # The training loss through the tied output layer: fused (gpt.output_loss: logits, softmax
+  # cross-entropy and both gradients per chunk of rows in one pass; faster on CPU, same numbers) |
+  # logits (the whole float32 [B, T, V] logits, then optax's cross-entropy, differentiated by JAX).
+  m.output_loss = "fused"
   # Weight-only quantization for inference (sample, interactive, eval, the harness model): none |
   # int8 (int8 matrices with per-output-channel scales, float activations; gpt.quantize). Applied
   # when the model is loaded; training refuses it.
