@@ -204,7 +204,7 @@ def torch_runner(torch, shape, dtype: str, seed: int = 0, train=None, device: st
   return None, run
 
 
-def profile_step(run, top: int = 12) -> None:
+def profile_step(run, top: int = 30) -> None:
   """Prints where one jitted step spends its time: by XLA op kind and by instruction."""
   run()
   wall, totals = xla_trace.traced_op_times(run)

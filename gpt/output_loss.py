@@ -24,9 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# Rows per chunk: [ROWS, 50257] float32 logits are 51 MB at 256 rows. Measured by
-# experiments/bench_output_loss.py (see BENCHMARKS.md).
-ROWS = 256
+# Rows per chunk. Smaller chunks would bound the logits' memory, but XLA:CPU's GEMM repacks the
+# whole [50257, D] wte for every chunk: at 256 rows the chapter step's output layer took ~3x as
+# long as unchunked (BENCHMARKS.md "Training speed routes"), so by default one chunk up to this size.
+ROWS = 16384
 
 
 def tied_cross_entropy(hidden: jax.Array, wte: jax.Array, targets: jax.Array,
