@@ -83,8 +83,11 @@ def main():
   if args.worker:
     args.checkout, args.new = args.worker, args.new_tokens
     return worker(args)
+  # Only here, not at the top: a worker imports `experiments` from its own checkout.
+  sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+  from experiments.machine import cpu_model, load_average, vector_flags
 
-  load_before = os.getloadavg()
+  load_before = load_average()
   sides = {}
   for name, path in (("old", args.old), ("new", args.new)):
     path = str(Path(path).resolve())
@@ -107,19 +110,14 @@ def main():
   for p in sides.values():
     p.stdin.close()
     p.wait()
-  load_after = os.getloadavg()
+  load_after = load_average()
 
-  info = open("/proc/cpuinfo").read().splitlines()
-  cpu = next((l.split(":", 1)[1].strip() for l in info if l.startswith("model name")), "?")
-  flags = set(next((l.split(":", 1)[1].split() for l in info if l.startswith("flags")), []))
-  cpu += " (" + ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in
-                          ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")) + ")"
+  cpu = f"{cpu_model()} ({vector_flags()})"
   what = (f"train step (bench_train.py jax_runner, scan, AdamW), steps/s" if args.what == "train" else
           f"{args.model} architecture, random weights, {args.new_tokens} new tokens after a 1-token "
           f"prompt, top-k 40, new tokens/s")
   print(f"\n{what}; median of {args.repeats} interleaved repeats (best). {os.cpu_count()} CPUs, "
-        f"{cpu}. Load average (1/5/15 min) before {'/'.join(f'{x:.1f}' for x in load_before)}, after "
-        f"{'/'.join(f'{x:.1f}' for x in load_after)}.\n")
+        f"{cpu}. Load average before {load_before}, after {load_after}.\n")
   print("| config | old | new | new / old |")
   print("|---|---|---|---|")
   for key in keys:

@@ -12,7 +12,6 @@ average are printed first: compile time is CPU-bound and scales with the load).
 from __future__ import annotations
 
 import os
-import platform
 import resource
 import sys
 import time
@@ -22,6 +21,8 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
   sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from absl import app, flags  # noqa: E402
+
+from experiments.machine import cpu_model, load_average  # noqa: E402
 
 # (config file, topology, overrides): a fitting setting per size and chip, and one that does not fit.
 CASES = [
@@ -64,11 +65,10 @@ def cpu_seconds() -> float:
 def main(argv: list[str]) -> None:
   del argv
   from gpt import compile as aot
+  from gpt.chips import devices_for
+  from gpt.compile_tables import human_bytes, human_rate
 
-  model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                if line.startswith("model name")), platform.processor())
-  print(f"CPU: {model}, {os.cpu_count()} cores; load average at start "
-        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+  print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; load average at start {load_average()}")
   picked = [int(i) for i in _CASES.value.split(",")] if _CASES.value else range(len(CASES))
   print("| model | slice | mesh | batch | remat | params+opt/chip | temporaries/chip | total/chip "
         "| HBM | fits | est. tokens/s (50% MFU) | compile wall | compile CPU | load |")
@@ -76,7 +76,7 @@ def main(argv: list[str]) -> None:
   for i in picked:
     path, topology, o = CASES[i]
     config = case_config(path, topology, o)
-    planner = aot.Planner(config, aot.devices_for(topology), topology)
+    planner = aot.Planner(config, devices_for(topology), topology)
     wall, cpu = time.perf_counter(), cpu_seconds()
     row = planner.compile(planner.configured(), ("train",))[0]
     wall, cpu = time.perf_counter() - wall, cpu_seconds() - cpu
@@ -84,10 +84,10 @@ def main(argv: list[str]) -> None:
     total = pc.get("total") or row.get("oom", {}).get("needed")
     print(f"| {row['model']['params'] / 1e6:.0f}M | {topology} ({row['chips']} chips, {row['hosts']} "
           f"host{'s' if row['hosts'] > 1 else ''}) | data={mesh['data']} fsdp={mesh['fsdp']} "
-          f"| {o['batch_size']} x 1024 | {o['remat']} | {aot.human_bytes(pc['params'] + pc['opt_state'])} "
-          f"| {aot.human_bytes(pc.get('temporaries'))} | {aot.human_bytes(total)}"
-          f"{'' if 'total' in pc else ' (compiler: OOM)'} | {aot.human_bytes(row['hbm'])} "
-          f"| {'yes' if row['fits'] else 'no'} | {aot.human_rate(row['tokens_per_s'])} | {wall:.0f} s "
+          f"| {o['batch_size']} x 1024 | {o['remat']} | {human_bytes(pc['params'] + pc['opt_state'])} "
+          f"| {human_bytes(pc.get('temporaries'))} | {human_bytes(total)}"
+          f"{'' if 'total' in pc else ' (compiler: OOM)'} | {human_bytes(row['hbm'])} "
+          f"| {'yes' if row['fits'] else 'no'} | {human_rate(row['tokens_per_s'])} | {wall:.0f} s "
           f"| {cpu:.0f} s | {os.getloadavg()[0]:.1f} |", flush=True)
   print("\ncommands (one per row):")
   for i in picked:

@@ -9,7 +9,7 @@ int8 weights with per-output scales, float32 activations) beside CTranslate2's i
 Every configuration samples `--new` tokens (top-k 40) after a one-token prompt, timed end to end (prefill + decode loop), after one untimed warm-up
 run that compiles. Columns:
   ours         gpt.sample.Generator: gpt.sampling's while_loop over the model prepared for
-               decoding (gpt.model.prepare_for_decoding: per-layer weights and cache, laid out by
+               decoding (gpt.decoding.prepare_for_decoding: per-layer weights and cache, laid out by
                row for gpt.kernels.gemv where it runs)
   matmuls      only the weight matmuls of each step (see MatmulsOnly), as the prepared model
                runs them (gemv where it wins, else XLA): the matmul ceiling
@@ -54,7 +54,9 @@ from flax import nnx
 
 from gpt import sample
 from gpt.config import MODEL_SIZES, canonical_model_name
-from gpt.model import GPTConfig, KVCache, init_model, matmul, matmul_rows, prepare_for_decoding
+from gpt.decoding import prepare_for_decoding
+from gpt.kernels import gemv
+from gpt.model import GPTConfig, KVCache, init_model, matmul
 from gpt.quantize import quantize_model
 from gpt.sampling import Decoder, SamplingOptions
 
@@ -170,7 +172,7 @@ class MatmulsOnly:
 
     def mm(x, p):
       w, scale = p["w"], p.get("w_scale")
-      return (matmul_rows(x, w, scale=scale) if by_row else matmul(x, w, scale=scale)).astype(x.dtype)
+      return (gemv.auto_matmul(x, w, scale=scale) if by_row else matmul(x, w, scale=scale)).astype(x.dtype)
 
     def run(params, x):
       def step(_, x):

@@ -28,7 +28,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from experiments.machine import cpu_flags, cpu_model  # noqa: E402
+from experiments.machine import cpu_model, load_average, vector_flags  # noqa: E402
 
 
 def parse_args(argv):
@@ -109,10 +109,8 @@ def main(argv):
     print(f"round {round_} done", file=sys.stderr)
   import jax
   import torch
-  avx512 = ", ".join(sorted(f for f in cpu_flags() if f.startswith("avx512")))
-  print(f"machine: {cpu_model()}, {os.cpu_count()} cores ({avx512}); "
-        f"jax {jax.__version__}, torch {torch.__version__}; load average "
-        f"{' / '.join(f'{x:.1f}' for x in os.getloadavg())} (1/5/15 min)")
+  print(f"machine: {cpu_model()}, {os.cpu_count()} cores ({vector_flags()}); "
+        f"jax {jax.__version__}, torch {torch.__version__}; load average {load_average()}")
   print(f"model: {args.n_layer} layers x {args.n_embd}, n_ctx {args.n_ctx}, float32, batch_size "
         f"{args.batch_size}; {args.rounds} timed rounds")
   print()

@@ -40,7 +40,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from experiments.machine import cpu_flags, cpu_model  # noqa: E402
+from experiments.machine import cpu_model, load_average, vector_flags  # noqa: E402
 
 VOCAB = 50257
 
@@ -253,10 +253,8 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=2)
   args = parser.parse_args()
   parts = args.parts.split(",")
-  vector_flags = " ".join(sorted(f for f in cpu_flags() if f.startswith(("avx", "fma", "amx")))) or "?"
-  print(f"machine: {cpu_model()} ({vector_flags}), {os.cpu_count()} cores; jax {jax.__version__}; "
-        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average at start "
-        f"{' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+  print(f"machine: {cpu_model()} ({vector_flags()}), {os.cpu_count()} cores; jax {jax.__version__}; "
+        f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; load average at start {load_average()}")
   print(f"command: {' '.join([Path(sys.argv[0]).name] + sys.argv[1:])}\n")
   if "state" in parts:
     state_table(args.sizes.split(","), args.rank, args.targets)
@@ -267,7 +265,7 @@ def main() -> None:
   if "speed" in parts:
     speed_table(args.speed_size, args.rank, args.targets, args.seq, args.batch, args.rounds,
                 args.steps)
-  print(f"load average at end: {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
+  print(f"load average at end: {load_average()}")
 
 
 if __name__ == "__main__":

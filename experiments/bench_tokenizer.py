@@ -11,18 +11,22 @@ method's output equals that of one call. Prints a Markdown table.
 
 import argparse
 import os
-import platform
 import random
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import tiktoken
-from tiktoken.load import load_tiktoken_bpe
-from tiktoken_ext.openai_public import r50k_pat_str
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+  sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from gpt import tokenizer as tokenizer_lib
-from gpt.tokenizer import EOT_TEXT, get_tokenizer, split_for_parallel
+import tiktoken  # noqa: E402
+from tiktoken.load import load_tiktoken_bpe  # noqa: E402
+from tiktoken_ext.openai_public import r50k_pat_str  # noqa: E402
+
+from experiments.machine import cpu_model, load_average  # noqa: E402
+from gpt import tokenizer as tokenizer_lib  # noqa: E402
+from gpt.tokenizer import EOT_TEXT, get_tokenizer, split_for_parallel  # noqa: E402
 
 SHARED = Path(__file__).resolve().parent.parent.parent / "shared"
 
@@ -87,11 +91,10 @@ def main():
   if ours.encode_batch(lines) != ref.encode_ordinary_batch(lines):
     raise SystemExit("ours encode_batch(lines) differs from tiktoken's encode_ordinary_batch(lines)")
   n_bytes = len(text.encode("utf-8"))
-  load = " / ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
-  print(f"load average (1/5/15 min) at the end: {load}; CPUs ours judged free at start/end: "
+  print(f"load average at the end: {load_average()}; CPUs ours judged free at start/end: "
         f"{free_at_start}/{tokenizer_lib.free_cpus()}")
   print(f"text: {args.text.name}, {n_bytes:,} bytes, {len(expected):,} tokens; "
-        f"{args.repeats} interleaved rounds; {threads} CPUs usable; {platform.processor() or platform.machine()}; "
+        f"{args.repeats} interleaved rounds; {threads} CPUs usable; {cpu_model()}; "
         f"tiktoken {tiktoken.__version__}\n")
   # Paired per round, so that load changes between rounds cancel out.
   base = {name: times[next(iter(group))] for group in (encoders, decoders) for name in group}

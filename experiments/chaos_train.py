@@ -36,7 +36,7 @@ REPO = Path(__file__).resolve().parent.parent
 if __package__ in (None, ""):  # run as a script: import this checkout's gpt, as the runs do
   sys.path.insert(0, str(REPO))
 
-from experiments.machine import cpu_model  # noqa: E402
+from experiments.machine import cpu_model, load_average  # noqa: E402
 
 VOCAB = 512
 RESUMED = re.compile(r"resumed from checkpoint step (\d+)")
@@ -268,8 +268,7 @@ def main(argv: list[str] | None = None) -> int:
   p.add_argument("--root", default="", help="folder for the runs (default: a new temp folder)")
   args = p.parse_args(argv)
   r = chaos(args)
-  print(f"\nCPU: {cpu_model()}, {os.cpu_count()} cores; load average "
-        f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
+  print(f"\nCPU: {cpu_model()}, {os.cpu_count()} cores; load average {load_average()}")
   print(f"command: python experiments/chaos_train.py {' '.join(argv or sys.argv[1:])}\n")
   print("| kills | survived | checkpoints lost | killed mid-save | kill moments (startup/training/"
         "saving) | max param diff | bit-identical | duplicate metric rows | wall s |")

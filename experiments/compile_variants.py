@@ -65,9 +65,10 @@ def main() -> None:
   variant = sys.argv[1] if len(sys.argv) > 1 else "base"
   programs = sys.argv[2].split(",") if len(sys.argv) > 2 else ["train"]
   from gpt import compile as aot
+  from gpt.chips import devices_for
 
   config, options = config_for(variant)
-  planner = aot.Planner(config, aot.devices_for("v5e:4x4"), "v5e:4x4")
+  planner = aot.Planner(config, devices_for("v5e:4x4"), "v5e:4x4")
   for program in programs:
     t0, w0 = cpu(), time.time()
     # The lowering compile mode does (train/eval: build_programs; decode: the sampler's loop).

@@ -8,7 +8,8 @@ No GPU has been lent to this project in most sessions, so everything a GPU sessi
 this one script: it prints one Markdown table and nothing else is needed to fill BENCHMARKS.md.
   train   tokens/s and MFU for 124M (context 1024, bf16 compute, cuDNN attention, the largest
           batch that fits, with and without remat) and 1542M (remat full). MFU is against the
-          GPU's published dense bf16 peak (PEAK_BF16), on a CPU against a measured bf16 matmul.
+          GPU's published dense bf16 peak (gpt.chips.GPU_PEAK_BF16), on a CPU against a measured
+          bf16 matmul.
   decode  new tokens/s for 124M and 1542M at batch 1 and 16: ours (gpt's Generator, the code
           `--config.mode=sample` runs) beside transformers `generate` on the same device.
   eval    HellaSwag zero-shot examples/s: ours (gpt.evals) beside lm-eval's `hf` model on the
@@ -26,7 +27,6 @@ from __future__ import annotations
 import argparse
 import gc
 import os
-import platform
 import statistics
 import sys
 import time
@@ -43,11 +43,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from experiments import bench_train  # noqa: E402
+from experiments.machine import cpu_model  # noqa: E402
+from gpt import chips  # noqa: E402
+from gpt.compile import memory_figures  # noqa: E402
 
-# Dense bf16 peak FLOP/s by device kind (NVIDIA data sheets: H100 SXM 989.4 TF, H100 PCIe 756 TF,
-# H200 989.4 TF, A100 312 TF, L4 121 TF). Matched by substring of jax's device_kind, first wins.
-PEAK_BF16 = (("H100 PCIe", 756e12), ("H100", 989.4e12), ("H200", 989.4e12), ("A100", 312e12),
-             ("L4", 121e12))
 # name -> (n_layer, n_embd, n_head, context); --tiny replaces them with small shapes.
 MODELS = {"124M": (12, 768, 12, 1024), "1542M": (48, 1600, 25, 1024)}
 TINY_MODELS = {"124M": (2, 64, 2, 64), "1542M": (3, 96, 3, 64)}
@@ -56,33 +55,21 @@ VOCAB = 50257
 
 def peak_flops(device, tiny: bool) -> tuple[float, str]:
   """(bf16 FLOP/s, where the figure comes from) for `device`."""
-  for name, peak in PEAK_BF16:
-    if name in device.device_kind:
-      return peak, f"{device.device_kind} data sheet"
+  peak = chips.gpu_peak_flops(device.device_kind)  # the published figure (gpt.chips' GPU table)
+  if peak:
+    return peak, f"{device.device_kind} data sheet"
   measured = bench_train.matmul_peak_jax(jnp.bfloat16, n=512 if tiny else 2048)
   return measured, f"measured bf16 matmul on {device.device_kind}"
 
 
-def device_memory(device) -> int | None:
-  """Bytes XLA may use on `device`, or None where it does not say (CPU)."""
-  stats = device.memory_stats() if hasattr(device, "memory_stats") else None
-  return (stats or {}).get("bytes_limit")
-
-
-def compiled_bytes(memory) -> int:
-  """Peak device bytes of a compiled program: arguments, outputs and temporaries (donated
-  arguments alias outputs, so outputs are counted only beyond the aliased part)."""
-  return int(memory.argument_size_in_bytes + memory.temp_size_in_bytes
-             + max(0, memory.output_size_in_bytes - memory.alias_size_in_bytes))
-
-
 def train_bytes(shape, remat: str, batch: int, fields: dict) -> int:
-  """Device bytes of the bf16 train step at `shape` and `batch`, from compiling it abstractly."""
+  """Device bytes of the bf16 train step at `shape` and `batch`, from compiling it abstractly: the
+  compiler's total, as compile mode counts it (gpt.compile.memory_figures)."""
   L, D, H, T = shape
   step, *args = bench_train.train_program((L, D, H, T, batch), "bfloat16", scan=True,
                                           train=bench_train.train_section("chapter"),
                                           abstract=True, remat=remat, **fields)
-  return compiled_bytes(step.lower(*args).compile().memory_analysis())
+  return memory_figures(step.lower(*args).compile())["total"]
 
 
 def largest_batch(shape, remat: str, limit: int | None, cap: int, fields: dict) -> tuple[int, int]:
@@ -251,7 +238,7 @@ def main(argv: list[str] | None = None) -> list[tuple]:
   fields = {"attention_impl": "cudnn" if on_gpu else "xla"}
   skip = set(filter(None, args.skip.split(",")))
   peak, peak_source = peak_flops(device, args.tiny)
-  limit = device_memory(device)
+  limit = chips.device_memory(device)
   torch_device = torch_device_name()
   started = time.perf_counter()
 
@@ -271,7 +258,7 @@ def main(argv: list[str] | None = None) -> list[tuple]:
     pass
   memory = f"{limit / 2**30:.1f} GiB for XLA" if limit else "host memory"
   print(f"\nDevice: {device.device_kind} ({device.platform}), {memory}; {import_versions}; "
-        f"{platform.processor() or platform.machine()} host, load average {os.getloadavg()[0]:.1f}; "
+        f"{cpu_model()} host, load average {os.getloadavg()[0]:.1f}; "
         f"bf16 peak {peak / 1e12:.3g} TFLOP/s ({peak_source}); shapes: "
         f"{'tiny' if args.tiny else 'real'}; {time.perf_counter() - started:.0f} s in all.\n")
   print("| section | model | setting | ours | transformers / lm-eval | ratio or MFU | goal | met |")

@@ -1,12 +1,14 @@
-"""The machine a benchmark ran on, as its table states it: the CPU model and its flags.
+"""The machine a benchmark ran on, as its table states it: the CPU model, its flags and the load.
 
 Every benchmark table names the CPU model and the vector extensions that decide its speed (AVX-512,
 VNNI, BF16, AMX: /proc/cpuinfo), so that a number can be compared only with numbers from the same
-kind of machine. The scripts read them here, one way, instead of each parsing /proc/cpuinfo.
+kind of machine, and the load average, since the machine is often shared and only same-run ratios
+compare. The scripts read them here, one way, instead of each parsing /proc/cpuinfo.
 """
 
 from __future__ import annotations
 
+import os
 import platform
 from pathlib import Path
 
@@ -30,3 +32,20 @@ def cpu_model() -> str:
 def cpu_flags() -> set[str]:
   """The CPU's feature flags (avx2, avx512f, avx512_vnni, ...); empty when unknown."""
   return set((_cpuinfo_field("flags") or "").split())
+
+# The extensions that decide a CPU's matmul speed here (XLA's and gpt.kernels' code paths).
+VECTOR_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_bf16")
+
+
+def vector_flags() -> str:
+  """Whether the CPU has each of VECTOR_FLAGS, e.g. 'avx2 yes, ..., avx512_bf16 no, amx_bf16 no'."""
+  flags = cpu_flags()
+  return ", ".join(f"{f} {'yes' if f in flags else 'no'}" for f in VECTOR_FLAGS)
+
+
+def load_average() -> str:
+  """The 1, 5 and 15-minute load averages, e.g. '3.6 1.9 1.8 (1/5/15 min)'; 'n/a' where the OS
+  does not say."""
+  if not hasattr(os, "getloadavg"):
+    return "n/a"
+  return " ".join(f"{x:.1f}" for x in os.getloadavg()) + " (1/5/15 min)"

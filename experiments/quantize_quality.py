@@ -5,7 +5,8 @@ greedy continuations of a set of prompts agree.
   python experiments/quantize_quality.py --init=models/124M    # any model folder gpt.weights reads
 
 Without `--init` (no released weights can be downloaded here) a small GPT (GPT-2's tokenizer,
-`--n_layer` x `--n_embd`) is trained for `--steps` Adam steps on wiki.valid.tokens, so that the
+`--n_layer` x `--n_embd`) is trained for `--steps` Adam steps on wiki.valid.tokens
+(experiments.quick_train, as tests/test_quantize.py trains its model), so that the
 comparison is on a model that has learned something; perplexity is measured on the first
 `--eval_tokens` of wiki.test.tokens in `--ctx`-token windows (non-overlapping), the same windows for
 both. Greedy: the first 12 tokens of `--prompts` test lines that have them, continued by
@@ -17,72 +18,27 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
   sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from flax import nnx  # noqa: E402
 
+from experiments.quick_train import perplexity, train_on_windows  # noqa: E402
 from gpt import quantize, sample  # noqa: E402
 from gpt.config import base_config  # noqa: E402
-from gpt.model import GPTConfig, init_model  # noqa: E402
+from gpt.model import GPTConfig  # noqa: E402
 from gpt.sampling import SamplingOptions  # noqa: E402
 from gpt.tokenizer import get_tokenizer  # noqa: E402
 
 DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "wikitext-2"
 
 
-def train(tokens: np.ndarray, cfg: GPTConfig, steps: int, batch: int, seed: int = 0):
-  """A GPT of `cfg` trained with Adam on random windows of `tokens` (progress on stderr)."""
-  model = init_model(cfg, seed=seed)
-  graphdef, params = nnx.split(model)
-  tx = optax.adam(optax.warmup_cosine_decay_schedule(0, 3e-3, 20, steps, 3e-4))
-  opt = tx.init(params)
-  T = cfg.n_ctx
-
-  def loss(p, w):
-    logits = nnx.merge(graphdef, p)(w[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, w[:, 1:]).mean()
-
-  @jax.jit
-  def step(p, o, w):
-    value, grads = jax.value_and_grad(loss)(p, w)
-    updates, o = tx.update(grads, o, p)
-    return optax.apply_updates(p, updates), o, value
-
-  rng = np.random.default_rng(seed)
-  start = time.perf_counter()
-  for i in range(steps):
-    rows = rng.integers(0, len(tokens) - T - 1, batch)
-    params, opt, value = step(params, opt, jnp.asarray(np.stack([tokens[r:r + T + 1] for r in rows])))
-    if i % 50 == 0 or i == steps - 1:
-      print(f"train step {i}: loss {float(value):.3f} ({time.perf_counter() - start:.0f}s)",
-            file=sys.stderr, flush=True)
-  return nnx.merge(graphdef, params)
-
-
-def perplexity(model, windows: np.ndarray, batch: int = 8) -> float:
-  """exp(mean next-token NLL) over `windows` [N, T + 1]."""
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def nll(s, w):
-    logits = nnx.merge(graphdef, s)(w[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, w[:, 1:]).sum()
-
-  total = sum(float(nll(state, jnp.asarray(windows[i:i + batch])))
-              for i in range(0, len(windows) - batch + 1, batch))
-  count = (len(windows) // batch) * batch * (windows.shape[1] - 1)
-  return float(np.exp(total / count))
-
-
 def greedy(model, prompts: list[list[int]], new: int) -> np.ndarray:
+  """`new` greedy tokens after each of `prompts` (left-padded), through gpt.sample's decoder."""
   decoder = sample.make_decoder(model.cfg, SamplingOptions(temperature=0.0), stop_token=-1,
                                 stop_at_token=False)
   tokens, mask = sample.pad_left(prompts, max(map(len, prompts)))
@@ -120,7 +76,13 @@ def main() -> None:
     valid = np.asarray(tok.encode((data / "wiki.valid.tokens").read_text(encoding="utf-8")), np.int32)
     cfg = GPTConfig(n_layer=args.n_layer, n_embd=args.n_embd, n_head=max(1, args.n_embd // 64),
                     n_ctx=args.ctx)
-    model = train(valid, cfg, args.steps, args.batch)
+    if args.steps < 2:
+      raise SystemExit(f"error: --steps={args.steps}: at least 2 (warm-up, then cosine decay)")
+    # 20 warm-up steps (fewer in a short smoke run: the cosine needs steps left to decay over).
+    warmup = min(20, args.steps // 2)
+    schedule = optax.warmup_cosine_decay_schedule(0, 3e-3, warmup, args.steps, 3e-4)
+    model = train_on_windows(valid, cfg, args.steps, args.batch, learning_rate=schedule,
+                             log_every=50)
     source = (f"trained here: {args.n_layer}x{args.n_embd}, ctx {args.ctx}, {args.steps} Adam steps "
               f"of {args.batch} windows on wiki.valid.tokens")
   T = min(args.ctx, model.cfg.n_ctx - 1)

@@ -151,6 +151,7 @@ def check_fit(sweep_file: str, workdir: str, topology: str, sets: dict | None = 
   import ml_collections
 
   from gpt import compile as aot
+  from gpt.compile_tables import human_bytes
 
   sweep = load_sweep(sweep_file, sets)
   _, infos = build_points(sweep, workdir)
@@ -167,7 +168,7 @@ def check_fit(sweep_file: str, workdir: str, topology: str, sets: dict | None = 
       row = verdicts[key]
       total = row["per_chip"].get("total") or row.get("oom", {}).get("needed")
       print(f"[fit {i}/{len(infos)}] {info['name']}: {'fits' if row['fits'] else 'DOES NOT FIT'} "
-            f"on {topology} ({aot.human_bytes(total)} of {aot.human_bytes(row['hbm'])} per chip)",
+            f"on {topology} ({human_bytes(total)} of {human_bytes(row['hbm'])} per chip)",
             flush=True)
       if not row["fits"]:
         bad.append(info["name"])

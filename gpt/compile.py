@@ -25,11 +25,9 @@ The programs compile one after another (on threads they took as long for TPU tar
 `compile.programs` picks which, `compile.fast` asks XLA for its least optimisation effort (about
 half the CPU for a TPU train step; the memory figures come out a few % larger).
 
-Step times are estimates, not measurements: the model's FLOPs (GPTConfig.flops_per_token; XLA's
-cost analysis counts a `scan` body once, so it undercounts the layers) plus what remat recomputes,
-at the chip's published bf16 peak times an assumed utilisation (`compile.mfu`). They rank
-settings; they do not model communication. With `mesh.topology` empty the local devices are used
-(on CPU: memory figures only, unless `train.peak_flops` is set).
+The chips' figures, the devices of a slice and the step-time estimates are gpt.chips (published,
+not compiled); the tables printed are gpt.compile_tables. With `mesh.topology` empty the local
+devices are used (on CPU: memory figures only, unless `train.peak_flops` is set).
 """
 
 from __future__ import annotations
@@ -37,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-import importlib.util
 import json
 import math
 import os
@@ -50,93 +47,12 @@ import jax
 import numpy as np
 from flax import nnx
 
+from gpt import chips
+from gpt.compile_tables import format_multihost, format_search, format_table, human_bytes
 from gpt.errors import GPTError
 from gpt.model import GPTConfig
 
-GIB = 2 ** 30
-
-
-@dataclasses.dataclass(frozen=True)
-class Chip:
-  """What the estimates need to know about one accelerator chip."""
-
-  name: str
-  hbm: int | None  # bytes of HBM per chip (None: unknown, e.g. host RAM)
-  peak_flops: float | None  # dense bf16 FLOP/s per chip (None: unknown)
-  hbm_bandwidth: float | None = None  # bytes/s between HBM and the chip (None: unknown)
-
-
-# Per-chip HBM and dense bf16 peak, keyed by jax's device_kind, from Google Cloud's TPU system
-# architecture pages (cloud.google.com/tpu/docs/v4, /v5e, /v5p, /v6e, read 2025):
-#   v4   275 TFLOP/s bf16, 32 GiB HBM2,  1200 GB/s      v5e  197 TFLOP/s bf16, 16 GiB HBM2,  819 GB/s
-#   v5p  459 TFLOP/s bf16, 95 GiB HBM2e, 2765 GB/s      v6e  918 TFLOP/s bf16, 32 GiB HBM, 1640 GB/s
-# (The compiler keeps a little HBM for itself: it reports 15.75G available on a v5e.)
-TPU_CHIPS = {
-    "TPU v4": Chip("v4", 32 * GIB, 275e12, 1200e9),
-    "TPU v5 lite": Chip("v5e", 16 * GIB, 197e12, 819e9),
-    "TPU v5": Chip("v5p", 95 * GIB, 459e12, 2765e9),
-    "TPU v5p": Chip("v5p", 95 * GIB, 459e12, 2765e9),
-    "TPU v6 lite": Chip("v6e", 32 * GIB, 918e12, 1640e9),
-    "TPU v6e": Chip("v6e", 32 * GIB, 918e12, 1640e9),
-}
-TOPOLOGY_RE = re.compile(r"^(v4|v5e|v5p|v6e):\d+(x\d+){1,2}$")
-TOPOLOGY_EXAMPLES = "v5e:2x2, v5e:4x4, v4:2x2x4, v5p:2x2x2, v6e:4x4"
 REMAT_ORDER = ("none", "dots", "dots_no_batch", "full")  # least recomputation (fastest) first
-
-
-def libtpu_available() -> bool:
-  """True when libtpu (the `[tpu]` extra) is installed, so TPU topologies can be compiled for."""
-  return importlib.util.find_spec("libtpu") is not None
-
-
-def topology_devices(name: str) -> list:
-  """The compile-only devices of TPU slice `name` (e.g. 'v5e:4x4'): no TPU or network needed."""
-  if not TOPOLOGY_RE.match(name):
-    raise GPTError(f"mesh.topology={name!r}: expected <chip>:<chips per axis>, e.g. {TOPOLOGY_EXAMPLES}")
-  if not libtpu_available():
-    raise GPTError(f"mesh.topology={name} needs libtpu to compile for TPUs: pip install 'gpt[tpu]' "
-                   f"(or jax[tpu] matching the installed jax {jax.__version__})")
-  # Off a TPU VM, libtpu asks a metadata server for the accelerator type and worker hostnames and
-  # prints notices when there is none, and takes /tmp/libtpu_lockfile, meant for processes that
-  # share a real TPU (any jax process on the machine may hold it). A compile needs none of that.
-  for key, value in (("TPU_SKIP_MDS_QUERY", "1"), ("TPU_WORKER_HOSTNAMES", "localhost"),
-                     ("TPU_ACCELERATOR_TYPE", "v5litepod-4"), ("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")):
-    os.environ.setdefault(key, value)
-  from jax.experimental import topologies
-
-  # v4 chips run as one device of two cores ("megacore"), as jax.devices() shows on a v4 VM.
-  kwargs = {"chip_config_name": "megacore"} if name.startswith("v4:") else {}
-  try:
-    return list(topologies.get_topology_desc(topology_name=name, platform="tpu", **kwargs).devices)
-  except Exception as e:  # noqa: BLE001 - libtpu raises JaxRuntimeError/ValueError for bad shapes
-    raise GPTError(f"mesh.topology={name}: {str(e).splitlines()[0]} (examples: "
-                   f"{TOPOLOGY_EXAMPLES})") from None
-
-
-def chip_of(device: Any, peak_override: float = 0.0) -> Chip:
-  """The Chip of `device`: the TPU table, or what a local GPU/CPU reports about itself."""
-  if device.device_kind in TPU_CHIPS:
-    chip = TPU_CHIPS[device.device_kind]
-    return dataclasses.replace(chip, peak_flops=peak_override or chip.peak_flops)
-  hbm = None
-  try:
-    hbm = (device.memory_stats() or {}).get("bytes_limit")
-  except Exception:  # noqa: BLE001 - CPU devices have no memory stats
-    pass
-  return Chip(device.device_kind, hbm, peak_override or None, None)
-
-
-def recompute_flops_per_token(cfg: GPTConfig, seq_len: int) -> float:
-  """FLOPs per token that remat adds to a training step (beyond GPTConfig.flops_per_token).
-
-  full recomputes every block's forward (2 per weight + 4 T D per layer of attention); dots saves
-  every matmul output, so only cheap elementwise work is redone (counted as 0); dots_no_batch
-  saves the weight matmuls but redoes the attention ones (batched: 4 T D per layer).
-  """
-  attention = 4 * cfg.n_layer * seq_len * cfg.n_embd
-  blocks = 2 * (cfg.num_params() - cfg.n_vocab * cfg.n_embd - cfg.n_ctx * cfg.n_embd)
-  return {"none": 0.0, "dots": 0.0, "dots_no_batch": float(attention),
-          "full": float(blocks + attention)}[cfg.remat]
 
 
 def shard_bytes(tree: Any) -> int:
@@ -159,7 +75,7 @@ def memory_figures(compiled: Any) -> dict:
 
 def parse_oom(message: str) -> dict:
   """The compiler's figures from an out-of-memory error: {'needed': bytes, 'available': bytes}."""
-  units = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": GIB, "T": 2 ** 40}
+  units = {"": 1, "K": 2 ** 10, "M": 2 ** 20, "G": chips.GIB, "T": 2 ** 40}
   sizes = [float(v) * units[u] for v, u in re.findall(r"([\d.]+)([KMGT]?)i?B?\)", message)]
   if not sizes:
     sizes = [float(v) * units[u] for v, u in re.findall(r"\b([\d.]+)([KMGT])\b", message)]
@@ -199,7 +115,7 @@ class Planner:
     self.base_cfg = planned_model_config(config)
     # What train trains: the base model, or with train.lora_rank > 0 its adapters (base frozen).
     self.train_cfg = lora.trained_config(config.train, self.base_cfg)
-    self.chip = chip_of(devices[0], float(config.train.peak_flops))
+    self.chip = chips.chip_of(devices[0], float(config.train.peak_flops))
     self.hosts = len({d.process_index for d in devices})
     self._done: dict = {}  # (setting, program) -> row; the search and the table share compiles
 
@@ -377,35 +293,19 @@ class Planner:
         self._compiled_row, row, lowered, functools.partial(self._estimate_decode, cfg=cfg)))
 
   def _estimate_decode(self, row: dict, *, cfg: GPTConfig) -> dict:
-    """A roofline bound on decoding speed: every step (one token per row) reads all the weights
-    and the whole fixed-size cache (attention runs over every slot, masked) from HBM, and does
-    2 FLOPs per weight per row; the step takes the longer of the two at the chip's HBM bandwidth
-    and bf16 peak x compile.mfu. Sampling and cache writes are ignored, so it is an upper bound
-    on tokens/s; None when the chip's bandwidth is unknown (local devices)."""
-    pc, mfu = row["per_chip"], float(self.config.compile.mfu)
-    read = pc["params"] + pc["cache"]
-    flops = 2 * cfg.num_params() * row["batch_size"]
-    row.update(mfu=mfu, peak_flops=self.chip.peak_flops, hbm_bandwidth=self.chip.hbm_bandwidth,
-               bytes_per_step=read, flops_per_step=flops, step_s=None, tokens_per_s=None)
-    if self.chip.hbm_bandwidth and self.chip.peak_flops:
-      row["step_s"] = max(read / self.chip.hbm_bandwidth, flops / (self.chip.peak_flops * mfu))
-      row["tokens_per_s"] = row["batch_size"] / row["step_s"]
+    """`row` with the decode step's HBM roofline (chips.decode_estimate): the weights and the
+    whole cache are read per step."""
+    pc = row["per_chip"]
+    row.update(chips.decode_estimate(self.chip, cfg, batch_size=row["batch_size"],
+                                     bytes_per_step=pc["params"] + pc["cache"],
+                                     mfu=float(self.config.compile.mfu)))
     return row
 
   def _estimate(self, row: dict, *, cfg: GPTConfig) -> dict:
-    """Adds the estimated step time and tokens/s at the assumed MFU (None when peak is unknown)."""
-    mfu = float(self.config.compile.mfu)
-    tokens = row["batch_size"] * row["seq_len"]
-    per_token = cfg.flops_per_token(row["seq_len"])
-    if row["program"] == "train":
-      per_token += recompute_flops_per_token(cfg, row["seq_len"])
-    else:
-      per_token /= 3  # forward only
-    row.update(mfu=mfu, peak_flops=self.chip.peak_flops, flops_per_step=per_token * tokens,
-               step_s=None, tokens_per_s=None)
-    if self.chip.peak_flops and mfu > 0:
-      row["step_s"] = per_token * tokens / (row["chips"] * self.chip.peak_flops * mfu)
-      row["tokens_per_s"] = tokens / row["step_s"]
+    """`row` with the estimated step time and tokens/s at the assumed MFU (chips.step_estimate)."""
+    row.update(chips.step_estimate(self.chip, cfg, train=row["program"] == "train",
+                                   batch_size=row["batch_size"], seq_len=row["seq_len"],
+                                   chips=row["chips"], mfu=float(self.config.compile.mfu)))
     return row
 
   def _multihost(self, t: Any, built) -> dict:
@@ -468,7 +368,7 @@ def search_settings(planner: Planner, limit: int):
     return planner.compile(s, ("train",))[0]["fits"]
 
   for remat in sorted(set(remats), key=REMAT_ORDER.index):
-    cost = recompute_flops_per_token(planner.base_cfg.replace(remat=remat), int(config.train.seq_len))
+    cost = chips.recompute_flops_per_token(planner.base_cfg.replace(remat=remat), int(config.train.seq_len))
     if fitting_cost is not None and cost > fitting_cost:
       return
     for accum in accums:
@@ -496,107 +396,9 @@ def rank(rows: list[dict]) -> list[dict]:
                                      r["grad_accum"], r["mesh"]["fsdp"]))
 
 
-def human_bytes(n: int | None) -> str:
-  if n is None:
-    return "-"
-  if n >= GIB:
-    return f"{n / GIB:.2f} GiB"
-  if n >= 2 ** 20:
-    return f"{n / 2 ** 20:.1f} MiB"
-  return f"{n / 2 ** 10:.1f} KiB"
-
-
-def human_rate(r: float | None) -> str:
-  return "-" if r is None else f"{r:,.0f}"
-
-
-def format_table(row: dict) -> str:
-  """One program's table: per-chip memory, fit, compile time and the estimates."""
-  m, pc = row["model"], row["per_chip"]
-  decode = row["program"] == "decode"
-  head = (f"{m['n_layer']} layers x {m['n_embd']} ({m['params'] / 1e6:.0f}M params), "
-          f"{m['dtype']} compute")
-  if decode:
-    lines = [f"decode step (sampler, one chip as sample mode uses): {head}, {row['batch_size']} row(s), "
-             f"KV cache of {row['seq_len']} slots; on 1 {row['chip']} of {row['topology']}"]
-    items = [("parameters", pc["params"]), ("KV cache", pc["cache"]),
-             ("decode state", pc["decode_state"])]
-  else:
-    mesh = " ".join(f"{k}={v}" for k, v in row["mesh"].items())
-    lora = row.get("lora")
-    lines = [f"{row['program']} step: {head}, remat={row['remat']}, batch {row['batch_size']} x "
-             f"{row['seq_len']}" + (f", grad_accum {row['grad_accum']}" if row["program"] == "train" else "")
-             + (f", LoRA rank {lora['rank']} on {','.join(lora['targets'])}" if lora else "")
-             + f"; mesh {mesh} on {row['topology']} ({row['chips']} x {row['chip']})"]
-    items = [("parameters" + (" (adapters)" if lora else ""), pc["params"]),
-             ("optimizer state", pc["opt_state"])]
-    if pc.get("frozen"):
-      items.append(("frozen base weights", pc["frozen"]))
-    items.append(("batch", pc["batch"]))
-  if "temporaries" in pc:
-    items += [("temporaries", pc["temporaries"]), ("code", pc["code"]),
-              ("outputs not donated", pc["outputs"] - pc["aliased"]),
-              ("total (compiler)", pc["total"])]
-  items.append(("chip HBM", row["hbm"]))
-  width = max(len(k) for k, _ in items) + 2
-  lines += [f"  {k:<{width}}{human_bytes(v):>12}" for k, v in items]
-  if row["fits"]:
-    verdict = "fits" if row["hbm"] else "compiles (no HBM figure for this device)"
-  else:
-    oom = row.get("oom", {})
-    verdict = (f"DOES NOT FIT: the compiler needs {human_bytes(oom.get('needed'))} of "
-               f"{human_bytes(oom.get('available'))} ({row.get('error', '')})" if "error" in row else
-               "DOES NOT FIT: total exceeds the chip's HBM")
-  lines.append(f"  {'verdict':<{width}}{verdict}")
-  lines.append(f"  {'compile time':<{width}}{row['compile_s']:>10.1f} s"
-               + (f" (XLA effort: {row['effort']})" if row.get("effort") else ""))
-  if row["step_s"] is None:
-    what = "HBM bandwidth" if decode else "peak FLOP/s"
-    lines.append(f"  {'est. step':<{width}}- ({what} of {row['chip']} unknown"
-                 + ("" if decode else ": set --config.train.peak_flops") + ")")
-  elif decode:
-    lines.append(f"  {'est. step':<{width}}{row['step_s'] * 1e3:>10.2f} ms = "
-                 f"{human_rate(row['tokens_per_s'])} tokens/s at most: each step reads "
-                 f"{human_bytes(row['bytes_per_step'])} at {row['hbm_bandwidth'] / 1e9:.0f} GB/s HBM")
-  else:
-    lines.append(f"  {'est. step':<{width}}{row['step_s']:>10.3f} s = {human_rate(row['tokens_per_s'])} "
-                 f"tokens/s at {row['mfu']:.0%} MFU of {row['peak_flops'] / 1e12:.0f} TFLOP/s bf16 per chip")
-  return "\n".join(lines)
-
-
-def format_multihost(row: dict) -> str:
-  mh = row["multihost"]
-  return (f"multi-host: {row['chips']} chips on {mh['hosts']} host(s), {mh['chips_per_host']} each; "
-          f"run the same command on every host with --config.mesh.distributed=true (and the mode "
-          f"you want); each host reads {mh['rows_per_host']} of the {row['batch_size']} rows per "
-          f"step, {mh['rows_per_chip_micro']} per chip per micro-batch")
-
-
-def format_search(rows: list[dict]) -> str:
-  """The search's ranking as a Markdown table."""
-  out = ["| rank | remat | fsdp | data | grad_accum | rows/chip/micro | per-chip total | fits | "
-         "est. tokens/s | compile |", "|---|---|---|---|---|---|---|---|---|---|"]
-  for i, r in enumerate(rows, 1):
-    total = r["per_chip"].get("total") or r.get("oom", {}).get("needed")
-    out.append(f"| {i} | {r['remat']} | {r['mesh']['fsdp']} | {r['mesh']['data']} | {r['grad_accum']} | "
-               f"{r['multihost']['rows_per_chip_micro']} | {human_bytes(total)} | "
-               f"{'yes' if r['fits'] else 'no'} | {human_rate(r['tokens_per_s'])} | {r['compile_s']:.0f}s |")
-  return "\n".join(out)
-
-
-def devices_for(topology: str) -> list:
-  """The devices to compile for: the TPU slice named `topology`, or the local ones when empty."""
-  if not topology:
-    return jax.devices()
-  if "JAX_PLATFORMS" not in os.environ:
-    # The host only traces and lowers: keep jax from opening a local TPU another run may be using.
-    jax.config.update("jax_platforms", "cpu")
-  return topology_devices(topology)
-
-
 def fit(config: Any, topology: str) -> dict:
   """The train-step row of `config` on TPU slice `topology` (for sweeps' --check_fit)."""
-  planner = Planner(config, devices_for(topology), topology)
+  planner = Planner(config, chips.devices_for(topology), topology)
   return planner.compile(planner.configured(), ("train",))[0]
 
 
@@ -605,7 +407,7 @@ def run(config: Any, workdir: str | None) -> None:
   topology = str(config.mesh.topology or "")
   if not 0 < float(config.compile.mfu) <= 1:
     raise GPTError(f"compile.mfu={config.compile.mfu} must be in (0, 1]")
-  devices = devices_for(topology)
+  devices = chips.devices_for(topology)
   planner = Planner(config, devices, topology)
   print(f"compiling for {topology or 'the local devices'}: {len(devices)} x {devices[0].device_kind} "
         f"on {planner.hosts} host(s); no weights are loaded, nothing is allocated", flush=True)

@@ -10,9 +10,9 @@ Every mode runs `GPT.__call__` (tokens, positions, mask, optional KVCache, `logi
 from one of each piece, defined once: `attention` (gpt/attention.py, with its formulations; it can
 also return its weights, for `attention_probs`), `layer_norm`, `dense`/`matmul` (float32 accumulation) and `attention_inputs`
 (position ids and masks for left-padded rows and for the cache). Decoding does not get a second
-model: `prepare_for_decoding` lays the same model out per layer in the compute dtype (one Block
-per layer instead of a scan over the stack), which is what makes token-by-token steps fast on CPU;
-`decoding_functions` hands it to gpt.sampling's model-agnostic decoder.
+model: gpt.decoding's `prepare_for_decoding` lays the same model out per layer in the compute dtype
+(one Block per layer instead of a scan over the stack, dense weights by row for gpt.kernels.gemv),
+which is what makes token-by-token steps fast on CPU.
 
 Every parameter carries logical axis names in its `axes` metadata ("vocab", "embed", "heads",
 "mlp", "layers"); `gpt.sharding` maps them to mesh axes.
@@ -80,7 +80,7 @@ class GPTConfig:
   # Weight-only quantization (gpt.quantize): "int8" stores every Conv1D `w` and `wte` as int8 with
   # per-output-channel float32 scales (`w_scale`, `wte_scale`); activations stay float.
   quantize: str = "none"
-  # Set by prepare_for_decoding (never by configs): Conv1D weights stored [n_out, n_in], one output
+  # Set by gpt.decoding.prepare_for_decoding (never by configs): Conv1D weights stored [n_out, n_in], one output
   # per row, the layout gpt.kernels.gemv streams.
   weights_by_row: bool = False
 
@@ -241,26 +241,13 @@ def matmul(x: jax.Array, w: jax.Array, spec: str = "...d,df->...f", *,
   return out if scale is None else out * scale.astype(jnp.float32)
 
 
-def matmul_rows(x: jax.Array, w: jax.Array, *, scale: jax.Array | None = None) -> jax.Array:
-  """`matmul` for a weight laid out by row, w [N, K] (outputs by inputs): float32 [..., N].
-
-  gpt.kernels.gemv streams it where it is faster than XLA (a CPU, few rows; `gemv.wins`), else
-  XLA's einsum. The kernel has no gradient: this runs in models prepared for decoding and in the
-  tied output layer of few rows, never in a training step.
-  """
-  rows = math.prod(x.shape[:-1])
-  if gemv.wins(rows, w):
-    return gemv.matmul(x, w, scale=scale)
-  return matmul(x, w, "...k,nk->...n", scale=scale)
-
-
 def dense(x: jax.Array, w: jax.Array, b: jax.Array, *, scale: jax.Array | None = None,
           by_row: bool = False) -> jax.Array:
   """x @ w + b accumulated in float32, returned in x's dtype. w is [n_in, n_out] in x's dtype
-  (cast here) or int8 with per-output `scale`; `by_row`: w is [n_out, n_in] (`matmul_rows`)."""
+  (cast here) or int8 with per-output `scale`; `by_row`: w is [n_out, n_in] (`gemv.auto_matmul`)."""
   if w.dtype != jnp.int8:
     w = w.astype(x.dtype)
-  y = matmul_rows(x, w, scale=scale) if by_row else matmul(x, w, scale=scale)
+  y = gemv.auto_matmul(x, w, scale=scale) if by_row else matmul(x, w, scale=scale)
   return (y + b.astype(jnp.float32)).astype(x.dtype)
 
 
@@ -291,7 +278,7 @@ class Conv1D(nnx.Module):
                lora_alpha: float = 16.0, lora_dropout: float = 0.0, quantize: str = "none",
                by_row: bool = False):
     # Quantized (gpt.quantize): `w` int8 and `w_scale` [n_out] float32, w = w_int8 * w_scale.
-    # by_row (prepare_for_decoding, for gpt.kernels.gemv): `w` is stored [n_out, n_in].
+    # by_row (gpt.decoding.prepare_for_decoding, for gpt.kernels.gemv): `w` is stored [n_out, n_in].
     self.by_row = by_row
     shape, w_axes = ((n_out, n_in), axes[::-1]) if by_row else ((n_in, n_out), axes)
     quantized = quantize == "int8"
@@ -406,7 +393,7 @@ class GPT(nnx.Module):
   """GPT-2 language model with the output projection tied to `wte`.
 
   `h` holds the blocks stacked (one Block whose parameters have a leading [n_layer] axis, run by
-  `lax.scan`); `prepare_for_decoding` gives the same model with one Block per layer instead.
+  `lax.scan`); gpt.decoding.prepare_for_decoding gives the same model with one Block per layer instead.
   """
 
   def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, per_layer: bool = False):
@@ -463,7 +450,7 @@ class GPT(nnx.Module):
     if wte.dtype != jnp.int8:
       wte = wte.astype(hidden.dtype)
     if self.cfg.weights_by_row:  # prepared for decoding: gpt.kernels.gemv where it wins
-      return matmul_rows(hidden, wte, scale=scale)
+      return gemv.auto_matmul(hidden, wte, scale=scale)
     return matmul(hidden, wte, "...d,vd->...v", scale=scale)
 
   def loss(self, hidden: jax.Array, targets: jax.Array, *, wte_trained: bool = True) -> jax.Array:
@@ -559,73 +546,6 @@ class GPT(nnx.Module):
     if cache is not None and not return_probs:
       out = (tuple(out[0]), tuple(out[1]))
     return x, out
-
-
-def prepare_for_decoding(model: GPT) -> GPT:
-  """The same model laid out for token-by-token decoding (sampling), computing the same function.
-
-  The stacked blocks become one Block per layer, each weight cast once to the compute dtype. In a
-  scan over stacked weights, every decode step on CPU first copies each layer's weights out of the
-  stack and re-stacks the cache (2x slower in float32, up to 10x in bfloat16, measured by
-  experiments/bench_decode.py); per-layer weights and per-layer KVCache arrays avoid both. Over a
-  cache, attention is the spelled-out "einsum" one, whose cache layout XLA updates in place. Made
-  once per set of weights; not for training (the parameter tree differs: `h/0/...`, ...).
-  Where gpt.kernels.gemv runs (a CPU and a built library, `decodes_by_row`), every Conv1D weight
-  is also transposed once to [n_out, n_in] (`weights_by_row`): the kernel then streams each
-  output's weights contiguously for the steps' few rows. int8 weights (model.quantize=int8) stay
-  int8 with their float32 scales; the kernel converts them in registers.
-  """
-  cfg = model.cfg
-  graphdef, abstract = _decoding_layout(cfg)
-  by_row = decodes_by_row(cfg)
-  pure = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-  def cast(path, a):
-    a = jnp.asarray(a)
-    if a.dtype == jnp.int8 or path[-1].key.endswith("_scale"):
-      return a
-    return a.astype(cfg.compute_dtype)
-
-  def layer(i):
-    params = jax.tree_util.tree_map_with_path(lambda p, a: cast(p, a[i]), pure["h"])
-    if by_row:
-      for sub, name in (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj")):
-        params[sub][name]["w"] = gemv.to_rows(params[sub][name]["w"])
-    return params
-
-  rest = {k: v for k, v in pure.items() if k != "h"}
-  params = {**jax.tree_util.tree_map_with_path(cast, rest), "h": {i: layer(i) for i in range(cfg.n_layer)}}
-  nnx.replace_by_pure_dict(abstract, params)
-  return nnx.merge(graphdef, abstract)
-
-
-def decodes_by_row(cfg: GPTConfig) -> bool:
-  """Whether decoding lays weights out by row for gpt.kernels.gemv (it runs for this weight dtype
-  here: a CPU backend, the library built, GPT_GEMV not 0)."""
-  dtype = jnp.int8 if cfg.quantize == "int8" else cfg.compute_dtype
-  return gemv.max_rows(dtype) > 0
-
-
-def _decoding_layout(cfg: GPTConfig):
-  """(graphdef, abstract state) of the per-layer model that `prepare_for_decoding` makes."""
-  dcfg = cfg.replace(param_dtype=cfg.dtype, attention_impl="xla", scan_layers=False, remat="none",
-                     weights_by_row=decodes_by_row(cfg))
-  return nnx.split(nnx.eval_shape(lambda: GPT(dcfg, rngs=nnx.Rngs(params=0), per_layer=True)))
-
-
-def decoding_functions(cfg: GPTConfig):
-  """(logits_fn, init_cache) for gpt.sampling.Decoder over a model prepared for decoding.
-
-  `logits_fn(params, tokens, cache, token_mask)` returns the last column's logits [B, 1, V] and
-  the updated KVCache, where `params` is `nnx.state(prepare_for_decoding(model))` (passed as a
-  jit argument, never baked in). `init_cache(batch, length)` is `KVCache.init(cfg, batch, length)`.
-  """
-  graphdef, _ = _decoding_layout(cfg)
-
-  def logits_fn(params, tokens, cache, token_mask):
-    return nnx.merge(graphdef, params).decode(tokens, cache, token_mask, logits_at="last")
-
-  return logits_fn, lambda batch, length: KVCache.init(cfg, batch, length)
 
 
 def init_model(cfg: GPTConfig, seed: int = 0) -> GPT:

@@ -5,7 +5,7 @@
   python -m gpt.main --config=configs/117m.py --config.mode=interactive
 
 Weights and tokenizer come from `config.init` (gpt.weights). `Generator` is "a decoder for this
-model": gpt.model's one forward pass, laid out by `prepare_for_decoding` (per-layer weights in the
+model": gpt.model's one forward pass, laid out by gpt.decoding's `prepare_for_decoding` (per-layer weights in the
 compute dtype, a KVCache that XLA updates in place), run by `gpt.sampling.Decoder` through
 `decoding_functions`' `logits_fn`; training's in-loop samples use the same `make_decoder`.
 Prompts are left-padded to a power-of-two bucket and the cache sized to bucket(prompt) +
@@ -27,8 +27,9 @@ from absl import logging
 
 from flax import nnx
 
+from gpt.decoding import decoding_functions, prepare_for_decoding
 from gpt.errors import GPTError
-from gpt.model import GPT, GPTConfig, decoding_functions, prepare_for_decoding
+from gpt.model import GPT, GPTConfig
 from gpt.prompt_reader import PromptReader
 from gpt.sampling import Decoder, SamplingOptions, trim
 
@@ -128,7 +129,7 @@ def decoding_params(model: GPT) -> nnx.State:
 class Generator:
   """A model and tokenizer wrapped for sampling: token prompts in, new tokens out.
 
-  Decoding runs the model prepared for decoding (gpt.model.prepare_for_decoding: per-layer weights
+  Decoding runs the model prepared for decoding (gpt.decoding.prepare_for_decoding: per-layer weights
   in the compute dtype, a per-layer cache); the stacked model itself is not kept.
   """
 

@@ -1,4 +1,5 @@
-"""Compile mode (gpt.compile): memory figures, fit verdicts, the search, and the sweep's --check_fit.
+"""Compile mode (gpt.compile, gpt.chips, gpt.compile_tables): memory figures, fit verdicts, the
+search, and the sweep's --check_fit.
 
 The CPU tests compile a tiny model on the 8 fake CPU devices. The TPU tests need libtpu (the
 `[tpu]` extra): they skip without it, and fail under GPT_REQUIRE_SHARED=1 (as CI runs). A TPU
@@ -10,13 +11,16 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import jax
 import numpy as np
 import pytest
 
+from gpt import chips
 from gpt import compile as aot
 from gpt import sharding
+from gpt.compile_tables import format_search, format_table, human_bytes
 from gpt.config import base_config, size_config
 from gpt.errors import GPTError
 from gpt.model import GPTConfig
@@ -75,8 +79,8 @@ def test_cpu_memory_equals_the_compiled_train_and_eval_steps(cpu_run):
     # The breakdown of the arguments adds up to what the compiler counts.
     assert pc["params"] + pc["opt_state"] + pc["batch"] + pc["frozen"] == ma.argument_size_in_bytes
     assert pc["frozen"] == 0  # full fine-tuning: nothing frozen
-    assert f"{aot.human_bytes(ma.temp_size_in_bytes):>12}" in stdout
-    assert f"{aot.human_bytes(total):>12}" in stdout
+    assert f"{human_bytes(ma.temp_size_in_bytes):>12}" in stdout
+    assert f"{human_bytes(total):>12}" in stdout
   train = result["programs"][0]["per_chip"]
   # fsdp=2 halves the 2-D weights; Adam holds two slots per parameter.
   assert cfg.num_params() * 4 / 2 <= train["params"] < cfg.num_params() * 4
@@ -107,14 +111,29 @@ def test_cpu_decode_row_is_the_samplers_step_on_one_device(cpu_run):
 
 
 def test_decode_estimate_is_the_hbm_roofline():
-  planner = aot.Planner.__new__(aot.Planner)
-  planner.config, planner.chip = base_config(), aot.TPU_CHIPS["TPU v5 lite"]
   cfg = GPTConfig(n_layer=2, n_embd=64, n_head=2, n_ctx=64)
-  row = planner._estimate_decode({"per_chip": {"params": 10 ** 9, "cache": 6 * 10 ** 8},
-                                  "batch_size": 4}, cfg=cfg)
+  row = chips.decode_estimate(chips.TPU_CHIPS["TPU v5 lite"], cfg, batch_size=4,
+                              bytes_per_step=10 ** 9 + 6 * 10 ** 8, mfu=base_config().compile.mfu)
   # 1.6 GB read per step at v5e's 819 GB/s, 4 tokens a step (the FLOPs take far less time).
   assert row["step_s"] == pytest.approx(1.6e9 / 819e9)
   assert row["tokens_per_s"] == pytest.approx(4 * 819e9 / 1.6e9)
+
+
+def test_chip_of_reads_the_tpu_and_gpu_tables_or_the_override():
+  class Device:  # what chip_of reads of a jax device
+    def __init__(self, kind):
+      self.device_kind = kind
+
+    def memory_stats(self):
+      return {"bytes_limit": 80 * chips.GIB}
+
+  assert chips.chip_of(Device("TPU v5 lite")) == chips.TPU_CHIPS["TPU v5 lite"]
+  h100 = chips.chip_of(Device("NVIDIA H100 PCIe"))
+  assert (h100.peak_flops, h100.hbm, h100.hbm_bandwidth) == (756e12, 80 * chips.GIB, None)
+  assert chips.chip_of(Device("NVIDIA H200")).peak_flops == 989.4e12
+  assert chips.chip_of(Device("cpu")).peak_flops is None  # unknown: memory figures only
+  assert chips.chip_of(Device("cpu"), peak_override=1e12).peak_flops == 1e12
+  assert chips.chip_of(Device("TPU v4"), peak_override=1e12).hbm == 32 * chips.GIB
 
 
 def test_cpu_lora_trains_adapters_only(cpu_run):
@@ -137,8 +156,8 @@ def test_cpu_lora_trains_adapters_only(cpu_run):
   assert pc["opt_state"] < full["opt_state"] / 10
   assert pc["frozen"] == full["params"]  # the whole base model rides along, not trained
   assert pc["params"] + pc["opt_state"] + pc["batch"] + pc["frozen"] == pc["arguments"]
-  assert "LoRA rank 4 on c_attn,mlp.c_proj" in aot.format_table(row)
-  assert "frozen base weights" in aot.format_table(row)
+  assert "LoRA rank 4 on c_attn,mlp.c_proj" in format_table(row)
+  assert "frozen base weights" in format_table(row)
 
 
 def test_cpu_search_ranks_and_reuses_the_configured_compile(cpu_run):
@@ -157,7 +176,7 @@ def test_impossible_setting_is_one_error_line(tmp_path):
   proc = subprocess.run(
       [sys.executable, "-m", "gpt.main", "--config=configs/tiny.py", "--config.mode=compile",
        "--config.mesh.fsdp=2", "--config.train.batch_size=3", f"--workdir={tmp_path}"],
-      capture_output=True, text=True, env=env, cwd=aot.Path(__file__).resolve().parent.parent,
+      capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent.parent,
       timeout=300)
   assert proc.returncode == 2, proc.stderr[-2000:]
   errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -167,7 +186,7 @@ def test_impossible_setting_is_one_error_line(tmp_path):
 
 def test_bad_topology_names_are_one_line_errors():
   with pytest.raises(GPTError, match="expected <chip>:<chips per axis>"):
-    aot.topology_devices("v5litepod-16")
+    chips.topology_devices("v5litepod-16")
 
 
 def test_oom_message_figures():
@@ -178,8 +197,8 @@ def test_oom_message_figures():
 
 def test_remat_recompute_flops():
   cfg = GPTConfig(n_layer=4, n_embd=64, n_head=2, n_ctx=64)
-  assert aot.recompute_flops_per_token(cfg.replace(remat="none"), 32) == 0
-  full = aot.recompute_flops_per_token(cfg.replace(remat="full"), 32)
+  assert chips.recompute_flops_per_token(cfg.replace(remat="none"), 32) == 0
+  full = chips.recompute_flops_per_token(cfg.replace(remat="full"), 32)
   # A block forward is a third of the blocks' training FLOPs (the head is not recomputed).
   head = 6 * cfg.n_vocab * cfg.n_embd
   assert full == pytest.approx((cfg.flops_per_token(32) - head) / 3, rel=1e-3)
@@ -219,7 +238,7 @@ def test_search_prunes_what_cannot_fit_or_rank_higher():
 
 
 def require_libtpu() -> None:
-  if not aot.libtpu_available():
+  if not chips.libtpu_available():
     reason = "needs libtpu to compile for TPU topologies (pip install -e '.[tpu]')"
     if os.environ.get("GPT_REQUIRE_SHARED") == "1":
       pytest.fail(f"GPT_REQUIRE_SHARED=1 but {reason}")
@@ -246,7 +265,7 @@ def xl_config():
 def xl_planner():
   require_libtpu()
   config = xl_config()
-  return aot.Planner(config, aot.devices_for("v5e:4x4"), "v5e:4x4")
+  return aot.Planner(config, chips.devices_for("v5e:4x4"), "v5e:4x4")
 
 
 @pytest.mark.slow
@@ -258,7 +277,7 @@ def test_124m_fits_v5e_2x2():
   c.mesh.topology = "v5e:2x2"
   c.compile.fast = True
   c.sampling.batch_size = 4
-  planner = aot.Planner(c, aot.devices_for("v5e:2x2"), "v5e:2x2")
+  planner = aot.Planner(c, chips.devices_for("v5e:2x2"), "v5e:2x2")
   row, decode = planner.compile(planner.configured(), ("train", "decode"))
   assert row["fits"] and row["chip"] == "v5e" and row["chips"] == 4 and row["hosts"] == 1
   assert 0 < row["per_chip"]["total"] <= 16 * 2 ** 30
@@ -280,7 +299,7 @@ def test_fast_compile_is_redone_at_full_effort_near_the_limit():
 
   def plan(margin):
     c.compile.exact_margin = margin
-    planner = aot.Planner(c, aot.devices_for("v5e:2x2"), "v5e:2x2")
+    planner = aot.Planner(c, chips.devices_for("v5e:2x2"), "v5e:2x2")
     return planner.compile(planner.configured(), ("train",))[0]
 
   fast = plan(0.05)  # a tiny model is nowhere near 16 GiB: the fast figures stand
@@ -289,7 +308,7 @@ def test_fast_compile_is_redone_at_full_effort_near_the_limit():
   assert exact["effort"].startswith("full") and exact["fits"]
   # Least effort never plans for less memory than full effort does.
   assert fast["per_chip"]["total"] >= exact["per_chip"]["total"] > 0
-  assert "XLA effort: full" in aot.format_table(exact)
+  assert "XLA effort: full" in format_table(exact)
   c.compile.fast = False
   assert plan(1.0)["effort"] == "full"
 
@@ -303,7 +322,7 @@ def test_1558m_v5e_4x4_fits_with_full_remat_not_without(xl_planner):
   none = xl_planner.compile(aot.Setting("none", 16, 1), ("train",))[0]
   assert not none["fits"] and "RESOURCE_EXHAUSTED" in none["error"]
   assert none["oom"]["needed"] > none["oom"]["available"] > 15 * 2 ** 30
-  assert "DOES NOT FIT" in aot.format_table(none)
+  assert "DOES NOT FIT" in format_table(none)
   # Recomputing costs FLOPs: the estimate ranks remat=none faster.
   assert none["tokens_per_s"] > full["tokens_per_s"]
 
@@ -311,7 +330,7 @@ def test_1558m_v5e_4x4_fits_with_full_remat_not_without(xl_planner):
 @pytest.mark.slow
 def test_search_finds_a_fitting_setting_for_1558m_on_v5e_4x4(xl_planner):
   ranked = xl_planner.search()
-  table = aot.format_search(ranked)
+  table = format_search(ranked)
   tried = [(r["remat"], r["mesh"]["fsdp"], r["grad_accum"]) for r in ranked]
   # none: grad_accum 1 and 2 (2 rows per chip) do not fit at fsdp=16, so no smaller fsdp is
   # tried; full fits at fsdp=16 and is ranked first.
@@ -323,7 +342,7 @@ def test_search_finds_a_fitting_setting_for_1558m_on_v5e_4x4(xl_planner):
 @pytest.mark.slow
 def test_sweep_check_fit_reports_points_that_do_not_fit_before_launching(tmp_path):
   require_libtpu()
-  repo = aot.Path(__file__).resolve().parent.parent
+  repo = Path(__file__).resolve().parent.parent
   marker = tmp_path / "launched"
   sweep_file = tmp_path / "fit.py"
   launch = f"open({str(marker)!r}, 'w')"  # what a launched point would do

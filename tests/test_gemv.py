@@ -67,11 +67,9 @@ def test_to_rows_transposes_conv1d_weights():
 
 def test_off_keeps_the_kernel_out_of_programs_for_another_platform():
   # Compile mode traces TPU programs on this CPU host: a CPU custom call in them cannot compile.
-  from gpt.model import matmul_rows
-
   x, w = jnp.ones((1, 64), jnp.float32), jnp.ones((32, 64), jnp.bfloat16)
   # A new function each time: the choice is made when a program is traced (jit caches traces).
-  lower = lambda: jax.jit(lambda x, w: matmul_rows(x, w)).lower(x, w).as_text()
+  lower = lambda: jax.jit(lambda x, w: gemv.auto_matmul(x, w)).lower(x, w).as_text()
   assert gemv.max_rows(jnp.bfloat16) > 0 and "GptGemv" in lower()
   with gemv.off():
     assert gemv.max_rows(jnp.bfloat16) == 0 and not gemv.uses_kernel(1, w)

@@ -5,9 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gpt.decoding import prepare_for_decoding
 from gpt.errors import GPTError
 from gpt.model import (GPTConfig, KVCache, abstract_model, attention_inputs, count_params, init_model,
-                       param_axes, prepare_for_decoding)
+                       param_axes)
 
 TINY = GPTConfig(n_vocab=97, n_ctx=32, n_embd=32, n_head=4, n_layer=3)
 TOKENS = np.random.RandomState(0).randint(0, 97, size=(2, 12))

@@ -12,7 +12,8 @@ from flax import nnx
 from gpt import quantize
 from gpt.config import base_config
 from gpt.errors import GPTError
-from gpt.model import GPTConfig, KVCache, init_model, prepare_for_decoding
+from gpt.decoding import prepare_for_decoding
+from gpt.model import GPTConfig, KVCache, init_model
 
 TINY = GPTConfig(n_vocab=300, n_ctx=32, n_embd=64, n_head=4, n_layer=2)
 
@@ -138,51 +139,19 @@ def kant_bytes(shared_dir):
   return np.frombuffer(text, np.uint8).astype(np.int32)
 
 
-def train_bytes_model(data, cfg, steps=300, batch=16, seed=0):
-  """A tiny GPT trained on byte windows of `data` with Adam (enough to be far from uniform)."""
-  import optax
-
-  model = init_model(cfg, seed=seed)
-  graphdef, params = nnx.split(model)
-  tx = optax.adam(3e-3)
-  opt = tx.init(params)
-  T = cfg.n_ctx
-
-  def loss(p, w):
-    logits = nnx.merge(graphdef, p)(w[:, :-1])
-    return optax.softmax_cross_entropy_with_integer_labels(logits, w[:, 1:]).mean()
-
-  @jax.jit
-  def step(p, o, w):
-    value, grads = jax.value_and_grad(loss)(p, w)
-    updates, o = tx.update(grads, o, p)
-    return optax.apply_updates(p, updates), o, value
-
-  rng = np.random.default_rng(seed)
-  for _ in range(steps):
-    starts = rng.integers(0, len(data) - T - 1, batch)
-    params, opt, _ = step(params, opt, jnp.asarray(np.stack([data[s:s + T + 1] for s in starts])))
-  return nnx.merge(graphdef, params)
-
-
-def perplexity(model, windows):
-  logits = jax.jit(lambda m, w: m(w[:, :-1]))(model, windows)
-  nll = -jnp.take_along_axis(jax.nn.log_softmax(logits), windows[:, 1:, None], -1)
-  return float(jnp.exp(nll.mean()))
-
-
 @pytest.mark.slow  # trains a model
 def test_int8_perplexity_within_one_percent_on_kant(shared_dir, capsys):
+  from experiments.quick_train import perplexity, train_on_windows
   from gpt.sample import make_decoder
   from gpt.sampling import SamplingOptions
 
   data = kant_bytes(shared_dir)
   held_out, train = data[:60_000], data[60_000:]
   cfg = GPTConfig(n_vocab=256, n_ctx=64, n_embd=96, n_head=4, n_layer=2)
-  model = train_bytes_model(train, cfg)
+  model = train_on_windows(train, cfg, steps=300, batch=16)  # constant 3e-3: far from uniform
   q = quantize.quantize_model(model)
   windows = jnp.asarray(held_out[:(len(held_out) // 65) * 65].reshape(-1, 65)[:512])
-  f32, int8 = perplexity(model, windows), perplexity(q, windows)
+  f32, int8 = perplexity(model, windows, batch=64), perplexity(q, windows, batch=64)
   counts = np.bincount(train, minlength=256) + 1.0
   unigram = float(np.exp(-np.mean(np.log(counts / counts.sum())[np.asarray(windows[:, 1:])])))
   assert f32 < 0.85 * unigram, f"the model did not train (perplexity {f32:.2f}, unigram {unigram:.2f})"

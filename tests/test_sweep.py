@@ -94,6 +94,12 @@ def test_lr_sweep_file_is_two_learning_rates_by_two_seeds(tmp_path):
   assert {i["stages"][0]["config"]["train"]["learning_rate"] for i in infos} == {1e-3, 3e-3}
 
 
+def test_lr_eval_sweep_trains_the_lr_points_then_evaluates_each():
+  lr, lr_eval = load_sweep("experiments/sweeps/lr.py"), load_sweep("experiments/sweeps/lr_eval.py")
+  assert (lr_eval.base, lr_eval.fixed, lr_eval.grid) == (lr.base, lr.fixed, lr.grid)
+  assert [s["mode"] for s in lr_eval.stages] == ["train", "eval"]
+
+
 @pytest.mark.parametrize("name", sorted(p.name for p in (REPO / "experiments" / "sweeps").glob("*.py")))
 def test_every_shipped_sweep_file_resolves(tmp_path, name):
   points, infos = build_points(load_sweep(f"experiments/sweeps/{name}"), str(tmp_path))

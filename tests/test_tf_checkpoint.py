@@ -169,7 +169,7 @@ def test_bad_index_magic(openai_fixture, tmp_path):
 def test_wrong_size_in_index_entry(tmp_path):
   tfc.write_bundle(tmp_path / "x", {"t": np.zeros((2, 3), np.float32)})
   items = [(b"", tf_table.key(1, 0) + tf_table.encode_varint(1)),
-           (b"t", tfc._encode_entry(1, (2, 3), 0, 20, 0))]
+           (b"t", tfc.encode_entry(1, (2, 3), 0, 20, 0))]
   (tmp_path / "x.index").write_bytes(tf_table.build_table(items))
   with pytest.raises(GPTError, match=r"x.index is corrupt: tensor 't' of shape \[2, 3\] and dtype "
                      r"float32 should take 24 bytes, the index says 20"):

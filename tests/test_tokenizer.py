@@ -9,6 +9,7 @@ import json
 import os
 import select
 import signal
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -165,7 +166,8 @@ def test_long_text_in_forked_child(tok, ref, monkeypatch):
   text = "Fork me, 'twas brillig.\n\n" * 20000  # > SPLIT_CHARS: uses the worker threads.
   expected = ref.encode_ordinary(text)
   assert tok.encode(text) == expected
-  assert tok._workers is not None  # The parent has worker threads the child will not have.
+  # The parent has worker threads (gpt.tokenizer names them tokenizer_N) the child will not have.
+  assert any(t.name.startswith("tokenizer") for t in threading.enumerate())
   read_end, write_end = os.pipe()
   pid = os.fork()
   if pid == 0:  # Child: report whether it got the right ids, then leave without pytest's cleanup.

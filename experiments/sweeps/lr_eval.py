@@ -4,17 +4,12 @@ own workdir (`init="{workdir}"`) on LAMBADA and PIQA at 0, 1 and 3 shots.
   python experiments/sweep.py experiments/sweeps/lr_eval.py --workdir=runs/lr_eval --parallel=2
   python experiments/report.py runs/lr_eval     # adds eval columns and accuracy_vs_shots.png
 """
+import runpy
+from pathlib import Path
 
-base = "configs/tiny.py"
-fixed = {
-    "data.path": "../shared/data/kant/critique_of_pure_reason.txt",
-    "train.steps": 200,
-    "train.warmup_steps": 20,
-    "train.val_every": 50,
-    "train.sample_every": 0,
-    "train.log_every": 10,
-}
-product = {"train.learning_rate": [1e-3, 3e-3], "seed": [0, 1]}
+# lr.py's grid, read from it (not copied), so that the two sweeps train the same points.
+_lr = runpy.run_path(str(Path(__file__).with_name("lr.py")))
+base, fixed, product = _lr["base"], _lr["fixed"], _lr["product"]
 stages = [
     {"mode": "train"},
     {"mode": "eval", "init": "{workdir}", "eval.tasks": "lambada,piqa", "eval.shots": "0,1,3",

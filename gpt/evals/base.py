@@ -24,6 +24,7 @@ from typing import Any, Sequence
 import numpy as np
 
 from gpt.errors import GPTError
+from gpt.hashing import hash_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,6 +87,12 @@ class TaskData:
   fewshot_pool: list[Any] | None
   files: dict[str, str]  # path -> sha256
   fewshot_source: str = ""  # which split the demonstrations come from, for the report
+
+
+def file_hashes(*paths: Path) -> dict[str, str]:
+  """TaskData.files for the files a task read: path -> sha256, so results say which data they
+  came from."""
+  return {str(p): hash_file(p) for p in paths}
 
 
 class Task:

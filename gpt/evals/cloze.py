@@ -18,9 +18,9 @@ import numpy as np
 
 from gpt.errors import GPTError
 from gpt.evals import metrics
-from gpt.evals.base import ContinuationScore, Format, Request, Task, TaskData, require_files
+from gpt.evals.base import (ContinuationScore, Format, Request, Task, TaskData, file_hashes,
+                            require_files)
 from gpt.evals.multiple_choice import read_jsonl
-from gpt.hashing import hash_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,10 +96,10 @@ class BoolQ(Cloze):
     superglue = Path(data_dir) / self.SUPERGLUE
     if not (Path(data_dir) / self.FILE).is_file() and superglue.is_file():
       docs = [self.to_doc({**r, "answer": r.get("label")}, superglue) for r in read_jsonl(superglue)]
-      return TaskData(docs, None, {str(superglue): hash_file(superglue)}, "dev (minus the item)")
+      return TaskData(docs, None, file_hashes(superglue), "dev (minus the item)")
     path = require_files(data_dir, self.name, self.FILE)[self.FILE]
     docs = [self.to_doc(r, path) for r in read_jsonl(path)]
-    return TaskData(docs, None, {str(path): hash_file(path)}, "dev (minus the item)")
+    return TaskData(docs, None, file_hashes(path), "dev (minus the item)")
 
   @staticmethod
   def to_doc(row: dict, where: Any) -> LabeledText:
@@ -129,7 +129,7 @@ class SST2(Cloze):
   def load(self, data_dir: Path) -> TaskData:
     paths = require_files(data_dir, self.name, *self.FILES)
     dev, train = (self._read(paths[f]) for f in self.FILES)
-    return TaskData(dev, train, {str(p): hash_file(p) for p in paths.values()}, "train")
+    return TaskData(dev, train, file_hashes(*paths.values()), "train")
 
   @staticmethod
   def _read(path: Path) -> list[LabeledText]:

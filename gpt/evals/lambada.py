@@ -20,8 +20,8 @@ import numpy as np
 
 from gpt.errors import GPTError
 from gpt.evals import metrics
-from gpt.evals.base import ContinuationScore, Format, Request, Task, TaskData, require_files
-from gpt.hashing import hash_file
+from gpt.evals.base import (ContinuationScore, Format, Request, Task, TaskData, file_hashes,
+                            require_files)
 
 FILE = "lambada/lambada_test.jsonl"
 BLANK = " ____. ->"
@@ -49,7 +49,7 @@ class Lambada(Task):
           docs.append(json.loads(line)["text"])
         except (json.JSONDecodeError, KeyError, TypeError):
           raise GPTError(f"{path}:{n} is not a JSON object with a 'text' field") from None
-    return TaskData(docs, None, {str(path): hash_file(path)}, fewshot_source="test (minus the item)")
+    return TaskData(docs, None, file_hashes(path), fewshot_source="test (minus the item)")
 
   def requests(self, doc: str, demos: Sequence[str], fmt: Format) -> list[Request]:
     context, word = split_passage(doc)

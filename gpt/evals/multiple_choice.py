@@ -20,8 +20,8 @@ from typing import Any, Sequence
 
 from gpt.errors import GPTError
 from gpt.evals import metrics
-from gpt.evals.base import ContinuationScore, Format, Request, Task, TaskData, require_files
-from gpt.hashing import hash_file
+from gpt.evals.base import (ContinuationScore, Format, Request, Task, TaskData, file_hashes,
+                            require_files)
 
 # GPT-3's answer context for unconditional normalisation ("Answer: " with its space moved into the
 # continuation, as for every other prompt).
@@ -96,7 +96,7 @@ class HellaSwag(MultipleChoice):
     jsonl = Path(data_dir) / self.JSONL
     if jsonl.is_file():
       docs = [self.from_official(r) for r in read_jsonl(jsonl)]
-      return TaskData(docs, None, {str(jsonl): hash_file(jsonl)}, "validation (minus the item)")
+      return TaskData(docs, None, file_hashes(jsonl), "validation (minus the item)")
     path = require_files(data_dir, self.name, self.FILE)[self.FILE]
     with bz2.open(path, "rt", encoding="utf-8") as f:
       lines = f.read().split("\n")
@@ -106,7 +106,7 @@ class HellaSwag(MultipleChoice):
       raise GPTError(f"{path}: {len(lines)} lines is not 6 per item (context, label, 4 endings)")
     docs = [ChoiceDoc(lines[i], tuple(lines[i + 2:i + 6]), int(lines[i + 1]))
             for i in range(0, len(lines), 6)]
-    return TaskData(docs, None, {str(path): hash_file(path)}, "validation (minus the item)")
+    return TaskData(docs, None, file_hashes(path), "validation (minus the item)")
 
   @staticmethod
   def from_official(row: dict) -> ChoiceDoc:
@@ -141,7 +141,7 @@ class PIQA(MultipleChoice):
     rows = read_jsonl(paths[self.FILES[0]])
     labels = read_labels(paths[self.FILES[1]], len(rows))
     docs = [self.to_doc(r, y) for r, y in zip(rows, labels)]
-    return TaskData(docs, None, {str(p): hash_file(p) for p in paths.values()}, "dev (minus the item)")
+    return TaskData(docs, None, file_hashes(*paths.values()), "dev (minus the item)")
 
   @staticmethod
   def to_doc(row: dict, label: int) -> ChoiceDoc:
@@ -165,7 +165,7 @@ class ARC(MultipleChoice):
     paths = require_files(data_dir, self.name, test, train)
     return TaskData([self.to_doc(r) for r in read_jsonl(paths[test])],
                     [self.to_doc(r) for r in read_jsonl(paths[train])],
-                    {str(p): hash_file(p) for p in paths.values()}, "train")
+                    file_hashes(*paths.values()), "train")
 
   @staticmethod
   def to_doc(row: dict) -> ChoiceDoc:
@@ -206,7 +206,7 @@ class Winogrande(Task):
   def load(self, data_dir: Path) -> TaskData:
     paths = require_files(data_dir, self.name, *self.FILES)
     dev, train = ([self.to_doc(r, p) for r in read_jsonl(p)] for p in (paths[f] for f in self.FILES))
-    return TaskData(dev, train, {str(p): hash_file(p) for p in paths.values()}, "train_s")
+    return TaskData(dev, train, file_hashes(*paths.values()), "train_s")
 
   @staticmethod
   def to_doc(row: dict, where: Any) -> WinograndeDoc:

@@ -24,8 +24,7 @@ import numpy as np
 from gpt.errors import GPTError
 from gpt.evals import metrics
 from gpt.evals.base import (ContinuationScore, Format, Task, TaskData, TokenRequest, Truncation,
-                            require_files)
-from gpt.hashing import hash_file
+                            file_hashes, require_files)
 
 WIKITEXT_FILE = "wikitext-2/wiki.test.tokens"
 _ARTICLE_TITLE = re.compile(r"^ = [^=].* = $")
@@ -134,7 +133,7 @@ class WikiText2(Perplexity):
     path = require_files(data_dir, self.name, WIKITEXT_FILE)[WIKITEXT_FILE]
     articles = split_articles(path.read_text(encoding="utf-8"))
     docs = [TextDoc(wikitext_detokenize(a), count_words(a), len(a.encode("utf-8"))) for a in articles]
-    return TaskData(docs, None, {str(path): hash_file(path)})
+    return TaskData(docs, None, file_hashes(path))
 
 
 class TextFile(Perplexity):
@@ -157,4 +156,4 @@ class TextFile(Perplexity):
     except UnicodeDecodeError as e:
       raise GPTError(f"{path} is not UTF-8 text (byte {e.start}); convert it first") from None
     return TaskData([TextDoc(text, count_words(text), len(text.encode("utf-8")))], None,
-                    {str(path): hash_file(path)})
+                    file_hashes(path))

@@ -76,8 +76,9 @@ def _parse_entry(value: bytes) -> dict:
   return entry
 
 
-def _encode_entry(dtype: int, shape: tuple[int, ...], offset: int, size: int, crc: int) -> bytes:
-  """proto3 encoding as TF writes it: zero scalars omitted, the shape message always present."""
+def encode_entry(dtype: int, shape: tuple[int, ...], offset: int, size: int, crc: int) -> bytes:
+  """A tensor's index entry (BundleEntryProto) in the proto3 encoding TF writes: zero scalars
+  omitted, the shape message always present."""
   dims = b"".join(tt.message(2, tt.key(1, 0) + tt.encode_varint(d) if d else b"") for d in shape)
   out = tt.key(1, 0) + tt.encode_varint(dtype) + tt.message(2, dims)
   if offset:
@@ -186,7 +187,7 @@ def write_bundle(prefix: str | os.PathLike, tensors: dict[str, np.ndarray]) -> N
         raise GPTError(f"cannot write tensor {name!r}: dtype {arr.dtype} has no TF equivalent here")
       raw = np.ascontiguousarray(arr, dtype.newbyteorder("<")).reshape(-1).view(np.uint8)
       f.write(raw)
-      items.append((name.encode(), _encode_entry(_DTYPE_ENUM[dtype], arr.shape, offset, raw.size,
+      items.append((name.encode(), encode_entry(_DTYPE_ENUM[dtype], arr.shape, offset, raw.size,
                                                  tt.masked_crc(raw))))
       offset += raw.size
   prefix.with_name(prefix.name + ".index").write_bytes(tt.build_table(items))

@@ -170,3 +170,11 @@ def reference(x: jax.Array, w: jax.Array, *, scale: jax.Array | None = None) -> 
     w = w.astype(x.dtype)
   out = jnp.einsum("...k,nk->...n", x, w, preferred_element_type=jnp.float32)
   return out if scale is None else out * scale.astype(jnp.float32)
+
+
+def auto_matmul(x: jax.Array, w: jax.Array, *, scale: jax.Array | None = None) -> jax.Array:
+  """`matmul` where the kernel is the faster choice for this many rows (`wins`), else `reference`
+  (XLA's einsum): what a model prepared for decoding (weights [N, K]) runs. The kernel has no
+  gradient: this is never part of a training step."""
+  rows = math.prod(x.shape[:-1])
+  return matmul(x, w, scale=scale) if wins(rows, w) else reference(x, w, scale=scale)
