@@ -110,9 +110,14 @@ VARIANT_OPTIONS = {"eigen": {"xla_cpu_experimental_ynn_fusion_type": ""},
 # Model fields per variant suffix: the attention formulation (model.attention_impl; the default is
 # GPTConfig's, "blocked"), the output layer's loss (model.output_loss) and rematerialisation, to compare training-speed routes side by side.
 VARIANT_FIELDS = {"attnxla": {"attention_impl": "xla"}, "attnblocked": {"attention_impl": "blocked"},
-                  "logitsloss": {"output_loss": "logits"},
+                  "logitsloss": {"output_loss": "logits"}, "fusedloss": {"output_loss": "fused"},
                   "rematdots": {"remat": "dots"},
                   "rematfull": {"remat": "full"}}
+
+
+# Module switches per variant suffix, set while the step is traced: `saveprobs` keeps the blocked
+# attention's probabilities from the forward pass instead of recomputing them in the backward.
+VARIANT_SWITCHES = {"saveprobs": ("gpt.attention", "SAVE_PROBABILITIES", True)}
 
 
 def train_program(shape, dtype: str, scan: bool, seed: int = 0, train=None, abstract: bool = False,
@@ -151,12 +156,23 @@ def train_program(shape, dtype: str, scan: bool, seed: int = 0, train=None, abst
 
 
 def jax_runner(shape, dtype: str, scan: bool, seed: int = 0, options: dict | None = None,
-               train=None, **model_fields):
-  """(compile seconds, step()) for gpt's train step at `shape`, compiled with XLA `options`
-  (other arguments as train_program)."""
+               train=None, switches=(), **model_fields):
+  """(compile seconds, step()) for gpt's train step at `shape`, compiled with XLA `options`,
+  traced with the module `switches` (VARIANT_SWITCHES values) set (other arguments as train_program)."""
+  import importlib
   step, state, batch, frozen = train_program(shape, dtype, scan, seed, train, **model_fields)
+  saved = []
+  for module, name, value in switches:
+    module = importlib.import_module(module)
+    saved.append((module, name, getattr(module, name)))
+    setattr(module, name, value)
   t0, c0 = time.perf_counter(), _cpu_seconds()
-  compiled = step.lower(state, batch, frozen).compile(compiler_options=options or None)
+  try:
+    lowered = step.lower(state, batch, frozen)
+  finally:
+    for module, name, value in saved:
+      setattr(module, name, value)
+  compiled = lowered.compile(compiler_options=options or None)
   compile_s = (time.perf_counter() - t0, _cpu_seconds() - c0)
   holder = {"state": state}
 
@@ -217,7 +233,7 @@ def main() -> None:
   parser.add_argument("--shapes", default="chapter,30m", help=f"comma list of {sorted(SHAPES)}")
   parser.add_argument("--impls", default="jax-f32-scan,jax-f32-unrolled,jax-f32-scan-eigen,"
                       "jax-bf16-scan,torch-f32,torch-bf16",
-                      help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla][-logitsloss]"
+                      help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-saveprobs][-logitsloss|-fusedloss]"
                       "[-rematdots|-rematfull] names")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps", type=int, default=3, help="timed steps per row per round")
@@ -246,13 +262,14 @@ def main() -> None:
       if framework == "torch" and torch is None:
         missing.append(impl)
         continue
-      options, fields = {}, {}
+      options, fields, switches = {}, {}, []
       for v in variant:
         options.update(VARIANT_OPTIONS.get(v, {}))
         fields.update(VARIANT_FIELDS.get(v, {}))
+        switches += [VARIANT_SWITCHES[v]] if v in VARIANT_SWITCHES else []
       train = train_section(name)
       runners[impl] = (jax_runner(shape, dtype, scan="scan" in variant, options=options, train=train,
-                                  **fields)
+                                  switches=switches, **fields)
                        if framework == "jax" else torch_runner(torch, shape, dtype, train=train))
     for _, run in runners.values():  # warm-up step
       run()

@@ -25,6 +25,11 @@ MASK_VALUE = -1e30
 # (T=1024: 4 blocks 3.9x faster than jax.nn.dot_product_attention's xla; 8 blocks a little slower).
 QUERY_BLOCKS = 4
 MIN_QUERY_BLOCK = 64
+# False: the backward recomputes each block's probabilities from saved softmax statistics (the
+# default). True: the forward keeps them as residuals (the earlier formulation), kept so that
+# experiments/bench_train.py's `saveprobs` variant can measure the two in the same run. Read at
+# trace time.
+SAVE_PROBABILITIES = False
 
 
 def apply_dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
@@ -151,7 +156,7 @@ def _blocked_forward(q, k, v, mask, blocks):
     p = _block_probs(s, m, l)
     ys.append(jnp.einsum("bhts,bhsk->bhtk", p.astype(v.dtype), v[:, :, :keys],
                          preferred_element_type=jnp.float32))
-    stats.append((m, l))
+    stats.append(p if SAVE_PROBABILITIES else (m, l))
   y = (ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=2)).astype(q.dtype)
   return y, (q, k, v, mask, y, tuple(stats))
 
@@ -163,8 +168,9 @@ def _blocked_backward(blocks, res, dy):
   # rowsum(P * dP) = rowsum(dy * y): a [T, K] reduction instead of one over the [T, S] scores.
   d = jnp.sum(dy.astype(jnp.float32) * y.astype(jnp.float32), axis=-1, keepdims=True)
   dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
-  for (a, b, keys), (m, l) in zip(query_blocks(T, S, mask is None, blocks), stats):
-    p = _block_probs(_block_scores(q, k, mask, T, S, a, b, keys), m, l)
+  for (a, b, keys), saved in zip(query_blocks(T, S, mask is None, blocks), stats):
+    p = saved if not isinstance(saved, tuple) else _block_probs(
+        _block_scores(q, k, mask, T, S, a, b, keys), *saved)
     dyb = dy[:, :, a:b]
     dv = dv.at[:, :, :keys].add(jnp.einsum("bhts,bhtk->bhsk", p.astype(dy.dtype), dyb,
                                            preferred_element_type=jnp.float32))

@@ -71,7 +71,7 @@ class GPTConfig:
   remat: str = "none"
   attention_impl: str = "blocked"
   # The training loss's output layer: "fused" (gpt.output_loss) or "logits" (whole logits, optax).
-  output_loss: str = "fused"
+  output_loss: str = "logits"
   # Low-rank adapters (gpt.lora): rank 0 = none. Training sets these from `config.train.lora_*`.
   lora_rank: int = 0
   lora_alpha: float = 16.0

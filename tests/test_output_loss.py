@@ -55,3 +55,28 @@ def test_bfloat16_stays_close_to_the_float32_reference():
   assert got[1][0].dtype == jnp.bfloat16 and got[1][1].dtype == jnp.float32
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w), atol=0.02, rtol=0.05)
+
+
+def test_the_train_steps_loss_and_gradients_are_the_same_with_either_output_loss():
+  """gpt.train_step.loss_fn with model.output_loss=fused equals the whole-logits path (value and
+  every parameter's gradient, the tied wte included)."""
+  from flax import nnx
+
+  from gpt.model import GPTConfig, init_model
+  from gpt.train_step import loss_fn
+
+  windows = jnp.asarray(np.random.default_rng(4).integers(0, 61, (2, 13)), jnp.int32)
+
+  def value_and_grads(output_loss):
+    cfg = GPTConfig(n_vocab=61, n_ctx=16, n_embd=16, n_head=2, n_layer=2, output_loss=output_loss)
+    model = init_model(cfg, seed=1)
+    graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    jaxpr = str(jax.make_jaxpr(lambda p: loss_fn(p, graphdef, windows, None, 0.0, False))(params))
+    calls = jaxpr.count("custom_vjp_call")
+    return calls, jax.value_and_grad(loss_fn)(params, graphdef, windows, None, 0.0, False)
+
+  (fused_calls, got), (calls, want) = value_and_grads("fused"), value_and_grads("logits")
+  assert fused_calls == calls + 1  # the fused head really runs (beside the attention's own VJP)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
