@@ -115,9 +115,9 @@ VARIANT_FIELDS = {"attnxla": {"attention_impl": "xla"}, "attnblocked": {"attenti
                   "rematfull": {"remat": "full"}}
 
 
-# Module switches per variant suffix, set while the step is traced: `saveprobs` keeps the blocked
-# attention's probabilities from the forward pass instead of recomputing them in the backward.
-VARIANT_SWITCHES = {"saveprobs": ("gpt.attention", "SAVE_PROBABILITIES", True)}
+# Module switches per variant suffix, set while the step is traced: `recomputeprobs` makes the
+# blocked attention's backward recompute its probabilities instead of keeping them from the forward.
+VARIANT_SWITCHES = {"recomputeprobs": ("gpt.attention", "SAVE_PROBABILITIES", False)}
 
 
 def train_program(shape, dtype: str, scan: bool, seed: int = 0, train=None, abstract: bool = False,
@@ -233,7 +233,7 @@ def main() -> None:
   parser.add_argument("--shapes", default="chapter,30m", help=f"comma list of {sorted(SHAPES)}")
   parser.add_argument("--impls", default="jax-f32-scan,jax-f32-unrolled,jax-f32-scan-eigen,"
                       "jax-bf16-scan,torch-f32,torch-bf16",
-                      help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-saveprobs][-logitsloss|-fusedloss]"
+                      help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs][-logitsloss|-fusedloss]"
                       "[-rematdots|-rematfull] names")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps", type=int, default=3, help="timed steps per row per round")

@@ -25,11 +25,12 @@ MASK_VALUE = -1e30
 # (T=1024: 4 blocks 3.9x faster than jax.nn.dot_product_attention's xla; 8 blocks a little slower).
 QUERY_BLOCKS = 4
 MIN_QUERY_BLOCK = 64
-# False: the backward recomputes each block's probabilities from saved softmax statistics (the
-# default). True: the forward keeps them as residuals (the earlier formulation), kept so that
-# experiments/bench_train.py's `saveprobs` variant can measure the two in the same run. Read at
-# trace time.
-SAVE_PROBABILITIES = False
+# True (the default): the forward keeps each block's float32 probabilities for the backward.
+# False: the backward recomputes them from saved softmax statistics (row max and sum), so nothing
+# of size [T, S] is kept between the passes; measured slower on the loaded 2-core Xeon (chapter
+# step 0.43x vs 0.50x torch in the same run, BENCHMARKS.md "Training speed routes"), kept for
+# memory-bound runs and for experiments/bench_train.py's `recomputeprobs` variant. Read at trace time.
+SAVE_PROBABILITIES = True
 
 
 def apply_dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
@@ -104,10 +105,10 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array 
   - causal masking is an iota comparison fused into the scores, never a broadcast mask array;
   - the queries go in `blocks` blocks over key prefixes (`query_blocks`), skipping the scores above
     the diagonal: about 5/8 of the work of the full square at 4 blocks;
-  - the backward pass is written out (a custom VJP, the FlashAttention identity): it recomputes
-    the float32 probabilities P from the saved softmax statistics (nothing of size [T, S] is kept
-    between the passes) and, with D = rowsum(dy * y), dS = P * (dy v^T - D), so it never reduces
-    over the [T, S] scores and never copies the softmax.
+  - the backward pass is written out (a custom VJP, the FlashAttention identity): with the
+    float32 probabilities P (saved, or recomputed from the softmax statistics: SAVE_PROBABILITIES)
+    and D = rowsum(dy * y), dS = P * (dy v^T - D), so it never reduces over the [T, S] scores and
+    never copies the softmax.
   Scores, softmax and its statistics are float32; the matmuls take q's dtype (bfloat16 compute
   feeds bf16 operands with float32 accumulation). Masked scores are MASK_VALUE, as in "einsum".
   """
@@ -142,11 +143,10 @@ def _block_probs(s, m, l):
 
 
 def _blocked_forward(q, k, v, mask, blocks):
-  """(y, residuals) of blocked_attention. The residuals keep each block's softmax statistics
-  (row max and row sum, [B, H, rows, 1]), not its probabilities: the backward recomputes P from
-  them. Saved probabilities were [L, B, H, ~5/8 T, T] float32 buffers through the layer scan
-  (377 MB at the chapter shape), and zeroing, writing and reading them back cost more than
-  recomputing q k^T (~1% of the step's FLOPs); see BENCHMARKS.md "Training speed routes"."""
+  """(y, residuals) of blocked_attention. The residuals keep each block's probabilities or, with
+  SAVE_PROBABILITIES off, only its softmax statistics (row max and row sum, [B, H, rows, 1]):
+  saved probabilities are [L, B, H, ~5/8 T, T] float32 buffers through the layer scan (377 MB at
+  the chapter shape) that recomputing q k^T (~1% of the step's FLOPs) avoids."""
   T, S = q.shape[2], k.shape[2]
   ys, stats = [], []
   for a, b, keys in query_blocks(T, S, mask is None, blocks):
