@@ -1,11 +1,14 @@
 """Decode speed: new tokens/s of gpt's sampler beside Hugging Face generate() and the roofline.
 
   python experiments/bench_decode.py                    # 117M, batch 1 and 8, float32, bfloat16, int8
+  python experiments/bench_decode.py --dtype=int8,int8a8 --batch=1,8 --ct2=int8   # int8 activations too
   python experiments/bench_decode.py --model=1542M --new=256 --batch=1,8
   python experiments/bench_decode.py --profile          # + where one decode step spends its time
 
 Random weights (speed does not depend on them). Weights "int8" are model.quantize=int8 (gpt.quantize:
-int8 weights with per-output scales, float32 activations) beside CTranslate2's int8 column.
+int8 weights with per-output scales, float32 activations) beside CTranslate2's int8 column; "int8a8"
+adds model.int8_activations (each activation row quantized to int8 too, multiplied on AVX-512 VNNI:
+what CTranslate2's int8 does).
 Every configuration samples `--new` tokens (top-k 40) after a one-token prompt, timed end to end (prefill + decode loop), after one untimed warm-up
 run that compiles. Columns:
   ours         gpt.sample.Generator: gpt.sampling's while_loop over the model prepared for
@@ -172,7 +175,9 @@ class MatmulsOnly:
 
     def mm(x, p):
       w, scale = p["w"], p.get("w_scale")
-      return (gemv.auto_matmul(x, w, scale=scale) if by_row else matmul(x, w, scale=scale)).astype(x.dtype)
+      if by_row:
+        return gemv.auto_matmul(x, w, scale=scale, int8_activations=cfg.int8_activations).astype(x.dtype)
+      return matmul(x, w, scale=scale).astype(x.dtype)
 
     def run(params, x):
       def step(_, x):
@@ -288,7 +293,8 @@ def main():
   parser.add_argument("--model", default="117M", help="released size whose shape to use")
   parser.add_argument("--batch", default="1,8")
   parser.add_argument("--dtype", default="float32,bfloat16,int8",
-                      help="weights and compute dtype; int8 = int8 weights, float32 compute")
+                      help="weights and compute dtype; int8 = int8 weights, float32 compute; "
+                      "int8a8 = int8 weights and int8 activations (model.int8_activations)")
   parser.add_argument("--new", type=int, default=128, help="new tokens per sample")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--no_model_decode", action="store_true", help="skip the GPT.decode column")
@@ -310,9 +316,11 @@ def main():
   configs = [(d, int(b)) for d in args.dtype.split(",") for b in args.batch.split(",")]
   runners = {}
   for dtype, batch in configs:
-    float_dtype = "float32" if dtype == "int8" else dtype
+    int8 = dtype in ("int8", "int8a8")
+    float_dtype = "float32" if int8 else dtype
     cfg = GPTConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head, dtype=float_dtype,
-                    param_dtype=float_dtype, quantize="int8" if dtype == "int8" else "none")
+                    param_dtype=float_dtype, quantize="int8" if int8 else "none",
+                    int8_activations=dtype == "int8a8")
     methods = {"ours": Ours(cfg, batch, args.new), "matmuls": MatmulsOnly(cfg, batch, args.new)}
     if not args.no_model_decode:
       methods["GPT.decode"] = Ours(cfg, batch, args.new, model_decode=True)

@@ -2,6 +2,7 @@
 
   python experiments/bench_gemv.py                         # 117M's matrices, f32/bf16/int8, rows 1 and 8
   python experiments/bench_gemv.py --model=1542M --rows=1 --repeats=9
+  python experiments/bench_gemv.py --dtypes=int8,int8a8    # int8 weights; + int8 activations (VNNI)
 
 One call multiplies `--rows` activation rows by every weight matrix of one decode step of the
 model's shape (c_attn, attn c_proj, c_fc, mlp c_proj per layer, then the tied output layer
@@ -20,6 +21,7 @@ import platform
 import statistics
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
@@ -82,12 +84,14 @@ def main() -> None:
     raise SystemExit("error: gpt.kernels.gemv did not build (see the warning above)")
   rows_out = []
   for name in args.dtypes.split(","):
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8}[name]
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8, "int8a8": jnp.int8}[name]
     mats, nbytes = weights(n_layer, d, vocab, dtype)
     act = jnp.float32 if dtype == jnp.int8 else dtype
     for rows in map(int, args.rows.split(",")):
       x = jnp.asarray(np.random.default_rng(1).standard_normal((rows, d)), act)
-      fns = {"kernel": step_fn(d, gemv.matmul), "XLA": step_fn(d, gemv.reference)}
+      a8 = name == "int8a8"  # int8 activations too: the VNNI kernel against XLA's int32 product
+      fns = {"kernel": step_fn(d, partial(gemv.matmul, int8_activations=a8)),
+             "XLA": step_fn(d, partial(gemv.reference, int8_activations=a8))}
       outs = {k: np.asarray(f(mats, x), np.float32) for k, f in fns.items()}  # compile, and check
       diff = float(np.max(np.abs(outs["kernel"] - outs["XLA"])) / (np.max(np.abs(outs["XLA"])) + 1e-30))
       times = {k: [] for k in fns}

@@ -1,5 +1,5 @@
-"""int8 weights' quality: WikiText-2 token perplexity, float32 vs model.quantize=int8, and how often
-greedy continuations of a set of prompts agree.
+"""int8 weights' quality: WikiText-2 token perplexity, float32 vs model.quantize=int8 (and with
+model.int8_activations as well), and how often greedy continuations of a set of prompts agree.
 
   python experiments/quantize_quality.py                       # trains a small model here first
   python experiments/quantize_quality.py --init=models/124M    # any model folder gpt.weights reads
@@ -30,6 +30,7 @@ import optax  # noqa: E402
 from experiments.quick_train import perplexity, train_on_windows  # noqa: E402
 from gpt import quantize, sample  # noqa: E402
 from gpt.config import base_config  # noqa: E402
+from gpt.decoding import prepare_for_decoding  # noqa: E402
 from gpt.model import GPTConfig  # noqa: E402
 from gpt.sampling import SamplingOptions  # noqa: E402
 from gpt.tokenizer import get_tokenizer  # noqa: E402
@@ -89,14 +90,20 @@ def main() -> None:
   test = np.asarray(tok.encode(test_text), np.int32)[:args.eval_tokens]
   windows = test[:(len(test) // (T + 1)) * (T + 1)].reshape(-1, T + 1)
   q = quantize.quantize_model(model)
+  a8 = quantize.with_int8_activations(q)
   f32, int8 = perplexity(model, windows), perplexity(q, windows)
+  # int8 activations apply in decoding's layout (the same arithmetic as the VNNI kernel, in XLA here)
+  int8a8 = perplexity(prepare_for_decoding(a8), windows)
 
   lines = [l.strip() for l in test_text.splitlines() if l.strip() and not l.strip().startswith("=")]
   prompts = [ids[:12] for ids in map(tok.encode, lines) if len(ids) >= 12][:args.prompts]
-  a, b = greedy(model, prompts, args.new), greedy(q, prompts, args.new)
-  same_token = float((a == b).mean())
-  prefix = np.argmin(np.concatenate([a == b, np.zeros((len(a), 1), bool)], axis=1), axis=1)
-  whole = float((prefix == args.new).mean())
+  a = greedy(model, prompts, args.new)
+
+  def agreement(b):
+    prefix = np.argmin(np.concatenate([a == b, np.zeros((len(a), 1), bool)], axis=1), axis=1)
+    return float((a == b).mean()), float((prefix == args.new).mean()), prefix.mean()
+
+  agree = {"int8": agreement(greedy(q, prompts, args.new)), "int8 + int8 activations": agreement(greedy(a8, prompts, args.new))}
 
   print(f"\nModel: {source}. WikiText-2 test, first {windows.size - len(windows)} predicted tokens "
         f"({len(windows)} windows of {T}); greedy over {len(prompts)} test-line prompts of 12 tokens, "
@@ -105,9 +112,11 @@ def main() -> None:
   print("|---|---|---|")
   print(f"| float32 | {f32:.3f} | - |")
   print(f"| int8 (per-output-channel) | {int8:.3f} | {100 * (int8 / f32 - 1):+.2f}% |")
-  print(f"\nGreedy agreement: {100 * same_token:.1f}% of tokens at equal positions; "
-        f"{100 * whole:.0f}% of continuations identical; mean identical prefix "
-        f"{prefix.mean():.1f} of {args.new} tokens.")
+  print(f"| int8 + int8 activations (per row) | {int8a8:.3f} | {100 * (int8a8 / f32 - 1):+.2f}% |")
+  for name, (same_token, whole, prefix) in agree.items():
+    print(f"\nGreedy agreement, {name} vs float32: {100 * same_token:.1f}% of tokens at equal positions; "
+          f"{100 * whole:.0f}% of continuations identical; mean identical prefix "
+          f"{prefix:.1f} of {args.new} tokens.")
 
 
 if __name__ == "__main__":

@@ -109,6 +109,11 @@ def base_config() -> ml_collections.ConfigDict:
   # int8 (int8 matrices with per-output-channel scales, float activations; gpt.quantize). Applied
   # when the model is loaded; training refuses it.
   m.quantize = "none"
+  # With int8 weights, decoding (sample, interactive) also quantizes each activation row to int8
+  # (per-row scale, as CTranslate2 does) and multiplies in integers on AVX-512 VNNI: faster, a little
+  # less exact (BENCHMARKS.md, decode). Only where the gemv kernels lay decoding out (a CPU); the eval
+  # scorer's many-row products and GPU/TPU decoding stay float.
+  m.int8_activations = False
 
   c.data = d = ml_collections.ConfigDict()
   # Training text: a file, a directory, a glob, an encoded .npz/.bin token file, or a URL.

@@ -80,6 +80,9 @@ class GPTConfig:
   # Weight-only quantization (gpt.quantize): "int8" stores every Conv1D `w` and `wte` as int8 with
   # per-output-channel float32 scales (`w_scale`, `wte_scale`); activations stay float.
   quantize: str = "none"
+  # With int8 weights, in a model prepared for decoding: quantize each activation row to int8 too
+  # (per-row scale, as CTranslate2 does) and multiply in integers (gpt.kernels.gemv, AVX-512 VNNI).
+  int8_activations: bool = False
   # Set by gpt.decoding.prepare_for_decoding (never by configs): Conv1D weights stored [n_out, n_in], one output
   # per row, the layout gpt.kernels.gemv streams.
   weights_by_row: bool = False
@@ -242,12 +245,14 @@ def matmul(x: jax.Array, w: jax.Array, spec: str = "...d,df->...f", *,
 
 
 def dense(x: jax.Array, w: jax.Array, b: jax.Array, *, scale: jax.Array | None = None,
-          by_row: bool = False) -> jax.Array:
+          by_row: bool = False, int8_activations: bool = False) -> jax.Array:
   """x @ w + b accumulated in float32, returned in x's dtype. w is [n_in, n_out] in x's dtype
-  (cast here) or int8 with per-output `scale`; `by_row`: w is [n_out, n_in] (`gemv.auto_matmul`)."""
+  (cast here) or int8 with per-output `scale`; `by_row`: w is [n_out, n_in] (`gemv.auto_matmul`,
+  which also takes `int8_activations`)."""
   if w.dtype != jnp.int8:
     w = w.astype(x.dtype)
-  y = gemv.auto_matmul(x, w, scale=scale) if by_row else matmul(x, w, scale=scale)
+  y = (gemv.auto_matmul(x, w, scale=scale, int8_activations=int8_activations) if by_row
+       else matmul(x, w, scale=scale))
   return (y + b.astype(jnp.float32)).astype(x.dtype)
 
 
@@ -276,10 +281,11 @@ class Conv1D(nnx.Module):
   def __init__(self, n_in: int, n_out: int, axes: tuple[str | None, str | None], *, std: float,
                rngs: nnx.Rngs, stack: int = 0, dtype=jnp.float32, lora_rank: int = 0,
                lora_alpha: float = 16.0, lora_dropout: float = 0.0, quantize: str = "none",
-               by_row: bool = False):
+               by_row: bool = False, int8_activations: bool = False):
     # Quantized (gpt.quantize): `w` int8 and `w_scale` [n_out] float32, w = w_int8 * w_scale.
     # by_row (gpt.decoding.prepare_for_decoding, for gpt.kernels.gemv): `w` is stored [n_out, n_in].
     self.by_row = by_row
+    self.int8_activations = by_row and int8_activations  # GPTConfig.int8_activations
     shape, w_axes = ((n_out, n_in), axes[::-1]) if by_row else ((n_in, n_out), axes)
     quantized = quantize == "int8"
     self.w = _param(rngs, shape, w_axes, "zeros" if quantized else "normal", std, stack,
@@ -299,7 +305,8 @@ class Conv1D(nnx.Module):
   def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     """`rng` turns the adapter's input dropout on (training); None means deterministic."""
     scale = self.w_scale[...] if hasattr(self, "w_scale") else None
-    y = dense(x, self.w[...], self.b[...], scale=scale, by_row=self.by_row)
+    y = dense(x, self.w[...], self.b[...], scale=scale, by_row=self.by_row,
+              int8_activations=self.int8_activations)
     if not self.lora_scale:
       return y
     h = apply_dropout(x, self.lora_dropout, rng) @ self.lora_a[...].astype(x.dtype)
@@ -315,7 +322,7 @@ def _lora_args(cfg: GPTConfig, target: str) -> dict:
   """Conv1D's layout and adapter arguments for dense layer `target` (adapters only when it is a
   LoRA target)."""
   rank = cfg.lora_rank_of(target)
-  layout = dict(quantize=cfg.quantize, by_row=cfg.weights_by_row)
+  layout = dict(quantize=cfg.quantize, by_row=cfg.weights_by_row, int8_activations=cfg.int8_activations)
   return {**layout, **(dict(lora_rank=rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout)
                        if rank else {})}
 
@@ -450,7 +457,7 @@ class GPT(nnx.Module):
     if wte.dtype != jnp.int8:
       wte = wte.astype(hidden.dtype)
     if self.cfg.weights_by_row:  # prepared for decoding: gpt.kernels.gemv where it wins
-      return gemv.auto_matmul(hidden, wte, scale=scale)
+      return gemv.auto_matmul(hidden, wte, scale=scale, int8_activations=self.cfg.int8_activations)
     return matmul(hidden, wte, "...d,vd->...v", scale=scale)
 
   def loss(self, hidden: jax.Array, targets: jax.Array, *, wte_trained: bool = True) -> jax.Array:

@@ -6,7 +6,8 @@ int8 makes each step read 4x fewer bytes than float32. Every Conv1D weight `w` a
 become int8 with one float32 scale per output channel (`w_scale` [n_out]; `wte_scale` [n_vocab]:
 the output layer's outputs are words), symmetric: w ~= w_int8 * scale, scale = max|w| / 127 over
 the channel's inputs. Biases, LayerNorms and `wpe` stay float (they are a few percent of the bytes
-and sensitive); activations stay float. gpt.model multiplies int8 weights either through
+and sensitive); activations stay float, unless `model.int8_activations` (`with_int8_activations`)
+asks decoding to quantize each activation row to int8 as well (gpt.kernels.gemv's VNNI kernel). gpt.model multiplies int8 weights either through
 gpt.kernels.gemv (decoding: converted in registers, scaled per output) or, for many rows (the eval
 scorer), by converting inside the jitted program and scaling the float32 result.
 
@@ -93,6 +94,15 @@ def dequantize_model(model: GPT) -> GPT:
     node = pure["h"][sub][name]
     node["w"] = dequantize(node["w"], node.pop("w_scale"), -2).astype(pdt)
   return _rebuild(pure, cfg.replace(quantize="none"))
+
+
+def with_int8_activations(model: GPT, on: bool = True) -> GPT:
+  """The same int8 model whose decoding quantizes activation rows to int8 too
+  (`model.int8_activations`; the weights are shared, only the config differs)."""
+  if model.cfg.quantize != "int8":
+    raise GPTError("model.int8_activations needs int8 weights: set model.quantize=int8 as well")
+  _check_stacked(model)
+  return _rebuild(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.cfg.replace(int8_activations=on))
 
 
 # ---- the quantized folder ----

@@ -75,3 +75,33 @@ def test_off_keeps_the_kernel_out_of_programs_for_another_platform():
     assert gemv.max_rows(jnp.bfloat16) == 0 and not gemv.uses_kernel(1, w)
     assert "GptGemv" not in lower()
   assert "GptGemv" in lower()
+
+
+@pytest.mark.parametrize("rows,K,N", [(1, 64, 256), (3, 70, 37), (5, 130, 9), (16, 33, 130)])
+def test_int8_activations_kernel_equals_xla(rows, K, N):
+  # The VNNI kernel against reference's exact int32 product of the same quantized rows; ragged K
+  # (masked loads), ragged N (single-row tiles), 1-16 rows, one all-zero row.
+  rng = np.random.default_rng(rows * K + N)
+  w, scale = quantized(rng.standard_normal((N, K)).astype(np.float32))
+  x = rng.standard_normal((rows, K)).astype(np.float32)
+  x[-1] = 0.0 if rows > 1 else x[-1]
+  x = jnp.asarray(x)
+  if not gemv.vnni():
+    pytest.skip("no AVX-512 VNNI here: int8 activations run reference")
+  got = jax.jit(lambda x, w, s: gemv.matmul(x, w, scale=s, int8_activations=True))(x, w, scale)
+  want = gemv.reference(x, w, scale=scale, int8_activations=True)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * float(jnp.abs(want).max()))
+  if rows > 1:
+    np.testing.assert_array_equal(got[-1], 0.0)
+  # And it is the float product up to the activations' rounding (half a step per element).
+  exact = gemv.reference(x, w, scale=scale)
+  q, step = gemv.quantize_rows(x)
+  bound = 0.5 * step * (jnp.abs(w.astype(jnp.float32)) * scale[:, None]).sum(1)
+  assert bool(jnp.all(jnp.abs(got - exact) <= bound * 1.001 + 1e-6))
+  assert float(jnp.abs(q).max()) == 127.0
+
+
+def test_int8_activations_leave_float_weights_alone():
+  w = jnp.asarray(np.random.default_rng(0).standard_normal((8, 16)), jnp.float32)
+  x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 16)), jnp.float32)
+  np.testing.assert_allclose(gemv.matmul(x, w, int8_activations=True), gemv.matmul(x, w), rtol=0)

@@ -88,6 +88,36 @@ def test_prepared_decoding_with_and_without_the_kernel_agree(dtype, monkeypatch)
     np.testing.assert_allclose(got, want[batch], rtol=tol, atol=tol * np.abs(got).max())
 
 
+def test_int8_activations_decode_as_their_xla_twin_and_near_float_activations(monkeypatch):
+  """model.int8_activations: the VNNI kernel's steps equal the same quantized-row arithmetic in XLA
+  (gemv.reference), and stay near the float-activation int8 model's logits."""
+  from gpt.kernels import gemv
+
+  q = quantize.quantize_model(init_model(TINY))
+  a8 = quantize.with_int8_activations(q)
+  assert a8.cfg.int8_activations and a8.wte[...].dtype == jnp.int8
+
+  def run(model):
+    prepared = prepare_for_decoding(model)
+    graphdef, state = nnx.split(prepared)
+    step = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).decode(t, c, logits_at="last"))
+    cache = KVCache.init(TINY, 3, 12)
+    outs = []
+    for i, t in enumerate((tokens(3, 6), tokens(3, 1, seed=1), tokens(3, 1, seed=2))):
+      logits, cache = step(state, t, cache)
+      outs.append(np.asarray(logits))
+    return np.concatenate(outs, axis=1)
+
+  got, float_act = run(a8), run(q)
+  monkeypatch.setattr(gemv, "vnni", lambda: False)  # the same products through XLA
+  want = run(a8)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * np.abs(want).max())
+  assert np.abs(got - float_act).max() < 0.05 * np.abs(float_act).max()
+  assert np.abs(got - float_act).max() > 0  # the activations really were quantized
+  with pytest.raises(GPTError, match="needs int8 weights"):
+    quantize.with_int8_activations(init_model(TINY))
+
+
 def fixture_config(init, **model):
   config = base_config()
   config.init = str(init)
@@ -156,6 +186,8 @@ def test_int8_perplexity_within_one_percent_on_kant(shared_dir, capsys):
   unigram = float(np.exp(-np.mean(np.log(counts / counts.sum())[np.asarray(windows[:, 1:])])))
   assert f32 < 0.85 * unigram, f"the model did not train (perplexity {f32:.2f}, unigram {unigram:.2f})"
   assert abs(int8 / f32 - 1) < 0.01, (f32, int8)
+  # int8 activations too (decoding's layout, the same arithmetic as the VNNI kernel): reported
+  a8 = perplexity(prepare_for_decoding(quantize.with_int8_activations(q)), windows, batch=64)
 
   # greedy continuations of a few prompts through the sampler (prepared, gemv where it runs)
   options = SamplingOptions(temperature=0.0)
@@ -170,7 +202,8 @@ def test_int8_perplexity_within_one_percent_on_kant(shared_dir, capsys):
                                             cache_length=40)))
   agree = float((outs[0] == outs[1]).mean())
   with capsys.disabled():
-    print(f"\nKant bytes: perplexity float32 {f32:.4f}, int8 {int8:.4f} ({100 * (int8 / f32 - 1):+.2f}%); "
+    print(f"\nKant bytes: perplexity float32 {f32:.4f}, int8 {int8:.4f} ({100 * (int8 / f32 - 1):+.2f}%), "
+          f"int8 + int8 activations {a8:.4f} ({100 * (a8 / f32 - 1):+.2f}%); "
           f"greedy agreement {100 * agree:.1f}% of {outs[0].size} tokens over {len(prompts)} prompts")
   assert agree > 0.5
 

@@ -11,6 +11,7 @@
 // ([n_in, n_out]) are transposed once when a model is prepared for decoding. Blocks of rows run on
 // XLA's own intra-op thread pool (no second pool competing for the cores).
 #include <algorithm>
+#include <cmath>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -51,6 +52,15 @@ inline float Finish(float sum, const float* xb, const W* wr, int64_t k0, int64_t
 }
 
 #ifdef __AVX512F__
+// Asks for the cache line `ahead` bytes past p: the same line of the next tile of rows. The tiles'
+// rows are read in an interleaved order that the hardware prefetcher follows too late: at 1 row,
+// fetching the next tile while this one is multiplied took the int8 loop from 1.5-1.9x to ~1.0x the
+// time of a plain read of the same bytes (float32 ~0.95x -> ~0.9x; BENCHMARKS.md, decode). Past the
+// end of the matrix it is a hint about an unmapped line, which never faults.
+inline void Prefetch(const void* p, int64_t ahead) {
+  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + ahead), _MM_HINT_T0);
+}
+
 inline __m512 Load16(const float* w) { return _mm512_loadu_ps(w); }
 inline __m512 Load16(const uint16_t* w) {  // bf16: widen to 32 bits, shift into the high half
   __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w));
@@ -59,6 +69,28 @@ inline __m512 Load16(const uint16_t* w) {  // bf16: widen to 32 bits, shift into
 inline __m512 Load16(const int8_t* w) {
   __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w));
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+}
+
+// The sums of four vectors' lanes, as one 4-float vector: an unpack/add tree that shares its
+// shuffles between the four (a separate reduction per vector costs about as much as a short dot
+// product's whole loop at K = 768).
+inline __m128 Sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512 t = _mm512_add_ps(
+      _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
+      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(t),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+
+inline __m128i Sum4(__m512i a, __m512i b, __m512i c, __m512i d) {
+  const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+  const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+  const __m512i t = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+  const __m256i h = _mm256_add_epi32(_mm512_castsi512_si256(t), _mm512_extracti64x4_epi64(t, 1));
+  return _mm_add_epi32(_mm256_castsi256_si128(h), _mm256_extracti128_si256(h, 1));
 }
 
 // Up to kTile weight rows [n, n + R) times BR activation rows [b0, b0 + BR): each weight vector is
@@ -73,16 +105,25 @@ inline void Tile(const float* x, const W* w, const float* scale, float* y, int64
     for (int r = 0; r < R; ++r) acc[b][r] = _mm512_setzero_ps();
   for (int64_t k = 0; k < k_vec; k += kLanes) {
     __m512 wv[R];
-    for (int r = 0; r < R; ++r) wv[r] = Load16(w + (n + r) * K + k);
+    for (int r = 0; r < R; ++r) {
+      wv[r] = Load16(w + (n + r) * K + k);
+      if ((k * sizeof(W)) % 64 == 0) Prefetch(w + (n + r) * K + k, R * K * sizeof(W));
+    }
     for (int b = 0; b < BR; ++b) {
       const __m512 xv = _mm512_loadu_ps(x + (b0 + b) * K + k);
       for (int r = 0; r < R; ++r) acc[b][r] = _mm512_fmadd_ps(xv, wv[r], acc[b][r]);
     }
   }
-  for (int b = 0; b < BR; ++b)
+  for (int b = 0; b < BR; ++b) {
+    float sums[R];
+    if constexpr (R == 4) {
+      _mm_storeu_ps(sums, Sum4(acc[b][0], acc[b][1], acc[b][2], acc[b][3]));
+    } else {
+      for (int r = 0; r < R; ++r) sums[r] = _mm512_reduce_add_ps(acc[b][r]);
+    }
     for (int r = 0; r < R; ++r)
-      y[(b0 + b) * N + n + r] = Finish(_mm512_reduce_add_ps(acc[b][r]), x + (b0 + b) * K,
-                                       w + (n + r) * K, k_vec, K, scale, n + r);
+      y[(b0 + b) * N + n + r] = Finish(sums[r], x + (b0 + b) * K, w + (n + r) * K, k_vec, K, scale, n + r);
+  }
 }
 
 template <typename W, int R>
@@ -134,6 +175,103 @@ void Block(const float* x, const W* w, const float* scale, float* y, int64_t B, 
 }
 #endif
 
+// int8 weights times int8 activations (model.int8_activations): AVX-512 VNNI's vpdpbusd multiplies
+// 64 unsigned by signed bytes and adds them into 16 int32 sums in one instruction, where the float
+// path needs a widen, a convert and an FMA per 16 weights (compute-bound at ~1.5x the time of
+// reading the bytes, experiments/bench_gemv.py). Each activation row is quantized once per call
+// to q = round(x * 127 / max|x|) in [-127, 127] and stored as u = q + 128 (vpdpbusd's unsigned
+// side); sum(u * w) = sum(q * w) + 128 * sum(w), so a second vpdpbusd against a vector of ones
+// gives each weight row's sum to subtract. y = (sum(q * w)) * (max|x| / 127) * scale[n]: the sums
+// are exact integers, so the kernel and `reference_int8_activations` agree to float32 rounding.
+constexpr int64_t kVnniLanes = 64;  // bytes per vpdpbusd
+
+// Row b of x as offset bytes (K padded to a multiple of 64 with 128 = a zero activation) and the
+// factor that turns its integer sums back into floats.
+inline float QuantizeRow(const float* x, int64_t K, uint8_t* u, int64_t k_pad) {
+  float amax = 0.0f;
+  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(x[k]));
+  const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
+  for (int64_t k = 0; k < K; ++k) u[k] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(x[k] * inv)) + 128);
+  for (int64_t k = K; k < k_pad; ++k) u[k] = 128;
+  return amax / 127.0f;
+}
+
+#if defined(__AVX512VNNI__) && defined(__AVX512BW__)
+constexpr bool kHasVnni = true;
+
+// R weight rows times BR quantized activation rows; each 64-byte weight vector is loaded once.
+// The ragged end of K loads weights under a mask (zeros add nothing to either sum).
+template <int R, int BR>
+inline void TileVnni(const uint8_t* u, int64_t k_pad, const float* xs, const int8_t* w,
+                     const float* scale, float* y, int64_t b0, int64_t K, int64_t N, int64_t n) {
+  __m512i acc[BR][R], wsum[R];
+  const __m512i ones = _mm512_set1_epi8(1);
+  for (int r = 0; r < R; ++r) {
+    wsum[r] = _mm512_setzero_si512();
+    for (int b = 0; b < BR; ++b) acc[b][r] = _mm512_setzero_si512();
+  }
+  for (int64_t k = 0; k < K; k += kVnniLanes) {
+    const __mmask64 m = K - k >= kVnniLanes ? ~__mmask64{0} : (__mmask64{1} << (K - k)) - 1;
+    __m512i wv[R];
+    for (int r = 0; r < R; ++r) {
+      wv[r] = _mm512_maskz_loadu_epi8(m, w + (n + r) * K + k);
+      Prefetch(w + (n + r) * K + k, R * K);
+      wsum[r] = _mm512_dpbusd_epi32(wsum[r], ones, wv[r]);
+    }
+    for (int b = 0; b < BR; ++b) {
+      const __m512i uv = _mm512_loadu_si512(u + (b0 + b) * k_pad + k);
+      for (int r = 0; r < R; ++r) acc[b][r] = _mm512_dpbusd_epi32(acc[b][r], uv, wv[r]);
+    }
+  }
+  // sum(q * w) = sum(u * w) - 128 * sum(w), subtracted lane-wise before the one reduction.
+  for (int r = 0; r < R; ++r) wsum[r] = _mm512_slli_epi32(wsum[r], 7);
+  for (int b = 0; b < BR; ++b) {
+    int32_t dots[R];
+    if constexpr (R == 4) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dots),
+                       Sum4(_mm512_sub_epi32(acc[b][0], wsum[0]), _mm512_sub_epi32(acc[b][1], wsum[1]),
+                            _mm512_sub_epi32(acc[b][2], wsum[2]), _mm512_sub_epi32(acc[b][3], wsum[3])));
+    } else {
+      for (int r = 0; r < R; ++r) dots[r] = _mm512_reduce_add_epi32(_mm512_sub_epi32(acc[b][r], wsum[r]));
+    }
+    for (int r = 0; r < R; ++r)
+      y[(b0 + b) * N + n + r] = static_cast<float>(dots[r]) * (xs[b0 + b] * (scale ? scale[n + r] : 1.0f));
+  }
+}
+
+template <int R>
+inline void RowsVnni(const uint8_t* u, int64_t k_pad, const float* xs, const int8_t* w,
+                     const float* scale, float* y, int64_t B, int64_t K, int64_t N, int64_t n) {
+  int64_t b = 0;
+  for (; b + kRowsPerPass <= B; b += kRowsPerPass) TileVnni<R, kRowsPerPass>(u, k_pad, xs, w, scale, y, b, K, N, n);
+  switch (B - b) {
+    case 3: TileVnni<R, 3>(u, k_pad, xs, w, scale, y, b, K, N, n); break;
+    case 2: TileVnni<R, 2>(u, k_pad, xs, w, scale, y, b, K, N, n); break;
+    case 1: TileVnni<R, 1>(u, k_pad, xs, w, scale, y, b, K, N, n); break;
+  }
+}
+
+void BlockVnni(const uint8_t* u, int64_t k_pad, const float* xs, const int8_t* w, const float* scale,
+               float* y, int64_t B, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + kTile <= n1; n += kTile) RowsVnni<kTile>(u, k_pad, xs, w, scale, y, B, K, N, n);
+  for (; n < n1; ++n) RowsVnni<1>(u, k_pad, xs, w, scale, y, B, K, N, n);
+}
+#else
+constexpr bool kHasVnni = false;
+
+// Without VNNI (this handler is then not chosen by gemv.py; kept correct for completeness).
+void BlockVnni(const uint8_t* u, int64_t k_pad, const float* xs, const int8_t* w, const float* scale,
+               float* y, int64_t B, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t dot = 0;
+      for (int64_t k = 0; k < K; ++k) dot += (static_cast<int32_t>(u[b * k_pad + k]) - 128) * w[n * K + k];
+      y[b * N + n] = static_cast<float>(dot) * (xs[b] * (scale ? scale[n] : 1.0f));
+    }
+}
+#endif
+
 // Blocks are claimed from a shared counter by the calling thread and by helper tasks on XLA's
 // pool. The caller waits only for blocks that were claimed, never for a task to start, so a busy
 // pool cannot stall it; a task that starts late finds nothing left and touches no buffer.
@@ -181,7 +319,32 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
   return ffi::Error::Success();
 }
 
+ffi::Error GemvInt8Activations(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                               ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2) return ffi::Error::InvalidArgument("gemv: x and w must be 2-D");
+  const int64_t B = xd[0], K = xd[1], N = wd[0];
+  if (wd[1] != K) return ffi::Error::InvalidArgument("gemv: w must be [N, K] for x [B, K]");
+  const bool scaled = scale.element_count() == static_cast<size_t>(N);
+  const float* s = scaled ? scale.typed_data() : nullptr;
+  // Quantized once per call (B * K bytes), shared by every block.
+  const int64_t k_pad = (K + kVnniLanes - 1) / kVnniLanes * kVnniLanes;
+  auto u = std::make_shared<std::vector<uint8_t>>(B * k_pad);
+  auto xs = std::make_shared<std::vector<float>>(B);
+  for (int64_t b = 0; b < B; ++b) (*xs)[b] = QuantizeRow(x.typed_data() + b * K, K, u->data() + b * k_pad, k_pad);
+  const int8_t* wp = w.typed_data();
+  float* yp = y->typed_data();
+  RunBlocks(pool, (N + kBlock - 1) / kBlock, [=](int64_t i) {
+    BlockVnni(u->data(), k_pad, xs->data(), wp, s, yp, B, K, N, i * kBlock, std::min(N, (i + 1) * kBlock));
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
+
+// Whether GptGemvS8A8 runs on AVX-512 VNNI here (gemv.py chooses it only then).
+extern "C" int GptGemvHasVnni() { return kHasVnni ? 1 : 0; }
 
 #define GPT_GEMV_HANDLER(name, W)                                                        \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, Gemv<W>,                                           \
@@ -195,3 +358,11 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
 GPT_GEMV_HANDLER(GptGemvF32, float)
 GPT_GEMV_HANDLER(GptGemvBF16, uint16_t)
 GPT_GEMV_HANDLER(GptGemvS8, int8_t)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptGemvS8A8, GemvInt8Activations,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());

@@ -38,6 +38,7 @@ FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-sh
 _SUFFIX = {jnp.dtype(jnp.float32): "F32", jnp.dtype(jnp.bfloat16): "BF16", jnp.dtype(jnp.int8): "S8"}
 _lock = threading.Lock()
 _loaded: list[bool] = []  # [] = not tried yet; [True] registered; [False] unavailable
+_vnni: list[bool] = []  # [True] when the library's int8-activation kernel runs on AVX-512 VNNI
 
 
 def cache_dir() -> Path:
@@ -89,9 +90,10 @@ def available() -> bool:
     if not _loaded:
       try:
         lib = ctypes.cdll.LoadLibrary(str(build()))
-        for suffix in _SUFFIX.values():
+        for suffix in (*_SUFFIX.values(), "S8A8"):
           name = f"GptGemv{suffix}"
           jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+        _vnni.append(bool(lib.GptGemvHasVnni()))
         _loaded.append(True)
       except (OSError, RuntimeError, AttributeError) as e:
         logging.warning("gpt.kernels.gemv unavailable, using XLA's matmul: %s", e)
@@ -146,35 +148,64 @@ def to_rows(w: jax.Array) -> jax.Array:
   return jnp.transpose(jnp.asarray(w))
 
 
-def matmul(x: jax.Array, w: jax.Array, *, scale: jax.Array | None = None) -> jax.Array:
+def vnni() -> bool:
+  """Whether the int8-activation kernel (`matmul(..., int8_activations=True)`) runs here: the
+  library built with AVX-512 VNNI (vpdpbusd). Elsewhere that product is `reference`'s XLA one."""
+  return available() and _vnni[0]
+
+
+def matmul(x: jax.Array, w: jax.Array, *, scale: jax.Array | None = None,
+           int8_activations: bool = False) -> jax.Array:
   """x [..., K] times w [N, K] transposed, accumulated in float32: float32 [..., N].
 
   w may be float32, bfloat16 or int8; `scale` [N] multiplies output n (int8 weights' per-output
-  scales).
+  scales). `int8_activations` (int8 w only): each row of x is quantized to int8 first (see
+  `quantize_rows`) and multiplied in integers with AVX-512 VNNI, where it runs (`vnni`).
   """
   K, N = x.shape[-1], w.shape[0]
   rows = math.prod(x.shape[:-1])
-  if not uses_kernel(rows, w):
-    return reference(x, w, scale=scale)
+  a8 = int8_activations and jnp.dtype(w.dtype) == jnp.int8
+  if not uses_kernel(rows, w) or (a8 and not vnni()):
+    return reference(x, w, scale=scale, int8_activations=int8_activations)
   no_scale = jnp.zeros((0,), jnp.float32)
-  out = jax.ffi.ffi_call(f"GptGemv{_SUFFIX[jnp.dtype(w.dtype)]}",
-                         jax.ShapeDtypeStruct((rows, N), jnp.float32))(
+  target = "GptGemvS8A8" if a8 else f"GptGemv{_SUFFIX[jnp.dtype(w.dtype)]}"
+  out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows, N), jnp.float32))(
       x.reshape(rows, K).astype(jnp.float32), w,
       no_scale if scale is None else scale.astype(jnp.float32))
   return out.reshape(*x.shape[:-1], N)
 
 
-def reference(x: jax.Array, w: jax.Array, *, scale: jax.Array | None = None) -> jax.Array:
-  """`matmul` in XLA: the fallback, and what the tests hold the kernels to."""
+def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(int8 q [..., K], float32 step [..., 1]) with x ~= q * step per row: step = max|x| / 127,
+  q = round(x * (127 / max|x|)) (an all-zero row gives zeros), the same float32 operations as
+  gemv.cc's QuantizeRow, so that the kernel and `reference` quantize identically."""
+  x = x.astype(jnp.float32)
+  amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
+  inv = jnp.where(amax > 0, jnp.float32(127.0) / jnp.where(amax > 0, amax, 1.0), 0.0)
+  return jnp.round(x * inv).astype(jnp.int8), amax / jnp.float32(127.0)
+
+
+def reference(x: jax.Array, w: jax.Array, *, scale: jax.Array | None = None,
+              int8_activations: bool = False) -> jax.Array:
+  """`matmul` in XLA: the fallback, and what the tests hold the kernels to. With int8 `w` and
+  `int8_activations`: the rows quantized by `quantize_rows`, an exact int32 product, then
+  step * scale (the kernel's integer sums are exact too: both agree to float32 rounding)."""
+  if w.dtype == jnp.int8 and int8_activations:
+    q, step = quantize_rows(x)
+    dot = jnp.einsum("...k,nk->...n", q, w, preferred_element_type=jnp.int32)
+    factor = step if scale is None else step * scale.astype(jnp.float32)
+    return dot.astype(jnp.float32) * factor
   if w.dtype == jnp.int8:
     w = w.astype(x.dtype)
   out = jnp.einsum("...k,nk->...n", x, w, preferred_element_type=jnp.float32)
   return out if scale is None else out * scale.astype(jnp.float32)
 
 
-def auto_matmul(x: jax.Array, w: jax.Array, *, scale: jax.Array | None = None) -> jax.Array:
+def auto_matmul(x: jax.Array, w: jax.Array, *, scale: jax.Array | None = None,
+                int8_activations: bool = False) -> jax.Array:
   """`matmul` where the kernel is the faster choice for this many rows (`wins`), else `reference`
   (XLA's einsum): what a model prepared for decoding (weights [N, K]) runs. The kernel has no
   gradient: this is never part of a training step."""
   rows = math.prod(x.shape[:-1])
-  return matmul(x, w, scale=scale) if wins(rows, w) else reference(x, w, scale=scale)
+  mm = matmul if wins(rows, w) else reference
+  return mm(x, w, scale=scale, int8_activations=int8_activations)

@@ -1,0 +1,96 @@
+// gemv.cc's inner loops alone, single thread, against a plain read of the same bytes: the
+// kernel-level A/B that experiments/bench_gemv.py (whole JAX calls, both cores) cannot give on a
+// loaded machine. Time is the thread's CPU time (CLOCK_THREAD_CPUTIME_ID: time descheduled by
+// other processes does not count, memory contention still does); variants run interleaved, 21
+// rounds, best kept; "x read" is the ratio to a plain AVX-512 read of the same matrices in the same
+// round, so 1.00 means the loop streams weights as fast as memory gives them to this core.
+// Matrices: one decode step of 117M (12 x c_attn, attn c_proj, c_fc, mlp c_proj, then [50257, 768]).
+//
+//   J=$(python -c "import jax; print(jax.ffi.include_dir())")
+//   build() { g++ -O3 -march=native -mprefer-vector-width=512 -std=c++17 -w -I$J \
+//               -DKERNEL="\"$1\"" -DWT=$2 experiments/bench_gemv_loop.cc -o $3; }
+//   build $PWD/gpt/kernels/gemv.cc int8_t /tmp/loop_new && /tmp/loop_new 1    # rows = 1
+//   git show HEAD~1:gpt/kernels/gemv.cc > /tmp/old.cc && build /tmp/old.cc int8_t /tmp/loop_old
+// WT: float (float32), uint16_t (bfloat16; weights are normal numbers, as trained ones are:
+// denormal bf16 would run ~14x slower through the FMAs), int8_t (+ the int8-activation VNNI loop
+// where the kernel has it: -DVNNI=1).
+#include KERNEL
+#include <time.h>
+
+#include <cstdio>
+#include <cstdlib>
+
+#ifndef VNNI
+#define VNNI 0
+#endif
+
+namespace {
+double CpuNow() {
+  timespec t;
+  clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t);
+  return t.tv_sec + 1e-9 * t.tv_nsec;
+}
+
+struct Matrix { int64_t N, K; WT* w; float* scale; };
+
+WT RandomWeight() {
+  if (sizeof(WT) == 2) return static_cast<WT>(0x3F00 | (rand() & 0xFF));  // bf16 in [0.5, 2)
+  return static_cast<WT>(rand() % 100 - 50);
+}
+
+float PlainRead(const std::vector<Matrix>& ms) {
+  __m512i a = _mm512_setzero_si512(), b = a;
+  for (const auto& m : ms) {
+    const __m512i* p = reinterpret_cast<const __m512i*>(m.w);
+    const int64_t lines = m.N * m.K * sizeof(WT) / 64;
+    for (int64_t i = 0; i + 2 <= lines; i += 2) {
+      a = _mm512_add_epi8(a, _mm512_load_si512(p + i));
+      b = _mm512_add_epi8(b, _mm512_load_si512(p + i + 1));
+    }
+  }
+  return static_cast<float>(_mm512_reduce_add_epi32(_mm512_add_epi32(a, b)));
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  const int B = argc > 1 ? atoi(argv[1]) : 1;
+  const int64_t d = 768, shapes[4][2] = {{3 * d, d}, {d, d}, {4 * d, d}, {d, 4 * d}};
+  std::vector<Matrix> ms;
+  for (int l = 0; l < 12; ++l)
+    for (auto& s : shapes) ms.push_back({s[0], s[1], nullptr, nullptr});
+  ms.push_back({50257, d, nullptr, nullptr});
+  size_t bytes = 0;
+  for (auto& m : ms) {
+    m.w = static_cast<WT*>(aligned_alloc(64, (m.N * m.K * sizeof(WT) + 63) / 64 * 64));
+    for (int64_t i = 0; i < m.N * m.K; ++i) m.w[i] = RandomWeight();
+    m.scale = static_cast<float*>(aligned_alloc(64, (m.N * 4 + 63) / 64 * 64));
+    for (int64_t i = 0; i < m.N; ++i) m.scale[i] = 0.01f;
+    bytes += m.N * m.K * sizeof(WT);
+  }
+  std::vector<float> x(B * 4 * d, 0.5f), y(B * 50257), xs(B);
+  std::vector<uint8_t> u(B * 4 * d);
+  const char* names[] = {"plain read", "float activations", "int8 activations (VNNI)"};
+  const int variants = VNNI ? 3 : 2;
+  double best[3] = {1e9, 1e9, 1e9};
+  volatile float sink = 0;
+  for (int round = 0; round < 21; ++round)
+    for (int v = 0; v < variants; ++v) {
+      const double t0 = CpuNow();
+      if (v == 0) sink = sink + PlainRead(ms);
+      for (const auto& m : ms) {
+        if (v == 1) Block<WT>(x.data(), m.w, m.scale, y.data(), B, m.K, m.N, 0, m.N);
+#if VNNI
+        if (v == 2) {
+          const int64_t k_pad = (m.K + 63) / 64 * 64;
+          for (int b = 0; b < B; ++b) xs[b] = QuantizeRow(x.data() + b * m.K, m.K, u.data() + b * k_pad, k_pad);
+          BlockVnni(u.data(), k_pad, xs.data(), m.w, m.scale, y.data(), B, m.K, m.N, 0, m.N);
+        }
+#endif
+      }
+      best[v] = std::min(best[v], CpuNow() - t0);
+    }
+  printf("| loop | rows | MB | best ms (thread CPU) | GB/s | x read |\n|---|---|---|---|---|---|\n");
+  for (int v = 0; v < variants; ++v)
+    printf("| %s | %d | %.0f | %.2f | %.1f | %.2f |\n", names[v], B, bytes / 1e6, best[v] * 1e3,
+           bytes / best[v] / 1e9, best[v] / best[0]);
+}
