@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import statistics
 import sys
 import time
@@ -31,6 +30,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from experiments import machine  # noqa: E402
 from experiments.bench_train import SHAPES, VOCAB  # noqa: E402
 
 
@@ -88,9 +88,9 @@ def main() -> None:
     fl = flops(spec, sa, sb)
     ratio = statistics.median(t / j for j, t in zip(tj, tt))
     rows.append((name, count, statistics.median(tj), statistics.median(tt), fl, ratio))
-  print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax "
+  print(f"machine: {machine.cpu_model()}, {os.cpu_count()} cores ({machine.vector_flags()}); jax "
         f"{jax.__version__}, torch {torch.__version__}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
-        f"load average {os.getloadavg()[0]:.1f}; shape {args.shape}")
+        f"load average {machine.load_average()}; shape {args.shape}")
   print("| matmul | per step | xla ms | xla GFLOP/s | torch ms | torch GFLOP/s | xla speed vs torch |")
   print("|---|---|---|---|---|---|---|")
   tot_j = tot_t = 0.0
