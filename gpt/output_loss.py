@@ -1,15 +1,16 @@
-"""The training loss through the tied output layer, fused: cross-entropy of h wte^T without the
-[N, V] logits ever leaving their row chunk, and with the gradient made in the same pass.
+"""The training loss through the tied output layer, fused (`model.output_loss=fused`; the default
+is "logits"): cross-entropy of h wte^T with its gradient made in the same pass.
 
 Why: at the chapter's shape (117M, ctx 1024, batch 1) the output layer is the largest single
 piece of the step: three [1024 x 768 x 50257] matmuls (79 GFLOP each) around float32 logits of
 206 MB. Differentiated by JAX, the loss walks those logits several times (log-softmax forward,
-softmax again in the backward, a one-hot scatter) and XLA copies the [N, V] gradient to a
-transposed layout for the d(wte) matmul. Here one custom VJP does, per chunk of rows: the
-logits, their row max and exp-sum, the loss, dlogits = softmax - onehot, and both gradient
-matmuls, while the chunk is still fresh; the backward pass only scales the saved gradients by
-the incoming cotangent (a scalar loss: usually 1). Measured in BENCHMARKS.md "Training speed
-routes" (experiments/bench_output_loss.py and the whole step).
+softmax again in the backward, a one-hot scatter). Here one custom VJP does, per chunk of rows
+(one chunk by default, see ROWS): the logits, their row max and exp-sum, the loss,
+dlogits = softmax - onehot and both gradient matmuls; the backward pass only scales the saved
+gradients by the incoming cotangent (a scalar loss: usually 1). Measured with
+experiments/bench_train.py's `-fusedloss` / `-logitsloss` variants (BENCHMARKS.md "Training
+speed routes"): faster at the 30m shape, slower at the chapter's, on a loaded 2-core Xeon; hence
+not the default until a quiet run decides.
 
 The numbers are the same function as `optax.softmax_cross_entropy_with_integer_labels` of the
 float32 logits (tests/test_output_loss.py compares values and gradients); only the order of the
