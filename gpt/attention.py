@@ -152,8 +152,9 @@ def _blocked_forward(q, k, v, mask, blocks):
   for a, b, keys in query_blocks(T, S, mask is None, blocks):
     s = _block_scores(q, k, mask, T, S, a, b, keys)
     m = s.max(-1, keepdims=True)
-    l = jnp.exp(s - m).sum(-1, keepdims=True)
-    p = _block_probs(s, m, l)
+    e = jnp.exp(s - m)
+    l = e.sum(-1, keepdims=True)
+    p = e / l  # = _block_probs(s, m, l), as the backward recomputes it
     ys.append(jnp.einsum("bhts,bhsk->bhtk", p.astype(v.dtype), v[:, :, :keys],
                          preferred_element_type=jnp.float32))
     stats.append(p if SAVE_PROBABILITIES else (m, l))
