@@ -102,8 +102,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.attention_impl = "blocked"
   # The training loss through the tied output layer: logits (the whole float32 [B, T, V] logits,
   # then optax's cross-entropy, differentiated by JAX) | fused (gpt.output_loss: logits, softmax
-  # cross-entropy and both gradients in one custom-VJP pass, same numbers; measured faster at the
-  # 30m shape but slower at the chapter's on a loaded Xeon: BENCHMARKS.md "Training speed routes").
+  # cross-entropy and both gradients in one custom-VJP pass, same numbers; not faster in the same-run
+  # comparisons on a loaded 2-core Xeon so far: BENCHMARKS.md "Training speed routes").
   m.output_loss = "logits"
   # Weight-only quantization for inference (sample, interactive, eval, the harness model): none |
   # int8 (int8 matrices with per-output-channel scales, float activations; gpt.quantize). Applied

@@ -9,8 +9,9 @@ softmax again in the backward, a one-hot scatter). Here one custom VJP does, per
 dlogits = softmax - onehot and both gradient matmuls; the backward pass only scales the saved
 gradients by the incoming cotangent (a scalar loss: usually 1). Measured with
 experiments/bench_train.py's `-fusedloss` / `-logitsloss` variants (BENCHMARKS.md "Training
-speed routes"): faster at the 30m shape, slower at the chapter's, on a loaded 2-core Xeon; hence
-not the default until a quiet run decides.
+speed routes"): not faster than the logits path in the same-run comparisons on a loaded 2-core
+Xeon (slower at the chapter's shape; at 30m once ahead, once behind), so not the default until
+a quiet run decides.
 
 The numbers are the same function as `optax.softmax_cross_entropy_with_integer_labels` of the
 float32 logits (tests/test_output_loss.py compares values and gradients); only the order of the
