@@ -25,7 +25,9 @@ setup(
         "crc32c>=2.4",
     ],
     extras_require={
-        "test": ["pytest>=8", "hypothesis>=6.100"],
+        # pytest-xdist: pytest.ini runs the tests on one worker per core; filelock: the workers share
+        # jax's persistent compilation cache (tests/conftest.py), whose size bound needs it.
+        "test": ["pytest>=8", "hypothesis>=6.100", "pytest-xdist>=3.5", "filelock>=3.12"],
         # Reference checks against PyTorch/transformers and lm-evaluation-harness (torch 2.13 CPU wheel here).
         "hf": ["torch>=2.3", "transformers>=4.44", "lm-eval>=0.4.3", "accelerate>=0.26"],
         # python -m gpt.harness: lm-evaluation-harness with this package's model (no torch needed).

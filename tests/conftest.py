@@ -8,6 +8,12 @@ The fast tier's time is mostly XLA compiles. A jitted function compiles once per
 argument shapes), so a program that several test files run is defined once here (`forward`): the
 tiny fixture's forward compiles once for the whole run instead of once per file, and no test calls
 a model eagerly (which compiles the scanned blocks afresh on every call).
+
+Across runs, JAX's persistent compilation cache keeps the compiled programs in `.jax_test_cache/`
+(git-ignored) at the repository root, so an edit loop recompiles only what the edit changed; the
+training subprocesses of the slow tests inherit it. GPT_TEST_COMPILE_CACHE=0 turns it off (a cold
+run, as a fresh clone), any other value is the folder to use instead. pytest.ini runs the tests on
+pytest-xdist workers (one per core), which share the cache through its file lock.
 """
 
 import os
@@ -17,11 +23,33 @@ from pathlib import Path
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+REPO = Path(__file__).resolve().parent.parent
+SHARED = Path(os.environ.get("GPT_SHARED_DIR", REPO.parent / "shared"))
+
+
+def _compile_cache_dir() -> str | None:
+  """The persistent compilation cache folder for this run (see the module docstring), or None."""
+  setting = os.environ.get("GPT_TEST_COMPILE_CACHE", str(REPO / ".jax_test_cache"))
+  return None if setting in ("", "0") else setting
+
+
+COMPILE_CACHE = _compile_cache_dir()
+# Every program, however quick to compile (the tier is hundreds of sub-second compiles). The size
+# bound turns on jax's LRU eviction, whose file lock also keeps concurrent workers (xdist,
+# subprocesses) from reading an entry while another writes it.
+CACHE_SETTINGS = {"jax_compilation_cache_dir": COMPILE_CACHE,
+                  "jax_persistent_cache_min_compile_time_secs": 0,
+                  "jax_persistent_cache_min_entry_size_bytes": -1,
+                  "jax_compilation_cache_max_size": 512 << 20}
+if COMPILE_CACHE:
+  os.environ.update({name.upper(): str(value) for name, value in CACHE_SETTINGS.items()})
+
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
-REPO = Path(__file__).resolve().parent.parent
-SHARED = Path(os.environ.get("GPT_SHARED_DIR", REPO.parent / "shared"))
+if COMPILE_CACHE:  # the environment is for subprocesses: a plugin may have imported jax already
+  for _name, _value in CACHE_SETTINGS.items():
+    jax.config.update(_name, _value)
 
 
 def require_shared(*parts: str) -> Path:

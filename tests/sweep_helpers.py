@@ -68,8 +68,14 @@ def calls(root: Path) -> list[dict]:
 
 def use_compile_cache(monkeypatch) -> None:
   """Real runs share JAX's persistent compilation cache: runs with the same shapes (the lr sweep's
-  seeds, and the same sweep on the second engine) skip most of their compile time."""
+  seeds, and the same sweep on the second engine) skip most of their compile time. When the
+  session already has one (conftest's COMPILE_CACHE), its environment already carries it."""
   import tempfile
+
+  from conftest import COMPILE_CACHE
+
+  if COMPILE_CACHE:
+    return
 
   monkeypatch.setenv("JAX_COMPILATION_CACHE_DIR", str(Path(tempfile.gettempdir()) / "gpt-tests-jax-cache"))
   monkeypatch.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

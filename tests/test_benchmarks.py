@@ -95,6 +95,7 @@ def test_train_benchmark_profile_as_a_user_runs_it(repo_dir):
   assert "...d,vd->...v" in profile  # the LM head's matmul (GPT.logits), named by the jax op it came from
 
 
+@pytest.mark.slow  # runs the decode benchmark's CTranslate2 runner (PyTorch's converter)
 def test_ctranslate2_runner_samples_the_asked_shape(bench_decode):
   pytest.importorskip("ctranslate2", reason="the CTranslate2 column needs the [bench] extra")
   pytest.importorskip("transformers", reason="CTranslate2's converter reads a Hugging Face export")

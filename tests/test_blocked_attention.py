@@ -69,6 +69,7 @@ def test_bfloat16_stays_close_to_the_float32_reference(monkeypatch):
   _compare(*_qkv(2, 3, 32, 32, 16, jnp.bfloat16, seed=2), None, 4, atol=0.1)
 
 
+@pytest.mark.slow  # trains: the model's loss gradients through both kernels
 def test_the_model_trains_through_it_as_through_the_library_kernel():
   """The model's default attention is the blocked one; its loss gradient equals the one through
   jax.nn.dot_product_attention (impl "xla")."""

@@ -170,18 +170,14 @@ def test_cpu_search_ranks_and_reuses_the_configured_compile(cpu_run):
   assert "2 setting(s) compiled; best: --config.model.remat=none --config.mesh.fsdp=2" in stdout
 
 
-def test_impossible_setting_is_one_error_line(tmp_path):
-  env = {**os.environ, "JAX_PLATFORMS": "cpu",
-         "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  proc = subprocess.run(
-      [sys.executable, "-m", "gpt.main", "--config=configs/tiny.py", "--config.mode=compile",
-       "--config.mesh.fsdp=2", "--config.train.batch_size=3", f"--workdir={tmp_path}"],
-      capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parent.parent,
-      timeout=300)
-  assert proc.returncode == 2, proc.stderr[-2000:]
-  errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-  assert len(errors) == 1 and "train.batch_size=3 must be a multiple" in errors[0], proc.stderr
-  assert "Traceback" not in proc.stderr
+def test_impossible_setting_is_one_error_line(gpt_main, tmp_path):
+  code, _, stderr = gpt_main("--config=configs/tiny.py", "--config.mode=compile",
+                             "--config.mesh.fsdp=2", "--config.train.batch_size=3",
+                             f"--workdir={tmp_path}")
+  assert code == 2, stderr[-2000:]
+  errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+  assert len(errors) == 1 and "train.batch_size=3 must be a multiple" in errors[0], stderr
+  assert "Traceback" not in stderr
 
 
 def test_bad_topology_names_are_one_line_errors():

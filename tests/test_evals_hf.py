@@ -10,29 +10,37 @@ import json
 from pathlib import Path
 
 import pytest
+import yaml
 
-pytest.importorskip("torch", reason="needs the [hf] extra: pip install torch transformers lm-eval")
-pytest.importorskip("transformers", reason="needs the [hf] extra: pip install transformers")
-hf_backend = pytest.importorskip(
-    "lm_eval.models.huggingface", reason="needs lm-evaluation-harness: pip install lm-eval accelerate")
-
-import lm_eval  # noqa: E402
-import yaml  # noqa: E402
-from lm_eval.api.instance import Instance  # noqa: E402
-
-from conftest import require_shared  # noqa: E402
-from gpt.config import base_config  # noqa: E402
-from gpt.evals import get_task  # noqa: E402
-from gpt.evals.base import ContinuationScore, Format, assemble, encode_example, sample_demos  # noqa: E402
-from gpt.evals.perplexity import TextDoc, split_articles, wikitext_detokenize  # noqa: E402
-from gpt.evals.scoring import Scorer  # noqa: E402
-from gpt.weights import export_hf, load_model  # noqa: E402
+from conftest import require_shared
+from gpt.config import base_config
+from gpt.evals import get_task
+from gpt.evals.base import ContinuationScore, Format, assemble, encode_example, sample_demos
+from gpt.evals.perplexity import TextDoc, split_articles, wikitext_detokenize
+from gpt.evals.scoring import Scorer
+from gpt.weights import export_hf, load_model
 
 pytestmark = pytest.mark.slow  # lm-eval runs
 
+hf_backend = lm_eval = Instance = TASK_FILES = None  # set by _harness below
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _harness():
+  """Imports torch, transformers and lm-eval when these tests run, not when pytest collects this
+  file: seconds of CPU in every pytest process, the fast tier's (which deselects them) included."""
+  global hf_backend, lm_eval, Instance, TASK_FILES
+  pytest.importorskip("torch", reason="needs the [hf] extra: pip install torch transformers lm-eval")
+  pytest.importorskip("transformers", reason="needs the [hf] extra: pip install transformers")
+  hf_backend = pytest.importorskip(
+      "lm_eval.models.huggingface", reason="needs lm-evaluation-harness: pip install lm-eval accelerate")
+  import lm_eval
+  from lm_eval.api.instance import Instance
+  TASK_FILES = Path(lm_eval.__file__).parent / "tasks"
+
+
 FMT = Format()
 ITEMS = 3
-TASK_FILES = Path(lm_eval.__file__).parent / "tasks"
 
 
 @pytest.fixture(scope="module")

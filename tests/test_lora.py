@@ -59,6 +59,7 @@ def test_fresh_adapters_leave_the_model_exactly_the_base():
   assert shapes["h"]["mlp"]["c_proj"] == {"lora_a": (2, 256, 4), "lora_b": (2, 4, 64)}
 
 
+@pytest.mark.slow  # trains the adapters for four steps
 def test_only_adapters_train_and_the_merged_model_equals_the_adapter_model():
   base = init_model(TINY, 0)
   base_params = pure(base)

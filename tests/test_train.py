@@ -128,6 +128,7 @@ def adam_gradient(opt_state, b1):
   return jax.tree.map(lambda m: np.asarray(m, np.float64) / (1 - b1), found[0])
 
 
+@pytest.mark.slow  # trains: an Adam step, with and without accumulation
 def test_gradient_accumulation_equals_one_big_batch_and_freezing_holds():
   """Four micro-batches of 2 and one batch of 8 give the same gradient, up to float32 summation
   order, and so the same Adam step, up to how Adam's first step magnifies that rounding.
@@ -175,6 +176,7 @@ def test_gradient_accumulation_equals_one_big_batch_and_freezing_holds():
   assert max_abs_diff(s1.params["h"], params["h"]) > 1e-4
 
 
+@pytest.mark.slow  # trains: gradients with and without remat, and a bf16 train step
 def test_remat_gives_the_same_gradients_and_bf16_keeps_float32_master_weights():
   windows = jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, (4, 33)), jnp.int32)
   params = pure_params(init_model(TINY, 0))

@@ -75,11 +75,17 @@ def max_abs_diff(a, b) -> float:
 def compile_cache(tmp_path_factory):
   """Module fixture body: a persistent XLA compilation cache shared by this test session and
   its subprocesses, so runs that compile the same step (same model, mesh and shapes) compile
-  once. Restores jax's settings afterwards."""
+  once. Restores jax's settings afterwards. When the session already has one (conftest's
+  COMPILE_CACHE, the default), that one is used."""
   import os
 
   import jax
 
+  from conftest import COMPILE_CACHE
+
+  if COMPILE_CACHE:
+    yield COMPILE_CACHE
+    return
   path = str(tmp_path_factory.getbasetemp() / "jax_compile_cache")
   names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
            "jax_persistent_cache_min_entry_size_bytes")
