@@ -102,13 +102,22 @@ def _timed(fn: Callable[[], object]) -> float:
 
 
 # Compiler options per variant suffix: `eigen` turns off XLA:CPU's default YNNPACK dot fusions,
-# so dots run on XLA's Eigen-based kernels.
-VARIANT_OPTIONS = {"eigen": {"xla_cpu_experimental_ynn_fusion_type": ""}}
+# so dots run on XLA's Eigen-based kernels; `ynndot` keeps YNNPACK for dots only (reductions go to
+# XLA's own loop emitter); `onednn` turns on XLA:CPU's oneDNN rewrites.
+VARIANT_OPTIONS = {"eigen": {"xla_cpu_experimental_ynn_fusion_type": ""},
+                   "ynndot": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
+                   "onednn": {"xla_cpu_use_onednn": True}}
 # Model fields per variant suffix: the attention formulation (model.attention_impl; the default is
-# GPTConfig's, "blocked") and rematerialisation, to compare training-speed routes side by side.
+# GPTConfig's, "blocked"), the output layer's loss (model.output_loss) and rematerialisation, to compare training-speed routes side by side.
 VARIANT_FIELDS = {"attnxla": {"attention_impl": "xla"}, "attnblocked": {"attention_impl": "blocked"},
+                  "logitsloss": {"output_loss": "logits"}, "fusedloss": {"output_loss": "fused"},
                   "rematdots": {"remat": "dots"},
                   "rematfull": {"remat": "full"}}
+
+
+# Module switches per variant suffix, set while the step is traced: `recomputeprobs` makes the
+# blocked attention's backward recompute its probabilities instead of keeping them from the forward.
+VARIANT_SWITCHES = {"recomputeprobs": ("gpt.attention", "SAVE_PROBABILITIES", False)}
 
 
 def train_program(shape, dtype: str, scan: bool, seed: int = 0, train=None, abstract: bool = False,
@@ -147,12 +156,23 @@ def train_program(shape, dtype: str, scan: bool, seed: int = 0, train=None, abst
 
 
 def jax_runner(shape, dtype: str, scan: bool, seed: int = 0, options: dict | None = None,
-               train=None, **model_fields):
-  """(compile seconds, step()) for gpt's train step at `shape`, compiled with XLA `options`
-  (other arguments as train_program)."""
+               train=None, switches=(), **model_fields):
+  """(compile seconds, step()) for gpt's train step at `shape`, compiled with XLA `options`,
+  traced with the module `switches` (VARIANT_SWITCHES values) set (other arguments as train_program)."""
+  import importlib
   step, state, batch, frozen = train_program(shape, dtype, scan, seed, train, **model_fields)
+  saved = []
+  for module, name, value in switches:
+    module = importlib.import_module(module)
+    saved.append((module, name, getattr(module, name)))
+    setattr(module, name, value)
   t0, c0 = time.perf_counter(), _cpu_seconds()
-  compiled = step.lower(state, batch, frozen).compile(compiler_options=options or None)
+  try:
+    lowered = step.lower(state, batch, frozen)
+  finally:
+    for module, name, value in saved:
+      setattr(module, name, value)
+  compiled = lowered.compile(compiler_options=options or None)
   compile_s = (time.perf_counter() - t0, _cpu_seconds() - c0)
   holder = {"state": state}
 
@@ -200,7 +220,7 @@ def torch_runner(torch, shape, dtype: str, seed: int = 0, train=None, device: st
   return None, run
 
 
-def profile_step(run, top: int = 12) -> None:
+def profile_step(run, top: int = 30) -> None:
   """Prints where one jitted step spends its time: by XLA op kind and by instruction."""
   run()
   wall, totals = xla_trace.traced_op_times(run)
@@ -213,7 +233,7 @@ def main() -> None:
   parser.add_argument("--shapes", default="chapter,30m", help=f"comma list of {sorted(SHAPES)}")
   parser.add_argument("--impls", default="jax-f32-scan,jax-f32-unrolled,jax-f32-scan-eigen,"
                       "jax-bf16-scan,torch-f32,torch-bf16",
-                      help="framework-dtype[-scan|-unrolled][-eigen][-attnxla]"
+                      help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs][-logitsloss|-fusedloss]"
                       "[-rematdots|-rematfull] names")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps", type=int, default=3, help="timed steps per row per round")
@@ -242,13 +262,14 @@ def main() -> None:
       if framework == "torch" and torch is None:
         missing.append(impl)
         continue
-      options, fields = {}, {}
+      options, fields, switches = {}, {}, []
       for v in variant:
         options.update(VARIANT_OPTIONS.get(v, {}))
         fields.update(VARIANT_FIELDS.get(v, {}))
+        switches += [VARIANT_SWITCHES[v]] if v in VARIANT_SWITCHES else []
       train = train_section(name)
       runners[impl] = (jax_runner(shape, dtype, scan="scan" in variant, options=options, train=train,
-                                  **fields)
+                                  switches=switches, **fields)
                        if framework == "jax" else torch_runner(torch, shape, dtype, train=train))
     for _, run in runners.values():  # warm-up step
       run()

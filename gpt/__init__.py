@@ -14,7 +14,8 @@ Each concern has one module; follow the data from the command line:
                            hashing.py the one file hash
   tokenizer.py, encode.py  GPT-2's BPE; text -> token files
   model.py                 the model and its one forward pass; attention.py its attention function
-                           and formulations; quantize.py int8 weights; kernels/ the CPU gemv kernel
+                           and formulations; output_loss.py the tied head's fused training loss;
+                           quantize.py int8 weights; kernels/ the CPU gemv kernel
   data.py                  training data -> seeded, resumable windows
   train.py                 train mode: the loop; train_step.py the jitted steps; optim.py the
                            optimizer; sharding.py the mesh; checkpoint.py orbax checkpoints;

@@ -25,6 +25,12 @@ MASK_VALUE = -1e30
 # (T=1024: 4 blocks 3.9x faster than jax.nn.dot_product_attention's xla; 8 blocks a little slower).
 QUERY_BLOCKS = 4
 MIN_QUERY_BLOCK = 64
+# True (the default): the forward keeps each block's float32 probabilities for the backward.
+# False: the backward recomputes them from saved softmax statistics (row max and sum), so nothing
+# of size [T, S] is kept between the passes; measured slower on the loaded 2-core Xeon (chapter
+# step 0.43x vs 0.50x torch in the same run, BENCHMARKS.md "Training speed routes"), kept for
+# memory-bound runs and for experiments/bench_train.py's `recomputeprobs` variant. Read at trace time.
+SAVE_PROBABILITIES = True
 
 
 def apply_dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array:
@@ -99,9 +105,10 @@ def blocked_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array 
   - causal masking is an iota comparison fused into the scores, never a broadcast mask array;
   - the queries go in `blocks` blocks over key prefixes (`query_blocks`), skipping the scores above
     the diagonal: about 5/8 of the work of the full square at 4 blocks;
-  - the backward pass is written out (a custom VJP, the FlashAttention identity): with saved
-    float32 probabilities P and D = rowsum(dy * y), dS = P * (dy v^T - D), so it never reduces
-    over the [T, S] scores and never copies the softmax.
+  - the backward pass is written out (a custom VJP, the FlashAttention identity): with the
+    float32 probabilities P (saved, or recomputed from the softmax statistics: SAVE_PROBABILITIES)
+    and D = rowsum(dy * y), dS = P * (dy v^T - D), so it never reduces over the [T, S] scores and
+    never copies the softmax.
   Scores, softmax and its statistics are float32; the matmuls take q's dtype (bfloat16 compute
   feeds bf16 operands with float32 accumulation). Masked scores are MASK_VALUE, as in "einsum".
   """
@@ -122,31 +129,49 @@ def _blocked(q, k, v, mask, blocks):
   return _blocked_forward(q, k, v, mask, blocks)[0]
 
 
+def _block_scores(q, k, mask, T, S, a, b, keys):
+  """Masked, scaled float32 scores [B, H, b - a, keys] of query rows a..b-1."""
+  s = jnp.einsum("bhtk,bhsk->bhts", q[:, :, a:b], k[:, :, :keys],
+                 preferred_element_type=jnp.float32) * (1.0 / math.sqrt(q.shape[-1]))
+  return jnp.where(_block_keep(mask, T, S, a, b, keys), s, MASK_VALUE)
+
+
+def _block_probs(s, m, l):
+  """softmax of scores `s` from its row max `m` and row sum `l` of exp(s - m): the forward and
+  the backward compute P with these same operations, so the backward's P is the forward's."""
+  return jnp.exp(s - m) / l
+
+
 def _blocked_forward(q, k, v, mask, blocks):
-  """(y, residuals) of blocked_attention; the residuals keep each block's probabilities."""
+  """(y, residuals) of blocked_attention. The residuals keep each block's probabilities or, with
+  SAVE_PROBABILITIES off, only its softmax statistics (row max and row sum, [B, H, rows, 1]):
+  saved probabilities are [L, B, H, ~5/8 T, T] float32 buffers through the layer scan (377 MB at
+  the chapter shape) that recomputing q k^T (~1% of the step's FLOPs) avoids."""
   T, S = q.shape[2], k.shape[2]
-  ys, probs = [], []
+  ys, stats = [], []
   for a, b, keys in query_blocks(T, S, mask is None, blocks):
-    s = jnp.einsum("bhtk,bhsk->bhts", q[:, :, a:b], k[:, :, :keys],
-                   preferred_element_type=jnp.float32) * (1.0 / math.sqrt(q.shape[-1]))
-    s = jnp.where(_block_keep(mask, T, S, a, b, keys), s, MASK_VALUE)
-    e = jnp.exp(s - s.max(-1, keepdims=True))
-    p = e / e.sum(-1, keepdims=True)
+    s = _block_scores(q, k, mask, T, S, a, b, keys)
+    m = s.max(-1, keepdims=True)
+    e = jnp.exp(s - m)
+    l = e.sum(-1, keepdims=True)
+    p = e / l  # = _block_probs(s, m, l), as the backward recomputes it
     ys.append(jnp.einsum("bhts,bhsk->bhtk", p.astype(v.dtype), v[:, :, :keys],
                          preferred_element_type=jnp.float32))
-    probs.append(p)
+    stats.append(p if SAVE_PROBABILITIES else (m, l))
   y = (ys[0] if len(ys) == 1 else jnp.concatenate(ys, axis=2)).astype(q.dtype)
-  return y, (q, k, v, mask, y, tuple(probs))
+  return y, (q, k, v, mask, y, tuple(stats))
 
 
 def _blocked_backward(blocks, res, dy):
-  q, k, v, mask, y, probs = res
+  q, k, v, mask, y, stats = res
   T, S = q.shape[2], k.shape[2]
   scale = 1.0 / math.sqrt(q.shape[-1])
   # rowsum(P * dP) = rowsum(dy * y): a [T, K] reduction instead of one over the [T, S] scores.
   d = jnp.sum(dy.astype(jnp.float32) * y.astype(jnp.float32), axis=-1, keepdims=True)
   dq, dk, dv = [], jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
-  for (a, b, keys), p in zip(query_blocks(T, S, mask is None, blocks), probs):
+  for (a, b, keys), saved in zip(query_blocks(T, S, mask is None, blocks), stats):
+    p = saved if not isinstance(saved, tuple) else _block_probs(
+        _block_scores(q, k, mask, T, S, a, b, keys), *saved)
     dyb = dy[:, :, a:b]
     dv = dv.at[:, :, :keys].add(jnp.einsum("bhts,bhtk->bhsk", p.astype(dy.dtype), dyb,
                                            preferred_element_type=jnp.float32))

@@ -100,6 +100,11 @@ def base_config() -> ml_collections.ConfigDict:
   # (jax.nn.dot_product_attention's XLA version) | cudnn (fused, GPU) | auto (cudnn when on GPU,
   # else xla). Decoding over the KV cache always spells it out.
   m.attention_impl = "blocked"
+  # The training loss through the tied output layer: logits (the whole float32 [B, T, V] logits,
+  # then optax's cross-entropy, differentiated by JAX) | fused (gpt.output_loss: logits, softmax
+  # cross-entropy and both gradients in one custom-VJP pass, same numbers; not faster in the same-run
+  # comparisons on a loaded 2-core Xeon so far: BENCHMARKS.md "Training speed routes").
+  m.output_loss = "logits"
   # Weight-only quantization for inference (sample, interactive, eval, the harness model): none |
   # int8 (int8 matrices with per-output-channel scales, float activations; gpt.quantize). Applied
   # when the model is loaded; training refuses it.

@@ -29,11 +29,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
 from gpt.attention import apply_dropout, attention
 from gpt.errors import GPTError
 from gpt.kernels import gemv
+from gpt.output_loss import tied_cross_entropy
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = {
@@ -43,6 +45,7 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 ATTENTION_IMPLS = ("blocked", "xla", "cudnn", "auto")
+OUTPUT_LOSSES = ("fused", "logits")
 QUANTIZE = ("none", "int8")
 LN_EPS = 1e-5
 # The dense layers low-rank adapters can go into, named as Hugging Face PEFT's target_modules
@@ -67,6 +70,8 @@ class GPTConfig:
   scan_layers: bool = True
   remat: str = "none"
   attention_impl: str = "blocked"
+  # The training loss's output layer: "fused" (gpt.output_loss) or "logits" (whole logits, optax).
+  output_loss: str = "logits"
   # Low-rank adapters (gpt.lora): rank 0 = none. Training sets these from `config.train.lora_*`.
   lora_rank: int = 0
   lora_alpha: float = 16.0
@@ -99,6 +104,8 @@ class GPTConfig:
       raise GPTError(f"model.quantize={self.quantize!r}; choose one of {QUANTIZE}")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise GPTError(f"model.attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLS}")
+    if self.output_loss not in OUTPUT_LOSSES:
+      raise GPTError(f"model.output_loss={self.output_loss!r}; choose one of {OUTPUT_LOSSES}")
     if self.lora_rank:
       bad = [t for t in self.lora_targets if t not in LORA_TARGETS]
       if bad or not self.lora_targets:
@@ -452,6 +459,18 @@ class GPT(nnx.Module):
     if self.cfg.weights_by_row:  # prepared for decoding: gpt.kernels.gemv where it wins
       return gemv.auto_matmul(hidden, wte, scale=scale, int8_activations=self.cfg.int8_activations)
     return matmul(hidden, wte, "...d,vd->...v", scale=scale)
+
+  def loss(self, hidden: jax.Array, targets: jax.Array, *, wte_trained: bool = True) -> jax.Array:
+    """Mean next-token cross-entropy of final hidden states [B, T, D] (`logits_at=None`) at
+    targets [B, T], the training loss. With `output_loss="fused"` and a float, trained `wte`, it is
+    gpt.output_loss's fused head (the [B, T, V] logits never whole, their gradient made in the
+    same pass); otherwise optax's cross-entropy of `logits` (a frozen wte, as in LoRA, would only
+    waste the fused head's d(wte) matmul)."""
+    wte = self.wte[...]
+    if (self.cfg.output_loss == "fused" and wte_trained and wte.dtype != jnp.int8
+        and not self.cfg.weights_by_row):
+      return tied_cross_entropy(hidden, wte, targets)
+    return optax.softmax_cross_entropy_with_integer_labels(self.logits(hidden), targets).mean()
 
   def _wte_scale(self) -> jax.Array | None:
     return self.wte_scale[...] if self.cfg.quantize == "int8" else None

@@ -62,8 +62,8 @@ def loss_fn(params: Any, graphdef: Any, windows: jax.Array, rng: jax.Array | Non
   r_noise, r_drop = (None, None) if rng is None else jax.random.split(rng)
   if noise > 0:
     inputs = add_noise(inputs, noise, model.cfg.n_vocab, r_noise)
-  logits = model(inputs, rng=r_drop if dropout else None)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+  hidden = model(inputs, rng=r_drop if dropout else None, logits_at=None)
+  return model.loss(hidden, targets, wte_trained=not (frozen and "wte" in frozen))
 
 
 def uses_dropout(cfg: GPTConfig) -> bool:

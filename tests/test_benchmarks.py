@@ -104,3 +104,20 @@ def test_ctranslate2_runner_samples_the_asked_shape(bench_decode):
   tokens = ct2()
   assert tokens.shape == (2, 5) and ((0 <= tokens) & (tokens < cfg.n_vocab)).all()
   assert not np.array_equal(tokens, ct2())  # it samples (top-k 40), as the other columns do
+
+
+def test_bench_train_gemms_lists_every_matmul_of_a_step_with_consistent_shapes():
+  """bench_train_gemms.py's classes: each einsum's operands fit, and their FLOPs add up to the
+  step's matmul FLOPs (6 x the matmul weights x tokens: forward, dx and dW of each)."""
+  import jax
+  import jax.numpy as jnp
+
+  gemms = load_script("bench_train_gemms")
+  shape = gemms.SHAPES["tiny"]
+  L, D, H, T, B = shape
+  total = 0.0
+  for name, count, spec, a, b in gemms.gemm_classes(shape):
+    jax.eval_shape(lambda x, y, s=spec: jnp.einsum(s, x, y), jnp.zeros(a), jnp.zeros(b))
+    total += count * gemms.flops(spec, a, b)
+  weights = L * 12 * D * D + gemms.VOCAB * D
+  assert total == 6 * weights * B * T

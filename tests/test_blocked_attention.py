@@ -48,9 +48,12 @@ def test_query_blocks_cover_each_row_once_and_stop_at_the_diagonal(monkeypatch):
   assert query_blocks(10, 10, False) == [(0, 10, 10)]  # an explicit mask: every key
 
 
-@pytest.mark.parametrize("T,S,blocks", [(10, 10, 4), (10, 13, 3), (10, 10, 1)])
-def test_causal_values_and_gradients_match_the_reference(T, S, blocks, monkeypatch):
+# save: gpt.attention.SAVE_PROBABILITIES (False: the backward recomputes the probabilities).
+@pytest.mark.parametrize("T,S,blocks,save", [(10, 10, 4, True), (10, 13, 3, True), (10, 10, 1, True),
+                                            (10, 13, 3, False), (10, 10, 4, False)])
+def test_causal_values_and_gradients_match_the_reference(T, S, blocks, save, monkeypatch):
   monkeypatch.setattr("gpt.attention.MIN_QUERY_BLOCK", 1)  # several blocks even at these sizes
+  monkeypatch.setattr("gpt.attention.SAVE_PROBABILITIES", save)
   _compare(*_qkv(2, 3, T, S, 8, jnp.float32), None, blocks, atol=2e-5)
 
 

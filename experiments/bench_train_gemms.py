@@ -1,0 +1,112 @@
+"""The matmuls of one training step, each timed alone in XLA and in torch, side by side.
+
+  python experiments/bench_train_gemms.py                    # the chapter shape (117M, ctx 1024, batch 1)
+  python experiments/bench_train_gemms.py --shape=30m --rounds=5
+
+Why: a whole-step ratio against torch says how far behind we are, not where. This script lists
+every GEMM class a GPT-2 train step runs (the forward x W, the backward dx = dy W^T and
+dW = x^T dy of each Conv1D, and the tied output layer's three 50257-word matmuls) with the operand
+layouts the step itself uses, times each in a jitted XLA program and in torch eager,
+round-robin (`--rounds` rounds, the best of `--reps` calls per round), and prints the median ms,
+GFLOP/s and the XLA/torch speed ratio (paired per round, so load drifting between rounds cancels).
+Multiply each row by its count per step (layers) to see which class costs the step the most.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):
+  sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from experiments import machine  # noqa: E402
+from experiments.bench_train import SHAPES, VOCAB  # noqa: E402
+
+
+def gemm_classes(shape) -> list[tuple[str, int, str, tuple, tuple]]:
+  """(name, count per step, einsum spec, lhs shape, rhs shape) of every matmul class a step runs."""
+  L, D, H, T, B = shape
+  M = B * T
+  out = []
+  for name, k, n in (("c_attn", D, 3 * D), ("attn.c_proj", D, D), ("c_fc", D, 4 * D),
+                     ("mlp.c_proj", 4 * D, D)):
+    out += [(f"{name} fwd x W [{M},{k}]x[{k},{n}]", L, "mk,kn->mn", (M, k), (k, n)),
+            (f"{name} bwd dx = dy W^T", L, "mn,kn->mk", (M, n), (k, n)),
+            (f"{name} bwd dW = x^T dy", L, "mk,mn->kn", (M, k), (M, n))]
+  out += [(f"logits fwd h wte^T [{M},{D}]x[{VOCAB},{D}]^T", 1, "md,vd->mv", (M, D), (VOCAB, D)),
+          ("logits bwd dh = dlogits wte", 1, "mv,vd->md", (M, VOCAB), (VOCAB, D)),
+          ("logits bwd dwte = dlogits^T h", 1, "mv,md->vd", (M, VOCAB), (M, D))]
+  return out
+
+
+def flops(spec: str, a: tuple, b: tuple) -> float:
+  """2 x the product of all distinct dimension sizes of a two-operand einsum."""
+  sizes = {}
+  lhs, rhs = spec.split("->")[0].split(",")
+  for letters, dims in ((lhs, a), (rhs, b)):
+    sizes.update(zip(letters, dims))
+  return 2.0 * float(np.prod(list(sizes.values())))
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--shape", default="chapter", help=f"one of {sorted(SHAPES)}")
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--reps", type=int, default=3, help="calls per round; the best counts")
+  parser.add_argument("--only", default="", help="comma list of substrings of the class names")
+  args = parser.parse_args()
+  import torch
+  torch.set_num_threads(os.cpu_count() or 1)
+  rng = np.random.default_rng(0)
+  rows = []
+  classes = gemm_classes(SHAPES[args.shape])
+  if args.only:
+    classes = [c for c in classes if any(s in c[0] for s in args.only.split(","))]
+  for name, count, spec, sa, sb in classes:
+    a = rng.standard_normal(sa, np.float32)
+    b = rng.standard_normal(sb, np.float32)
+    ja, jb = jnp.asarray(a), jnp.asarray(b)
+    ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+    f = jax.jit(lambda x, y, s=spec: jnp.einsum(s, x, y, preferred_element_type=jnp.float32))
+    f(ja, jb).block_until_ready()
+    torch.einsum(spec, ta, tb)
+    tj, tt = [], []
+    for _ in range(args.rounds):
+      tj.append(min(_timed(lambda: f(ja, jb).block_until_ready()) for _ in range(args.reps)))
+      tt.append(min(_timed(lambda: torch.einsum(spec, ta, tb)) for _ in range(args.reps)))
+    fl = flops(spec, sa, sb)
+    ratio = statistics.median(t / j for j, t in zip(tj, tt))
+    rows.append((name, count, statistics.median(tj), statistics.median(tt), fl, ratio))
+  print(f"machine: {machine.cpu_model()}, {os.cpu_count()} cores ({machine.vector_flags()}); jax "
+        f"{jax.__version__}, torch {torch.__version__}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+        f"load average {machine.load_average()}; shape {args.shape}")
+  print("| matmul | per step | xla ms | xla GFLOP/s | torch ms | torch GFLOP/s | xla speed vs torch |")
+  print("|---|---|---|---|---|---|---|")
+  tot_j = tot_t = 0.0
+  for name, count, j, t, fl, ratio in rows:
+    tot_j, tot_t = tot_j + count * j, tot_t + count * t
+    print(f"| {name} | {count} | {1e3 * j:.1f} | {fl / j / 1e9:.0f} | {1e3 * t:.1f} | "
+          f"{fl / t / 1e9:.0f} | {ratio:.2f}x |")
+  print(f"| all matmuls of one step (x count) | | {1e3 * tot_j:.0f} | | {1e3 * tot_t:.0f} | | "
+        f"{tot_t / tot_j:.2f}x |")
+
+
+def _timed(fn) -> float:
+  t0 = time.perf_counter()
+  fn()
+  return time.perf_counter() - t0
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,92 @@
+"""The training loss through the tied output layer, fused (`model.output_loss=fused`; the default
+is "logits"): cross-entropy of h wte^T with its gradient made in the same pass.
+
+Why: at the chapter's shape (117M, ctx 1024, batch 1) the output layer is the largest single
+piece of the step: three [1024 x 768 x 50257] matmuls (79 GFLOP each) around float32 logits of
+206 MB. Differentiated by JAX, the loss walks those logits several times (log-softmax forward,
+softmax again in the backward, a one-hot scatter). Here one custom VJP does, per chunk of rows
+(one chunk by default, see ROWS): the logits, their row max and exp-sum, the loss,
+dlogits = softmax - onehot and both gradient matmuls; the backward pass only scales the saved
+gradients by the incoming cotangent (a scalar loss: usually 1). Measured with
+experiments/bench_train.py's `-fusedloss` / `-logitsloss` variants (BENCHMARKS.md "Training
+speed routes"): not faster than the logits path in the same-run comparisons on a loaded 2-core
+Xeon (slower at the chapter's shape; at 30m once ahead, once behind), so not the default until
+a quiet run decides.
+
+The numbers are the same function as `optax.softmax_cross_entropy_with_integer_labels` of the
+float32 logits (tests/test_output_loss.py compares values and gradients); only the order of the
+float32 sums differs.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+# Rows per chunk. Smaller chunks would bound the logits' memory, but XLA:CPU's GEMM repacks the
+# whole [50257, D] wte for every chunk: at 256 rows the chapter step's output layer took ~3x as
+# long as unchunked (BENCHMARKS.md "Training speed routes"), so by default one chunk up to this size.
+ROWS = 16384
+
+
+def tied_cross_entropy(hidden: jax.Array, wte: jax.Array, targets: jax.Array,
+                       rows: int = ROWS) -> jax.Array:
+  """Mean next-token cross-entropy of logits hidden @ wte^T (float32 accumulation) at `targets`.
+
+  hidden [..., D] (the final states after ln_f, in the compute dtype); wte [V, D] (cast to
+  hidden's dtype); targets [...] int. Differentiable in hidden and wte (the gradient is made in
+  the forward pass, so call it under jax.grad, or for its value alone, which then skips it).
+  """
+  D = hidden.shape[-1]
+  return _loss(hidden.reshape(-1, D), wte.astype(hidden.dtype), targets.reshape(-1), rows)
+
+
+def _chunks(n: int, rows: int) -> list[tuple[int, int]]:
+  return [(a, min(a + rows, n)) for a in range(0, n, max(rows, 1))]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _loss(h, wte, targets, rows):
+  total = 0.0
+  for a, b in _chunks(h.shape[0], rows):
+    logits = jnp.einsum("md,vd->mv", h[a:b], wte, preferred_element_type=jnp.float32)
+    m = logits.max(-1, keepdims=True)
+    lse = jnp.log(jnp.exp(logits - m).sum(-1)) + m[:, 0]
+    picked = jnp.take_along_axis(logits, targets[a:b, None], -1)[:, 0]
+    total = total + jnp.sum(lse - picked)
+  return total / h.shape[0]
+
+
+def _loss_forward(h, wte, targets, rows):
+  N = h.shape[0]
+  total, dh, dwte = 0.0, [], None
+  for a, b in _chunks(N, rows):
+    hc, tc = h[a:b], targets[a:b]
+    logits = jnp.einsum("md,vd->mv", hc, wte, preferred_element_type=jnp.float32)
+    m = logits.max(-1, keepdims=True)
+    e = jnp.exp(logits - m)
+    s = e.sum(-1, keepdims=True)
+    picked = jnp.take_along_axis(logits, tc[:, None], -1)
+    total = total + jnp.sum(jnp.log(s) + m - picked)
+    onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == tc[:, None]
+    # d(mean loss)/d(logits) = (softmax - onehot) / N, in the operands' dtype for the matmuls.
+    dlogits = ((e / s - onehot) * (1.0 / N)).astype(h.dtype)
+    dh.append(jnp.einsum("mv,vd->md", dlogits, wte, preferred_element_type=jnp.float32))
+    dw = jnp.einsum("mv,md->vd", dlogits, hc, preferred_element_type=jnp.float32)
+    dwte = dw if dwte is None else dwte + dw
+  dh = dh[0] if len(dh) == 1 else jnp.concatenate(dh)
+  return total / N, (dh.astype(h.dtype), dwte.astype(wte.dtype), targets)
+
+
+def _loss_backward(rows, res, g):
+  dh, dwte, targets = res
+  del rows
+  # Integer targets get the symbolic zero cotangent (float0).
+  return ((g * dh).astype(dh.dtype), (g * dwte).astype(dwte.dtype),
+          np.zeros(targets.shape, jax.dtypes.float0))
+
+
+_loss.defvjp(_loss_forward, _loss_backward)

@@ -1,0 +1,82 @@
+"""gpt.output_loss.tied_cross_entropy (the fused output layer and loss of the train step) against
+the unfused reference: optax's cross-entropy of the float32 logits h wte^T, differentiated by JAX.
+
+Values and both gradients, with one chunk, several chunks and an uneven last chunk; bfloat16
+compute against the float32 reference; and that the train step's loss is the reference's.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from gpt.output_loss import tied_cross_entropy
+
+
+def _reference(h, wte, targets):
+  logits = jnp.einsum("...d,vd->...v", h, wte.astype(h.dtype), preferred_element_type=jnp.float32)
+  return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def _inputs(B, T, D, V, dtype, seed=0):
+  rng = np.random.default_rng(seed)
+  h = jnp.asarray(rng.standard_normal((B, T, D)), dtype)
+  wte = jnp.asarray(0.3 * rng.standard_normal((V, D)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
+  return h, wte, targets
+
+
+@pytest.mark.parametrize("rows", [64, 5, 3])  # one chunk; 4 chunks (uneven); 6 chunks
+def test_values_and_gradients_match_the_reference(rows):
+  h, wte, targets = _inputs(2, 8, 16, 37, jnp.float32)
+  grad = lambda f: jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(h, wte, targets)
+  got = grad(lambda h, w, t: tied_cross_entropy(h, w, t, rows=rows))
+  want = grad(_reference)
+  for name, g, w in zip(("loss", "dh", "dwte"), jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-6, err_msg=name)
+  value = jax.jit(lambda h, w, t: tied_cross_entropy(h, w, t, rows=rows))(h, wte, targets)
+  np.testing.assert_allclose(value, want[0], rtol=2e-6)  # the value alone (no gradient made)
+
+
+def test_the_cotangent_scales_the_gradients():
+  h, wte, targets = _inputs(1, 6, 8, 11, jnp.float32, seed=1)
+  g1 = jax.grad(lambda h: tied_cross_entropy(h, wte, targets, rows=4))(h)
+  g3 = jax.grad(lambda h: 3.0 * tied_cross_entropy(h, wte, targets, rows=4))(h)
+  np.testing.assert_allclose(g3, 3.0 * g1, rtol=1e-6)
+
+
+def test_bfloat16_stays_close_to_the_float32_reference():
+  h, wte, targets = _inputs(2, 8, 16, 37, jnp.bfloat16, seed=2)
+  got = jax.value_and_grad(lambda h, w: tied_cross_entropy(h, w, targets, rows=5),
+                           argnums=(0, 1))(h, wte)
+  want = jax.value_and_grad(lambda h, w: _reference(h.astype(jnp.float32), w, targets),
+                            argnums=(0, 1))(h, wte)
+  assert got[1][0].dtype == jnp.bfloat16 and got[1][1].dtype == jnp.float32
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(w), atol=0.02, rtol=0.05)
+
+
+def test_the_train_steps_loss_and_gradients_are_the_same_with_either_output_loss():
+  """gpt.train_step.loss_fn with model.output_loss=fused equals the whole-logits path (value and
+  every parameter's gradient, the tied wte included)."""
+  from flax import nnx
+
+  from gpt.model import GPTConfig, init_model
+  from gpt.train_step import loss_fn
+
+  windows = jnp.asarray(np.random.default_rng(4).integers(0, 61, (2, 13)), jnp.int32)
+
+  def value_and_grads(output_loss):
+    cfg = GPTConfig(n_vocab=61, n_ctx=16, n_embd=16, n_head=2, n_layer=2, output_loss=output_loss)
+    model = init_model(cfg, seed=1)
+    graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    jaxpr = str(jax.make_jaxpr(lambda p: loss_fn(p, graphdef, windows, None, 0.0, False))(params))
+    calls = jaxpr.count("custom_vjp_call")
+    return calls, jax.value_and_grad(loss_fn)(params, graphdef, windows, None, 0.0, False)
+
+  (fused_calls, got), (calls, want) = value_and_grads("fused"), value_and_grads("logits")
+  assert fused_calls == calls + 1  # the fused head really runs (beside the attention's own VJP)
+  np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+  for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
