@@ -276,8 +276,12 @@ class Session:
   def __init__(self, repo_dir, init, mode, *overrides, stdin=subprocess.PIPE):
     cmd = [sys.executable, "-m", "gpt.main", "--config=configs/tiny.py", f"--config.init={init}",
            f"--config.mode={mode}", *overrides]
+    # A terminal's foreground process gets Ctrl-C; a child of a background job (nohup, `&` in a
+    # script, some CI runners) inherits SIGINT ignored, so Python would never raise
+    # KeyboardInterrupt and the Ctrl-C tests would wait on a sampler that runs forever.
     self.proc = subprocess.Popen(cmd, cwd=repo_dir, stdin=stdin, stdout=subprocess.PIPE,
-                                 stderr=subprocess.PIPE, text=True, encoding="utf-8")
+                                 stderr=subprocess.PIPE, text=True, encoding="utf-8",
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     self.out = ""
     self._chunks = queue.Queue()
     threading.Thread(target=self._pump, daemon=True).start()
@@ -292,6 +296,7 @@ class Session:
       try:
         self.out += self._chunks.get(timeout=max(0.01, deadline - time.time()))
       except queue.Empty:
+        self.proc.kill()  # never leave a sampler streaming after a failed test
         raise AssertionError(f"no {text!r} after {timeout}s; got:\n{self.out}\n{self.proc.stderr.read()}")
     return self.out
 
