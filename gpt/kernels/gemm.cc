@@ -1,0 +1,169 @@
+// The training step's float32 matrix multiplies on a CPU: C[M, N] = op(A) . op(B), op = as is or
+// transposed, through Intel MKL's cblas_sgemm.
+//
+// On the 2-core AVX-512 Xeon this project is measured on, XLA:CPU's own GEMM (YNNPACK) runs the
+// step's matmul shapes at ~0.8x the speed of torch's (which is MKL's), and that gap is most of why
+// the whole training step trails torch (BENCHMARKS.md, "Training speed routes"). One kernel with
+// transpose flags serves the forward y = x W and both backward products, dx = dy W^T and
+// dW = x^T dy (gemm.py's custom VJP).
+//
+// MKL is not linked: GptGemmLoad dlopen()s the libmkl_rt that gemm.py found (the `mkl` wheel from
+// PyPI) and switches it to its sequential threading layer, so that MKL starts no OpenMP pool of its
+// own to fight XLA's for the cores. Instead the output is cut into blocks of rows or columns that
+// run on XLA's own intra-op thread pool (RunBlocks, as in gemv.cc), one sequential sgemm each.
+// Without the library the handler is never called: gemm.py keeps XLA's einsum.
+#include <dlfcn.h>
+
+#include <algorithm>
+#include <atomic>
+#include <climits>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <thread>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// CBLAS's and MKL's constants (cblas.h, mkl_service.h), spelled out so no MKL header is needed.
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+constexpr int kMklThreadingSequential = 1;
+
+using SgemmFn = void (*)(int, int, int, int, int, int, float, const float*, int, const float*, int,
+                         float, float*, int);
+using IntFn = int (*)(int);
+
+SgemmFn g_sgemm = nullptr;
+IntFn g_set_num_threads_local = nullptr;  // MKL_Set_Num_Threads_Local (C API; the lowercase
+                                          // name is the Fortran one, taking a pointer)
+
+// Blocks are claimed from a shared counter by the calling thread and by helper tasks on XLA's
+// pool (the same scheme as gemv.cc's RunBlocks). The caller waits only for blocks that were
+// claimed, never for a task to start, so a busy pool cannot stall it; a task that starts late
+// finds nothing left and touches no buffer.
+struct Work {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t blocks = 0;
+};
+
+template <typename Fn>
+void RunBlocks(ffi::ThreadPool& pool, int64_t blocks, Fn fn) {
+  auto work = std::make_shared<Work>();
+  work->blocks = blocks;
+  auto drain = [work, fn]() {
+    for (int64_t i; (i = work->next.fetch_add(1)) < work->blocks;) {
+      fn(i);
+      work->done.fetch_add(1, std::memory_order_release);
+    }
+  };
+  const int64_t helpers = std::min<int64_t>(pool.num_threads(), blocks) - 1;
+  for (int64_t t = 0; t < helpers; ++t) {
+    auto task = drain;  // Schedule takes its task by value (an rvalue)
+    pool.Schedule(std::move(task));
+  }
+  drain();
+  while (work->done.load(std::memory_order_acquire) < blocks) std::this_thread::yield();
+}
+
+// Blocks per thread of XLA's pool (GPT_GEMM_BLOCKS_PER_THREAD, default 1): more blocks balance a
+// loaded machine better, fewer keep each sgemm large (each block packs its own operand panels).
+int64_t BlocksPerThread() {
+  const char* env = std::getenv("GPT_GEMM_BLOCKS_PER_THREAD");
+  const int64_t v = env ? std::atoll(env) : 1;
+  return v > 0 ? v : 1;
+}
+
+// Rows or columns per block are rounded to this (whole cache lines of C, whole SIMD panels).
+constexpr int64_t kAlign = 16;
+// A block does at least this many multiply-adds: below it, splitting costs more than it saves.
+constexpr int64_t kMinBlockWork = int64_t{1} << 21;
+
+ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                ffi::ResultBuffer<ffi::F32> c, int64_t transpose_a, int64_t transpose_b) {
+  if (!g_sgemm) return ffi::Error::Internal("gemm: MKL is not loaded (GptGemmLoad)");
+  auto ad = a.dimensions();
+  auto bd = b.dimensions();
+  auto cd = c->dimensions();
+  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2)
+    return ffi::Error::InvalidArgument("gemm: a, b and the result must be 2-D");
+  const int64_t M = transpose_a ? ad[1] : ad[0], K = transpose_a ? ad[0] : ad[1];
+  const int64_t Kb = transpose_b ? bd[1] : bd[0], N = transpose_b ? bd[0] : bd[1];
+  if (K != Kb || cd[0] != M || cd[1] != N)
+    return ffi::Error::InvalidArgument("gemm: operand shapes do not agree");
+  for (int64_t d : {ad[0], ad[1], bd[0], bd[1]})
+    if (d > INT_MAX) return ffi::Error::InvalidArgument("gemm: a dimension exceeds MKL's 32-bit sizes");
+  float* cp = c->typed_data();
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  if (K == 0) {
+    std::memset(cp, 0, sizeof(float) * M * N);
+    return ffi::Error::Success();
+  }
+  const float* ap = a.typed_data();
+  const float* bp = b.typed_data();
+  const int lda = static_cast<int>(ad[1]), ldb = static_cast<int>(bd[1]), ldc = static_cast<int>(N);
+  const int ta = transpose_a ? kTrans : kNoTrans, tb = transpose_b ? kTrans : kNoTrans;
+  // Split the longer side of C: each block then shares the whole of the other operand.
+  const bool by_rows = M >= N;
+  const int64_t side = by_rows ? M : N;
+  int64_t blocks = std::max<int64_t>(1, pool.num_threads()) * BlocksPerThread();
+  blocks = std::min(blocks, std::max<int64_t>(1, M * N * K / kMinBlockWork));
+  int64_t step = (side + blocks - 1) / blocks;
+  step = (step + kAlign - 1) / kAlign * kAlign;
+  blocks = (side + step - 1) / step;
+  SgemmFn sgemm = g_sgemm;
+  IntFn local = g_set_num_threads_local;
+  RunBlocks(pool, blocks, [=](int64_t i) {
+    if (local) local(1);  // sequential even if another library chose MKL's threaded layer first
+    const int64_t lo = i * step, n = std::min(side, lo + step) - lo;
+    if (by_rows) {  // rows lo.. of C: rows of op(A)
+      const float* ab = transpose_a ? ap + lo : ap + lo * lda;
+      sgemm(kRowMajor, ta, tb, static_cast<int>(n), static_cast<int>(N), static_cast<int>(K), 1.0f,
+            ab, lda, bp, ldb, 0.0f, cp + lo * ldc, ldc);
+    } else {  // columns lo.. of C: columns of op(B)
+      const float* bb = transpose_b ? bp + lo * ldb : bp + lo;
+      sgemm(kRowMajor, ta, tb, static_cast<int>(M), static_cast<int>(n), static_cast<int>(K), 1.0f,
+            ap, lda, bb, ldb, 0.0f, cp + lo, ldc);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// Loads MKL from `path` (libmkl_rt) and selects its sequential layer. Returns 0 on success, 1 when
+// the library cannot be opened, 2 when it lacks cblas_sgemm; `error` (when not null, `size`
+// bytes) receives dlerror()'s text.
+extern "C" int GptGemmLoad(const char* path, char* error, int size) {
+  auto fail = [&](int code) {
+    const char* msg = dlerror();
+    if (error && size > 0) {
+      std::strncpy(error, msg ? msg : "unknown error", size - 1);
+      error[size - 1] = '\0';
+    }
+    return code;
+  };
+  void* lib = dlopen(path, RTLD_NOW | RTLD_LOCAL);
+  if (!lib) return fail(1);
+  auto sgemm = reinterpret_cast<SgemmFn>(dlsym(lib, "cblas_sgemm"));
+  if (!sgemm) return fail(2);
+  // Must precede MKL's first computation; a no-op (returns the layer in force) if too late.
+  if (auto layer = reinterpret_cast<IntFn>(dlsym(lib, "MKL_Set_Threading_Layer"))) layer(kMklThreadingSequential);
+  g_set_num_threads_local = reinterpret_cast<IntFn>(dlsym(lib, "MKL_Set_Num_Threads_Local"));
+  g_sgemm = sgemm;
+  return 0;
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptGemmF32, Gemm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("transpose_a")
+                                  .Attr<int64_t>("transpose_b"));

@@ -1,0 +1,183 @@
+"""The training step's float32 matmuls on a CPU through Intel MKL: gemm.cc behind JAX's FFI, with a VJP.
+
+Why: on the Xeon this project is measured on, XLA:CPU's GEMM runs the step's matmul shapes at ~0.8x
+torch's speed (torch's is MKL's sgemm), and the matmuls are most of a training step; XLA's flags
+(oneDNN, XNNPACK, Eigen instead of YNNPACK) did not close it (BENCHMARKS.md, "Training speed
+routes"). `matmul` multiplies x [..., K] by a weight w [K, N] (Conv1D's layout) or [N, K]
+(`transpose_w`: the tied output layer's wte) with one FFI kernel, `gemm`, whose transpose flags also
+serve the backward pass (custom VJP: dx = dy w^T, dw = x^T dy, each one `gemm` call).
+
+MKL comes from PyPI (`pip install 'gpt[mkl]'`, the `mkl` wheel's libmkl_rt) and is found at run
+time (`find_mkl`; GPT_MKL_LIBRARY names the file explicitly): nothing links against it. The small
+FFI library is compiled from gemm.cc with the system C++ compiler the first time it is needed
+(a few seconds) and cached beside gemv's (gpt.kernels.gemv.cache_dir()), keyed by the source, the
+flags and jax's version. The model uses the kernel where `model.matmul` resolves to "mkl"
+(`resolve`): "auto" does so for a training program on one CPU device when the library loads
+(measured faster there), and keeps XLA's einsum on GPU/TPU, on multi-device meshes (the custom call
+has no sharding rule), in bfloat16 (no AVX512-BF16 to gain from here) and without MKL.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import functools
+import glob
+import hashlib
+import math
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+
+from gpt.errors import GPTError
+from gpt.kernels import gemv
+
+MATMULS = ("auto", "xla", "mkl")
+SOURCE = Path(__file__).with_name("gemm.cc")
+FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-w")
+TARGET = "GptGemmF32"
+_lock = threading.Lock()
+_loaded: list[bool] = []  # [] = not tried yet; [True] registered; [False] unavailable
+_why: list[str] = []  # why it is unavailable, for error messages
+
+
+def find_mkl() -> str | None:
+  """The path of MKL's single dynamic library (libmkl_rt), or None: $GPT_MKL_LIBRARY, then the
+  `mkl` wheel's files under this Python's prefix (it installs into <prefix>/lib), then the
+  system's library path."""
+  explicit = os.environ.get("GPT_MKL_LIBRARY")
+  if explicit:
+    return explicit
+  for prefix in dict.fromkeys((sys.prefix, sys.base_prefix, os.environ.get("CONDA_PREFIX") or "")):
+    if prefix:
+      found = sorted(glob.glob(os.path.join(prefix, "lib", "libmkl_rt.so*")))
+      if found:
+        return found[0]
+  return ctypes.util.find_library("mkl_rt")
+
+
+def library_path() -> Path:
+  key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()
+                       + jax.__version__.encode()).hexdigest()[:16]
+  return gemv.cache_dir() / f"gemm-{key}.so"
+
+
+def build() -> Path:
+  """Compiles gemm.cc (once per key; the file is renamed into place when complete)."""
+  path = library_path()
+  if path.exists():
+    return path
+  compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
+  if not compiler:
+    raise RuntimeError("no C++ compiler (g++/c++ or $CXX) on PATH")
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
+  os.close(fd)
+  cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp, "-ldl"]
+  done = subprocess.run(cmd, capture_output=True, text=True)
+  if done.returncode != 0:
+    os.unlink(tmp)
+    raise RuntimeError(f"{compiler} failed: {done.stderr.strip().splitlines()[-1:]}")
+  os.replace(tmp, path)
+  return path
+
+
+def available() -> bool:
+  """True when MKL was found and the kernel is registered with XLA (building it now if needed)."""
+  with _lock:
+    if not _loaded:
+      try:
+        mkl = find_mkl()
+        if not mkl:
+          raise RuntimeError("MKL's libmkl_rt was not found (pip install 'gpt[mkl]', or set "
+                             "GPT_MKL_LIBRARY to its path)")
+        lib = ctypes.cdll.LoadLibrary(str(build()))
+        error = ctypes.create_string_buffer(512)
+        if lib.GptGemmLoad(mkl.encode(), error, len(error)):
+          raise RuntimeError(f"cannot load MKL from {mkl}: {error.value.decode(errors='replace')}")
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.GptGemmF32), platform="cpu")
+        _loaded.append(True)
+      except (OSError, RuntimeError, AttributeError) as e:
+        logging.info("gpt.kernels.gemm unavailable, training uses XLA's matmul: %s", e)
+        _why.append(str(e))
+        _loaded.append(False)
+  return _loaded[0]
+
+
+def resolve(choice: str, devices) -> str:
+  """What `model.matmul=choice` means for a program on `devices` (a mesh's devices): "mkl" or
+  "xla". "auto" is "mkl" on one CPU device where the kernel loads, else "xla"; an explicit "mkl"
+  where it cannot run is a GPTError saying why."""
+  if choice not in MATMULS:
+    raise GPTError(f"model.matmul={choice!r}; choose one of {MATMULS}")
+  if choice == "xla":
+    return "xla"
+  devices = list(devices)
+  why = None
+  if len(devices) != 1:
+    why = f"it runs on one device; this mesh has {len(devices)}"
+  elif devices[0].platform != "cpu":
+    why = f"it runs on a CPU; this program is for {devices[0].platform}"
+  elif not available():
+    why = _why[0] if _why else "the kernel did not load"
+  if why is None:
+    return "mkl"
+  if choice == "mkl":
+    raise GPTError(f"model.matmul=mkl cannot be used: {why}; use model.matmul=auto or xla")
+  return "xla"
+
+
+def gemm(a: jax.Array, b: jax.Array, *, transpose_a: bool = False,
+         transpose_b: bool = False) -> jax.Array:
+  """op(a) @ op(b) for 2-D float32 arrays (op transposes where asked), by MKL: the FFI call itself.
+  Call only where `available()`."""
+  M = a.shape[1] if transpose_a else a.shape[0]
+  N = b.shape[0] if transpose_b else b.shape[1]
+  call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((M, N), jnp.float32),
+                          vmap_method="sequential")
+  return call(a, b, transpose_a=int(transpose_a), transpose_b=int(transpose_b))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul2d(x: jax.Array, w: jax.Array, transpose_w: bool) -> jax.Array:
+  return gemm(x, w, transpose_b=transpose_w)
+
+
+def _matmul2d_fwd(x, w, transpose_w):
+  return gemm(x, w, transpose_b=transpose_w), (x, w)
+
+
+def _matmul2d_bwd(transpose_w, residuals, dy):
+  x, w = residuals
+  dy = dy.astype(jnp.float32)
+  if transpose_w:  # y = x w^T, w [N, K]: dx = dy w, dw = dy^T x
+    return gemm(dy, w), gemm(dy, x, transpose_a=True)
+  return gemm(dy, w, transpose_b=True), gemm(x, dy, transpose_a=True)  # w [K, N]
+
+
+_matmul2d.defvjp(_matmul2d_fwd, _matmul2d_bwd)
+
+
+def matmul(x: jax.Array, w: jax.Array, *, transpose_w: bool = False) -> jax.Array:
+  """x [..., K] @ w [K, N] (or w [N, K] transposed, `transpose_w`) in float32 by MKL, with its
+  gradient (both backward products by MKL too). Float32 x and w only; where the kernel is not
+  available, or for other dtypes, this is `reference` (XLA's einsum)."""
+  if x.dtype != jnp.float32 or w.dtype != jnp.float32 or not available():
+    return reference(x, w, transpose_w=transpose_w)
+  K = x.shape[-1]
+  out = _matmul2d(x.reshape(math.prod(x.shape[:-1]), K), w, transpose_w)
+  return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def reference(x: jax.Array, w: jax.Array, *, transpose_w: bool = False) -> jax.Array:
+  """`matmul` in XLA (accumulated in float32): the fallback, and what the tests hold it to."""
+  spec = "...k,nk->...n" if transpose_w else "...k,kn->...n"
+  return jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
