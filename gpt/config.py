@@ -105,6 +105,10 @@ def base_config() -> ml_collections.ConfigDict:
   # cross-entropy and both gradients in one custom-VJP pass, same numbers; not faster in the same-run
   # comparisons on a loaded 2-core Xeon so far: BENCHMARKS.md "Training speed routes").
   m.output_loss = "logits"
+  # The training step's float32 matmuls (dense layers and the tied head, forward and backward):
+  # auto (Intel MKL's sgemm through gpt.kernels.gemm when training on one CPU device and MKL is
+  # installed, `pip install 'gpt[mkl]'`; XLA's einsum otherwise and in sample/eval) | xla | mkl.
+  m.matmul = "auto"
   # Weight-only quantization for inference (sample, interactive, eval, the harness model): none |
   # int8 (int8 matrices with per-output-channel scales, float activations; gpt.quantize). Applied
   # when the model is loaded; training refuses it.

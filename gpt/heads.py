@@ -51,7 +51,7 @@ def logits(model: GPT, hidden: jax.Array, at: jax.Array | None = None) -> jax.Ar
     wte = wte.astype(hidden.dtype)
   if cfg.weights_by_row:  # prepared for decoding: gpt.kernels.gemv where it wins
     return gemv.auto_matmul(hidden, wte, scale=scale, int8_activations=cfg.int8_activations)
-  return matmul(hidden, wte, "...d,vd->...v", scale=scale)
+  return matmul(hidden, wte, "...d,vd->...v", scale=scale, impl=cfg.matmul)
 
 
 def loss(model: GPT, hidden: jax.Array, targets: jax.Array, *, wte_trained: bool = True) -> jax.Array:

@@ -12,9 +12,14 @@ import math
 import jax
 import jax.numpy as jnp
 
+from gpt.kernels import gemm
+
+# The specs gpt.kernels.gemm serves, and whether the weight is transposed ([N, K]) in each.
+GEMM_SPECS = {"...d,df->...f": False, "...d,vd->...v": True}
+
 
 def matmul(x: jax.Array, w: jax.Array, spec: str = "...d,df->...f", *,
-           scale: jax.Array | None = None) -> jax.Array:
+           scale: jax.Array | None = None, impl: str = "xla") -> jax.Array:
   """einsum(spec, x, w) accumulated and returned in float32, times `scale` per output when given.
 
   An int8 `w` (weight-only quantization) is converted to x's dtype inside the jitted program and
@@ -23,7 +28,12 @@ def matmul(x: jax.Array, w: jax.Array, spec: str = "...d,df->...f", *,
   XLA:CPU has no bf16 matrix-vector kernel: for a single row it converts the whole bf16 weight
   matrix to float32 first (4-10x slower than reading it). Two rows take its bf16 matrix-matrix
   kernel instead, so a lone bf16 row (a batch-1 decode step) is computed as a pair.
+  `impl="mkl"` (a resolved `model.matmul`, gpt.kernels.gemm.resolve) runs float32 products of the
+  dense layers and the tied head through MKL's sgemm, with its own backward; other dtypes, quantized
+  weights and other specs stay XLA's.
   """
+  if impl == "mkl" and scale is None and spec in GEMM_SPECS:
+    return gemm.matmul(x, w, transpose_w=GEMM_SPECS[spec])
   if w.dtype == jnp.int8:
     w = w.astype(x.dtype)
   rows = math.prod(x.shape[:-1])

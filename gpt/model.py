@@ -37,7 +37,7 @@ from flax import nnx
 from gpt import heads
 from gpt.attention import apply_dropout, attention
 from gpt.errors import GPTError
-from gpt.kernels import gemv
+from gpt.kernels import gemm, gemv
 from gpt.matmul import matmul
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -89,6 +89,10 @@ class GPTConfig:
   # Set by gpt.decoding.prepare_for_decoding (never by configs): Conv1D weights stored [n_out, n_in], one output
   # per row, the layout gpt.kernels.gemv streams.
   weights_by_row: bool = False
+  # The dense layers' and tied head's float32 matmuls (gpt.kernels.gemm.MATMULS): "auto" runs MKL's
+  # sgemm (gpt.kernels.gemm) in a training program on one CPU device where MKL loads, XLA's einsum
+  # elsewhere; "xla" always XLA's; "mkl" insists on MKL. Training resolves it (gemm.resolve).
+  matmul: str = "auto"
 
   def __post_init__(self):
     # JSON and ConfigDicts hand lists or comma-separated strings; the config must stay hashable.
@@ -107,6 +111,8 @@ class GPTConfig:
       raise GPTError(f"model.quantize={self.quantize!r}; choose one of {QUANTIZE}")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise GPTError(f"model.attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLS}")
+    if self.matmul not in gemm.MATMULS:
+      raise GPTError(f"model.matmul={self.matmul!r}; choose one of {gemm.MATMULS}")
     if self.output_loss not in OUTPUT_LOSSES:
       raise GPTError(f"model.output_loss={self.output_loss!r}; choose one of {OUTPUT_LOSSES}")
     if self.lora_rank:
@@ -226,14 +232,14 @@ def layer_norm(x: jax.Array, g: jax.Array, b: jax.Array) -> jax.Array:
 
 
 def dense(x: jax.Array, w: jax.Array, b: jax.Array, *, scale: jax.Array | None = None,
-          by_row: bool = False, int8_activations: bool = False) -> jax.Array:
+          by_row: bool = False, int8_activations: bool = False, impl: str = "xla") -> jax.Array:
   """x @ w + b accumulated in float32, returned in x's dtype. w is [n_in, n_out] in x's dtype
   (cast here) or int8 with per-output `scale`; `by_row`: w is [n_out, n_in] (`gemv.auto_matmul`,
-  which also takes `int8_activations`)."""
+  which also takes `int8_activations`); `impl`: gpt.matmul's (a resolved `model.matmul`)."""
   if w.dtype != jnp.int8:
     w = w.astype(x.dtype)
   y = (gemv.auto_matmul(x, w, scale=scale, int8_activations=int8_activations) if by_row
-       else matmul(x, w, scale=scale))
+       else matmul(x, w, scale=scale, impl=impl))
   return (y + b.astype(jnp.float32)).astype(x.dtype)
 
 
@@ -262,10 +268,11 @@ class Conv1D(nnx.Module):
   def __init__(self, n_in: int, n_out: int, axes: tuple[str | None, str | None], *, std: float,
                rngs: nnx.Rngs, stack: int = 0, dtype=jnp.float32, lora_rank: int = 0,
                lora_alpha: float = 16.0, lora_dropout: float = 0.0, quantize: str = "none",
-               by_row: bool = False, int8_activations: bool = False):
+               by_row: bool = False, int8_activations: bool = False, matmul: str = "xla"):
     # Quantized (gpt.quantize): `w` int8 and `w_scale` [n_out] float32, w = w_int8 * w_scale.
     # by_row (gpt.decoding.prepare_for_decoding, for gpt.kernels.gemv): `w` is stored [n_out, n_in].
     self.by_row = by_row
+    self.matmul = matmul  # GPTConfig.matmul: "mkl" runs gpt.kernels.gemm (training, resolved)
     self.int8_activations = by_row and int8_activations  # GPTConfig.int8_activations
     shape, w_axes = ((n_out, n_in), axes[::-1]) if by_row else ((n_in, n_out), axes)
     quantized = quantize == "int8"
@@ -286,7 +293,7 @@ class Conv1D(nnx.Module):
   def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     """`rng` turns the adapter's input dropout on (training); None means deterministic."""
     scale = self.w_scale[...] if hasattr(self, "w_scale") else None
-    y = dense(x, self.w[...], self.b[...], scale=scale, by_row=self.by_row,
+    y = dense(x, self.w[...], self.b[...], scale=scale, by_row=self.by_row, impl=self.matmul,
               int8_activations=self.int8_activations)
     if not self.lora_scale:
       return y
@@ -303,7 +310,8 @@ def _lora_args(cfg: GPTConfig, target: str) -> dict:
   """Conv1D's layout and adapter arguments for dense layer `target` (adapters only when it is a
   LoRA target)."""
   rank = cfg.lora_rank_of(target)
-  layout = dict(quantize=cfg.quantize, by_row=cfg.weights_by_row, int8_activations=cfg.int8_activations)
+  layout = dict(quantize=cfg.quantize, by_row=cfg.weights_by_row, int8_activations=cfg.int8_activations,
+                matmul=cfg.matmul)
   return {**layout, **(dict(lora_rank=rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout)
                        if rank else {})}
 

@@ -36,6 +36,7 @@ from gpt import data, lora, optim, sharding, weights
 from gpt.checkpoint import (Checkpointer, checkpoint_dir, intact_step, load_params,
                             resolve_checkpoint)
 from gpt.errors import GPTError
+from gpt.kernels import gemm
 from gpt.model import GPTConfig, abstract_model
 from gpt.stop_signals import StopSignals
 from gpt.train_log import Throughput, TrainLog, quiet_orbax
@@ -272,6 +273,8 @@ def build_programs(config: Any, cfg: GPTConfig, mesh, lora_run: bool = False) ->
   """The train/eval programs of `config.train` for model `cfg` on `mesh` (see Programs). With
   `lora_run`, only the adapters are trained: the rest is the steps' separate `frozen` argument."""
   t = config.train
+  # model.matmul "auto": MKL's sgemm where this program runs on one CPU device (gpt.kernels.gemm).
+  cfg = cfg.replace(matmul=gemm.resolve(cfg.matmul, mesh.devices.flat))
   graphdef = nnx.graphdef(abstract_model(cfg))
   abs_params = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
   axes = sharding.logical_axes(abstract_model(cfg))

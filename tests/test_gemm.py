@@ -1,0 +1,139 @@
+"""gpt.kernels.gemm (MKL's sgemm behind JAX's FFI) against XLA: products, gradients, the train step.
+
+Skips with the reason when MKL is not installed (`pip install '.[mkl]'`, as CI's install does) or
+no C++ compiler built the kernel; `resolve`'s fallbacks and errors are tested either way.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gpt import sharding
+from gpt.errors import GPTError
+from gpt.kernels import gemm
+from gpt.model import GPTConfig, init_model
+from gpt.train import build_programs
+from gpt.train_step import create_state
+from tests.train_utils import tiny_config
+
+
+@pytest.fixture
+def mkl():
+  if not gemm.available():
+    pytest.skip(f"gpt.kernels.gemm unavailable: {gemm._why[0] if gemm._why else 'not loaded'}")
+
+
+def _rand(shape, seed):
+  return jnp.asarray(np.random.default_rng(seed).standard_normal(shape, np.float32))
+
+
+# (M, N, K): ragged sizes, one row, one column, and sizes large enough to be split into blocks
+# over XLA's pool by rows (M >= N) and by columns (M < N).
+SHAPES = [(37, 53, 29), (1, 70, 33), (65, 1, 40), (300, 260, 96), (96, 530, 130), (5, 6, 0)]
+
+
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_gemm_matches_float64(mkl, transpose_a, transpose_b):
+  f = jax.jit(lambda a, b: gemm.gemm(a, b, transpose_a=transpose_a, transpose_b=transpose_b))
+  for i, (M, N, K) in enumerate(SHAPES):
+    a = _rand((K, M) if transpose_a else (M, K), i)
+    b = _rand((N, K) if transpose_b else (K, N), 100 + i)
+    want = (np.asarray(a, np.float64).T if transpose_a else np.asarray(a, np.float64)) @ (
+        np.asarray(b, np.float64).T if transpose_b else np.asarray(b, np.float64))
+    got = np.asarray(f(a, b))
+    assert got.shape == (M, N)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-4 * max(1.0, np.sqrt(K)))
+
+
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_matmul_and_gradients_match_xla(mkl, transpose_w):
+  x = _rand((3, 41, 57), 0)  # a batch dimension and ragged sizes
+  w = _rand((90, 57) if transpose_w else (57, 90), 1)
+  probe = _rand((3, 41, 90), 2)
+
+  def loss(mm):
+    return lambda x, w: jnp.sum(jnp.sin(mm(x, w, transpose_w=transpose_w)) * probe)
+
+  ours = jax.jit(jax.value_and_grad(loss(gemm.matmul), argnums=(0, 1)))(x, w)
+  ref = jax.jit(jax.value_and_grad(loss(gemm.reference), argnums=(0, 1)))(x, w)
+  np.testing.assert_allclose(ours[0], ref[0], rtol=1e-5)
+  for g, r in zip(ours[1], ref[1]):
+    assert g.shape == r.shape
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
+  hlo = jax.jit(jax.grad(loss(gemm.matmul), argnums=(0, 1))).lower(x, w).as_text()
+  assert hlo.count(gemm.TARGET) == 3  # forward, dx and dw all by the kernel
+
+
+def test_matmul_under_vmap_and_bf16_fallback(mkl):
+  x, w = _rand((4, 7, 16), 3), _rand((16, 9), 4)
+  got = jax.vmap(lambda r: gemm.matmul(r, w))(x)
+  np.testing.assert_allclose(got, gemm.reference(x, w), rtol=1e-5, atol=1e-5)
+  xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)  # no AVX512-BF16 path: XLA's
+  assert gemm.TARGET not in jax.jit(gemm.matmul).lower(xb, wb).as_text()
+  np.testing.assert_array_equal(gemm.matmul(xb, wb), gemm.reference(xb, wb))
+
+
+def test_resolve():
+  cpu = jax.devices("cpu")
+  assert gemm.resolve("xla", cpu[:1]) == "xla"
+  assert gemm.resolve("auto", cpu[:1]) == ("mkl" if gemm.available() else "xla")
+  if len(cpu) > 1:  # conftest's 8 host devices: a sharded program keeps XLA's dot
+    assert gemm.resolve("auto", cpu) == "xla"
+    with pytest.raises(GPTError, match="one device"):
+      gemm.resolve("mkl", cpu)
+  with pytest.raises(GPTError, match="model.matmul='blas'"):
+    GPTConfig(matmul="blas")
+
+
+def test_resolve_without_mkl(monkeypatch):
+  """With no libmkl_rt, auto falls back and an explicit mkl says what to install."""
+  monkeypatch.setattr(gemm, "_loaded", [])
+  monkeypatch.setattr(gemm, "_why", [])
+  monkeypatch.setenv("GPT_MKL_LIBRARY", "/nonexistent/libmkl_rt.so.2")
+  cpu = jax.devices("cpu")[:1]
+  assert gemm.resolve("auto", cpu) == "xla"
+  with pytest.raises(GPTError, match="model.matmul=mkl cannot be used: cannot load MKL"):
+    gemm.resolve("mkl", cpu)
+  x, w = _rand((5, 8), 0), _rand((8, 3), 1)
+  assert gemm.TARGET not in jax.jit(gemm.matmul).lower(x, w).as_text()
+
+
+def _one_step(config, matmul: str):
+  """Loss and parameter update of one train step of the train mode's own program on one device."""
+  cfg = GPTConfig.from_config(config.model).replace(matmul=matmul)
+  config.mesh.data = 1
+  programs = build_programs(config, cfg, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+  params = nnx.to_pure_dict(nnx.state(init_model(cfg, 0), nnx.Param))
+  state = jax.device_put(create_state(params, programs.tx, 0), programs.state_sharding)
+  t = config.train
+  tokens = np.random.default_rng(0).integers(0, cfg.n_vocab, (t.batch_size, t.seq_len + 1))
+  batch = jax.device_put(jnp.asarray(tokens, jnp.int32), programs.batch_sharding)
+  hlo = programs.train_step.lower(state, batch, programs.abstract_frozen).as_text()
+  before = jax.tree.map(np.asarray, state.params)
+  state, metrics = programs.train_step(state, batch, {})
+  return float(metrics["loss"]), jax.tree.map(lambda a, b: np.asarray(a) - b, state.params, before), hlo
+
+
+@pytest.mark.parametrize("layers", [dict(scan_layers=True, remat="full"),
+                                    dict(scan_layers=False, remat="none")])
+def test_train_step_mkl_equals_xla(mkl, tmp_path, layers):
+  """The train mode's step with model.matmul=auto (MKL here) against XLA's: the same loss and the
+  same update, under scan + remat or unrolled, with gradient accumulation. Plain SGD at rate 1
+  without clipping makes the update the gradient itself (Adam's first step is ~sign(g): noise in
+  near-zero gradients would flip it)."""
+  config = tiny_config(tmp_path, grad_accum=2, optimizer="sgd", learning_rate=1.0, momentum=0.0,
+                       grad_clip=0.0, warmup_steps=0, schedule="constant")
+  config.model.update(**layers)
+  loss_x, update_x, hlo_x = _one_step(config, "xla")
+  loss_m, update_m, hlo_m = _one_step(config, "auto")
+  assert gemm.TARGET not in hlo_x and gemm.TARGET in hlo_m
+  np.testing.assert_allclose(loss_m, loss_x, rtol=1e-5)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(update_m), jax.tree.leaves(update_x)):
+    scale = np.abs(b).max()
+    assert scale > 0, jax.tree_util.keystr(path)
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * scale, err_msg=jax.tree_util.keystr(path))
