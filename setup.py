@@ -43,6 +43,8 @@ setup(
         "bench": ["ctranslate2>=4.0"],
         # experiments/sweep.py --engine=ray (a local ray.init() cluster or a real one).
         "sweep": ["ray>=2.9"],
+        # Training's float32 matmuls on CPU through Intel MKL's sgemm (gpt.kernels.gemm; libmkl_rt, found at run time).
+        "mkl": ["mkl>=2024.0"],
     },
     entry_points={"console_scripts": ["gpt=gpt.main:run"]},
 )

@@ -108,10 +108,13 @@ VARIANT_OPTIONS = {"eigen": {"xla_cpu_experimental_ynn_fusion_type": ""},
                    "ynndot": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
                    "onednn": {"xla_cpu_use_onednn": True}}
 # Model fields per variant suffix: the attention formulation (model.attention_impl; the default is
-# GPTConfig's, "blocked"), the output layer's loss (model.output_loss) and rematerialisation, to compare training-speed routes side by side.
+# GPTConfig's, "blocked"), the output layer's loss (model.output_loss), rematerialisation and the
+# matmuls (model.matmul: the default "auto" is MKL's sgemm where installed; `xladot` keeps XLA's), to
+# compare training-speed routes side by side.
 VARIANT_FIELDS = {"attnxla": {"attention_impl": "xla"}, "attnblocked": {"attention_impl": "blocked"},
                   "logitsloss": {"output_loss": "logits"}, "fusedloss": {"output_loss": "fused"},
                   "rematdots": {"remat": "dots"},
+                  "xladot": {"matmul": "xla"}, "mkl": {"matmul": "mkl"},
                   "rematfull": {"remat": "full"}}
 
 
@@ -234,7 +237,7 @@ def main() -> None:
   parser.add_argument("--impls", default="jax-f32-scan,jax-f32-unrolled,jax-f32-scan-eigen,"
                       "jax-bf16-scan,torch-f32,torch-bf16",
                       help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs][-logitsloss|-fusedloss]"
-                      "[-rematdots|-rematfull] names")
+                      "[-rematdots|-rematfull][-xladot|-mkl] names")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps", type=int, default=3, help="timed steps per row per round")
   parser.add_argument("--profile", action="store_true",

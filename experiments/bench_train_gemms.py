@@ -9,6 +9,8 @@ dW = x^T dy of each Conv1D, and the tied output layer's three 50257-word matmuls
 layouts the step itself uses, times each in a jitted XLA program and in torch eager,
 round-robin (`--rounds` rounds, the best of `--reps` calls per round), and prints the median ms,
 GFLOP/s and the XLA/torch speed ratio (paired per round, so load drifting between rounds cancels).
+Where gpt.kernels.gemm loads (MKL installed: `pip install '.[mkl]'`) each class is also timed through
+it, the way the train step runs it with model.matmul=auto, with its own ratio against torch.
 Multiply each row by its count per step (layers) to see which class costs the step the most.
 """
 
@@ -32,6 +34,7 @@ import numpy as np  # noqa: E402
 
 from experiments import machine  # noqa: E402
 from experiments.bench_train import SHAPES, VOCAB  # noqa: E402
+from gpt.kernels import gemm  # noqa: E402
 
 
 def gemm_classes(shape) -> list[tuple[str, int, str, tuple, tuple]]:
@@ -59,17 +62,26 @@ def flops(spec: str, a: tuple, b: tuple) -> float:
   return 2.0 * float(np.prod(list(sizes.values())))
 
 
+def kernel_call(spec: str):
+  """The gpt.kernels.gemm call computing a two-operand, two-letter einsum `spec` ("pq,rs->uv")."""
+  (lhs, rhs), out = spec.split("->")[0].split(","), spec.split("->")[1]
+  ta, tb = lhs[0] != out[0], rhs[1] != out[1]
+  return jax.jit(lambda x, y: gemm.gemm(x, y, transpose_a=ta, transpose_b=tb))
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shape", default="chapter", help=f"one of {sorted(SHAPES)}")
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--reps", type=int, default=3, help="calls per round; the best counts")
   parser.add_argument("--only", default="", help="comma list of substrings of the class names")
+  parser.add_argument("--no-kernel", action="store_true", help="skip the gpt.kernels.gemm (MKL) column")
   args = parser.parse_args()
   import torch
   torch.set_num_threads(os.cpu_count() or 1)
   rng = np.random.default_rng(0)
   rows = []
+  use_kernel = not args.no_kernel and gemm.available()
   classes = gemm_classes(SHAPES[args.shape])
   if args.only:
     classes = [c for c in classes if any(s in c[0] for s in args.only.split(","))]
@@ -79,27 +91,40 @@ def main() -> None:
     ja, jb = jnp.asarray(a), jnp.asarray(b)
     ta, tb = torch.from_numpy(a), torch.from_numpy(b)
     f = jax.jit(lambda x, y, s=spec: jnp.einsum(s, x, y, preferred_element_type=jnp.float32))
-    f(ja, jb).block_until_ready()
+    ref = f(ja, jb).block_until_ready()
     torch.einsum(spec, ta, tb)
-    tj, tt = [], []
+    k = kernel_call(spec) if use_kernel else None
+    if k is not None:
+      np.testing.assert_allclose(k(ja, jb), ref, rtol=1e-3, atol=1e-2)
+    tj, tt, tk = [], [], []
     for _ in range(args.rounds):
       tj.append(min(_timed(lambda: f(ja, jb).block_until_ready()) for _ in range(args.reps)))
       tt.append(min(_timed(lambda: torch.einsum(spec, ta, tb)) for _ in range(args.reps)))
+      if k is not None:
+        tk.append(min(_timed(lambda: k(ja, jb).block_until_ready()) for _ in range(args.reps)))
     fl = flops(spec, sa, sb)
     ratio = statistics.median(t / j for j, t in zip(tj, tt))
-    rows.append((name, count, statistics.median(tj), statistics.median(tt), fl, ratio))
+    kernel = (statistics.median(tk), statistics.median(t / m for m, t in zip(tk, tt))) if tk else None
+    rows.append((name, count, statistics.median(tj), statistics.median(tt), fl, ratio, kernel))
   print(f"machine: {machine.cpu_model()}, {os.cpu_count()} cores ({machine.vector_flags()}); jax "
         f"{jax.__version__}, torch {torch.__version__}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
         f"load average {machine.load_average()}; shape {args.shape}")
-  print("| matmul | per step | xla ms | xla GFLOP/s | torch ms | torch GFLOP/s | xla speed vs torch |")
-  print("|---|---|---|---|---|---|---|")
-  tot_j = tot_t = 0.0
-  for name, count, j, t, fl, ratio in rows:
+  kcols = " mkl ms | mkl GFLOP/s | mkl speed vs torch |" if use_kernel else ""
+  print("| matmul | per step | xla ms | xla GFLOP/s | torch ms | torch GFLOP/s | xla speed vs torch |"
+        + kcols)
+  print("|---|---|---|---|---|---|---|" + "---|---|---|" * use_kernel)
+  tot_j = tot_t = tot_k = 0.0
+  for name, count, j, t, fl, ratio, kernel in rows:
     tot_j, tot_t = tot_j + count * j, tot_t + count * t
+    kcell = ""
+    if kernel:
+      tot_k += count * kernel[0]
+      kcell = f" {1e3 * kernel[0]:.1f} | {fl / kernel[0] / 1e9:.0f} | {kernel[1]:.2f}x |"
     print(f"| {name} | {count} | {1e3 * j:.1f} | {fl / j / 1e9:.0f} | {1e3 * t:.1f} | "
-          f"{fl / t / 1e9:.0f} | {ratio:.2f}x |")
+          f"{fl / t / 1e9:.0f} | {ratio:.2f}x |" + kcell)
+  ktot = f" {1e3 * tot_k:.0f} | | {tot_t / tot_k:.2f}x |" if use_kernel else ""
   print(f"| all matmuls of one step (x count) | | {1e3 * tot_j:.0f} | | {1e3 * tot_t:.0f} | | "
-        f"{tot_t / tot_j:.2f}x |")
+        f"{tot_t / tot_j:.2f}x |" + ktot)
 
 
 def _timed(fn) -> float:

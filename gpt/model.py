@@ -41,11 +41,15 @@ from gpt.kernels import gemm, gemv
 from gpt.matmul import matmul
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+_SAVE_GEMM = jax.checkpoint_policies.save_only_these_names(gemm.CHECKPOINT_NAME)
+# "dots" policies also save gpt.kernels.gemm's products (custom calls, not dots: named instead).
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.checkpoint_dots,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.checkpoint_dots, _SAVE_GEMM),
+    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _SAVE_GEMM),
 }
 ATTENTION_IMPLS = ("blocked", "xla", "cudnn", "auto")
 OUTPUT_LOSSES = ("fused", "logits")

@@ -103,7 +103,7 @@ def test_resolve_without_mkl(monkeypatch):
   assert gemm.TARGET not in jax.jit(gemm.matmul).lower(x, w).as_text()
 
 
-def _one_step(config, matmul: str):
+def _one_step(config, matmul: str, lower_only: bool = False):
   """Loss and parameter update of one train step of the train mode's own program on one device."""
   cfg = GPTConfig.from_config(config.model).replace(matmul=matmul)
   config.mesh.data = 1
@@ -114,16 +114,19 @@ def _one_step(config, matmul: str):
   tokens = np.random.default_rng(0).integers(0, cfg.n_vocab, (t.batch_size, t.seq_len + 1))
   batch = jax.device_put(jnp.asarray(tokens, jnp.int32), programs.batch_sharding)
   hlo = programs.train_step.lower(state, batch, programs.abstract_frozen).as_text()
+  if lower_only:
+    return hlo
   before = jax.tree.map(np.asarray, state.params)
   state, metrics = programs.train_step(state, batch, {})
   return float(metrics["loss"]), jax.tree.map(lambda a, b: np.asarray(a) - b, state.params, before), hlo
 
 
 @pytest.mark.parametrize("layers", [dict(scan_layers=True, remat="full"),
-                                    dict(scan_layers=False, remat="none")])
+                                    dict(scan_layers=False, remat="dots")])
 def test_train_step_mkl_equals_xla(mkl, tmp_path, layers):
   """The train mode's step with model.matmul=auto (MKL here) against XLA's: the same loss and the
-  same update, under scan + remat or unrolled, with gradient accumulation. Plain SGD at rate 1
+  same update, under scan + full remat or unrolled + dots remat (which saves the kernel's products
+  as it saves dots: no more kernel calls than without remat), with gradient accumulation. Plain SGD at rate 1
   without clipping makes the update the gradient itself (Adam's first step is ~sign(g): noise in
   near-zero gradients would flip it)."""
   config = tiny_config(tmp_path, grad_accum=2, optimizer="sgd", learning_rate=1.0, momentum=0.0,
@@ -132,6 +135,9 @@ def test_train_step_mkl_equals_xla(mkl, tmp_path, layers):
   loss_x, update_x, hlo_x = _one_step(config, "xla")
   loss_m, update_m, hlo_m = _one_step(config, "auto")
   assert gemm.TARGET not in hlo_x and gemm.TARGET in hlo_m
+  if layers["remat"] == "dots":
+    config.model.remat = "none"
+    assert hlo_m.count(gemm.TARGET) == _one_step(config, "auto", lower_only=True).count(gemm.TARGET)
   np.testing.assert_allclose(loss_m, loss_x, rtol=1e-5)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(update_m), jax.tree.leaves(update_x)):
     scale = np.abs(b).max()

@@ -36,6 +36,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 from absl import logging
+from jax.ad_checkpoint import checkpoint_name
 
 from gpt.errors import GPTError
 from gpt.kernels import gemv
@@ -44,6 +45,9 @@ MATMULS = ("auto", "xla", "mkl")
 SOURCE = Path(__file__).with_name("gemm.cc")
 FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-w")
 TARGET = "GptGemmF32"
+# The name `matmul` gives its products (jax.ad_checkpoint.checkpoint_name): a custom call is no dot,
+# so gpt.model's "dots" remat policies save these by name, as they save XLA's dots.
+CHECKPOINT_NAME = "gpt_gemm"
 _lock = threading.Lock()
 _loaded: list[bool] = []  # [] = not tried yet; [True] registered; [False] unavailable
 _why: list[str] = []  # why it is unavailable, for error messages
@@ -173,7 +177,8 @@ def matmul(x: jax.Array, w: jax.Array, *, transpose_w: bool = False) -> jax.Arra
   if x.dtype != jnp.float32 or w.dtype != jnp.float32 or not available():
     return reference(x, w, transpose_w=transpose_w)
   K = x.shape[-1]
-  out = _matmul2d(x.reshape(math.prod(x.shape[:-1]), K), w, transpose_w)
+  out = checkpoint_name(_matmul2d(x.reshape(math.prod(x.shape[:-1]), K), w, transpose_w),
+                        CHECKPOINT_NAME)
   return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
