@@ -383,22 +383,17 @@ def own_compile_cache(tmp_path):
 
 def test_tpu_programs_stay_out_of_the_persistent_cache_and_cpu_programs_go_in(own_compile_cache):
   """A slice's program could be written to the cache but not read back (the compile-only client
-  cannot deserialize it): JAX warned and compiled again. Compile mode compiles for a slice with the
-  cache off, so planning again is quiet and the folder holds no TPU program, while a CPU program
-  compiled afterwards is still cached."""
+  cannot deserialize it): the next run warned "Error reading persistent compilation cache entry"
+  and compiled again. Compile mode compiles for a slice with the cache off, so the folder gets no
+  TPU program (nothing to fail to read), while a CPU program compiled afterwards is still cached."""
   import re
-  import warnings
 
   require_libtpu()
   c = tiny_config()
   c.mesh.topology, c.model.n_layer = "v5e:2x2", 1
-  with warnings.catch_warnings(record=True) as caught:
-    warnings.simplefilter("always")
-    for _ in range(2):  # a new Planner, so a new lowering: the persistent cache is asked again
-      planner = aot.Planner(c, chips.devices_for("v5e:2x2"), "v5e:2x2")
-      assert planner.compile(planner.configured(), ("train",))[0]["fits"]
+  planner = aot.Planner(c, chips.devices_for("v5e:2x2"), "v5e:2x2")
+  assert planner.compile(planner.configured(), ("train",))[0]["fits"]
   train_step = re.match(r"module @(\S+)", planner.lower(planner.configured(), ["train"])[0].lowered.as_text())
   assert not [p.name for p in own_compile_cache.iterdir() if p.name.startswith(f"{train_step[1]}-")]
-  assert not [w for w in caught if "compilation cache" in str(w.message)], [str(w.message) for w in caught]
   jax.jit(lambda a: a * 3 + 1)(np.arange(5.0)).block_until_ready()
-  assert list(own_compile_cache.iterdir())
+  assert [p.name for p in own_compile_cache.iterdir() if p.name.startswith("jit__lambda-")]
