@@ -14,6 +14,7 @@
 #include <cmath>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -281,6 +282,15 @@ struct Work {
   int64_t blocks = 0;
 };
 
+// GPT_GEMV_THREADS caps the threads one call uses (default: all of XLA's pool). Read at every call
+// (a getenv, ~0.1 us against calls of 20 us and more), so that experiments/bench_gemv.py can
+// interleave a single-thread column with the default one and separate the hand-off from the loops.
+int64_t MaxThreads() {
+  const char* v = std::getenv("GPT_GEMV_THREADS");
+  const int64_t n = v ? std::atoll(v) : 0;
+  return n > 0 ? n : int64_t{1} << 30;
+}
+
 template <typename Fn>
 void RunBlocks(ffi::ThreadPool& pool, int64_t blocks, Fn fn) {
   auto work = std::make_shared<Work>();
@@ -291,7 +301,7 @@ void RunBlocks(ffi::ThreadPool& pool, int64_t blocks, Fn fn) {
       work->done.fetch_add(1, std::memory_order_release);
     }
   };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), blocks) - 1;
+  const int64_t helpers = std::min<int64_t>({pool.num_threads(), blocks, MaxThreads()}) - 1;
   for (int64_t t = 0; t < helpers; ++t) {
     auto task = drain;  // Schedule takes its task by value (an rvalue)
     pool.Schedule(std::move(task));
