@@ -24,7 +24,7 @@ from tests.train_utils import tiny_config
 @pytest.fixture
 def mkl():
   if not gemm.available():
-    pytest.skip(f"gpt.kernels.gemm unavailable: {gemm._why[0] if gemm._why else 'not loaded'}")
+    pytest.skip(f"gpt.kernels.gemm unavailable: {gemm.why_unavailable()}")
 
 
 def _rand(shape, seed):

@@ -116,6 +116,11 @@ def available() -> bool:
   return _loaded[0]
 
 
+def why_unavailable() -> str:
+  """Why the kernel is not available ("" when it is, or before `available()` was asked)."""
+  return _why[0] if _why else ""
+
+
 def resolve(choice: str, devices) -> str:
   """What `model.matmul=choice` means for a program on `devices` (a mesh's devices): "mkl" or
   "xla". "auto" is "mkl" on one CPU device where the kernel loads, else "xla"; an explicit "mkl"
@@ -131,7 +136,7 @@ def resolve(choice: str, devices) -> str:
   elif devices[0].platform != "cpu":
     why = f"it runs on a CPU; this program is for {devices[0].platform}"
   elif not available():
-    why = _why[0] if _why else "the kernel did not load"
+    why = why_unavailable() or "the kernel did not load"
   if why is None:
     return "mkl"
   if choice == "mkl":
