@@ -13,8 +13,10 @@ Each concern has one module; follow the data from the command line:
                            fetched file must be; ranged_file.py a remote zip read by Range requests;
                            hashing.py the one file hash
   tokenizer.py, encode.py  GPT-2's BPE; text -> token files
-  model.py                 the model and its one forward pass; attention.py its attention function
-                           and formulations; output_loss.py the tied head's fused training loss;
+  model.py                 the model's layers and its one forward pass; heads.py what is computed at
+                           the top of the stack (logits, training loss, attention probabilities);
+                           matmul.py the one float32-accumulating matmul; attention.py its attention
+                           function and formulations; output_loss.py the tied head's fused training loss;
                            quantize.py int8 weights; kernels/ the CPU gemv kernel
   data.py                  training data -> seeded, resumable windows
   train.py                 train mode: the loop; train_step.py the jitted steps; optim.py the

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
+from gpt import heads
 from gpt.attention_page import render_html
 from gpt.errors import GPTError
 
@@ -53,7 +54,7 @@ def token_labels(tokenizer: Any, ids: Sequence[int]) -> list[str]:
 
 def attention_weights(model: Any, ids: Sequence[int]) -> np.ndarray:
   """float32 [L, H, T, T] attention probabilities of `model` on one sequence of ids."""
-  probs = model.attention_probs(jnp.asarray([list(ids)], jnp.int32))
+  probs = heads.attention_probs(model, jnp.asarray([list(ids)], jnp.int32))
   return np.asarray(probs[:, 0], np.float32)
 
 

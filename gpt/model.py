@@ -8,8 +8,11 @@ layouts share one parameter tree, so checkpoints move freely between them.
 
 Every mode runs `GPT.__call__` (tokens, positions, mask, optional KVCache, `logits_at`), built
 from one of each piece, defined once: `attention` (gpt/attention.py, with its formulations; it can
-also return its weights, for `attention_probs`), `layer_norm`, `dense`/`matmul` (float32 accumulation) and `attention_inputs`
-(position ids and masks for left-padded rows and for the cache). Decoding does not get a second
+also return its weights, for `gpt.heads.attention_probs`), `layer_norm`, `dense` (gpt.matmul's
+float32-accumulating `matmul`) and `attention_inputs` (position ids and masks for left-padded rows
+and for the cache). This module is the layers and the pass through them (`GPT.trunk`); what is
+computed at the top of the stack (the tied head's logits, the training loss, the attention
+probabilities) is gpt.heads, which `GPT.__call__` ends with. Decoding does not get a second
 model: gpt.decoding's `prepare_for_decoding` lays the same model out per layer in the compute dtype
 (one Block per layer instead of a scan over the stack, dense weights by row for gpt.kernels.gemv),
 which is what makes token-by-token steps fast on CPU.
@@ -29,13 +32,13 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 
+from gpt import heads
 from gpt.attention import apply_dropout, attention
 from gpt.errors import GPTError
 from gpt.kernels import gemv
-from gpt.output_loss import tied_cross_entropy
+from gpt.matmul import matmul
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 REMAT_POLICIES = {
@@ -236,28 +239,6 @@ def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
   return jnp.take(table, ids, axis=0, mode="clip")
 
 
-def matmul(x: jax.Array, w: jax.Array, spec: str = "...d,df->...f", *,
-           scale: jax.Array | None = None) -> jax.Array:
-  """einsum(spec, x, w) accumulated and returned in float32, times `scale` per output when given.
-
-  An int8 `w` (weight-only quantization) is converted to x's dtype inside the jitted program and
-  its per-output `scale` applied to the float32 result (the same numbers as multiplying with the
-  dequantized weight, without materialising it in the parameters).
-  XLA:CPU has no bf16 matrix-vector kernel: for a single row it converts the whole bf16 weight
-  matrix to float32 first (4-10x slower than reading it). Two rows take its bf16 matrix-matrix
-  kernel instead, so a lone bf16 row (a batch-1 decode step) is computed as a pair.
-  """
-  if w.dtype == jnp.int8:
-    w = w.astype(x.dtype)
-  rows = math.prod(x.shape[:-1])
-  if rows == 1 and w.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
-    pair = jnp.concatenate([x, x], axis=0)
-    out = jnp.einsum(spec, pair, w, preferred_element_type=jnp.float32)[:1]
-  else:
-    out = jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
-  return out if scale is None else out * scale.astype(jnp.float32)
-
-
 def dense(x: jax.Array, w: jax.Array, b: jax.Array, *, scale: jax.Array | None = None,
           by_row: bool = False, int8_activations: bool = False) -> jax.Array:
   """x @ w + b accumulated in float32, returned in x's dtype. w is [n_in, n_out] in x's dtype
@@ -451,8 +432,8 @@ class GPT(nnx.Module):
     """
     if cache is not None and positions is None and mask is None:
       positions, mask, cache = attention_inputs(tokens, None, cache)
-    x, cache = self._trunk(tokens, positions, mask, cache, rng)
-    out = self._output(x, logits_at)
+    x, cache = self.trunk(tokens, positions, mask, cache, rng)
+    out = heads.output(self, x, logits_at)
     return out if cache is None else (out, cache)
 
   def decode(self, tokens: jax.Array, cache: KVCache, token_mask: jax.Array | None = None, *,
@@ -462,62 +443,22 @@ class GPT(nnx.Module):
     positions, mask, cache = attention_inputs(tokens, token_mask, cache)
     return self(tokens, positions, mask, cache=cache, logits_at=logits_at)
 
-  def logits(self, hidden: jax.Array, at: jax.Array | None = None) -> jax.Array:
-    """The tied output head: float32 logits [..., V] of final hidden states [..., D] (after
-    ln_f), or of just the rows `hidden.reshape(-1, D)[at]` when `at` [M] is given."""
-    if at is not None:
-      hidden = hidden.reshape(-1, hidden.shape[-1])[at]
-    wte, scale = self.wte[...], self._wte_scale()
-    if wte.dtype != jnp.int8:
-      wte = wte.astype(hidden.dtype)
-    if self.cfg.weights_by_row:  # prepared for decoding: gpt.kernels.gemv where it wins
-      return gemv.auto_matmul(hidden, wte, scale=scale, int8_activations=self.cfg.int8_activations)
-    return matmul(hidden, wte, "...d,vd->...v", scale=scale)
-
-  def loss(self, hidden: jax.Array, targets: jax.Array, *, wte_trained: bool = True) -> jax.Array:
-    """Mean next-token cross-entropy of final hidden states [B, T, D] (`logits_at=None`) at
-    targets [B, T], the training loss. With `output_loss="fused"` and a float, trained `wte`, it is
-    gpt.output_loss's fused head (the [B, T, V] logits never whole, their gradient made in the
-    same pass); otherwise optax's cross-entropy of `logits` (a frozen wte, as in LoRA, would only
-    waste the fused head's d(wte) matmul)."""
-    wte = self.wte[...]
-    if (self.cfg.output_loss == "fused" and wte_trained and wte.dtype != jnp.int8
-        and not self.cfg.weights_by_row):
-      return tied_cross_entropy(hidden, wte, targets)
-    return optax.softmax_cross_entropy_with_integer_labels(self.logits(hidden), targets).mean()
-
-  def _wte_scale(self) -> jax.Array | None:
+  def tied_scale(self) -> jax.Array | None:
+    """wte's per-word float32 scale [V] when it is int8 (`quantize="int8"`), else None."""
     return self.wte_scale[...] if self.cfg.quantize == "int8" else None
 
   def _embed(self, tokens: jax.Array) -> jax.Array:
     """wte rows of `tokens` in float32 (dequantized when wte is int8)."""
     # Out-of-range ids clamp (as indexing does) rather than give NaN (jnp.take's default fill).
     x = take_rows(self.wte[...], tokens)
-    scale = self._wte_scale()
+    scale = self.tied_scale()
     if scale is None:
       return x
     return x.astype(jnp.float32) * jnp.take(scale, tokens, axis=0, mode="clip")[..., None]
 
-  def attention_probs(self, tokens: jax.Array, positions: jax.Array | None = None,
-                      mask: jax.Array | None = None) -> jax.Array:
-    """Every layer's attention probabilities, float32 [L, B, H, T, T] (query x key), for
-    inspection: gpt.attention.attention's weights from the same forward pass."""
-    _, probs = self._trunk(tokens, positions, mask, None, None, return_probs=True)
-    return probs
-
-  def _output(self, x, logits_at):
-    if logits_at is None:
-      return self.ln_f(x)
-    if isinstance(logits_at, str):
-      if logits_at == "last":
-        x = x[:, -1:]
-      elif logits_at != "all":
-        raise ValueError(f"logits_at={logits_at!r}: use 'all', 'last', None or an index array")
-      return self.logits(self.ln_f(x))
-    return self.logits(self.ln_f(x.reshape(-1, x.shape[-1])[logits_at]))
-
-  def _trunk(self, tokens, positions, mask, cache, rng, return_probs=False):
-    """Embeddings and blocks: (x [B, T, D], updated cache, or the probabilities if asked)."""
+  def trunk(self, tokens, positions, mask, cache, rng, return_probs=False):
+    """Embeddings and blocks, the pass every output starts from (gpt.heads): (x [B, T, D] before
+    ln_f, the updated cache), or (x, every layer's attention probabilities) with return_probs."""
     cfg = self.cfg
     B, T = tokens.shape
     if positions is None:

@@ -19,7 +19,7 @@ import threading
 import numpy as np
 import pytest
 
-from gpt import attention_page, attention_view
+from gpt import attention_page, attention_view, heads
 from gpt.config import base_config
 from gpt.errors import GPTError
 from gpt.tokenizer import get_tokenizer
@@ -111,7 +111,7 @@ def written(tmp_path_factory):
   attention_view.run(config, str(workdir))
   loaded = load_model(config)
   ids = loaded.tokenizer.encode(PROMPT)
-  probs = np.asarray(loaded.model.attention_probs(np.asarray([ids], np.int32))[:, 0])
+  probs = np.asarray(heads.attention_probs(loaded.model, np.asarray([ids], np.int32))[:, 0])
   return workdir / "attention", probs, ids
 
 

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gpt import heads
 from gpt.decoding import prepare_for_decoding
 from gpt.errors import GPTError
 from gpt.model import (GPTConfig, KVCache, abstract_model, attention_inputs, count_params, init_model,
@@ -133,7 +134,7 @@ def test_bad_model_options_are_one_clear_error(bad, message):
 
 def test_attention_probs_are_causal_distributions_consistent_with_the_forward():
   model = init_model(TINY, seed=7)
-  probs = np.asarray(jax.jit(lambda m, t: m.attention_probs(t))(model, TOKENS))
+  probs = np.asarray(jax.jit(lambda m, t: heads.attention_probs(m, t))(model, TOKENS))
   assert probs.shape == (3, 2, 4, 12, 12)
   np.testing.assert_allclose(probs.sum(-1), 1.0, atol=1e-5)
   assert np.all(np.triu(probs, k=1) == 0)
@@ -172,7 +173,7 @@ def old_attention_probs(model, tokens):
 
 def test_attention_probs_flag_equals_the_old_separate_attention():
   model = init_model(TINY, seed=7)
-  new = jax.jit(lambda m, t: m.attention_probs(t))(model, TOKENS)
+  new = jax.jit(lambda m, t: heads.attention_probs(m, t))(model, TOKENS)
   np.testing.assert_allclose(new, jax.jit(old_attention_probs)(model, TOKENS), atol=1e-6)
 
 
@@ -187,7 +188,7 @@ def test_logits_at_positions_and_hidden_states_are_slices_of_the_full_forward():
                              atol=1e-5)
   hidden = jax.jit(lambda m, t: m(t, logits_at=None))(model, TOKENS)
   assert hidden.shape == (2, 12, 32)
-  np.testing.assert_allclose(jax.jit(lambda m, h: m.logits(h, at=at))(model, hidden),
+  np.testing.assert_allclose(jax.jit(lambda m, h: heads.logits(m, h, at=at))(model, hidden),
                              full.reshape(-1, full.shape[-1])[np.asarray(at)], atol=1e-5)
 
 

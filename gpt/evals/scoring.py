@@ -25,6 +25,7 @@ import numpy as np
 from flax import nnx
 from tqdm import tqdm
 
+from gpt import heads
 from gpt.evals.base import ContinuationScore, TokenRequest
 from gpt.evals.buckets import bucket, plan_lengths
 from gpt.model import GPT
@@ -101,7 +102,7 @@ def _trunk(graphdef, state, tokens, positions, segments):
 def _head(graphdef, state, hidden, sources, targets):
   """log P(target) [K] and whether each target is the argmax [K], from the states at `sources`
   (the model's own output head, applied only there)."""
-  logits = nnx.merge(graphdef, state).logits(hidden, at=sources)
+  logits = heads.logits(nnx.merge(graphdef, state), hidden, at=sources)
   picked = jnp.take_along_axis(logits, targets[:, None], axis=-1)[:, 0]
   return picked - jax.nn.logsumexp(logits, axis=-1), jnp.argmax(logits, axis=-1) == targets
 
