@@ -3,6 +3,16 @@
   python experiments/bench_gemv.py                         # 117M's matrices, f32/bf16/int8, rows 1 and 8
   python experiments/bench_gemv.py --model=1542M --rows=1 --repeats=9
   python experiments/bench_gemv.py --dtypes=int8,int8a8    # int8 weights; + int8 activations (VNNI)
+  python experiments/bench_gemv.py --per_call --rows=1      # each matrix shape alone: one call's time
+
+With --per_call, each of the decoder's matrix shapes is timed alone: a chain of distinct copies of
+it (about --per_call_mb of weights, so that they stream from memory, not the 48 MB cache) gives one
+call's time, set beside the bound bytes / bandwidth (the bandwidth of an XLA sum over a float32
+array of the same bytes, timed in the same rounds) and beside one call of a [128, K] matrix that
+sits in L2 (two blocks: what a call costs apart from streaming its weights, thread hand-off included,
+and the chain's one small XLA fusion per call, x + 1e-3 * y[:, :1], which measured 6-20 us of it on
+its own: the FFI call alone costs ~1 us), each also with GPT_GEMV_THREADS=1 (no helper thread: the
+hand-off's cost and the second core's gain).
 
 One call multiplies `--rows` activation rows by every weight matrix of one decode step of the
 model's shape (c_attn, attn c_proj, c_fc, mlp c_proj per layer, then the tied output layer
@@ -16,6 +26,7 @@ load hits both alike; the table gives the median (best in brackets).
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -71,17 +82,106 @@ def step_fn(d: int, matmul):
   return jax.jit(run)
 
 
+def chain_fn(matmul, scales: bool):
+  """Every copy in turn, each call depending on the last through one element of its output (so
+  the calls run one after another, as in a decode step), x [rows, K] kept."""
+
+  def run(mats, x):
+    for w, s in mats:
+      y = matmul(x, w, scale=s if scales else None)
+      x = x + 1e-3 * y[:, :1].astype(x.dtype)
+    return x
+
+  return jax.jit(run)
+
+
+def one_thread(f):
+  """f() with gemv.cc's calls held to the calling thread (GPT_GEMV_THREADS=1, read at each call)."""
+  os.environ["GPT_GEMV_THREADS"] = "1"
+  try:
+    return f().block_until_ready()
+  finally:
+    del os.environ["GPT_GEMV_THREADS"]
+
+
+def per_call(args, n_layer: int, d: int, vocab: int) -> None:
+  """One call per matrix shape, against the bytes/bandwidth bound and a call that streams nothing."""
+  shapes = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d), (vocab, d)]
+  results = []
+  rng = np.random.default_rng(0)
+  for name in args.dtypes.split(","):
+    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8, "int8a8": jnp.int8}[name]
+    a8 = name == "int8a8"
+    mm = partial(gemv.matmul, int8_activations=a8)
+    for rows in map(int, args.rows.split(",")):
+      for N, K in shapes:
+        size = N * K * jnp.dtype(dtype).itemsize
+        copies = max(2, math.ceil(args.per_call_mb * 1e6 / size))
+        def make(n):
+          if dtype == jnp.int8:
+            return (jnp.asarray(rng.integers(-127, 128, (n, K), dtype=np.int8)),
+                    jnp.asarray(rng.uniform(1e-4, 2e-4, n), jnp.float32))
+          return jnp.asarray(rng.standard_normal((n, K), np.float32) * 0.02, dtype), None
+        mats = [make(N) for _ in range(copies)]
+        tiny = [make(128)] * copies  # the same small matrix: in cache after the first call
+        x = jnp.asarray(rng.standard_normal((rows, K)), jnp.float32)
+        flat = jnp.ones(size * copies // 4, jnp.float32)
+        total = jax.jit(jnp.sum)
+        run = chain_fn(mm, dtype == jnp.int8)
+        fns = {"kernel": lambda: run(mats, x), "1 thread": lambda: one_thread(lambda: run(mats, x)),
+               "tiny": lambda: run(tiny, x), "tiny, 1 thread": lambda: one_thread(lambda: run(tiny, x)),
+               "read": lambda: total(flat)}
+        for f in fns.values():
+          f().block_until_ready()  # compile
+        times = {k: [] for k in fns}
+        for r in range(args.repeats):
+          for k in (fns if r % 2 == 0 else list(fns)[::-1]):
+            start = time.perf_counter()
+            fns[k]().block_until_ready()
+            times[k].append(time.perf_counter() - start)
+        results.append((name, rows, N, K, size, copies, times))
+        print(f"done: {name} rows {rows} {N}x{K} ({copies} copies)", file=sys.stderr, flush=True)
+        del mats, flat
+  print(f"\nOne call per matrix shape, {n_layer}-layer model's shapes; {_machine()}; median of "
+        f"{args.repeats} (best), calls chained over distinct copies of ~{args.per_call_mb:.0f} MB.\n")
+  print("| weights | rows | N x K | MB | copies | call us | GB/s | bound us (read GB/s) | call / bound | "
+        "1-thread call us | 2 threads / 1 | [128, K] call us | [128, K] 1 thread us |")
+  print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+  for name, rows, N, K, size, copies, times in results:
+    med = {k: statistics.median(v) / copies for k, v in times.items()}
+    best = {k: min(v) / copies for k, v in times.items()}
+    print(f"| {name} | {rows} | {N}x{K} | {size / 1e6:.2f} | {copies} | {1e6 * med['kernel']:.0f} "
+          f"({1e6 * best['kernel']:.0f}) | {size / med['kernel'] / 1e9:.1f} | {1e6 * med['read']:.0f} "
+          f"({size / med['read'] / 1e9:.1f}) | {med['kernel'] / med['read']:.2f} "
+          f"({best['kernel'] / best['read']:.2f}) | {1e6 * med['1 thread']:.0f} | "
+          f"{med['kernel'] / med['1 thread']:.2f} | {1e6 * med['tiny']:.1f} ({1e6 * best['tiny']:.1f}) | "
+          f"{1e6 * med['tiny, 1 thread']:.1f} ({1e6 * best['tiny, 1 thread']:.1f}) |")
+
+
+def _machine() -> str:
+  cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+              if l.startswith("model name")), platform.processor())
+  bf16 = "avx512_bf16" in Path("/proc/cpuinfo").read_text()
+  return (f"{cpu}, {os.cpu_count()} CPUs, AVX512-BF16: {'yes' if bf16 else 'no'}, jax {jax.__version__}, "
+          f"load average {' '.join(f'{v:.1f}' for v in os.getloadavg())}")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--model", default="117M")
   parser.add_argument("--dtypes", default="float32,bfloat16,int8")
   parser.add_argument("--rows", default="1,8")
   parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--per_call", action="store_true", help="time each matrix shape alone")
+  parser.add_argument("--per_call_mb", type=float, default=128.0, help="weights per chain (--per_call)")
   args = parser.parse_args()
   n_layer, d, _ = MODEL_SIZES[canonical_model_name(args.model)]
   vocab = 50257
   if not gemv.available():
     raise SystemExit("error: gpt.kernels.gemv did not build (see the warning above)")
+  if args.per_call:
+    per_call(args, n_layer, d, vocab)
+    return
   rows_out = []
   for name in args.dtypes.split(","):
     dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8, "int8a8": jnp.int8}[name]

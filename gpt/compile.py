@@ -85,6 +85,31 @@ def parse_oom(message: str) -> dict:
   return out
 
 
+@contextlib.contextmanager
+def persistent_cache_off():
+  """JAX's persistent compilation cache off inside the block (for compiles for a TPU slice).
+
+  Why: a program compiled for a slice's compile-only devices can be written to the cache but never
+  read back (that client cannot deserialize an executable), so with a cache folder set (the test
+  suite's, or JAX_COMPILATION_CACHE_DIR) every later run warned "Error reading persistent
+  compilation cache entry" and compiled again, and the dead entries pushed CPU programs out of a
+  size-bounded cache. After the block the cache applies again (JAX decides once per process
+  whether it is in use, so it is reset on the way in and out; nothing is deleted from its folder).
+  """
+  from jax.experimental.compilation_cache import compilation_cache
+
+  if not (jax.config.jax_enable_compilation_cache and jax.config.jax_compilation_cache_dir):
+    yield
+    return
+  compilation_cache.reset_cache()
+  jax.config.update("jax_enable_compilation_cache", False)
+  try:
+    yield
+  finally:
+    jax.config.update("jax_enable_compilation_cache", True)
+    compilation_cache.reset_cache()
+
+
 @dataclasses.dataclass
 class Setting:
   """One way to run the same model and global batch on a slice (what the search varies)."""
@@ -215,12 +240,14 @@ class Planner:
     return estimate(row)
 
   def _compile_into(self, row: dict, lowered: Any, fast: bool) -> None:
-    """Compiles `lowered` (at XLA's least effort if `fast`) and writes the figures into `row`."""
+    """Compiles `lowered` (at XLA's least effort if `fast`) and writes the figures into `row`.
+    A slice's programs skip the persistent compilation cache (see `persistent_cache_off`)."""
     options = {"exec_time_optimization_effort": -1.0} if fast else None
     row["effort"] = "fast" if fast else "full"
     start = time.perf_counter()
     try:
-      compiled = lowered.compile(compiler_options=options)
+      with persistent_cache_off() if self.topology != "local" else contextlib.nullcontext():
+        compiled = lowered.compile(compiler_options=options)
     except Exception as e:  # noqa: BLE001 - XLA raises JaxRuntimeError; only OOM is an answer
       if "RESOURCE_EXHAUSTED" not in str(e):
         raise GPTError(f"compiling the {row['program']} step for {self.topology} failed: "

@@ -9,6 +9,12 @@ already logged (S is 0 when that one died before its first checkpoint). So that 
 an uninterrupted run's, `metrics.jsonl` is rewritten without the rows past S (and without a line
 cut short by the kill), and the TensorBoard writer starts with `purge_step=S+1`: TensorBoard (and
 experiments/tb_events.py) then discards the older events from step S+1 on.
+
+TensorBoard's events are written synchronously (`EventFile`), not through tensorboardX's
+SummaryWriter: that one hands events to a writer thread through a queue, and its flush() flushes
+the file without waiting for the queue, so at a kill -9 TensorBoard could trail metrics.jsonl by
+the events still queued. Here an event is in the file (flushed to the OS, as metrics.jsonl's
+rows are) when `scalars` returns.
 """
 
 from __future__ import annotations
@@ -74,6 +80,47 @@ class Throughput:
     return {"tokens_per_sec": tokens_per_sec, "mfu": tokens_per_sec * self.flops_per_token / self.peak}
 
 
+class EventFile:
+  """One TensorBoard event file in `logdir`, written in the caller's thread (tensorboardX's
+  EventsWriter and its protobufs, without SummaryWriter's queue and thread).
+
+  `purge_step` starts the file as SummaryWriter(purge_step=...) does: with a SessionLog START
+  event at that step, so readers discard events logged earlier at that step or later."""
+
+  def __init__(self, logdir: str | Path, purge_step: int | None = None):
+    from tensorboardX.event_file_writer import EventsWriter
+    from tensorboardX.proto.event_pb2 import Event, SessionLog
+
+    Path(logdir).mkdir(parents=True, exist_ok=True)
+    self._events = EventsWriter(str(Path(logdir) / "events"))  # writes the file_version event
+    if purge_step is not None:
+      self._events.write_event(Event(step=purge_step, file_version="brain.Event:2"))
+      self._events.write_event(Event(step=purge_step, session_log=SessionLog(status=SessionLog.START)))
+    self.flush()
+
+  def add_scalar(self, tag: str, value: float, step: int) -> None:
+    from tensorboardX.summary import scalar
+
+    self._add(scalar(tag, value), step)
+
+  def add_text(self, tag: str, text: str, step: int) -> None:
+    from tensorboardX.summary import text as text_summary
+
+    self._add(text_summary(tag, text), step)
+
+  def _add(self, summary: Any, step: int) -> None:
+    from tensorboardX.proto.event_pb2 import Event
+
+    self._events.write_event(Event(wall_time=time.time(), step=int(step), summary=summary))
+
+  def flush(self) -> None:
+    """Hands everything written so far to the OS: it survives a kill -9 of this process."""
+    self._events.flush()
+
+  def close(self) -> None:
+    self._events.close()
+
+
 class TrainLog:
   """Writes scalars to the log, TensorBoard and metrics.jsonl (process 0 only)."""
 
@@ -84,14 +131,12 @@ class TrainLog:
     self.workdir = Path(workdir)
     self.writer = None
     if enabled:
-      from tensorboardX import SummaryWriter
-
       path = self.workdir / "metrics.jsonl"
       purge = None
       if start_step is not None:
         drop_rows_after(path, start_step)
         purge = start_step + 1
-      self.writer = SummaryWriter(str(self.workdir / "tensorboard"), purge_step=purge)
+      self.writer = EventFile(self.workdir / "tensorboard", purge_step=purge)
       self.jsonl = open(path, "a", encoding="utf-8")
 
   def scalars(self, step: int, values: dict[str, float], prefix: str) -> None:
@@ -109,6 +154,7 @@ class TrainLog:
   def text(self, step: int, tag: str, text: str) -> None:
     if self.enabled:
       self.writer.add_text(tag, text, step)
+      self.writer.flush()
 
   def close(self) -> None:
     if self.enabled:

@@ -358,3 +358,43 @@ def test_sweep_check_fit_reports_points_that_do_not_fit_before_launching(tmp_pat
   assert "batch_size=32768: DOES NOT FIT on v5e:2x2" in proc.stdout
   assert "1 point(s) do not fit on v5e:2x2: batch_size=32768; nothing was launched" in proc.stdout
   assert not marker.exists()
+
+
+@pytest.fixture
+def own_compile_cache(tmp_path):
+  """JAX's persistent compilation cache in an empty folder of this test, every program cached;
+  the session's cache settings come back afterwards."""
+  from jax.experimental.compilation_cache import compilation_cache
+
+  names = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
+           "jax_persistent_cache_min_compile_time_secs", "jax_persistent_cache_min_entry_size_bytes")
+  saved = {name: getattr(jax.config, name) for name in names}
+  folder = tmp_path / "cache"
+  compilation_cache.reset_cache()
+  for name, value in zip(names, (True, str(folder), 0, -1)):
+    jax.config.update(name, value)
+  try:
+    yield folder
+  finally:
+    for name, value in saved.items():
+      jax.config.update(name, value)
+    compilation_cache.reset_cache()
+
+
+def test_tpu_programs_stay_out_of_the_persistent_cache_and_cpu_programs_go_in(own_compile_cache):
+  """A slice's program could be written to the cache but not read back (the compile-only client
+  cannot deserialize it): the next run warned "Error reading persistent compilation cache entry"
+  and compiled again. Compile mode compiles for a slice with the cache off, so the folder gets no
+  TPU program (nothing to fail to read), while a CPU program compiled afterwards is still cached."""
+  import re
+
+  require_libtpu()
+  c = tiny_config()
+  c.mesh.topology, c.model.n_layer = "v5e:2x2", 1
+  planner = aot.Planner(c, chips.devices_for("v5e:2x2"), "v5e:2x2")
+  assert planner.compile(planner.configured(), ("train",))[0]["fits"]
+  train_step = re.match(r"module @(\S+)", planner.lower(planner.configured(), ["train"])[0].lowered.as_text())
+  entries = lambda: [p.name for p in own_compile_cache.iterdir()] if own_compile_cache.exists() else []
+  assert not [name for name in entries() if name.startswith(f"{train_step[1]}-")]
+  jax.jit(lambda a: a * 3 + 1)(np.arange(5.0)).block_until_ready()  # a new program, so compiled
+  assert [name for name in entries() if name.startswith("jit__lambda-")]

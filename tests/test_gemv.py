@@ -105,3 +105,20 @@ def test_int8_activations_leave_float_weights_alone():
   w = jnp.asarray(np.random.default_rng(0).standard_normal((8, 16)), jnp.float32)
   x = jnp.asarray(np.random.default_rng(1).standard_normal((2, 16)), jnp.float32)
   np.testing.assert_allclose(gemv.matmul(x, w, int8_activations=True), gemv.matmul(x, w), rtol=0)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_thread_cap_gives_the_same_product(monkeypatch, dtype):
+  # GPT_GEMV_THREADS=1 (read at each call) keeps every block on the calling thread: the same
+  # numbers as the default split over XLA's pool, for a matrix of many blocks and a ragged end.
+  rng = np.random.default_rng(7)
+  w = rng.standard_normal((1000, 96)).astype(np.float32)
+  x = jnp.asarray(rng.standard_normal((2, 96)), jnp.float32)
+  w, scale = quantized(w) if dtype == "int8" else (jnp.asarray(w), None)
+  assert gemv.uses_kernel(2, w)
+  run = jax.jit(lambda x, w, s: gemv.matmul(x, w, scale=s))
+  default = np.asarray(run(x, w, scale))
+  monkeypatch.setenv("GPT_GEMV_THREADS", "1")
+  np.testing.assert_array_equal(np.asarray(run(x + 0.0, w, scale)), default)
+  np.testing.assert_allclose(default, gemv.reference(x, w, scale=scale), rtol=1e-5,
+                             atol=1e-5 * float(np.abs(default).max()))

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from gpt import train
-from gpt.train_log import drop_rows_after
+from gpt.train_log import TrainLog, drop_rows_after
 
 from train_utils import compile_cache, read_metrics, subprocess_env, tiny_config, train_command
 from experiments.tb_events import read_scalars
@@ -28,6 +28,37 @@ def test_drop_rows_after_keeps_earlier_rows_and_drops_a_cut_line(tmp_path):
   assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [1, 1, 2, 2]
   assert drop_rows_after(path, 2) == 0
   assert drop_rows_after(tmp_path / "absent.jsonl", 2) == 0
+
+
+def test_tensorboard_holds_each_step_once_scalars_returns(tmp_path):
+  """Events are written in the caller's thread: when `scalars` returns, the event file holds the
+  step as metrics.jsonl does (a kill -9 then loses it from neither), before any close."""
+  log = TrainLog(tmp_path, start_step=0)
+  try:
+    for step in range(1, 21):
+      log.scalars(step, {"loss": 1.0 / step}, "train")
+      assert max(read_metrics(tmp_path)) == step
+      assert read_scalars(tmp_path / "tensorboard")["train/loss"][-1] == (step, pytest.approx(1.0 / step))
+  finally:
+    log.close()
+
+
+def test_tensorboard_of_a_resumed_log_drops_the_steps_after_its_start(tmp_path):
+  """A TrainLog started at step 2 over a workdir that logged 1..5: TensorBoard shows 1, 2 and then
+  only what the new log writes, as metrics.jsonl does."""
+  first = TrainLog(tmp_path, start_step=0)
+  for step in range(1, 6):
+    first.scalars(step, {"loss": float(step)}, "train")
+  first.close()
+  time.sleep(1.1)  # event file names carry the creation time in seconds: the resumed one sorts later
+  resumed = TrainLog(tmp_path, start_step=2)
+  try:
+    assert [s for s, _ in read_scalars(tmp_path / "tensorboard")["train/loss"]] == [1, 2]
+    resumed.scalars(3, {"loss": 30.0}, "train")
+    assert read_scalars(tmp_path / "tensorboard")["train/loss"] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+    assert sorted(read_metrics(tmp_path)) == [1, 2, 3]
+  finally:
+    resumed.close()
 
 
 @pytest.mark.slow
@@ -54,11 +85,7 @@ def test_resumed_run_logs_each_step_once(tmp_path):
   logged = max(read_metrics(workdir))
   assert logged > last_ckpt + 1, (logged, last_ckpt)
   tb_before = read_scalars(workdir / "tensorboard")["train/loss"]
-  # tensorboardX's flush() does not drain its writer thread's queue, so at a kill -9 TensorBoard
-  # may trail metrics.jsonl by the last event; what matters is that it holds steps past the
-  # checkpoint, which the resume below must drop.
-  assert logged - 1 <= max(s for s, _ in tb_before) <= logged
-  assert max(s for s, _ in tb_before) > last_ckpt + 1, (tb_before, last_ckpt)
+  assert max(s for s, _ in tb_before) == logged
 
   config = tiny_config(tmp_path, **dict(overrides, steps=last_ckpt + 1))
   train.run(config, str(workdir))

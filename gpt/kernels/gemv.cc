@@ -14,6 +14,7 @@
 #include <cmath>
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <thread>
@@ -281,6 +282,15 @@ struct Work {
   int64_t blocks = 0;
 };
 
+// GPT_GEMV_THREADS caps the threads one call uses (default: all of XLA's pool). Read at every call
+// (a getenv, ~0.1 us against calls of 20 us and more), so that experiments/bench_gemv.py can
+// interleave a single-thread column with the default one and separate the hand-off from the loops.
+int64_t MaxThreads() {
+  const char* v = std::getenv("GPT_GEMV_THREADS");
+  const int64_t n = v ? std::atoll(v) : 0;
+  return n > 0 ? n : int64_t{1} << 30;
+}
+
 template <typename Fn>
 void RunBlocks(ffi::ThreadPool& pool, int64_t blocks, Fn fn) {
   auto work = std::make_shared<Work>();
@@ -291,7 +301,7 @@ void RunBlocks(ffi::ThreadPool& pool, int64_t blocks, Fn fn) {
       work->done.fetch_add(1, std::memory_order_release);
     }
   };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), blocks) - 1;
+  const int64_t helpers = std::min<int64_t>({pool.num_threads(), blocks, MaxThreads()}) - 1;
   for (int64_t t = 0; t < helpers; ++t) {
     auto task = drain;  // Schedule takes its task by value (an rvalue)
     pool.Schedule(std::move(task));
@@ -300,16 +310,32 @@ void RunBlocks(ffi::ThreadPool& pool, int64_t blocks, Fn fn) {
   while (work->done.load(std::memory_order_acquire) < blocks) std::this_thread::yield();
 }
 
-template <typename W>
-ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
-                ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
+// The shapes of one call, checked: x [B, K], w [N, K], and the per-output scales (nullptr when
+// `scale` is not [N]: an unscaled product).
+struct Shape {
+  int64_t B = 0, K = 0, N = 0;
+  const float* scale = nullptr;
+};
+
+template <typename WBuffer>
+ffi::Error CheckShapes(const ffi::Buffer<ffi::F32>& x, const WBuffer& w, const ffi::Buffer<ffi::F32>& scale,
+                       Shape* s) {
   auto xd = x.dimensions();
   auto wd = w.dimensions();
   if (xd.size() != 2 || wd.size() != 2) return ffi::Error::InvalidArgument("gemv: x and w must be 2-D");
-  const int64_t B = xd[0], K = xd[1], N = wd[0];
-  if (wd[1] != K) return ffi::Error::InvalidArgument("gemv: w must be [N, K] for x [B, K]");
-  const bool scaled = scale.element_count() == static_cast<size_t>(N);
-  const float* s = scaled ? scale.typed_data() : nullptr;
+  *s = Shape{xd[0], xd[1], wd[0], nullptr};
+  if (wd[1] != s->K) return ffi::Error::InvalidArgument("gemv: w must be [N, K] for x [B, K]");
+  if (scale.element_count() == static_cast<size_t>(s->N)) s->scale = scale.typed_data();
+  return ffi::Error::Success();
+}
+
+template <typename W>
+ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
+                ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
+  Shape shape;
+  if (ffi::Error e = CheckShapes(x, w, scale, &shape); e.failure()) return e;
+  const int64_t B = shape.B, K = shape.K, N = shape.N;  // named: a lambda cannot capture a structured binding in C++17
+  const float* s = shape.scale;
   const float* xp = x.typed_data();
   const W* wp = static_cast<const W*>(w.untyped_data());
   float* yp = y->typed_data();
@@ -321,13 +347,10 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
 
 ffi::Error GemvInt8Activations(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
                                ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions();
-  auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2) return ffi::Error::InvalidArgument("gemv: x and w must be 2-D");
-  const int64_t B = xd[0], K = xd[1], N = wd[0];
-  if (wd[1] != K) return ffi::Error::InvalidArgument("gemv: w must be [N, K] for x [B, K]");
-  const bool scaled = scale.element_count() == static_cast<size_t>(N);
-  const float* s = scaled ? scale.typed_data() : nullptr;
+  Shape shape;
+  if (ffi::Error e = CheckShapes(x, w, scale, &shape); e.failure()) return e;
+  const int64_t B = shape.B, K = shape.K, N = shape.N;
+  const float* s = shape.scale;
   // Quantized once per call (B * K bytes), shared by every block.
   const int64_t k_pad = (K + kVnniLanes - 1) / kVnniLanes * kVnniLanes;
   auto u = std::make_shared<std::vector<uint8_t>>(B * k_pad);

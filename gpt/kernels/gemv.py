@@ -11,6 +11,9 @@ C++ compiler the first time it is needed (about 10 s) and cached under GPT_KERNE
 ~/.cache/gpt/kernels), keyed by the source, the flags, jaxlib's version and this CPU's model and
 flags (it is built with -march=native). Without a compiler, on a GPU/TPU, for more rows, or with
 GPT_GEMV=0, `matmul` is `reference`: XLA's own einsum, same results to float32 rounding.
+GPT_GEMV_THREADS=n (read by the library at each call) caps the threads one call splits its rows
+over (default: all of XLA's intra-op pool); experiments/bench_gemv.py --per_call uses 1 to time the
+loops apart from the hand-off to the second core.
 """
 
 from __future__ import annotations
