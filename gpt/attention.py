@@ -77,7 +77,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
   scores = jnp.where(mask, scores.reshape(B, H, T, S) / math.sqrt(K), MASK_VALUE)
   probs = jax.nn.softmax(scores, axis=-1)
   kept = apply_dropout(probs, dropout, rng) if dropping else probs
-  y = jnp.einsum("nts,nsk->ntk", kept.astype(v.dtype).reshape(N, T, S), v.reshape(N, S, K),
+  # Probabilities in the compute dtype (q's): a float32 cache of bf16 values (gpt.decoding's on
+  # XLA:CPU) then multiplies the same numbers as a bf16 cache would, in a float32 dot.
+  y = jnp.einsum("nts,nsk->ntk", kept.astype(q.dtype).reshape(N, T, S), v.reshape(N, S, K),
                  preferred_element_type=jnp.float32)
   y = y.astype(q.dtype).reshape(B, H, T, K)
   return (y, probs) if return_probs else y

@@ -79,11 +79,28 @@ def decoding_functions(cfg: GPTConfig):
 
   `logits_fn(params, tokens, cache, token_mask)` returns the last column's logits [B, 1, V] and
   the updated KVCache, where `params` is `nnx.state(prepare_for_decoding(model))` (passed as a
-  jit argument, never baked in). `init_cache(batch, length)` is `KVCache.init(cfg, batch, length)`.
+  jit argument, never baked in). `init_cache(batch, length)` is `KVCache.init(cfg, batch, length)`
+  in `cache_dtype(cfg)`.
   """
   graphdef, _ = _decoding_layout(cfg)
 
   def logits_fn(params, tokens, cache, token_mask):
     return nnx.merge(graphdef, params).decode(tokens, cache, token_mask, logits_at="last")
 
-  return logits_fn, lambda batch, length: KVCache.init(cfg, batch, length)
+  dtype = cache_dtype(cfg)
+  return logits_fn, lambda batch, length: KVCache.init(cfg, batch, length, dtype)
+
+
+def cache_dtype(cfg: GPTConfig):
+  """The decoding KV cache's dtype: the compute dtype, except float32 for bfloat16 where decoding
+  runs this CPU's layout (`decodes_by_row`).
+
+  XLA:CPU has no bf16 batched dot: over a bf16 cache, every step of every layer converted the whole
+  cache to float32 for the attention and wrote a second, new bf16 cache instead of updating it in
+  place (a quarter of a bf16 batch-8 step: BENCHMARKS.md, "decoding outside the matmuls"). A float32
+  cache holds the same bf16-rounded keys and values (the model writes `k.astype(cache dtype)` of
+  bf16 k), is updated in place and feeds a float32 dot directly; it takes twice the memory.
+  """
+  if cfg.compute_dtype == jnp.bfloat16 and decodes_by_row(cfg):
+    return jnp.float32
+  return cfg.compute_dtype

@@ -235,6 +235,20 @@ def layer_norm(x: jax.Array, g: jax.Array, b: jax.Array) -> jax.Array:
   return (y * g.astype(jnp.float32) + b.astype(jnp.float32)).astype(x.dtype)
 
 
+def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
+  """`jnp.take(table, ids, axis=0, mode="clip")`: rows of an embedding table.
+
+  XLA:CPU gathers bfloat16 through a float32 convert of the table; inside the decode loop its
+  loop-invariant code motion hoists that convert out as a float32 copy of the whole table (wte:
+  154 MB written per decode call: BENCHMARKS.md, "decoding outside the matmuls"). Passing the table
+  through one optimization barrier with the (loop-varying) ids keeps the convert inside, fused
+  into the gather: only the rows taken are converted. Same values and derivative as jnp.take.
+  """
+  if table.dtype == jnp.bfloat16:
+    table, ids = jax.lax.optimization_barrier((table, ids))
+  return jnp.take(table, ids, axis=0, mode="clip")
+
+
 def dense(x: jax.Array, w: jax.Array, b: jax.Array, *, scale: jax.Array | None = None,
           by_row: bool = False, int8_activations: bool = False, impl: str = "xla") -> jax.Array:
   """x @ w + b accumulated in float32, returned in x's dtype. w is [n_in, n_out] in x's dtype
@@ -448,7 +462,7 @@ class GPT(nnx.Module):
   def _embed(self, tokens: jax.Array) -> jax.Array:
     """wte rows of `tokens` in float32 (dequantized when wte is int8)."""
     # Out-of-range ids clamp (as indexing does) rather than give NaN (jnp.take's default fill).
-    x = jnp.take(self.wte[...], tokens, axis=0, mode="clip")
+    x = take_rows(self.wte[...], tokens)
     scale = self.tied_scale()
     if scale is None:
       return x
@@ -461,7 +475,7 @@ class GPT(nnx.Module):
     B, T = tokens.shape
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(T), (B, T))
-    x = self._embed(tokens) + jnp.take(self.wpe[...], positions, axis=0, mode="clip")
+    x = self._embed(tokens) + take_rows(self.wpe[...], positions)
     rng_embd, rng_layers = (None, None) if rng is None else jax.random.split(rng)
     x = apply_dropout(x.astype(cfg.compute_dtype), cfg.embd_pdrop, rng_embd)
     layer_rngs = None if rng_layers is None else jax.random.split(rng_layers, cfg.n_layer)

@@ -238,3 +238,24 @@ def test_prepared_decoding_equals_the_full_forward_at_every_step(dtype):
       logits, cache = step(prepared, jnp.asarray(new_tokens[t][:, None]), cache, None)
       stacked, stacked_cache = stacked_step(model, jnp.asarray(new_tokens[t][:, None]), stacked_cache, None)
   assert int(cache.index) == 16 and list(cache.pos) == [13, 16]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_take_rows_equals_take_with_its_gradient(dtype):
+  """gpt.model.take_rows (the embeddings' gather; bf16 through an optimization barrier) gives
+  jnp.take's rows, clipped ids included, and the same gradient, inside and outside a loop."""
+  from gpt.model import take_rows
+
+  table = jax.random.normal(jax.random.key(0), (50, 6)).astype(dtype)
+  ids = jnp.asarray([[3, 0, 49], [7, 60, -2]], jnp.int32)
+  want = jnp.take(table, ids, axis=0, mode="clip")
+  np.testing.assert_array_equal(np.asarray(take_rows(table, ids), np.float32), np.asarray(want, np.float32))
+  looped = jax.jit(lambda t: jax.lax.fori_loop(0, 3, lambda i, acc: acc + take_rows(t, ids + i),
+                                               jnp.zeros(ids.shape + (6,), t.dtype)))
+  want_loop = sum(jnp.take(table, ids + i, axis=0, mode="clip") for i in range(3))
+  np.testing.assert_allclose(np.asarray(looped(table), np.float32), np.asarray(want_loop, np.float32),
+                             rtol=1e-2)
+  loss = lambda f: lambda t: jnp.sum(f(t).astype(jnp.float32) * jnp.arange(6.0))
+  grad = jax.grad(loss(lambda t: take_rows(t, ids)))(table)
+  want_grad = jax.grad(loss(lambda t: jnp.take(t, ids, axis=0, mode="clip")))(table)
+  np.testing.assert_array_equal(np.asarray(grad, np.float32), np.asarray(want_grad, np.float32))

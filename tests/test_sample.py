@@ -351,3 +351,30 @@ def test_sample_mode_runs_until_ctrl_c(repo_dir, openai_fixture):
   assert rc == 0, err
   assert "stopped (Ctrl-C)" in err and "Traceback" not in err
   assert os.linesep == "\n" and out.startswith(HEADER.format(1) + "\n")
+
+
+def test_bfloat16_decode_loop_converts_no_whole_cache_or_table():
+  """On XLA:CPU a bf16 decode keeps a float32 cache of bf16 values (updated in place, fed to the
+  attention's dots as it is) and gathers wte rows without a float32 copy of the whole table: the
+  compiled loop has neither (BENCHMARKS.md, "decoding outside the matmuls")."""
+  import re
+
+  from gpt.decoding import cache_dtype, decodes_by_row
+  from gpt.model import GPTConfig, init_model
+
+  cfg = GPTConfig(n_vocab=1000, n_ctx=64, n_embd=64, n_head=4, n_layer=2, dtype="bfloat16",
+                  param_dtype="bfloat16")
+  if not decodes_by_row(cfg):
+    pytest.skip("no CPU gemv layout here (another backend, GPT_GEMV=0 or no compiler)")
+  assert cache_dtype(cfg) == jnp.float32
+  params = sample.decoding_params(init_model(cfg))
+  decoder = sample.make_decoder(cfg, SamplingOptions(top_k=4), stop_token=0, stop_at_token=False)
+  prompt = np.ones((2, 1), np.int32)
+  state = decoder.start(params, prompt, np.ones_like(prompt, bool), jax.random.key(0),
+                        cache_length=24, max_new=16)
+  assert state.cache.k[0].dtype == jnp.float32 and state.cache.k[0].shape == (8, 24, 16)
+  text = decoder.lower_advance(params, state).compile().as_text()
+  assert not re.search(r"= f32\[1000,64\]\{1,0\} fusion\(", text)  # a float32 copy of wte
+  assert not re.search(r"\[8,24,16\]\{2,1,0\} convert\(", text)  # a converted cache layer
+  out = decoder.advance(params, state, 16).tokens
+  assert out.shape == (2, 16) and int(out.min()) >= 0 and int(out.max()) < 1000
