@@ -9,7 +9,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["gpt", "gpt.*"]),
-    package_data={"gpt": ["assets/gpt2/encoder.json", "assets/gpt2/vocab.bpe"]},
+    package_data={"gpt": ["assets/gpt2/encoder.json", "assets/gpt2/vocab.bpe",
+                          "kernels/*.cc", "kernels/*.h"]},  # kernels build at first use
     install_requires=[
         "jax[cpu]>=0.4.35",
         "flax>=0.11",

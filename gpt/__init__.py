@@ -17,7 +17,8 @@ Each concern has one module; follow the data from the command line:
                            the top of the stack (logits, training loss, attention probabilities);
                            matmul.py the one float32-accumulating matmul; attention.py its attention
                            function and formulations; output_loss.py the tied head's fused training loss;
-                           quantize.py int8 weights; kernels/ the CPU gemv kernel
+                           quantize.py int8 weights; kernels/ the CPU kernels (gemv for decoding,
+                           gemm for training's matmuls, native.py builds them, pool.h threads them)
   data.py                  training data -> seeded, resumable windows
   train.py                 train mode: the loop; train_step.py the jitted steps; optim.py the
                            optimizer; sharding.py the mesh; checkpoint.py orbax checkpoints;

@@ -10,7 +10,7 @@
 // MKL is not linked: GptGemmLoad dlopen()s the libmkl_rt that gemm.py found (the `mkl` wheel from
 // PyPI) and switches it to its sequential threading layer, so that MKL starts no OpenMP pool of its
 // own to fight XLA's for the cores. Instead the output is cut into blocks of rows or columns that
-// run on XLA's own intra-op thread pool (RunBlocks, as in gemv.cc), one sequential sgemm each.
+// run on XLA's own intra-op thread pool (pool.h's RunBlocks, as gemv.cc's), one sequential sgemm each.
 // Without the library the handler is never called: gemm.py keeps XLA's einsum.
 #include <dlfcn.h>
 
@@ -24,6 +24,7 @@
 #include <string>
 #include <thread>
 
+#include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -41,35 +42,6 @@ using IntFn = int (*)(int);
 SgemmFn g_sgemm = nullptr;
 IntFn g_set_num_threads_local = nullptr;  // MKL_Set_Num_Threads_Local (C API; the lowercase
                                           // name is the Fortran one, taking a pointer)
-
-// Blocks are claimed from a shared counter by the calling thread and by helper tasks on XLA's
-// pool (the same scheme as gemv.cc's RunBlocks). The caller waits only for blocks that were
-// claimed, never for a task to start, so a busy pool cannot stall it; a task that starts late
-// finds nothing left and touches no buffer.
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t blocks = 0;
-};
-
-template <typename Fn>
-void RunBlocks(ffi::ThreadPool& pool, int64_t blocks, Fn fn) {
-  auto work = std::make_shared<Work>();
-  work->blocks = blocks;
-  auto drain = [work, fn]() {
-    for (int64_t i; (i = work->next.fetch_add(1)) < work->blocks;) {
-      fn(i);
-      work->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), blocks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) {
-    auto task = drain;  // Schedule takes its task by value (an rvalue)
-    pool.Schedule(std::move(task));
-  }
-  drain();
-  while (work->done.load(std::memory_order_acquire) < blocks) std::this_thread::yield();
-}
 
 // Blocks per thread of XLA's pool (GPT_GEMM_BLOCKS_PER_THREAD, default 1): more blocks balance a
 // loaded machine better, fewer keep each sgemm large (each block packs its own operand panels).
@@ -118,7 +90,7 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::
   blocks = (side + step - 1) / step;
   SgemmFn sgemm = g_sgemm;
   IntFn local = g_set_num_threads_local;
-  RunBlocks(pool, blocks, [=](int64_t i) {
+  gpt_kernels::RunBlocks(pool, blocks, blocks, [=](int64_t i) {
     if (local) local(1);  // sequential even if another library chose MKL's threaded layer first
     const int64_t lo = i * step, n = std::min(side, lo + step) - lo;
     if (by_rows) {  // rows lo.. of C: rows of op(A)

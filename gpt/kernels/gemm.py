@@ -10,7 +10,7 @@ serve the backward pass (custom VJP: dx = dy w^T, dw = x^T dy, each one `gemm` c
 MKL comes from PyPI (`pip install 'gpt[mkl]'`, the `mkl` wheel's libmkl_rt) and is found at run
 time (`find_mkl`; GPT_MKL_LIBRARY names the file explicitly): nothing links against it. The small
 FFI library is compiled from gemm.cc with the system C++ compiler the first time it is needed
-(a few seconds) and cached beside gemv's (gpt.kernels.gemv.cache_dir()), keyed by the source, the
+(a few seconds) and cached beside gemv's (gpt.kernels.native), keyed by the source, the
 flags and jax's version. The model uses the kernel where `model.matmul` resolves to "mkl"
 (`resolve`): "auto" does so for a training program on one CPU device when the library loads
 (measured faster there), and keeps XLA's einsum on GPU/TPU, on multi-device meshes (the custom call
@@ -23,13 +23,9 @@ import ctypes
 import ctypes.util
 import functools
 import glob
-import hashlib
 import math
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
 import threading
 from pathlib import Path
 
@@ -39,7 +35,7 @@ from absl import logging
 from jax.ad_checkpoint import checkpoint_name
 
 from gpt.errors import GPTError
-from gpt.kernels import gemv
+from gpt.kernels import native
 
 MATMULS = ("auto", "xla", "mkl")
 SOURCE = Path(__file__).with_name("gemm.cc")
@@ -68,32 +64,6 @@ def find_mkl() -> str | None:
   return ctypes.util.find_library("mkl_rt")
 
 
-def library_path() -> Path:
-  key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode()
-                       + jax.__version__.encode()).hexdigest()[:16]
-  return gemv.cache_dir() / f"gemm-{key}.so"
-
-
-def build() -> Path:
-  """Compiles gemm.cc (once per key; the file is renamed into place when complete)."""
-  path = library_path()
-  if path.exists():
-    return path
-  compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-  if not compiler:
-    raise RuntimeError("no C++ compiler (g++/c++ or $CXX) on PATH")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
-  os.close(fd)
-  cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp, "-ldl"]
-  done = subprocess.run(cmd, capture_output=True, text=True)
-  if done.returncode != 0:
-    os.unlink(tmp)
-    raise RuntimeError(f"{compiler} failed: {done.stderr.strip().splitlines()[-1:]}")
-  os.replace(tmp, path)
-  return path
-
-
 def available() -> bool:
   """True when MKL was found and the kernel is registered with XLA (building it now if needed)."""
   with _lock:
@@ -103,7 +73,8 @@ def available() -> bool:
         if not mkl:
           raise RuntimeError("MKL's libmkl_rt was not found (pip install 'gpt[mkl]', or set "
                              "GPT_MKL_LIBRARY to its path)")
-        lib = ctypes.cdll.LoadLibrary(str(build()))
+        lib = ctypes.cdll.LoadLibrary(str(native.build(SOURCE, FLAGS, cpu_specific=False,
+                                                              libraries=("-ldl",))))
         error = ctypes.create_string_buffer(512)
         if lib.GptGemmLoad(mkl.encode(), error, len(error)):
           raise RuntimeError(f"cannot load MKL from {mkl}: {error.value.decode(errors='replace')}")

@@ -9,7 +9,7 @@
 // rounding). W is laid out [N, K], one output per row, so that every output is a dot product over
 // contiguous memory: the tied output layer (wte [n_vocab, n_embd]) already is; Conv1D weights
 // ([n_in, n_out]) are transposed once when a model is prepared for decoding. Blocks of rows run on
-// XLA's own intra-op thread pool (no second pool competing for the cores).
+// XLA's own intra-op thread pool (pool.h: no second pool competing for the cores).
 #include <algorithm>
 #include <cmath>
 #include <atomic>
@@ -20,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
 #ifdef __AVX512F__
@@ -273,15 +274,6 @@ void BlockVnni(const uint8_t* u, int64_t k_pad, const float* xs, const int8_t* w
 }
 #endif
 
-// Blocks are claimed from a shared counter by the calling thread and by helper tasks on XLA's
-// pool. The caller waits only for blocks that were claimed, never for a task to start, so a busy
-// pool cannot stall it; a task that starts late finds nothing left and touches no buffer.
-struct Work {
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  int64_t blocks = 0;
-};
-
 // GPT_GEMV_THREADS caps the threads one call uses (default: all of XLA's pool). Read at every call
 // (a getenv, ~0.1 us against calls of 20 us and more), so that experiments/bench_gemv.py can
 // interleave a single-thread column with the default one and separate the hand-off from the loops.
@@ -289,25 +281,6 @@ int64_t MaxThreads() {
   const char* v = std::getenv("GPT_GEMV_THREADS");
   const int64_t n = v ? std::atoll(v) : 0;
   return n > 0 ? n : int64_t{1} << 30;
-}
-
-template <typename Fn>
-void RunBlocks(ffi::ThreadPool& pool, int64_t blocks, Fn fn) {
-  auto work = std::make_shared<Work>();
-  work->blocks = blocks;
-  auto drain = [work, fn]() {
-    for (int64_t i; (i = work->next.fetch_add(1)) < work->blocks;) {
-      fn(i);
-      work->done.fetch_add(1, std::memory_order_release);
-    }
-  };
-  const int64_t helpers = std::min<int64_t>({pool.num_threads(), blocks, MaxThreads()}) - 1;
-  for (int64_t t = 0; t < helpers; ++t) {
-    auto task = drain;  // Schedule takes its task by value (an rvalue)
-    pool.Schedule(std::move(task));
-  }
-  drain();
-  while (work->done.load(std::memory_order_acquire) < blocks) std::this_thread::yield();
 }
 
 // The shapes of one call, checked: x [B, K], w [N, K], and the per-output scales (nullptr when
@@ -339,7 +312,7 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
   const float* xp = x.typed_data();
   const W* wp = static_cast<const W*>(w.untyped_data());
   float* yp = y->typed_data();
-  RunBlocks(pool, (N + kBlock - 1) / kBlock, [=](int64_t i) {
+  gpt_kernels::RunBlocks(pool, (N + kBlock - 1) / kBlock, MaxThreads(), [=](int64_t i) {
     Block<W>(xp, wp, s, yp, B, K, N, i * kBlock, std::min(N, (i + 1) * kBlock));
   });
   return ffi::Error::Success();
@@ -358,7 +331,7 @@ ffi::Error GemvInt8Activations(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   for (int64_t b = 0; b < B; ++b) (*xs)[b] = QuantizeRow(x.typed_data() + b * K, K, u->data() + b * k_pad, k_pad);
   const int8_t* wp = w.typed_data();
   float* yp = y->typed_data();
-  RunBlocks(pool, (N + kBlock - 1) / kBlock, [=](int64_t i) {
+  gpt_kernels::RunBlocks(pool, (N + kBlock - 1) / kBlock, MaxThreads(), [=](int64_t i) {
     BlockVnni(u->data(), k_pad, xs->data(), wp, s, yp, B, K, N, i * kBlock, std::min(N, (i + 1) * kBlock));
   });
   return ffi::Error::Success();

@@ -7,9 +7,8 @@ before multiplying). `matmul` runs gemv.cc's loops instead where they apply: a C
 MAX_ROWS rows, and a library that built. Weights are taken as [N, K] (one output per row, so every
 output is a dot product over contiguous memory): the tied output layer already is, Conv1D weights
 are transposed once by `to_rows`. The library is compiled from gemv.cc with the system
-C++ compiler the first time it is needed (about 10 s) and cached under GPT_KERNEL_CACHE (default
-~/.cache/gpt/kernels), keyed by the source, the flags, jaxlib's version and this CPU's model and
-flags (it is built with -march=native). Without a compiler, on a GPU/TPU, for more rows, or with
+C++ compiler the first time it is needed (about 10 s; gpt.kernels.native) and cached, keyed also
+by this CPU's model and flags (it is built with -march=native). Without a compiler, on a GPU/TPU, for more rows, or with
 GPT_GEMV=0, `matmul` is `reference`: XLA's own einsum, same results to float32 rounding.
 GPT_GEMV_THREADS=n (read by the library at each call) caps the threads one call splits its rows
 over (default: all of XLA's intra-op pool); experiments/bench_gemv.py --per_call uses 1 to time the
@@ -21,19 +20,16 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import ctypes
-import hashlib
 import math
 import os
-import platform
-import shutil
-import subprocess
-import tempfile
 import threading
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 from absl import logging
+
+from gpt.kernels import native
 
 MAX_ROWS = 16  # past a few rows a matrix-matrix kernel (XLA's) reuses each weight better
 SOURCE = Path(__file__).with_name("gemv.cc")
@@ -44,47 +40,6 @@ _loaded: list[bool] = []  # [] = not tried yet; [True] registered; [False] unava
 _vnni: list[bool] = []  # [True] when the library's int8-activation kernel runs on AVX-512 VNNI
 
 
-def cache_dir() -> Path:
-  """Where built kernel libraries are kept."""
-  return Path(os.environ.get("GPT_KERNEL_CACHE") or Path.home() / ".cache" / "gpt" / "kernels")
-
-
-def _cpu_signature() -> bytes:
-  """The CPU model and flags: a library built with -march=native runs only where they match."""
-  try:
-    lines = Path("/proc/cpuinfo").read_text().splitlines()
-  except OSError:
-    return platform.processor().encode()
-  keep = [l for l in lines if l.startswith(("model name", "flags"))][:2]
-  return "\n".join(keep).encode()
-
-
-def library_path() -> Path:
-  key = hashlib.sha256(SOURCE.read_bytes() + " ".join(FLAGS).encode() + jax.__version__.encode()
-                       + _cpu_signature()).hexdigest()[:16]
-  return cache_dir() / f"gemv-{key}.so"
-
-
-def build() -> Path:
-  """Compiles gemv.cc (once per key; the file is renamed into place when complete)."""
-  path = library_path()
-  if path.exists():
-    return path
-  compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-  if not compiler:
-    raise RuntimeError("no C++ compiler (g++/c++ or $CXX) on PATH")
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".so.tmp")
-  os.close(fd)
-  cmd = [compiler, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
-  done = subprocess.run(cmd, capture_output=True, text=True)
-  if done.returncode != 0:
-    os.unlink(tmp)
-    raise RuntimeError(f"{compiler} failed: {done.stderr.strip().splitlines()[-1:]}")
-  os.replace(tmp, path)
-  return path
-
-
 def available() -> bool:
   """True when the kernels are registered with XLA (building them now if needed)."""
   if os.environ.get("GPT_GEMV", "1") == "0":
@@ -92,7 +47,7 @@ def available() -> bool:
   with _lock:
     if not _loaded:
       try:
-        lib = ctypes.cdll.LoadLibrary(str(build()))
+        lib = ctypes.cdll.LoadLibrary(str(native.build(SOURCE, FLAGS, cpu_specific=True)))
         for suffix in (*_SUFFIX.values(), "S8A8"):
           name = f"GptGemv{suffix}"
           jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
