@@ -352,6 +352,9 @@ def test_sharded_lora_training_equals_one_device(tmp_path):
     config = tiny_config(tmp_path, steps=3, lora_rank=4, lora_targets="c_attn,mlp.c_proj",
                          learning_rate=1e-2)
     config.mesh.update(data=mesh[0], fsdp=mesh[1], tensor=mesh[2])
+    # The mesh is what is compared: both runs keep XLA's dots (one device alone would take MKL's
+    # GEMM, model.matmul=auto, which sums in another order; tests/test_gemm.py compares those).
+    config.model.matmul = "xla"
     workdir = tmp_path / f"run_{'_'.join(map(str, mesh))}"
     train.run(config, str(workdir))
     cfg = lora.with_adapters(GPTConfig.from_config(config.model), lora.settings(config.train))
