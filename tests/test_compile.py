@@ -381,6 +381,7 @@ def own_compile_cache(tmp_path):
     compilation_cache.reset_cache()
 
 
+@pytest.mark.slow  # compiles for a TPU slice (libtpu), as every test of this section
 def test_tpu_programs_stay_out_of_the_persistent_cache_and_cpu_programs_go_in(own_compile_cache):
   """A slice's program could be written to the cache but not read back (the compile-only client
   cannot deserialize it): the next run warned "Error reading persistent compilation cache entry"
