@@ -60,7 +60,8 @@ from gpt.config import MODEL_SIZES, canonical_model_name
 from gpt.decoding import prepare_for_decoding
 from gpt.kernels import gemv
 from gpt.matmul import matmul
-from gpt.model import GPTConfig, KVCache, init_model
+from gpt.kv_cache import KVCache
+from gpt.model import GPTConfig, init_model
 from gpt.quantize import quantize_model
 from gpt.sampling import Decoder, SamplingOptions
 

@@ -15,7 +15,8 @@ Each concern has one module; follow the data from the command line:
   tokenizer.py, encode.py  GPT-2's BPE; text -> token files
   model.py                 the model's layers and its one forward pass; heads.py what is computed at
                            the top of the stack (logits, training loss, attention probabilities);
-                           matmul.py the one float32-accumulating matmul; attention.py its attention
+                           matmul.py the one float32-accumulating matmul; kv_cache.py the decoding
+                           cache and the position/mask builder; attention.py its attention
                            function and formulations; output_loss.py the tied head's fused training loss;
                            quantize.py int8 weights; kernels/ the CPU kernels (gemv for decoding,
                            gemm for training's matmuls, native.py builds them, pool.h threads them)

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gpt.kernels import gemv
-from gpt.model import GPT, GPTConfig, KVCache
+from gpt.kv_cache import KVCache
+from gpt.model import GPT, GPTConfig
 
 
 def prepare_for_decoding(model: GPT) -> GPT:

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from gpt.attention import attention, blocked_attention, query_blocks
-from gpt.model import attention_inputs
+from gpt.kv_cache import attention_inputs
 
 
 def _qkv(B, H, T, S, K, dtype, seed=0):

@@ -89,7 +89,8 @@ def test_cpu_memory_equals_the_compiled_train_and_eval_steps(cpu_run):
 
 
 def test_cpu_decode_row_is_the_samplers_step_on_one_device(cpu_run):
-  from gpt.model import KVCache, init_model
+  from gpt.kv_cache import KVCache
+  from gpt.model import init_model
   from gpt.sample import decoding_params
 
   stdout, result = cpu_run

@@ -8,8 +8,8 @@ import pytest
 from gpt import heads
 from gpt.decoding import prepare_for_decoding
 from gpt.errors import GPTError
-from gpt.model import (GPTConfig, KVCache, abstract_model, attention_inputs, count_params, init_model,
-                       param_axes)
+from gpt.kv_cache import KVCache, attention_inputs
+from gpt.model import GPTConfig, abstract_model, count_params, init_model, param_axes
 
 TINY = GPTConfig(n_vocab=97, n_ctx=32, n_embd=32, n_head=4, n_layer=3)
 TOKENS = np.random.RandomState(0).randint(0, 97, size=(2, 12))

@@ -13,7 +13,8 @@ from gpt import quantize
 from gpt.config import base_config
 from gpt.errors import GPTError
 from gpt.decoding import prepare_for_decoding
-from gpt.model import GPTConfig, KVCache, init_model
+from gpt.kv_cache import KVCache
+from gpt.model import GPTConfig, init_model
 
 TINY = GPTConfig(n_vocab=300, n_ctx=32, n_embd=64, n_head=4, n_layer=2)
 

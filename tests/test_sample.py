@@ -25,7 +25,7 @@ from gpt import sample
 from gpt.config import base_config
 from gpt.errors import GPTError
 from gpt.decoding import prepare_for_decoding
-from gpt.model import KVCache
+from gpt.kv_cache import KVCache
 from gpt.sampling import SamplingOptions
 
 PROMPTS = [[464, 3290, 318, 257, 1588], [50256], [15496, 11, 616, 1438, 318, 5395, 13, 314, 1101]]
