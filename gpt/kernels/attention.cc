@@ -1,0 +1,310 @@
+// Fused causal attention for the training step on a CPU, float32: forward and backward, behind
+// JAX's FFI (FlashAttention-2's algorithm, written for a CPU core's caches).
+//
+// Why: XLA:CPU compiles the blocked formulation (gpt/attention.py) into separate fusions whose
+// softmax reductions, exp and the saved [L, B, H, ~5/8 T, T] float32 probabilities (377 MB through
+// the layer scan at the chapter's shape) cost ~800 ms of a ~4150 ms step that torch (a fused CPU
+// attention) does not pay (BENCHMARKS.md, "Training speed routes"). Here no [T, S] array exists:
+// - forward, one block per (batch*head, tile of query rows): over key tiles up to the diagonal,
+//   scores in a tile-sized buffer, online softmax (running row max and sum), y accumulated in the
+//   block's own rows; it writes y [B, H, T, K] and the rows' logsumexp [B, H, T] only;
+// - backward, one block per batch*head: over key tiles (outer) and the query tiles that see them
+//   (inner), P recomputed from the logsumexp, D = rowsum(dy * y), dS = P * (dy v^T - D) * scale;
+//   dk, dv of the key tile accumulate in the block's buffers, dq in the head's own rows (one block
+//   owns a head, so nothing is shared between threads).
+// Causal only (the last query is the last key, T <= S): attention.py keeps the blocked formulation
+// for explicit masks. Inner products are one register-blocked micro-kernel, C[4 x 64] += A B, in
+// AVX-512 (built with -march=native) with a portable loop where the CPU has no AVX-512.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+#include "pool.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// C[m, n] (+)= sum_c A[m, c] B[c, n] for m < M, n < N, c < C; row strides lda, ldb, ldc.
+// `add`: accumulate into C, else overwrite it.
+#if defined(__AVX512F__)
+inline __mmask16 TailMask(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
+
+// Rows r0..r0+R-1 (R <= 4) of C, columns n0..n0+63 (masked beyond N).
+template <int R>
+inline void Panel(int64_t r0, int64_t n0, int64_t N, int64_t C, const float* A, int64_t lda,
+                  const float* B, int64_t ldb, float* Cm, int64_t ldc, bool add) {
+  __mmask16 mk[4];
+  for (int j = 0; j < 4; ++j) mk[j] = TailMask(std::max<int64_t>(0, N - n0 - 16 * j));
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j)
+      acc[r][j] = add ? _mm512_maskz_loadu_ps(mk[j], Cm + (r0 + r) * ldc + n0 + 16 * j)
+                      : _mm512_setzero_ps();
+  for (int64_t c = 0; c < C; ++c) {
+    const float* b = B + c * ldb + n0;
+    __m512 bv[4];
+    for (int j = 0; j < 4; ++j) bv[j] = _mm512_maskz_loadu_ps(mk[j], b + 16 * j);
+    for (int r = 0; r < R; ++r) {
+      const __m512 a = _mm512_set1_ps(A[(r0 + r) * lda + c]);
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_fmadd_ps(a, bv[j], acc[r][j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j)
+      _mm512_mask_storeu_ps(Cm + (r0 + r) * ldc + n0 + 16 * j, mk[j], acc[r][j]);
+}
+
+void MatMul(int64_t M, int64_t N, int64_t C, const float* A, int64_t lda, const float* B,
+            int64_t ldb, float* Cm, int64_t ldc, bool add) {
+  for (int64_t n0 = 0; n0 < N; n0 += 64) {
+    int64_t r = 0;
+    for (; r + 4 <= M; r += 4) Panel<4>(r, n0, N, C, A, lda, B, ldb, Cm, ldc, add);
+    for (; r < M; ++r) Panel<1>(r, n0, N, C, A, lda, B, ldb, Cm, ldc, add);
+  }
+}
+
+// exp(x) for 16 lanes: 2^n * p(f) on x = n ln2 + f (Cephes' polynomial, ~1 ulp); 0 below -87.3
+// (so exp(-inf) = 0, as the masked and not-yet-seen scores need), x clamped above.
+inline __m512 Exp16(__m512 x) {
+  const __m512 lo = _mm512_set1_ps(-87.3f);
+  const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
+  x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.3f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(f, f), _mm512_add_ps(f, _mm512_set1_ps(1.0f)));
+  return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~under), p, n);
+}
+
+// out[i] = exp(x[i] - sub) for i < n.
+inline void ExpShifted(const float* x, float sub, float* out, int64_t n) {
+  const __m512 s = _mm512_set1_ps(sub);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = TailMask(n - i);
+    _mm512_mask_storeu_ps(out + i, m, Exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), s)));
+  }
+}
+#else
+void MatMul(int64_t M, int64_t N, int64_t C, const float* A, int64_t lda, const float* B,
+            int64_t ldb, float* Cm, int64_t ldc, bool add) {
+  for (int64_t m = 0; m < M; ++m) {
+    float* c = Cm + m * ldc;
+    if (!add) std::fill(c, c + N, 0.0f);
+    for (int64_t k = 0; k < C; ++k) {
+      const float a = A[m * lda + k];
+      const float* b = B + k * ldb;
+      for (int64_t n = 0; n < N; ++n) c[n] += a * b[n];
+    }
+  }
+}
+
+inline void ExpShifted(const float* x, float sub, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) out[i] = std::exp(x[i] - sub);
+}
+#endif
+
+// dst[c, r] = src[r, c] for r < R, c < Cn (src row stride lds, dst row stride ldd).
+inline void Transpose(const float* src, int64_t lds, int64_t R, int64_t Cn, float* dst, int64_t ldd) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < Cn; ++c) dst[c * ldd + r] = src[r * lds + c];
+}
+
+struct Dims {
+  int64_t BH, T, S, K;
+};
+
+// Reads [B, H, T, K] q and [B, H, S, K] k, v into `dims`; an error when they do not agree.
+ffi::Error CheckDims(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& v,
+                     Dims& dims) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4)
+    return ffi::Error::InvalidArgument("attention: q, k, v must be [B, H, T, K]");
+  if (kd[0] != qd[0] || kd[1] != qd[1] || kd[3] != qd[3] || vd[0] != kd[0] || vd[1] != kd[1] ||
+      vd[2] != kd[2] || vd[3] != kd[3])
+    return ffi::Error::InvalidArgument("attention: q, k, v shapes do not agree");
+  if (qd[2] > kd[2]) return ffi::Error::InvalidArgument("attention: causal needs T <= S");
+  dims = Dims{qd[0] * qd[1], qd[2], kd[2], qd[3]};
+  return ffi::Error::Success();
+}
+
+int64_t Clamp(int64_t tile) { return std::max<int64_t>(1, std::min<int64_t>(tile, 1024)); }
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                   ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> y,
+                   ffi::ResultBuffer<ffi::F32> lse, int64_t block_q, int64_t block_k) {
+  Dims dims;
+  if (auto error = CheckDims(q, k, v, dims); error.failure()) return error;
+  const int64_t BH = dims.BH, T = dims.T, S = dims.S, K = dims.K;
+  const int64_t off = S - T, bq = Clamp(block_q), bk = Clamp(block_k);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(K));
+  const float* qp = q.typed_data();
+  const float* kp = k.typed_data();
+  const float* vp = v.typed_data();
+  float* yp = y->typed_data();
+  float* lp = lse->typed_data();
+  const int64_t tiles = (T + bq - 1) / bq;
+  if (BH * T == 0) return ffi::Error::Success();
+  // Later query tiles see more keys: run them first, so that the shorter ones balance the end.
+  gpt_kernels::RunBlocks(pool, BH * tiles, BH * tiles, [=](int64_t block) {
+    const int64_t h = block % BH, tile = tiles - 1 - block / BH;
+    const int64_t r0 = tile * bq, rows = std::min(T, r0 + bq) - r0;
+    const float* qh = qp + (h * T + r0) * K;
+    const float* kh = kp + h * S * K;
+    const float* vh = vp + h * S * K;
+    float* yh = yp + (h * T + r0) * K;
+    std::vector<float> kt(K * bk), s(rows * bk), m(rows, kNegInf), l(rows, 0.0f);
+    std::fill(yh, yh + rows * K, 0.0f);
+    const int64_t keys = r0 + rows + off;  // keys 0..keys-1 are seen by some row of the tile
+    for (int64_t c0 = 0; c0 < keys; c0 += bk) {
+      const int64_t cols = std::min(keys, c0 + bk) - c0;
+      Transpose(kh + c0 * K, K, cols, K, kt.data(), bk);
+      MatMul(rows, cols, K, qh, K, kt.data(), bk, s.data(), bk, false);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* sr = s.data() + r * bk;
+        const int64_t seen = std::min(cols, r0 + r + off + 1 - c0);  // keys c0.. this row may see
+        float mx = m[r];
+        for (int64_t c = 0; c < seen; ++c) mx = std::max(mx, sr[c] *= scale);
+        if (seen <= 0) {  // no key of this tile for this row: p = 0 here
+          std::fill(sr, sr + cols, 0.0f);
+          continue;
+        }
+        for (int64_t c = seen; c < cols; ++c) sr[c] = kNegInf;
+        const float corr = m[r] == kNegInf ? 0.0f : std::exp(m[r] - mx);
+        ExpShifted(sr, mx, sr, cols);
+        float sum = 0.0f;
+        for (int64_t c = 0; c < seen; ++c) sum += sr[c];
+        l[r] = l[r] * corr + sum;
+        m[r] = mx;
+        if (corr != 1.0f)
+          for (int64_t d = 0; d < K; ++d) yh[r * K + d] *= corr;
+      }
+      MatMul(rows, K, cols, s.data(), bk, vh + c0 * K, K, yh, K, true);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const float inv = 1.0f / l[r];
+      for (int64_t d = 0; d < K; ++d) yh[r * K + d] *= inv;
+      lp[h * T + r0 + r] = m[r] + std::log(l[r]);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
+                    ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> lse,
+                    ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dq,
+                    ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
+                    int64_t block_q, int64_t block_k) {
+  Dims dims;
+  if (auto error = CheckDims(q, k, v, dims); error.failure()) return error;
+  const int64_t BH = dims.BH, T = dims.T, S = dims.S, K = dims.K;
+  const int64_t off = S - T, bq = Clamp(block_q), bk = Clamp(block_k);
+  const float scale = 1.0f / std::sqrt(static_cast<float>(K));
+  const float *qp = q.typed_data(), *kp = k.typed_data(), *vp = v.typed_data();
+  const float *yp = y.typed_data(), *lp = lse.typed_data(), *dyp = dy.typed_data();
+  float *dqp = dq->typed_data(), *dkp = dk->typed_data(), *dvp = dv->typed_data();
+  if (BH == 0) return ffi::Error::Success();
+  gpt_kernels::RunBlocks(pool, BH, BH, [=](int64_t h) {
+    const float* qh = qp + h * T * K;
+    const float* kh = kp + h * S * K;
+    const float* vh = vp + h * S * K;
+    const float* dyh = dyp + h * T * K;
+    const float* lh = lp + h * T;
+    float* dqh = dqp + h * T * K;
+    float* dkh = dkp + h * S * K;
+    float* dvh = dvp + h * S * K;
+    std::fill(dqh, dqh + T * K, 0.0f);
+    std::vector<float> d(T);
+    for (int64_t r = 0; r < T; ++r) {
+      float acc = 0.0f;
+      for (int64_t c = 0; c < K; ++c) acc += dyh[r * K + c] * yp[(h * T + r) * K + c];
+      d[r] = acc;
+    }
+    std::vector<float> kt(K * bk), vt(K * bk), p(bq * bk), pt(bk * bq), dp(bq * bk), dst(bk * bq);
+    for (int64_t c0 = 0; c0 < S; c0 += bk) {
+      const int64_t cols = std::min(S, c0 + bk) - c0;
+      float* dkc = dkh + c0 * K;
+      float* dvc = dvh + c0 * K;
+      const int64_t first = std::max<int64_t>(0, c0 - off);  // the first row that sees key c0 (< T)
+      std::fill(dkc, dkc + cols * K, 0.0f);
+      std::fill(dvc, dvc + cols * K, 0.0f);
+      Transpose(kh + c0 * K, K, cols, K, kt.data(), bk);
+      Transpose(vh + c0 * K, K, cols, K, vt.data(), bk);
+      for (int64_t r0 = first / bq * bq; r0 < T; r0 += bq) {
+        const int64_t rows = std::min(T, r0 + bq) - r0;
+        MatMul(rows, cols, K, qh + r0 * K, K, kt.data(), bk, p.data(), bk, false);
+        MatMul(rows, cols, K, dyh + r0 * K, K, vt.data(), bk, dp.data(), bk, false);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* pr = p.data() + r * bk;
+          float* dpr = dp.data() + r * bk;
+          const int64_t seen = std::max<int64_t>(0, std::min(cols, r0 + r + off + 1 - c0));
+          for (int64_t c = 0; c < seen; ++c) pr[c] *= scale;
+          ExpShifted(pr, lh[r0 + r], pr, seen);
+          std::fill(pr + seen, pr + cols, 0.0f);
+          const float dr = d[r0 + r];
+          for (int64_t c = 0; c < cols; ++c) dpr[c] = pr[c] * (dpr[c] - dr) * scale;
+        }
+        Transpose(p.data(), bk, rows, cols, pt.data(), bq);
+        Transpose(dp.data(), bk, rows, cols, dst.data(), bq);
+        MatMul(cols, K, rows, pt.data(), bq, dyh + r0 * K, K, dvc, K, true);
+        MatMul(cols, K, rows, dst.data(), bq, qh + r0 * K, K, dkc, K, true);
+        MatMul(rows, K, cols, dp.data(), bk, kh + c0 * K, K, dqh + r0 * K, K, true);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+// 1 when this build uses the AVX-512 micro-kernels, 0 for the portable loops.
+extern "C" int GptAttentionHasAvx512() {
+#if defined(__AVX512F__)
+  return 1;
+#else
+  return 0;
+#endif
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptAttentionFwdF32, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("block_q")
+                                  .Attr<int64_t>("block_k"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptAttentionBwdF32, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("block_q")
+                                  .Attr<int64_t>("block_k"));

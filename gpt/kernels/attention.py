@@ -1,0 +1,148 @@
+"""Fused causal attention for CPU float32 training: attention.cc behind JAX's FFI, with its backward.
+
+Why: the blocked formulation (gpt.attention.blocked_attention) leaves XLA:CPU separate softmax
+reductions, exp and copies, and keeps [L, B, H, ~5/8 T, T] float32 probabilities through the layer
+scan for its backward; at the chapter's shape (117M, ctx 1024, batch 1) that is ~800 ms of a
+~4150 ms step torch does not pay (BENCHMARKS.md, "Training speed routes"). attention.cc is
+FlashAttention-2 on a CPU core: the forward keeps only y and the rows' logsumexp, the backward
+recomputes the probabilities tile by tile; no [T, S] array is ever in memory.
+
+`flash_attention(q, k, v)` is causal attention (the last query is the last key, T <= S) of float32
+[B, H, T, K] arrays, with a custom VJP. gpt.attention runs it for `model.attention_impl="kernel"`,
+and training's default ("blocked") resolves to it where it runs (`resolve`: one CPU device, the
+library built); the calls it does not take (an explicit mask, other dtypes) keep the blocked
+formulation. The library is compiled from attention.cc with the system C++ compiler at first use
+(-march=native: AVX-512 micro-kernels where the CPU has them) and cached (gpt.kernels.native).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import os
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+from jax.ad_checkpoint import checkpoint_name
+
+from gpt.errors import GPTError
+from gpt.kernels import native
+
+SOURCE = Path(__file__).with_name("attention.cc")
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC", "-w")
+FORWARD, BACKWARD = "GptAttentionFwdF32", "GptAttentionBwdF32"
+# Query and key rows per tile (measured by experiments/bench_attention.py --tiles on the chapter's
+# shape; a tile's scores, q, k^T and v are 16 KB each at 64 x 64, well inside L2).
+BLOCK_Q, BLOCK_K = 64, 64
+# The name the forward's outputs (y and the logsumexp, what the backward needs besides q, k, v)
+# carry (jax.ad_checkpoint.checkpoint_name): a custom call is no dot, so gpt.model's "dots" remat
+# policies save them by name instead of rerunning the kernel in the backward pass.
+CHECKPOINT_NAME = "gpt_attention"
+# Set False to keep the blocked formulation where training's default would run the kernel
+# (experiments/bench_train.py's `nokernel` variant); read by `resolve`.
+USE_KERNEL = True
+_lock = threading.Lock()
+_loaded: list[bool] = []  # [] not tried; [True] registered; [False] unavailable
+_why: list[str] = []
+
+
+def available() -> bool:
+  """True when the kernel library is built and registered with XLA (building it now if needed).
+  GPT_ATTENTION_KERNEL=0 turns it off."""
+  if os.environ.get("GPT_ATTENTION_KERNEL", "1") == "0":
+    if not _why:
+      _why.append("GPT_ATTENTION_KERNEL=0 turns it off")
+    return False
+  with _lock:
+    if not _loaded:
+      try:
+        lib = ctypes.cdll.LoadLibrary(str(native.build(SOURCE, FLAGS, cpu_specific=True)))
+        for name in (FORWARD, BACKWARD):
+          jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+        _loaded.append(True)
+      except (OSError, RuntimeError, AttributeError) as e:
+        logging.info("gpt.kernels.attention unavailable, attention stays blocked: %s", e)
+        _why.append(str(e))
+        _loaded.append(False)
+  return _loaded[0]
+
+
+def why_unavailable() -> str:
+  """Why the kernel is not available ("" when it is, or before `available()` was asked)."""
+  return _why[0] if _why else ""
+
+
+def cannot_run(devices) -> str | None:
+  """Why the kernel cannot run a program on `devices` (a mesh's devices), or None when it can:
+  it runs on one CPU device (the custom call has no sharding rule) where the library builds."""
+  devices = list(devices)
+  if len(devices) != 1:
+    return f"it runs on one device; this mesh has {len(devices)}"
+  if devices[0].platform != "cpu":
+    return f"it runs on a CPU; this program is for {devices[0].platform}"
+  if not available():
+    return why_unavailable() or "the kernel did not load"
+  return None
+
+
+def resolve(impl: str, devices) -> str:
+  """What `model.attention_impl=impl` means for a training program on `devices`: "blocked" (the
+  default) becomes "kernel" where the kernel runs (and USE_KERNEL); an explicit "kernel" where it
+  cannot is a GPTError saying why; other values are kept."""
+  if impl == "blocked" and USE_KERNEL and cannot_run(devices) is None:
+    return "kernel"
+  if impl == "kernel":
+    why = cannot_run(devices)
+    if why:
+      raise GPTError(f"model.attention_impl=kernel cannot be used: {why}; use blocked")
+  return impl
+
+
+def takes(q: jax.Array, k: jax.Array, v: jax.Array, mask) -> bool:
+  """Whether `flash_attention` computes attention(q, k, v, mask): float32, causal (mask None),
+  T <= S. The others (the eval scorer's masks, bfloat16) keep the blocked formulation."""
+  return (mask is None and q.shape[2] <= k.shape[2]
+          and all(a.dtype == jnp.float32 for a in (q, k, v)))
+
+
+def _forward_call(q, k, v, block_q, block_k):
+  B, H, T, _ = q.shape
+  call = jax.ffi.ffi_call(FORWARD, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+                                    jax.ShapeDtypeStruct((B, H, T), jnp.float32)),
+                          vmap_method="sequential")
+  return call(q, k, v, block_q=block_q, block_k=block_k)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
+def _flash(q, k, v, block_q, block_k):
+  return _forward_call(q, k, v, block_q, block_k)[0]
+
+
+def _flash_fwd(q, k, v, block_q, block_k):
+  y, lse = _forward_call(q, k, v, block_q, block_k)
+  y, lse = checkpoint_name(y, CHECKPOINT_NAME), checkpoint_name(lse, CHECKPOINT_NAME)
+  return y, (q, k, v, y, lse)
+
+
+def _flash_bwd(block_q, block_k, res, dy):
+  q, k, v, y, lse = res
+  call = jax.ffi.ffi_call(BACKWARD, tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32)
+                                          for a in (q, k, v)), vmap_method="sequential")
+  return call(q, k, v, y, lse, dy.astype(jnp.float32), block_q=block_q, block_k=block_k)
+
+
+_flash.defvjp(_flash_fwd, _flash_bwd)
+
+
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int = BLOCK_Q,
+                    block_k: int = BLOCK_K) -> jax.Array:
+  """Causal softmax(q k^T / sqrt(K)) v of float32 q [B, H, T, K] and k, v [B, H, S, K] (T <= S,
+  the last query is the last key), by the FFI kernel, differentiable (the backward is the kernel's
+  too). Call only where `available()` and `takes(q, k, v, None)`."""
+  if not takes(q, k, v, None):
+    raise ValueError(f"flash_attention takes float32 q, k, v with T <= S; got {q.dtype} "
+                     f"{q.shape}, {k.dtype} {k.shape}")
+  return _flash(q, k, v, int(block_q), int(block_k))
