@@ -3,6 +3,7 @@
   python experiments/bench_attention.py                         # the chapter's [1, 12, 1024, 64]
   python experiments/bench_attention.py --shape=8,6,256,64      # the 30m shape's
   python experiments/bench_attention.py --blocks=1,2,4,8        # query-block counts of "blocked"
+  python experiments/bench_attention.py --tiles=64x64,32x128     # the kernel's query x key tiles
 
 Why: at the chapter's shape (117M, context 1024, batch 1) the attention over [12, 1024, 1024] per
 layer dominated the profile of the train step. This times what one layer's attention costs in
@@ -10,7 +11,10 @@ that step (value and the gradients of q, k, v), with the rows run round-robin (`
 shared machine's load hits every row alike; "vs xla" is the median over rounds of the paired
 ratio (jax.nn.dot_product_attention's XLA time / this row's time, same round). The torch row is
 torch.nn.functional.scaled_dot_product_attention (is_causal=True) with autograd, the fused kernel
-transformers uses. Each row's value and gradients are compared with the xla row's (max abs difference).
+transformers uses. The "kernel" rows are gpt.kernels.attention's fused CPU float32 kernel (one row per
+query x key tile size, `--tiles`; float32 only, absent when the library does not build); "vs blocked"
+is the paired ratio against the first "blocked" row. Each row's value and gradients are compared
+with the xla row's (max abs difference).
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ import numpy as np  # noqa: E402
 
 from gpt import attention as ga  # noqa: E402
 from gpt import model as gm  # noqa: E402
+from gpt.kernels import attention as kattn  # noqa: E402
 
 
 def jax_row(fn, q, k, v, w):
@@ -58,11 +63,26 @@ def torch_row(torch, q, k, v, w):
   return run, run()
 
 
+def cpu_model() -> str:
+  """The CPU's model name and whether it has AVX-512 / AVX512-BF16 (from /proc/cpuinfo)."""
+  try:
+    info = Path("/proc/cpuinfo").read_text()
+  except OSError:
+    return platform.processor() or platform.machine()
+  name = next((l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name")), "?")
+  flags = next((l.split(":", 1)[1].split() for l in info.splitlines() if l.startswith("flags")), [])
+  return f"{name} ({', '.join(f for f in ('avx512f', 'avx512_vnni', 'avx512_bf16') if f in flags) or 'no avx512'})"
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shape", default="1,12,1024,64", help="B,H,T,K")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--blocks", default=str(ga.QUERY_BLOCKS), help="query-block counts to time")
+  parser.add_argument("--tiles", default=f"{kattn.BLOCK_Q}x{kattn.BLOCK_K}",
+                      help="the kernel's query x key tile sizes to time (comma-separated)")
+  parser.add_argument("--no-baselines", action="store_true",
+                      help="skip the xla and einsum rows (the ratios then use the first row)")
   parser.add_argument("--rounds", type=int, default=5)
   args = parser.parse_args()
   B, H, T, K = (int(x) for x in args.shape.split(","))
@@ -71,10 +91,15 @@ def main() -> None:
   q, k, v = (jnp.asarray(rng.standard_normal((B, H, T, K)), dtype) for _ in range(3))
   w = jnp.asarray(rng.standard_normal((B, H, T, K)), jnp.float32)
 
-  rows = {"xla (jax.nn.dot_product_attention)": functools.partial(ga.attention, mask=None, impl="xla"),
-          "einsum (spelled out)": functools.partial(ga.attention, mask=None, impl="einsum")}
+  rows = {} if args.no_baselines else {
+      "xla (jax.nn.dot_product_attention)": functools.partial(ga.attention, mask=None, impl="xla"),
+      "einsum (spelled out)": functools.partial(ga.attention, mask=None, impl="einsum")}
   for n in (int(b) for b in args.blocks.split(",")):
     rows[f"blocked, {n} query blocks"] = functools.partial(ga.blocked_attention, mask=None, blocks=n)
+  if dtype == jnp.float32 and kattn.available():
+    for tile in args.tiles.split(","):
+      bq, bk = (int(x) for x in tile.split("x"))
+      rows[f"kernel, {bq}x{bk} tiles"] = functools.partial(kattn.flash_attention, block_q=bq, block_k=bk)
   runners, reference = {}, None
   for name, fn in rows.items():
     runners[name], out = jax_row(fn, q, k, v, w)
@@ -104,16 +129,20 @@ def main() -> None:
       t0 = time.perf_counter()
       run()
       times[name].append(time.perf_counter() - t0)
-  base = times["xla (jax.nn.dot_product_attention)"]
-  print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; jax "
+  base = times[next(iter(rows))]
+  blocked = times[next(name for name in rows if name.startswith("blocked"))]
+  print(f"machine: {cpu_model()}, {os.cpu_count()} cores; jax "
         f"{jax.__version__}" + (f", torch {torch.__version__}" if torch else "") +
         f"; shape [B, H, T, K] = [{B}, {H}, {T}, {K}] {args.dtype}; load average "
         f"{os.getloadavg()[0]:.1f}\n")
-  print("| attention (forward + backward) | ms | vs xla | max abs diff vs xla |")
-  print("|---|---|---|---|")
+  first = next(iter(rows)).split(" (")[0]
+  print(f"| attention (forward + backward) | ms | vs {first} | vs blocked | max abs diff vs {first} |")
+  print("|---|---|---|---|---|")
   for name, ts in times.items():
     ratio = statistics.median(b / t for b, t in zip(base, ts))
-    print(f"| {name} | {1e3 * statistics.median(ts):.0f} | {ratio:.2f}x | {errors[name]:.1e} |")
+    vs_blocked = statistics.median(b / t for b, t in zip(blocked, ts))
+    print(f"| {name} | {1e3 * statistics.median(ts):.0f} | {ratio:.2f}x | {vs_blocked:.2f}x "
+          f"| {errors[name]:.1e} |")
 
 
 if __name__ == "__main__":

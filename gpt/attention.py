@@ -15,6 +15,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from gpt.errors import GPTError
+from gpt.kernels import attention as kattn
+
 # Masked attention scores: finite, so that a fully masked (padding) row softmaxes to a uniform
 # distribution instead of NaN; exp(MASK_VALUE - max) is exactly 0 in float32 elsewhere.
 MASK_VALUE = -1e30
@@ -50,7 +53,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
   attention whose last query is the last key. Returns y [B, H, T, K] in q's dtype, and with
   `return_probs` also the probabilities float32 [B, H, T, S] (before dropout).
   `impl` "blocked" (the default) is `blocked_attention`: the training and scoring path's own
-  formulation with a hand-written backward pass, the fastest on CPU. "xla" / "cudnn" / "auto"
+  formulation with a hand-written backward pass. "kernel" is gpt.kernels.attention's fused
+  causal CPU kernel (FlashAttention-2 behind the FFI: float32 and mask None; other calls run
+  "blocked"; a GPTError where it cannot run); training resolves its default "blocked" to it on
+  one CPU device (gpt.kernels.attention.resolve). "xla" / "cudnn" / "auto"
   (cudnn on a GPU, else xla) run jax.nn.dot_product_attention's kernels.
   "einsum" spells it out here, with batch and heads folded into one axis and float32 scores,
   softmax and accumulation; masked scores are MASK_VALUE. It is what runs over a KVCache (that
@@ -63,6 +69,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
   if impl != "einsum" and not (dropping or return_probs):
     if impl == "auto":
       impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+    if impl == "kernel":  # gpt.kernels.attention's fused CPU kernel: float32, causal
+      if kattn.takes(q, k, v, mask):
+        if jax.default_backend() != "cpu" or not kattn.available():
+          why = kattn.why_unavailable() or f"it runs on a CPU, not {jax.default_backend()}"
+          raise GPTError(f"model.attention_impl=kernel cannot be used: {why}; use blocked")
+        return kattn.flash_attention(q, k, v)
+      impl = "blocked"  # an explicit mask (the eval scorer's) or bfloat16: the blocked formulation
     if impl == "blocked":
       return blocked_attention(q, k, v, mask)
     lib = lambda a: a.transpose(0, 2, 1, 3)  # the library's [B, T, H, K]

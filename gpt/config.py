@@ -96,7 +96,10 @@ def base_config() -> ml_collections.ConfigDict:
   # Rematerialisation per block: none | full | dots (save matmul outputs) | dots_no_batch.
   m.remat = "none"
   # Attention kernel (not the `attention` view section): blocked (causal query blocks over key
-  # prefixes with a hand-written backward, gpt.attention.blocked_attention: fastest on CPU) | xla
+  # prefixes with a hand-written backward, gpt.attention.blocked_attention; training on one CPU
+  # device runs the fused kernel below instead where it builds) | kernel (gpt.kernels.attention:
+  # fused causal FlashAttention-2 forward and backward for CPU float32, the fastest on CPU; masked
+  # or bfloat16 calls run blocked; an error where it cannot run) | xla
   # (jax.nn.dot_product_attention's XLA version) | cudnn (fused, GPU) | auto (cudnn when on GPU,
   # else xla). Decoding over the KV cache always spells it out.
   m.attention_impl = "blocked"

@@ -37,13 +37,16 @@ from flax import nnx
 from gpt import heads
 from gpt.attention import apply_dropout, attention
 from gpt.errors import GPTError
+from gpt.kernels import attention as kattn
 from gpt.kernels import gemm, gemv
 from gpt.kv_cache import KVCache, attention_inputs
 from gpt.matmul import matmul
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-_SAVE_GEMM = jax.checkpoint_policies.save_only_these_names(gemm.CHECKPOINT_NAME)
-# "dots" policies also save gpt.kernels.gemm's products (custom calls, not dots: named instead).
+_SAVE_GEMM = jax.checkpoint_policies.save_only_these_names(gemm.CHECKPOINT_NAME,
+                                                           kattn.CHECKPOINT_NAME)
+# "dots" policies also save gpt.kernels.gemm's products and gpt.kernels.attention's outputs (custom
+# calls, not dots: named instead).
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -52,7 +55,7 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _SAVE_GEMM),
 }
-ATTENTION_IMPLS = ("blocked", "xla", "cudnn", "auto")
+ATTENTION_IMPLS = ("blocked", "kernel", "xla", "cudnn", "auto")
 OUTPUT_LOSSES = ("fused", "logits")
 QUANTIZE = ("none", "int8")
 LN_EPS = 1e-5

@@ -36,6 +36,7 @@ from gpt import data, lora, optim, sharding, weights
 from gpt.checkpoint import (Checkpointer, checkpoint_dir, intact_step, load_params,
                             resolve_checkpoint)
 from gpt.errors import GPTError
+from gpt.kernels import attention as kattn
 from gpt.kernels import gemm
 from gpt.model import GPTConfig, abstract_model
 from gpt.stop_signals import StopSignals
@@ -275,6 +276,8 @@ def build_programs(config: Any, cfg: GPTConfig, mesh, lora_run: bool = False) ->
   t = config.train
   # model.matmul "auto": MKL's sgemm where this program runs on one CPU device (gpt.kernels.gemm).
   cfg = cfg.replace(matmul=gemm.resolve(cfg.matmul, mesh.devices.flat))
+  # model.attention_impl "blocked": the fused CPU kernel where it runs (gpt.kernels.attention).
+  cfg = cfg.replace(attention_impl=kattn.resolve(cfg.attention_impl, mesh.devices.flat))
   graphdef = nnx.graphdef(abstract_model(cfg))
   abs_params = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))
   axes = sharding.logical_axes(abstract_model(cfg))
