@@ -120,7 +120,10 @@ VARIANT_FIELDS = {"attnxla": {"attention_impl": "xla"}, "attnblocked": {"attenti
 
 # Module switches per variant suffix, set while the step is traced: `recomputeprobs` makes the
 # blocked attention's backward recompute its probabilities instead of keeping them from the forward.
-VARIANT_SWITCHES = {"recomputeprobs": ("gpt.attention", "SAVE_PROBABILITIES", False)}
+# `nokernel` keeps the blocked formulation where training would resolve "blocked" to the fused CPU
+# attention kernel (gpt.kernels.attention.USE_KERNEL).
+VARIANT_SWITCHES = {"recomputeprobs": ("gpt.attention", "SAVE_PROBABILITIES", False),
+                    "nokernel": ("gpt.kernels.attention", "USE_KERNEL", False)}
 
 
 def train_program(shape, dtype: str, scan: bool, seed: int = 0, train=None, abstract: bool = False,
@@ -163,14 +166,14 @@ def jax_runner(shape, dtype: str, scan: bool, seed: int = 0, options: dict | Non
   """(compile seconds, step()) for gpt's train step at `shape`, compiled with XLA `options`,
   traced with the module `switches` (VARIANT_SWITCHES values) set (other arguments as train_program)."""
   import importlib
-  step, state, batch, frozen = train_program(shape, dtype, scan, seed, train, **model_fields)
   saved = []
   for module, name, value in switches:
     module = importlib.import_module(module)
     saved.append((module, name, getattr(module, name)))
     setattr(module, name, value)
-  t0, c0 = time.perf_counter(), _cpu_seconds()
-  try:
+  try:  # switches also hold while the programs are built (`nokernel` acts where training resolves)
+    step, state, batch, frozen = train_program(shape, dtype, scan, seed, train, **model_fields)
+    t0, c0 = time.perf_counter(), _cpu_seconds()
     lowered = step.lower(state, batch, frozen)
   finally:
     for module, name, value in saved:
@@ -236,7 +239,7 @@ def main() -> None:
   parser.add_argument("--shapes", default="chapter,30m", help=f"comma list of {sorted(SHAPES)}")
   parser.add_argument("--impls", default="jax-f32-scan,jax-f32-unrolled,jax-f32-scan-eigen,"
                       "jax-bf16-scan,torch-f32,torch-bf16",
-                      help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs][-logitsloss|-fusedloss]"
+                      help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs|-nokernel][-logitsloss|-fusedloss]"
                       "[-rematdots|-rematfull][-xladot|-mkl] names")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps", type=int, default=3, help="timed steps per row per round")

@@ -1,0 +1,199 @@
+"""gpt.kernels.attention (the fused causal CPU attention behind JAX's FFI) against the references.
+
+Values and the three gradients are compared with float64 attention differentiated by JAX and with
+the blocked formulation, on ragged lengths (one row, one below, at and above a tile, several
+tiles), more keys than queries, head sizes that are not the SIMD width, under a layer scan, vmap
+and remat, and through the train mode's whole step. Also: what runs where the kernel does not
+(masks, bfloat16 keep the blocked formulation), and the one-line error when a user insists on it
+where it cannot run. Skips the kernel's own tests with the reason when no C++ compiler built it.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from gpt import sharding
+from gpt.attention import MASK_VALUE, attention, blocked_attention
+from gpt.errors import GPTError
+from gpt.kernels import attention as kattn
+from gpt.kv_cache import attention_inputs
+from gpt.model import REMAT_POLICIES, GPTConfig, init_model
+from gpt.train import build_programs
+from gpt.train_step import create_state
+from tests.train_utils import tiny_config
+
+
+@pytest.fixture
+def kernel():
+  if not kattn.available():
+    pytest.skip(f"gpt.kernels.attention unavailable: {kattn.why_unavailable()}")
+
+
+def _qkv(B, H, T, S, K, seed=0):
+  rng = np.random.default_rng(seed)
+  q, k, v = (jnp.asarray(rng.standard_normal((B, H, n, K)), jnp.float32) for n in (T, S, S))
+  cotangent = jnp.asarray(rng.standard_normal((B, H, T, K)), jnp.float32)
+  return q, k, v, cotangent
+
+
+def _value_and_grads(fn, q, k, v, cotangent):
+  loss = lambda q, k, v: jnp.sum(fn(q, k, v) * cotangent.astype(q.dtype))
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))(q, k, v)
+
+
+def _float64_attention(q, k, v):
+  """Causal attention (the last query is the last key) in float64, differentiated by JAX."""
+  T, S = q.shape[2], k.shape[2]
+  s = jnp.einsum("bhtk,bhsk->bhts", q, k) / np.sqrt(q.shape[-1])
+  s = jnp.where(jnp.tril(jnp.ones((T, S), bool), S - T), s, -jnp.inf)
+  return jnp.einsum("bhts,bhsk->bhtk", jax.nn.softmax(s, axis=-1), v)
+
+
+def _assert_close(got, want, atol, what=""):
+  for name, g, w in zip(("value", "dq", "dk", "dv"), jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g, np.float64), np.asarray(w, np.float64), atol=atol,
+                               rtol=atol, err_msg=f"{what} {name}")
+
+
+# (T, S, K): one row, around a 64-row tile, several tiles, more keys than queries, other head sizes.
+SHAPES = [(1, 1, 64), (63, 63, 64), (64, 64, 64), (65, 65, 64), (200, 200, 64), (37, 100, 64),
+          (1, 70, 64), (70, 70, 8), (130, 130, 20)]
+
+
+@pytest.mark.parametrize("T,S,K", SHAPES)
+def test_values_and_gradients_match_float64_and_blocked(kernel, T, S, K):
+  q, k, v, cotangent = _qkv(2, 3, T, S, K)
+  got = _value_and_grads(kattn.flash_attention, q, k, v, cotangent)
+  with jax.enable_x64(True):
+    f64 = lambda a: jnp.asarray(np.asarray(a), jnp.float64)
+    want = _value_and_grads(_float64_attention, f64(q), f64(k), f64(v), f64(cotangent))
+  _assert_close(got, want, 2e-5, "vs float64")
+  blocked = _value_and_grads(lambda q, k, v: blocked_attention(q, k, v, None), q, k, v, cotangent)
+  _assert_close(got, blocked, 2e-5, "vs blocked")
+  y, lse = kattn._forward_call(q, k, v, kattn.BLOCK_Q, kattn.BLOCK_K)
+  assert y.shape == q.shape and lse.shape == q.shape[:3] and np.isfinite(np.asarray(lse)).all()
+
+
+@pytest.mark.parametrize("block_q,block_k", [(1, 1), (16, 48), (128, 32)])
+def test_tile_sizes_give_the_same_numbers(kernel, block_q, block_k):
+  q, k, v, cotangent = _qkv(1, 2, 90, 100, 64, seed=1)
+  want = _value_and_grads(kattn.flash_attention, q, k, v, cotangent)
+  got = _value_and_grads(lambda q, k, v: kattn.flash_attention(q, k, v, block_q=block_q,
+                                                               block_k=block_k), q, k, v, cotangent)
+  _assert_close(got, want, 2e-5, f"tiles {block_q}x{block_k}")
+
+
+def test_masks_and_bfloat16_keep_the_blocked_formulation(kernel):
+  """impl="kernel" with an explicit mask (left padding: fully masked rows are uniform, as
+  MASK_VALUE makes them) or bfloat16 inputs is the blocked attention, bit for bit."""
+  q, k, v, cotangent = _qkv(2, 2, 12, 12, 16, seed=2)
+  padding = jnp.ones((2, 12), bool).at[1, :5].set(False)  # row 1 left-padded by 5
+  _, mask, _ = attention_inputs(jnp.zeros((2, 12), jnp.int32), padding)
+  assert not bool(mask[1, 0, 0].any())  # a padding query that sees nothing
+  for q_, k_, v_, m in ((q, k, v, mask), (*(a.astype(jnp.bfloat16) for a in (q, k, v)), None)):
+    got = _value_and_grads(lambda q, k, v: attention(q, k, v, m, impl="kernel"), q_, k_, v_, cotangent)
+    want = _value_and_grads(lambda q, k, v: blocked_attention(q, k, v, m), q_, k_, v_, cotangent)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+      np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+    hlo = jax.jit(lambda q, k, v: attention(q, k, v, m, impl="kernel")).lower(q_, k_, v_).as_text()
+    assert kattn.FORWARD not in hlo
+  assert MASK_VALUE < -1e29  # the uniform fully-masked rows above rely on a finite mask value
+
+
+def test_attention_impl_kernel_runs_the_kernel(kernel):
+  q, k, v, cotangent = _qkv(1, 2, 40, 40, 16, seed=3)
+  hlo = jax.jit(jax.grad(lambda q: jnp.sum(attention(q, k, v, None, impl="kernel")))).lower(q).as_text()
+  assert kattn.FORWARD in hlo and kattn.BACKWARD in hlo
+  got = _value_and_grads(lambda q, k, v: attention(q, k, v, None, impl="kernel"), q, k, v, cotangent)
+  _assert_close(got, _value_and_grads(kattn.flash_attention, q, k, v, cotangent), 0)
+
+
+def test_layer_scan_vmap_and_dots_remat(kernel):
+  """Through a scan over layers with "dots" remat (which must save the kernel's outputs by name:
+  its forward runs once per layer, not again in the backward) and under vmap, the same numbers."""
+  q, k, v, cotangent = _qkv(1, 2, 70, 70, 16, seed=4)
+  ws = jnp.asarray(np.random.default_rng(5).standard_normal((3, 16, 16)), jnp.float32)
+
+  def stack(fn, remat):
+    def layer(x, w):
+      return fn(x @ w, k, v), None
+    if remat:
+      layer = jax.checkpoint(layer, policy=REMAT_POLICIES["dots"], prevent_cse=False)
+    return lambda q: jnp.sum(jax.lax.scan(layer, q, ws)[0] * cotangent)
+
+  got = jax.jit(jax.value_and_grad(stack(kattn.flash_attention, True)))
+  want = jax.jit(jax.value_and_grad(stack(lambda q, k, v: blocked_attention(q, k, v, None), False)))
+  _assert_close(got(q), want(q), 2e-5, "scan + remat")
+  text = got.lower(q).compile().as_text()
+  plain = jax.jit(jax.value_and_grad(stack(kattn.flash_attention, False))).lower(q).compile().as_text()
+  assert text.count(kattn.FORWARD) == plain.count(kattn.FORWARD) >= 1
+
+  batched = jax.vmap(kattn.flash_attention)(q[None].repeat(2, 0), k[None].repeat(2, 0),
+                                            v[None].repeat(2, 0))
+  np.testing.assert_allclose(batched[1], kattn.flash_attention(q, k, v), atol=0)
+
+
+def test_resolve_and_the_one_line_errors(monkeypatch):
+  cpu = jax.devices("cpu")
+  assert kattn.resolve("xla", cpu[:1]) == "xla"
+  assert kattn.resolve("blocked", cpu[:1]) == ("kernel" if kattn.available() else "blocked")
+  monkeypatch.setattr(kattn, "USE_KERNEL", False)
+  assert kattn.resolve("blocked", cpu[:1]) == "blocked"
+  if len(cpu) > 1:  # conftest's 8 host devices: a sharded program keeps the blocked formulation
+    assert kattn.resolve("blocked", cpu) == "blocked"
+    with pytest.raises(GPTError, match="kernel cannot be used: it runs on one device"):
+      kattn.resolve("kernel", cpu)
+  with pytest.raises(GPTError, match="model.attention_impl='flash'"):
+    GPTConfig(attention_impl="flash")
+
+
+def test_without_the_library_blocked_runs_and_kernel_is_an_error(monkeypatch):
+  monkeypatch.setattr(kattn, "_loaded", [])
+  monkeypatch.setattr(kattn, "_why", [])
+  monkeypatch.setenv("GPT_ATTENTION_KERNEL", "0")
+  cpu = jax.devices("cpu")[:1]
+  assert kattn.resolve("blocked", cpu) == "blocked"
+  with pytest.raises(GPTError, match="attention_impl=kernel cannot be used: GPT_ATTENTION_KERNEL=0"):
+    kattn.resolve("kernel", cpu)
+  q, k, v, _ = _qkv(1, 1, 4, 4, 8)
+  with pytest.raises(GPTError, match="attention_impl=kernel cannot be used"):
+    attention(q, k, v, None, impl="kernel")
+
+
+def _one_step(config, use_kernel: bool, monkeypatch):
+  """Loss and parameter update of one step of the train mode's own program on one device, with
+  training's default attention resolved to the kernel or kept blocked."""
+  monkeypatch.setattr(kattn, "USE_KERNEL", use_kernel)
+  cfg = GPTConfig.from_config(config.model)
+  config.mesh.data = 1
+  programs = build_programs(config, cfg, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+  params = nnx.to_pure_dict(nnx.state(init_model(cfg, 0), nnx.Param))
+  state = jax.device_put(create_state(params, programs.tx, 0), programs.state_sharding)
+  t = config.train
+  tokens = np.random.default_rng(0).integers(0, cfg.n_vocab, (t.batch_size, t.seq_len + 1))
+  batch = jax.device_put(jnp.asarray(tokens, jnp.int32), programs.batch_sharding)
+  hlo = programs.train_step.lower(state, batch, programs.abstract_frozen).as_text()
+  before = jax.tree.map(np.asarray, state.params)
+  state, metrics = programs.train_step(state, batch, {})
+  return float(metrics["loss"]), jax.tree.map(lambda a, b: np.asarray(a) - b, state.params, before), hlo
+
+
+def test_train_step_kernel_equals_blocked(kernel, tmp_path, monkeypatch):
+  """The train mode's step (layer scan, dots remat, gradient accumulation) with the kernel against
+  the blocked formulation: the same loss and update up to float32 reassociation. Plain SGD at rate 1
+  makes the update the gradient itself."""
+  config = tiny_config(tmp_path, grad_accum=2, optimizer="sgd", learning_rate=1.0, momentum=0.0,
+                       grad_clip=0.0, warmup_steps=0, schedule="constant")
+  config.model.update(scan_layers=True, remat="dots")
+  loss_b, update_b, hlo_b = _one_step(config, False, monkeypatch)
+  loss_k, update_k, hlo_k = _one_step(config, True, monkeypatch)
+  assert kattn.FORWARD not in hlo_b and kattn.FORWARD in hlo_k and kattn.BACKWARD in hlo_k
+  np.testing.assert_allclose(loss_k, loss_b, rtol=1e-5)
+  for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(update_k), jax.tree.leaves(update_b)):
+    scale = np.abs(b).max()
+    assert scale > 0, jax.tree_util.keystr(path)
+    np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * scale, err_msg=jax.tree_util.keystr(path))
