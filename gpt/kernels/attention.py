@@ -141,7 +141,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int = 
                     block_k: int = BLOCK_K) -> jax.Array:
   """Causal softmax(q k^T / sqrt(K)) v of float32 q [B, H, T, K] and k, v [B, H, S, K] (T <= S,
   the last query is the last key), by the FFI kernel, differentiable (the backward is the kernel's
-  too). Call only where `available()` and `takes(q, k, v, None)`."""
+  too). For inputs `takes(q, k, v, None)` accepts; a GPTError where the library is not available."""
+  if not available():
+    raise GPTError(f"the attention kernel cannot be used: {why_unavailable()}")
   if not takes(q, k, v, None):
     raise ValueError(f"flash_attention takes float32 q, k, v with T <= S; got {q.dtype} "
                      f"{q.shape}, {k.dtype} {k.shape}")
