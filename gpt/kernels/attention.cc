@@ -35,13 +35,14 @@ namespace {
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
-// C[m, n] (+)= sum_c A[m, c] B[c, n] for m < M, n < N, c < C; row strides lda, ldb, ldc.
-// `add`: accumulate into C, else overwrite it.
+// C[m, n] (+)= sum_c op(A)[m, c] B[c, n] for m < M, n < N, c < C; row strides lda, ldb, ldc.
+// op(A) = A [M, C], or with `TA` A^T of A [C, M] (so P^T and dS^T need no copies). `add`:
+// accumulate into C, else overwrite it.
 #if defined(__AVX512F__)
 inline __mmask16 TailMask(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
 
 // Rows r0..r0+R-1 (R <= 4) of C, columns n0..n0+63 (masked beyond N).
-template <int R>
+template <int R, bool TA>
 inline void Panel(int64_t r0, int64_t n0, int64_t N, int64_t C, const float* A, int64_t lda,
                   const float* B, int64_t ldb, float* Cm, int64_t ldc, bool add) {
   __mmask16 mk[4];
@@ -56,7 +57,7 @@ inline void Panel(int64_t r0, int64_t n0, int64_t N, int64_t C, const float* A, 
     __m512 bv[4];
     for (int j = 0; j < 4; ++j) bv[j] = _mm512_maskz_loadu_ps(mk[j], b + 16 * j);
     for (int r = 0; r < R; ++r) {
-      const __m512 a = _mm512_set1_ps(A[(r0 + r) * lda + c]);
+      const __m512 a = _mm512_set1_ps(TA ? A[c * lda + r0 + r] : A[(r0 + r) * lda + c]);
       for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_fmadd_ps(a, bv[j], acc[r][j]);
     }
   }
@@ -65,12 +66,13 @@ inline void Panel(int64_t r0, int64_t n0, int64_t N, int64_t C, const float* A, 
       _mm512_mask_storeu_ps(Cm + (r0 + r) * ldc + n0 + 16 * j, mk[j], acc[r][j]);
 }
 
+template <bool TA = false>
 void MatMul(int64_t M, int64_t N, int64_t C, const float* A, int64_t lda, const float* B,
             int64_t ldb, float* Cm, int64_t ldc, bool add) {
   for (int64_t n0 = 0; n0 < N; n0 += 64) {
     int64_t r = 0;
-    for (; r + 4 <= M; r += 4) Panel<4>(r, n0, N, C, A, lda, B, ldb, Cm, ldc, add);
-    for (; r < M; ++r) Panel<1>(r, n0, N, C, A, lda, B, ldb, Cm, ldc, add);
+    for (; r + 4 <= M; r += 4) Panel<4, TA>(r, n0, N, C, A, lda, B, ldb, Cm, ldc, add);
+    for (; r < M; ++r) Panel<1, TA>(r, n0, N, C, A, lda, B, ldb, Cm, ldc, add);
   }
 }
 
@@ -103,13 +105,14 @@ inline void ExpShifted(const float* x, float sub, float* out, int64_t n) {
   }
 }
 #else
+template <bool TA = false>
 void MatMul(int64_t M, int64_t N, int64_t C, const float* A, int64_t lda, const float* B,
             int64_t ldb, float* Cm, int64_t ldc, bool add) {
   for (int64_t m = 0; m < M; ++m) {
     float* c = Cm + m * ldc;
     if (!add) std::fill(c, c + N, 0.0f);
     for (int64_t k = 0; k < C; ++k) {
-      const float a = A[m * lda + k];
+      const float a = TA ? A[k * lda + m] : A[m * lda + k];
       const float* b = B + k * ldb;
       for (int64_t n = 0; n < N; ++n) c[n] += a * b[n];
     }
@@ -237,7 +240,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
       for (int64_t c = 0; c < K; ++c) acc += dyh[r * K + c] * yp[(h * T + r) * K + c];
       d[r] = acc;
     }
-    std::vector<float> kt(K * bk), vt(K * bk), p(bq * bk), pt(bk * bq), dp(bq * bk), dst(bk * bq);
+    std::vector<float> kt(K * bk), vt(K * bk), p(bq * bk), dp(bq * bk);
     for (int64_t c0 = 0; c0 < S; c0 += bk) {
       const int64_t cols = std::min(S, c0 + bk) - c0;
       float* dkc = dkh + c0 * K;
@@ -261,10 +264,8 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
           const float dr = d[r0 + r];
           for (int64_t c = 0; c < cols; ++c) dpr[c] = pr[c] * (dpr[c] - dr) * scale;
         }
-        Transpose(p.data(), bk, rows, cols, pt.data(), bq);
-        Transpose(dp.data(), bk, rows, cols, dst.data(), bq);
-        MatMul(cols, K, rows, pt.data(), bq, dyh + r0 * K, K, dvc, K, true);
-        MatMul(cols, K, rows, dst.data(), bq, qh + r0 * K, K, dkc, K, true);
+        MatMul<true>(cols, K, rows, p.data(), bk, dyh + r0 * K, K, dvc, K, true);  // += P^T dy
+        MatMul<true>(cols, K, rows, dp.data(), bk, qh + r0 * K, K, dkc, K, true);  // += dS^T q
         MatMul(rows, K, cols, dp.data(), bk, kh + c0 * K, K, dqh + r0 * K, K, true);
       }
     }
