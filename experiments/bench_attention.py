@@ -79,8 +79,9 @@ def main() -> None:
   parser.add_argument("--shape", default="1,12,1024,64", help="B,H,T,K")
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   parser.add_argument("--blocks", default=str(ga.QUERY_BLOCKS), help="query-block counts to time")
-  parser.add_argument("--tiles", default=f"{kattn.BLOCK_Q}x{kattn.BLOCK_K}",
-                      help="the kernel's query x key tile sizes to time (comma-separated)")
+  parser.add_argument("--tiles", default="default",
+                      help="the kernel's query x key tile sizes to time (comma-separated; "
+                      "'default': flash_attention's choice for this T)")
   parser.add_argument("--no-baselines", action="store_true",
                       help="skip the xla and einsum rows (the ratios then use the first row)")
   parser.add_argument("--rounds", type=int, default=5)
@@ -98,6 +99,9 @@ def main() -> None:
     rows[f"blocked, {n} query blocks"] = functools.partial(ga.blocked_attention, mask=None, blocks=n)
   if dtype == jnp.float32 and kattn.available():
     for tile in args.tiles.split(","):
+      if tile == "default":
+        rows["kernel, default tiles"] = kattn.flash_attention
+        continue
       bq, bk = (int(x) for x in tile.split("x"))
       rows[f"kernel, {bq}x{bk} tiles"] = functools.partial(kattn.flash_attention, block_q=bq, block_k=bk)
   runners, reference = {}, None

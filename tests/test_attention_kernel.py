@@ -59,9 +59,10 @@ def _assert_close(got, want, atol, what=""):
                                rtol=atol, err_msg=f"{what} {name}")
 
 
-# (T, S, K): one row, around a 64-row tile, several tiles, more keys than queries, other head sizes.
+# (T, S, K): one row, around a 64-row tile, several tiles, more keys than queries, other head
+# sizes, and a length past LONG_QUERIES (128-row query tiles).
 SHAPES = [(1, 1, 64), (63, 63, 64), (64, 64, 64), (65, 65, 64), (200, 200, 64), (37, 100, 64),
-          (1, 70, 64), (70, 70, 8), (130, 130, 20)]
+          (1, 70, 64), (70, 70, 8), (130, 130, 20), (530, 600, 64)]
 
 
 @pytest.mark.parametrize("T,S,K", SHAPES)
@@ -74,8 +75,6 @@ def test_values_and_gradients_match_float64_and_blocked(kernel, T, S, K):
   _assert_close(got, want, 2e-5, "vs float64")
   blocked = _value_and_grads(lambda q, k, v: blocked_attention(q, k, v, None), q, k, v, cotangent)
   _assert_close(got, blocked, 2e-5, "vs blocked")
-  y, lse = kattn._forward_call(q, k, v, kattn.BLOCK_Q, kattn.BLOCK_K)
-  assert y.shape == q.shape and lse.shape == q.shape[:3] and np.isfinite(np.asarray(lse)).all()
 
 
 @pytest.mark.parametrize("block_q,block_k", [(1, 1), (16, 48), (128, 32)])

@@ -34,9 +34,12 @@ from gpt.kernels import native
 SOURCE = Path(__file__).with_name("attention.cc")
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC", "-w")
 FORWARD, BACKWARD = "GptAttentionFwdF32", "GptAttentionBwdF32"
-# Query and key rows per tile (measured by experiments/bench_attention.py --tiles on the chapter's
-# shape; a tile's scores, q, k^T and v are 16 KB each at 64 x 64, well inside L2).
+# Query and key rows per tile: 64 x 64 (a tile's scores, q, k^T and v are 16 KB each, well inside
+# L2), with 128 query rows from LONG_QUERIES queries on (fewer tiles re-reading the keys). Measured
+# by experiments/bench_attention.py --tiles (BENCHMARKS.md, "Fused causal attention kernel"): at
+# [1, 12, 1024, 64] 128x64 beat 64x64, 64x128, 128x128 and 256x64; at [8, 6, 256, 64] 64x64 won.
 BLOCK_Q, BLOCK_K = 64, 64
+LONG_QUERIES = 512
 # The name the forward's outputs (y and the logsumexp, what the backward needs besides q, k, v)
 # carry (jax.ad_checkpoint.checkpoint_name): a custom call is no dot, so gpt.model's "dots" remat
 # policies save them by name instead of rerunning the kernel in the backward pass.
@@ -137,14 +140,18 @@ def _flash_bwd(block_q, block_k, res, dy):
 _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
-def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int = BLOCK_Q,
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int | None = None,
                     block_k: int = BLOCK_K) -> jax.Array:
   """Causal softmax(q k^T / sqrt(K)) v of float32 q [B, H, T, K] and k, v [B, H, S, K] (T <= S,
   the last query is the last key), by the FFI kernel, differentiable (the backward is the kernel's
-  too). For inputs `takes(q, k, v, None)` accepts; a GPTError where the library is not available."""
+  too), in tiles of `block_q` query rows (default: BLOCK_Q, twice that from LONG_QUERIES queries)
+  and `block_k` keys. For inputs `takes(q, k, v, None)` accepts; a GPTError where the library is
+  not available."""
   if not available():
     raise GPTError(f"the attention kernel cannot be used: {why_unavailable()}")
   if not takes(q, k, v, None):
     raise ValueError(f"flash_attention takes float32 q, k, v with T <= S; got {q.dtype} "
                      f"{q.shape}, {k.dtype} {k.shape}")
+  if block_q is None:
+    block_q = 2 * BLOCK_Q if q.shape[2] >= LONG_QUERIES else BLOCK_Q
   return _flash(q, k, v, int(block_q), int(block_k))
