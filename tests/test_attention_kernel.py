@@ -196,3 +196,40 @@ def test_train_step_kernel_equals_blocked(kernel, tmp_path, monkeypatch):
     scale = np.abs(b).max()
     assert scale > 0, jax.tree_util.keystr(path)
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * scale, err_msg=jax.tree_util.keystr(path))
+
+
+PORTABLE_CHECK = """
+import jax, jax.numpy as jnp, numpy as np
+from gpt.attention import blocked_attention
+from gpt.kernels import attention as kattn
+kattn.FLAGS = tuple(f for f in kattn.FLAGS if not f.startswith(("-march", "-mprefer"))) + ("-march=x86-64",)
+assert kattn.available(), kattn.why_unavailable()
+import ctypes
+from gpt.kernels import native
+lib = ctypes.cdll.LoadLibrary(str(native.build(kattn.SOURCE, kattn.FLAGS, cpu_specific=True)))
+assert lib.GptAttentionHasAvx512() == 0
+for T, S, K in [(65, 65, 64), (37, 100, 20)]:
+  rng = np.random.default_rng(0)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 3, n, K)), jnp.float32) for n in (T, S, S))
+  loss = lambda fn: jax.jit(jax.value_and_grad(lambda q, k, v: jnp.sum(fn(q, k, v) * q),
+                                               argnums=(0, 1, 2)))(q, k, v)
+  got, want = loss(kattn.flash_attention), loss(lambda q, k, v: blocked_attention(q, k, v, None))
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-5)
+print("portable ok")
+"""
+
+
+@pytest.mark.slow  # spawns a process that builds the kernel without AVX-512
+def test_the_portable_build_without_avx512_gives_the_same_numbers(kernel, tmp_path):
+  """The loops for CPUs without AVX-512 (built here with -march=x86-64, in a fresh process: a
+  process registers one library per FFI target name) against the blocked formulation."""
+  import os
+  import subprocess
+  import sys
+
+  from conftest import REPO
+  env = {**os.environ, "GPT_KERNEL_CACHE": str(tmp_path), "PYTHONPATH": str(REPO)}
+  out = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], env=env, capture_output=True,
+                       text=True, timeout=600)
+  assert out.returncode == 0 and "portable ok" in out.stdout, out.stderr[-2000:]

@@ -10,10 +10,10 @@
 //   block's own rows; it writes y [B, H, T, K] and the rows' logsumexp [B, H, T] only;
 // - backward, one block per batch*head: over key tiles (outer) and the query tiles that see them
 //   (inner), P recomputed from the logsumexp, D = rowsum(dy * y), dS = P * (dy v^T - D) * scale;
-//   dk, dv of the key tile accumulate in the block's buffers, dq in the head's own rows (one block
-//   owns a head, so nothing is shared between threads).
+//   dk, dv of the key tile and dq accumulate in the head's own output rows (one block owns a head,
+//   so nothing is shared between threads).
 // Causal only (the last query is the last key, T <= S): attention.py keeps the blocked formulation
-// for explicit masks. Inner products are one register-blocked micro-kernel, C[4 x 64] += A B, in
+// for explicit masks. Inner products are one register-blocked micro-kernel, C[4 x 64] += op(A) B, in
 // AVX-512 (built with -march=native) with a portable loop where the CPU has no AVX-512.
 #include <algorithm>
 #include <cmath>
