@@ -306,7 +306,7 @@ class Attention(nnx.Module):
       S = ck.shape[1]
       ck = jax.lax.dynamic_update_slice(ck, k.reshape(B * H, T, K).astype(ck.dtype), (0, cache_index, 0))
       cv = jax.lax.dynamic_update_slice(cv, v.reshape(B * H, T, K).astype(cv.dtype), (0, cache_index, 0))
-      cache_kv, impl = (ck, cv), "einsum"
+      cache_kv, impl = (ck, cv), "cache"
       k, v = ck.reshape(B, H, S, K), cv.reshape(B, H, S, K)
     out = attention(q, k, v, mask, impl=impl, dropout=cfg.attn_pdrop, rng=rng,
                     return_probs=return_probs)
