@@ -4,6 +4,7 @@
   python experiments/bench_decode.py --dtype=int8,int8a8 --batch=1,8 --ct2=int8   # int8 activations too
   python experiments/bench_decode.py --model=1542M --new=256 --batch=1,8
   python experiments/bench_decode.py --profile          # + where one decode step spends its time
+  python experiments/bench_decode.py --einsum_attention # + the decoder without decode_attention
 
 Random weights (speed does not depend on them). Weights "int8" are model.quantize=int8 (gpt.quantize:
 int8 weights with per-output scales, float32 activations) beside CTranslate2's int8 column; "int8a8"
@@ -16,6 +17,9 @@ run that compiles. Columns:
                row for gpt.kernels.gemv where it runs)
   matmuls      only the weight matmuls of each step (see MatmulsOnly), as the prepared model
                runs them (gemv where it wins, else XLA): the matmul ceiling
+  ours einsum  (--einsum_attention) "ours" traced with GPT_DECODE_ATTENTION=0: the attention over
+               the cache as XLA's einsum formulation instead of gpt.kernels.decode_attention's
+               one call per layer (the same-run A/B of that kernel)
   GPT.decode   the same sampler over the unprepared model (lax.scan over the stacked layers)
   HF           transformers GPT2LMHeadModel.generate(do_sample=True, top_k=40), PyTorch, KV cache
                (skipped with a note when torch/transformers are not installed: pip install .[hf])
@@ -156,6 +160,28 @@ class Ours:
                                 jax.random.key(self.seed), self.new, cache_length=self.cache_length,
                                 max_new=sample.bucket(self.new))
     return np.asarray(out)[:, :self.new]
+
+
+class WithoutDecodeAttention:
+  """A runner whose programs are traced (at its first call: the warm-up) with
+  GPT_DECODE_ATTENTION=0, so they keep XLA's einsum attention over the cache for every call."""
+
+  def __init__(self, runner: Ours):
+    self.runner, self.traced = runner, False
+
+  def __call__(self) -> np.ndarray:
+    if self.traced:
+      return self.runner()
+    previous = os.environ.get("GPT_DECODE_ATTENTION")
+    os.environ["GPT_DECODE_ATTENTION"] = "0"
+    try:
+      return self.runner()
+    finally:
+      self.traced = True
+      if previous is None:
+        del os.environ["GPT_DECODE_ATTENTION"]
+      else:
+        os.environ["GPT_DECODE_ATTENTION"] = previous
 
 
 class MatmulsOnly:
@@ -302,6 +328,8 @@ def main():
   parser.add_argument("--no_model_decode", action="store_true", help="skip the GPT.decode column")
   parser.add_argument("--profile", action="store_true", help="trace one run of each config")
   parser.add_argument("--no_hf", action="store_true", help="skip the Hugging Face column")
+  parser.add_argument("--einsum_attention", action="store_true",
+                      help="add 'ours einsum': ours without the decode-attention kernel")
   parser.add_argument("--ct2", default="float32,int8",
                       help="CTranslate2 compute types, one column each ('' = none)")
   args = parser.parse_args()
@@ -324,6 +352,8 @@ def main():
                     param_dtype=float_dtype, quantize="int8" if int8 else "none",
                     int8_activations=dtype == "int8a8")
     methods = {"ours": Ours(cfg, batch, args.new), "matmuls": MatmulsOnly(cfg, batch, args.new)}
+    if args.einsum_attention:
+      methods["ours einsum"] = WithoutDecodeAttention(Ours(cfg, batch, args.new))
     if not args.no_model_decode:
       methods["GPT.decode"] = Ours(cfg, batch, args.new, model_decode=True)
     if not skip_hf:
@@ -345,7 +375,7 @@ def main():
         methods[name]()
         times[(key, name)].append(time.perf_counter() - start)
 
-  names = ["ours", "matmuls"] + ([] if args.no_model_decode else ["GPT.decode"]) + ([] if skip_hf else ["HF"])
+  names = ["ours", "matmuls"] + (["ours einsum"] if args.einsum_attention else []) + ([] if args.no_model_decode else ["GPT.decode"]) + ([] if skip_hf else ["HF"])
   names += [f"CT2 {t}" for t in ct2_types]
   rate = lambda key, name: [key[1] * args.new / t for t in times[(key, name)]]
   print(f"\n{args.model} architecture, {args.new} new tokens after a 1-token prompt, top-k 40, "
@@ -357,8 +387,9 @@ def main():
   head = " | ".join(f"{n} tok/s" for n in names)
   print(f"| weights | batch | {head} | roofline (copy) | ours / roofline (copy) | roofline (read) | "
         f"ours / roofline (read) |" + (" ours / HF |" if not skip_hf else "")
-        + "".join(f" ours / CT2 {t} |" for t in ct2_types))
-  print("|---|---|" + "---|" * (len(names) + 4 + (not skip_hf) + len(ct2_types)))
+        + "".join(f" ours / CT2 {t} |" for t in ct2_types)
+        + (" ours / ours einsum |" if args.einsum_attention else ""))
+  print("|---|---|" + "---|" * (len(names) + 4 + (not skip_hf) + len(ct2_types) + args.einsum_attention))
   for key, (cfg, _) in runners.items():
     cells = [f"{statistics.median(rate(key, n)):.1f} ({max(rate(key, n)):.1f})" for n in names]
     ours = statistics.median(rate(key, "ours"))
@@ -371,6 +402,8 @@ def main():
       line += f" {ours / statistics.median(rate(key, 'HF')):.2f}x |"
     for t in ct2_types:
       line += f" {ours / statistics.median(rate(key, f'CT2 {t}')):.2f}x |"
+    if args.einsum_attention:
+      line += f" {ours / statistics.median(rate(key, 'ours einsum')):.2f}x |"
     print(line)
   for note in (skip_hf, skip_ct2):
     if note:

@@ -90,6 +90,8 @@ def test_falls_back_for_weights_dropout_off_and_the_switch(monkeypatch):
   assert "GptDecodeAttention" not in lowered(return_probs=True)  # the attention view's weights
   assert "GptDecodeAttention" not in lowered(dropout=0.5, rng=jax.random.key(0))
   assert not decode_attention.runs(q, k, v, None)  # no explicit mask
+  long = jnp.zeros((1, 2, decode_attention.MAX_QUERIES + 1, 16))  # a long prompt's prefill
+  assert not decode_attention.runs(long, k, v, jnp.ones((1, 1, long.shape[2], 8), bool))
   with decode_attention.off():  # compile mode lowering for a TPU on a CPU host
     assert not decode_attention.runs(q, k, v, mask) and "GptDecodeAttention" not in lowered()
   y, probs = attention(q, k, v, mask, impl="cache", return_probs=True)

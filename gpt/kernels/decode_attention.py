@@ -34,7 +34,13 @@ from gpt.kernels import native
 
 SOURCE = Path(__file__).with_name("decode_attention.cc")
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC", "-w")
-_TARGETS = {jnp.dtype(jnp.float32): "GptDecodeAttentionF32", jnp.dtype(jnp.bfloat16): "GptDecodeAttentionBF16"}
+_TARGETS = {jnp.dtype(jnp.float32): "GptDecodeAttentionF32",
+            jnp.dtype(jnp.bfloat16): "GptDecodeAttentionBF16"}
+# Up to this many queries per row the kernel runs (a decode step is 1; a short prefill a few).
+# Past it XLA's batched dots win: they reuse each key across many queries, the kernel takes one
+# query at a time (experiments/bench_decode_attention.py: T=16 1.75-8x faster, T=64 over 512
+# filled slots 0.72-0.93x; BENCHMARKS.md). Long prompts' prefill keeps the einsum formulation.
+MAX_QUERIES = 16
 _lock = threading.Lock()
 _loaded: list[bool] = []  # [] = not tried yet; [True] registered; [False] unavailable
 
@@ -73,11 +79,12 @@ def off():
 
 
 def runs(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None) -> bool:
-  """Whether `attention(q, k, v, mask)` runs the kernel for these operands: float32/bfloat16
-  queries and cache, an explicit mask [B, 1, T, S], a CPU backend and a built library."""
+  """Whether `attention(q, k, v, mask)` runs the kernel for these operands: at most MAX_QUERIES
+  queries per row, float32/bfloat16 queries and cache, an explicit mask [B, 1, T, S], a CPU
+  backend and a built library."""
   B, H, T, K = q.shape
   S = k.shape[2]
-  return (mask is not None and tuple(mask.shape) == (B, 1, T, S)
+  return (T <= MAX_QUERIES and mask is not None and tuple(mask.shape) == (B, 1, T, S)
           and jnp.dtype(k.dtype) in _TARGETS and k.dtype == v.dtype
           and jnp.dtype(q.dtype) in _TARGETS
           and jax.default_backend() == "cpu" and not _off.get() and available())
