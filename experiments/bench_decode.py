@@ -39,8 +39,10 @@ median over repeats (best in brackets).
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -309,11 +311,21 @@ def profile_step(runner: Ours, top: int = 10) -> None:
   state = runner.decoder.start(runner.params, runner.prompt, np.ones_like(runner.prompt, bool),
                                jax.random.key(0), cache_length=runner.cache_length,
                                max_new=sample.bucket(runner.new))
-  hlo = xla_trace.hlo_summaries(runner.decoder.lower_advance(runner.params, state).compile().as_text())
+  text = runner.decoder.lower_advance(runner.params, state).compile().as_text()
+  hlo = xla_trace.hlo_summaries(text)
   steps = runner.new
   print(f"\nWall {1e3 * wall / steps:.1f} ms per token; XLA op time "
         f"{sum(totals.values()) / 1e6 / steps:.1f} ms per token (ops on the 2 threads overlap).")
   xla_trace.print_breakdown(totals, hlo, per=steps, unit="ms/token", top=top)
+  # The FFI calls by kernel (gemv's matmuls, decode_attention's attention), which "ffi_call" lumps.
+  targets = dict(re.findall(r'%([\w.-]+) = .*?custom_call_target="(\w+)"', text))
+  by_target = collections.Counter()
+  for name, ns in totals.items():
+    if name in targets:
+      by_target[targets[name]] += ns
+  print("By custom-call target:")
+  for target, ns in by_target.most_common():
+    print(f"  {ns / 1e6 / steps:8.2f} ms/token  {target}")
 
 
 def main():

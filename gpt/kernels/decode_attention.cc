@@ -135,9 +135,12 @@ int64_t MaxThreads() {
   return n > 0 ? n : int64_t{1} << 30;
 }
 
-// Below this many multiply-adds (q k^T and p v over every slot) a call runs on the calling thread
-// alone: handing blocks to the pool costs more than it saves (batch 1, short caches).
-constexpr int64_t kParallelWork = 1 << 16;
+// Below this much work (2 x queries x cache slots x K, over all rows and heads) a call runs on
+// the calling thread alone: handing blocks to the pool cost more than it saved at every decode
+// shape measured (loaded 2-core Xeon, load 7-9: one thread 1.65-1.71x faster at batch 8 over 32-64
+// filled slots, 1.38x at batch 1, still 1.06x over 512 of 1024; BENCHMARKS.md). A full 1024-slot
+// cache at batch 8 (12.6M) still splits, for a quiet machine and longer contexts.
+constexpr int64_t kParallelWork = int64_t{1} << 23;
 
 template <typename C>
 ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer k, ffi::AnyBuffer v,

@@ -97,6 +97,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.
   = may attend). Returns y [B, H, T, K] in q's dtype, equal to gpt.attention's "einsum" result to
   float32 rounding.
   """
+  if not available():  # registers the handlers on first use
+    raise RuntimeError("gpt.kernels.decode_attention is unavailable here: check `runs` first")
   B, H, T, K = q.shape
   S = k.shape[2]
   N = B * H
