@@ -16,6 +16,7 @@ decides MAX_QUERIES: up to how many queries per call the kernel beats XLA.
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import time
@@ -64,6 +65,9 @@ def main():
   parser.add_argument("--dtype", default="float32", help="queries' dtype (bfloat16: float32 cache)")
   parser.add_argument("--layers", type=int, default=12)
   parser.add_argument("--repeats", type=int, default=7)
+  parser.add_argument("--scores_ab", action="store_true",
+                      help="also time the kernel scoring one slot at a time "
+                      "(GPT_DECODE_ATTENTION_SCORES=1, read per call) instead of four")
   args = parser.parse_args()
   if not decode_attention.available():
     sys.exit("error: gpt.kernels.decode_attention did not build here (see the warning above)")
@@ -75,22 +79,32 @@ def main():
         fns = {impl: chained(impl, mask, k, v, args.layers) for impl in ("kernel", "einsum")}
         outs = {impl: jax.block_until_ready(fn(q)) for impl, fn in fns.items()}
         err = float(jnp.abs(outs["kernel"].astype(jnp.float32) - outs["einsum"].astype(jnp.float32)).max())
-        times = {impl: [] for impl in fns}
+        names = ["kernel", "einsum"] + (["kernel 1-slot"] if args.scores_ab else [])
+        times = {name: [] for name in names}
         for r in range(args.repeats):
-          for impl in (("kernel", "einsum") if r % 2 == 0 else ("einsum", "kernel")):
+          for name in (names if r % 2 == 0 else names[::-1]):
+            if name == "kernel 1-slot":
+              os.environ["GPT_DECODE_ATTENTION_SCORES"] = "1"
             start = time.perf_counter()
-            jax.block_until_ready(fns[impl](q))
-            times[impl].append(time.perf_counter() - start)
-        ratio = statistics.median(e / c for e, c in zip(times["einsum"], times["kernel"]))
-        us = lambda impl: 1e6 * statistics.median(times[impl]) / args.layers
-        rows.append(f"| {B} | {T} | {filled} | {us('kernel'):.1f} | {us('einsum'):.1f} | {ratio:.2f}x | {err:.1e} |")
+            jax.block_until_ready(fns[name.split()[0]](q))
+            times[name].append(time.perf_counter() - start)
+            os.environ.pop("GPT_DECODE_ATTENTION_SCORES", None)
+        paired = lambda a, b: statistics.median(x / y for x, y in zip(times[a], times[b]))
+        us = lambda name: 1e6 * statistics.median(times[name]) / args.layers
+        row = (f"| {B} | {T} | {filled} | {us('kernel'):.1f} | {us('einsum'):.1f} | "
+               f"{paired('einsum', 'kernel'):.2f}x | {err:.1e} |")
+        if args.scores_ab:
+          row += f" {us('kernel 1-slot'):.1f} | {paired('kernel 1-slot', 'kernel'):.2f}x |"
+        rows.append(row)
         print(f"done: B={B} T={T} filled={filled}", file=sys.stderr, flush=True)
   print(f"\nOne layer's attention over a {args.cache}-slot cache ({args.heads} heads x {args.head_dim}, "
         f"{args.dtype} queries, float32 cache), median of {args.repeats}, microseconds per layer.")
   print(f"CPU: {machine.cpu_model()} ({machine.vector_flags()}); load {machine.load_average()}.")
   print(f"Command: python {' '.join(sys.argv)}\n")
-  print("| batch | queries T | filled S | kernel us | einsum us | einsum / kernel (paired) | max abs diff |")
-  print("|---|---|---|---|---|---|---|")
+  extra = " kernel 1-slot us | 1-slot / kernel (paired) |" if args.scores_ab else ""
+  print("| batch | queries T | filled S | kernel us | einsum us | einsum / kernel (paired) | max abs diff |"
+        + extra)
+  print("|---|---|---|---|---|---|---|" + "---|---|" * args.scores_ab)
   print("\n".join(rows))
 
 

@@ -79,6 +79,45 @@ inline float Dot(const float* q, const C* k, int64_t K) {
   return sum;
 }
 
+#ifdef __AVX512F__
+// The sums of four vectors' lanes as one 4-float vector (an unpack/add tree sharing its shuffles:
+// four separate reductions cost about as much as the four K=64 dot products themselves).
+inline __m128 Sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
+  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+  const __m512 t = _mm512_add_ps(
+      _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
+      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
+  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(t),
+                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t), 1)));
+  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+}
+#endif
+
+// out[r] = q . k[slots[r]] for r < 4: four slots' dot products sharing each load of q.
+template <typename C>
+inline void Dot4(const float* q, const C* k, const int64_t* slots, int64_t K, float* out) {
+#ifdef __AVX512F__
+  if (K % kLanes == 0) {
+    const C* r0 = k + slots[0] * K;
+    const C* r1 = k + slots[1] * K;
+    const C* r2 = k + slots[2] * K;
+    const C* r3 = k + slots[3] * K;
+    __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+    for (int64_t i = 0; i < K; i += kLanes) {
+      const __m512 qv = _mm512_loadu_ps(q + i);
+      a0 = _mm512_fmadd_ps(qv, Load16(r0 + i), a0);
+      a1 = _mm512_fmadd_ps(qv, Load16(r1 + i), a1);
+      a2 = _mm512_fmadd_ps(qv, Load16(r2 + i), a2);
+      a3 = _mm512_fmadd_ps(qv, Load16(r3 + i), a3);
+    }
+    _mm_storeu_ps(out, Sum4(a0, a1, a2, a3));
+    return;
+  }
+#endif
+  for (int r = 0; r < 4; ++r) out[r] = Dot(q, k + slots[r] * K, K);
+}
+
 // y[0, K) += p * v[0, K).
 template <typename C>
 inline void Axpy(float p, const C* v, float* y, int64_t K) {
@@ -93,6 +132,9 @@ inline void Axpy(float p, const C* v, float* y, int64_t K) {
 
 struct Shape {
   int64_t B = 0, H = 0, T = 0, S = 0, K = 0;
+  // GPT_DECODE_ATTENTION_SCORES=1: the scores one slot at a time instead of Dot4 (for the
+  // same-process A/B of experiments/bench_decode_attention.py --scores_ab).
+  bool one_slot_at_a_time = false;
 };
 
 // One query row of one head: q [K], its head's cache k, v [S, K], its mask row [S], y [K].
@@ -102,13 +144,17 @@ void Row(const float* q, const C* k, const C* v, const bool* mask, float* y, con
          bool bf16_probs, float* e, int64_t* slots) {
   const float root = std::sqrt(static_cast<float>(s.K));
   int64_t m = 0;
-  float max = -INFINITY;
   for (int64_t j = 0; j < s.S; ++j) {
-    if (!mask[j]) continue;
-    const float score = Dot(q, k + j * s.K, s.K) / root;
-    slots[m] = j;
-    e[m++] = score;
-    max = std::max(max, score);
+    if (mask[j]) slots[m++] = j;
+  }
+  int64_t i = 0;
+  if (!s.one_slot_at_a_time)
+    for (; i + 4 <= m; i += 4) Dot4(q, k, slots + i, s.K, e + i);
+  for (; i < m; ++i) e[i] = Dot(q, k + slots[i] * s.K, s.K);
+  float max = -INFINITY;
+  for (i = 0; i < m; ++i) {
+    e[i] /= root;
+    max = std::max(max, e[i]);
   }
   std::fill(y, y + s.K, 0.0f);
   if (m == 0) {  // nothing visible (a padding query): uniform over all S slots
@@ -118,11 +164,11 @@ void Row(const float* q, const C* k, const C* v, const bool* mask, float* y, con
     return;
   }
   float sum = 0.0f;
-  for (int64_t i = 0; i < m; ++i) {
+  for (i = 0; i < m; ++i) {
     e[i] = std::exp(e[i] - max);
     sum += e[i];
   }
-  for (int64_t i = 0; i < m; ++i) {
+  for (i = 0; i < m; ++i) {
     float p = e[i] / sum;
     if (bf16_probs) p = RoundBf16(p);
     Axpy(p, v + slots[i] * s.K, y, s.K);
@@ -155,6 +201,8 @@ ffi::Error Attend(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::AnyBuffer 
     return ffi::Error::InvalidArgument(
         "decode_attention: want q [B*H, T, K], k and v [B*H, S, K], mask [B, T, S]");
   s.H = N / s.B;
+  const char* scores = std::getenv("GPT_DECODE_ATTENTION_SCORES");
+  s.one_slot_at_a_time = scores && scores[0] == '1';
   const float* qp = q.typed_data();
   const C* kp = static_cast<const C*>(k.untyped_data());
   const C* vp = static_cast<const C*>(v.untyped_data());
