@@ -3,6 +3,7 @@ KV cache (ragged lengths, left-padded rows, queries that see nothing, T = 1 and 
 float32 and bfloat16 caches and queries), inside jit and a while_loop; decoding with it samples the
 same tokens; it falls back where it does not apply."""
 
+import os
 import shutil
 
 import jax
@@ -120,3 +121,17 @@ def test_decoding_samples_the_same_tokens_as_einsum(options):
   got, want = run(True), run(False)
   assert got.shape == (3, 30)
   np.testing.assert_array_equal(got, want)
+
+
+def test_bench_decode_traces_its_einsum_column_without_the_kernel(monkeypatch):
+  """bench_decode --einsum_attention: the wrapped runner's first call (the warm-up, which traces
+  and compiles) runs with GPT_DECODE_ATTENTION=0; later calls and the environment are as before."""
+  from test_benchmarks import load_script
+
+  seen = []
+  runner = load_script("bench_decode").WithoutDecodeAttention(
+      lambda: seen.append(os.environ.get("GPT_DECODE_ATTENTION")) or np.zeros((2, 5)))
+  monkeypatch.delenv("GPT_DECODE_ATTENTION", raising=False)
+  assert runner().shape == (2, 5) and "GPT_DECODE_ATTENTION" not in os.environ
+  runner()
+  assert seen == ["0", None]
