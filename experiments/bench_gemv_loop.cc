@@ -68,7 +68,8 @@ int main(int argc, char** argv) {
     bytes += m.N * m.K * sizeof(WT);
   }
   std::vector<float> x(B * 4 * d, 0.5f), y(B * 50257), xs(B);
-  std::vector<uint8_t> u(B * 4 * d);
+  std::vector<int8_t> u(B * 4 * d);
+  std::vector<int32_t> qsum(B);
   std::vector<int16_t> q16(B * 4 * d);
   const char* names[] = {"plain read", "float activations", "int8 activations (VNNI)",
                          "int16 activations (VNNI vpdpwssd)"};
@@ -84,8 +85,9 @@ int main(int argc, char** argv) {
 #if VNNI
         if (v == 2) {
           const int64_t k_pad = (m.K + 63) / 64 * 64;
-          for (int b = 0; b < B; ++b) xs[b] = QuantizeRow(x.data() + b * m.K, m.K, u.data() + b * k_pad, k_pad);
-          BlockVnni(u.data(), k_pad, xs.data(), m.w, m.scale, y.data(), B, m.K, m.N, 0, m.N);
+          for (int b = 0; b < B; ++b)
+            xs[b] = QuantizeRow(x.data() + b * m.K, m.K, u.data() + b * k_pad, k_pad, qsum.data() + b);
+          BlockVnni(u.data(), k_pad, qsum.data(), xs.data(), m.w, m.scale, y.data(), B, m.K, m.N, 0, m.N);
         }
 #endif
 #if VNNI >= 2

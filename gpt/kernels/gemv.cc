@@ -187,10 +187,13 @@ void Block(const float* x, const W* w, const float* scale, float* y, int64_t B, 
 // 64 unsigned by signed bytes and adds them into 16 int32 sums in one instruction, where the float
 // path needs a widen, a convert and an FMA per 16 weights (compute-bound at ~1.5x the time of
 // reading the bytes, experiments/bench_gemv.py). Each activation row is quantized once per call
-// to q = round(x * 127 / max|x|) in [-127, 127] and stored as u = q + 128 (vpdpbusd's unsigned
-// side); sum(u * w) = sum(q * w) + 128 * sum(w), so a second vpdpbusd against a vector of ones
-// gives each weight row's sum to subtract. y = (sum(q * w)) * (max|x| / 127) * scale[n]: the sums
-// are exact integers, so the kernel and `reference_int8_activations` agree to float32 rounding.
+// to q = round(x * 127 / max|x|) in [-127, 127]. vpdpbusd multiplies unsigned by signed bytes: the
+// weights take the unsigned side as w + 128 (one xor with 0x80 per 64 loaded), so that
+// sum((w + 128) * q) = sum(w * q) + 128 * sum(q), where sum(q) is the activation row's, computed
+// once per call when it is quantized. (The other way round, q + 128 against w, needs each weight
+// row's sum: one more vpdpbusd per 64 weights and pass, ~10-20% of the 8-row loop's integer work.)
+// y = (sum(q * w)) * (max|x| / 127) * scale[n]: the sums are exact integers, so the kernel and
+// `reference(..., int8_activations=True)` agree to float32 rounding.
 constexpr int64_t kVnniLanes = 64;  // bytes per vpdpbusd
 
 // Row b of x as offset bytes (K padded to a multiple of 64 with 128 = a zero activation) and the
@@ -208,23 +211,30 @@ inline float AbsMax(const float* x, int64_t K) {
   return amax;
 }
 
-// Row b of x as offset bytes (K padded to a multiple of 64 with 128 = a zero activation) and the
+// Row b of x as int8 q (K padded to a multiple of 64 with zeros), the sum of q (*qsum), and the
 // factor that turns its integer sums back into floats. Rounding is half to even, in both the vector
 // part (cvtps2dq under the default MXCSR) and the scalar tail (nearbyint), as quantize_rows's.
-inline float QuantizeRow(const float* x, int64_t K, uint8_t* u, int64_t k_pad) {
+inline float QuantizeRow(const float* x, int64_t K, int8_t* q, int64_t k_pad, int32_t* qsum) {
   const float amax = AbsMax(x, K);
   const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
   int64_t k = 0;
+  int32_t sum = 0;
 #ifdef __AVX512F__
   const __m512 vinv = _mm512_set1_ps(inv);
-  const __m512i off = _mm512_set1_epi32(128);
+  __m512i vsum = _mm512_setzero_si512();
   for (; k + kLanes <= K; k += kLanes) {
-    const __m512i q = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), vinv));
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(u + k), _mm512_cvtepi32_epi8(_mm512_add_epi32(q, off)));
+    const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), vinv));
+    vsum = _mm512_add_epi32(vsum, v);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtepi32_epi8(v));
   }
+  sum = _mm512_reduce_add_epi32(vsum);
 #endif
-  for (; k < K; ++k) u[k] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(x[k] * inv)) + 128);
-  for (k = K; k < k_pad; ++k) u[k] = 128;
+  for (; k < K; ++k) {
+    q[k] = static_cast<int8_t>(std::nearbyint(x[k] * inv));
+    sum += q[k];
+  }
+  for (k = K; k < k_pad; ++k) q[k] = 0;
+  *qsum = sum;
   return amax / 127.0f;
 }
 
@@ -258,69 +268,66 @@ inline float QuantizeRow16(const float* x, int64_t K, int16_t* q, int64_t k_pad)
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 constexpr bool kHasVnni = true;
 
-// R weight rows times BR quantized activation rows; each 64-byte weight vector is loaded once.
-// The ragged end of K loads weights under a mask (zeros add nothing to either sum).
+// R weight rows times BR quantized activation rows; each 64-byte weight vector is loaded (and
+// offset to unsigned) once. The ragged end of K loads weights under a mask: the padded activations
+// are zero, so the masked lanes (0 ^ 0x80 = 128) add nothing.
 template <int R, int BR>
-inline void TileVnni(const uint8_t* u, int64_t k_pad, const float* xs, const int8_t* w,
-                     const float* scale, float* y, int64_t b0, int64_t K, int64_t N, int64_t n) {
-  __m512i acc[BR][R], wsum[R];
-  const __m512i ones = _mm512_set1_epi8(1);
-  for (int r = 0; r < R; ++r) {
-    wsum[r] = _mm512_setzero_si512();
-    for (int b = 0; b < BR; ++b) acc[b][r] = _mm512_setzero_si512();
-  }
+inline void TileVnni(const int8_t* q, int64_t k_pad, const int32_t* qsum, const float* xs,
+                     const int8_t* w, const float* scale, float* y, int64_t b0, int64_t K, int64_t N,
+                     int64_t n) {
+  __m512i acc[BR][R];
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int b = 0; b < BR; ++b)
+    for (int r = 0; r < R; ++r) acc[b][r] = _mm512_setzero_si512();
   for (int64_t k = 0; k < K; k += kVnniLanes) {
     const __mmask64 m = K - k >= kVnniLanes ? ~__mmask64{0} : (__mmask64{1} << (K - k)) - 1;
     __m512i wv[R];
     for (int r = 0; r < R; ++r) {
-      wv[r] = _mm512_maskz_loadu_epi8(m, w + (n + r) * K + k);
+      wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w + (n + r) * K + k), flip);
       Prefetch(w + (n + r) * K + k, R * K);
-      wsum[r] = _mm512_dpbusd_epi32(wsum[r], ones, wv[r]);
     }
     for (int b = 0; b < BR; ++b) {
-      const __m512i uv = _mm512_loadu_si512(u + (b0 + b) * k_pad + k);
-      for (int r = 0; r < R; ++r) acc[b][r] = _mm512_dpbusd_epi32(acc[b][r], uv, wv[r]);
+      const __m512i qv = _mm512_loadu_si512(q + (b0 + b) * k_pad + k);
+      for (int r = 0; r < R; ++r) acc[b][r] = _mm512_dpbusd_epi32(acc[b][r], wv[r], qv);
     }
   }
-  // sum(q * w) = sum(u * w) - 128 * sum(w), subtracted lane-wise before the one reduction.
-  for (int r = 0; r < R; ++r) wsum[r] = _mm512_slli_epi32(wsum[r], 7);
   for (int b = 0; b < BR; ++b) {
     int32_t dots[R];
     if constexpr (R == 4) {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dots),
-                       Sum4(_mm512_sub_epi32(acc[b][0], wsum[0]), _mm512_sub_epi32(acc[b][1], wsum[1]),
-                            _mm512_sub_epi32(acc[b][2], wsum[2]), _mm512_sub_epi32(acc[b][3], wsum[3])));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dots), Sum4(acc[b][0], acc[b][1], acc[b][2], acc[b][3]));
     } else {
-      for (int r = 0; r < R; ++r) dots[r] = _mm512_reduce_add_epi32(_mm512_sub_epi32(acc[b][r], wsum[r]));
+      for (int r = 0; r < R; ++r) dots[r] = _mm512_reduce_add_epi32(acc[b][r]);
     }
+    const int32_t offset = 128 * qsum[b0 + b];  // sum(q * w) = sum(q * (w + 128)) - 128 * sum(q)
     for (int r = 0; r < R; ++r)
-      y[(b0 + b) * N + n + r] = static_cast<float>(dots[r]) * (xs[b0 + b] * (scale ? scale[n + r] : 1.0f));
+      y[(b0 + b) * N + n + r] =
+          static_cast<float>(dots[r] - offset) * (xs[b0 + b] * (scale ? scale[n + r] : 1.0f));
   }
 }
 
 // The last `left` (< kVnniRows) activation rows in one tile of exactly that many.
 template <int R, int BR>
-inline void RestVnni(const uint8_t* u, int64_t k_pad, const float* xs, const int8_t* w,
+inline void RestVnni(const int8_t* q, int64_t k_pad, const int32_t* qsum, const float* xs, const int8_t* w,
                      const float* scale, float* y, int64_t b0, int64_t left, int64_t K, int64_t N, int64_t n) {
   if constexpr (BR > 0) {
-    if (left == BR) return TileVnni<R, BR>(u, k_pad, xs, w, scale, y, b0, K, N, n);
-    RestVnni<R, BR - 1>(u, k_pad, xs, w, scale, y, b0, left, K, N, n);
+    if (left == BR) return TileVnni<R, BR>(q, k_pad, qsum, xs, w, scale, y, b0, K, N, n);
+    RestVnni<R, BR - 1>(q, k_pad, qsum, xs, w, scale, y, b0, left, K, N, n);
   }
 }
 
 template <int R>
-inline void RowsVnni(const uint8_t* u, int64_t k_pad, const float* xs, const int8_t* w,
+inline void RowsVnni(const int8_t* q, int64_t k_pad, const int32_t* qsum, const float* xs, const int8_t* w,
                      const float* scale, float* y, int64_t B, int64_t K, int64_t N, int64_t n) {
   int64_t b = 0;
-  for (; b + kVnniRows <= B; b += kVnniRows) TileVnni<R, kVnniRows>(u, k_pad, xs, w, scale, y, b, K, N, n);
-  RestVnni<R, kVnniRows - 1>(u, k_pad, xs, w, scale, y, b, B - b, K, N, n);
+  for (; b + kVnniRows <= B; b += kVnniRows) TileVnni<R, kVnniRows>(q, k_pad, qsum, xs, w, scale, y, b, K, N, n);
+  RestVnni<R, kVnniRows - 1>(q, k_pad, qsum, xs, w, scale, y, b, B - b, K, N, n);
 }
 
-void BlockVnni(const uint8_t* u, int64_t k_pad, const float* xs, const int8_t* w, const float* scale,
-               float* y, int64_t B, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+void BlockVnni(const int8_t* q, int64_t k_pad, const int32_t* qsum, const float* xs, const int8_t* w,
+               const float* scale, float* y, int64_t B, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + kVnniTile <= n1; n += kVnniTile) RowsVnni<kVnniTile>(u, k_pad, xs, w, scale, y, B, K, N, n);
-  for (; n < n1; ++n) RowsVnni<1>(u, k_pad, xs, w, scale, y, B, K, N, n);
+  for (; n + kVnniTile <= n1; n += kVnniTile) RowsVnni<kVnniTile>(q, k_pad, qsum, xs, w, scale, y, B, K, N, n);
+  for (; n < n1; ++n) RowsVnni<1>(q, k_pad, qsum, xs, w, scale, y, B, K, N, n);
 }
 
 // R weight rows times BR int16 activation rows (K padded with zeros to a multiple of 32 in q). The
@@ -391,12 +398,12 @@ void BlockA16(const int16_t* q, int64_t k_pad, const float* xs, const int8_t* w,
 constexpr bool kHasVnni = false;
 
 // Without VNNI (this handler is then not chosen by gemv.py; kept correct for completeness).
-void BlockVnni(const uint8_t* u, int64_t k_pad, const float* xs, const int8_t* w, const float* scale,
-               float* y, int64_t B, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+void BlockVnni(const int8_t* q, int64_t k_pad, const int32_t* qsum, const float* xs, const int8_t* w,
+               const float* scale, float* y, int64_t B, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t b = 0; b < B; ++b) {
       int64_t dot = 0;
-      for (int64_t k = 0; k < K; ++k) dot += (static_cast<int32_t>(u[b * k_pad + k]) - 128) * w[n * K + k];
+      for (int64_t k = 0; k < K; ++k) dot += int32_t{q[b * k_pad + k]} * w[n * K + k];
       y[b * N + n] = static_cast<float>(dot) * (xs[b] * (scale ? scale[n] : 1.0f));
     }
 }
@@ -465,13 +472,16 @@ ffi::Error GemvInt8Activations(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   const float* s = shape.scale;
   // Quantized once per call (B * K bytes), shared by every block.
   const int64_t k_pad = (K + kVnniLanes - 1) / kVnniLanes * kVnniLanes;
-  auto u = std::make_shared<std::vector<uint8_t>>(B * k_pad);
+  auto q = std::make_shared<std::vector<int8_t>>(B * k_pad);
   auto xs = std::make_shared<std::vector<float>>(B);
-  for (int64_t b = 0; b < B; ++b) (*xs)[b] = QuantizeRow(x.typed_data() + b * K, K, u->data() + b * k_pad, k_pad);
+  auto qsum = std::make_shared<std::vector<int32_t>>(B);
+  for (int64_t b = 0; b < B; ++b)
+    (*xs)[b] = QuantizeRow(x.typed_data() + b * K, K, q->data() + b * k_pad, k_pad, qsum->data() + b);
   const int8_t* wp = w.typed_data();
   float* yp = y->typed_data();
   gpt_kernels::RunBlocks(pool, (N + kBlock - 1) / kBlock, MaxThreads(), [=](int64_t i) {
-    BlockVnni(u->data(), k_pad, xs->data(), wp, s, yp, B, K, N, i * kBlock, std::min(N, (i + 1) * kBlock));
+    BlockVnni(q->data(), k_pad, qsum->data(), xs->data(), wp, s, yp, B, K, N, i * kBlock,
+              std::min(N, (i + 1) * kBlock));
   });
   return ffi::Error::Success();
 }
