@@ -10,6 +10,9 @@ are transposed once by `to_rows`. The library is compiled from gemv.cc with the 
 C++ compiler the first time it is needed (about 10 s; gpt.kernels.native) and cached, keyed also
 by this CPU's model and flags (it is built with -march=native). Without a compiler, on a GPU/TPU, for more rows, or with
 GPT_GEMV=0, `matmul` is `reference`: XLA's own einsum, same results to float32 rounding.
+With int8 weights two integer loops run on AVX-512 VNNI where the CPU has it: `int8_activations`
+(rows quantized to int8, vpdpbusd) and `int16_activations` (rows quantized to int16, vpdpwssd:
+within half an int16 step of the float product, faster than the float loop from 2 rows).
 GPT_GEMV_THREADS=n (read by the library at each call) caps the threads one call splits its rows
 over (default: all of XLA's intra-op pool); experiments/bench_gemv.py --per_call uses 1 to time the
 loops apart from the hand-off to the second core.
