@@ -187,7 +187,8 @@ def main() -> None:
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--per_call", action="store_true", help="time each matrix shape alone")
   parser.add_argument("--against", default="xla", help="the peer column: xla, or a weight variant "
-                      "with the same weights (int8, int8a16, int8a8 for int8 weights)")
+                      "with the same weights (int8, int8a16, int8a8 for int8 weights), or 1thread: "
+                      "the same kernel with GPT_GEMV_THREADS=1")
   parser.add_argument("--per_call_mb", type=float, default=128.0, help="weights per chain (--per_call)")
   args = parser.parse_args()
   n_layer, d, _ = MODEL_SIZES[canonical_model_name(args.model)]
@@ -200,7 +201,7 @@ def main() -> None:
   rows_out = []
   for name in args.dtypes.split(","):
     dtype = DTYPES[name]
-    if args.against != "xla" and DTYPES[args.against] != dtype:
+    if args.against not in ("xla", "1thread") and DTYPES[args.against] != dtype:
       raise SystemExit(f"error: --against={args.against} has other weights than {name}")
     mats, nbytes = weights(n_layer, d, vocab, dtype)
     act = jnp.float32 if dtype == jnp.int8 else dtype
@@ -208,8 +209,11 @@ def main() -> None:
       x = jnp.asarray(np.random.default_rng(1).standard_normal((rows, d)), act)
       a8 = name == "int8a8"  # int8 activations too: the VNNI kernel against XLA's int32 product
       peer = (partial(gemv.reference, int8_activations=a8) if args.against == "xla"
-              else kernel(args.against))
+              else kernel(name if args.against == "1thread" else args.against))
       fns = {"kernel": step_fn(d, kernel(name)), "XLA": step_fn(d, peer)}
+      if args.against == "1thread":  # the same kernel held to the calling thread
+        two = fns["XLA"]
+        fns["XLA"] = lambda m, x, two=two: one_thread(lambda: two(m, x))
       outs = {k: np.asarray(f(mats, x), np.float32) for k, f in fns.items()}  # compile, and check
       diff = float(np.max(np.abs(outs["kernel"] - outs["XLA"])) / (np.max(np.abs(outs["XLA"])) + 1e-30))
       times = {k: [] for k in fns}
