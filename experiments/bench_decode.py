@@ -9,7 +9,8 @@
 Random weights (speed does not depend on them). Weights "int8" are model.quantize=int8 (gpt.quantize:
 int8 weights with per-output scales, float32 activations) beside CTranslate2's int8 column; "int8a8"
 adds model.int8_activations (each activation row quantized to int8 too, multiplied on AVX-512 VNNI:
-what CTranslate2's int8 does).
+what CTranslate2's int8 does); "int8a16" adds model.int16_activations (float activations quantized
+per row to int16 at 2+ rows, multiplied with VNNI's vpdpwssd).
 Every configuration samples `--new` tokens (top-k 40) after a one-token prompt, timed end to end (prefill + decode loop), after one untimed warm-up
 run that compiles. Columns:
   ours         gpt.sample.Generator: gpt.sampling's while_loop over the model prepared for
@@ -206,7 +207,8 @@ class MatmulsOnly:
     def mm(x, p):
       w, scale = p["w"], p.get("w_scale")
       if by_row:
-        return gemv.auto_matmul(x, w, scale=scale, int8_activations=cfg.int8_activations).astype(x.dtype)
+        return gemv.auto_matmul(x, w, scale=scale, int8_activations=cfg.int8_activations,
+                                int16_activations=cfg.int16_activations).astype(x.dtype)
       return matmul(x, w, scale=scale).astype(x.dtype)
 
     def run(params, x):
@@ -334,7 +336,8 @@ def main():
   parser.add_argument("--batch", default="1,8")
   parser.add_argument("--dtype", default="float32,bfloat16,int8",
                       help="weights and compute dtype; int8 = int8 weights, float32 compute; "
-                      "int8a8 = int8 weights and int8 activations (model.int8_activations)")
+                      "int8a8 = int8 weights and int8 activations (model.int8_activations); "
+                      "int8a16 = int8 weights, activations int16 at 2+ rows (model.int16_activations)")
   parser.add_argument("--new", type=int, default=128, help="new tokens per sample")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--no_model_decode", action="store_true", help="skip the GPT.decode column")
@@ -358,11 +361,11 @@ def main():
   configs = [(d, int(b)) for d in args.dtype.split(",") for b in args.batch.split(",")]
   runners = {}
   for dtype, batch in configs:
-    int8 = dtype in ("int8", "int8a8")
+    int8 = dtype in ("int8", "int8a8", "int8a16")
     float_dtype = "float32" if int8 else dtype
     cfg = GPTConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head, dtype=float_dtype,
                     param_dtype=float_dtype, quantize="int8" if int8 else "none",
-                    int8_activations=dtype == "int8a8")
+                    int8_activations=dtype == "int8a8", int16_activations=dtype == "int8a16")
     methods = {"ours": Ours(cfg, batch, args.new), "matmuls": MatmulsOnly(cfg, batch, args.new)}
     if args.einsum_attention:
       methods["ours einsum"] = WithoutDecodeAttention(Ours(cfg, batch, args.new))
