@@ -53,7 +53,7 @@ REMAT_POLICIES = {
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _SAVE_GEMM),
 }
 ATTENTION_IMPLS = ("blocked", "xla", "cudnn", "auto")
-OUTPUT_LOSSES = ("fused", "logits")
+OUTPUT_LOSSES = ("auto", "fused", "logits")
 QUANTIZE = ("none", "int8")
 LN_EPS = 1e-5
 # The dense layers low-rank adapters can go into, named as Hugging Face PEFT's target_modules

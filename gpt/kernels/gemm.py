@@ -31,6 +31,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 from jax.ad_checkpoint import checkpoint_name
 
@@ -41,6 +42,7 @@ MATMULS = ("auto", "xla", "mkl")
 SOURCE = Path(__file__).with_name("gemm.cc")
 FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-w")
 TARGET = "GptGemmF32"
+XENT_TARGET = "GptSoftmaxXentF32"  # the output layer's loss pass (`softmax_xent`)
 # The name `matmul` gives its products (jax.ad_checkpoint.checkpoint_name): a custom call is no dot,
 # so gpt.model's "dots" remat policies save these by name, as they save XLA's dots.
 CHECKPOINT_NAME = "gpt_gemm"
@@ -79,6 +81,8 @@ def available() -> bool:
         if lib.GptGemmLoad(mkl.encode(), error, len(error)):
           raise RuntimeError(f"cannot load MKL from {mkl}: {error.value.decode(errors='replace')}")
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.GptGemmF32), platform="cpu")
+        jax.ffi.register_ffi_target(XENT_TARGET, jax.ffi.pycapsule(lib.GptSoftmaxXentF32),
+                                    platform="cpu")
         _loaded.append(True)
       except (OSError, RuntimeError, AttributeError) as e:
         logging.info("gpt.kernels.gemm unavailable, training uses XLA's matmul: %s", e)
@@ -124,6 +128,20 @@ def gemm(a: jax.Array, b: jax.Array, *, transpose_a: bool = False,
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((M, N), jnp.float32),
                           vmap_method="sequential")
   return call(a, b, transpose_a=int(transpose_a), transpose_b=int(transpose_b))
+
+
+def softmax_xent(logits: jax.Array, targets: jax.Array, scale: float) -> tuple[jax.Array, jax.Array]:
+  """Softmax cross-entropy of float32 logits [N, V] at int targets [N] in one threaded pass per
+  row (gemm.cc's SoftmaxXent): (dlogits [N, V] = (softmax - onehot) * scale, loss [N] =
+  logsumexp - the target's logit). dlogits takes the logits' buffer (aliased: the logits are dead
+  afterwards in the fused loss). A target outside [0, V) gives a NaN loss and no one-hot. No
+  gradient of its own: gpt.output_loss's custom VJP uses dlogits as the gradient. Call only where
+  `available()`."""
+  N, V = logits.shape
+  call = jax.ffi.ffi_call(XENT_TARGET, (jax.ShapeDtypeStruct((N, V), jnp.float32),
+                                        jax.ShapeDtypeStruct((N,), jnp.float32)),
+                          vmap_method="sequential", input_output_aliases={0: 0})
+  return call(logits.astype(jnp.float32), targets.astype(jnp.int32), scale=np.float32(scale))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
