@@ -42,6 +42,9 @@ from gpt.kv_cache import KVCache, attention_inputs
 from gpt.matmul import matmul
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+# The MLP's GELU inside MKL's c_proj product (gemm.gelu_matmul) where the step's matmuls are MKL's;
+# experiments/bench_train.py's `-geluxla` variant turns it off to measure it.
+GELU_IN_MATMUL = True
 _SAVE_GEMM = jax.checkpoint_policies.save_only_these_names(gemm.CHECKPOINT_NAME)
 # "dots" policies also save gpt.kernels.gemm's products (custom calls, not dots: named instead).
 REMAT_POLICIES = {
@@ -78,8 +81,9 @@ class GPTConfig:
   scan_layers: bool = True
   remat: str = "none"
   attention_impl: str = "blocked"
-  # The training loss's output layer: "fused" (gpt.output_loss) or "logits" (whole logits, optax).
-  output_loss: str = "logits"
+  # The training loss's output layer: "fused" (gpt.output_loss), "logits" (whole logits, optax) or
+  # "auto" (fused where `matmul` resolved to "mkl", logits elsewhere).
+  output_loss: str = "auto"
   # Low-rank adapters (gpt.lora): rank 0 = none. Training sets these from `config.train.lora_*`.
   lora_rank: int = 0
   lora_alpha: float = 16.0
@@ -327,7 +331,13 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     """`rng` turns the adapters' dropout on (training); None means deterministic."""
-    return self.c_proj(jax.nn.gelu(self.c_fc(x, _fold(rng, 1)), approximate=True), _fold(rng, 2))
+    h = self.c_fc(x, _fold(rng, 1))
+    p = self.c_proj
+    if (GELU_IN_MATMUL and p.matmul == "mkl" and not p.lora_scale and not hasattr(p, "w_scale")
+        and not p.by_row and h.dtype == jnp.float32):
+      # MKL's product with the GELU in its VJP (gemm.gelu_matmul: one [rows, 4D] residual fewer)
+      return (gemm.gelu_matmul(h, p.w[...].astype(h.dtype)) + p.b[...].astype(jnp.float32)).astype(h.dtype)
+    return p(jax.nn.gelu(h, approximate=True), _fold(rng, 2))
 
 
 class Block(nnx.Module):
