@@ -56,8 +56,8 @@ def logits(model: GPT, hidden: jax.Array, at: jax.Array | None = None) -> jax.Ar
 
 def loss(model: GPT, hidden: jax.Array, targets: jax.Array, *, wte_trained: bool = True) -> jax.Array:
   """Mean next-token cross-entropy of final hidden states [B, T, D] (`logits_at=None`) at
-  targets [B, T], the training loss. With `output_loss="fused"` and a float, trained `wte`, it is
-  gpt.output_loss's fused head (the [B, T, V] logits never whole, their gradient made in the
+  targets [B, T], the training loss. With `output_loss="fused"` (or "auto" where the step's
+  matmuls resolved to MKL's) and a float, trained `wte`, it is gpt.output_loss's fused head (the [B, T, V] logits never whole, their gradient made in the
   same pass); otherwise optax's cross-entropy of `logits` (a frozen wte, as in LoRA, would only
   waste the fused head's d(wte) matmul)."""
   wte, cfg = model.wte[...], model.cfg

@@ -150,9 +150,9 @@ def test_train_step_mkl_equals_xla(mkl, tmp_path, layers):
   loss_x, update_x, hlo_x = _one_step(config, "xla")
   loss_m, update_m, hlo_m = _one_step(config, "auto")
   assert gemm.TARGET not in hlo_x and gemm.TARGET in hlo_m
-  # The output layer's one-pass loss runs with MKL's matmuls when the loss is fused (XLA's fused
-  # version on the xla side); the whole-logits loss keeps optax's.
-  fused = layers.get("output_loss") == "fused"
+  # The output layer's one-pass loss runs with MKL's matmuls where the loss is fused or auto (the
+  # default; XLA's fused version or optax's on the xla side).
+  fused = config.model.output_loss in ("fused", "auto")
   assert gemm.XENT_TARGET not in hlo_x and (gemm.XENT_TARGET in hlo_m) == fused
   if layers["remat"] == "dots":
     config.model.remat = "none"
