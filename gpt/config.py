@@ -100,12 +100,13 @@ def base_config() -> ml_collections.ConfigDict:
   # (jax.nn.dot_product_attention's XLA version) | cudnn (fused, GPU) | auto (cudnn when on GPU,
   # else xla). Decoding over the KV cache always spells it out.
   m.attention_impl = "blocked"
-  # The training loss through the tied output layer: auto (fused where the step's matmuls are MKL's,
-  # i.e. model.matmul resolves to mkl: 1.10-1.12x faster steps measured; logits elsewhere) | logits
-  # (the whole float32 [B, T, V] logits, then optax's cross-entropy, differentiated by JAX) | fused
-  # (gpt.output_loss: logits, softmax cross-entropy and both gradients in one custom-VJP pass, same
-  # numbers; with MKL one threaded C++ pass over the logits; XLA's version elsewhere).
-  m.output_loss = "auto"
+  # The training loss through the tied output layer: logits (the whole float32 [B, T, V] logits,
+  # then optax's cross-entropy, differentiated by JAX) | fused (gpt.output_loss: logits, softmax
+  # cross-entropy and both gradients in one custom-VJP pass, same numbers; with MKL's matmuls one
+  # threaded C++ pass over the logits, XLA's version elsewhere) | auto (fused where model.matmul
+  # resolves to mkl, logits elsewhere). Neither fused route measured reliably faster on the 2-core
+  # Xeon (BENCHMARKS.md "Training speed routes", session 5), so logits stays the default.
+  m.output_loss = "logits"
   # The training step's float32 matmuls (dense layers and the tied head, forward and backward):
   # auto (Intel MKL's sgemm through gpt.kernels.gemm when training on one CPU device and MKL is
   # installed, `pip install 'gpt[mkl]'`; XLA's einsum otherwise and in sample/eval) | xla | mkl.

@@ -61,8 +61,8 @@ def loss(model: GPT, hidden: jax.Array, targets: jax.Array, *, wte_trained: bool
   same pass); otherwise optax's cross-entropy of `logits` (a frozen wte, as in LoRA, would only
   waste the fused head's d(wte) matmul)."""
   wte, cfg = model.wte[...], model.cfg
-  # "auto": fused where the step's matmuls are MKL's (its one-pass loss measured faster there),
-  # the whole logits elsewhere (XLA's fused version measured not faster).
+  # "auto": fused where the step's matmuls are MKL's (its one-pass C++ loss), the whole logits
+  # elsewhere (XLA's fused version measured not faster).
   fused = cfg.output_loss == "fused" or (cfg.output_loss == "auto" and cfg.matmul == "mkl")
   if fused and wte_trained and wte.dtype != jnp.int8 and not cfg.weights_by_row:
     return tied_cross_entropy(hidden, wte, targets, impl=cfg.matmul)

@@ -19,8 +19,11 @@ C++ pass over them (gemm.softmax_xent: per 200 KB row its max, exp-sum, loss ter
 (softmax - onehot) / N written over the logits in place), then dh and d(wte) by sgemm. XLA's
 fusions of the same loss read and write the [rows, 50257] float32 logits about four times (the
 30m step's profile: the exp fusion alone 4.6% of op time, the reductions and the gradient's
-multiply another 3.2%); the pass reads and writes them once. Elsewhere (GPU/TPU, meshes, bf16,
-no MKL) the XLA version below runs.
+multiply another 3.2%); the pass reads and writes them once. Measured (BENCHMARKS.md, session 5):
+alone it still takes ~1.3x XLA's fused loops' time beyond the logits' copy (its exp is MKL's vsExp
+over the row, not fused with the max/sum/scale sweeps), and in the whole step it was 1.10-1.12x
+faster once, 0.95-0.98x twice: not the default. Elsewhere (GPU/TPU, meshes, bf16, no MKL) the XLA
+version below runs.
 
 The numbers are the same function as `optax.softmax_cross_entropy_with_integer_labels` of the
 float32 logits (tests/test_output_loss.py compares values and gradients); only the order of the

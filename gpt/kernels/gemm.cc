@@ -18,7 +18,8 @@
 // row's max, exp-sum and loss term and overwrites the row with d(loss)/d(logits) =
 // (softmax - onehot) * scale. A row of GPT-2's 50257 logits is 200 KB: it stays in L2 between the
 // row's passes, so the logits cross memory once in and once out, where XLA's fusions of the same
-// cross-entropy read them about four times. The exponentials are MKL's vector vsExp (VML).
+// cross-entropy read them about four times. The exponentials are MKL's vector vsExp (VML). Measured
+// alone it is still ~1.3x slower than XLA's fused loops (BENCHMARKS.md, session 5): not the default.
 #include <dlfcn.h>
 
 #include <algorithm>
