@@ -4,11 +4,13 @@
   python experiments/bench_decode.py --dtype=int8,int8a8 --batch=1,8 --ct2=int8   # int8 activations too
   python experiments/bench_decode.py --model=1542M --new=256 --batch=1,8
   python experiments/bench_decode.py --profile          # + where one decode step spends its time
+  python experiments/bench_decode.py --einsum_attention # + the decoder without decode_attention
 
 Random weights (speed does not depend on them). Weights "int8" are model.quantize=int8 (gpt.quantize:
 int8 weights with per-output scales, float32 activations) beside CTranslate2's int8 column; "int8a8"
 adds model.int8_activations (each activation row quantized to int8 too, multiplied on AVX-512 VNNI:
-what CTranslate2's int8 does).
+what CTranslate2's int8 does); "int8a16" adds model.int16_activations (float activations quantized
+per row to int16 at 2+ rows, multiplied with VNNI's vpdpwssd).
 Every configuration samples `--new` tokens (top-k 40) after a one-token prompt, timed end to end (prefill + decode loop), after one untimed warm-up
 run that compiles. Columns:
   ours         gpt.sample.Generator: gpt.sampling's while_loop over the model prepared for
@@ -16,6 +18,9 @@ run that compiles. Columns:
                row for gpt.kernels.gemv where it runs)
   matmuls      only the weight matmuls of each step (see MatmulsOnly), as the prepared model
                runs them (gemv where it wins, else XLA): the matmul ceiling
+  ours einsum  (--einsum_attention) "ours" traced with GPT_DECODE_ATTENTION=0: the attention over
+               the cache as XLA's einsum formulation instead of gpt.kernels.decode_attention's
+               one call per layer (the same-run A/B of that kernel)
   GPT.decode   the same sampler over the unprepared model (lax.scan over the stacked layers)
   HF           transformers GPT2LMHeadModel.generate(do_sample=True, top_k=40), PyTorch, KV cache
                (skipped with a note when torch/transformers are not installed: pip install .[hf])
@@ -35,8 +40,10 @@ median over repeats (best in brackets).
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -158,6 +165,28 @@ class Ours:
     return np.asarray(out)[:, :self.new]
 
 
+class WithoutDecodeAttention:
+  """A runner whose programs are traced (at its first call: the warm-up) with
+  GPT_DECODE_ATTENTION=0, so they keep XLA's einsum attention over the cache for every call."""
+
+  def __init__(self, runner: Ours):
+    self.runner, self.traced = runner, False
+
+  def __call__(self) -> np.ndarray:
+    if self.traced:
+      return self.runner()
+    previous = os.environ.get("GPT_DECODE_ATTENTION")
+    os.environ["GPT_DECODE_ATTENTION"] = "0"
+    try:
+      return self.runner()
+    finally:
+      self.traced = True
+      if previous is None:
+        del os.environ["GPT_DECODE_ATTENTION"]
+      else:
+        os.environ["GPT_DECODE_ATTENTION"] = previous
+
+
 class MatmulsOnly:
   """The weight matmuls of one decode step and nothing else, as the prepared model computes them.
 
@@ -178,7 +207,8 @@ class MatmulsOnly:
     def mm(x, p):
       w, scale = p["w"], p.get("w_scale")
       if by_row:
-        return gemv.auto_matmul(x, w, scale=scale, int8_activations=cfg.int8_activations).astype(x.dtype)
+        return gemv.auto_matmul(x, w, scale=scale, int8_activations=cfg.int8_activations,
+                                int16_activations=cfg.int16_activations).astype(x.dtype)
       return matmul(x, w, scale=scale).astype(x.dtype)
 
     def run(params, x):
@@ -283,11 +313,21 @@ def profile_step(runner: Ours, top: int = 10) -> None:
   state = runner.decoder.start(runner.params, runner.prompt, np.ones_like(runner.prompt, bool),
                                jax.random.key(0), cache_length=runner.cache_length,
                                max_new=sample.bucket(runner.new))
-  hlo = xla_trace.hlo_summaries(runner.decoder.lower_advance(runner.params, state).compile().as_text())
+  text = runner.decoder.lower_advance(runner.params, state).compile().as_text()
+  hlo = xla_trace.hlo_summaries(text)
   steps = runner.new
   print(f"\nWall {1e3 * wall / steps:.1f} ms per token; XLA op time "
         f"{sum(totals.values()) / 1e6 / steps:.1f} ms per token (ops on the 2 threads overlap).")
   xla_trace.print_breakdown(totals, hlo, per=steps, unit="ms/token", top=top)
+  # The FFI calls by kernel (gemv's matmuls, decode_attention's attention), which "ffi_call" lumps.
+  targets = dict(re.findall(r'%([\w.-]+) = .*?custom_call_target="(\w+)"', text))
+  by_target = collections.Counter()
+  for name, ns in totals.items():
+    if name in targets:
+      by_target[targets[name]] += ns
+  print("By custom-call target:")
+  for target, ns in by_target.most_common():
+    print(f"  {ns / 1e6 / steps:8.2f} ms/token  {target}")
 
 
 def main():
@@ -296,12 +336,15 @@ def main():
   parser.add_argument("--batch", default="1,8")
   parser.add_argument("--dtype", default="float32,bfloat16,int8",
                       help="weights and compute dtype; int8 = int8 weights, float32 compute; "
-                      "int8a8 = int8 weights and int8 activations (model.int8_activations)")
+                      "int8a8 = int8 weights and int8 activations (model.int8_activations); "
+                      "int8a16 = int8 weights, activations int16 at 2+ rows (model.int16_activations)")
   parser.add_argument("--new", type=int, default=128, help="new tokens per sample")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--no_model_decode", action="store_true", help="skip the GPT.decode column")
   parser.add_argument("--profile", action="store_true", help="trace one run of each config")
   parser.add_argument("--no_hf", action="store_true", help="skip the Hugging Face column")
+  parser.add_argument("--einsum_attention", action="store_true",
+                      help="add 'ours einsum': ours without the decode-attention kernel")
   parser.add_argument("--ct2", default="float32,int8",
                       help="CTranslate2 compute types, one column each ('' = none)")
   args = parser.parse_args()
@@ -318,12 +361,14 @@ def main():
   configs = [(d, int(b)) for d in args.dtype.split(",") for b in args.batch.split(",")]
   runners = {}
   for dtype, batch in configs:
-    int8 = dtype in ("int8", "int8a8")
+    int8 = dtype in ("int8", "int8a8", "int8a16")
     float_dtype = "float32" if int8 else dtype
     cfg = GPTConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head, dtype=float_dtype,
                     param_dtype=float_dtype, quantize="int8" if int8 else "none",
-                    int8_activations=dtype == "int8a8")
+                    int8_activations=dtype == "int8a8", int16_activations=dtype == "int8a16")
     methods = {"ours": Ours(cfg, batch, args.new), "matmuls": MatmulsOnly(cfg, batch, args.new)}
+    if args.einsum_attention:
+      methods["ours einsum"] = WithoutDecodeAttention(Ours(cfg, batch, args.new))
     if not args.no_model_decode:
       methods["GPT.decode"] = Ours(cfg, batch, args.new, model_decode=True)
     if not skip_hf:
@@ -345,7 +390,7 @@ def main():
         methods[name]()
         times[(key, name)].append(time.perf_counter() - start)
 
-  names = ["ours", "matmuls"] + ([] if args.no_model_decode else ["GPT.decode"]) + ([] if skip_hf else ["HF"])
+  names = ["ours", "matmuls"] + (["ours einsum"] if args.einsum_attention else []) + ([] if args.no_model_decode else ["GPT.decode"]) + ([] if skip_hf else ["HF"])
   names += [f"CT2 {t}" for t in ct2_types]
   rate = lambda key, name: [key[1] * args.new / t for t in times[(key, name)]]
   print(f"\n{args.model} architecture, {args.new} new tokens after a 1-token prompt, top-k 40, "
@@ -357,8 +402,9 @@ def main():
   head = " | ".join(f"{n} tok/s" for n in names)
   print(f"| weights | batch | {head} | roofline (copy) | ours / roofline (copy) | roofline (read) | "
         f"ours / roofline (read) |" + (" ours / HF |" if not skip_hf else "")
-        + "".join(f" ours / CT2 {t} |" for t in ct2_types))
-  print("|---|---|" + "---|" * (len(names) + 4 + (not skip_hf) + len(ct2_types)))
+        + "".join(f" ours / CT2 {t} |" for t in ct2_types)
+        + (" ours / ours einsum |" if args.einsum_attention else ""))
+  print("|---|---|" + "---|" * (len(names) + 4 + (not skip_hf) + len(ct2_types) + args.einsum_attention))
   for key, (cfg, _) in runners.items():
     cells = [f"{statistics.median(rate(key, n)):.1f} ({max(rate(key, n)):.1f})" for n in names]
     ours = statistics.median(rate(key, "ours"))
@@ -371,6 +417,8 @@ def main():
       line += f" {ours / statistics.median(rate(key, 'HF')):.2f}x |"
     for t in ct2_types:
       line += f" {ours / statistics.median(rate(key, f'CT2 {t}')):.2f}x |"
+    if args.einsum_attention:
+      line += f" {ours / statistics.median(rate(key, 'ours einsum')):.2f}x |"
     print(line)
   for note in (skip_hf, skip_ct2):
     if note:

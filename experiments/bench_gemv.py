@@ -4,6 +4,7 @@
   python experiments/bench_gemv.py --model=1542M --rows=1 --repeats=9
   python experiments/bench_gemv.py --dtypes=int8,int8a8    # int8 weights; + int8 activations (VNNI)
   python experiments/bench_gemv.py --per_call --rows=1      # each matrix shape alone: one call's time
+  python experiments/bench_gemv.py --dtypes=int8a16,int8a8 --against=int8   # int8 loops, interleaved
 
 With --per_call, each of the decoder's matrix shapes is timed alone: a chain of distinct copies of
 it (about --per_call_mb of weights, so that they stream from memory, not the 48 MB cache) gives one
@@ -20,7 +21,11 @@ model's shape (c_attn, attn c_proj, c_fc, mlp c_proj per layer, then the tied ou
 decode step's matmuls cost, without attention or sampling. "XLA" is gpt.kernels.gemv.reference
 (einsum with float32 accumulation; int8 weights converted first, as XLA has no int8 dot here).
 GB/s counts the weight bytes read once per call. Calls alternate between the two so the machine's
-load hits both alike; the table gives the median (best in brackets).
+load hits both alike; the table gives the median (best in brackets). `--against=NAME` puts another
+kernel variant in XLA's column (e.g. int8: the float-activation loop), so that two loops are timed
+interleaved. Weight variants: float32, bfloat16, int8 (float activations, the float loop), int8a16
+(float activations quantized per row to int16, VNNI vpdpwssd: model.int16_activations), int8a8
+(int8 activations, VNNI vpdpbusd: model.int8_activations).
 """
 
 from __future__ import annotations
@@ -95,6 +100,15 @@ def chain_fn(matmul, scales: bool):
   return jax.jit(run)
 
 
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8, "int8a8": jnp.int8,
+          "int8a16": jnp.int8}
+
+
+def kernel(name: str):
+  """gemv.matmul for weight variant `name` (int8a8 / int8a16: the integer-activation loops)."""
+  return partial(gemv.matmul, int8_activations=name == "int8a8", int16_activations=name == "int8a16")
+
+
 def one_thread(f):
   """f() with gemv.cc's calls held to the calling thread (GPT_GEMV_THREADS=1, read at each call)."""
   os.environ["GPT_GEMV_THREADS"] = "1"
@@ -110,9 +124,8 @@ def per_call(args, n_layer: int, d: int, vocab: int) -> None:
   results = []
   rng = np.random.default_rng(0)
   for name in args.dtypes.split(","):
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8, "int8a8": jnp.int8}[name]
-    a8 = name == "int8a8"
-    mm = partial(gemv.matmul, int8_activations=a8)
+    dtype = DTYPES[name]
+    mm = kernel(name)
     for rows in map(int, args.rows.split(",")):
       for N, K in shapes:
         size = N * K * jnp.dtype(dtype).itemsize
@@ -173,6 +186,9 @@ def main() -> None:
   parser.add_argument("--rows", default="1,8")
   parser.add_argument("--repeats", type=int, default=7)
   parser.add_argument("--per_call", action="store_true", help="time each matrix shape alone")
+  parser.add_argument("--against", default="xla", help="the peer column: xla, or a weight variant "
+                      "with the same weights (int8, int8a16, int8a8 for int8 weights), or 1thread: "
+                      "the same kernel with GPT_GEMV_THREADS=1")
   parser.add_argument("--per_call_mb", type=float, default=128.0, help="weights per chain (--per_call)")
   args = parser.parse_args()
   n_layer, d, _ = MODEL_SIZES[canonical_model_name(args.model)]
@@ -184,14 +200,20 @@ def main() -> None:
     return
   rows_out = []
   for name in args.dtypes.split(","):
-    dtype = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "int8": jnp.int8, "int8a8": jnp.int8}[name]
+    dtype = DTYPES[name]
+    if args.against not in ("xla", "1thread") and DTYPES[args.against] != dtype:
+      raise SystemExit(f"error: --against={args.against} has other weights than {name}")
     mats, nbytes = weights(n_layer, d, vocab, dtype)
     act = jnp.float32 if dtype == jnp.int8 else dtype
     for rows in map(int, args.rows.split(",")):
       x = jnp.asarray(np.random.default_rng(1).standard_normal((rows, d)), act)
       a8 = name == "int8a8"  # int8 activations too: the VNNI kernel against XLA's int32 product
-      fns = {"kernel": step_fn(d, partial(gemv.matmul, int8_activations=a8)),
-             "XLA": step_fn(d, partial(gemv.reference, int8_activations=a8))}
+      peer = (partial(gemv.reference, int8_activations=a8) if args.against == "xla"
+              else kernel(name if args.against == "1thread" else args.against))
+      fns = {"kernel": step_fn(d, kernel(name)), "XLA": step_fn(d, peer)}
+      if args.against == "1thread":  # the same kernel held to the calling thread
+        two = fns["XLA"]
+        fns["XLA"] = lambda m, x, two=two: one_thread(lambda: two(m, x))
       outs = {k: np.asarray(f(mats, x), np.float32) for k, f in fns.items()}  # compile, and check
       diff = float(np.max(np.abs(outs["kernel"] - outs["XLA"])) / (np.max(np.abs(outs["XLA"])) + 1e-30))
       times = {k: [] for k in fns}
@@ -210,7 +232,9 @@ def main() -> None:
   print(f"\n{args.model} matrices ({n_layer} layers x 4 + output layer), {cpu}, {os.cpu_count()} "
         f"CPUs, AVX512-BF16: {'yes' if bf16 else 'no'}, jax {jax.__version__}, load average "
         f"{os.getloadavg()[0]:.1f}; median of {args.repeats} (best).\n")
-  print("| weights | rows | MB read | kernel ms | XLA ms | kernel GB/s | XLA GB/s | kernel / XLA | max rel. diff |")
+  peer = "XLA" if args.against == "xla" else args.against
+  print(f"| weights | rows | MB read | kernel ms | {peer} ms | kernel GB/s | {peer} GB/s | kernel / {peer} | "
+        "max rel. diff |")
   print("|---|---|---|---|---|---|---|---|---|")
   for name, rows, nbytes, times, diff in rows_out:
     k, x = statistics.median(times["kernel"]), statistics.median(times["XLA"])

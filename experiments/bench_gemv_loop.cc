@@ -13,7 +13,7 @@
 //   git show HEAD~1:gpt/kernels/gemv.cc > /tmp/old.cc && build /tmp/old.cc int8_t /tmp/loop_old
 // WT: float (float32), uint16_t (bfloat16; weights are normal numbers, as trained ones are:
 // denormal bf16 would run ~14x slower through the FMAs), int8_t (+ the int8-activation VNNI loop
-// where the kernel has it: -DVNNI=1).
+// where the kernel has it: -DVNNI=1; + the int16-activation vpdpwssd loop: -DVNNI=2).
 #include KERNEL
 #include <time.h>
 
@@ -68,10 +68,13 @@ int main(int argc, char** argv) {
     bytes += m.N * m.K * sizeof(WT);
   }
   std::vector<float> x(B * 4 * d, 0.5f), y(B * 50257), xs(B);
-  std::vector<uint8_t> u(B * 4 * d);
-  const char* names[] = {"plain read", "float activations", "int8 activations (VNNI)"};
-  const int variants = VNNI ? 3 : 2;
-  double best[3] = {1e9, 1e9, 1e9};
+  std::vector<int8_t> u(B * 4 * d);
+  std::vector<int32_t> qsum(B);
+  std::vector<int16_t> q16(B * 4 * d);
+  const char* names[] = {"plain read", "float activations", "int8 activations (VNNI)",
+                         "int16 activations (VNNI vpdpwssd)"};
+  const int variants = VNNI ? 2 + VNNI : 2;
+  double best[4] = {1e9, 1e9, 1e9, 1e9};
   volatile float sink = 0;
   for (int round = 0; round < 21; ++round)
     for (int v = 0; v < variants; ++v) {
@@ -82,8 +85,16 @@ int main(int argc, char** argv) {
 #if VNNI
         if (v == 2) {
           const int64_t k_pad = (m.K + 63) / 64 * 64;
-          for (int b = 0; b < B; ++b) xs[b] = QuantizeRow(x.data() + b * m.K, m.K, u.data() + b * k_pad, k_pad);
-          BlockVnni(u.data(), k_pad, xs.data(), m.w, m.scale, y.data(), B, m.K, m.N, 0, m.N);
+          for (int b = 0; b < B; ++b)
+            xs[b] = QuantizeRow(x.data() + b * m.K, m.K, u.data() + b * k_pad, k_pad, qsum.data() + b);
+          BlockVnni(u.data(), k_pad, qsum.data(), xs.data(), m.w, m.scale, y.data(), B, m.K, m.N, 0, m.N);
+        }
+#endif
+#if VNNI >= 2
+        if (v == 3) {
+          const int64_t k_pad = (m.K + 31) / 32 * 32;
+          for (int b = 0; b < B; ++b) xs[b] = QuantizeRow16(x.data() + b * m.K, m.K, q16.data() + b * k_pad, k_pad);
+          BlockA16(q16.data(), k_pad, xs.data(), m.w, m.scale, y.data(), B, m.K, m.N, 0, m.N);
         }
 #endif
       }

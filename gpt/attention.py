@@ -15,6 +15,8 @@ import math
 import jax
 import jax.numpy as jnp
 
+from gpt.kernels import decode_attention
+
 # Masked attention scores: finite, so that a fully masked (padding) row softmaxes to a uniform
 # distribution instead of NaN; exp(MASK_VALUE - max) is exactly 0 in float32 elsewhere.
 MASK_VALUE = -1e30
@@ -56,10 +58,16 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
   softmax and accumulation; masked scores are MASK_VALUE. It is what runs over a KVCache (that
   layout is what lets XLA update the cache in place and feed it to the matmul without copies),
   and whenever dropout is on or the weights are asked for (the others return neither).
+  "cache" (gpt.model's attention over a KV cache) is gpt.kernels.decode_attention's one call per
+  layer where it runs (a CPU, no dropout, no weights asked for), else "einsum".
   """
   B, H, T, K = q.shape
   S = k.shape[2]
   dropping = rng is not None and dropout > 0
+  if impl == "cache":  # over a KV cache (gpt.model): the decode kernel where it runs, else einsum
+    if not (dropping or return_probs) and decode_attention.runs(q, k, v, mask):
+      return decode_attention.attention(q, k, v, mask)
+    impl = "einsum"
   if impl != "einsum" and not (dropping or return_probs):
     if impl == "auto":
       impl = "cudnn" if jax.default_backend() == "gpu" else "xla"

@@ -276,10 +276,13 @@ class Planner:
     """The sampler's decode loop (gpt.sampling.Decoder.advance: what sample mode runs per token)
     for `sampling.batch_size` rows on one chip (sample mode uses one device, no mesh): the model
     prepared for decoding (abstract, in the compute dtype) and a KV cache of the full context.
-    For a TPU slice it is laid out and traced as on the TPU: without this CPU's gemv kernel."""
-    from gpt.kernels import gemv
+    For a TPU slice it is laid out and traced as on the TPU: without this CPU's gemv and
+    decode_attention kernels."""
+    from gpt.kernels import decode_attention, gemv
 
-    with gemv.off() if self.topology != "local" else contextlib.nullcontext():
+    if self.topology == "local":
+      return self._lower_decode()
+    with gemv.off(), decode_attention.off():
       return self._lower_decode()
 
   def _lower_decode(self) -> Job:

@@ -120,6 +120,11 @@ def base_config() -> ml_collections.ConfigDict:
   # less exact (BENCHMARKS.md, decode). Only where the gemv kernels lay decoding out (a CPU); the eval
   # scorer's many-row products and GPU/TPU decoding stay float.
   m.int8_activations = False
+  # With int8 weights and float activations, decoding at 2+ rows quantizes each activation row to
+  # int16 (per-row scale, 16 bits: results within half an int16 step of the float product) and
+  # multiplies with AVX-512 VNNI's vpdpwssd: faster at batch 8 (BENCHMARKS.md, gemv-b8). Only where
+  # gpt.kernels.gemv runs with VNNI; elsewhere the float loop. int8_activations takes precedence.
+  m.int16_activations = False
 
   c.data = d = ml_collections.ConfigDict()
   # Training text: a file, a directory, a glob, an encoded .npz/.bin token file, or a URL.

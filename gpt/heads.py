@@ -50,7 +50,8 @@ def logits(model: GPT, hidden: jax.Array, at: jax.Array | None = None) -> jax.Ar
   if wte.dtype != jnp.int8:
     wte = wte.astype(hidden.dtype)
   if cfg.weights_by_row:  # prepared for decoding: gpt.kernels.gemv where it wins
-    return gemv.auto_matmul(hidden, wte, scale=scale, int8_activations=cfg.int8_activations)
+    return gemv.auto_matmul(hidden, wte, scale=scale, int8_activations=cfg.int8_activations,
+                            int16_activations=cfg.int16_activations)
   return matmul(hidden, wte, "...d,vd->...v", scale=scale, impl=cfg.matmul)
 
 

@@ -95,6 +95,10 @@ class GPTConfig:
   # With int8 weights, in a model prepared for decoding: quantize each activation row to int8 too
   # (per-row scale, as CTranslate2 does) and multiply in integers (gpt.kernels.gemv, AVX-512 VNNI).
   int8_activations: bool = False
+  # With int8 weights, in a model prepared for decoding: at 2+ rows quantize each activation row to
+  # int16 (per-row scale) and multiply with VNNI's vpdpwssd (gpt.kernels.gemv): float activations'
+  # results to within half an int16 step, fewer instructions than the float loop.
+  int16_activations: bool = False
   # Set by gpt.decoding.prepare_for_decoding (never by configs): Conv1D weights stored [n_out, n_in], one output
   # per row, the layout gpt.kernels.gemv streams.
   weights_by_row: bool = False
@@ -201,13 +205,15 @@ def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
 
 
 def dense(x: jax.Array, w: jax.Array, b: jax.Array, *, scale: jax.Array | None = None,
-          by_row: bool = False, int8_activations: bool = False, impl: str = "xla") -> jax.Array:
+          by_row: bool = False, int8_activations: bool = False, impl: str = "xla",
+          int16_activations: bool = False) -> jax.Array:
   """x @ w + b accumulated in float32, returned in x's dtype. w is [n_in, n_out] in x's dtype
   (cast here) or int8 with per-output `scale`; `by_row`: w is [n_out, n_in] (`gemv.auto_matmul`,
-  which also takes `int8_activations`); `impl`: gpt.matmul's (a resolved `model.matmul`)."""
+  which also takes `int8_activations` / `int16_activations`); `impl`: gpt.matmul's (a resolved `model.matmul`)."""
   if w.dtype != jnp.int8:
     w = w.astype(x.dtype)
-  y = (gemv.auto_matmul(x, w, scale=scale, int8_activations=int8_activations) if by_row
+  y = (gemv.auto_matmul(x, w, scale=scale, int8_activations=int8_activations,
+                        int16_activations=int16_activations) if by_row
        else matmul(x, w, scale=scale, impl=impl))
   return (y + b.astype(jnp.float32)).astype(x.dtype)
 
@@ -237,12 +243,14 @@ class Conv1D(nnx.Module):
   def __init__(self, n_in: int, n_out: int, axes: tuple[str | None, str | None], *, std: float,
                rngs: nnx.Rngs, stack: int = 0, dtype=jnp.float32, lora_rank: int = 0,
                lora_alpha: float = 16.0, lora_dropout: float = 0.0, quantize: str = "none",
-               by_row: bool = False, int8_activations: bool = False, matmul: str = "xla"):
+               by_row: bool = False, int8_activations: bool = False, matmul: str = "xla",
+               int16_activations: bool = False):
     # Quantized (gpt.quantize): `w` int8 and `w_scale` [n_out] float32, w = w_int8 * w_scale.
     # by_row (gpt.decoding.prepare_for_decoding, for gpt.kernels.gemv): `w` is stored [n_out, n_in].
     self.by_row = by_row
     self.matmul = matmul  # GPTConfig.matmul: "mkl" runs gpt.kernels.gemm (training, resolved)
     self.int8_activations = by_row and int8_activations  # GPTConfig.int8_activations
+    self.int16_activations = by_row and int16_activations  # GPTConfig.int16_activations
     shape, w_axes = ((n_out, n_in), axes[::-1]) if by_row else ((n_in, n_out), axes)
     quantized = quantize == "int8"
     self.w = _param(rngs, shape, w_axes, "zeros" if quantized else "normal", std, stack,
@@ -263,7 +271,7 @@ class Conv1D(nnx.Module):
     """`rng` turns the adapter's input dropout on (training); None means deterministic."""
     scale = self.w_scale[...] if hasattr(self, "w_scale") else None
     y = dense(x, self.w[...], self.b[...], scale=scale, by_row=self.by_row, impl=self.matmul,
-              int8_activations=self.int8_activations)
+              int8_activations=self.int8_activations, int16_activations=self.int16_activations)
     if not self.lora_scale:
       return y
     h = apply_dropout(x, self.lora_dropout, rng) @ self.lora_a[...].astype(x.dtype)
@@ -280,6 +288,7 @@ def _lora_args(cfg: GPTConfig, target: str) -> dict:
   LoRA target)."""
   rank = cfg.lora_rank_of(target)
   layout = dict(quantize=cfg.quantize, by_row=cfg.weights_by_row, int8_activations=cfg.int8_activations,
+                int16_activations=cfg.int16_activations,
                 matmul=cfg.matmul)
   return {**layout, **(dict(lora_rank=rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout)
                        if rank else {})}
@@ -310,7 +319,7 @@ class Attention(nnx.Module):
       S = ck.shape[1]
       ck = jax.lax.dynamic_update_slice(ck, k.reshape(B * H, T, K).astype(ck.dtype), (0, cache_index, 0))
       cv = jax.lax.dynamic_update_slice(cv, v.reshape(B * H, T, K).astype(cv.dtype), (0, cache_index, 0))
-      cache_kv, impl = (ck, cv), "einsum"
+      cache_kv, impl = (ck, cv), "cache"
       k, v = ck.reshape(B, H, S, K), cv.reshape(B, H, S, K)
     out = attention(q, k, v, mask, impl=impl, dropout=cfg.attn_pdrop, rng=rng,
                     return_probs=return_probs)

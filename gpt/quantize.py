@@ -7,7 +7,8 @@ become int8 with one float32 scale per output channel (`w_scale` [n_out]; `wte_s
 the output layer's outputs are words), symmetric: w ~= w_int8 * scale, scale = max|w| / 127 over
 the channel's inputs. Biases, LayerNorms and `wpe` stay float (they are a few percent of the bytes
 and sensitive); activations stay float, unless `model.int8_activations` (`with_int8_activations`)
-asks decoding to quantize each activation row to int8 as well (gpt.kernels.gemv's VNNI kernel). gpt.model multiplies int8 weights either through
+asks decoding to quantize each activation row to int8 as well (gpt.kernels.gemv's VNNI kernel),
+or `model.int16_activations` (`with_int16_activations`) to int16 (vpdpwssd, at 2+ rows). gpt.model multiplies int8 weights either through
 gpt.kernels.gemv (decoding: converted in registers, scaled per output) or, for many rows (the eval
 scorer), by converting inside the jitted program and scaling the float32 result.
 
@@ -103,6 +104,15 @@ def with_int8_activations(model: GPT, on: bool = True) -> GPT:
     raise GPTError("model.int8_activations needs int8 weights: set model.quantize=int8 as well")
   _check_stacked(model)
   return _rebuild(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.cfg.replace(int8_activations=on))
+
+
+def with_int16_activations(model: GPT, on: bool = True) -> GPT:
+  """The same int8 model whose decoding (2+ rows) quantizes activation rows to int16 and multiplies
+  with VNNI (`model.int16_activations`; the weights are shared, only the config differs)."""
+  if model.cfg.quantize != "int8":
+    raise GPTError("model.int16_activations needs int8 weights: set model.quantize=int8 as well")
+  _check_stacked(model)
+  return _rebuild(nnx.to_pure_dict(nnx.state(model, nnx.Param)), model.cfg.replace(int16_activations=on))
 
 
 # ---- the quantized folder ----

@@ -122,3 +122,74 @@ def test_thread_cap_gives_the_same_product(monkeypatch, dtype):
   np.testing.assert_array_equal(np.asarray(run(x + 0.0, w, scale)), default)
   np.testing.assert_allclose(default, gemv.reference(x, w, scale=scale), rtol=1e-5,
                              atol=1e-5 * float(np.abs(default).max()))
+
+
+def int16_exact(x, w, scale):
+  """The int16-activation kernel's arithmetic in numpy: the rows quantized as quantize_rows(x, 16),
+  an exact integer product, then step * scale."""
+  q, step = gemv.quantize_rows(jnp.asarray(x), 16)
+  dot = np.asarray(q, np.int64) @ np.asarray(w, np.int64).T
+  return dot.astype(np.float64) * np.asarray(step, np.float64) * np.asarray(scale, np.float64)
+
+
+@pytest.mark.parametrize("rows,K,N", [(1, 64, 256), (2, 70, 37), (3, 33, 9), (5, 130, 130),
+                                      (7, 768, 65), (8, 31, 4), (8, 1000, 67), (16, 96, 130)])
+def test_int16_activations_kernel_is_the_float_product_within_its_bound(rows, K, N):
+  # int8 weights, float activations quantized per row to int16 and multiplied with vpdpwssd. Ragged K (masked weight loads, zero-padded activations: K = 33, 70,
+  # 130, 1000 are no multiple of 32), ragged N (single-row tiles), 1-16 rows, an all-zero row.
+  if not gemv.vnni():
+    pytest.skip("no AVX-512 VNNI here: int8 weights with float activations run the float loop")
+  rng = np.random.default_rng(rows * K + N)
+  w, scale = quantized(rng.standard_normal((N, K)).astype(np.float32))
+  x = rng.standard_normal((rows, K)).astype(np.float32) * np.float32(3.0)
+  x[-1] = 0.0 if rows > 2 else x[-1]
+  x = jnp.asarray(x)
+  run = jax.jit(lambda x, w, s: gemv.matmul(x, w, scale=s, int16_activations=True))
+  assert "GptGemvS8A16" in run.lower(x, w, scale).as_text()
+  got = np.asarray(run(x, w, scale), np.float64)
+  # The same integer arithmetic, exactly: only the final float32 products round.
+  want = int16_exact(x, w, scale)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6 * np.abs(want).max())
+  # And the float product (what the float loop computes) to within half an int16 step a value.
+  exact = np.asarray(gemv.reference(x, w, scale=scale), np.float64)
+  bound = np.asarray(gemv.int16_error_bound(x, w, scale), np.float64)
+  assert np.all(np.abs(got - exact) <= bound * 1.001 + 1e-6 * np.abs(exact).max())
+  assert np.abs(got - exact).max() > 0 or rows == 1 and K == 64  # it really did quantize
+  if rows > 2:
+    np.testing.assert_array_equal(got[-1], 0.0)
+
+
+def test_int16_activations_flush_their_sums_before_int32_overflows():
+  # K past one 8192-long int32 chunk, with the largest products there are (-128 weights, every
+  # activation at +max): one chunk's lane sums reach 512 * 128 * 32767 = 2^31 - 2^16; a missing
+  # flush would wrap around. Exact in float64 from the integers.
+  if not gemv.vnni():
+    pytest.skip("no AVX-512 VNNI here")
+  K, N = 2 * 8192 + 40, 6
+  w = jnp.full((N, K), -128, jnp.int8).at[1].set(127)
+  scale = jnp.ones((N,), jnp.float32)
+  x = jnp.ones((2, K), jnp.float32).at[1].set(-0.5)
+  got = np.asarray(gemv.matmul(x, w, scale=scale, int16_activations=True), np.float64)
+  want = int16_exact(x, w, scale)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(got[0, 0], -128.0 * K, rtol=1e-6)
+
+
+def test_int8_weights_choose_their_loop():
+  # matmul: the float loop unless asked; auto_matmul (decoding) with int16_activations: the float
+  # loop at 1 row (it streams at the read rate and keeps activations exact), the int16 VNNI loop
+  # from A16_MIN_ROWS rows; int8_activations takes the int8 loop at any rows.
+  w, scale = quantized(np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32))
+  assert gemv.uses_kernel(1, w)
+
+  def target(rows, mm=gemv.auto_matmul, **kw):
+    text = jax.jit(lambda x: mm(x, w, scale=scale, **kw)).lower(jnp.ones((rows, 64))).as_text()
+    return next(t for t in ("GptGemvS8A8", "GptGemvS8A16", "GptGemvS8") if t in text)
+
+  a16 = "GptGemvS8A16" if gemv.vnni() else "GptGemvS8"
+  assert target(1) == target(8) == target(8, gemv.matmul) == "GptGemvS8"
+  assert target(1, int16_activations=True) == "GptGemvS8"
+  assert target(gemv.A16_MIN_ROWS, int16_activations=True) == a16
+  assert target(8, int16_activations=True) == target(1, gemv.matmul, int16_activations=True) == a16
+  if gemv.vnni():
+    assert target(8, int8_activations=True, int16_activations=True) == "GptGemvS8A8"

@@ -119,6 +119,37 @@ def test_int8_activations_decode_as_their_xla_twin_and_near_float_activations(mo
     quantize.with_int8_activations(init_model(TINY))
 
 
+def test_int16_activations_decode_near_float_activations():
+  """model.int16_activations: the prefill (6 rows) and batch-3 steps run the int16 VNNI loop (single
+  rows the float loop): within int16 rounding of the float-activation int8 model, and really
+  quantized."""
+  from gpt.kernels import gemv
+
+  q = quantize.quantize_model(init_model(TINY))
+  a16 = quantize.with_int16_activations(q)
+  assert a16.cfg.int16_activations and not q.cfg.int16_activations
+
+  def run(model, batch):
+    prepared = prepare_for_decoding(model)
+    graphdef, state = nnx.split(prepared)
+    step = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).decode(t, c, logits_at="last"))
+    cache = KVCache.init(TINY, batch, 12)
+    outs = []
+    for t in (tokens(batch, 6), tokens(batch, 1, seed=1), tokens(batch, 1, seed=2)):
+      logits, cache = step(state, t, cache)
+      outs.append(np.asarray(logits))
+    return np.concatenate(outs, axis=1)
+
+  for batch in (1, 3):
+    got, want = run(a16, batch), run(q, batch)
+    # 16-bit activations: ~2^-15 of each row's largest value per element, through 2 layers
+    assert np.abs(got - want).max() < 1e-3 * np.abs(want).max()
+    if gemv.vnni():
+      assert np.abs(got - want).max() > 0
+  with pytest.raises(GPTError, match="needs int8 weights"):
+    quantize.with_int16_activations(init_model(TINY))
+
+
 def fixture_config(init, **model):
   config = base_config()
   config.init = str(init)
@@ -197,16 +228,19 @@ def test_int8_perplexity_within_one_percent_on_kant(shared_dir, capsys):
   prompt, mask = pad_left([list(map(int, p)) for p in prompts], 16)
   key = jax.random.PRNGKey(0)
   outs = []
-  for m in (model, q):
+  for m in (model, q, quantize.with_int16_activations(q)):  # 8 prompts: int16 runs at 8 rows
     decoder = make_decoder(m.cfg, options, stop_token=-1, stop_at_token=False)
     outs.append(np.asarray(decoder.generate(decoding_params(m), prompt, mask, key, 24,
                                             cache_length=40)))
   agree = float((outs[0] == outs[1]).mean())
+  agree16 = float((outs[2] == outs[1]).mean())
   with capsys.disabled():
     print(f"\nKant bytes: perplexity float32 {f32:.4f}, int8 {int8:.4f} ({100 * (int8 / f32 - 1):+.2f}%), "
           f"int8 + int8 activations {a8:.4f} ({100 * (a8 / f32 - 1):+.2f}%); "
-          f"greedy agreement {100 * agree:.1f}% of {outs[0].size} tokens over {len(prompts)} prompts")
+          f"greedy agreement {100 * agree:.1f}% of {outs[0].size} tokens over {len(prompts)} prompts; "
+          f"int8 + int16 activations vs int8: {100 * agree16:.1f}%")
   assert agree > 0.5
+  assert agree16 > 0.95  # int16 rounding is ~1/128 of the int8 weights' own
 
 
 def test_training_an_int8_model_is_refused_in_one_line(gpt_main, openai_fixture, tmp_path):

@@ -44,6 +44,12 @@ constexpr int64_t kBlock = 64;  // weight rows (outputs) per task: one contiguou
 constexpr int kTile = 4;        // weight rows multiplied together (independent accumulators)
 constexpr int kLanes = 16;      // floats per accumulator: one AVX-512 register
 constexpr int kRowsPerPass = 4; // activation rows sharing one read (and conversion) of a weight tile
+#ifndef GPT_VNNI_TILE
+#define GPT_VNNI_TILE 4
+#define GPT_VNNI_ROWS 4
+#endif
+constexpr int kVnniTile = GPT_VNNI_TILE;  // the same two for the integer (VNNI) loops
+constexpr int kVnniRows = GPT_VNNI_ROWS;
 
 // The tail of a dot product past the last full vector, and the final scale.
 template <typename W>
@@ -181,94 +187,234 @@ void Block(const float* x, const W* w, const float* scale, float* y, int64_t B, 
 // 64 unsigned by signed bytes and adds them into 16 int32 sums in one instruction, where the float
 // path needs a widen, a convert and an FMA per 16 weights (compute-bound at ~1.5x the time of
 // reading the bytes, experiments/bench_gemv.py). Each activation row is quantized once per call
-// to q = round(x * 127 / max|x|) in [-127, 127] and stored as u = q + 128 (vpdpbusd's unsigned
-// side); sum(u * w) = sum(q * w) + 128 * sum(w), so a second vpdpbusd against a vector of ones
-// gives each weight row's sum to subtract. y = (sum(q * w)) * (max|x| / 127) * scale[n]: the sums
-// are exact integers, so the kernel and `reference_int8_activations` agree to float32 rounding.
+// to q = round(x * 127 / max|x|) in [-127, 127]. vpdpbusd multiplies unsigned by signed bytes: the
+// weights take the unsigned side as w + 128 (one xor with 0x80 per 64 loaded), so that
+// sum((w + 128) * q) = sum(w * q) + 128 * sum(q), where sum(q) is the activation row's, computed
+// once per call when it is quantized. (The other way round, q + 128 against w, needs each weight
+// row's sum: one more vpdpbusd per 64 weights and pass, ~10-20% of the 8-row loop's integer work.)
+// y = (sum(q * w)) * (max|x| / 127) * scale[n]: the sums are exact integers, so the kernel and
+// `reference(..., int8_activations=True)` agree to float32 rounding.
 constexpr int64_t kVnniLanes = 64;  // bytes per vpdpbusd
 
 // Row b of x as offset bytes (K padded to a multiple of 64 with 128 = a zero activation) and the
 // factor that turns its integer sums back into floats.
-inline float QuantizeRow(const float* x, int64_t K, uint8_t* u, int64_t k_pad) {
+// The largest |x| of a row (vectorised: at 8 rows and K = 3072 a scalar pass cost ~10 us a call).
+inline float AbsMax(const float* x, int64_t K) {
   float amax = 0.0f;
-  for (int64_t k = 0; k < K; ++k) amax = std::max(amax, std::abs(x[k]));
+  int64_t k = 0;
+#ifdef __AVX512F__
+  __m512 m = _mm512_setzero_ps();
+  for (; k + kLanes <= K; k += kLanes) m = _mm512_max_ps(m, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  amax = _mm512_reduce_max_ps(m);
+#endif
+  for (; k < K; ++k) amax = std::max(amax, std::abs(x[k]));
+  return amax;
+}
+
+// Row b of x as int8 q (K padded to a multiple of 64 with zeros), the sum of q (*qsum), and the
+// factor that turns its integer sums back into floats. Rounding is half to even, in both the vector
+// part (cvtps2dq under the default MXCSR) and the scalar tail (nearbyint), as quantize_rows's.
+inline float QuantizeRow(const float* x, int64_t K, int8_t* q, int64_t k_pad, int32_t* qsum) {
+  const float amax = AbsMax(x, K);
   const float inv = amax > 0.0f ? 127.0f / amax : 0.0f;
-  for (int64_t k = 0; k < K; ++k) u[k] = static_cast<uint8_t>(static_cast<int32_t>(std::nearbyint(x[k] * inv)) + 128);
-  for (int64_t k = K; k < k_pad; ++k) u[k] = 128;
+  int64_t k = 0;
+  int32_t sum = 0;
+#ifdef __AVX512F__
+  const __m512 vinv = _mm512_set1_ps(inv);
+  __m512i vsum = _mm512_setzero_si512();
+  for (; k + kLanes <= K; k += kLanes) {
+    const __m512i v = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), vinv));
+    vsum = _mm512_add_epi32(vsum, v);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtepi32_epi8(v));
+  }
+  sum = _mm512_reduce_add_epi32(vsum);
+#endif
+  for (; k < K; ++k) {
+    q[k] = static_cast<int8_t>(std::nearbyint(x[k] * inv));
+    sum += q[k];
+  }
+  for (k = K; k < k_pad; ++k) q[k] = 0;
+  *qsum = sum;
   return amax / 127.0f;
+}
+
+// int8 weights times float activations at several rows (GptGemvS8A16): each activation row is
+// quantized once per call to int16, q = round(x * 32767 / max|x|), and multiplied with VNNI's
+// vpdpwssd (32 int16 x int16 products summed in pairs into 16 int32 lanes per instruction) against
+// the weights widened to int16 once per load (vpmovsxbw) and shared by every activation row of the
+// pass. The float loop spends a widen, a convert and 2 x rows FMAs per 16 weights and converts each
+// weight once per 4-row pass; this spends one widen and `rows` vpdpwssd per 32. An activation keeps
+// 16 bits (its rounding, half a step of max|x| / 32767, is ~1/128 of the int8 weights' own rounding
+// error relative to each operand's range): the result is the float product to within
+// 0.5 * step * sum_k |w_k| * scale plus float32 rounding (tests/test_gemv.py holds it to that).
+constexpr int64_t kA16Lanes = 32;    // int16 activations per vpdpwssd
+constexpr int64_t kA16Chunk = 8192;  // K per int32 sum: 512 products of <= 128 * 32767 per lane < 2^31
+
+inline float QuantizeRow16(const float* x, int64_t K, int16_t* q, int64_t k_pad) {
+  const float amax = AbsMax(x, K);
+  const float inv = amax > 0.0f ? 32767.0f / amax : 0.0f;
+  int64_t k = 0;
+#ifdef __AVX512F__
+  const __m512 vinv = _mm512_set1_ps(inv);
+  for (; k + kLanes <= K; k += kLanes)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(q + k),
+                        _mm512_cvtepi32_epi16(_mm512_cvtps_epi32(_mm512_mul_ps(_mm512_loadu_ps(x + k), vinv))));
+#endif
+  for (; k < K; ++k) q[k] = static_cast<int16_t>(std::nearbyint(x[k] * inv));
+  for (k = K; k < k_pad; ++k) q[k] = 0;
+  return amax / 32767.0f;
 }
 
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 constexpr bool kHasVnni = true;
 
-// R weight rows times BR quantized activation rows; each 64-byte weight vector is loaded once.
-// The ragged end of K loads weights under a mask (zeros add nothing to either sum).
+// R weight rows times BR quantized activation rows; each 64-byte weight vector is loaded (and
+// offset to unsigned) once. The ragged end of K loads weights under a mask: the padded activations
+// are zero, so the masked lanes (0 ^ 0x80 = 128) add nothing.
 template <int R, int BR>
-inline void TileVnni(const uint8_t* u, int64_t k_pad, const float* xs, const int8_t* w,
-                     const float* scale, float* y, int64_t b0, int64_t K, int64_t N, int64_t n) {
-  __m512i acc[BR][R], wsum[R];
-  const __m512i ones = _mm512_set1_epi8(1);
-  for (int r = 0; r < R; ++r) {
-    wsum[r] = _mm512_setzero_si512();
-    for (int b = 0; b < BR; ++b) acc[b][r] = _mm512_setzero_si512();
-  }
+inline void TileVnni(const int8_t* q, int64_t k_pad, const int32_t* qsum, const float* xs,
+                     const int8_t* w, const float* scale, float* y, int64_t b0, int64_t K, int64_t N,
+                     int64_t n) {
+  __m512i acc[BR][R];
+  const __m512i flip = _mm512_set1_epi8(static_cast<char>(0x80));
+  for (int b = 0; b < BR; ++b)
+    for (int r = 0; r < R; ++r) acc[b][r] = _mm512_setzero_si512();
   for (int64_t k = 0; k < K; k += kVnniLanes) {
     const __mmask64 m = K - k >= kVnniLanes ? ~__mmask64{0} : (__mmask64{1} << (K - k)) - 1;
     __m512i wv[R];
     for (int r = 0; r < R; ++r) {
-      wv[r] = _mm512_maskz_loadu_epi8(m, w + (n + r) * K + k);
+      wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w + (n + r) * K + k), flip);
       Prefetch(w + (n + r) * K + k, R * K);
-      wsum[r] = _mm512_dpbusd_epi32(wsum[r], ones, wv[r]);
     }
     for (int b = 0; b < BR; ++b) {
-      const __m512i uv = _mm512_loadu_si512(u + (b0 + b) * k_pad + k);
-      for (int r = 0; r < R; ++r) acc[b][r] = _mm512_dpbusd_epi32(acc[b][r], uv, wv[r]);
+      const __m512i qv = _mm512_loadu_si512(q + (b0 + b) * k_pad + k);
+      for (int r = 0; r < R; ++r) acc[b][r] = _mm512_dpbusd_epi32(acc[b][r], wv[r], qv);
     }
   }
-  // sum(q * w) = sum(u * w) - 128 * sum(w), subtracted lane-wise before the one reduction.
-  for (int r = 0; r < R; ++r) wsum[r] = _mm512_slli_epi32(wsum[r], 7);
   for (int b = 0; b < BR; ++b) {
     int32_t dots[R];
     if constexpr (R == 4) {
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(dots),
-                       Sum4(_mm512_sub_epi32(acc[b][0], wsum[0]), _mm512_sub_epi32(acc[b][1], wsum[1]),
-                            _mm512_sub_epi32(acc[b][2], wsum[2]), _mm512_sub_epi32(acc[b][3], wsum[3])));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(dots), Sum4(acc[b][0], acc[b][1], acc[b][2], acc[b][3]));
     } else {
-      for (int r = 0; r < R; ++r) dots[r] = _mm512_reduce_add_epi32(_mm512_sub_epi32(acc[b][r], wsum[r]));
+      for (int r = 0; r < R; ++r) dots[r] = _mm512_reduce_add_epi32(acc[b][r]);
     }
+    const int32_t offset = 128 * qsum[b0 + b];  // sum(q * w) = sum(q * (w + 128)) - 128 * sum(q)
     for (int r = 0; r < R; ++r)
-      y[(b0 + b) * N + n + r] = static_cast<float>(dots[r]) * (xs[b0 + b] * (scale ? scale[n + r] : 1.0f));
+      y[(b0 + b) * N + n + r] =
+          static_cast<float>(dots[r] - offset) * (xs[b0 + b] * (scale ? scale[n + r] : 1.0f));
+  }
+}
+
+// The last `left` (< kVnniRows) activation rows in one tile of exactly that many.
+template <int R, int BR>
+inline void RestVnni(const int8_t* q, int64_t k_pad, const int32_t* qsum, const float* xs, const int8_t* w,
+                     const float* scale, float* y, int64_t b0, int64_t left, int64_t K, int64_t N, int64_t n) {
+  if constexpr (BR > 0) {
+    if (left == BR) return TileVnni<R, BR>(q, k_pad, qsum, xs, w, scale, y, b0, K, N, n);
+    RestVnni<R, BR - 1>(q, k_pad, qsum, xs, w, scale, y, b0, left, K, N, n);
   }
 }
 
 template <int R>
-inline void RowsVnni(const uint8_t* u, int64_t k_pad, const float* xs, const int8_t* w,
+inline void RowsVnni(const int8_t* q, int64_t k_pad, const int32_t* qsum, const float* xs, const int8_t* w,
                      const float* scale, float* y, int64_t B, int64_t K, int64_t N, int64_t n) {
   int64_t b = 0;
-  for (; b + kRowsPerPass <= B; b += kRowsPerPass) TileVnni<R, kRowsPerPass>(u, k_pad, xs, w, scale, y, b, K, N, n);
-  switch (B - b) {
-    case 3: TileVnni<R, 3>(u, k_pad, xs, w, scale, y, b, K, N, n); break;
-    case 2: TileVnni<R, 2>(u, k_pad, xs, w, scale, y, b, K, N, n); break;
-    case 1: TileVnni<R, 1>(u, k_pad, xs, w, scale, y, b, K, N, n); break;
+  for (; b + kVnniRows <= B; b += kVnniRows) TileVnni<R, kVnniRows>(q, k_pad, qsum, xs, w, scale, y, b, K, N, n);
+  RestVnni<R, kVnniRows - 1>(q, k_pad, qsum, xs, w, scale, y, b, B - b, K, N, n);
+}
+
+void BlockVnni(const int8_t* q, int64_t k_pad, const int32_t* qsum, const float* xs, const int8_t* w,
+               const float* scale, float* y, int64_t B, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + kVnniTile <= n1; n += kVnniTile) RowsVnni<kVnniTile>(q, k_pad, qsum, xs, w, scale, y, B, K, N, n);
+  for (; n < n1; ++n) RowsVnni<1>(q, k_pad, qsum, xs, w, scale, y, B, K, N, n);
+}
+
+// R weight rows times BR int16 activation rows (K padded with zeros to a multiple of 32 in q). The
+// weights' ragged end is loaded under a mask; the int32 lanes are flushed to float every kA16Chunk
+// of K (exact to there) and summed across lanes in float32.
+template <int R, int BR>
+inline void TileA16(const int16_t* q, int64_t k_pad, const float* xs, const int8_t* w,
+                    const float* scale, float* y, int64_t b0, int64_t K, int64_t N, int64_t n) {
+  float sums[BR][R] = {};
+  for (int64_t c = 0; c < K; c += kA16Chunk) {
+    const int64_t c_end = std::min(K, c + kA16Chunk);
+    __m512i acc[BR][R];
+    for (int b = 0; b < BR; ++b)
+      for (int r = 0; r < R; ++r) acc[b][r] = _mm512_setzero_si512();
+    for (int64_t k = c; k < c_end; k += kA16Lanes) {
+      const __mmask32 m = K - k >= kA16Lanes ? ~__mmask32{0} : (__mmask32{1} << (K - k)) - 1;
+      __m512i wv[R];
+      for (int r = 0; r < R; ++r) {
+        wv[r] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, w + (n + r) * K + k));
+        if (k % 64 == 0) Prefetch(w + (n + r) * K + k, R * K);
+      }
+      for (int b = 0; b < BR; ++b) {
+        const __m512i xv = _mm512_loadu_si512(q + (b0 + b) * k_pad + k);
+        for (int r = 0; r < R; ++r) acc[b][r] = _mm512_dpwssd_epi32(acc[b][r], xv, wv[r]);
+      }
+    }
+    // Each lane's int32 sum is exact, but 16 of them can pass 2^31: they are added as floats.
+    for (int b = 0; b < BR; ++b) {
+      float dots[R];
+      if constexpr (R == 4) {
+        _mm_storeu_ps(dots, Sum4(_mm512_cvtepi32_ps(acc[b][0]), _mm512_cvtepi32_ps(acc[b][1]),
+                                 _mm512_cvtepi32_ps(acc[b][2]), _mm512_cvtepi32_ps(acc[b][3])));
+      } else {
+        for (int r = 0; r < R; ++r) dots[r] = _mm512_reduce_add_ps(_mm512_cvtepi32_ps(acc[b][r]));
+      }
+      for (int r = 0; r < R; ++r) sums[b][r] += dots[r];
+    }
+  }
+  for (int b = 0; b < BR; ++b)
+    for (int r = 0; r < R; ++r)
+      y[(b0 + b) * N + n + r] = sums[b][r] * (xs[b0 + b] * (scale ? scale[n + r] : 1.0f));
+}
+
+template <int R, int BR>
+inline void RestA16(const int16_t* q, int64_t k_pad, const float* xs, const int8_t* w,
+                    const float* scale, float* y, int64_t b0, int64_t left, int64_t K, int64_t N, int64_t n) {
+  if constexpr (BR > 0) {
+    if (left == BR) return TileA16<R, BR>(q, k_pad, xs, w, scale, y, b0, K, N, n);
+    RestA16<R, BR - 1>(q, k_pad, xs, w, scale, y, b0, left, K, N, n);
   }
 }
 
-void BlockVnni(const uint8_t* u, int64_t k_pad, const float* xs, const int8_t* w, const float* scale,
-               float* y, int64_t B, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+template <int R>
+inline void RowsA16(const int16_t* q, int64_t k_pad, const float* xs, const int8_t* w,
+                    const float* scale, float* y, int64_t B, int64_t K, int64_t N, int64_t n) {
+  int64_t b = 0;
+  for (; b + kVnniRows <= B; b += kVnniRows) TileA16<R, kVnniRows>(q, k_pad, xs, w, scale, y, b, K, N, n);
+  RestA16<R, kVnniRows - 1>(q, k_pad, xs, w, scale, y, b, B - b, K, N, n);
+}
+
+void BlockA16(const int16_t* q, int64_t k_pad, const float* xs, const int8_t* w, const float* scale,
+              float* y, int64_t B, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + kTile <= n1; n += kTile) RowsVnni<kTile>(u, k_pad, xs, w, scale, y, B, K, N, n);
-  for (; n < n1; ++n) RowsVnni<1>(u, k_pad, xs, w, scale, y, B, K, N, n);
+  for (; n + kVnniTile <= n1; n += kVnniTile) RowsA16<kVnniTile>(q, k_pad, xs, w, scale, y, B, K, N, n);
+  for (; n < n1; ++n) RowsA16<1>(q, k_pad, xs, w, scale, y, B, K, N, n);
 }
 #else
 constexpr bool kHasVnni = false;
 
 // Without VNNI (this handler is then not chosen by gemv.py; kept correct for completeness).
-void BlockVnni(const uint8_t* u, int64_t k_pad, const float* xs, const int8_t* w, const float* scale,
-               float* y, int64_t B, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+void BlockVnni(const int8_t* q, int64_t k_pad, const int32_t* qsum, const float* xs, const int8_t* w,
+               const float* scale, float* y, int64_t B, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   for (int64_t n = n0; n < n1; ++n)
     for (int64_t b = 0; b < B; ++b) {
       int64_t dot = 0;
-      for (int64_t k = 0; k < K; ++k) dot += (static_cast<int32_t>(u[b * k_pad + k]) - 128) * w[n * K + k];
+      for (int64_t k = 0; k < K; ++k) dot += int32_t{q[b * k_pad + k]} * w[n * K + k];
+      y[b * N + n] = static_cast<float>(dot) * (xs[b] * (scale ? scale[n] : 1.0f));
+    }
+}
+
+// Without VNNI (gemv.py then does not choose GptGemvS8A16; kept correct for completeness).
+void BlockA16(const int16_t* q, int64_t k_pad, const float* xs, const int8_t* w, const float* scale,
+              float* y, int64_t B, int64_t K, int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t b = 0; b < B; ++b) {
+      int64_t dot = 0;
+      for (int64_t k = 0; k < K; ++k) dot += int64_t{q[b * k_pad + k]} * w[n * K + k];
       y[b * N + n] = static_cast<float>(dot) * (xs[b] * (scale ? scale[n] : 1.0f));
     }
 }
@@ -326,13 +472,35 @@ ffi::Error GemvInt8Activations(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   const float* s = shape.scale;
   // Quantized once per call (B * K bytes), shared by every block.
   const int64_t k_pad = (K + kVnniLanes - 1) / kVnniLanes * kVnniLanes;
-  auto u = std::make_shared<std::vector<uint8_t>>(B * k_pad);
+  auto q = std::make_shared<std::vector<int8_t>>(B * k_pad);
   auto xs = std::make_shared<std::vector<float>>(B);
-  for (int64_t b = 0; b < B; ++b) (*xs)[b] = QuantizeRow(x.typed_data() + b * K, K, u->data() + b * k_pad, k_pad);
+  auto qsum = std::make_shared<std::vector<int32_t>>(B);
+  for (int64_t b = 0; b < B; ++b)
+    (*xs)[b] = QuantizeRow(x.typed_data() + b * K, K, q->data() + b * k_pad, k_pad, qsum->data() + b);
   const int8_t* wp = w.typed_data();
   float* yp = y->typed_data();
   gpt_kernels::RunBlocks(pool, (N + kBlock - 1) / kBlock, MaxThreads(), [=](int64_t i) {
-    BlockVnni(u->data(), k_pad, xs->data(), wp, s, yp, B, K, N, i * kBlock, std::min(N, (i + 1) * kBlock));
+    BlockVnni(q->data(), k_pad, qsum->data(), xs->data(), wp, s, yp, B, K, N, i * kBlock,
+              std::min(N, (i + 1) * kBlock));
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error GemvInt16Activations(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w,
+                                ffi::Buffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> y) {
+  Shape shape;
+  if (ffi::Error e = CheckShapes(x, w, scale, &shape); e.failure()) return e;
+  const int64_t B = shape.B, K = shape.K, N = shape.N;
+  const float* s = shape.scale;
+  // Quantized once per call (B * K int16), shared by every block.
+  const int64_t k_pad = (K + kA16Lanes - 1) / kA16Lanes * kA16Lanes;
+  auto q = std::make_shared<std::vector<int16_t>>(B * k_pad);
+  auto xs = std::make_shared<std::vector<float>>(B);
+  for (int64_t b = 0; b < B; ++b) (*xs)[b] = QuantizeRow16(x.typed_data() + b * K, K, q->data() + b * k_pad, k_pad);
+  const int8_t* wp = w.typed_data();
+  float* yp = y->typed_data();
+  gpt_kernels::RunBlocks(pool, (N + kBlock - 1) / kBlock, MaxThreads(), [=](int64_t i) {
+    BlockA16(q->data(), k_pad, xs->data(), wp, s, yp, B, K, N, i * kBlock, std::min(N, (i + 1) * kBlock));
   });
   return ffi::Error::Success();
 }
@@ -356,6 +524,14 @@ GPT_GEMV_HANDLER(GptGemvBF16, uint16_t)
 GPT_GEMV_HANDLER(GptGemvS8, int8_t)
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptGemvS8A8, GemvInt8Activations,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptGemvS8A16, GemvInt16Activations,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()

@@ -10,6 +10,9 @@ are transposed once by `to_rows`. The library is compiled from gemv.cc with the 
 C++ compiler the first time it is needed (about 10 s; gpt.kernels.native) and cached, keyed also
 by this CPU's model and flags (it is built with -march=native). Without a compiler, on a GPU/TPU, for more rows, or with
 GPT_GEMV=0, `matmul` is `reference`: XLA's own einsum, same results to float32 rounding.
+With int8 weights two integer loops run on AVX-512 VNNI where the CPU has it: `int8_activations`
+(rows quantized to int8, vpdpbusd) and `int16_activations` (rows quantized to int16, vpdpwssd:
+within half an int16 step of the float product, faster than the float loop from 2 rows).
 GPT_GEMV_THREADS=n (read by the library at each call) caps the threads one call splits its rows
 over (default: all of XLA's intra-op pool); experiments/bench_gemv.py --per_call uses 1 to time the
 loops apart from the hand-off to the second core.
@@ -48,7 +51,7 @@ def available() -> bool:
     if not _loaded:
       try:
         lib = ctypes.cdll.LoadLibrary(str(native.build(SOURCE, FLAGS, cpu_specific=True)))
-        for suffix in (*_SUFFIX.values(), "S8A8"):
+        for suffix in (*_SUFFIX.values(), "S8A8", "S8A16"):
           name = f"GptGemv{suffix}"
           jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
         _vnni.append(bool(lib.GptGemvHasVnni()))
@@ -106,6 +109,14 @@ def to_rows(w: jax.Array) -> jax.Array:
   return jnp.transpose(jnp.asarray(w))
 
 
+# With `int16_activations` (model.int16_activations), from how many rows `auto_matmul` runs the
+# int16-activation VNNI loop (GptGemvS8A16) instead of the float loop: at 1 row both stream at the
+# read rate (experiments/bench_gemv_loop.cc) and the float loop keeps the activations exact; from 2
+# rows the float loop's converts and FMAs make it compute-bound and vpdpwssd does the same work in
+# fewer uops (BENCHMARKS.md, "int16 activations").
+A16_MIN_ROWS = 2
+
+
 def vnni() -> bool:
   """Whether the int8-activation kernel (`matmul(..., int8_activations=True)`) runs here: the
   library built with AVX-512 VNNI (vpdpbusd). Elsewhere that product is `reference`'s XLA one."""
@@ -113,34 +124,54 @@ def vnni() -> bool:
 
 
 def matmul(x: jax.Array, w: jax.Array, *, scale: jax.Array | None = None,
-           int8_activations: bool = False) -> jax.Array:
+           int8_activations: bool = False, int16_activations: bool = False) -> jax.Array:
   """x [..., K] times w [N, K] transposed, accumulated in float32: float32 [..., N].
 
   w may be float32, bfloat16 or int8; `scale` [N] multiplies output n (int8 weights' per-output
   scales). `int8_activations` (int8 w only): each row of x is quantized to int8 first (see
   `quantize_rows`) and multiplied in integers with AVX-512 VNNI, where it runs (`vnni`).
+  `int16_activations` (int8 w, float activations, where VNNI runs): each row is quantized to int16
+  (`quantize_rows(x, 16)`) and multiplied with VNNI's vpdpwssd: the float product to within half
+  an int16 step of each activation (`int16_error_bound`); the default float loop is exact to
+  float32 rounding. Elsewhere it is the float loop or `reference`.
   """
   K, N = x.shape[-1], w.shape[0]
   rows = math.prod(x.shape[:-1])
-  a8 = int8_activations and jnp.dtype(w.dtype) == jnp.int8
+  int8_w = jnp.dtype(w.dtype) == jnp.int8
+  a8 = int8_activations and int8_w
   if not uses_kernel(rows, w) or (a8 and not vnni()):
     return reference(x, w, scale=scale, int8_activations=int8_activations)
+  a16 = int16_activations and int8_w and not a8 and vnni()
   no_scale = jnp.zeros((0,), jnp.float32)
-  target = "GptGemvS8A8" if a8 else f"GptGemv{_SUFFIX[jnp.dtype(w.dtype)]}"
+  target = ("GptGemvS8A8" if a8 else "GptGemvS8A16" if a16
+            else f"GptGemv{_SUFFIX[jnp.dtype(w.dtype)]}")
   out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows, N), jnp.float32))(
       x.reshape(rows, K).astype(jnp.float32), w,
       no_scale if scale is None else scale.astype(jnp.float32))
   return out.reshape(*x.shape[:-1], N)
 
 
-def quantize_rows(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """(int8 q [..., K], float32 step [..., 1]) with x ~= q * step per row: step = max|x| / 127,
-  q = round(x * (127 / max|x|)) (an all-zero row gives zeros), the same float32 operations as
-  gemv.cc's QuantizeRow, so that the kernel and `reference` quantize identically."""
+def quantize_rows(x: jax.Array, bits: int = 8) -> tuple[jax.Array, jax.Array]:
+  """(q [..., K], float32 step [..., 1]) with x ~= q * step per row: top = 2^(bits-1) - 1 (127 for
+  int8, 32767 for int16), step = max|x| / top, q = round(x * (top / max|x|)) (an all-zero row gives
+  zeros), the same float32 operations as gemv.cc's QuantizeRow / QuantizeRow16, so that the kernels
+  and `reference` quantize identically."""
+  top = {8: 127.0, 16: 32767.0}[bits]
   x = x.astype(jnp.float32)
   amax = jnp.max(jnp.abs(x), axis=-1, keepdims=True)
-  inv = jnp.where(amax > 0, jnp.float32(127.0) / jnp.where(amax > 0, amax, 1.0), 0.0)
-  return jnp.round(x * inv).astype(jnp.int8), amax / jnp.float32(127.0)
+  inv = jnp.where(amax > 0, jnp.float32(top) / jnp.where(amax > 0, amax, 1.0), 0.0)
+  q = jnp.round(x * inv).astype(jnp.int8 if bits == 8 else jnp.int16)
+  return q, amax / jnp.float32(top)
+
+
+def int16_error_bound(x: jax.Array, w: jax.Array, scale: jax.Array | None = None) -> jax.Array:
+  """The most the int16-activation kernel's y [..., N] can differ from the float product of x and
+  int8 w: each activation moves by at most half a step (max|x| / 32767 / 2) when rounded, so output
+  n moves by at most 0.5 * step * sum_k |w[n, k]| * scale[n]. Each lane's int32 sum is exact
+  (flushed to float every 8192 of K); only float32 rounding (the lanes' sum, the scale) adds to this."""
+  _, step = quantize_rows(x, 16)
+  wabs = jnp.abs(w.astype(jnp.float32)).sum(-1)
+  return 0.5 * step * (wabs if scale is None else wabs * scale.astype(jnp.float32))
 
 
 def reference(x: jax.Array, w: jax.Array, *, scale: jax.Array | None = None,
@@ -160,10 +191,13 @@ def reference(x: jax.Array, w: jax.Array, *, scale: jax.Array | None = None,
 
 
 def auto_matmul(x: jax.Array, w: jax.Array, *, scale: jax.Array | None = None,
-                int8_activations: bool = False) -> jax.Array:
+                int8_activations: bool = False, int16_activations: bool = False) -> jax.Array:
   """`matmul` where the kernel is the faster choice for this many rows (`wins`), else `reference`
-  (XLA's einsum): what a model prepared for decoding (weights [N, K]) runs. The kernel has no
-  gradient: this is never part of a training step."""
+  (XLA's einsum): what a model prepared for decoding (weights [N, K]) runs. `int16_activations`
+  takes the int16 loop from A16_MIN_ROWS rows. The kernel has no gradient: this is never part of
+  a training step."""
   rows = math.prod(x.shape[:-1])
-  mm = matmul if wins(rows, w) else reference
-  return mm(x, w, scale=scale, int8_activations=int8_activations)
+  if not wins(rows, w):
+    return reference(x, w, scale=scale, int8_activations=int8_activations)
+  return matmul(x, w, scale=scale, int8_activations=int8_activations,
+                int16_activations=int16_activations and rows >= A16_MIN_ROWS)
