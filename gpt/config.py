@@ -105,8 +105,10 @@ def base_config() -> ml_collections.ConfigDict:
   m.attention_impl = "blocked"
   # The training loss through the tied output layer: logits (the whole float32 [B, T, V] logits,
   # then optax's cross-entropy, differentiated by JAX) | fused (gpt.output_loss: logits, softmax
-  # cross-entropy and both gradients in one custom-VJP pass, same numbers; not faster in the same-run
-  # comparisons on a loaded 2-core Xeon so far: BENCHMARKS.md "Training speed routes").
+  # cross-entropy and both gradients in one custom-VJP pass, same numbers; with MKL's matmuls one
+  # threaded C++ pass over the logits, XLA's version elsewhere) | auto (fused where model.matmul
+  # resolves to mkl, logits elsewhere). Neither fused route measured reliably faster on the 2-core
+  # Xeon (BENCHMARKS.md "Training speed routes", session 5), so logits stays the default.
   m.output_loss = "logits"
   # The training step's float32 matmuls (dense layers and the tied head, forward and backward):
   # auto (Intel MKL's sgemm through gpt.kernels.gemm when training on one CPU device and MKL is

@@ -43,10 +43,18 @@ from gpt.kv_cache import KVCache, attention_inputs
 from gpt.matmul import matmul
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+<<<<<<< HEAD
 _SAVE_GEMM = jax.checkpoint_policies.save_only_these_names(gemm.CHECKPOINT_NAME,
                                                            kattn.CHECKPOINT_NAME)
 # "dots" policies also save gpt.kernels.gemm's products and gpt.kernels.attention's outputs (custom
 # calls, not dots: named instead).
+=======
+# The MLP's GELU inside MKL's c_proj product (gemm.gelu_matmul) where the step's matmuls are MKL's;
+# experiments/bench_train.py's `-geluxla` variant turns it off to measure it.
+GELU_IN_MATMUL = True
+_SAVE_GEMM = jax.checkpoint_policies.save_only_these_names(gemm.CHECKPOINT_NAME)
+# "dots" policies also save gpt.kernels.gemm's products (custom calls, not dots: named instead).
+>>>>>>> main
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -55,8 +63,13 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _SAVE_GEMM),
 }
+<<<<<<< HEAD
 ATTENTION_IMPLS = ("blocked", "kernel", "xla", "cudnn", "auto")
 OUTPUT_LOSSES = ("fused", "logits")
+=======
+ATTENTION_IMPLS = ("blocked", "xla", "cudnn", "auto")
+OUTPUT_LOSSES = ("auto", "fused", "logits")
+>>>>>>> main
 QUANTIZE = ("none", "int8")
 LN_EPS = 1e-5
 # The dense layers low-rank adapters can go into, named as Hugging Face PEFT's target_modules
@@ -81,7 +94,8 @@ class GPTConfig:
   scan_layers: bool = True
   remat: str = "none"
   attention_impl: str = "blocked"
-  # The training loss's output layer: "fused" (gpt.output_loss) or "logits" (whole logits, optax).
+  # The training loss's output layer: "fused" (gpt.output_loss), "logits" (whole logits, optax) or
+  # "auto" (fused where `matmul` resolved to "mkl", logits elsewhere).
   output_loss: str = "logits"
   # Low-rank adapters (gpt.lora): rank 0 = none. Training sets these from `config.train.lora_*`.
   lora_rank: int = 0
@@ -339,7 +353,13 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     """`rng` turns the adapters' dropout on (training); None means deterministic."""
-    return self.c_proj(jax.nn.gelu(self.c_fc(x, _fold(rng, 1)), approximate=True), _fold(rng, 2))
+    h = self.c_fc(x, _fold(rng, 1))
+    p = self.c_proj
+    if (GELU_IN_MATMUL and p.matmul == "mkl" and not p.lora_scale and not hasattr(p, "w_scale")
+        and not p.by_row and h.dtype == jnp.float32):
+      # MKL's product with the GELU in its VJP (gemm.gelu_matmul: one [rows, 4D] residual fewer)
+      return (gemm.gelu_matmul(h, p.w[...].astype(h.dtype)) + p.b[...].astype(jnp.float32)).astype(h.dtype)
+    return p(jax.nn.gelu(h, approximate=True), _fold(rng, 2))
 
 
 class Block(nnx.Module):

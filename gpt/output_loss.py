@@ -13,6 +13,18 @@ speed routes"): not faster than the logits path in the same-run comparisons on a
 Xeon (slower at the chapter's shape; at 30m once ahead, once behind), so not the default until
 a quiet run decides.
 
+Where the train step's matmuls run on MKL (a resolved `model.matmul=mkl`, gpt.kernels.gemm: one CPU
+device, float32), the same VJP runs as `_mkl_loss`: the logits by MKL's sgemm, then ONE threaded
+C++ pass over them (gemm.softmax_xent: per 200 KB row its max, exp-sum, loss term, and
+(softmax - onehot) / N written over the logits in place), then dh and d(wte) by sgemm. XLA's
+fusions of the same loss read and write the [rows, 50257] float32 logits about four times (the
+30m step's profile: the exp fusion alone 4.6% of op time, the reductions and the gradient's
+multiply another 3.2%); the pass reads and writes them once. Measured (BENCHMARKS.md, session 5):
+alone it still takes ~1.3x XLA's fused loops' time beyond the logits' copy (its exp is MKL's vsExp
+over the row, not fused with the max/sum/scale sweeps), and in the whole step it was 1.10-1.12x
+faster once, 0.95-0.98x twice: not the default. Elsewhere (GPU/TPU, meshes, bf16, no MKL) the XLA
+version below runs.
+
 The numbers are the same function as `optax.softmax_cross_entropy_with_integer_labels` of the
 float32 logits (tests/test_output_loss.py compares values and gradients); only the order of the
 float32 sums differs.
@@ -26,6 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpt.kernels import gemm
+
 # Rows per chunk. Smaller chunks would bound the logits' memory, but XLA:CPU's GEMM repacks the
 # whole [50257, D] wte for every chunk: at 256 rows the chapter step's output layer took ~3x as
 # long as unchunked (BENCHMARKS.md "Training speed routes"), so by default one chunk up to this size.
@@ -33,14 +47,19 @@ ROWS = 16384
 
 
 def tied_cross_entropy(hidden: jax.Array, wte: jax.Array, targets: jax.Array,
-                       rows: int = ROWS) -> jax.Array:
+                       rows: int = ROWS, impl: str = "xla") -> jax.Array:
   """Mean next-token cross-entropy of logits hidden @ wte^T (float32 accumulation) at `targets`.
 
   hidden [..., D] (the final states after ln_f, in the compute dtype); wte [V, D] (cast to
   hidden's dtype); targets [...] int. Differentiable in hidden and wte (the gradient is made in
   the forward pass, so call it under jax.grad, or for its value alone, which then skips it).
+  `impl`: a resolved `model.matmul`; "mkl" runs the MKL route (`_mkl_loss`) for float32 operands
+  where the kernel is available (`rows` does not apply: one pass per row), XLA's otherwise.
   """
   D = hidden.shape[-1]
+  if (impl == "mkl" and hidden.dtype == jnp.float32 and wte.dtype == jnp.float32
+      and gemm.available()):
+    return _mkl_loss(hidden.reshape(-1, D), wte, targets.reshape(-1))
   return _loss(hidden.reshape(-1, D), wte.astype(hidden.dtype), targets.reshape(-1), rows)
 
 
@@ -90,3 +109,28 @@ def _loss_backward(rows, res, g):
 
 
 _loss.defvjp(_loss_forward, _loss_backward)
+
+
+def _mkl_forward(h, wte, targets):
+  N = h.shape[0]
+  logits = gemm.gemm(h, wte, transpose_b=True)
+  dlogits, row_loss = gemm.softmax_xent(logits, targets, 1.0 / N)
+  dh = gemm.gemm(dlogits, wte)
+  dwte = gemm.gemm(dlogits, h, transpose_a=True)
+  return jnp.sum(row_loss) / N, (dh, dwte, targets)
+
+
+@jax.custom_vjp
+def _mkl_loss(h, wte, targets):
+  # The value alone (no gradient asked): the logits and the one pass; XLA drops the unused
+  # gradient products.
+  N = h.shape[0]
+  _, row_loss = gemm.softmax_xent(gemm.gemm(h, wte, transpose_b=True), targets, 1.0 / N)
+  return jnp.sum(row_loss) / N
+
+
+def _mkl_backward(res, g):
+  return _loss_backward(None, res, g)
+
+
+_mkl_loss.defvjp(_mkl_forward, _mkl_backward)

@@ -69,6 +69,20 @@ def test_matmul_and_gradients_match_xla(mkl, transpose_w):
   assert hlo.count(gemm.TARGET) == 3  # forward, dx and dw all by the kernel
 
 
+def test_gelu_matmul_and_gradients_match_xla(mkl):
+  """gemm.gelu_matmul (the MLP's GELU inside MKL's c_proj product, its backward recomputing the
+  GELU from h) against gelu then XLA's einsum; bfloat16 falls back to exactly that."""
+  h, w, probe = _rand((3, 41, 57), 5) * 2, _rand((57, 30), 6), _rand((3, 41, 30), 7)
+  plain = lambda h, w: gemm.reference(jax.nn.gelu(h, approximate=True), w)
+  grads = lambda mm: jax.jit(jax.grad(lambda h, w: jnp.sum(jnp.sin(mm(h, w)) * probe), argnums=(0, 1)))(h, w)
+  np.testing.assert_allclose(gemm.gelu_matmul(h, w), plain(h, w), rtol=1e-5, atol=1e-4)
+  for name, a, b in zip(("dh", "dw"), grads(gemm.gelu_matmul), grads(plain)):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max(), err_msg=name)
+  hb, wb = h.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  assert gemm.TARGET not in jax.jit(gemm.gelu_matmul).lower(hb, wb).as_text()
+  np.testing.assert_array_equal(gemm.gelu_matmul(hb, wb), plain(hb, wb))
+
+
 def test_matmul_under_vmap_and_bf16_fallback(mkl):
   x, w = _rand((4, 7, 16), 3), _rand((16, 9), 4)
   got = jax.vmap(lambda r: gemm.matmul(r, w))(x)
@@ -122,7 +136,8 @@ def _one_step(config, matmul: str, lower_only: bool = False):
 
 
 @pytest.mark.parametrize("layers", [dict(scan_layers=True, remat="full"),
-                                    dict(scan_layers=False, remat="dots")])
+                                    dict(scan_layers=False, remat="dots"),
+                                    dict(scan_layers=True, remat="none", output_loss="fused")])
 def test_train_step_mkl_equals_xla(mkl, tmp_path, layers):
   """The train mode's step with model.matmul=auto (MKL here) against XLA's: the same loss and the
   same update, under scan + full remat or unrolled + dots remat (which saves the kernel's products
@@ -135,6 +150,10 @@ def test_train_step_mkl_equals_xla(mkl, tmp_path, layers):
   loss_x, update_x, hlo_x = _one_step(config, "xla")
   loss_m, update_m, hlo_m = _one_step(config, "auto")
   assert gemm.TARGET not in hlo_x and gemm.TARGET in hlo_m
+  # The output layer's one-pass loss runs with MKL's matmuls where the loss is fused or auto (the
+  # default; XLA's fused version or optax's on the xla side).
+  fused = config.model.output_loss in ("fused", "auto")
+  assert gemm.XENT_TARGET not in hlo_x and (gemm.XENT_TARGET in hlo_m) == fused
   if layers["remat"] == "dots":
     config.model.remat = "none"
     assert hlo_m.count(gemm.TARGET) == _one_step(config, "auto", lower_only=True).count(gemm.TARGET)

@@ -2,7 +2,9 @@
 the unfused reference: optax's cross-entropy of the float32 logits h wte^T, differentiated by JAX.
 
 Values and both gradients, with one chunk, several chunks and an uneven last chunk; bfloat16
-compute against the float32 reference; and that the train step's loss is the reference's.
+compute against the float32 reference; and that the train step's loss is the reference's. The
+MKL route (`impl="mkl"`: sgemm and gemm.cc's one-pass softmax cross-entropy) against the same
+reference, its pass alone at GPT-2's vocabulary, and its fallbacks (skipped without MKL).
 """
 
 import jax
@@ -11,7 +13,14 @@ import numpy as np
 import optax
 import pytest
 
+from gpt.kernels import gemm
 from gpt.output_loss import tied_cross_entropy
+
+
+@pytest.fixture
+def mkl():
+  if not gemm.available():
+    pytest.skip(f"gpt.kernels.gemm unavailable: {gemm.why_unavailable()}")
 
 
 def _reference(h, wte, targets):
@@ -80,3 +89,85 @@ def test_the_train_steps_loss_and_gradients_are_the_same_with_either_output_loss
   np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
   for g, w in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1])):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("shape", [(2, 8, 16, 37), (3, 7, 24, 50)])  # ragged: 21 rows, V % 16 != 0
+def test_mkl_route_values_and_gradients_match_the_reference(mkl, shape):
+  h, wte, targets = _inputs(*shape, jnp.float32, seed=5)
+  fused = lambda h, w, t: tied_cross_entropy(h, w, t, impl="mkl")
+  got = jax.jit(jax.value_and_grad(fused, argnums=(0, 1)))(h, wte, targets)
+  want = jax.value_and_grad(_reference, argnums=(0, 1))(h, wte, targets)
+  for name, g, w in zip(("loss", "dh", "dwte"), jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-6, err_msg=name)
+  value = jax.jit(fused)(h, wte, targets)  # the value alone: logits and the pass, no gradients
+  np.testing.assert_allclose(value, want[0], rtol=2e-6)
+  hlo = jax.jit(jax.grad(fused, argnums=(0, 1))).lower(h, wte, targets).as_text()
+  assert hlo.count(gemm.XENT_TARGET) == 1 and hlo.count(gemm.TARGET) == 3
+  g3 = jax.grad(lambda h: 3.0 * fused(h, wte, targets))(h)  # the cotangent scales the gradients
+  np.testing.assert_allclose(g3, 3.0 * want[1][0], rtol=2e-5, atol=6e-6)
+
+
+def test_mkl_route_accumulates_gradients_like_the_reference(mkl):
+  """Two micro-batches summed under jax.lax.scan (the train step's gradient accumulation)."""
+  h, wte, targets = _inputs(2, 9, 16, 41, jnp.float32, seed=6)
+
+  def accumulated(loss):
+    def body(carry, xs):
+      value, grads = jax.value_and_grad(loss, argnums=(0, 1))(xs[0], wte, xs[1])
+      return jax.tree.map(jnp.add, carry, (value, grads[1])), grads[0]
+    zero = (jnp.zeros(()), jnp.zeros_like(wte))
+    return jax.jit(lambda: jax.lax.scan(body, zero, (h, targets)))()
+
+  got = accumulated(lambda h, w, t: tied_cross_entropy(h, w, t, impl="mkl"))
+  want = accumulated(_reference)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-6)
+
+
+def test_softmax_xent_pass_at_the_gpt2_vocabulary(mkl):
+  """gemm.softmax_xent alone over 50257 logits per row, large magnitudes included (the row max
+  keeps exp finite), rows not a multiple of the kernel's 8-row blocks; an out-of-range target
+  gives NaN (as jnp.take_along_axis's fill) and no one-hot."""
+  rng = np.random.default_rng(7)
+  V = 50257
+  logits = jnp.asarray(rng.standard_normal((11, V)) * np.linspace(1, 60, 11)[:, None], jnp.float32)
+  targets = jnp.asarray(rng.integers(0, V, 11), jnp.int32)
+  dlogits, loss = jax.jit(lambda x, t: gemm.softmax_xent(x, t, 1 / 11))(logits, targets)
+  want = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  want_grad = jax.grad(lambda x: optax.softmax_cross_entropy_with_integer_labels(x, targets).mean())(logits)
+  np.testing.assert_allclose(loss, want, rtol=2e-6, atol=2e-5)
+  np.testing.assert_allclose(dlogits, want_grad, rtol=2e-5, atol=1e-9)
+  bad = targets.at[3].set(V)
+  dlogits, loss = gemm.softmax_xent(logits, bad, 1.0)
+  assert np.isnan(loss[3]) and np.isfinite(np.delete(np.asarray(loss), 3)).all()
+  np.testing.assert_allclose(np.asarray(dlogits[3]).sum(), 1.0, rtol=1e-4)  # softmax, no one-hot
+
+
+def test_mkl_route_falls_back_to_xla(mkl):
+  """bfloat16 operands, or impl="xla" (GPU/TPU/meshes resolve model.matmul so), take the XLA
+  version: no MKL call in the program, the same numbers as before."""
+  h, wte, targets = _inputs(2, 8, 16, 37, jnp.float32, seed=8)
+  for hh, impl in ((h.astype(jnp.bfloat16), "mkl"), (h, "xla")):
+    f = lambda h, w: tied_cross_entropy(h, w, targets, impl=impl)
+    hlo = jax.jit(jax.grad(f, argnums=(0, 1))).lower(hh, wte).as_text()
+    assert gemm.XENT_TARGET not in hlo and gemm.TARGET not in hlo
+    np.testing.assert_array_equal(f(hh, wte), tied_cross_entropy(hh, wte, targets))
+
+
+@pytest.mark.parametrize("output_loss,matmul,xent", [("auto", "mkl", True), ("auto", "xla", False),
+                                                     ("logits", "mkl", False),
+                                                     ("fused", "mkl", True)])
+def test_heads_loss_chooses_the_output_layer(mkl, output_loss, matmul, xent):
+  """heads.loss: `auto` is the MKL one-pass loss where the step's matmuls are MKL's, the whole
+  logits elsewhere; and its value is the reference's either way."""
+  from gpt import heads
+  from gpt.model import GPTConfig, init_model
+
+  cfg = GPTConfig(n_vocab=61, n_ctx=16, n_embd=16, n_head=2, n_layer=1, output_loss=output_loss,
+                  matmul=matmul)
+  model = init_model(cfg, seed=2)
+  h, _, targets = _inputs(2, 5, 16, 61, jnp.float32, seed=9)
+  hlo = jax.jit(lambda h: heads.loss(model, h, targets)).lower(h).as_text()
+  assert (gemm.XENT_TARGET in hlo) == xent
+  want = _reference(h, model.wte[...], targets)
+  np.testing.assert_allclose(heads.loss(model, h, targets), want, rtol=2e-6)

@@ -12,6 +12,14 @@
 // own to fight XLA's for the cores. Instead the output is cut into blocks of rows or columns that
 // run on XLA's own intra-op thread pool (pool.h's RunBlocks, as gemv.cc's), one sequential sgemm each.
 // Without the library the handler is never called: gemm.py keeps XLA's einsum.
+//
+// The second handler, GptSoftmaxXentF32, is the output layer's loss on the logits that Gemm made
+// (gpt/output_loss.py): one pass per row over the [rows, vocabulary] float32 logits computes the
+// row's max, exp-sum and loss term and overwrites the row with d(loss)/d(logits) =
+// (softmax - onehot) * scale. A row of GPT-2's 50257 logits is 200 KB: it stays in L2 between the
+// row's passes, so the logits cross memory once in and once out, where XLA's fusions of the same
+// cross-entropy read them about four times. The exponentials are MKL's vector vsExp (VML). Measured
+// alone it is still ~1.3x slower than XLA's fused loops (BENCHMARKS.md, session 5): not the default.
 #include <dlfcn.h>
 
 #include <algorithm>
@@ -19,7 +27,9 @@
 #include <climits>
 #include <cstdint>
 #include <cstdlib>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <memory>
 #include <string>
 #include <thread>
@@ -39,7 +49,10 @@ using SgemmFn = void (*)(int, int, int, int, int, int, float, const float*, int,
                          float, float*, int);
 using IntFn = int (*)(int);
 
+using VecFn = void (*)(int, const float*, float*);  // VML's vsExp(n, a, y)
+
 SgemmFn g_sgemm = nullptr;
+VecFn g_vsexp = nullptr;  // MKL's vsExp; std::exp when the library lacks it
 IntFn g_set_num_threads_local = nullptr;  // MKL_Set_Num_Threads_Local (C API; the lowercase
                                           // name is the Fortran one, taking a pointer)
 
@@ -106,6 +119,80 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::
   return ffi::Error::Success();
 }
 
+// The largest of x[0..n): 16 running maxima (GCC vectorizes the lanes at -O2).
+float RowMax(const float* x, int64_t n) {
+  float lanes[16];
+  const int64_t whole = n / 16 * 16;
+  for (int k = 0; k < 16; ++k) lanes[k] = n ? x[0] : 0.0f;
+  for (int64_t j = 0; j < whole; j += 16)
+    for (int k = 0; k < 16; ++k) lanes[k] = std::max(lanes[k], x[j + k]);
+  float m = lanes[0];
+  for (int k = 1; k < 16; ++k) m = std::max(m, lanes[k]);
+  for (int64_t j = whole; j < n; ++j) m = std::max(m, x[j]);
+  return m;
+}
+
+// x[j] = exp(x[j] - m) for j < n, in place, and their sum (in 16 lanes, then added up).
+float ExpShiftSum(float* x, int64_t n, float m, VecFn vsexp) {
+  for (int64_t j = 0; j < n; ++j) x[j] -= m;
+  if (vsexp) {
+    vsexp(static_cast<int>(n), x, x);
+  } else {
+    for (int64_t j = 0; j < n; ++j) x[j] = std::exp(x[j]);
+  }
+  float lanes[16] = {0};
+  const int64_t whole = n / 16 * 16;
+  for (int64_t j = 0; j < whole; j += 16)
+    for (int k = 0; k < 16; ++k) lanes[k] += x[j + k];
+  float s = 0.0f;
+  for (int k = 0; k < 16; ++k) s += lanes[k];
+  for (int64_t j = whole; j < n; ++j) s += x[j];
+  return s;
+}
+
+// Rows per block of the loss's pass: several 200 KB rows per pool task, few enough to balance.
+constexpr int64_t kXentRows = 8;
+
+ffi::Error SoftmaxXent(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::S32> targets,
+                       ffi::ResultBuffer<ffi::F32> dlogits, ffi::ResultBuffer<ffi::F32> loss,
+                       float scale) {
+  auto ld = logits.dimensions();
+  if (ld.size() != 2 || targets.dimensions().size() != 1 || targets.dimensions()[0] != ld[0] ||
+      dlogits->dimensions().size() != 2 || dlogits->dimensions()[0] != ld[0] ||
+      dlogits->dimensions()[1] != ld[1] || loss->dimensions().size() != 1 ||
+      loss->dimensions()[0] != ld[0])
+    return ffi::Error::InvalidArgument("softmax_xent: logits [N, V], targets [N], results [N, V] and [N]");
+  const int64_t N = ld[0], V = ld[1];
+  if (V > INT_MAX) return ffi::Error::InvalidArgument("softmax_xent: the vocabulary exceeds 32-bit sizes");
+  if (N == 0) return ffi::Error::Success();
+  const float* in = logits.typed_data();
+  const int32_t* t = targets.typed_data();
+  float* out = dlogits->typed_data();
+  float* rl = loss->typed_data();
+  VecFn vsexp = g_vsexp;
+  IntFn local = g_set_num_threads_local;
+  const int64_t blocks = (N + kXentRows - 1) / kXentRows;
+  gpt_kernels::RunBlocks(pool, blocks, blocks, [=](int64_t b) {
+    if (local) local(1);
+    for (int64_t r = b * kXentRows; r < std::min(N, (b + 1) * kXentRows); ++r) {
+      const float* x = in + r * V;
+      float* y = out + r * V;
+      if (y != x) std::memcpy(y, x, sizeof(float) * V);  // XLA aliases them unless it cannot
+      const float m = RowMax(y, V);
+      const int32_t target = t[r];
+      const bool valid = target >= 0 && target < V;
+      // Out of range: the loss is NaN (as jnp.take_along_axis's fill) and no one-hot is subtracted.
+      const float picked = valid ? y[target] : std::numeric_limits<float>::quiet_NaN();
+      const float s = ExpShiftSum(y, V, m, vsexp);
+      rl[r] = std::log(s) + m - picked;
+      const float f = scale / s;
+      for (int64_t j = 0; j < V; ++j) y[j] *= f;
+      if (valid) y[target] -= scale;
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Loads MKL from `path` (libmkl_rt) and selects its sequential layer. Returns 0 on success, 1 when
@@ -127,6 +214,7 @@ extern "C" int GptGemmLoad(const char* path, char* error, int size) {
   // Must precede MKL's first computation; a no-op (returns the layer in force) if too late.
   if (auto layer = reinterpret_cast<IntFn>(dlsym(lib, "MKL_Set_Threading_Layer"))) layer(kMklThreadingSequential);
   g_set_num_threads_local = reinterpret_cast<IntFn>(dlsym(lib, "MKL_Set_Num_Threads_Local"));
+  g_vsexp = reinterpret_cast<VecFn>(dlsym(lib, "vsExp"));
   g_sgemm = sgemm;
   return 0;
 }
@@ -139,3 +227,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptGemmF32, Gemm,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("transpose_a")
                                   .Attr<int64_t>("transpose_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptSoftmaxXentF32, SoftmaxXent,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));

@@ -31,6 +31,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from absl import logging
 from jax.ad_checkpoint import checkpoint_name
 
@@ -39,8 +40,10 @@ from gpt.kernels import native
 
 MATMULS = ("auto", "xla", "mkl")
 SOURCE = Path(__file__).with_name("gemm.cc")
-FLAGS = ("-O2", "-std=c++17", "-shared", "-fPIC", "-w")
+# -O3: GCC 12's -O2 leaves the loss pass's loops (run-time lengths) scalar, 2.4x slower there.
+FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
 TARGET = "GptGemmF32"
+XENT_TARGET = "GptSoftmaxXentF32"  # the output layer's loss pass (`softmax_xent`)
 # The name `matmul` gives its products (jax.ad_checkpoint.checkpoint_name): a custom call is no dot,
 # so gpt.model's "dots" remat policies save these by name, as they save XLA's dots.
 CHECKPOINT_NAME = "gpt_gemm"
@@ -79,6 +82,8 @@ def available() -> bool:
         if lib.GptGemmLoad(mkl.encode(), error, len(error)):
           raise RuntimeError(f"cannot load MKL from {mkl}: {error.value.decode(errors='replace')}")
         jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.GptGemmF32), platform="cpu")
+        jax.ffi.register_ffi_target(XENT_TARGET, jax.ffi.pycapsule(lib.GptSoftmaxXentF32),
+                                    platform="cpu")
         _loaded.append(True)
       except (OSError, RuntimeError, AttributeError) as e:
         logging.info("gpt.kernels.gemm unavailable, training uses XLA's matmul: %s", e)
@@ -126,6 +131,20 @@ def gemm(a: jax.Array, b: jax.Array, *, transpose_a: bool = False,
   return call(a, b, transpose_a=int(transpose_a), transpose_b=int(transpose_b))
 
 
+def softmax_xent(logits: jax.Array, targets: jax.Array, scale: float) -> tuple[jax.Array, jax.Array]:
+  """Softmax cross-entropy of float32 logits [N, V] at int targets [N] in one threaded pass per
+  row (gemm.cc's SoftmaxXent): (dlogits [N, V] = (softmax - onehot) * scale, loss [N] =
+  logsumexp - the target's logit). dlogits takes the logits' buffer (aliased: the logits are dead
+  afterwards in the fused loss). A target outside [0, V) gives a NaN loss and no one-hot. No
+  gradient of its own: gpt.output_loss's custom VJP uses dlogits as the gradient. Call only where
+  `available()`."""
+  N, V = logits.shape
+  call = jax.ffi.ffi_call(XENT_TARGET, (jax.ShapeDtypeStruct((N, V), jnp.float32),
+                                        jax.ShapeDtypeStruct((N,), jnp.float32)),
+                          vmap_method="sequential", input_output_aliases={0: 0})
+  return call(logits.astype(jnp.float32), targets.astype(jnp.int32), scale=np.float32(scale))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _matmul2d(x: jax.Array, w: jax.Array, transpose_w: bool) -> jax.Array:
   return gemm(x, w, transpose_b=transpose_w)
@@ -156,6 +175,48 @@ def matmul(x: jax.Array, w: jax.Array, *, transpose_w: bool = False) -> jax.Arra
   out = checkpoint_name(_matmul2d(x.reshape(math.prod(x.shape[:-1]), K), w, transpose_w),
                         CHECKPOINT_NAME)
   return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def _gelu_and_slope(h: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """jax.nn.gelu(h, approximate=True) and its derivative, from one tanh."""
+  c = math.sqrt(2.0 / math.pi)
+  t = jnp.tanh(c * (h + 0.044715 * h ** 3))
+  slope = 0.5 * (1.0 + t) + 0.5 * h * (1.0 - t * t) * c * (1.0 + 3 * 0.044715 * h * h)
+  return jax.nn.gelu(h, approximate=True), slope
+
+
+@jax.custom_vjp
+def _gelu_matmul2d(h: jax.Array, w: jax.Array) -> jax.Array:
+  return gemm(jax.nn.gelu(h, approximate=True), w)
+
+
+def _gelu_matmul2d_fwd(h, w):
+  return gemm(jax.nn.gelu(h, approximate=True), w), (h, w)
+
+
+def _gelu_matmul2d_bwd(residuals, dy):
+  h, w = residuals
+  g, slope = _gelu_and_slope(h)  # recomputed: cheaper than saving two more [rows, 4D] buffers
+  return gemm(dy, w, transpose_b=True) * slope, gemm(g, dy, transpose_a=True)
+
+
+_gelu_matmul2d.defvjp(_gelu_matmul2d_fwd, _gelu_matmul2d_bwd)
+
+
+def gelu_matmul(h: jax.Array, w: jax.Array) -> jax.Array:
+  """gelu(h) [..., K] @ w [K, N] in float32 by MKL (tanh-approximate GELU, as the MLP's), whose
+  backward saves only h and recomputes the GELU and its slope from it.
+
+  Why: differentiated by JAX, the MLP keeps three [rows, 4D] buffers per layer for its backward
+  (h, GELU's tanh, gelu(h) as the product's input); under the layer scan each is a stacked
+  [layers, rows, 4D] buffer that XLA fills with zeros, writes per layer and reads back (the 30m
+  step's profile: broadcast fills 4.1%, the scan's updates and slices 5.7% of op time). This saves
+  one. Float32 only, where `available()`; otherwise `reference(gelu(h), w)`."""
+  if h.dtype != jnp.float32 or w.dtype != jnp.float32 or not available():
+    return reference(jax.nn.gelu(h, approximate=True), w)
+  K = h.shape[-1]
+  out = checkpoint_name(_gelu_matmul2d(h.reshape(math.prod(h.shape[:-1]), K), w), CHECKPOINT_NAME)
+  return out.reshape(*h.shape[:-1], out.shape[-1])
 
 
 def reference(x: jax.Array, w: jax.Array, *, transpose_w: bool = False) -> jax.Array:
