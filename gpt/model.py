@@ -43,18 +43,13 @@ from gpt.kv_cache import KVCache, attention_inputs
 from gpt.matmul import matmul
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-<<<<<<< HEAD
+# The MLP's GELU inside MKL's c_proj product (gemm.gelu_matmul) where the step's matmuls are MKL's;
+# experiments/bench_train.py's `-geluxla` variant turns it off to measure it.
+GELU_IN_MATMUL = True
 _SAVE_GEMM = jax.checkpoint_policies.save_only_these_names(gemm.CHECKPOINT_NAME,
                                                            kattn.CHECKPOINT_NAME)
 # "dots" policies also save gpt.kernels.gemm's products and gpt.kernels.attention's outputs (custom
 # calls, not dots: named instead).
-=======
-# The MLP's GELU inside MKL's c_proj product (gemm.gelu_matmul) where the step's matmuls are MKL's;
-# experiments/bench_train.py's `-geluxla` variant turns it off to measure it.
-GELU_IN_MATMUL = True
-_SAVE_GEMM = jax.checkpoint_policies.save_only_these_names(gemm.CHECKPOINT_NAME)
-# "dots" policies also save gpt.kernels.gemm's products (custom calls, not dots: named instead).
->>>>>>> main
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -63,13 +58,8 @@ REMAT_POLICIES = {
     "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
         jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _SAVE_GEMM),
 }
-<<<<<<< HEAD
 ATTENTION_IMPLS = ("blocked", "kernel", "xla", "cudnn", "auto")
-OUTPUT_LOSSES = ("fused", "logits")
-=======
-ATTENTION_IMPLS = ("blocked", "xla", "cudnn", "auto")
 OUTPUT_LOSSES = ("auto", "fused", "logits")
->>>>>>> main
 QUANTIZE = ("none", "int8")
 LN_EPS = 1e-5
 # The dense layers low-rank adapters can go into, named as Hugging Face PEFT's target_modules
