@@ -17,7 +17,6 @@ formulation. The library is compiled from attention.cc with the system C++ compi
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import os
 import threading
@@ -62,9 +61,7 @@ def available() -> bool:
   with _lock:
     if not _loaded:
       try:
-        lib = ctypes.cdll.LoadLibrary(str(native.build(SOURCE, FLAGS, cpu_specific=True)))
-        for name in (FORWARD, BACKWARD):
-          jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+        native.load(SOURCE, FLAGS, (FORWARD, BACKWARD), cpu_specific=True)
         _loaded.append(True)
       except (OSError, RuntimeError, AttributeError) as e:
         logging.info("gpt.kernels.attention unavailable, attention stays blocked: %s", e)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import ctypes
 import os
 import threading
 from pathlib import Path
@@ -53,9 +52,7 @@ def available() -> bool:
   with _lock:
     if not _loaded:
       try:
-        lib = ctypes.cdll.LoadLibrary(str(native.build(SOURCE, FLAGS, cpu_specific=True)))
-        for name in _TARGETS.values():
-          jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+        native.load(SOURCE, FLAGS, tuple(_TARGETS.values()), cpu_specific=True)
         _loaded.append(True)
       except (OSError, RuntimeError, AttributeError) as e:
         logging.warning("gpt.kernels.decode_attention unavailable, using XLA's attention: %s", e)

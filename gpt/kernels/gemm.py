@@ -76,14 +76,12 @@ def available() -> bool:
         if not mkl:
           raise RuntimeError("MKL's libmkl_rt was not found (pip install 'gpt[mkl]', or set "
                              "GPT_MKL_LIBRARY to its path)")
-        lib = ctypes.cdll.LoadLibrary(str(native.build(SOURCE, FLAGS, cpu_specific=False,
-                                                              libraries=("-ldl",))))
+        # Registered before MKL loads: a target is only called once `available()` says True.
+        lib = native.load(SOURCE, FLAGS, (TARGET, XENT_TARGET), cpu_specific=False,
+                          libraries=("-ldl",))
         error = ctypes.create_string_buffer(512)
         if lib.GptGemmLoad(mkl.encode(), error, len(error)):
           raise RuntimeError(f"cannot load MKL from {mkl}: {error.value.decode(errors='replace')}")
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.GptGemmF32), platform="cpu")
-        jax.ffi.register_ffi_target(XENT_TARGET, jax.ffi.pycapsule(lib.GptSoftmaxXentF32),
-                                    platform="cpu")
         _loaded.append(True)
       except (OSError, RuntimeError, AttributeError) as e:
         logging.info("gpt.kernels.gemm unavailable, training uses XLA's matmul: %s", e)

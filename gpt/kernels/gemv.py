@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import ctypes
 import math
 import os
 import threading
@@ -50,10 +49,8 @@ def available() -> bool:
   with _lock:
     if not _loaded:
       try:
-        lib = ctypes.cdll.LoadLibrary(str(native.build(SOURCE, FLAGS, cpu_specific=True)))
-        for suffix in (*_SUFFIX.values(), "S8A8", "S8A16"):
-          name = f"GptGemv{suffix}"
-          jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+        names = tuple(f"GptGemv{suffix}" for suffix in (*_SUFFIX.values(), "S8A8", "S8A16"))
+        lib = native.load(SOURCE, FLAGS, names, cpu_specific=True)
         _vnni.append(bool(lib.GptGemvHasVnni()))
         _loaded.append(True)
       except (OSError, RuntimeError, AttributeError) as e:

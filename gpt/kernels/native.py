@@ -1,4 +1,5 @@
-"""Building the C++ kernels (gemv.cc, gemm.cc) with the system compiler, once, into a cache.
+"""Building the C++ kernels (gemv.cc, gemm.cc, attention.cc, decode_attention.cc) with the system
+compiler, once, into a cache, and loading them as XLA FFI targets.
 
 Why at first use rather than at install: the project installs as pure Python (`pip install -e .`
 on any machine), and gemv.cc is compiled for the CPU it runs on (-march=native). A library is
@@ -10,6 +11,7 @@ GPT_KERNEL_CACHE (default ~/.cache/gpt/kernels).
 
 from __future__ import annotations
 
+import ctypes
 import hashlib
 import os
 import platform
@@ -68,3 +70,15 @@ def build(source: Path, flags: tuple[str, ...], *, cpu_specific: bool,
     raise RuntimeError(f"{compiler} failed: {done.stderr.strip().splitlines()[-1:]}")
   os.replace(tmp, path)
   return path
+
+
+def load(source: Path, flags: tuple[str, ...], targets: tuple[str, ...], *, cpu_specific: bool,
+         libraries: tuple[str, ...] = ()) -> ctypes.CDLL:
+  """Builds `source` (`build`), loads the library and registers each exported handler named in
+  `targets` as an XLA FFI target of the same name on the CPU; returns the library (for its other
+  exports). Raises OSError, RuntimeError or AttributeError (a missing export) on failure."""
+  lib = ctypes.cdll.LoadLibrary(str(build(source, flags, cpu_specific=cpu_specific,
+                                          libraries=libraries)))
+  for name in targets:
+    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+  return lib
