@@ -346,7 +346,10 @@ def test_adapters_are_laid_out_by_the_logical_axes_of_their_weight():
 
 
 @pytest.mark.slow
-def test_sharded_lora_training_equals_one_device(tmp_path):
+def test_sharded_lora_training_equals_one_device(tmp_path, monkeypatch):
+  # Likewise the attention: one device alone would take the fused CPU kernel (gpt.kernels.attention,
+  # another summation order; tests/test_attention_kernel.py compares it with blocked).
+  monkeypatch.setenv("GPT_ATTENTION_KERNEL", "0")
   runs = {}
   for mesh in ((1, 1, 1), (2, 2, 2)):
     config = tiny_config(tmp_path, steps=3, lora_rank=4, lora_targets="c_attn,mlp.c_proj",
