@@ -24,6 +24,7 @@
 #include <cstring>
 #include <vector>
 
+#include "lanes.h"
 #include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -80,18 +81,7 @@ inline float Dot(const float* q, const C* k, int64_t K) {
 }
 
 #ifdef __AVX512F__
-// The sums of four vectors' lanes as one 4-float vector (an unpack/add tree sharing its shuffles:
-// four separate reductions cost about as much as the four K=64 dot products themselves).
-inline __m128 Sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-  const __m512 t = _mm512_add_ps(
-      _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
-      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
-  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(t),
-                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t), 1)));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
+using gpt_kernels::Sum4;  // lanes.h
 #endif
 
 // out[r] = q . k[slots[r]] for r < 4: four slots' dot products sharing each load of q.

@@ -20,6 +20,7 @@
 #include <thread>
 #include <vector>
 
+#include "lanes.h"
 #include "pool.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -79,19 +80,7 @@ inline __m512 Load16(const int8_t* w) {
   return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
 }
 
-// The sums of four vectors' lanes, as one 4-float vector: an unpack/add tree that shares its
-// shuffles between the four (a separate reduction per vector costs about as much as a short dot
-// product's whole loop at K = 768).
-inline __m128 Sum4(__m512 a, __m512 b, __m512 c, __m512 d) {
-  const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
-  const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
-  const __m512 t = _mm512_add_ps(
-      _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))),
-      _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(ab), _mm512_castps_pd(cd))));
-  const __m256 h = _mm256_add_ps(_mm512_castps512_ps256(t),
-                                 _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(t), 1)));
-  return _mm_add_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
-}
+using gpt_kernels::Sum4;  // the float version (lanes.h); the int32 one follows
 
 inline __m128i Sum4(__m512i a, __m512i b, __m512i c, __m512i d) {
   const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
