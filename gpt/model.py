@@ -280,6 +280,16 @@ class Conv1D(nnx.Module):
     h = apply_dropout(x, self.lora_dropout, rng) @ self.lora_a[...].astype(x.dtype)
     return y + (self.lora_scale * (h @ self.lora_b[...].astype(x.dtype))).astype(y.dtype)
 
+  def after_gelu(self, h: jax.Array, rng: jax.Array | None = None) -> jax.Array:
+    """self(gelu(h)): as MKL's product with the GELU inside its VJP (gemm.gelu_matmul: the scan
+    keeps h alone, one [rows, n_in] residual fewer) where this layer's matmul is MKL's and plain
+    (float32, no adapter, not quantized, not laid out by row); else the GELU, then the layer."""
+    if (GELU_IN_MATMUL and self.matmul == "mkl" and not self.lora_scale
+        and not hasattr(self, "w_scale") and not self.by_row and h.dtype == jnp.float32):
+      y = gemm.gelu_matmul(h, self.w[...].astype(h.dtype)) + self.b[...].astype(jnp.float32)
+      return y.astype(h.dtype)
+    return self(jax.nn.gelu(h, approximate=True), rng)
+
 
 def _fold(rng: jax.Array | None, i: int) -> jax.Array | None:
   """An independent key for sub-layer `i` (None stays None: no dropout)."""
@@ -343,13 +353,7 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     """`rng` turns the adapters' dropout on (training); None means deterministic."""
-    h = self.c_fc(x, _fold(rng, 1))
-    p = self.c_proj
-    if (GELU_IN_MATMUL and p.matmul == "mkl" and not p.lora_scale and not hasattr(p, "w_scale")
-        and not p.by_row and h.dtype == jnp.float32):
-      # MKL's product with the GELU in its VJP (gemm.gelu_matmul: one [rows, 4D] residual fewer)
-      return (gemm.gelu_matmul(h, p.w[...].astype(h.dtype)) + p.b[...].astype(jnp.float32)).astype(h.dtype)
-    return p(jax.nn.gelu(h, approximate=True), _fold(rng, 2))
+    return self.c_proj.after_gelu(self.c_fc(x, _fold(rng, 1)), _fold(rng, 2))
 
 
 class Block(nnx.Module):
