@@ -123,7 +123,7 @@ VARIANT_FIELDS = {"attnxla": {"attention_impl": "xla"}, "attnblocked": {"attenti
 # `nokernel` keeps the blocked formulation where training would resolve "blocked" to the fused CPU
 # attention kernel (gpt.kernels.attention.USE_KERNEL).
 VARIANT_SWITCHES = {"recomputeprobs": ("gpt.attention", "SAVE_PROBABILITIES", False),
-                    "geluxla": ("gpt.model", "GELU_IN_MATMUL", False),
+                    "geluxla": ("gpt.layers", "GELU_IN_MATMUL", False),
                     "nokernel": ("gpt.kernels.attention", "USE_KERNEL", False)}
 
 

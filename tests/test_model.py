@@ -242,9 +242,9 @@ def test_prepared_decoding_equals_the_full_forward_at_every_step(dtype):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_take_rows_equals_take_with_its_gradient(dtype):
-  """gpt.model.take_rows (the embeddings' gather; bf16 through an optimization barrier) gives
+  """gpt.layers.take_rows (the embeddings' gather; bf16 through an optimization barrier) gives
   jnp.take's rows, clipped ids included, and the same gradient, inside and outside a loop."""
-  from gpt.model import take_rows
+  from gpt.layers import take_rows
 
   table = jax.random.normal(jax.random.key(0), (50, 6)).astype(dtype)
   ids = jnp.asarray([[3, 0, 49], [7, 60, -2]], jnp.int32)
