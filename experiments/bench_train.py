@@ -125,7 +125,7 @@ VARIANT_FIELDS = {"attnxla": {"attention_impl": "xla"}, "attnblocked": {"attenti
 VARIANT_SWITCHES = {"recomputeprobs": ("gpt.attention", "SAVE_PROBABILITIES", False),
                     "geluxla": ("gpt.layers", "GELU_IN_MATMUL", False),
                     "nokernel": ("gpt.kernels.attention", "USE_KERNEL", False),
-                    # train-layers, session 6: LayerNorm over [B, T, D] as before (not flattened to rows)
+                    # train-layers, session 6: LayerNorm of a one-row batch over [1, T, D] as before (not [T, D])
                     "ln3d": ("gpt.layers", "LN_FLAT", False)}
 
 

@@ -23,8 +23,8 @@ from gpt.matmul import matmul
 # experiments/bench_train.py's `-geluxla` variant turns it off to measure it.
 GELU_IN_MATMUL = True
 LN_EPS = 1e-5
-# LayerNorm over rows flattened to 2-D (`layer_norm`); experiments/bench_train.py's `-ln3d` variant
-# turns it off to measure it.
+# LayerNorm of a one-row batch [1, T, D] as [T, D] (`layer_norm`); experiments/bench_train.py's
+# `-ln3d` variant turns it off to measure it.
 LN_FLAT = True
 
 
@@ -44,12 +44,13 @@ def param(rngs: nnx.Rngs | None, shape, axes, init: str, std: float, stack: int,
 def layer_norm(x: jax.Array, g: jax.Array, b: jax.Array) -> jax.Array:
   """LayerNorm over the last axis, computed in float32 and returned in x's dtype.
 
-  x goes in as 2-D rows [-1, D]: the backward's sums of g's and b's gradients over the rows are
-  then one reduce over dimension 0, which XLA:CPU runs as fast as a bias gradient, where over a
-  [1, T, D] array (batch 1: the chapter's shape) it compiled to a reduce that measured 3.7x slower
-  for the whole LayerNorm forward + backward (BENCHMARKS.md, "train-layers, session 6")."""
-  if LN_FLAT and x.ndim != 2:
-    return layer_norm(x.reshape(-1, x.shape[-1]), g, b).reshape(x.shape)
+  A batch of one row, [1, T, D], goes in as [T, D]: the backward's sums of g's and b's gradients
+  over the rows are then one reduce over dimension 0, which XLA:CPU runs as fast as a bias
+  gradient, where over [1, T, D] (the chapter's shape) it compiled to a middle-axis reduce that made
+  the whole LayerNorm forward + backward 3.7x slower. Batches of several rows keep their shape:
+  flattening them measured 0.94-0.95x (BENCHMARKS.md, "train-layers, session 6")."""
+  if LN_FLAT and x.ndim == 3 and x.shape[0] == 1:
+    return layer_norm(x.reshape(x.shape[1:]), g, b).reshape(x.shape)
   x32 = x.astype(jnp.float32)
   mean = x32.mean(-1, keepdims=True)
   var = jnp.square(x32 - mean).mean(-1, keepdims=True)

@@ -263,9 +263,9 @@ def test_take_rows_equals_take_with_its_gradient(dtype):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_layer_norm_over_flat_rows_equals_the_batched_form(dtype, monkeypatch):
-  """gpt.layers.layer_norm flattens [B, T, D] to rows (LN_FLAT): the same values and gradients as
-  over [B, T, D], against a float64 reference, and the backward's reductions are over 2-D arrays
-  only (the form XLA:CPU runs fast; a 3-D one measured 3.7x slower at batch 1)."""
+  """gpt.layers.layer_norm runs a one-row batch [1, T, D] as [T, D] (LN_FLAT): the same values and
+  gradients as over [1, T, D], against a float64 reference, and the backward's reductions are over
+  2-D arrays only (the form XLA:CPU runs fast; the 3-D one measured 3.7x slower)."""
   from gpt import layers
 
   rng = np.random.default_rng(0)
