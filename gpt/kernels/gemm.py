@@ -41,7 +41,9 @@ from gpt.kernels import native
 MATMULS = ("auto", "xla", "mkl")
 SOURCE = Path(__file__).with_name("gemm.cc")
 # -O3: GCC 12's -O2 leaves the loss pass's loops (run-time lengths) scalar, 2.4x slower there.
-FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
+# -march=native: the loss pass's exp is AVX-512 in registers (simd_exp.h) where the CPU has it; the
+# library is then built per CPU (cpu_specific), as gemv's and attention's.
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC", "-w")
 TARGET = "GptGemmF32"
 XENT_TARGET = "GptSoftmaxXentF32"  # the output layer's loss pass (`softmax_xent`)
 # The name `matmul` gives its products (jax.ad_checkpoint.checkpoint_name): a custom call is no dot,
@@ -77,7 +79,7 @@ def available() -> bool:
           raise RuntimeError("MKL's libmkl_rt was not found (pip install 'gpt[mkl]', or set "
                              "GPT_MKL_LIBRARY to its path)")
         # Registered before MKL loads: a target is only called once `available()` says True.
-        lib = native.load(SOURCE, FLAGS, (TARGET, XENT_TARGET), cpu_specific=False,
+        lib = native.load(SOURCE, FLAGS, (TARGET, XENT_TARGET), cpu_specific=True,
                           libraries=("-ldl",))
         error = ctypes.create_string_buffer(512)
         if lib.GptGemmLoad(mkl.encode(), error, len(error)):
