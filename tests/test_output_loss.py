@@ -124,10 +124,12 @@ def test_mkl_route_accumulates_gradients_like_the_reference(mkl):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-6)
 
 
-def test_softmax_xent_pass_at_the_gpt2_vocabulary(mkl):
+@pytest.mark.parametrize("portable", [False, True])  # the AVX-512 sweeps; MKL's vsExp route
+def test_softmax_xent_pass_at_the_gpt2_vocabulary(mkl, monkeypatch, portable):
   """gemm.softmax_xent alone over 50257 logits per row, large magnitudes included (the row max
   keeps exp finite), rows not a multiple of the kernel's 8-row blocks; an out-of-range target
-  gives NaN (as jnp.take_along_axis's fill) and no one-hot."""
+  gives NaN (as jnp.take_along_axis's fill) and no one-hot. Both routes of the pass."""
+  monkeypatch.setattr(gemm, "XENT_PORTABLE", portable)
   rng = np.random.default_rng(7)
   V = 50257
   logits = jnp.asarray(rng.standard_normal((11, V)) * np.linspace(1, 60, 11)[:, None], jnp.float32)

@@ -18,8 +18,11 @@
 // row's max, exp-sum and loss term and overwrites the row with d(loss)/d(logits) =
 // (softmax - onehot) * scale. A row of GPT-2's 50257 logits is 200 KB: it stays in L2 between the
 // row's passes, so the logits cross memory once in and once out, where XLA's fusions of the same
-// cross-entropy read them about four times. The exponentials are MKL's vector vsExp (VML). Measured
-// alone it is still ~1.3x slower than XLA's fused loops (BENCHMARKS.md, session 5): not the default.
+// cross-entropy read them about four times. Where the build has AVX-512 (-march=native), a row is
+// three sweeps with the exp in registers (XentRowAvx512, simd_exp.h's Exp16); elsewhere, for rows
+// holding NaN or infinities, and with the `portable` attribute (gemm.XENT_PORTABLE, for same-run
+// comparisons) the exponentials are MKL's vector vsExp (VML), which the session-5 measurement
+// found ~1.3x slower than XLA's fused loops (BENCHMARKS.md).
 #include <dlfcn.h>
 
 #include <algorithm>
@@ -235,7 +238,7 @@ constexpr int64_t kXentRows = 8;
 
 ffi::Error SoftmaxXent(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::S32> targets,
                        ffi::ResultBuffer<ffi::F32> dlogits, ffi::ResultBuffer<ffi::F32> loss,
-                       float scale) {
+                       float scale, int64_t portable) {
   auto ld = logits.dimensions();
   if (ld.size() != 2 || targets.dimensions().size() != 1 || targets.dimensions()[0] != ld[0] ||
       dlogits->dimensions().size() != 2 || dlogits->dimensions()[0] != ld[0] ||
@@ -258,7 +261,7 @@ ffi::Error SoftmaxXent(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi::
       const float* x = in + r * V;
       float* y = out + r * V;
 #ifdef __AVX512F__
-      if (XentRowAvx512(x, y, V, t[r], scale, rl + r)) continue;  // else a NaN row: below
+      if (!portable && XentRowAvx512(x, y, V, t[r], scale, rl + r)) continue;  // else: below
 #endif
       if (y != x) std::memcpy(y, x, sizeof(float) * V);  // XLA aliases them unless it cannot
       const float m = RowMax(y, V);
@@ -318,4 +321,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptSoftmaxXentF32, SoftmaxXent,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale"));
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("portable"));

@@ -49,6 +49,10 @@ XENT_TARGET = "GptSoftmaxXentF32"  # the output layer's loss pass (`softmax_xent
 # The name `matmul` gives its products (jax.ad_checkpoint.checkpoint_name): a custom call is no dot,
 # so gpt.model's "dots" remat policies save these by name, as they save XLA's dots.
 CHECKPOINT_NAME = "gpt_gemm"
+# True: the loss pass (`softmax_xent`) takes its portable route (MKL's vsExp, plain loops) even where
+# the AVX-512 one is built: the session-5 pass, kept for same-run comparisons (bench_train's
+# `-xentvml`) and for the tests that hold both routes to optax.
+XENT_PORTABLE = False
 _lock = threading.Lock()
 _loaded: list[bool] = []  # [] = not tried yet; [True] registered; [False] unavailable
 _why: list[str] = []  # why it is unavailable, for error messages
@@ -133,7 +137,8 @@ def gemm(a: jax.Array, b: jax.Array, *, transpose_a: bool = False,
 
 def softmax_xent(logits: jax.Array, targets: jax.Array, scale: float) -> tuple[jax.Array, jax.Array]:
   """Softmax cross-entropy of float32 logits [N, V] at int targets [N] in one threaded pass per
-  row (gemm.cc's SoftmaxXent): (dlogits [N, V] = (softmax - onehot) * scale, loss [N] =
+  row (gemm.cc's SoftmaxXent; exp in AVX-512 registers where built, see XENT_PORTABLE):
+  (dlogits [N, V] = (softmax - onehot) * scale, loss [N] =
   logsumexp - the target's logit). dlogits takes the logits' buffer (aliased: the logits are dead
   afterwards in the fused loss). A target outside [0, V) gives a NaN loss and no one-hot. No
   gradient of its own: gpt.output_loss's custom VJP uses dlogits as the gradient. Call only where
@@ -142,7 +147,8 @@ def softmax_xent(logits: jax.Array, targets: jax.Array, scale: float) -> tuple[j
   call = jax.ffi.ffi_call(XENT_TARGET, (jax.ShapeDtypeStruct((N, V), jnp.float32),
                                         jax.ShapeDtypeStruct((N,), jnp.float32)),
                           vmap_method="sequential", input_output_aliases={0: 0})
-  return call(logits.astype(jnp.float32), targets.astype(jnp.int32), scale=np.float32(scale))
+  return call(logits.astype(jnp.float32), targets.astype(jnp.int32), scale=np.float32(scale),
+              portable=int(XENT_PORTABLE))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
