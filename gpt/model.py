@@ -80,7 +80,7 @@ class GPTConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True
   remat: str = "none"
-  attention_impl: str = "blocked"
+  attention_impl: str = "auto"
   # The training loss's output layer: "fused" (gpt.output_loss), "logits" (whole logits, optax) or
   # "auto" (fused where `matmul` resolved to "mkl", logits elsewhere).
   output_loss: str = "logits"
