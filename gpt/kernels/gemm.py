@@ -11,7 +11,7 @@ MKL comes from PyPI (`pip install 'gpt[mkl]'`, the `mkl` wheel's libmkl_rt) and 
 time (`find_mkl`; GPT_MKL_LIBRARY names the file explicitly): nothing links against it. The small
 FFI library is compiled from gemm.cc with the system C++ compiler the first time it is needed
 (a few seconds) and cached beside gemv's (gpt.kernels.native), keyed by the source, the
-flags and jax's version. The model uses the kernel where `model.matmul` resolves to "mkl"
+flags, jax's version and the CPU (-march=native: the loss pass's exp is AVX-512 where it can be). The model uses the kernel where `model.matmul` resolves to "mkl"
 (`resolve`): "auto" does so for a training program on one CPU device when the library loads
 (measured faster there), and keeps XLA's einsum on GPU/TPU, on multi-device meshes (the custom call
 has no sharding rule), in bfloat16 (no AVX512-BF16 to gain from here) and without MKL.
