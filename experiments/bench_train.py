@@ -108,7 +108,7 @@ VARIANT_OPTIONS = {"eigen": {"xla_cpu_experimental_ynn_fusion_type": ""},
                    "ynndot": {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"},
                    "onednn": {"xla_cpu_use_onednn": True}}
 # Model fields per variant suffix: the attention formulation (model.attention_impl; the default is
-# GPTConfig's, "blocked"), the output layer's loss (model.output_loss), rematerialisation and the
+# GPTConfig's, "auto": the fused CPU kernel on one CPU device; `attnblocked` pins blocked), the output layer's loss (model.output_loss), rematerialisation and the
 # matmuls (model.matmul: the default "auto" is MKL's sgemm where installed; `xladot` keeps XLA's), to
 # compare training-speed routes side by side.
 VARIANT_FIELDS = {"attnxla": {"attention_impl": "xla"}, "attnblocked": {"attention_impl": "blocked"},
@@ -120,10 +120,10 @@ VARIANT_FIELDS = {"attnxla": {"attention_impl": "xla"}, "attnblocked": {"attenti
 
 # Module switches per variant suffix, set while the step is traced: `recomputeprobs` makes the
 # blocked attention's backward recompute its probabilities instead of keeping them from the forward.
-# `nokernel` keeps the blocked formulation where training would resolve "blocked" to the fused CPU
+# `nokernel` keeps the blocked formulation where training would resolve "auto" to the fused CPU
 # attention kernel (gpt.kernels.attention.USE_KERNEL).
 VARIANT_SWITCHES = {"recomputeprobs": ("gpt.attention", "SAVE_PROBABILITIES", False),
-                    "geluxla": ("gpt.model", "GELU_IN_MATMUL", False),
+                    "geluxla": ("gpt.layers", "GELU_IN_MATMUL", False),
                     "nokernel": ("gpt.kernels.attention", "USE_KERNEL", False)}
 
 

@@ -53,12 +53,13 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
   q [B, H, T, K]; k, v [B, H, S, K]; `mask` [B, 1, T, S] (True = may attend), or None for causal
   attention whose last query is the last key. Returns y [B, H, T, K] in q's dtype, and with
   `return_probs` also the probabilities float32 [B, H, T, S] (before dropout).
-  `impl` "blocked" (the default) is `blocked_attention`: the training and scoring path's own
-  formulation with a hand-written backward pass. "kernel" is gpt.kernels.attention's fused
-  causal CPU kernel (FlashAttention-2 behind the FFI: float32 and mask None; other calls run
-  "blocked"; a GPTError where it cannot run); training resolves its default "blocked" to it on
-  one CPU device (gpt.kernels.attention.resolve). "xla" / "cudnn" / "auto"
-  (cudnn on a GPU, else xla) run jax.nn.dot_product_attention's kernels.
+  `impl` "auto" (the default) is the fastest formulation that runs here: cuDNN's fused kernel on
+  a GPU for bfloat16/float16 (cuDNN takes no float32), else "blocked"; training on one CPU device
+  resolves it to "kernel" first (gpt.kernels.attention.resolve). "blocked" is `blocked_attention`:
+  the training and scoring path's own formulation with a hand-written backward pass, and means
+  it everywhere. "kernel" is gpt.kernels.attention's fused causal CPU kernel (FlashAttention-2
+  behind the FFI: float32 and mask None; other calls run "blocked"; a GPTError where it cannot
+  run). "xla" / "cudnn" run jax.nn.dot_product_attention's kernels.
   "einsum" spells it out here, with batch and heads folded into one axis and float32 scores,
   softmax and accumulation; masked scores are MASK_VALUE. It is what runs over a KVCache (that
   layout is what lets XLA update the cache in place and feed it to the matmul without copies),
@@ -75,7 +76,8 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     impl = "einsum"
   if impl != "einsum" and not (dropping or return_probs):
     if impl == "auto":
-      impl = "cudnn" if jax.default_backend() == "gpu" else "xla"
+      half = q.dtype in (jnp.bfloat16, jnp.float16)
+      impl = "cudnn" if jax.default_backend() == "gpu" and half else "blocked"
     if impl == "kernel":  # gpt.kernels.attention's fused CPU kernel: float32, causal
       if kattn.takes(q, k, v, mask):
         if jax.default_backend() != "cpu" or not kattn.available():

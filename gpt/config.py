@@ -95,14 +95,14 @@ def base_config() -> ml_collections.ConfigDict:
   m.scan_layers = True
   # Rematerialisation per block: none | full | dots (save matmul outputs) | dots_no_batch.
   m.remat = "none"
-  # Attention kernel (not the `attention` view section): blocked (causal query blocks over key
-  # prefixes with a hand-written backward, gpt.attention.blocked_attention; training on one CPU
-  # device runs the fused kernel below instead where it builds) | kernel (gpt.kernels.attention:
-  # fused causal FlashAttention-2 forward and backward for CPU float32, the fastest on CPU; masked
-  # or bfloat16 calls run blocked; an error where it cannot run) | xla
-  # (jax.nn.dot_product_attention's XLA version) | cudnn (fused, GPU) | auto (cudnn when on GPU,
-  # else xla). Decoding over the KV cache always spells it out.
-  m.attention_impl = "blocked"
+  # Attention kernel (not the `attention` view section): auto (the fastest that runs: kernel for
+  # training on one CPU device where it builds, cudnn on a GPU in bfloat16/float16, else blocked) |
+  # blocked (causal query blocks over key prefixes with a hand-written backward,
+  # gpt.attention.blocked_attention) | kernel (gpt.kernels.attention: fused causal FlashAttention-2
+  # forward and backward for CPU float32; masked or bfloat16 calls run blocked; an error where it
+  # cannot run) | xla (jax.nn.dot_product_attention's XLA version) | cudnn (fused, GPU, bf16/f16).
+  # Decoding over the KV cache always spells it out.
+  m.attention_impl = "auto"
   # The training loss through the tied output layer: logits (the whole float32 [B, T, V] logits,
   # then optax's cross-entropy, differentiated by JAX) | fused (gpt.output_loss: logits, softmax
   # cross-entropy and both gradients in one custom-VJP pass, same numbers; with MKL's matmuls one

@@ -3,7 +3,7 @@
 Full fine-tuning keeps Adam's two moments for every parameter (3 x params in float32 with the
 weights themselves), which is what stops 774M/1558M on one GPU or a laptop. With
 `--config.train.lora_rank=8` the chosen dense layers (`train.lora_targets`) get adapters inside
-`gpt.model.Conv1D` (y = x W + b + (alpha/r) dropout(x) A B, B zero at the start, so the model
+`gpt.layers.Conv1D` (y = x W + b + (alpha/r) dropout(x) A B, B zero at the start, so the model
 starts exactly as the base); training differentiates and optimizes only the adapters, the base
 weights ride along as a frozen, un-donated argument of the jitted step (`gpt.train_step`).
 

@@ -8,9 +8,10 @@ layouts share one parameter tree, so checkpoints move freely between them.
 
 Every mode runs `GPT.__call__` (tokens, positions, mask, optional KVCache, `logits_at`), built
 from one of each piece, defined once: `attention` (gpt/attention.py, with its formulations; it can
-also return its weights, for `gpt.heads.attention_probs`), `layer_norm`, `dense` (gpt.matmul's
-float32-accumulating `matmul`) and `attention_inputs` (gpt/kv_cache.py, with `KVCache`: position ids and masks for left-padded rows
-and for the cache). This module is the layers and the pass through them (`GPT.trunk`); what is
+also return its weights, for `gpt.heads.attention_probs`), the layer primitives of gpt/layers.py
+(`LayerNorm`, `Conv1D` over gpt.matmul's float32-accumulating `matmul`, `take_rows`) and
+`attention_inputs` (gpt/kv_cache.py, with `KVCache`: position ids and masks for left-padded rows
+and for the cache). This module is the blocks and the pass through them (`GPT.trunk`); what is
 computed at the top of the stack (the tied head's logits, the training loss, the attention
 probabilities) is gpt.heads, which `GPT.__call__` ends with. Decoding does not get a second
 model: gpt.decoding's `prepare_for_decoding` lays the same model out per layer in the compute dtype
@@ -38,14 +39,11 @@ from gpt import heads
 from gpt.attention import apply_dropout, attention
 from gpt.errors import GPTError
 from gpt.kernels import attention as kattn
-from gpt.kernels import gemm, gemv
+from gpt.kernels import gemm
 from gpt.kv_cache import KVCache, attention_inputs
-from gpt.matmul import matmul
+from gpt.layers import Conv1D, LayerNorm, param, take_rows
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
-# The MLP's GELU inside MKL's c_proj product (gemm.gelu_matmul) where the step's matmuls are MKL's;
-# experiments/bench_train.py's `-geluxla` variant turns it off to measure it.
-GELU_IN_MATMUL = True
 _SAVE_GEMM = jax.checkpoint_policies.save_only_these_names(gemm.CHECKPOINT_NAME,
                                                            kattn.CHECKPOINT_NAME)
 # "dots" policies also save gpt.kernels.gemm's products and gpt.kernels.attention's outputs (custom
@@ -61,7 +59,6 @@ REMAT_POLICIES = {
 ATTENTION_IMPLS = ("blocked", "kernel", "xla", "cudnn", "auto")
 OUTPUT_LOSSES = ("auto", "fused", "logits")
 QUANTIZE = ("none", "int8")
-LN_EPS = 1e-5
 # The dense layers low-rank adapters can go into, named as Hugging Face PEFT's target_modules
 # suffixes name them (`c_attn` and `c_fc` are unique; the two `c_proj` need their parent).
 LORA_TARGETS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")
@@ -83,7 +80,7 @@ class GPTConfig:
   param_dtype: str = "float32"
   scan_layers: bool = True
   remat: str = "none"
-  attention_impl: str = "blocked"
+  attention_impl: str = "auto"
   # The training loss's output layer: "fused" (gpt.output_loss), "logits" (whole logits, optax) or
   # "auto" (fused where `matmul` resolved to "mkl", logits elsewhere).
   output_loss: str = "logits"
@@ -169,126 +166,6 @@ class GPTConfig:
     """Training FLOPs per token (forward + backward = 3x forward), attention included (PaLM's 6N + 12LTD)."""
     non_embedding = self.num_params() - self.n_vocab * self.n_embd - self.n_ctx * self.n_embd
     return 6 * (non_embedding + self.n_vocab * self.n_embd) + 12 * self.n_layer * seq_len * self.n_embd
-
-
-def _param(rngs: nnx.Rngs | None, shape, axes, init: str, std: float, stack: int, dtype) -> nnx.Param:
-  """A parameter of `shape` (with a leading [stack] axis when stack > 0) and logical `axes`."""
-  if stack:
-    shape, axes = (stack, *shape), ("layers", *axes)
-  if init == "normal":
-    value = std * jax.random.normal(rngs.params(), shape, jnp.float32)
-  elif init == "ones":
-    value = jnp.ones(shape, jnp.float32)
-  else:
-    value = jnp.zeros(shape, jnp.float32)
-  return nnx.Param(value.astype(dtype), axes=axes)
-
-
-def layer_norm(x: jax.Array, g: jax.Array, b: jax.Array) -> jax.Array:
-  """LayerNorm over the last axis, computed in float32 and returned in x's dtype."""
-  x32 = x.astype(jnp.float32)
-  mean = x32.mean(-1, keepdims=True)
-  var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-  y = (x32 - mean) * jax.lax.rsqrt(var + LN_EPS)
-  return (y * g.astype(jnp.float32) + b.astype(jnp.float32)).astype(x.dtype)
-
-
-def take_rows(table: jax.Array, ids: jax.Array) -> jax.Array:
-  """`jnp.take(table, ids, axis=0, mode="clip")`: rows of an embedding table.
-
-  XLA:CPU gathers bfloat16 through a float32 convert of the table; inside the decode loop its
-  loop-invariant code motion hoists that convert out as a float32 copy of the whole table (wte:
-  154 MB written per decode call: BENCHMARKS.md, "decoding outside the matmuls"). Passing the table
-  through one optimization barrier with the (loop-varying) ids keeps the convert inside, fused
-  into the gather: only the rows taken are converted. Same values and derivative as jnp.take.
-  """
-  if table.dtype == jnp.bfloat16:
-    table, ids = jax.lax.optimization_barrier((table, ids))
-  return jnp.take(table, ids, axis=0, mode="clip")
-
-
-def dense(x: jax.Array, w: jax.Array, b: jax.Array, *, scale: jax.Array | None = None,
-          by_row: bool = False, int8_activations: bool = False, impl: str = "xla",
-          int16_activations: bool = False) -> jax.Array:
-  """x @ w + b accumulated in float32, returned in x's dtype. w is [n_in, n_out] in x's dtype
-  (cast here) or int8 with per-output `scale`; `by_row`: w is [n_out, n_in] (`gemv.auto_matmul`,
-  which also takes `int8_activations` / `int16_activations`); `impl`: gpt.matmul's (a resolved `model.matmul`)."""
-  if w.dtype != jnp.int8:
-    w = w.astype(x.dtype)
-  y = (gemv.auto_matmul(x, w, scale=scale, int8_activations=int8_activations,
-                        int16_activations=int16_activations) if by_row
-       else matmul(x, w, scale=scale, impl=impl))
-  return (y + b.astype(jnp.float32)).astype(x.dtype)
-
-
-class LayerNorm(nnx.Module):
-  """LayerNorm with OpenAI's names `g` (scale) and `b` (bias); computed in float32."""
-
-  def __init__(self, d: int, *, stack: int = 0, dtype=jnp.float32):
-    self.g = _param(None, (d,), ("embed",), "ones", 0.0, stack, dtype)
-    self.b = _param(None, (d,), ("embed",), "zeros", 0.0, stack, dtype)
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    return layer_norm(x, self.g[...], self.b[...])
-
-
-class Conv1D(nnx.Module):
-  """OpenAI's 'conv1d', the model's one dense layer: `w` [n_in, n_out], `b` [n_out], and with
-  `lora_rank` > 0 a low-rank adapter (Hu et al. 2021): `lora_a` [n_in, r], `lora_b` [r, n_out], so that
-
-      y = x w + b + (alpha / r) * dropout(x) lora_a lora_b.
-
-  `lora_b` starts at zero, so a fresh adapter leaves the layer exactly as it was; `lora_a` starts
-  as PEFT's does (Kaiming-uniform, bound 1/sqrt(n_in)). The adapter's axes are the layer's own on
-  the outer dimensions and unnamed (replicated) on the rank, so gpt.sharding lays it out like `w`.
-  """
-
-  def __init__(self, n_in: int, n_out: int, axes: tuple[str | None, str | None], *, std: float,
-               rngs: nnx.Rngs, stack: int = 0, dtype=jnp.float32, lora_rank: int = 0,
-               lora_alpha: float = 16.0, lora_dropout: float = 0.0, quantize: str = "none",
-               by_row: bool = False, int8_activations: bool = False, matmul: str = "xla",
-               int16_activations: bool = False):
-    # Quantized (gpt.quantize): `w` int8 and `w_scale` [n_out] float32, w = w_int8 * w_scale.
-    # by_row (gpt.decoding.prepare_for_decoding, for gpt.kernels.gemv): `w` is stored [n_out, n_in].
-    self.by_row = by_row
-    self.matmul = matmul  # GPTConfig.matmul: "mkl" runs gpt.kernels.gemm (training, resolved)
-    self.int8_activations = by_row and int8_activations  # GPTConfig.int8_activations
-    self.int16_activations = by_row and int16_activations  # GPTConfig.int16_activations
-    shape, w_axes = ((n_out, n_in), axes[::-1]) if by_row else ((n_in, n_out), axes)
-    quantized = quantize == "int8"
-    self.w = _param(rngs, shape, w_axes, "zeros" if quantized else "normal", std, stack,
-                    jnp.int8 if quantized else dtype)
-    if quantized:
-      self.w_scale = _param(None, (n_out,), axes[1:], "ones", 0.0, stack, jnp.float32)
-    self.b = _param(None, (n_out,), axes[1:], "zeros", 0.0, stack, dtype)
-    self.lora_scale = lora_alpha / lora_rank if lora_rank else 0.0
-    self.lora_dropout = lora_dropout
-    if lora_rank:
-      bound = 1.0 / math.sqrt(n_in)
-      shape = (stack, n_in, lora_rank) if stack else (n_in, lora_rank)
-      a = jax.random.uniform(rngs.params(), shape, jnp.float32, -bound, bound)
-      self.lora_a = nnx.Param(a.astype(dtype), axes=(("layers",) if stack else ()) + (axes[0], None))
-      self.lora_b = _param(None, (lora_rank, n_out), (None, axes[1]), "zeros", 0.0, stack, dtype)
-
-  def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-    """`rng` turns the adapter's input dropout on (training); None means deterministic."""
-    scale = self.w_scale[...] if hasattr(self, "w_scale") else None
-    y = dense(x, self.w[...], self.b[...], scale=scale, by_row=self.by_row, impl=self.matmul,
-              int8_activations=self.int8_activations, int16_activations=self.int16_activations)
-    if not self.lora_scale:
-      return y
-    h = apply_dropout(x, self.lora_dropout, rng) @ self.lora_a[...].astype(x.dtype)
-    return y + (self.lora_scale * (h @ self.lora_b[...].astype(x.dtype))).astype(y.dtype)
-
-  def after_gelu(self, h: jax.Array, rng: jax.Array | None = None) -> jax.Array:
-    """self(gelu(h)): as MKL's product with the GELU inside its VJP (gemm.gelu_matmul: the scan
-    keeps h alone, one [rows, n_in] residual fewer) where this layer's matmul is MKL's and plain
-    (float32, no adapter, not quantized, not laid out by row); else the GELU, then the layer."""
-    if (GELU_IN_MATMUL and self.matmul == "mkl" and not self.lora_scale
-        and not hasattr(self, "w_scale") and not self.by_row and h.dtype == jnp.float32):
-      y = gemm.gelu_matmul(h, self.w[...].astype(h.dtype)) + self.b[...].astype(jnp.float32)
-      return y.astype(h.dtype)
-    return self(jax.nn.gelu(h, approximate=True), rng)
 
 
 def _fold(rng: jax.Array | None, i: int) -> jax.Array | None:
@@ -387,11 +264,11 @@ class GPT(nnx.Module):
     pdt = DTYPES[cfg.param_dtype]
     self.cfg = cfg
     if cfg.quantize == "int8":  # wte = wte_int8 * wte_scale (one scale per word: per output)
-      self.wte = _param(None, (cfg.n_vocab, cfg.n_embd), ("vocab", "embed"), "zeros", 0, 0, jnp.int8)
-      self.wte_scale = _param(None, (cfg.n_vocab,), ("vocab",), "ones", 0, 0, jnp.float32)
+      self.wte = param(None, (cfg.n_vocab, cfg.n_embd), ("vocab", "embed"), "zeros", 0, 0, jnp.int8)
+      self.wte_scale = param(None, (cfg.n_vocab,), ("vocab",), "ones", 0, 0, jnp.float32)
     else:
-      self.wte = _param(rngs, (cfg.n_vocab, cfg.n_embd), ("vocab", "embed"), "normal", 0.02, 0, pdt)
-    self.wpe = _param(rngs, (cfg.n_ctx, cfg.n_embd), (None, "embed"), "normal", 0.01, 0, pdt)
+      self.wte = param(rngs, (cfg.n_vocab, cfg.n_embd), ("vocab", "embed"), "normal", 0.02, 0, pdt)
+    self.wpe = param(rngs, (cfg.n_ctx, cfg.n_embd), (None, "embed"), "normal", 0.01, 0, pdt)
     if per_layer:
       self.h = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
     else:

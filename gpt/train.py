@@ -276,7 +276,7 @@ def build_programs(config: Any, cfg: GPTConfig, mesh, lora_run: bool = False) ->
   t = config.train
   # model.matmul "auto": MKL's sgemm where this program runs on one CPU device (gpt.kernels.gemm).
   cfg = cfg.replace(matmul=gemm.resolve(cfg.matmul, mesh.devices.flat))
-  # model.attention_impl "blocked": the fused CPU kernel where it runs (gpt.kernels.attention).
+  # model.attention_impl "auto": the fused CPU kernel where it runs (gpt.kernels.attention).
   cfg = cfg.replace(attention_impl=kattn.resolve(cfg.attention_impl, mesh.devices.flat))
   graphdef = nnx.graphdef(abstract_model(cfg))
   abs_params = nnx.to_pure_dict(nnx.state(abstract_model(cfg), nnx.Param))

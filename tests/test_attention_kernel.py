@@ -139,11 +139,12 @@ def test_layer_scan_vmap_and_dots_remat(kernel):
 def test_resolve_and_the_one_line_errors(monkeypatch):
   cpu = jax.devices("cpu")
   assert kattn.resolve("xla", cpu[:1]) == "xla"
-  assert kattn.resolve("blocked", cpu[:1]) == ("kernel" if kattn.available() else "blocked")
+  assert kattn.resolve("auto", cpu[:1]) == ("kernel" if kattn.available() else "auto")
+  assert kattn.resolve("blocked", cpu[:1]) == "blocked"  # a config can pin blocked
   monkeypatch.setattr(kattn, "USE_KERNEL", False)
-  assert kattn.resolve("blocked", cpu[:1]) == "blocked"
+  assert kattn.resolve("auto", cpu[:1]) == "auto"
   if len(cpu) > 1:  # conftest's 8 host devices: a sharded program keeps the blocked formulation
-    assert kattn.resolve("blocked", cpu) == "blocked"
+    assert kattn.resolve("auto", cpu) == "auto"
     with pytest.raises(GPTError, match="kernel cannot be used: it runs on one device"):
       kattn.resolve("kernel", cpu)
   with pytest.raises(GPTError, match="model.attention_impl='flash'"):
@@ -155,7 +156,7 @@ def test_without_the_library_blocked_runs_and_kernel_is_an_error(monkeypatch):
   monkeypatch.setattr(kattn, "_why", [])
   monkeypatch.setenv("GPT_ATTENTION_KERNEL", "0")
   cpu = jax.devices("cpu")[:1]
-  assert kattn.resolve("blocked", cpu) == "blocked"
+  assert kattn.resolve("auto", cpu) == "auto"
   with pytest.raises(GPTError, match="attention_impl=kernel cannot be used: GPT_ATTENTION_KERNEL=0"):
     kattn.resolve("kernel", cpu)
   q, k, v, _ = _qkv(1, 1, 4, 4, 8)
@@ -163,10 +164,11 @@ def test_without_the_library_blocked_runs_and_kernel_is_an_error(monkeypatch):
     attention(q, k, v, None, impl="kernel")
 
 
-def _one_step(config, use_kernel: bool, monkeypatch):
+def _one_step(config, impl: str, monkeypatch):
   """Loss and parameter update of one step of the train mode's own program on one device, with
-  training's default attention resolved to the kernel or kept blocked."""
-  monkeypatch.setattr(kattn, "USE_KERNEL", use_kernel)
+  `model.attention_impl=impl` (the kernel's switch on: "blocked" must stay blocked)."""
+  monkeypatch.setattr(kattn, "USE_KERNEL", True)
+  config.model.attention_impl = impl
   cfg = GPTConfig.from_config(config.model)
   config.mesh.data = 1
   programs = build_programs(config, cfg, sharding.make_mesh(config.mesh, jax.devices()[:1]))
@@ -188,8 +190,8 @@ def test_train_step_kernel_equals_blocked(kernel, tmp_path, monkeypatch):
   config = tiny_config(tmp_path, grad_accum=2, optimizer="sgd", learning_rate=1.0, momentum=0.0,
                        grad_clip=0.0, warmup_steps=0, schedule="constant")
   config.model.update(scan_layers=True, remat="dots")
-  loss_b, update_b, hlo_b = _one_step(config, False, monkeypatch)
-  loss_k, update_k, hlo_k = _one_step(config, True, monkeypatch)
+  loss_b, update_b, hlo_b = _one_step(config, "blocked", monkeypatch)  # pinned by the config
+  loss_k, update_k, hlo_k = _one_step(config, "auto", monkeypatch)  # the default: the kernel
   assert kattn.FORWARD not in hlo_b and kattn.FORWARD in hlo_k and kattn.BACKWARD in hlo_k
   np.testing.assert_allclose(loss_k, loss_b, rtol=1e-5)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(update_k), jax.tree.leaves(update_b)):

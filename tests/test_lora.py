@@ -347,9 +347,6 @@ def test_adapters_are_laid_out_by_the_logical_axes_of_their_weight():
 
 @pytest.mark.slow
 def test_sharded_lora_training_equals_one_device(tmp_path, monkeypatch):
-  # Likewise the attention: one device alone would take the fused CPU kernel (gpt.kernels.attention,
-  # another summation order; tests/test_attention_kernel.py compares it with blocked).
-  monkeypatch.setenv("GPT_ATTENTION_KERNEL", "0")
   runs = {}
   for mesh in ((1, 1, 1), (2, 2, 2)):
     config = tiny_config(tmp_path, steps=3, lora_rank=4, lora_targets="c_attn,mlp.c_proj",
@@ -358,6 +355,9 @@ def test_sharded_lora_training_equals_one_device(tmp_path, monkeypatch):
     # The mesh is what is compared: both runs keep XLA's dots (one device alone would take MKL's
     # GEMM, model.matmul=auto, which sums in another order; tests/test_gemm.py compares those).
     config.model.matmul = "xla"
+    # Likewise the attention: one device alone would take the fused CPU kernel (gpt.kernels.attention,
+    # another summation order; tests/test_attention_kernel.py compares it with blocked).
+    config.model.attention_impl = "blocked"
     workdir = tmp_path / f"run_{'_'.join(map(str, mesh))}"
     train.run(config, str(workdir))
     cfg = lora.with_adapters(GPTConfig.from_config(config.model), lora.settings(config.train))

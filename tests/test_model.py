@@ -104,9 +104,10 @@ def test_bfloat16_compute_is_close_to_float32():
   np.testing.assert_allclose(logits, forward(f32, TOKENS), atol=0.1)
 
 
-def test_attention_auto_picks_cudnn_on_gpu_and_xla_elsewhere(monkeypatch):
-  """`auto` asks jax for the cuDNN kernel on a GPU backend and for XLA's on CPU and TPU (the
-  kernel jax is asked for is recorded; cuDNN itself cannot run here, so XLA's stands in)."""
+def test_attention_auto_picks_cudnn_for_half_precision_on_gpu_and_blocked_elsewhere(monkeypatch):
+  """`auto` asks jax for the cuDNN kernel on a GPU backend in bfloat16 (cuDNN takes no float32) and
+  runs the blocked formulation otherwise: float32 on a GPU, CPU and TPU (the kernel jax is asked
+  for is recorded; cuDNN itself cannot run here, so XLA's stands in)."""
   asked = []
   real = jax.nn.dot_product_attention
 
@@ -115,13 +116,17 @@ def test_attention_auto_picks_cudnn_on_gpu_and_xla_elsewhere(monkeypatch):
     return real(*args, implementation=None if implementation == "cudnn" else implementation, **kwargs)
 
   monkeypatch.setattr(jax.nn, "dot_product_attention", recording)
-  model = init_model(TINY.replace(attention_impl="auto"), seed=6)
-  reference = forward(init_model(TINY, seed=6), TOKENS)
-  for backend, kernel in (("cpu", "xla"), ("gpu", "cudnn"), ("tpu", "xla")):
-    monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
-    asked.clear()
-    np.testing.assert_allclose(model(TOKENS), reference, atol=1e-6)  # eager: traced afresh
-    assert asked and set(asked) == {kernel}, (backend, asked)
+  for dtype, atol in (("float32", 1e-6), ("bfloat16", 0.1)):
+    cfg = TINY.replace(dtype=dtype)
+    model = init_model(cfg.replace(attention_impl="auto"), seed=6)
+    reference = forward(init_model(cfg.replace(attention_impl="blocked"), seed=6), TOKENS)
+    for backend in ("cpu", "gpu", "tpu"):
+      monkeypatch.setattr(jax, "default_backend", lambda backend=backend: backend)
+      asked.clear()
+      np.testing.assert_allclose(model(TOKENS), reference, atol=atol)  # eager: traced afresh
+      cudnn = backend == "gpu" and dtype == "bfloat16"
+      assert asked == (["cudnn"] * len(asked) if cudnn else []) and (asked or not cudnn), (
+          backend, dtype, asked)
 
 
 @pytest.mark.parametrize("bad,message", [
@@ -242,9 +247,9 @@ def test_prepared_decoding_equals_the_full_forward_at_every_step(dtype):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 def test_take_rows_equals_take_with_its_gradient(dtype):
-  """gpt.model.take_rows (the embeddings' gather; bf16 through an optimization barrier) gives
+  """gpt.layers.take_rows (the embeddings' gather; bf16 through an optimization barrier) gives
   jnp.take's rows, clipped ids included, and the same gradient, inside and outside a loop."""
-  from gpt.model import take_rows
+  from gpt.layers import take_rows
 
   table = jax.random.normal(jax.random.key(0), (50, 6)).astype(dtype)
   ids = jnp.asarray([[3, 0, 49], [7, 60, -2]], jnp.int32)

@@ -9,7 +9,7 @@ recomputes the probabilities tile by tile; no [T, S] array is ever in memory.
 
 `flash_attention(q, k, v)` is causal attention (the last query is the last key, T <= S) of float32
 [B, H, T, K] arrays, with a custom VJP. gpt.attention runs it for `model.attention_impl="kernel"`,
-and training's default ("blocked") resolves to it where it runs (`resolve`: one CPU device, the
+and training's default ("auto") resolves to it where it runs (`resolve`: one CPU device, the
 library built); the calls it does not take (an explicit mask, other dtypes) keep the blocked
 formulation. The library is compiled from attention.cc with the system C++ compiler at first use
 (-march=native: AVX-512 micro-kernels where the CPU has them) and cached (gpt.kernels.native).
@@ -89,10 +89,10 @@ def cannot_run(devices) -> str | None:
 
 
 def resolve(impl: str, devices) -> str:
-  """What `model.attention_impl=impl` means for a training program on `devices`: "blocked" (the
+  """What `model.attention_impl=impl` means for a training program on `devices`: "auto" (the
   default) becomes "kernel" where the kernel runs (and USE_KERNEL); an explicit "kernel" where it
-  cannot is a GPTError saying why; other values are kept."""
-  if impl == "blocked" and USE_KERNEL and cannot_run(devices) is None:
+  cannot is a GPTError saying why; other values are kept ("blocked" stays blocked)."""
+  if impl == "auto" and USE_KERNEL and cannot_run(devices) is None:
     return "kernel"
   if impl == "kernel":
     why = cannot_run(devices)
