@@ -15,7 +15,9 @@ With int8 weights two integer loops run on AVX-512 VNNI where the CPU has it: `i
 within half an int16 step of the float product, faster than the float loop from 2 rows).
 GPT_GEMV_THREADS=n (read by the library at each call) caps the threads one call splits its rows
 over (default: all of XLA's intra-op pool); experiments/bench_gemv.py --per_call uses 1 to time the
-loops apart from the hand-off to the second core.
+loops apart from the hand-off to the second core. On Linux the library asks for each weight buffer
+it meets to sit on 2 MB pages (gemv.cc's hugepages::Advise: fewer TLB misses while streaming);
+GPT_GEMV_HUGEPAGES=0, read at each call, turns that off (bench_gemv.py --against=4k compares).
 """
 
 from __future__ import annotations
