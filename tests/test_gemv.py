@@ -227,3 +227,20 @@ def test_weights_are_advised_onto_huge_pages(monkeypatch):
   on = np.asarray(run(x + 0.0, w))
   assert "hg" in _vm_flags(address)
   np.testing.assert_array_equal(on, off)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/sys/kernel/mm/transparent_hugepage/enabled")
+                    or __import__("os").environ.get("GPT_GEMV_HUGEPAGES") == "0",
+                    reason="no transparent huge pages (Linux only), or GPT_GEMV_HUGEPAGES=0")
+def test_each_weight_is_advised_once():
+  # The advice (a read of /proc/self/maps, a madvise, a background collapse) happens at a buffer's
+  # first call only: calls inside a loop and later runs of the same program add no buffers.
+  w = jnp.asarray(np.random.default_rng(5).standard_normal((1024, 1024)) / 32, jnp.float32)
+  x = jnp.asarray(np.random.default_rng(6).standard_normal((1, 1024)), jnp.float32)
+  run = jax.jit(lambda x, w: jax.lax.fori_loop(0, 3, lambda _, x: jnp.tanh(gemv.matmul(x, w)), x))
+  before = gemv.hugepage_buffers()
+  run(x, w).block_until_ready()
+  seen = gemv.hugepage_buffers()
+  assert seen == before + 1
+  run(x + 1.0, w).block_until_ready()
+  assert gemv.hugepage_buffers() == seen

@@ -613,6 +613,18 @@ ffi::Error GemvInt16Activations(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, f
 
 }  // namespace
 
+// How many weight buffers hugepages::Advise has met (gemv.py's hugepage_buffers: a test checks that
+// decoding meets each weight once, not once per call).
+extern "C" int64_t GptGemvHugepageBuffers() {
+#ifdef __linux__
+  hugepages::Collapser& c = hugepages::TheCollapser();
+  std::lock_guard<std::mutex> lock(c.mu);
+  return static_cast<int64_t>(c.seen.size());
+#else
+  return 0;
+#endif
+}
+
 // Whether GptGemvS8A8 runs on AVX-512 VNNI here (gemv.py chooses it only then).
 extern "C" int GptGemvHasVnni() { return kHasVnni ? 1 : 0; }
 
