@@ -5,6 +5,7 @@
   python experiments/bench_decode.py --model=1542M --new=256 --batch=1,8
   python experiments/bench_decode.py --profile          # + where one decode step spends its time
   python experiments/bench_decode.py --einsum_attention # + the decoder without decode_attention
+  python experiments/bench_decode.py --small_pages      # + ours with its weights on 4 KB pages
 
 Random weights (speed does not depend on them). Weights "int8" are model.quantize=int8 (gpt.quantize:
 int8 weights with per-output scales, float32 activations) beside CTranslate2's int8 column; "int8a8"
@@ -21,6 +22,9 @@ run that compiles. Columns:
   ours einsum  (--einsum_attention) "ours" traced with GPT_DECODE_ATTENTION=0: the attention over
                the cache as XLA's einsum formulation instead of gpt.kernels.decode_attention's
                one call per layer (the same-run A/B of that kernel)
+  ours 4k      (--small_pages) "ours" on its own copy of the weights with GPT_GEMV_HUGEPAGES=0 at
+               every call: gpt.kernels.gemv never advises them onto 2 MB pages (the same-run A/B
+               of that advice)
   GPT.decode   the same sampler over the unprepared model (lax.scan over the stacked layers)
   HF           transformers GPT2LMHeadModel.generate(do_sample=True, top_k=40), PyTorch, KV cache
                (skipped with a note when torch/transformers are not installed: pip install .[hf])
@@ -187,6 +191,21 @@ class WithoutDecodeAttention:
         os.environ["GPT_DECODE_ATTENTION"] = previous
 
 
+class OnSmallPages:
+  """A runner whose calls run with GPT_GEMV_HUGEPAGES=0 (read by gemv.cc at each call): its own
+  weights are never advised onto 2 MB pages."""
+
+  def __init__(self, runner: Ours):
+    self.runner = runner
+
+  def __call__(self) -> np.ndarray:
+    os.environ["GPT_GEMV_HUGEPAGES"] = "0"
+    try:
+      return self.runner()
+    finally:
+      del os.environ["GPT_GEMV_HUGEPAGES"]
+
+
 class MatmulsOnly:
   """The weight matmuls of one decode step and nothing else, as the prepared model computes them.
 
@@ -345,6 +364,8 @@ def main():
   parser.add_argument("--no_hf", action="store_true", help="skip the Hugging Face column")
   parser.add_argument("--einsum_attention", action="store_true",
                       help="add 'ours einsum': ours without the decode-attention kernel")
+  parser.add_argument("--small_pages", action="store_true",
+                      help="add 'ours 4k': ours with gemv's 2 MB-page advice off (GPT_GEMV_HUGEPAGES=0)")
   parser.add_argument("--ct2", default="float32,int8",
                       help="CTranslate2 compute types, one column each ('' = none)")
   args = parser.parse_args()
@@ -369,6 +390,8 @@ def main():
     methods = {"ours": Ours(cfg, batch, args.new), "matmuls": MatmulsOnly(cfg, batch, args.new)}
     if args.einsum_attention:
       methods["ours einsum"] = WithoutDecodeAttention(Ours(cfg, batch, args.new))
+    if args.small_pages:
+      methods["ours 4k"] = OnSmallPages(Ours(cfg, batch, args.new))
     if not args.no_model_decode:
       methods["GPT.decode"] = Ours(cfg, batch, args.new, model_decode=True)
     if not skip_hf:
@@ -390,7 +413,7 @@ def main():
         methods[name]()
         times[(key, name)].append(time.perf_counter() - start)
 
-  names = ["ours", "matmuls"] + (["ours einsum"] if args.einsum_attention else []) + ([] if args.no_model_decode else ["GPT.decode"]) + ([] if skip_hf else ["HF"])
+  names = ["ours", "matmuls"] + (["ours einsum"] if args.einsum_attention else []) + (["ours 4k"] if args.small_pages else []) + ([] if args.no_model_decode else ["GPT.decode"]) + ([] if skip_hf else ["HF"])
   names += [f"CT2 {t}" for t in ct2_types]
   rate = lambda key, name: [key[1] * args.new / t for t in times[(key, name)]]
   print(f"\n{args.model} architecture, {args.new} new tokens after a 1-token prompt, top-k 40, "
@@ -403,8 +426,10 @@ def main():
   print(f"| weights | batch | {head} | roofline (copy) | ours / roofline (copy) | roofline (read) | "
         f"ours / roofline (read) |" + (" ours / HF |" if not skip_hf else "")
         + "".join(f" ours / CT2 {t} |" for t in ct2_types)
-        + (" ours / ours einsum |" if args.einsum_attention else ""))
-  print("|---|---|" + "---|" * (len(names) + 4 + (not skip_hf) + len(ct2_types) + args.einsum_attention))
+        + (" ours / ours einsum |" if args.einsum_attention else "")
+        + (" ours / ours 4k |" if args.small_pages else ""))
+  print("|---|---|" + "---|" * (len(names) + 4 + (not skip_hf) + len(ct2_types) + args.einsum_attention
+                              + args.small_pages))
   for key, (cfg, _) in runners.items():
     cells = [f"{statistics.median(rate(key, n)):.1f} ({max(rate(key, n)):.1f})" for n in names]
     ours = statistics.median(rate(key, "ours"))
@@ -419,6 +444,8 @@ def main():
       line += f" {ours / statistics.median(rate(key, f'CT2 {t}')):.2f}x |"
     if args.einsum_attention:
       line += f" {ours / statistics.median(rate(key, 'ours einsum')):.2f}x |"
+    if args.small_pages:
+      line += f" {ours / statistics.median(rate(key, 'ours 4k')):.2f}x |"
     print(line)
   for note in (skip_hf, skip_ct2):
     if note:

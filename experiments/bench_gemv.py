@@ -5,6 +5,7 @@
   python experiments/bench_gemv.py --dtypes=int8,int8a8    # int8 weights; + int8 activations (VNNI)
   python experiments/bench_gemv.py --per_call --rows=1      # each matrix shape alone: one call's time
   python experiments/bench_gemv.py --dtypes=int8a16,int8a8 --against=int8   # int8 loops, interleaved
+  python experiments/bench_gemv.py --dtypes=int8,float32 --rows=1 --against=4k  # 2 MB pages or not
 
 With --per_call, each of the decoder's matrix shapes is timed alone: a chain of distinct copies of
 it (about --per_call_mb of weights, so that they stream from memory, not the 48 MB cache) gives one
@@ -25,7 +26,9 @@ load hits both alike; the table gives the median (best in brackets). `--against=
 kernel variant in XLA's column (e.g. int8: the float-activation loop), so that two loops are timed
 interleaved. Weight variants: float32, bfloat16, int8 (float activations, the float loop), int8a16
 (float activations quantized per row to int16, VNNI vpdpwssd: model.int16_activations), int8a8
-(int8 activations, VNNI vpdpbusd: model.int8_activations).
+(int8 activations, VNNI vpdpbusd: model.int8_activations). `--against=4k`: the same kernel on a
+second copy of the weights that it may not advise onto 2 MB pages (GPT_GEMV_HUGEPAGES=0 for its
+calls; gemv.cc's hugepages::Advise), after waiting for the first copy's background collapse.
 """
 
 from __future__ import annotations
@@ -118,6 +121,36 @@ def one_thread(f):
     del os.environ["GPT_GEMV_THREADS"]
 
 
+def no_hugepages(f):
+  """f() with gemv.cc's huge-page advice off for the buffers it meets (GPT_GEMV_HUGEPAGES=0)."""
+  os.environ["GPT_GEMV_HUGEPAGES"] = "0"
+  try:
+    return f().block_until_ready()
+  finally:
+    del os.environ["GPT_GEMV_HUGEPAGES"]
+
+
+def anon_huge_mb() -> float:
+  """This process's anonymous memory on transparent huge pages, MB (0 where not reported)."""
+  try:
+    text = Path("/proc/self/smaps_rollup").read_text()
+  except OSError:
+    return 0.0
+  return next((int(l.split()[1]) / 1024 for l in text.splitlines() if l.startswith("AnonHugePages:")), 0.0)
+
+
+def settle_hugepages(timeout: float = 60.0) -> float:
+  """Waits until gemv.cc's background collapse stops adding huge pages (1 s without change)."""
+  last, start = -1.0, time.perf_counter()
+  while time.perf_counter() - start < timeout:
+    now = anon_huge_mb()
+    if now == last:
+      return now
+    last = now
+    time.sleep(1.0)
+  return last
+
+
 def per_call(args, n_layer: int, d: int, vocab: int) -> None:
   """One call per matrix shape, against the bytes/bandwidth bound and a call that streams nothing."""
   shapes = [(3 * d, d), (d, d), (4 * d, d), (d, 4 * d), (vocab, d)]
@@ -188,7 +221,8 @@ def main() -> None:
   parser.add_argument("--per_call", action="store_true", help="time each matrix shape alone")
   parser.add_argument("--against", default="xla", help="the peer column: xla, or a weight variant "
                       "with the same weights (int8, int8a16, int8a8 for int8 weights), or 1thread: "
-                      "the same kernel with GPT_GEMV_THREADS=1")
+                      "the same kernel with GPT_GEMV_THREADS=1, or 4k: the same kernel on weights it "
+                      "may not put on 2 MB pages (GPT_GEMV_HUGEPAGES=0)")
   parser.add_argument("--per_call_mb", type=float, default=128.0, help="weights per chain (--per_call)")
   args = parser.parse_args()
   n_layer, d, _ = MODEL_SIZES[canonical_model_name(args.model)]
@@ -201,7 +235,7 @@ def main() -> None:
   rows_out = []
   for name in args.dtypes.split(","):
     dtype = DTYPES[name]
-    if args.against not in ("xla", "1thread") and DTYPES[args.against] != dtype:
+    if args.against not in ("xla", "1thread", "4k") and DTYPES[args.against] != dtype:
       raise SystemExit(f"error: --against={args.against} has other weights than {name}")
     mats, nbytes = weights(n_layer, d, vocab, dtype)
     act = jnp.float32 if dtype == jnp.int8 else dtype
@@ -209,12 +243,17 @@ def main() -> None:
       x = jnp.asarray(np.random.default_rng(1).standard_normal((rows, d)), act)
       a8 = name == "int8a8"  # int8 activations too: the VNNI kernel against XLA's int32 product
       peer = (partial(gemv.reference, int8_activations=a8) if args.against == "xla"
-              else kernel(name if args.against == "1thread" else args.against))
+              else kernel(name if args.against in ("1thread", "4k") else args.against))
       fns = {"kernel": step_fn(d, kernel(name)), "XLA": step_fn(d, peer)}
       if args.against == "1thread":  # the same kernel held to the calling thread
         two = fns["XLA"]
         fns["XLA"] = lambda m, x, two=two: one_thread(lambda: two(m, x))
+      if args.against == "4k":  # the same kernel on its own copy of the weights, never advised
+        small, _ = weights(n_layer, d, vocab, dtype)
+        fns["XLA"] = lambda m, x, f=fns["XLA"], small=small: no_hugepages(lambda: f(small, x))
       outs = {k: np.asarray(f(mats, x), np.float32) for k, f in fns.items()}  # compile, and check
+      if args.against == "4k":
+        print(f"huge pages: {settle_hugepages():.0f} MB of this process's memory", file=sys.stderr)
       diff = float(np.max(np.abs(outs["kernel"] - outs["XLA"])) / (np.max(np.abs(outs["XLA"])) + 1e-30))
       times = {k: [] for k in fns}
       for r in range(args.repeats):

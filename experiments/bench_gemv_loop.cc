@@ -14,14 +14,23 @@
 // WT: float (float32), uint16_t (bfloat16; weights are normal numbers, as trained ones are:
 // denormal bf16 would run ~14x slower through the FMAs), int8_t (+ the int8-activation VNNI loop
 // where the kernel has it: -DVNNI=1; + the int16-activation vpdpwssd loop: -DVNNI=2).
+// -DHUGEPAGES=1: the weights twice, on 4 KB pages (MADV_NOHUGEPAGE) and on 2 MB pages
+// (MADV_HUGEPAGE before they are written), and the plain read and the float-activation loop on
+// each, interleaved (what gemv.cc's hugepages::Advise buys; medians of 21 rounds are printed too).
 #include KERNEL
 #include <time.h>
 
+#include <sys/mman.h>
+
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 
 #ifndef VNNI
 #define VNNI 0
+#endif
+#ifndef HUGEPAGES
+#define HUGEPAGES 0
 #endif
 
 namespace {
@@ -60,6 +69,57 @@ int main(int argc, char** argv) {
     for (auto& s : shapes) ms.push_back({s[0], s[1], nullptr, nullptr});
   ms.push_back({50257, d, nullptr, nullptr});
   size_t bytes = 0;
+#if HUGEPAGES
+  {  // its own scope: the names below are the other mode's too
+  // One 2 MB-aligned mapping per set: 4 KB pages for ms, 2 MB pages for hp.
+  std::vector<Matrix> hp = ms;
+  auto place = [](std::vector<Matrix>& set, bool huge) {
+    size_t total = 0;
+    for (auto& m : set) total += (m.N * m.K * sizeof(WT) + 4095) / 4096 * 4096;
+    const uintptr_t align = uintptr_t{2} << 20;
+    char* base = static_cast<char*>(mmap(nullptr, total + align, PROT_READ | PROT_WRITE,
+                                         MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+    base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(base) + align - 1) & ~(align - 1));
+    madvise(base, total, huge ? MADV_HUGEPAGE : MADV_NOHUGEPAGE);
+    for (auto& m : set) {
+      m.w = reinterpret_cast<WT*>(base);
+      base += (m.N * m.K * sizeof(WT) + 4095) / 4096 * 4096;
+    }
+  };
+  place(ms, false);
+  place(hp, true);
+  for (size_t i = 0; i < ms.size(); ++i) {
+    for (int64_t j = 0; j < ms[i].N * ms[i].K; ++j) ms[i].w[j] = hp[i].w[j] = RandomWeight();
+    ms[i].scale = hp[i].scale = static_cast<float*>(aligned_alloc(64, (ms[i].N * 4 + 63) / 64 * 64));
+    for (int64_t j = 0; j < ms[i].N; ++j) ms[i].scale[j] = 0.01f;
+    bytes += ms[i].N * ms[i].K * sizeof(WT);
+  }
+  std::vector<float> x(B * 4 * d, 0.5f), y(B * 50257);
+  const char* names[] = {"plain read, 4 KB pages", "plain read, 2 MB pages",
+                         "float activations, 4 KB pages", "float activations, 2 MB pages"};
+  std::vector<double> times[4];
+  volatile float sink = 0;
+  for (int round = 0; round < 21; ++round)
+    for (int v = 0; v < 4; ++v) {
+      const auto& set = v % 2 ? hp : ms;
+      const double t0 = CpuNow();
+      if (v < 2) sink = sink + PlainRead(set);
+      else for (const auto& m : set) Block<WT>(x.data(), m.w, m.scale, y.data(), B, m.K, m.N, 0, m.N);
+      times[v].push_back(CpuNow() - t0);
+    }
+  printf("| loop | rows | MB | median ms (thread CPU) | best ms | GB/s (median) | x read on 4 KB pages (median) |\n"
+         "|---|---|---|---|---|---|---|\n");
+  std::vector<double> med(4);
+  for (int v = 0; v < 4; ++v) {
+    std::sort(times[v].begin(), times[v].end());
+    med[v] = times[v][times[v].size() / 2];
+  }
+  for (int v = 0; v < 4; ++v)
+    printf("| %s | %d | %.0f | %.2f | %.2f | %.1f | %.2f |\n", names[v], B, bytes / 1e6, med[v] * 1e3,
+           times[v][0] * 1e3, bytes / med[v] / 1e9, med[v] / med[0]);
+  return 0;
+  }
+#endif
   for (auto& m : ms) {
     m.w = static_cast<WT*>(aligned_alloc(64, (m.N * m.K * sizeof(WT) + 63) / 64 * 64));
     for (int64_t i = 0; i < m.N * m.K; ++i) m.w[i] = RandomWeight();

@@ -2,6 +2,7 @@
 
   python experiments/bench_train_gemms.py                    # the chapter shape (117M, ctx 1024, batch 1)
   python experiments/bench_train_gemms.py --shape=30m --rounds=5
+  python experiments/bench_train_gemms.py --loss --shape=30m      # the loss over the logits alone
 
 Why: a whole-step ratio against torch says how far behind we are, not where. This script lists
 every GEMM class a GPT-2 train step runs (the forward x W, the backward dx = dy W^T and
@@ -69,6 +70,59 @@ def kernel_call(spec: str):
   return jax.jit(lambda x, y: gemm.gemm(x, y, transpose_a=ta, transpose_b=tb))
 
 
+def loss_pass(shape_name: str, rounds: int, reps: int) -> None:
+  """`--loss`: the loss over the step's [B*T, 50257] float32 logits alone, its value and
+  d(loss)/d(logits): XLA's value_and_grad of optax's cross-entropy, gemm.softmax_xent's AVX-512
+  sweeps and its portable (MKL vsExp) route, beside a plain read-and-write pass ("copy") that
+  every row also pays (each program first makes its logits as x * 1.0001, so the pass can
+  overwrite them in place as it does in the step). Rows round-robin; median of the best of `reps`."""
+  import optax
+  L, D, H, T, B = SHAPES[shape_name]
+  M = B * T
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((M, VOCAB), np.float32) * 4)
+  t = jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, M), jnp.int32)
+
+  def xla(x, t):
+    loss, g = jax.value_and_grad(
+        lambda z: optax.softmax_cross_entropy_with_integer_labels(z, t).mean())(x * 1.0001)
+    return loss, g
+
+  def kernel(portable):
+    def run(x, t):
+      saved, gemm.XENT_PORTABLE = gemm.XENT_PORTABLE, portable
+      try:
+        g, rl = gemm.softmax_xent(x * 1.0001, t, 1.0 / M)
+      finally:
+        gemm.XENT_PORTABLE = saved
+      return rl.mean(), g
+    return run
+
+  progs = {"copy (x * 1.0001)": lambda x, t: (x[:, 0].sum(), x * 1.0001), "xla (optax)": xla}
+  if gemm.available():
+    progs["pass, AVX-512 exp"] = kernel(False)
+    progs["pass, vsExp (session 5)"] = kernel(True)
+  progs = {k: jax.jit(f) for k, f in progs.items()}
+  want = progs["xla (optax)"](x, t)
+  for name, f in progs.items():
+    got = f(x, t)
+    if "pass" in name:
+      np.testing.assert_allclose(got[0], want[0], rtol=1e-5)
+      np.testing.assert_allclose(got[1], want[1], rtol=1e-4, atol=1e-9)
+  times = {k: [] for k in progs}
+  for _ in range(rounds):
+    for name, f in progs.items():
+      times[name].append(min(_timed(lambda: jax.block_until_ready(f(x, t))) for _ in range(reps)))
+  print(f"machine: {machine.cpu_model()}, {os.cpu_count()} cores ({machine.vector_flags()}); jax "
+        f"{jax.__version__}; load average {machine.load_average()}; logits [{M}, {VOCAB}] ({shape_name})")
+  copy = times["copy (x * 1.0001)"]
+  print("| loss over the logits | ms | beyond the copy, ms | vs xla (paired) |")
+  print("|---|---|---|---|")
+  for name, ts in times.items():
+    beyond = statistics.median(a - c for a, c in zip(ts, copy))
+    rel = statistics.median(x_ / a for a, x_ in zip(ts, times["xla (optax)"]))
+    print(f"| {name} | {1e3 * statistics.median(ts):.0f} | {1e3 * beyond:.0f} | {rel:.2f}x |")
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shape", default="chapter", help=f"one of {sorted(SHAPES)}")
@@ -76,7 +130,11 @@ def main() -> None:
   parser.add_argument("--reps", type=int, default=3, help="calls per round; the best counts")
   parser.add_argument("--only", default="", help="comma list of substrings of the class names")
   parser.add_argument("--no-kernel", action="store_true", help="skip the gpt.kernels.gemm (MKL) column")
+  parser.add_argument("--loss", action="store_true",
+                      help="time the loss over the logits instead (XLA vs gemm.softmax_xent's routes)")
   args = parser.parse_args()
+  if args.loss:
+    return loss_pass(args.shape, args.rounds, args.reps)
   import torch
   torch.set_num_threads(os.cpu_count() or 1)
   rng = np.random.default_rng(0)

@@ -19,10 +19,11 @@ C++ pass over them (gemm.softmax_xent: per 200 KB row its max, exp-sum, loss ter
 (softmax - onehot) / N written over the logits in place), then dh and d(wte) by sgemm. XLA's
 fusions of the same loss read and write the [rows, 50257] float32 logits about four times (the
 30m step's profile: the exp fusion alone 4.6% of op time, the reductions and the gradient's
-multiply another 3.2%); the pass reads and writes them once. Measured (BENCHMARKS.md, session 5):
-alone it still takes ~1.3x XLA's fused loops' time beyond the logits' copy (its exp is MKL's vsExp
-over the row, not fused with the max/sum/scale sweeps), and in the whole step it was 1.10-1.12x
-faster once, 0.95-0.98x twice: not the default. Elsewhere (GPU/TPU, meshes, bf16, no MKL) the XLA
+multiply another 3.2%); the pass reads and writes them once. In session 5 its exp was MKL's vsExp
+over the row (a trip through memory) and alone it took ~1.3x XLA's time beyond the logits' copy;
+since session 6 the exp is AVX-512 in registers, fused with the sum (simd_exp.h), and alone the
+pass takes 0.2-0.4x XLA's time beyond the copy (BENCHMARKS.md "train-head6, session 6", with
+the whole-step numbers that decide `auto`). Elsewhere (GPU/TPU, meshes, bf16, no MKL) the XLA
 version below runs.
 
 The numbers are the same function as `optax.softmax_cross_entropy_with_integer_labels` of the

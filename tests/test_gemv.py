@@ -193,3 +193,54 @@ def test_int8_weights_choose_their_loop():
   assert target(8, int16_activations=True) == target(1, gemv.matmul, int16_activations=True) == a16
   if gemv.vnni():
     assert target(8, int8_activations=True, int16_activations=True) == "GptGemvS8A8"
+
+
+def _vm_flags(address: int) -> list[str]:
+  """The VmFlags of this process's mapping that holds `address` (/proc/self/smaps)."""
+  inside = False
+  for line in open("/proc/self/smaps"):
+    head = line.split()[0]
+    if "-" in head and ":" not in head:
+      lo, hi = (int(v, 16) for v in head.split("-"))
+      inside = lo <= address < hi
+    elif inside and head == "VmFlags:":
+      return line.split()[1:]
+  raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/sys/kernel/mm/transparent_hugepage/enabled"),
+                    reason="no transparent huge pages (Linux only)")
+def test_weights_are_advised_onto_huge_pages(monkeypatch):
+  # The first call on a weight buffer marks its 2 MB pages MADV_HUGEPAGE ("hg" in its mapping's
+  # VmFlags; a background thread then collapses them); GPT_GEMV_HUGEPAGES=0 leaves it alone.
+  # 64 MB: glibc gives a buffer this large a mapping of its own, so no earlier test's advice
+  # reaches it. The product is the same either way.
+  w = jnp.asarray(np.random.default_rng(3).standard_normal((16384, 1024)), jnp.float32)
+  x = jnp.asarray(np.random.default_rng(4).standard_normal((1, 1024)), jnp.float32)
+  address = w.unsafe_buffer_pointer() + w.nbytes // 2
+  run = jax.jit(gemv.matmul)
+  assert "hg" not in _vm_flags(address)
+  monkeypatch.setenv("GPT_GEMV_HUGEPAGES", "0")
+  off = np.asarray(run(x, w))
+  assert "hg" not in _vm_flags(address)
+  monkeypatch.delenv("GPT_GEMV_HUGEPAGES")
+  on = np.asarray(run(x + 0.0, w))
+  assert "hg" in _vm_flags(address)
+  np.testing.assert_array_equal(on, off)
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/sys/kernel/mm/transparent_hugepage/enabled")
+                    or __import__("os").environ.get("GPT_GEMV_HUGEPAGES") == "0",
+                    reason="no transparent huge pages (Linux only), or GPT_GEMV_HUGEPAGES=0")
+def test_each_weight_is_advised_once():
+  # The advice (a read of /proc/self/maps, a madvise, a background collapse) happens at a buffer's
+  # first call only: calls inside a loop and later runs of the same program add no buffers.
+  w = jnp.asarray(np.random.default_rng(5).standard_normal((1024, 1024)) / 32, jnp.float32)
+  x = jnp.asarray(np.random.default_rng(6).standard_normal((1, 1024)), jnp.float32)
+  run = jax.jit(lambda x, w: jax.lax.fori_loop(0, 3, lambda _, x: jnp.tanh(gemv.matmul(x, w)), x))
+  before = gemv.hugepage_buffers()
+  run(x, w).block_until_ready()
+  seen = gemv.hugepage_buffers()
+  assert seen == before + 1
+  run(x + 1.0, w).block_until_ready()
+  assert gemv.hugepage_buffers() == seen

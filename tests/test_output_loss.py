@@ -124,10 +124,12 @@ def test_mkl_route_accumulates_gradients_like_the_reference(mkl):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-6)
 
 
-def test_softmax_xent_pass_at_the_gpt2_vocabulary(mkl):
+@pytest.mark.parametrize("portable", [False, True])  # the AVX-512 sweeps; MKL's vsExp route
+def test_softmax_xent_pass_at_the_gpt2_vocabulary(mkl, monkeypatch, portable):
   """gemm.softmax_xent alone over 50257 logits per row, large magnitudes included (the row max
   keeps exp finite), rows not a multiple of the kernel's 8-row blocks; an out-of-range target
-  gives NaN (as jnp.take_along_axis's fill) and no one-hot."""
+  gives NaN (as jnp.take_along_axis's fill) and no one-hot. Both routes of the pass."""
+  monkeypatch.setattr(gemm, "XENT_PORTABLE", portable)
   rng = np.random.default_rng(7)
   V = 50257
   logits = jnp.asarray(rng.standard_normal((11, V)) * np.linspace(1, 60, 11)[:, None], jnp.float32)
@@ -171,3 +173,24 @@ def test_heads_loss_chooses_the_output_layer(mkl, output_loss, matmul, xent):
   assert (gemm.XENT_TARGET in hlo) == xent
   want = _reference(h, model.wte[...], targets)
   np.testing.assert_allclose(heads.loss(model, h, targets), want, rtol=2e-6)
+
+
+def test_softmax_xent_pass_keeps_nan_and_infinities_as_optax():
+  """Rows holding a NaN, +inf or -inf logit (a diverged step; a masked word): the AVX-512 pass's
+  clamped exp would hide them, so such rows take the portable route and give optax's numbers
+  (NaN loss and gradient for NaN/+inf; a finite loss with a zero gradient at a -inf word)."""
+  if not gemm.available():
+    pytest.skip(f"gpt.kernels.gemm unavailable: {gemm.why_unavailable()}")
+  rng = np.random.default_rng(11)
+  V = 1000
+  logits = rng.standard_normal((5, V)).astype(np.float32)
+  logits[0, 17], logits[1, 999], logits[2, 500] = np.nan, np.inf, -np.inf  # 999: the 16-lane tail
+  targets = jnp.asarray([3, 4, 5, 6, 7], jnp.int32)
+  dlogits, loss = jax.jit(lambda x, t: gemm.softmax_xent(x, t, 1 / 5))(jnp.asarray(logits), targets)
+  want = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  want_grad = jax.grad(lambda x: optax.softmax_cross_entropy_with_integer_labels(x, targets).mean())(
+      jnp.asarray(logits))
+  assert np.isnan(loss[0]) and np.isnan(loss[1]) and np.isnan(dlogits[0]).all()
+  np.testing.assert_allclose(loss[2:], want[2:], rtol=2e-6)
+  np.testing.assert_allclose(dlogits[2:], want_grad[2:], rtol=2e-5, atol=1e-9)
+  assert dlogits[2, 500] == 0

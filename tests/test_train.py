@@ -86,6 +86,41 @@ def test_optimizers_update_as_documented():
     optim.make_optimizer(t, params)
 
 
+@pytest.mark.parametrize("optimizer", ["adam", "adamw"])
+def test_clipping_by_one_scale_is_optax_clip_by_global_norm(optimizer):
+  """optim.clip_by_global_norm (a scalar scale, fused by XLA into Adam's passes) against optax's:
+  the same state tree (checkpoints resume either way), the gradients unchanged below the norm,
+  and float32 rounding apart above it, through a whole Adam/AdamW step."""
+  rng = np.random.default_rng(3)
+  params = {"h": {"w": jnp.asarray(rng.standard_normal((2, 8, 5)), jnp.float32),
+                  "b": jnp.asarray(rng.standard_normal((2, 5)), jnp.float32)},
+            "wte": jnp.asarray(rng.standard_normal((11, 8)), jnp.float32)}
+  t = base_config().train
+  t.update(optimizer=optimizer, learning_rate=1e-3, grad_clip=1.0, weight_decay=0.1)
+  ours = optim.make_optimizer(t, params)
+  try:
+    optim.SCALAR_CLIP = False
+    theirs = optim.make_optimizer(t, params)
+  finally:
+    optim.SCALAR_CLIP = True
+  assert (jax.tree.structure(ours.init(params)) == jax.tree.structure(theirs.init(params)))
+  for size in (0.01, 30.0):  # global norm below 1 (no clipping), far above it (clipped)
+    grads = jax.tree.map(lambda p: size * jnp.asarray(rng.standard_normal(p.shape), jnp.float32),
+                         params)
+    clip = jax.jit(lambda g: optim.clip_by_global_norm(1.0).update(g, optax.EmptyState())[0])(grads)
+    want = optax.clip_by_global_norm(1.0).update(grads, optax.EmptyState())[0]
+    for a, b in zip(jax.tree.leaves(clip), jax.tree.leaves(want)):
+      if size < 1:
+        np.testing.assert_array_equal(a, b)
+      else:
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=0)
+        assert float(optax.global_norm(clip)) == pytest.approx(1.0, rel=1e-6)
+    step = lambda tx: jax.jit(tx.update)(grads, tx.init(params), params)
+    (u1, s1), (u2, s2) = step(ours), step(theirs)
+    for a, b in zip(jax.tree.leaves((u1, s1)), jax.tree.leaves((u2, s2))):
+      np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-12)
+
+
 def test_noise_replaces_inputs_at_the_given_rate():
   tokens = jnp.zeros((64, 256), jnp.int32)
   key = jax.random.key(0)

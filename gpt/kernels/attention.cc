@@ -28,6 +28,7 @@
 #endif
 
 #include "pool.h"
+#include "simd_exp.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -40,7 +41,8 @@ constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 // op(A) = A [M, C], or with `TA` A^T of A [C, M] (so P^T and dS^T need no copies). `add`:
 // accumulate into C, else overwrite it.
 #if defined(__AVX512F__)
-inline __mmask16 TailMask(int64_t n) { return n >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << n) - 1); }
+using gpt_kernels::Exp16;  // simd_exp.h, shared with gemm.cc
+using gpt_kernels::TailMask;
 
 // Rows r0..r0+R-1 (R <= 4) of C, columns n0..n0+63 (masked beyond N).
 template <int R, bool TA>
@@ -77,26 +79,6 @@ void MatMul(int64_t M, int64_t N, int64_t C, const float* A, int64_t lda, const 
   }
 }
 
-// exp(x) for 16 lanes: 2^n * p(f) on x = n ln2 + f (Cephes' polynomial, ~1 ulp); 0 below -87.3
-// (so exp(-inf) = 0, as the masked and not-yet-seen scores need), x clamped above.
-inline __m512 Exp16(__m512 x) {
-  const __m512 lo = _mm512_set1_ps(-87.3f);
-  const __mmask16 under = _mm512_cmp_ps_mask(x, lo, _CMP_LT_OQ);
-  x = _mm512_min_ps(_mm512_max_ps(x, lo), _mm512_set1_ps(88.3f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 f = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  f = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), f);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(f, f), _mm512_add_ps(f, _mm512_set1_ps(1.0f)));
-  return _mm512_maskz_scalef_ps(static_cast<__mmask16>(~under), p, n);
-}
-
 // out[i] = exp(x[i] - sub) for i < n.
 inline void ExpShifted(const float* x, float sub, float* out, int64_t n) {
   const __m512 s = _mm512_set1_ps(sub);
@@ -107,8 +89,9 @@ inline void ExpShifted(const float* x, float sub, float* out, int64_t n) {
 }
 
 // The forward's per-row softmax passes, in 16 lanes: a scalar loop here is a chain of dependent
-// max/add instructions (the compiler may not reorder float reductions), which measured as costly as
-// the tile's two products (BENCHMARKS.md, "train-layers, session 6").
+// max/add instructions (the compiler may not reorder float reductions); with them the forward took
+// more than half the backward's time for 2 of its 5 tile products, and these made the forward
+// 1.4-1.7x faster at the chapter's shape (BENCHMARKS.md, "train-layers, session 6").
 // x[i] *= scale for i < n; returns max(init, x[0..n)).
 inline float ScaleMax(float* x, float scale, int64_t n, float init) {
   const __m512 s = _mm512_set1_ps(scale);

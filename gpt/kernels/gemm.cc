@@ -18,8 +18,11 @@
 // row's max, exp-sum and loss term and overwrites the row with d(loss)/d(logits) =
 // (softmax - onehot) * scale. A row of GPT-2's 50257 logits is 200 KB: it stays in L2 between the
 // row's passes, so the logits cross memory once in and once out, where XLA's fusions of the same
-// cross-entropy read them about four times. The exponentials are MKL's vector vsExp (VML). Measured
-// alone it is still ~1.3x slower than XLA's fused loops (BENCHMARKS.md, session 5): not the default.
+// cross-entropy read them about four times. Where the build has AVX-512 (-march=native), a row is
+// three sweeps with the exp in registers (XentRowAvx512, simd_exp.h's Exp16); elsewhere, for rows
+// holding NaN or infinities, and with the `portable` attribute (gemm.XENT_PORTABLE, for same-run
+// comparisons) the exponentials are MKL's vector vsExp (VML), which the session-5 measurement
+// found ~1.3x slower than XLA's fused loops (BENCHMARKS.md).
 #include <dlfcn.h>
 
 #include <algorithm>
@@ -35,6 +38,7 @@
 #include <thread>
 
 #include "pool.h"
+#include "simd_exp.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -150,12 +154,91 @@ float ExpShiftSum(float* x, int64_t n, float m, VecFn vsexp) {
   return s;
 }
 
+#ifdef __AVX512F__
+// One row of SoftmaxXent in three AVX-512 sweeps over the 200 KB row while it stays in L2: the max
+// (read from memory), exp(x - max) computed in registers, stored over the row and summed, then the
+// scale by `scale` / sum. So the logits cross memory once in and once out, and the exp never makes
+// a separate trip through memory as MKL's vsExp's results do. x and y may be the same row (XLA
+// aliases the output). Returns false, touching nothing, when the row holds a NaN or an infinity:
+// the caller's portable route then gives XLA's NaN where Exp16's clamp would hide it.
+bool XentRowAvx512(const float* x, float* y, int64_t V, int32_t target, float scale, float* loss) {
+  using gpt_kernels::Exp16;
+  using gpt_kernels::TailMask;
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  __m512 m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;
+  __mmask16 bad = 0;  // lanes that saw a NaN or +-inf: |x| == inf or unordered
+  int64_t j = 0;
+  for (; j + 64 <= V; j += 64) {
+    const __m512 a = _mm512_loadu_ps(x + j), b = _mm512_loadu_ps(x + j + 16);
+    const __m512 c = _mm512_loadu_ps(x + j + 32), d = _mm512_loadu_ps(x + j + 48);
+    m0 = _mm512_max_ps(m0, a);
+    m1 = _mm512_max_ps(m1, b);
+    m2 = _mm512_max_ps(m2, c);
+    m3 = _mm512_max_ps(m3, d);
+    // !(|v| < inf) holds exactly for NaN and +-inf (each vector: min/max would drop a NaN).
+    bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(a), inf, _CMP_NLT_UQ) |
+           _mm512_cmp_ps_mask(_mm512_abs_ps(b), inf, _CMP_NLT_UQ) |
+           _mm512_cmp_ps_mask(_mm512_abs_ps(c), inf, _CMP_NLT_UQ) |
+           _mm512_cmp_ps_mask(_mm512_abs_ps(d), inf, _CMP_NLT_UQ);
+  }
+  for (; j < V; j += 16) {
+    const __mmask16 k = TailMask(V - j);
+    const __m512 a = _mm512_mask_loadu_ps(ninf, k, x + j);
+    m0 = _mm512_max_ps(m0, a);
+    bad |= _mm512_mask_cmp_ps_mask(k, _mm512_abs_ps(a), inf, _CMP_NLT_UQ);
+  }
+  if (bad) return false;
+  const float m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
+  const bool valid = target >= 0 && target < V;
+  // Out of range: the loss is NaN (as jnp.take_along_axis's fill) and no one-hot is subtracted.
+  const float picked = valid ? x[target] : std::numeric_limits<float>::quiet_NaN();
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  for (j = 0; j + 64 <= V; j += 64) {
+    const __m512 a = Exp16(_mm512_sub_ps(_mm512_loadu_ps(x + j), mv));
+    const __m512 b = Exp16(_mm512_sub_ps(_mm512_loadu_ps(x + j + 16), mv));
+    const __m512 c = Exp16(_mm512_sub_ps(_mm512_loadu_ps(x + j + 32), mv));
+    const __m512 d = Exp16(_mm512_sub_ps(_mm512_loadu_ps(x + j + 48), mv));
+    _mm512_storeu_ps(y + j, a);
+    _mm512_storeu_ps(y + j + 16, b);
+    _mm512_storeu_ps(y + j + 32, c);
+    _mm512_storeu_ps(y + j + 48, d);
+    s0 = _mm512_add_ps(s0, a);
+    s1 = _mm512_add_ps(s1, b);
+    s2 = _mm512_add_ps(s2, c);
+    s3 = _mm512_add_ps(s3, d);
+  }
+  for (; j < V; j += 16) {
+    const __mmask16 k = TailMask(V - j);
+    const __m512 a = _mm512_maskz_mov_ps(k, Exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), mv)));
+    _mm512_mask_storeu_ps(y + j, k, a);
+    s0 = _mm512_add_ps(s0, a);
+  }
+  const float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+  *loss = std::log(s) + m - picked;
+  const __m512 f = _mm512_set1_ps(scale / s);
+  for (j = 0; j + 64 <= V; j += 64) {
+    _mm512_storeu_ps(y + j, _mm512_mul_ps(_mm512_loadu_ps(y + j), f));
+    _mm512_storeu_ps(y + j + 16, _mm512_mul_ps(_mm512_loadu_ps(y + j + 16), f));
+    _mm512_storeu_ps(y + j + 32, _mm512_mul_ps(_mm512_loadu_ps(y + j + 32), f));
+    _mm512_storeu_ps(y + j + 48, _mm512_mul_ps(_mm512_loadu_ps(y + j + 48), f));
+  }
+  for (; j < V; j += 16) {
+    const __mmask16 k = TailMask(V - j);
+    _mm512_mask_storeu_ps(y + j, k, _mm512_mul_ps(_mm512_maskz_loadu_ps(k, y + j), f));
+  }
+  if (valid) y[target] -= scale;
+  return true;
+}
+#endif  // __AVX512F__
+
 // Rows per block of the loss's pass: several 200 KB rows per pool task, few enough to balance.
 constexpr int64_t kXentRows = 8;
 
 ffi::Error SoftmaxXent(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi::Buffer<ffi::S32> targets,
                        ffi::ResultBuffer<ffi::F32> dlogits, ffi::ResultBuffer<ffi::F32> loss,
-                       float scale) {
+                       float scale, int64_t portable) {
   auto ld = logits.dimensions();
   if (ld.size() != 2 || targets.dimensions().size() != 1 || targets.dimensions()[0] != ld[0] ||
       dlogits->dimensions().size() != 2 || dlogits->dimensions()[0] != ld[0] ||
@@ -177,6 +260,9 @@ ffi::Error SoftmaxXent(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi::
     for (int64_t r = b * kXentRows; r < std::min(N, (b + 1) * kXentRows); ++r) {
       const float* x = in + r * V;
       float* y = out + r * V;
+#ifdef __AVX512F__
+      if (!portable && XentRowAvx512(x, y, V, t[r], scale, rl + r)) continue;  // else: below
+#endif
       if (y != x) std::memcpy(y, x, sizeof(float) * V);  // XLA aliases them unless it cannot
       const float m = RowMax(y, V);
       const int32_t target = t[r];
@@ -235,4 +321,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptSoftmaxXentF32, SoftmaxXent,
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<float>("scale"));
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("portable"));

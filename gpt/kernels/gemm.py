@@ -11,7 +11,7 @@ MKL comes from PyPI (`pip install 'gpt[mkl]'`, the `mkl` wheel's libmkl_rt) and 
 time (`find_mkl`; GPT_MKL_LIBRARY names the file explicitly): nothing links against it. The small
 FFI library is compiled from gemm.cc with the system C++ compiler the first time it is needed
 (a few seconds) and cached beside gemv's (gpt.kernels.native), keyed by the source, the
-flags and jax's version. The model uses the kernel where `model.matmul` resolves to "mkl"
+flags, jax's version and the CPU (-march=native: the loss pass's exp is AVX-512 where it can be). The model uses the kernel where `model.matmul` resolves to "mkl"
 (`resolve`): "auto" does so for a training program on one CPU device when the library loads
 (measured faster there), and keeps XLA's einsum on GPU/TPU, on multi-device meshes (the custom call
 has no sharding rule), in bfloat16 (no AVX512-BF16 to gain from here) and without MKL.
@@ -41,12 +41,18 @@ from gpt.kernels import native
 MATMULS = ("auto", "xla", "mkl")
 SOURCE = Path(__file__).with_name("gemm.cc")
 # -O3: GCC 12's -O2 leaves the loss pass's loops (run-time lengths) scalar, 2.4x slower there.
-FLAGS = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w")
+# -march=native: the loss pass's exp is AVX-512 in registers (simd_exp.h) where the CPU has it; the
+# library is then built per CPU (cpu_specific), as gemv's and attention's.
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC", "-w")
 TARGET = "GptGemmF32"
 XENT_TARGET = "GptSoftmaxXentF32"  # the output layer's loss pass (`softmax_xent`)
 # The name `matmul` gives its products (jax.ad_checkpoint.checkpoint_name): a custom call is no dot,
 # so gpt.model's "dots" remat policies save these by name, as they save XLA's dots.
 CHECKPOINT_NAME = "gpt_gemm"
+# True: the loss pass (`softmax_xent`) takes its portable route (MKL's vsExp, plain loops) even where
+# the AVX-512 one is built: the session-5 pass, kept for same-run comparisons (bench_train's
+# `-xentvml`) and for the tests that hold both routes to optax.
+XENT_PORTABLE = False
 _lock = threading.Lock()
 _loaded: list[bool] = []  # [] = not tried yet; [True] registered; [False] unavailable
 _why: list[str] = []  # why it is unavailable, for error messages
@@ -77,7 +83,7 @@ def available() -> bool:
           raise RuntimeError("MKL's libmkl_rt was not found (pip install 'gpt[mkl]', or set "
                              "GPT_MKL_LIBRARY to its path)")
         # Registered before MKL loads: a target is only called once `available()` says True.
-        lib = native.load(SOURCE, FLAGS, (TARGET, XENT_TARGET), cpu_specific=False,
+        lib = native.load(SOURCE, FLAGS, (TARGET, XENT_TARGET), cpu_specific=True,
                           libraries=("-ldl",))
         error = ctypes.create_string_buffer(512)
         if lib.GptGemmLoad(mkl.encode(), error, len(error)):
@@ -131,7 +137,8 @@ def gemm(a: jax.Array, b: jax.Array, *, transpose_a: bool = False,
 
 def softmax_xent(logits: jax.Array, targets: jax.Array, scale: float) -> tuple[jax.Array, jax.Array]:
   """Softmax cross-entropy of float32 logits [N, V] at int targets [N] in one threaded pass per
-  row (gemm.cc's SoftmaxXent): (dlogits [N, V] = (softmax - onehot) * scale, loss [N] =
+  row (gemm.cc's SoftmaxXent; exp in AVX-512 registers where built, see XENT_PORTABLE):
+  (dlogits [N, V] = (softmax - onehot) * scale, loss [N] =
   logsumexp - the target's logit). dlogits takes the logits' buffer (aliased: the logits are dead
   afterwards in the fused loss). A target outside [0, V) gives a NaN loss and no one-hot. No
   gradient of its own: gpt.output_loss's custom VJP uses dlogits as the gradient. Call only where
@@ -140,7 +147,8 @@ def softmax_xent(logits: jax.Array, targets: jax.Array, scale: float) -> tuple[j
   call = jax.ffi.ffi_call(XENT_TARGET, (jax.ShapeDtypeStruct((N, V), jnp.float32),
                                         jax.ShapeDtypeStruct((N,), jnp.float32)),
                           vmap_method="sequential", input_output_aliases={0: 0})
-  return call(logits.astype(jnp.float32), targets.astype(jnp.int32), scale=np.float32(scale))
+  return call(logits.astype(jnp.float32), targets.astype(jnp.int32), scale=np.float32(scale),
+              portable=int(XENT_PORTABLE))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))

@@ -13,12 +13,25 @@
 #include <algorithm>
 #include <cmath>
 #include <atomic>
+#include <condition_variable>
 #include <cstdint>
+#include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <memory>
+#include <mutex>
 #include <thread>
+#include <unordered_set>
+#include <utility>
 #include <vector>
+
+#ifdef __linux__
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "lanes.h"
 #include "pool.h"
@@ -409,6 +422,107 @@ void BlockA16(const int16_t* q, int64_t k_pad, const float* xs, const int8_t* w,
 }
 #endif
 
+// Weights on 2 MB pages (transparent huge pages). A batch-1 call streams every weight once, 4 KB
+// page after 4 KB page: each page costs a TLB miss, a page walk that is two-dimensional in a VM,
+// and the hardware prefetcher stops at every 4 KB boundary. Where the kernel leaves THP to
+// madvise (`enabled` = madvise, common, and this machine's setting), XLA's buffers stay on 4 KB
+// pages. So the first call that sees a weight buffer marks the 2 MB-aligned range around it
+// MADV_HUGEPAGE and hands it to one background thread (lowest priority) that asks the kernel to
+// rebuild it on 2 MB pages now (MADV_COLLAPSE, Linux 6.1+; without it, khugepaged does so over
+// time). The range is rounded out to whole 2 MB pages but clamped to the mapping that holds the
+// buffer (/proc/self/maps), so that the 117M's int8 matrices (0.6-2.4 MB, most with no whole 2 MB
+// page inside) qualify too; what it changes for the neighbours in that mapping is only which page
+// size backs them (invisible to the program; at most 2 MB of untouched pages per edge may become
+// resident). Measured in experiments/bench_gemv_loop.cc --hugepages (BENCHMARKS.md, gemv-read).
+// GPT_GEMV_HUGEPAGES=0 (read at each call) turns it off.
+namespace hugepages {
+
+constexpr uintptr_t kHuge = uintptr_t{2} << 20;
+
+bool Enabled() {
+  const char* v = std::getenv("GPT_GEMV_HUGEPAGES");
+  return !(v && v[0] == '0');
+}
+
+#ifdef __linux__
+#ifndef MADV_COLLAPSE
+#define MADV_COLLAPSE 25
+#endif
+
+// [begin, end) of the mapping that holds address a, or {0, 0} when none does.
+std::pair<uintptr_t, uintptr_t> Mapping(uintptr_t a) {
+  std::pair<uintptr_t, uintptr_t> found{0, 0};
+  FILE* f = std::fopen("/proc/self/maps", "r");
+  if (!f) return found;
+  unsigned long lo, hi;
+  char line[512];
+  while (std::fgets(line, sizeof line, f)) {
+    if (std::sscanf(line, "%lx-%lx", &lo, &hi) == 2 && lo <= a && a < hi) {
+      found = {lo, hi};
+      break;
+    }
+  }
+  std::fclose(f);
+  return found;
+}
+
+// One background thread, started at the first range, collapses ranges in the order they came.
+struct Collapser {
+  std::mutex mu;
+  std::condition_variable ready;
+  std::deque<std::pair<uintptr_t, uintptr_t>> ranges;
+  std::unordered_set<uintptr_t> seen;  // buffers already handled (by address)
+  bool started = false;
+
+  void Run() {
+    setpriority(PRIO_PROCESS, static_cast<id_t>(syscall(SYS_gettid)), 19);  // behind the decoding
+    for (;;) {
+      std::pair<uintptr_t, uintptr_t> r;
+      {
+        std::unique_lock<std::mutex> lock(mu);
+        ready.wait(lock, [this] { return !ranges.empty(); });
+        r = ranges.front();
+        ranges.pop_front();
+      }
+      // One 2 MB page at a time: a range that is unmapped meanwhile (XLA freed the buffer) fails
+      // page by page without harm; a failure (no free 2 MB page, an old kernel) leaves 4 KB pages.
+      for (uintptr_t a = r.first; a < r.second; a += kHuge) madvise(reinterpret_cast<void*>(a), kHuge, MADV_COLLAPSE);
+    }
+  }
+};
+
+Collapser& TheCollapser() {
+  static Collapser* c = new Collapser;  // never destroyed: its thread may outlive static destructors
+  return *c;
+}
+
+void Advise(const void* p, size_t bytes) {
+  if (bytes < kHuge / 4 || !Enabled()) return;  // small matrices: too few pages to matter
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  Collapser& c = TheCollapser();
+  {
+    std::lock_guard<std::mutex> lock(c.mu);
+    if (!c.seen.insert(a).second) return;
+  }
+  const auto [lo, hi] = Mapping(a);
+  const uintptr_t begin = std::max(a & ~(kHuge - 1), (lo + kHuge - 1) & ~(kHuge - 1));
+  const uintptr_t end = std::min((a + bytes + kHuge - 1) & ~(kHuge - 1), hi & ~(kHuge - 1));
+  if (end <= begin) return;
+  if (madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE) != 0) return;
+  std::lock_guard<std::mutex> lock(c.mu);
+  c.ranges.emplace_back(begin, end);
+  if (!c.started) {
+    c.started = true;
+    std::thread([&c] { c.Run(); }).detach();
+  }
+  c.ready.notify_one();
+}
+#else
+void Advise(const void*, size_t) {}
+#endif
+
+}  // namespace hugepages
+
 // GPT_GEMV_THREADS caps the threads one call uses (default: all of XLA's pool). Read at every call
 // (a getenv, ~0.1 us against calls of 20 us and more), so that experiments/bench_gemv.py can
 // interleave a single-thread column with the default one and separate the hand-off from the loops.
@@ -446,6 +560,7 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
   const float* s = shape.scale;
   const float* xp = x.typed_data();
   const W* wp = static_cast<const W*>(w.untyped_data());
+  hugepages::Advise(wp, static_cast<size_t>(N * K) * sizeof(W));
   float* yp = y->typed_data();
   gpt_kernels::RunBlocks(pool, (N + kBlock - 1) / kBlock, MaxThreads(), [=](int64_t i) {
     Block<W>(xp, wp, s, yp, B, K, N, i * kBlock, std::min(N, (i + 1) * kBlock));
@@ -467,6 +582,7 @@ ffi::Error GemvInt8Activations(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ff
   for (int64_t b = 0; b < B; ++b)
     (*xs)[b] = QuantizeRow(x.typed_data() + b * K, K, q->data() + b * k_pad, k_pad, qsum->data() + b);
   const int8_t* wp = w.typed_data();
+  hugepages::Advise(wp, static_cast<size_t>(N * K));
   float* yp = y->typed_data();
   gpt_kernels::RunBlocks(pool, (N + kBlock - 1) / kBlock, MaxThreads(), [=](int64_t i) {
     BlockVnni(q->data(), k_pad, qsum->data(), xs->data(), wp, s, yp, B, K, N, i * kBlock,
@@ -487,6 +603,7 @@ ffi::Error GemvInt16Activations(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, f
   auto xs = std::make_shared<std::vector<float>>(B);
   for (int64_t b = 0; b < B; ++b) (*xs)[b] = QuantizeRow16(x.typed_data() + b * K, K, q->data() + b * k_pad, k_pad);
   const int8_t* wp = w.typed_data();
+  hugepages::Advise(wp, static_cast<size_t>(N * K));
   float* yp = y->typed_data();
   gpt_kernels::RunBlocks(pool, (N + kBlock - 1) / kBlock, MaxThreads(), [=](int64_t i) {
     BlockA16(q->data(), k_pad, xs->data(), wp, s, yp, B, K, N, i * kBlock, std::min(N, (i + 1) * kBlock));
@@ -495,6 +612,18 @@ ffi::Error GemvInt16Activations(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, f
 }
 
 }  // namespace
+
+// How many weight buffers hugepages::Advise has met (gemv.py's hugepage_buffers: a test checks that
+// decoding meets each weight once, not once per call).
+extern "C" int64_t GptGemvHugepageBuffers() {
+#ifdef __linux__
+  hugepages::Collapser& c = hugepages::TheCollapser();
+  std::lock_guard<std::mutex> lock(c.mu);
+  return static_cast<int64_t>(c.seen.size());
+#else
+  return 0;
+#endif
+}
 
 // Whether GptGemvS8A8 runs on AVX-512 VNNI here (gemv.py chooses it only then).
 extern "C" int GptGemvHasVnni() { return kHasVnni ? 1 : 0; }

@@ -15,13 +15,16 @@ With int8 weights two integer loops run on AVX-512 VNNI where the CPU has it: `i
 within half an int16 step of the float product, faster than the float loop from 2 rows).
 GPT_GEMV_THREADS=n (read by the library at each call) caps the threads one call splits its rows
 over (default: all of XLA's intra-op pool); experiments/bench_gemv.py --per_call uses 1 to time the
-loops apart from the hand-off to the second core.
+loops apart from the hand-off to the second core. On Linux the library asks for each weight buffer
+it meets to sit on 2 MB pages (gemv.cc's hugepages::Advise: fewer TLB misses while streaming);
+GPT_GEMV_HUGEPAGES=0, read at each call, turns that off (bench_gemv.py --against=4k compares).
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import ctypes
 import math
 import os
 import threading
@@ -40,6 +43,7 @@ _SUFFIX = {jnp.dtype(jnp.float32): "F32", jnp.dtype(jnp.bfloat16): "BF16", jnp.d
 _lock = threading.Lock()
 _loaded: list[bool] = []  # [] = not tried yet; [True] registered; [False] unavailable
 _vnni: list[bool] = []  # [True] when the library's int8-activation kernel runs on AVX-512 VNNI
+_lib: list = []  # the loaded library (ctypes), for its plain C exports
 
 
 def available() -> bool:
@@ -52,6 +56,7 @@ def available() -> bool:
         names = tuple(f"GptGemv{suffix}" for suffix in (*_SUFFIX.values(), "S8A8", "S8A16"))
         lib = native.load(SOURCE, FLAGS, names, cpu_specific=True)
         _vnni.append(bool(lib.GptGemvHasVnni()))
+        _lib.append(lib)
         _loaded.append(True)
       except (OSError, RuntimeError, AttributeError) as e:
         logging.warning("gpt.kernels.gemv unavailable, using XLA's matmul: %s", e)
@@ -112,6 +117,15 @@ def to_rows(w: jax.Array) -> jax.Array:
 # rows the float loop's converts and FMAs make it compute-bound and vpdpwssd does the same work in
 # fewer uops (BENCHMARKS.md, "int16 activations").
 A16_MIN_ROWS = 2
+
+
+def hugepage_buffers() -> int:
+  """How many weight buffers the library has advised onto 2 MB pages so far (0 without it): each
+  weight once per process, whatever the number of calls."""
+  if not available() or not _lib:
+    return 0
+  _lib[0].GptGemvHugepageBuffers.restype = ctypes.c_int64
+  return int(_lib[0].GptGemvHugepageBuffers())
 
 
 def vnni() -> bool:

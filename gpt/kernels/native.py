@@ -3,7 +3,7 @@ compiler, once, into a cache, and loading them as XLA FFI targets.
 
 Why at first use rather than at install: the project installs as pure Python (`pip install -e .`
 on any machine), and gemv.cc is compiled for the CPU it runs on (-march=native). A library is
-keyed by its source, the headers it shares (pool.h, lanes.h), the flags, jax's version (XLA's FFI ABI) and,
+keyed by its source, the headers it shares (pool.h, lanes.h, simd_exp.h), the flags, jax's version (XLA's FFI ABI) and,
 for a CPU-specific build, this CPU's model and flags, and is renamed into place only when complete,
 so concurrent first uses and interrupted builds never load a partial file. The cache is
 GPT_KERNEL_CACHE (default ~/.cache/gpt/kernels).
@@ -22,7 +22,8 @@ from pathlib import Path
 
 import jax
 
-HEADERS = (Path(__file__).with_name("pool.h"), Path(__file__).with_name("lanes.h"))
+HEADERS = (Path(__file__).with_name("pool.h"), Path(__file__).with_name("lanes.h"),
+           Path(__file__).with_name("simd_exp.h"))
 
 
 def cache_dir() -> Path:
