@@ -23,6 +23,9 @@ from gpt.matmul import matmul
 # experiments/bench_train.py's `-geluxla` variant turns it off to measure it.
 GELU_IN_MATMUL = True
 LN_EPS = 1e-5
+# LayerNorm of a one-row batch [1, T, D] as [T, D] (`layer_norm`); experiments/bench_train.py's
+# `-ln3d` variant turns it off to measure it.
+LN_FLAT = True
 
 
 def param(rngs: nnx.Rngs | None, shape, axes, init: str, std: float, stack: int, dtype) -> nnx.Param:
@@ -39,7 +42,15 @@ def param(rngs: nnx.Rngs | None, shape, axes, init: str, std: float, stack: int,
 
 
 def layer_norm(x: jax.Array, g: jax.Array, b: jax.Array) -> jax.Array:
-  """LayerNorm over the last axis, computed in float32 and returned in x's dtype."""
+  """LayerNorm over the last axis, computed in float32 and returned in x's dtype.
+
+  A batch of one row, [1, T, D], goes in as [T, D]: the backward's sums of g's and b's gradients
+  over the rows are then one reduce over dimension 0, which XLA:CPU runs as fast as a bias
+  gradient, where over [1, T, D] (the chapter's shape) it compiled to a middle-axis reduce that made
+  the whole LayerNorm forward + backward 3.7x slower. Batches of several rows keep their shape:
+  flattening them measured 0.94-0.95x (BENCHMARKS.md, "train-layers, session 6")."""
+  if LN_FLAT and x.ndim == 3 and x.shape[0] == 1:
+    return layer_norm(x.reshape(x.shape[1:]), g, b).reshape(x.shape)
   x32 = x.astype(jnp.float32)
   mean = x32.mean(-1, keepdims=True)
   var = jnp.square(x32 - mean).mean(-1, keepdims=True)

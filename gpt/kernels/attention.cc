@@ -5,9 +5,10 @@
 // softmax reductions, exp and the saved [L, B, H, ~5/8 T, T] float32 probabilities (377 MB through
 // the layer scan at the chapter's shape) cost ~800 ms of a ~4150 ms step that torch (a fused CPU
 // attention) does not pay (BENCHMARKS.md, "Training speed routes"). Here no [T, S] array exists:
-// - forward, one block per (batch*head, tile of query rows): over key tiles up to the diagonal,
-//   scores in a tile-sized buffer, online softmax (running row max and sum), y accumulated in the
-//   block's own rows; it writes y [B, H, T, K] and the rows' logsumexp [B, H, T] only;
+// - forward, one block per (batch*head, tile of query rows): over key tiles up to the diagonal
+//   (k^T made once per head beforehand), scores in a tile-sized buffer, online softmax (running row
+//   max and sum, in 16 lanes), y accumulated in the block's own rows; it writes y [B, H, T, K] and
+//   the rows' logsumexp [B, H, T] only;
 // - backward, one block per batch*head: over key tiles (outer) and the query tiles that see them
 //   (inner), P recomputed from the logsumexp, D = rowsum(dy * y), dS = P * (dy v^T - D) * scale;
 //   dk, dv of the key tile and dq accumulate in the head's own output rows (one block owns a head,
@@ -86,6 +87,40 @@ inline void ExpShifted(const float* x, float sub, float* out, int64_t n) {
     _mm512_mask_storeu_ps(out + i, m, Exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, x + i), s)));
   }
 }
+
+// The forward's per-row softmax passes, in 16 lanes: a scalar loop here is a chain of dependent
+// max/add instructions (the compiler may not reorder float reductions); with them the forward took
+// more than half the backward's time for 2 of its 5 tile products, and these made the forward
+// 1.4-1.7x faster at the chapter's shape (BENCHMARKS.md, "train-layers, session 6").
+// x[i] *= scale for i < n; returns max(init, x[0..n)).
+inline float ScaleMax(float* x, float scale, int64_t n, float init) {
+  const __m512 s = _mm512_set1_ps(scale);
+  __m512 mx = _mm512_set1_ps(init);
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = TailMask(n - i);
+    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, x + i), s);
+    _mm512_mask_storeu_ps(x + i, m, v);
+    mx = _mm512_mask_max_ps(mx, m, mx, v);
+  }
+  return _mm512_reduce_max_ps(mx);
+}
+
+// sum of x[0..n).
+inline float Sum(const float* x, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) acc = _mm512_add_ps(acc, _mm512_maskz_loadu_ps(TailMask(n - i), x + i));
+  return _mm512_reduce_add_ps(acc);
+}
+
+// sum of a[i] * b[i] for i < n.
+inline float Dot(const float* a, const float* b, int64_t n) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 m = TailMask(n - i);
+    acc = _mm512_fmadd_ps(_mm512_maskz_loadu_ps(m, a + i), _mm512_maskz_loadu_ps(m, b + i), acc);
+  }
+  return _mm512_reduce_add_ps(acc);
+}
 #else
 template <bool TA = false>
 void MatMul(int64_t M, int64_t N, int64_t C, const float* A, int64_t lda, const float* B,
@@ -103,6 +138,24 @@ void MatMul(int64_t M, int64_t N, int64_t C, const float* A, int64_t lda, const 
 
 inline void ExpShifted(const float* x, float sub, float* out, int64_t n) {
   for (int64_t i = 0; i < n; ++i) out[i] = std::exp(x[i] - sub);
+}
+
+inline float ScaleMax(float* x, float scale, int64_t n, float init) {
+  float mx = init;
+  for (int64_t i = 0; i < n; ++i) mx = std::max(mx, x[i] *= scale);
+  return mx;
+}
+
+inline float Sum(const float* x, int64_t n) {
+  float acc = 0.0f;
+  for (int64_t i = 0; i < n; ++i) acc += x[i];
+  return acc;
+}
+
+inline float Dot(const float* a, const float* b, int64_t n) {
+  float acc = 0.0f;
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
 }
 #endif
 
@@ -145,38 +198,44 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   const float* vp = v.typed_data();
   float* yp = y->typed_data();
   float* lp = lse->typed_data();
-  const int64_t tiles = (T + bq - 1) / bq;
+  const int64_t tiles = (T + bq - 1) / bq, ktiles = (S + bk - 1) / bk;
   if (BH * T == 0) return ffi::Error::Success();
+  // k^T once per head, tile by tile ([BH][key tile][K][bk]: each tile a contiguous K x bk block, the
+  // layout MatMul reads), rather than once per query tile that reads it.
+  std::vector<float> ktv(BH * ktiles * K * bk);
+  float* ktp = ktv.data();
+  gpt_kernels::RunBlocks(pool, BH, BH, [=](int64_t h) {
+    for (int64_t t = 0; t < ktiles; ++t) {
+      const int64_t c0 = t * bk;
+      Transpose(kp + (h * S + c0) * K, K, std::min(S, c0 + bk) - c0, K,
+                ktp + (h * ktiles + t) * K * bk, bk);
+    }
+  });
   // Later query tiles see more keys: run them first, so that the shorter ones balance the end.
   gpt_kernels::RunBlocks(pool, BH * tiles, BH * tiles, [=](int64_t block) {
     const int64_t h = block % BH, tile = tiles - 1 - block / BH;
     const int64_t r0 = tile * bq, rows = std::min(T, r0 + bq) - r0;
     const float* qh = qp + (h * T + r0) * K;
-    const float* kh = kp + h * S * K;
     const float* vh = vp + h * S * K;
     float* yh = yp + (h * T + r0) * K;
-    std::vector<float> kt(K * bk), s(rows * bk), m(rows, kNegInf), l(rows, 0.0f);
+    std::vector<float> s(rows * bk), m(rows, kNegInf), l(rows, 0.0f);
     std::fill(yh, yh + rows * K, 0.0f);
     const int64_t keys = r0 + rows + off;  // keys 0..keys-1 are seen by some row of the tile
     for (int64_t c0 = 0; c0 < keys; c0 += bk) {
       const int64_t cols = std::min(keys, c0 + bk) - c0;
-      Transpose(kh + c0 * K, K, cols, K, kt.data(), bk);
-      MatMul(rows, cols, K, qh, K, kt.data(), bk, s.data(), bk, false);
+      MatMul(rows, cols, K, qh, K, ktp + (h * ktiles + c0 / bk) * K * bk, bk, s.data(), bk, false);
       for (int64_t r = 0; r < rows; ++r) {
         float* sr = s.data() + r * bk;
         const int64_t seen = std::min(cols, r0 + r + off + 1 - c0);  // keys c0.. this row may see
-        float mx = m[r];
-        for (int64_t c = 0; c < seen; ++c) mx = std::max(mx, sr[c] *= scale);
         if (seen <= 0) {  // no key of this tile for this row: p = 0 here
           std::fill(sr, sr + cols, 0.0f);
           continue;
         }
-        for (int64_t c = seen; c < cols; ++c) sr[c] = kNegInf;
+        const float mx = ScaleMax(sr, scale, seen, m[r]);
+        std::fill(sr + seen, sr + cols, kNegInf);
         const float corr = m[r] == kNegInf ? 0.0f : std::exp(m[r] - mx);
         ExpShifted(sr, mx, sr, cols);
-        float sum = 0.0f;
-        for (int64_t c = 0; c < seen; ++c) sum += sr[c];
-        l[r] = l[r] * corr + sum;
+        l[r] = l[r] * corr + Sum(sr, seen);
         m[r] = mx;
         if (corr != 1.0f)
           for (int64_t d = 0; d < K; ++d) yh[r * K + d] *= corr;
@@ -217,11 +276,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
     float* dvh = dvp + h * S * K;
     std::fill(dqh, dqh + T * K, 0.0f);
     std::vector<float> d(T);
-    for (int64_t r = 0; r < T; ++r) {
-      float acc = 0.0f;
-      for (int64_t c = 0; c < K; ++c) acc += dyh[r * K + c] * yp[(h * T + r) * K + c];
-      d[r] = acc;
-    }
+    for (int64_t r = 0; r < T; ++r) d[r] = Dot(dyh + r * K, yp + (h * T + r) * K, K);
     std::vector<float> kt(K * bk), vt(K * bk), p(bq * bk), dp(bq * bk);
     for (int64_t c0 = 0; c0 < S; c0 += bk) {
       const int64_t cols = std::min(S, c0 + bk) - c0;
