@@ -107,9 +107,10 @@ def base_config() -> ml_collections.ConfigDict:
   # then optax's cross-entropy, differentiated by JAX) | fused (gpt.output_loss: logits, softmax
   # cross-entropy and both gradients in one custom-VJP pass, same numbers; with MKL's matmuls one
   # threaded C++ pass over the logits, XLA's version elsewhere) | auto (fused where model.matmul
-  # resolves to mkl, logits elsewhere). Neither fused route measured reliably faster on the 2-core
-  # Xeon (BENCHMARKS.md "Training speed routes", session 5), so logits stays the default.
-  m.output_loss = "logits"
+  # resolves to mkl, logits elsewhere; the default: with session 6's AVX-512 pass it measured
+  # 1.10-1.20x the whole step at the 30M shape and within noise at the chapter's, quiet;
+  # BENCHMARKS.md "The lead's quiet retake, session 6").
+  m.output_loss = "auto"
   # The training step's float32 matmuls (dense layers and the tied head, forward and backward):
   # auto (Intel MKL's sgemm through gpt.kernels.gemm when training on one CPU device and MKL is
   # installed, `pip install 'gpt[mkl]'`; XLA's einsum otherwise and in sample/eval) | xla | mkl.

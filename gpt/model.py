@@ -83,7 +83,7 @@ class GPTConfig:
   attention_impl: str = "auto"
   # The training loss's output layer: "fused" (gpt.output_loss), "logits" (whole logits, optax) or
   # "auto" (fused where `matmul` resolved to "mkl", logits elsewhere).
-  output_loss: str = "logits"
+  output_loss: str = "auto"
   # Low-rank adapters (gpt.lora): rank 0 = none. Training sets these from `config.train.lora_*`.
   lora_rank: int = 0
   lora_alpha: float = 16.0
