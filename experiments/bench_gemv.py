@@ -112,22 +112,28 @@ def kernel(name: str):
   return partial(gemv.matmul, int8_activations=name == "int8a8", int16_activations=name == "int8a16")
 
 
-def one_thread(f):
-  """f() with gemv.cc's calls held to the calling thread (GPT_GEMV_THREADS=1, read at each call)."""
-  os.environ["GPT_GEMV_THREADS"] = "1"
+def with_env(name: str, value: str, f):
+  """f() with environment variable `name` = `value` (gemv.cc reads its switches at each call),
+  then the variable as it was."""
+  before = os.environ.get(name)
+  os.environ[name] = value
   try:
     return f().block_until_ready()
   finally:
-    del os.environ["GPT_GEMV_THREADS"]
+    if before is None:
+      del os.environ[name]
+    else:
+      os.environ[name] = before
+
+
+def one_thread(f):
+  """f() with gemv.cc's calls held to the calling thread (GPT_GEMV_THREADS=1)."""
+  return with_env("GPT_GEMV_THREADS", "1", f)
 
 
 def no_hugepages(f):
   """f() with gemv.cc's huge-page advice off for the buffers it meets (GPT_GEMV_HUGEPAGES=0)."""
-  os.environ["GPT_GEMV_HUGEPAGES"] = "0"
-  try:
-    return f().block_until_ready()
-  finally:
-    del os.environ["GPT_GEMV_HUGEPAGES"]
+  return with_env("GPT_GEMV_HUGEPAGES", "0", f)
 
 
 def anon_huge_mb() -> float:
