@@ -40,6 +40,12 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
   sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments import xla_trace  # noqa: E402
+from gpt import host_memory  # noqa: E402
+
+# As gpt.main does, before jax starts its threads (train-alloc, session 7): the jax rows reuse their
+# temp buffer's pages. `freedoff` rows, and the torch rows (as users run torch), run under glibc's
+# defaults (host_memory.glibc_defaults) unless a torch row says `keepfreed`.
+host_memory.keep_freed_memory()
 
 # torch's OpenMP threads busy-wait by default; on a machine shared with other jobs that makes the
 # reference several times slower than it can be (measured: 203 -> 341 tokens/s on the 30m shape),
@@ -233,6 +239,15 @@ def torch_runner(torch, shape, dtype: str, seed: int = 0, train=None, device: st
   return None, run
 
 
+def _under_glibc_defaults(run):
+  """`run` with host_memory.glibc_defaults() around each call (keeps run.hlo_text)."""
+  def wrapped():
+    with host_memory.glibc_defaults():
+      run()
+  wrapped.hlo_text = getattr(run, "hlo_text", None)
+  return wrapped
+
+
 def profile_step(run, top: int = 30) -> None:
   """Prints where one jitted step spends its time: by XLA op kind and by instruction."""
   run()
@@ -247,7 +262,7 @@ def main() -> None:
   parser.add_argument("--impls", default="jax-f32-scan,jax-f32-unrolled,jax-f32-scan-eigen,"
                       "jax-bf16-scan,torch-f32,torch-bf16",
                       help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs|-nokernel][-geluxla][-ln3d][-logitsloss|-fusedloss][-xentvml][-optaxclip]"
-                      "[-rematdots|-rematfull][-xladot|-mkl] names")
+                      "[-rematdots|-rematfull][-xladot|-mkl][-freedoff|-keepfreed] names")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps", type=int, default=3, help="timed steps per row per round")
   parser.add_argument("--profile", action="store_true",
@@ -284,6 +299,8 @@ def main() -> None:
       runners[impl] = (jax_runner(shape, dtype, scan="scan" in variant, options=options, train=train,
                                   switches=switches, **fields)
                        if framework == "jax" else torch_runner(torch, shape, dtype, train=train))
+      if "freedoff" in variant or (framework == "torch" and "keepfreed" not in variant):
+        runners[impl] = (runners[impl][0], _under_glibc_defaults(runners[impl][1]))
     for _, run in runners.values():  # warm-up step
       run()
     times = {impl: [] for impl in runners}
@@ -311,7 +328,8 @@ def main() -> None:
   print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
         f"jax {jax.__version__}" + (f", torch {torch.__version__}" if torch else ", torch n/a")
         + f"; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; OMP_WAIT_POLICY="
-        f"{os.environ.get('OMP_WAIT_POLICY')}; load average {os.getloadavg()[0]:.1f}")
+        f"{os.environ.get('OMP_WAIT_POLICY')}; host memory: "
+        f"{'freed memory kept' if host_memory.applied() else 'glibc defaults'}; load average {os.getloadavg()[0]:.1f}")
   print("matmul peaks (2048^3, GFLOP/s): " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peaks.items())
         + f"; MFU uses {peak / 1e9:.0f}")
   print()

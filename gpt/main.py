@@ -18,7 +18,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from gpt import console
+from gpt import console, host_memory
 from gpt.config import unknown_key_message
 from gpt.errors import GPTError, print_error
 
@@ -65,6 +65,7 @@ def main(argv: list[str]) -> None:
   run_mode = resolve_mode(config.mode)
   console.setup(verbose=console.verbose_requested() or bool(flags.FLAGS["verbosity"].present))
   logging.debug("mode=%s workdir=%s", config.mode, _WORKDIR.value)
+  logging.debug("host memory: %s", host_memory.keep_freed_memory() or "freed memory kept")
   run_mode(config, _WORKDIR.value)
 
 
@@ -105,6 +106,9 @@ def run(argv: list[str] | None = None) -> None:
   """The entry point: `gpt ...`, `python -m gpt.main ...` (argv None: sys.argv), or in process
   `run(["--config=configs/tiny.py", ...])`. Always ends in SystemExit (0, or 2 after one
   `error: ...` line on stderr)."""
+  # Before jax starts its backend's threads: every repeated jitted call (a train step, an eval batch,
+  # a sampling call) then reuses its temp buffer's pages instead of faulting in fresh ones.
+  host_memory.keep_freed_memory()
   saved_argv = sys.argv
   if argv is not None:
     # ml_collections reads the --config.* overrides from sys.argv, not from the parser's argv.
