@@ -57,6 +57,10 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
   sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from experiments import xla_trace  # noqa: E402
+from gpt import host_memory  # noqa: E402
+
+# As gpt.main does (train-alloc, session 7), before jax starts; GPT_KEEP_FREED_MEMORY=0 turns it off.
+host_memory.keep_freed_memory()
 
 if "--profile" in sys.argv:  # per-op trace events must be switched on before XLA starts
   xla_trace.enable_op_events()
