@@ -1,22 +1,24 @@
 """Keeps freed host memory in the process, so repeated jitted calls stop faulting in fresh pages.
 
-XLA:CPU allocates each executable's whole temporary buffer (869 MB for the 30M training step,
-more at the chapter's 117M, ctx 1024) with malloc at every execution and frees it at the end.
-glibc serves a block that large with mmap (it is above the mmap threshold) and gives it back with
-munmap, so every step touches the whole buffer in fresh 4 KB pages: one page fault and one
-kernel page-zeroing each (212k faults and 0.5-0.6 s of system time per 30M step, of ~4 s CPU).
+XLA:CPU allocates each executable's whole temporary buffer (829 MiB for the 30M training step,
+1299 MiB for the chapter's 117M at ctx 1024) with malloc at every execution and frees it at the
+end. glibc serves a block that large with mmap (it is above the mmap threshold) and gives it back
+with munmap, so every step touches the whole buffer in fresh 4 KB pages: one page fault and one
+kernel page-zeroing each (212k faults and ~0.6 s of system time per 30M step, of ~4.8 s CPU).
 Setting `MALLOC_MMAP_MAX_=0` alone does not help: XLA allocates on its worker threads, whose
 non-main arenas are 64 MB heaps that fall back to mmap for anything larger whatever the setting.
+jaxlib offers no allocator hook from Python, so the allocator's settings are the place to act.
 
 `keep_freed_memory()` tells glibc, through mallopt, to (1) use one arena for every thread (the
 main heap, grown with brk, so M_MMAP_MAX applies), (2) never serve a block with mmap, (3) never
 give the top of the heap back to the kernel (trim), and (4) grow it by a large pad, so a step's
 buffer is carved from pages the process already touched. It must run before jax starts its
 backend (the thread pool): a thread that has already picked an arena keeps it. It changes where
-memory comes from, never what is computed. The cost: the process keeps the largest buffer it
-ever freed (its peak stays its peak; RSS does not fall back between steps) and threads share one
-arena's lock (XLA's worker threads allocate little besides the buffers; measured in BENCHMARKS.md,
-"train-alloc, session 7").
+memory comes from, never what is computed. The cost is resident memory: the heap keeps its
+high-water mark, which settles at about three temp buffers after the first few steps (two are
+alive at once while the previous execution's is released, and smaller blocks split freed holes),
+e.g. peak RSS 6.0 GB instead of 3.4 GB for the chapter step. Threads also share one arena's lock.
+Measured in BENCHMARKS.md, "train-alloc, session 7".
 
 It is a no-op on platforms without glibc (macOS, musl) and when GPT_KEEP_FREED_MEMORY=0.
 """
