@@ -59,9 +59,6 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from experiments import xla_trace  # noqa: E402
 from gpt import host_memory  # noqa: E402
 
-# As gpt.main does (train-alloc, session 7), before jax starts; GPT_KEEP_FREED_MEMORY=0 turns it off.
-host_memory.keep_freed_memory()
-
 if "--profile" in sys.argv:  # per-op trace events must be switched on before XLA starts
   xla_trace.enable_op_events()
 
@@ -354,6 +351,9 @@ def profile_step(runner: Ours, top: int = 10) -> None:
 
 
 def main():
+  # As gpt.main does (train-alloc, session 7), before jax starts its backend (not at import, which
+  # the tests do); GPT_KEEP_FREED_MEMORY=0 turns it off.
+  host_memory.keep_freed_memory()
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument("--model", default="117M", help="released size whose shape to use")
   parser.add_argument("--batch", default="1,8")

@@ -42,11 +42,6 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 from experiments import xla_trace  # noqa: E402
 from gpt import host_memory  # noqa: E402
 
-# As gpt.main does, before jax starts its threads (train-alloc, session 7): the jax rows reuse their
-# temp buffer's pages. `freedoff` rows, and the torch rows (as users run torch), run under glibc's
-# defaults (host_memory.glibc_defaults) unless a torch row says `keepfreed`.
-host_memory.keep_freed_memory()
-
 # torch's OpenMP threads busy-wait by default; on a machine shared with other jobs that makes the
 # reference several times slower than it can be (measured: 203 -> 341 tokens/s on the 30m shape),
 # so the reference runs with passive waiting unless the caller says otherwise.
@@ -257,6 +252,11 @@ def profile_step(run, top: int = 30) -> None:
 
 
 def main() -> None:
+  # As gpt.main does, before jax starts its backend (train-alloc, session 7): the jax rows reuse
+  # their temp buffer's pages. `freedoff` rows, and the torch rows (as users run torch), run under
+  # glibc's defaults (host_memory.glibc_defaults) unless a torch row says `keepfreed`. Here, not at
+  # import, so that the tests importing this module leave their process's allocator alone.
+  host_memory.keep_freed_memory()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shapes", default="chapter,30m", help=f"comma list of {sorted(SHAPES)}")
   parser.add_argument("--impls", default="jax-f32-scan,jax-f32-unrolled,jax-f32-scan-eigen,"
