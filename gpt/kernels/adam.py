@@ -33,12 +33,16 @@ from gpt.kernels import native
 IMPLS = ("auto", "kernel", "optax")
 SOURCE = Path(__file__).with_name("adam.cc")
 # -ffp-contract=off: fused multiply-adds only where adam.cc writes them (where XLA's code has them).
-_COMMON = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w", "-ffp-contract=off")
+# -fno-math-errno: sqrt without an errno path, which would keep the loop scalar.
+_COMMON = ("-O3", "-std=c++17", "-shared", "-fPIC", "-w", "-ffp-contract=off", "-fno-math-errno")
 FLAGS = (*_COMMON, "-march=native", "-mprefer-vector-width=512")
 PORTABLE_FLAGS = (*_COMMON, "-DGPT_ADAM_PORTABLE")
 TARGET, PORTABLE_TARGET = "GptAdamF32", "GptAdamF32Portable"
 # True: `update` calls the portable build (no -march=native) instead of the native one.
 PORTABLE = False
+# Set False to keep optax's update where "auto" would take the kernel (experiments/bench_train.py's
+# `optaxadam` variant); read by `resolve`.
+USE_KERNEL = True
 _lock = threading.Lock()
 _loaded: dict[bool, bool] = {}  # portable? -> registered
 _why: dict[bool, str] = {}
@@ -76,6 +80,8 @@ def resolve(choice: str, devices) -> str:
   if choice not in IMPLS:
     raise GPTError(f"train.adam_impl={choice!r}; choose one of {', '.join(IMPLS)}")
   if choice == "optax":
+    return "optax"
+  if choice == "auto" and not USE_KERNEL:
     return "optax"
   devices = list(devices)
   why = None
