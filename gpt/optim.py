@@ -130,14 +130,13 @@ def make_optimizer(t: Any, params: Any, devices: Any = None) -> optax.GradientTr
   if t.only_train_transformer_layers:
     opt = optax.multi_transform({"train": opt, "freeze": optax.set_to_zero()},
                                 trainable_labels(params, True))
-  impl = kadam.resolve(t.get("adam_impl", "auto"), devices) if devices is not None else "optax"
-  if impl == "kernel" and t.optimizer == "sgd":
-    if t.get("adam_impl", "auto") == "kernel":
-      raise GPTError("train.adam_impl=kernel is for optimizer adam or adamw; use auto or optax")
-    impl = "optax"
-  if impl == "kernel" and not SCALAR_CLIP:  # the kernel clips by one scale, as clip_by_global_norm
-    impl = "optax"
-  if impl == "optax":
+  choice = t.get("adam_impl", "auto")
+  if t.optimizer == "sgd" and choice == "kernel":
+    raise GPTError("train.adam_impl=kernel is for optimizer adam or adamw; use auto or optax")
+  # The kernel clips by one scale (clip_by_global_norm); bench_train's -optaxclip keeps optax's.
+  if devices is None or t.optimizer == "sgd" or not SCALAR_CLIP:
+    return opt
+  if kadam.resolve(choice, devices) == "optax":
     return opt
   return FusedOptimizer(opt.init, opt.update, fused_adam_apply(t, params, schedule))
 
