@@ -28,7 +28,6 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from optax._src import numerics
 
 from gpt.errors import GPTError
 from gpt.kernels import adam as kadam
@@ -188,7 +187,7 @@ def fused_adam_apply(t: Any, params: Any, schedule: optax.Schedule) -> Callable:
     if max_norm > 0:  # clip_by_global_norm's scale, over the trained leaves as optax's chain has it
       g_norm = optax.global_norm(trained)
       scale = jnp.where(g_norm < max_norm, 1.0, max_norm / g_norm)
-    count = numerics.safe_increment(adam.count)
+    count = optax.safe_increment(adam.count)
     bc1, bc2 = 1 - b1 ** count, 1 - b2 ** count  # optax.tree.bias_correction's
     lr_neg = -1 * schedule(sched.count)  # scale_by_learning_rate's -learning_rate(count)
     # XLA divides by a bias correction as a multiply by its reciprocal: the kernel takes those.
@@ -206,7 +205,7 @@ def fused_adam_apply(t: Any, params: Any, schedule: optax.Schedule) -> Callable:
     out = jax.tree.map(leaf, adam.mu, adam.nu, params, grads, decays, is_leaf=masked)
     pick = lambda i: jax.tree.map(lambda o: o[i], out, is_leaf=lambda o: isinstance(o, tuple))
     new_adam = optax.ScaleByAdamState(count=count, mu=pick(1), nu=pick(2))
-    new_sched = optax.ScaleByScheduleState(count=numerics.safe_increment(sched.count))
+    new_sched = optax.ScaleByScheduleState(count=optax.safe_increment(sched.count))
     new_state = jax.tree.map(
         lambda s: new_adam if isinstance(s, optax.ScaleByAdamState)
         else new_sched if isinstance(s, optax.ScaleByScheduleState) else s, state, is_leaf=_is_state)
