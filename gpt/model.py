@@ -39,7 +39,7 @@ from gpt import heads
 from gpt.attention import apply_dropout, attention
 from gpt.errors import GPTError
 from gpt.kernels import attention as kattn
-from gpt.kernels import gemm
+from gpt.kernels import gemm, gemv
 from gpt.kv_cache import KVCache, attention_inputs
 from gpt.layers import Conv1D, LayerNorm, param, take_rows
 
@@ -230,7 +230,14 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     """`rng` turns the adapters' dropout on (training); None means deterministic."""
-    return self.c_proj.after_gelu(self.c_fc(x, _fold(rng, 1)), _fold(rng, 2))
+    fc, proj = self.c_fc, self.c_proj
+    if (fc.by_row and not fc.lora_scale and x.dtype == jnp.float32
+        and gemv.fuses_mlp(math.prod(x.shape[:-1]), fc.w[...], int16_activations=fc.int16_activations)):
+      # Decoding (weights by row): c_fc, GELU and c_proj in one kernel call (gemv.mlp).
+      scale = lambda c: c.w_scale[...] if hasattr(c, "w_scale") else None
+      return gemv.mlp(x, fc.w[...], fc.b[...], proj.w[...], proj.b[...], scale1=scale(fc),
+                      scale2=scale(proj), int8_activations=fc.int8_activations)
+    return proj.after_gelu(fc(x, _fold(rng, 1)), _fold(rng, 2))
 
 
 class Block(nnx.Module):
