@@ -244,3 +244,114 @@ def test_each_weight_is_advised_once():
   assert seen == before + 1
   run(x + 1.0, w).block_until_ready()
   assert gemv.hugepage_buffers() == seen
+
+
+def mlp_case(dtype: str, rows: int, K: int, N1: int, N2: int, seed: int = 0):
+  """x, (w1, b1, scale1), (w2, b2, scale2) of an MLP with `dtype` weights ([N, K], by row)."""
+  rng = np.random.default_rng(seed + rows * K + N1 + N2)
+  x = jnp.asarray(rng.standard_normal((rows, K)), jnp.float32)
+  layers = []
+  for n, k in ((N1, K), (N2, N1)):
+    w = rng.standard_normal((n, k)).astype(np.float32) / np.sqrt(k)
+    b = jnp.asarray(rng.standard_normal(n) * 0.5, jnp.float32)
+    w, scale = quantized(w) if dtype.startswith("int8") else (jnp.asarray(w, dtype), None)
+    layers.append((w, b, scale))
+  return x, layers
+
+
+MLP_SHAPES = [(1, 64, 256, 64), (1, 768, 3072, 768), (2, 70, 37, 45), (3, 33, 130, 17),
+              (5, 130, 200, 70), (8, 96, 384, 96), (16, 17, 65, 129)]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int8a8"])
+@pytest.mark.parametrize("rows,K,N1,N2", MLP_SHAPES)
+def test_fused_mlp_equals_two_products_with_gelu_between(dtype, rows, K, N1, N2):
+  """gemv.mlp (c_fc, bias, GELU, c_proj, bias in one call) against mlp_reference (XLA: two
+  products, jax.nn.gelu): rows 1..16, ragged K, N1, N2 (blocks and 16-lane tails), every loop."""
+  a8 = dtype == "int8a8"
+  if a8 and not gemv.vnni():
+    pytest.skip("the int8-activation kernel needs AVX-512 VNNI (elsewhere mlp is mlp_reference)")
+  x, ((w1, b1, s1), (w2, b2, s2)) = mlp_case(dtype, rows, K, N1, N2)
+  assert gemv.uses_kernel(rows, w1)
+  run = jax.jit(lambda x: gemv.mlp(x, w1, b1, w2, b2, scale1=s1, scale2=s2, int8_activations=a8))
+  assert "GptGemvMlp" in run.lower(x).as_text()
+  got = run(x)
+  f32 = lambda w: w if w.dtype == jnp.int8 else w.astype(jnp.float32)
+  want = gemv.mlp_reference(x, f32(w1), b1, f32(w2), b2, scale1=s1, scale2=s2, int8_activations=a8)
+  assert got.shape == (rows, N2) and got.dtype == jnp.float32
+  atol = 1e-5 * float(jnp.abs(want).max())
+  if a8:  # a hidden value at a rounding tie may quantize one step apart: one step of w2's row
+    h = gemv.gelu(gemv.reference(x, w1, scale=s1, int8_activations=True) + b1)
+    step = jnp.abs(h).max(-1, keepdims=True) / 127
+    atol += float((step * (jnp.abs(w2.astype(jnp.float32)).max(-1) * s2)).max())
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol)
+
+
+def test_fused_mlp_keeps_leading_axes_runs_in_a_while_loop_and_on_one_thread(monkeypatch):
+  x, ((w1, b1, s1), (w2, b2, s2)) = mlp_case("int8", 2, 64, 320, 64)
+  x = x.reshape(2, 1, 64)
+  step = lambda x: jnp.tanh(gemv.mlp(x, w1, b1, w2, b2, scale1=s1, scale2=s2))
+  ref = lambda x: jnp.tanh(gemv.mlp_reference(x, w1, b1, w2, b2, scale1=s1, scale2=s2))
+  loop = lambda f: jax.jit(lambda x: jax.lax.fori_loop(0, 4, lambda _, x: f(x), x))
+  got = np.asarray(loop(step)(x))
+  assert got.shape == (2, 1, 64)
+  np.testing.assert_allclose(got, loop(ref)(x), rtol=1e-5, atol=1e-5)
+  monkeypatch.setenv("GPT_GEMV_THREADS", "1")  # every phase on the calling thread: same numbers
+  np.testing.assert_array_equal(np.asarray(loop(step)(x + 0.0)), got)
+
+
+def test_fused_mlp_falls_back_to_xla_where_the_kernel_does_not_run(monkeypatch):
+  x, ((w1, b1, s1), (w2, b2, s2)) = mlp_case("int8", gemv.MAX_ROWS + 1, 32, 64, 32)
+  text = jax.jit(lambda x: gemv.mlp(x, w1, b1, w2, b2, scale1=s1, scale2=s2)).lower(x).as_text()
+  assert "GptGemvMlp" not in text  # more rows than the kernel takes: XLA's products
+  want = gemv.mlp_reference(x, w1, b1, w2, b2, scale1=s1, scale2=s2)
+  np.testing.assert_allclose(gemv.mlp(x, w1, b1, w2, b2, scale1=s1, scale2=s2), want, rtol=1e-6)
+  with gemv.off():  # programs for another platform
+    assert "GptGemvMlp" not in jax.jit(lambda x: gemv.mlp(x[:1], w1, b1, w2, b2)).lower(x).as_text()
+
+
+def test_decoding_fuses_the_mlp_for_int8_weights_only(monkeypatch):
+  """fuses_mlp: int8 weights at the kernel's rows; not float32/bf16 (two calls, as before), not
+  where int16 activations would take their own loop, not with GPT_GEMV_FUSE=0 (the A/B switch)."""
+  w8, _ = quantized(np.ones((8, 4), np.float32))
+  assert gemv.fuses_mlp(1, w8) and gemv.fuses_mlp(8, w8) and not gemv.fuses_mlp(gemv.MAX_ROWS + 1, w8)
+  assert not gemv.fuses_mlp(1, jnp.ones((8, 4), jnp.float32))
+  assert not gemv.fuses_mlp(1, jnp.ones((8, 4), jnp.bfloat16))
+  assert gemv.fuses_mlp(1, w8, int16_activations=True)  # the float loop at 1 row: fused
+  assert gemv.fuses_mlp(gemv.A16_MIN_ROWS, w8, int16_activations=True) == (not gemv.vnni())
+  monkeypatch.setenv("GPT_GEMV_FUSE", "0")
+  assert not gemv.fuses_mlp(1, w8)
+
+
+PORTABLE_MLP = """
+import jax, jax.numpy as jnp, numpy as np
+from gpt.kernels import gemv
+gemv.FLAGS = tuple(f for f in gemv.FLAGS if not f.startswith(("-march", "-mprefer"))) + ("-march=x86-64",)
+assert gemv.available() and not gemv.vnni()
+import sys; sys.path.insert(0, "tests")
+from test_gemv import mlp_case
+for dtype in ("float32", "bfloat16", "int8"):
+  for rows, K, N1, N2 in [(1, 64, 256, 64), (3, 70, 37, 45), (8, 33, 130, 17)]:
+    x, ((w1, b1, s1), (w2, b2, s2)) = mlp_case(dtype, rows, K, N1, N2)
+    run = jax.jit(lambda x: gemv.mlp(x, w1, b1, w2, b2, scale1=s1, scale2=s2))
+    assert "GptGemvMlp" in run.lower(x).as_text()
+    f32 = lambda w: w if w.dtype == jnp.int8 else w.astype(jnp.float32)
+    want = gemv.mlp_reference(x, f32(w1), b1, f32(w2), b2, scale1=s1, scale2=s2)
+    np.testing.assert_allclose(run(x), want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+print("portable ok")
+"""
+
+
+@pytest.mark.slow  # spawns a process that builds the library without AVX-512
+def test_fused_mlp_portable_build_without_avx512(tmp_path):
+  """The fused MLP's portable loops and scalar GELU (built with -march=x86-64 in a fresh process: a
+  process registers one library per FFI target name) against XLA."""
+  import os
+  import subprocess
+  import sys
+
+  from conftest import REPO
+  env = {**os.environ, "GPT_KERNEL_CACHE": str(tmp_path), "PYTHONPATH": str(REPO)}
+  out = subprocess.run([sys.executable, "-c", PORTABLE_MLP], env=env, capture_output=True, text=True,
+                       timeout=600, cwd=str(REPO))
+  assert out.returncode == 0 and "portable ok" in out.stdout, out.stderr[-2000:]
