@@ -6,6 +6,7 @@
   python experiments/bench_decode.py --profile          # + where one decode step spends its time
   python experiments/bench_decode.py --einsum_attention # + the decoder without decode_attention
   python experiments/bench_decode.py --small_pages      # + ours with its weights on 4 KB pages
+  python experiments/bench_decode.py --unfused          # + ours with the MLP as two gemv calls
 
 Random weights (speed does not depend on them). Weights "int8" are model.quantize=int8 (gpt.quantize:
 int8 weights with per-output scales, float32 activations) beside CTranslate2's int8 column; "int8a8"
@@ -25,6 +26,8 @@ run that compiles. Columns:
   ours 4k      (--small_pages) "ours" on its own copy of the weights with GPT_GEMV_HUGEPAGES=0 at
                every call: gpt.kernels.gemv never advises them onto 2 MB pages (the same-run A/B
                of that advice)
+  ours unfused (--unfused) "ours" traced with GPT_GEMV_FUSE=0: the MLP as two gemv calls with the
+               GELU between instead of gemv.mlp's one call (int8 weights; the same-run A/B)
   GPT.decode   the same sampler over the unprepared model (lax.scan over the stacked layers)
   HF           transformers GPT2LMHeadModel.generate(do_sample=True, top_k=40), PyTorch, KV cache
                (skipped with a note when torch/transformers are not installed: pip install .[hf])
@@ -189,6 +192,24 @@ class WithoutDecodeAttention:
         del os.environ["GPT_DECODE_ATTENTION"]
       else:
         os.environ["GPT_DECODE_ATTENTION"] = previous
+
+
+class Unfused:
+  """A runner whose programs are traced (at its first call: the warm-up) with GPT_GEMV_FUSE=0: the
+  MLP as two gemv calls with the GELU between, not gemv.mlp's one (the same-run A/B of that fusion)."""
+
+  def __init__(self, runner: Ours):
+    self.runner, self.traced = runner, False
+
+  def __call__(self) -> np.ndarray:
+    if self.traced:
+      return self.runner()
+    os.environ["GPT_GEMV_FUSE"] = "0"
+    try:
+      return self.runner()
+    finally:
+      self.traced = True
+      del os.environ["GPT_GEMV_FUSE"]
 
 
 class OnSmallPages:
@@ -366,6 +387,8 @@ def main():
                       help="add 'ours einsum': ours without the decode-attention kernel")
   parser.add_argument("--small_pages", action="store_true",
                       help="add 'ours 4k': ours with gemv's 2 MB-page advice off (GPT_GEMV_HUGEPAGES=0)")
+  parser.add_argument("--unfused", action="store_true",
+                      help="add 'ours unfused': ours with the MLP as two gemv calls (GPT_GEMV_FUSE=0)")
   parser.add_argument("--ct2", default="float32,int8",
                       help="CTranslate2 compute types, one column each ('' = none)")
   args = parser.parse_args()
@@ -392,6 +415,8 @@ def main():
       methods["ours einsum"] = WithoutDecodeAttention(Ours(cfg, batch, args.new))
     if args.small_pages:
       methods["ours 4k"] = OnSmallPages(Ours(cfg, batch, args.new))
+    if args.unfused:
+      methods["ours unfused"] = Unfused(Ours(cfg, batch, args.new))
     if not args.no_model_decode:
       methods["GPT.decode"] = Ours(cfg, batch, args.new, model_decode=True)
     if not skip_hf:
@@ -413,7 +438,7 @@ def main():
         methods[name]()
         times[(key, name)].append(time.perf_counter() - start)
 
-  names = ["ours", "matmuls"] + (["ours einsum"] if args.einsum_attention else []) + (["ours 4k"] if args.small_pages else []) + ([] if args.no_model_decode else ["GPT.decode"]) + ([] if skip_hf else ["HF"])
+  names = ["ours", "matmuls"] + (["ours einsum"] if args.einsum_attention else []) + (["ours 4k"] if args.small_pages else []) + (["ours unfused"] if args.unfused else []) + ([] if args.no_model_decode else ["GPT.decode"]) + ([] if skip_hf else ["HF"])
   names += [f"CT2 {t}" for t in ct2_types]
   rate = lambda key, name: [key[1] * args.new / t for t in times[(key, name)]]
   print(f"\n{args.model} architecture, {args.new} new tokens after a 1-token prompt, top-k 40, "
@@ -427,9 +452,10 @@ def main():
         f"ours / roofline (read) |" + (" ours / HF |" if not skip_hf else "")
         + "".join(f" ours / CT2 {t} |" for t in ct2_types)
         + (" ours / ours einsum |" if args.einsum_attention else "")
-        + (" ours / ours 4k |" if args.small_pages else ""))
+        + (" ours / ours 4k |" if args.small_pages else "")
+        + (" ours / ours unfused |" if args.unfused else ""))
   print("|---|---|" + "---|" * (len(names) + 4 + (not skip_hf) + len(ct2_types) + args.einsum_attention
-                              + args.small_pages))
+                              + args.small_pages + args.unfused))
   for key, (cfg, _) in runners.items():
     cells = [f"{statistics.median(rate(key, n)):.1f} ({max(rate(key, n)):.1f})" for n in names]
     ours = statistics.median(rate(key, "ours"))
@@ -446,6 +472,8 @@ def main():
       line += f" {ours / statistics.median(rate(key, 'ours einsum')):.2f}x |"
     if args.small_pages:
       line += f" {ours / statistics.median(rate(key, 'ours 4k')):.2f}x |"
+    if args.unfused:
+      line += f" {ours / statistics.median(rate(key, 'ours unfused')):.2f}x |"
     print(line)
   for note in (skip_hf, skip_ct2):
     if note:

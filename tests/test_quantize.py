@@ -266,3 +266,46 @@ def test_decode_benchmark_runs_int8(monkeypatch):
   assert tokens.shape == (2, 5) and ((0 <= tokens) & (tokens < 256)).all()
   assert np.isfinite(bench.MatmulsOnly(cfg, 2, 5)()).all()
   assert bench.roofline(cfg, 1, 1, 1e9) > 3 * bench.roofline(cfg.replace(quantize="none"), 1, 1, 1e9)
+
+
+@pytest.mark.parametrize("activations", ["float", "int8"])
+def test_fused_mlp_decodes_the_same_greedy_tokens_as_two_calls(activations, monkeypatch):
+  """Decoding an int8 model runs its MLPs as one gemv.mlp call (c_fc, GELU, c_proj); its greedy
+  continuations at batch 1 and 3 equal those of the same model traced with GPT_GEMV_FUSE=0 (two
+  calls, XLA's GELU between), and the logits of its steps agree to float32 rounding."""
+  from gpt import sample
+  from gpt.kernels import gemv
+  from gpt.sampling import SamplingOptions
+
+  model = quantize.quantize_model(init_model(TINY.replace(n_vocab=256), seed=3))
+  if activations == "int8":
+    if not gemv.vnni():
+      pytest.skip("int8 activations run the VNNI kernel only where the CPU has AVX-512 VNNI")
+    model = quantize.with_int8_activations(model)
+  params = sample.decoding_params(model)
+  if not prepare_for_decoding(model).cfg.weights_by_row:
+    pytest.skip("gpt.kernels.gemv did not build here")
+
+  def greedy(batch):
+    decoder = sample.make_decoder(model.cfg, SamplingOptions(temperature=0.0), stop_token=0,
+                                  stop_at_token=False)
+    prompt = np.asarray(tokens(batch, 3, vocab=256, seed=batch))
+    return np.asarray(decoder.generate(params, prompt, np.ones_like(prompt, bool), jax.random.key(0),
+                                       12, cache_length=16))
+
+  def step_text_and_logits():
+    graphdef, state = nnx.split(prepare_for_decoding(model))
+    step = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).decode(t, c, logits_at="last"))
+    cache = KVCache.init(model.cfg, 1, 8)
+    t = tokens(1, 1, vocab=256)
+    return step.lower(state, t, cache).as_text(), np.asarray(step(state, t, cache)[0])
+
+  fused = {batch: greedy(batch) for batch in (1, 3)}
+  text, logits = step_text_and_logits()
+  assert text.count("GptGemvMlp") == TINY.n_layer  # one call per layer's MLP
+  monkeypatch.setenv("GPT_GEMV_FUSE", "0")
+  text_unfused, logits_unfused = step_text_and_logits()
+  assert "GptGemvMlp" not in text_unfused
+  for batch in (1, 3):
+    np.testing.assert_array_equal(greedy(batch), fused[batch])
+  np.testing.assert_allclose(logits, logits_unfused, rtol=1e-5, atol=1e-5 * np.abs(logits).max())
