@@ -269,10 +269,11 @@ def test_decode_benchmark_runs_int8(monkeypatch):
 
 
 @pytest.mark.parametrize("activations", ["float", "int8"])
-def test_fused_mlp_decodes_the_same_greedy_tokens_as_two_calls(activations, monkeypatch):
-  """Decoding an int8 model runs its MLPs as one gemv.mlp call (c_fc, GELU, c_proj); its greedy
-  continuations at batch 1 and 3 equal those of the same model traced with GPT_GEMV_FUSE=0 (two
-  calls, XLA's GELU between), and the logits of its steps agree to float32 rounding."""
+def test_fused_calls_decode_the_same_greedy_tokens_as_separate_calls(activations, monkeypatch):
+  """Decoding an int8 model runs each block's tail (attn c_proj, residual, ln_2, MLP, residual) as
+  one gemv.layer_tail call; with GPT_GEMV_FUSE=mlp only the MLP is one call (gemv.mlp), with
+  GPT_GEMV_FUSE=0 every matrix is its own call with XLA between. All three decode the same greedy
+  continuations at batch 1 and 3, and their steps' logits agree to float32 rounding."""
   from gpt import sample
   from gpt.kernels import gemv
   from gpt.sampling import SamplingOptions
@@ -300,12 +301,14 @@ def test_fused_mlp_decodes_the_same_greedy_tokens_as_two_calls(activations, monk
     t = tokens(1, 1, vocab=256)
     return step.lower(state, t, cache).as_text(), np.asarray(step(state, t, cache)[0])
 
+  calls = lambda text, name: text.count(f"custom_call @{name}")
   fused = {batch: greedy(batch) for batch in (1, 3)}
   text, logits = step_text_and_logits()
-  assert text.count("GptGemvMlp") == TINY.n_layer  # one call per layer's MLP
-  monkeypatch.setenv("GPT_GEMV_FUSE", "0")
-  text_unfused, logits_unfused = step_text_and_logits()
-  assert "GptGemvMlp" not in text_unfused
-  for batch in (1, 3):
-    np.testing.assert_array_equal(greedy(batch), fused[batch])
-  np.testing.assert_allclose(logits, logits_unfused, rtol=1e-5, atol=1e-5 * np.abs(logits).max())
+  assert calls(text, "GptGemvTail") == TINY.n_layer and calls(text, "GptGemvMlp") == 0
+  for mode, tail, mlp in (("mlp", 0, TINY.n_layer), ("0", 0, 0)):
+    monkeypatch.setenv("GPT_GEMV_FUSE", mode)
+    text, other = step_text_and_logits()
+    assert (calls(text, "GptGemvTail"), calls(text, "GptGemvMlp")) == (tail, mlp), mode
+    for batch in (1, 3):
+      np.testing.assert_array_equal(greedy(batch), fused[batch], err_msg=mode)
+    np.testing.assert_allclose(other, logits, rtol=1e-5, atol=1e-5 * np.abs(logits).max(), err_msg=mode)

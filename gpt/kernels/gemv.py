@@ -58,7 +58,7 @@ def available() -> bool:
       try:
         suffixes = (*_SUFFIX.values(), "S8A8")
         names = tuple(f"GptGemv{suffix}" for suffix in (*suffixes, "S8A16")) + tuple(
-            f"GptGemvMlp{suffix}" for suffix in suffixes)
+            f"GptGemv{kind}{suffix}" for kind in ("Mlp", "Tail") for suffix in suffixes)
         lib = native.load(SOURCE, FLAGS, names, cpu_specific=True)
         _vnni.append(bool(lib.GptGemvHasVnni()))
         _lib.append(lib)
@@ -240,6 +240,14 @@ def fuses_mlp(rows: int, w: jax.Array, *, int16_activations: bool = False) -> bo
   return rows <= FUSE_ROWS.get(dtype, 0) and wins(rows, w)
 
 
+def fuses_layer_tail(rows: int, w: jax.Array, *, int16_activations: bool = False) -> bool:
+  """Whether a decoding block runs everything after its attention (attn c_proj, residual, ln_2,
+  the MLP, residual) as one `layer_tail` call: where the MLP fuses (`fuses_mlp`), unless
+  GPT_GEMV_FUSE=mlp (read when a program is traced: the MLP alone in one call, for the A/B)."""
+  return os.environ.get("GPT_GEMV_FUSE", "1") != "mlp" and fuses_mlp(
+      rows, w, int16_activations=int16_activations)
+
+
 def gelu(x: jax.Array) -> jax.Array:
   """GPT-2's tanh-approximate GELU (the model's, jax.nn.gelu(approximate=True))."""
   return jax.nn.gelu(x, approximate=True)
@@ -280,3 +288,43 @@ def mlp_reference(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2:
   h = reference(x, w1, scale=scale1, int8_activations=int8_activations) + b1.astype(jnp.float32)
   y = reference(gelu(h), w2, scale=scale2, int8_activations=int8_activations)
   return y + b2.astype(jnp.float32)
+
+
+def layer_tail(a: jax.Array, x: jax.Array, w_o: jax.Array, b_o: jax.Array, g: jax.Array, beta: jax.Array,
+               w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array, *,
+               scale_o: jax.Array | None = None, scale1: jax.Array | None = None,
+               scale2: jax.Array | None = None, int8_activations: bool = False) -> jax.Array:
+  """A decoder block after its attention, in one kernel call: r = x + (a w_o^T * scale_o + b_o),
+  then r + mlp(layer_norm(r, g, beta)) (`mlp`'s product). a (the attention's heads, before its
+  c_proj) and x (the block's input) [..., D]; w_o [D, D], w1 [N1, D], w2 [D, N1] by row; float32
+  [..., D]. Equal to `layer_tail_reference` to float32 rounding (with int8 activations, a value at a
+  rounding tie may quantize one step apart). Where the kernel does not run, it is that reference."""
+  D, N1 = x.shape[-1], w1.shape[0]
+  rows = math.prod(x.shape[:-1])
+  dtypes = {jnp.dtype(w.dtype) for w in (w_o, w1, w2)}
+  a8 = int8_activations and dtypes == {jnp.dtype(jnp.int8)}
+  if (not uses_kernel(rows, w1) or len(dtypes) > 1 or w_o.shape != (D, D) or w2.shape != (D, N1)
+      or (a8 and not vnni())):
+    return layer_tail_reference(a, x, w_o, b_o, g, beta, w1, b1, w2, b2, scale_o=scale_o, scale1=scale1,
+                                scale2=scale2, int8_activations=int8_activations)
+  no_scale = jnp.zeros((0,), jnp.float32)
+  f32 = lambda v: no_scale if v is None else v.astype(jnp.float32)
+  flat = lambda v: v.reshape(rows, D).astype(jnp.float32)
+  target = "GptGemvTailS8A8" if a8 else f"GptGemvTail{_SUFFIX[jnp.dtype(w1.dtype)]}"
+  shapes = [jax.ShapeDtypeStruct((rows, n), jnp.float32) for n in (D, D, D, N1)]
+  out, *_ = jax.ffi.ffi_call(target, shapes)(
+      flat(a), flat(x), w_o, f32(scale_o), f32(b_o), f32(g), f32(beta), w1, f32(scale1), f32(b1), w2,
+      f32(scale2), f32(b2))
+  return out.reshape(x.shape)
+
+
+def layer_tail_reference(a, x, w_o, b_o, g, beta, w1, b1, w2, b2, *, scale_o=None, scale1=None,
+                         scale2=None, int8_activations: bool = False) -> jax.Array:
+  """`layer_tail` in XLA (gpt.layers.layer_norm, `reference` products, `mlp_reference`)."""
+  from gpt.layers import layer_norm
+
+  r = x.astype(jnp.float32) + (reference(a, w_o, scale=scale_o, int8_activations=int8_activations)
+                               + b_o.astype(jnp.float32))
+  u = layer_norm(r, g, beta)
+  return r + mlp_reference(u, w1, b1, w2, b2, scale1=scale1, scale2=scale2,
+                           int8_activations=int8_activations)
