@@ -323,13 +323,63 @@ def test_decoding_fuses_the_mlp_for_int8_weights_only(monkeypatch):
   assert not gemv.fuses_mlp(1, w8)
 
 
+def tail_case(dtype: str, rows: int, D: int, N1: int, seed: int = 0):
+  """(a, x), the layer tail's weights as keyword arguments of gemv.layer_tail (by row)."""
+  rng = np.random.default_rng(seed + rows * D + N1)
+  a, x = (jnp.asarray(rng.standard_normal((rows, D)), jnp.float32) for _ in range(2))
+  mats = []
+  for n, k in ((D, D), (N1, D), (D, N1)):
+    w = rng.standard_normal((n, k)).astype(np.float32) / np.sqrt(k)
+    mats.append(quantized(w) if dtype.startswith("int8") else (jnp.asarray(w, dtype), None))
+  vec = lambda n, base=0.0: jnp.asarray(base + rng.standard_normal(n) * 0.5, jnp.float32)
+  (w_o, s_o), (w1, s1), (w2, s2) = mats
+  return (a, x), dict(w_o=w_o, b_o=vec(D), g=vec(D, 1.0), beta=vec(D), w1=w1, b1=vec(N1), w2=w2,
+                      b2=vec(D), scale_o=s_o, scale1=s1, scale2=s2)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int8a8"])
+@pytest.mark.parametrize("rows,D,N1", [(1, 64, 256), (1, 768, 3072), (2, 70, 37), (3, 33, 130),
+                                       (8, 96, 384), (16, 17, 65)])
+def test_layer_tail_equals_its_xla_reference(dtype, rows, D, N1):
+  """gemv.layer_tail (attn c_proj + residual, ln_2, c_fc, GELU, c_proj + residual in one call)
+  against the same in XLA: rows 1..16, ragged widths, every loop."""
+  a8 = dtype == "int8a8"
+  if a8 and not gemv.vnni():
+    pytest.skip("the int8-activation kernel needs AVX-512 VNNI")
+  (a, x), kw = tail_case(dtype, rows, D, N1)
+  run = jax.jit(lambda a, x: gemv.layer_tail(a, x, **kw, int8_activations=a8))
+  assert "GptGemvTail" in run.lower(a, x).as_text()
+  got = run(a, x)
+  ref = {k: (v.astype(jnp.float32) if k in ("w_o", "w1", "w2") and v.dtype != jnp.int8 else v)
+         for k, v in kw.items()}
+  want = gemv.layer_tail_reference(a, x, **ref, int8_activations=a8)
+  assert got.shape == (rows, D) and got.dtype == jnp.float32
+  atol = 1e-5 * float(jnp.abs(want).max())
+  if a8:  # an activation at a rounding tie may quantize one step apart (three quantized inputs)
+    atol += 3 * float(jnp.abs(want).max()) / 127 / np.sqrt(N1)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol)
+
+
+def test_layer_tail_on_one_thread_and_its_fallback(monkeypatch):
+  (a, x), kw = tail_case("int8", 3, 64, 320)
+  run = jax.jit(lambda a, x: gemv.layer_tail(a, x, **kw))
+  got = np.asarray(run(a, x))
+  monkeypatch.setenv("GPT_GEMV_THREADS", "1")  # every phase on the calling thread: same numbers
+  np.testing.assert_array_equal(np.asarray(run(a + 0.0, x)), got)
+  big = jnp.tile(a, (gemv.MAX_ROWS, 1))  # more rows than the kernel takes: XLA
+  text = jax.jit(lambda a: gemv.layer_tail(a, a, **kw)).lower(big).as_text()
+  assert "GptGemvTail" not in text
+  np.testing.assert_allclose(gemv.layer_tail(big, big, **kw), gemv.layer_tail_reference(big, big, **kw),
+                             rtol=1e-6)
+
+
 PORTABLE_MLP = """
 import jax, jax.numpy as jnp, numpy as np
 from gpt.kernels import gemv
 gemv.FLAGS = tuple(f for f in gemv.FLAGS if not f.startswith(("-march", "-mprefer"))) + ("-march=x86-64",)
 assert gemv.available() and not gemv.vnni()
 import sys; sys.path.insert(0, "tests")
-from test_gemv import mlp_case
+from test_gemv import mlp_case, tail_case
 for dtype in ("float32", "bfloat16", "int8"):
   for rows, K, N1, N2 in [(1, 64, 256, 64), (3, 70, 37, 45), (8, 33, 130, 17)]:
     x, ((w1, b1, s1), (w2, b2, s2)) = mlp_case(dtype, rows, K, N1, N2)
@@ -338,13 +388,20 @@ for dtype in ("float32", "bfloat16", "int8"):
     f32 = lambda w: w if w.dtype == jnp.int8 else w.astype(jnp.float32)
     want = gemv.mlp_reference(x, f32(w1), b1, f32(w2), b2, scale1=s1, scale2=s2)
     np.testing.assert_allclose(run(x), want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+    (a, x), kw = tail_case(dtype, rows, K, N1)
+    tail = jax.jit(lambda a, x: gemv.layer_tail(a, x, **kw))
+    assert "GptGemvTail" in tail.lower(a, x).as_text()
+    ref = {k: (v.astype(jnp.float32) if k in ("w_o", "w1", "w2") and v.dtype != jnp.int8 else v)
+           for k, v in kw.items()}
+    want = gemv.layer_tail_reference(a, x, **ref)
+    np.testing.assert_allclose(tail(a, x), want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 print("portable ok")
 """
 
 
 @pytest.mark.slow  # spawns a process that builds the library without AVX-512
-def test_fused_mlp_portable_build_without_avx512(tmp_path):
-  """The fused MLP's portable loops and scalar GELU (built with -march=x86-64 in a fresh process: a
+def test_fused_calls_portable_build_without_avx512(tmp_path):
+  """The fused MLP's and layer tail's portable loops and scalar GELU (built with -march=x86-64 in a fresh process: a
   process registers one library per FFI target name) against XLA."""
   import os
   import subprocess
