@@ -6,7 +6,7 @@
   python experiments/bench_gemv.py --per_call --rows=1      # each matrix shape alone: one call's time
   python experiments/bench_gemv.py --dtypes=int8a16,int8a8 --against=int8   # int8 loops, interleaved
   python experiments/bench_gemv.py --dtypes=int8,float32 --rows=1 --against=4k  # 2 MB pages or not
-  python experiments/bench_gemv.py --dtypes=int8,int8a8 --rows=1,8 --against=unfused  # MLP in 1 call or 2
+  python experiments/bench_gemv.py --dtypes=int8,int8a8 --rows=1,8 --against=unfused  # block tail: 1 call or 3
 
 With --per_call, each of the decoder's matrix shapes is timed alone: a chain of distinct copies of
 it (about --per_call_mb of weights, so that they stream from memory, not the 48 MB cache) gives one
@@ -76,23 +76,29 @@ def weights(n_layer: int, d: int, vocab: int, dtype, seed: int = 0):
 def step_fn(d: int, matmul, mlp: str = "plain", a8: bool = False):
   """x [rows, d] through every matrix in turn, each output feeding the next input (as in a
   decode step: c_attn's first third, c_proj, c_fc's 4d into mlp c_proj, then the output layer).
-  `mlp`: "plain" (c_fc's output straight into c_proj), "unfused" (two calls with bias and GELU
-  between, as a decoding model without gemv.mlp), "fused" (gemv.mlp: the same in one call)."""
+  `mlp`: "plain" (each output straight into the next matrix), "unfused" (a decoding block's
+  arithmetic, every matrix its own call: c_proj + bias + residual, layer_norm, c_fc + bias, GELU,
+  c_proj + bias + residual), "tail" (the same after c_attn in one gemv.layer_tail call)."""
+  from gpt.layers import layer_norm
 
   def run(mats, x):
     *layers, (head, head_scale) = mats
     for i in range(0, len(layers), 4):
       (qkv, s0), (proj, s1), (fc, s2), (out, s3) = layers[i:i + 4]
-      x = matmul(x, qkv, scale=s0)[:, :d].astype(x.dtype)
-      x = matmul(x, proj, scale=s1).astype(x.dtype)
-      b1, b2 = jnp.full((fc.shape[0],), 0.01, jnp.float32), jnp.full((d,), 0.01, jnp.float32)
-      if mlp == "fused":
-        x = gemv.mlp(x, fc, b1, out, b2, scale1=s2, scale2=s3, int8_activations=a8).astype(x.dtype)
+      a = matmul(x, qkv, scale=s0)[:, :d].astype(x.dtype)
+      if mlp == "plain":
+        x = matmul(a, proj, scale=s1).astype(x.dtype)
+        x = matmul(matmul(x, fc, scale=s2).astype(x.dtype), out, scale=s3).astype(x.dtype)
         continue
-      h = matmul(x, fc, scale=s2)
-      h = (gemv.gelu(h + b1) if mlp == "unfused" else h).astype(x.dtype)
-      x = matmul(h, out, scale=s3)
-      x = (x + b2 if mlp == "unfused" else x).astype(x.dtype)
+      bo, g, beta = (jnp.full((d,), v, jnp.float32) for v in (0.01, 1.0, 0.0))
+      b1, b2 = jnp.full((fc.shape[0],), 0.01, jnp.float32), jnp.full((d,), 0.01, jnp.float32)
+      if mlp == "tail":
+        x = gemv.layer_tail(a, x, proj, bo, g, beta, fc, b1, out, b2, scale_o=s1, scale1=s2,
+                            scale2=s3, int8_activations=a8).astype(x.dtype)
+        continue
+      r = x + (matmul(a, proj, scale=s1) + bo)
+      h = gemv.gelu(matmul(layer_norm(r, g, beta), fc, scale=s2) + b1)
+      x = (r + (matmul(h, out, scale=s3) + b2)).astype(x.dtype)
     logits = matmul(x, head, scale=head_scale)
     return x + logits[:, :d].astype(x.dtype)
 
@@ -237,9 +243,9 @@ def main() -> None:
   parser.add_argument("--against", default="xla", help="the peer column: xla, or a weight variant "
                       "with the same weights (int8, int8a16, int8a8 for int8 weights), or 1thread: "
                       "the same kernel with GPT_GEMV_THREADS=1, or 4k: the same kernel on weights it "
-                      "may not put on 2 MB pages (GPT_GEMV_HUGEPAGES=0), or unfused: the MLP's "
-                      "two calls with bias and GELU between, against gemv.mlp's one (in the kernel "
-                      "column)")
+                      "may not put on 2 MB pages (GPT_GEMV_HUGEPAGES=0), or unfused: each block's "
+                      "tail (attn c_proj, ln_2, MLP) as 3 calls with XLA between, against "
+                      "gemv.layer_tail's one (in the kernel column)")
   parser.add_argument("--per_call_mb", type=float, default=128.0, help="weights per chain (--per_call)")
   args = parser.parse_args()
   n_layer, d, _ = MODEL_SIZES[canonical_model_name(args.model)]
@@ -262,8 +268,8 @@ def main() -> None:
       peer = (partial(gemv.reference, int8_activations=a8) if args.against == "xla"
               else kernel(name if args.against in ("1thread", "4k") else args.against))
       fns = {"kernel": step_fn(d, kernel(name)), "XLA": step_fn(d, peer)}
-      if args.against == "unfused":  # the MLP as one gemv.mlp call against two calls
-        fns = {"kernel": step_fn(d, kernel(name), "fused", a8), "XLA": step_fn(d, kernel(name), "unfused")}
+      if args.against == "unfused":  # each block's tail as one gemv.layer_tail call against 3 calls
+        fns = {"kernel": step_fn(d, kernel(name), "tail", a8), "XLA": step_fn(d, kernel(name), "unfused")}
       if args.against == "1thread":  # the same kernel held to the calling thread
         two = fns["XLA"]
         fns["XLA"] = lambda m, x, two=two: one_thread(lambda: two(m, x))

@@ -18,9 +18,12 @@ over (default: all of XLA's intra-op pool); experiments/bench_gemv.py --per_call
 loops apart from the hand-off to the second core. On Linux the library asks for each weight buffer
 it meets to sit on 2 MB pages (gemv.cc's hugepages::Advise: fewer TLB misses while streaming);
 GPT_GEMV_HUGEPAGES=0, read at each call, turns that off (bench_gemv.py --against=4k compares).
-`mlp` is the MLP's c_fc, GELU and c_proj in one call (one hand-off to the pool's threads instead of
-two, the GELU in registers): what a decoding model with int8 weights runs (`fuses_mlp`), because
-int8's small matrices made each call's fixed cost count (BENCHMARKS.md, "int8-fuse, session 7").
+`mlp` is the MLP's c_fc, GELU and c_proj in one call, `layer_tail` everything of a decoder block
+after its attention (attn c_proj, residual, ln_2, the MLP, residual) in one call: one hand-off to the
+pool's threads instead of two or three (pool.h's RunPhases), the GELU and LayerNorm in the kernel.
+A decoding model with int8 weights runs `layer_tail` (`fuses_layer_tail`; GPT_GEMV_FUSE=mlp: `mlp`,
+GPT_GEMV_FUSE=0: neither), because int8's small matrices made each call's fixed cost count
+(BENCHMARKS.md, "int8-fuse, session 7").
 """
 
 from __future__ import annotations
