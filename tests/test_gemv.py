@@ -310,17 +310,23 @@ def test_fused_mlp_falls_back_to_xla_where_the_kernel_does_not_run(monkeypatch):
     assert "GptGemvMlp" not in jax.jit(lambda x: gemv.mlp(x[:1], w1, b1, w2, b2)).lower(x).as_text()
 
 
-def test_decoding_fuses_the_mlp_for_int8_weights_only(monkeypatch):
-  """fuses_mlp: int8 weights at the kernel's rows; not float32/bf16 (two calls, as before), not
-  where int16 activations would take their own loop, not with GPT_GEMV_FUSE=0 (the A/B switch)."""
+def test_decoding_fuses_for_int8_weights_at_one_row(monkeypatch):
+  """fuses_mlp / fuses_layer_tail: int8 weights at one row (FUSE_ROWS: where fusing measured
+  faster); not at 8 rows, not float32/bf16 (separate calls, as before), not where int16 activations
+  would take their own loop; GPT_GEMV_FUSE=mlp fuses the MLP only, 0 nothing (the A/B switches)."""
   w8, _ = quantized(np.ones((8, 4), np.float32))
-  assert gemv.fuses_mlp(1, w8) and gemv.fuses_mlp(8, w8) and not gemv.fuses_mlp(gemv.MAX_ROWS + 1, w8)
+  assert gemv.fuses_mlp(1, w8) and gemv.fuses_layer_tail(1, w8)
+  assert not gemv.fuses_mlp(8, w8) and not gemv.fuses_layer_tail(8, w8)
   assert not gemv.fuses_mlp(1, jnp.ones((8, 4), jnp.float32))
   assert not gemv.fuses_mlp(1, jnp.ones((8, 4), jnp.bfloat16))
   assert gemv.fuses_mlp(1, w8, int16_activations=True)  # the float loop at 1 row: fused
+  monkeypatch.setattr(gemv, "FUSE_ROWS", {jnp.dtype(jnp.int8): gemv.MAX_ROWS})
+  assert gemv.fuses_mlp(8, w8) and not gemv.fuses_mlp(gemv.MAX_ROWS + 1, w8)
   assert gemv.fuses_mlp(gemv.A16_MIN_ROWS, w8, int16_activations=True) == (not gemv.vnni())
+  monkeypatch.setenv("GPT_GEMV_FUSE", "mlp")
+  assert gemv.fuses_mlp(1, w8) and not gemv.fuses_layer_tail(1, w8)
   monkeypatch.setenv("GPT_GEMV_FUSE", "0")
-  assert not gemv.fuses_mlp(1, w8)
+  assert not gemv.fuses_mlp(1, w8) and not gemv.fuses_layer_tail(1, w8)
 
 
 def tail_case(dtype: str, rows: int, D: int, N1: int, seed: int = 0):

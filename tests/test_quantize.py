@@ -273,7 +273,8 @@ def test_fused_calls_decode_the_same_greedy_tokens_as_separate_calls(activations
   """Decoding an int8 model runs each block's tail (attn c_proj, residual, ln_2, MLP, residual) as
   one gemv.layer_tail call; with GPT_GEMV_FUSE=mlp only the MLP is one call (gemv.mlp), with
   GPT_GEMV_FUSE=0 every matrix is its own call with XLA between. All three decode the same greedy
-  continuations at batch 1 and 3, and their steps' logits agree to float32 rounding."""
+  continuations at batch 1 and 3 (fused at up to 3 rows here), and their steps' logits agree to
+  float32 rounding."""
   from gpt import sample
   from gpt.kernels import gemv
   from gpt.sampling import SamplingOptions
@@ -302,6 +303,7 @@ def test_fused_calls_decode_the_same_greedy_tokens_as_separate_calls(activations
     return step.lower(state, t, cache).as_text(), np.asarray(step(state, t, cache)[0])
 
   calls = lambda text, name: text.count(f"custom_call @{name}")
+  monkeypatch.setattr(gemv, "FUSE_ROWS", {jnp.dtype(jnp.int8): 3})  # batch 3 fused too
   fused = {batch: greedy(batch) for batch in (1, 3)}
   text, logits = step_text_and_logits()
   assert calls(text, "GptGemvTail") == TINY.n_layer and calls(text, "GptGemvMlp") == 0

@@ -222,11 +222,13 @@ def auto_matmul(x: jax.Array, w: jax.Array, *, scale: jax.Array | None = None,
                 int16_activations=int16_activations and rows >= A16_MIN_ROWS)
 
 
-# Weight dtypes whose decoding runs the MLP as one call (`mlp`), up to how many rows: measured
-# faster than two calls with the GELU between them for int8 weights (experiments/bench_gemv.py
-# --fuse, BENCHMARKS.md "int8-fuse, session 7"); float32 and bf16 read 2-4x more bytes per call, so
-# the per-call cost it saves is a smaller share: left to two calls (unmeasured as fused: not chosen).
-FUSE_ROWS = {jnp.dtype(jnp.int8): MAX_ROWS}
+# Weight dtypes whose decoding fuses its calls (`layer_tail`, or `mlp`), up to how many rows. int8 at
+# 1 row: the block tail in one call measured 1.14x three calls (paired rounds, the 117M step's
+# matrices; experiments/bench_gemv.py --against=unfused, BENCHMARKS.md "int8-fuse, session 7"); at 8
+# rows it measured 0.78-0.93x (there int8's loops are compute-bound and each call long), so batches
+# keep separate calls; rows 2-7 unmeasured: not fused. float32 and bf16 read 2-4x more bytes per call,
+# so the per-call cost that fusing saves is a smaller share: not fused (unmeasured).
+FUSE_ROWS = {jnp.dtype(jnp.int8): 1}
 
 
 def fuses_mlp(rows: int, w: jax.Array, *, int16_activations: bool = False) -> bool:
