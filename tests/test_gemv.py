@@ -418,3 +418,22 @@ def test_fused_calls_portable_build_without_avx512(tmp_path):
   out = subprocess.run([sys.executable, "-c", PORTABLE_MLP], env=env, capture_output=True, text=True,
                        timeout=600, cwd=str(REPO))
   assert out.returncode == 0 and "portable ok" in out.stdout, out.stderr[-2000:]
+
+
+def test_bench_gemv_block_tail_variants_compute_the_same_step():
+  """experiments/bench_gemv.py --against=unfused times two programs of the same arithmetic: the
+  block tail in one gemv.layer_tail call and as separate calls with XLA between."""
+  import importlib.util
+  import sys
+
+  from conftest import REPO
+  spec = importlib.util.spec_from_file_location("bench_gemv", REPO / "experiments" / "bench_gemv.py")
+  bench = importlib.util.module_from_spec(spec)
+  sys.modules["bench_gemv"] = bench
+  spec.loader.exec_module(bench)
+  mats, _ = bench.weights(2, 64, 300, jnp.int8)
+  x = jnp.asarray(np.random.default_rng(0).standard_normal((1, 64)), jnp.float32)
+  fused, unfused = bench.step_fn(64, bench.kernel("int8"), "tail"), bench.step_fn(64, bench.kernel("int8"), "unfused")
+  assert "GptGemvTail" in fused.lower(mats, x).as_text()
+  assert "GptGemvTail" not in unfused.lower(mats, x).as_text()
+  np.testing.assert_allclose(fused(mats, x), unfused(mats, x), rtol=1e-4, atol=1e-4)

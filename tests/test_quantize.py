@@ -265,6 +265,9 @@ def test_decode_benchmark_runs_int8(monkeypatch):
   tokens = bench.Ours(cfg, batch=2, new=5)()
   assert tokens.shape == (2, 5) and ((0 <= tokens) & (tokens < 256)).all()
   assert np.isfinite(bench.MatmulsOnly(cfg, 2, 5)()).all()
+  for mode in ("0", "mlp"):  # --unfused's columns: traced with GPT_GEMV_FUSE, then restored
+    assert bench.Unfused(bench.Ours(cfg, batch=1, new=3), mode)().shape == (1, 3)
+    assert "GPT_GEMV_FUSE" not in __import__("os").environ
   assert bench.roofline(cfg, 1, 1, 1e9) > 3 * bench.roofline(cfg.replace(quantize="none"), 1, 1, 1e9)
 
 
