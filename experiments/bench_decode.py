@@ -223,11 +223,15 @@ class OnSmallPages:
     self.runner = runner
 
   def __call__(self) -> np.ndarray:
+    before = os.environ.get("GPT_GEMV_HUGEPAGES")
     os.environ["GPT_GEMV_HUGEPAGES"] = "0"
     try:
       return self.runner()
-    finally:
-      del os.environ["GPT_GEMV_HUGEPAGES"]
+    finally:  # the variable as the caller had it (unset, or its own value)
+      if before is None:
+        del os.environ["GPT_GEMV_HUGEPAGES"]
+      else:
+        os.environ["GPT_GEMV_HUGEPAGES"] = before
 
 
 class MatmulsOnly:
