@@ -207,12 +207,16 @@ class Unfused:
   def __call__(self) -> np.ndarray:
     if self.traced:
       return self.runner()
+    before = os.environ.get("GPT_GEMV_FUSE")
     os.environ["GPT_GEMV_FUSE"] = self.mode
     try:
       return self.runner()
-    finally:
+    finally:  # the variable as the caller had it (unset, or its own value)
       self.traced = True
-      del os.environ["GPT_GEMV_FUSE"]
+      if before is None:
+        del os.environ["GPT_GEMV_FUSE"]
+      else:
+        os.environ["GPT_GEMV_FUSE"] = before
 
 
 class OnSmallPages:

@@ -268,6 +268,9 @@ def test_decode_benchmark_runs_int8(monkeypatch):
   for mode in ("0", "mlp"):  # --unfused's columns: traced with GPT_GEMV_FUSE, then restored
     assert bench.Unfused(bench.Ours(cfg, batch=1, new=3), mode)().shape == (1, 3)
     assert "GPT_GEMV_FUSE" not in __import__("os").environ
+  monkeypatch.setenv("GPT_GEMV_FUSE", "mlp")  # a value the caller had set stays
+  bench.Unfused(bench.Ours(cfg, batch=1, new=3), "0")()
+  assert __import__("os").environ["GPT_GEMV_FUSE"] == "mlp"
   assert bench.roofline(cfg, 1, 1, 1e9) > 3 * bench.roofline(cfg.replace(quantize="none"), 1, 1, 1e9)
 
 
