@@ -6,6 +6,7 @@
   python experiments/bench_gemv.py --per_call --rows=1      # each matrix shape alone: one call's time
   python experiments/bench_gemv.py --dtypes=int8a16,int8a8 --against=int8   # int8 loops, interleaved
   python experiments/bench_gemv.py --dtypes=int8,float32 --rows=1 --against=4k  # 2 MB pages or not
+  python experiments/bench_gemv.py --dtypes=int8,int8a8 --rows=1,8 --against=unfused  # block tail: 1 call or 3
 
 With --per_call, each of the decoder's matrix shapes is timed alone: a chain of distinct copies of
 it (about --per_call_mb of weights, so that they stream from memory, not the 48 MB cache) gives one
@@ -72,18 +73,32 @@ def weights(n_layer: int, d: int, vocab: int, dtype, seed: int = 0):
   return mats, nbytes
 
 
-def step_fn(d: int, matmul):
+def step_fn(d: int, matmul, mlp: str = "plain", a8: bool = False):
   """x [rows, d] through every matrix in turn, each output feeding the next input (as in a
-  decode step: c_attn's first third, c_proj, c_fc's 4d into mlp c_proj, then the output layer)."""
+  decode step: c_attn's first third, c_proj, c_fc's 4d into mlp c_proj, then the output layer).
+  `mlp`: "plain" (each output straight into the next matrix), "unfused" (a decoding block's
+  arithmetic, every matrix its own call: c_proj + bias + residual, layer_norm, c_fc + bias, GELU,
+  c_proj + bias + residual), "tail" (the same after c_attn in one gemv.layer_tail call)."""
+  from gpt.layers import layer_norm
 
   def run(mats, x):
     *layers, (head, head_scale) = mats
     for i in range(0, len(layers), 4):
       (qkv, s0), (proj, s1), (fc, s2), (out, s3) = layers[i:i + 4]
-      x = matmul(x, qkv, scale=s0)[:, :d].astype(x.dtype)
-      x = matmul(x, proj, scale=s1).astype(x.dtype)
-      h = matmul(x, fc, scale=s2).astype(x.dtype)
-      x = matmul(h, out, scale=s3).astype(x.dtype)
+      a = matmul(x, qkv, scale=s0)[:, :d].astype(x.dtype)
+      if mlp == "plain":
+        x = matmul(a, proj, scale=s1).astype(x.dtype)
+        x = matmul(matmul(x, fc, scale=s2).astype(x.dtype), out, scale=s3).astype(x.dtype)
+        continue
+      bo, g, beta = (jnp.full((d,), v, jnp.float32) for v in (0.01, 1.0, 0.0))
+      b1, b2 = jnp.full((fc.shape[0],), 0.01, jnp.float32), jnp.full((d,), 0.01, jnp.float32)
+      if mlp == "tail":
+        x = gemv.layer_tail(a, x, proj, bo, g, beta, fc, b1, out, b2, scale_o=s1, scale1=s2,
+                            scale2=s3, int8_activations=a8).astype(x.dtype)
+        continue
+      r = x + (matmul(a, proj, scale=s1) + bo)
+      h = gemv.gelu(matmul(layer_norm(r, g, beta), fc, scale=s2) + b1)
+      x = (r + (matmul(h, out, scale=s3) + b2)).astype(x.dtype)
     logits = matmul(x, head, scale=head_scale)
     return x + logits[:, :d].astype(x.dtype)
 
@@ -228,7 +243,9 @@ def main() -> None:
   parser.add_argument("--against", default="xla", help="the peer column: xla, or a weight variant "
                       "with the same weights (int8, int8a16, int8a8 for int8 weights), or 1thread: "
                       "the same kernel with GPT_GEMV_THREADS=1, or 4k: the same kernel on weights it "
-                      "may not put on 2 MB pages (GPT_GEMV_HUGEPAGES=0)")
+                      "may not put on 2 MB pages (GPT_GEMV_HUGEPAGES=0), or unfused: each block's "
+                      "tail (attn c_proj, ln_2, MLP) as 3 calls with XLA between, against "
+                      "gemv.layer_tail's one (in the kernel column)")
   parser.add_argument("--per_call_mb", type=float, default=128.0, help="weights per chain (--per_call)")
   args = parser.parse_args()
   n_layer, d, _ = MODEL_SIZES[canonical_model_name(args.model)]
@@ -241,7 +258,7 @@ def main() -> None:
   rows_out = []
   for name in args.dtypes.split(","):
     dtype = DTYPES[name]
-    if args.against not in ("xla", "1thread", "4k") and DTYPES[args.against] != dtype:
+    if args.against not in ("xla", "1thread", "4k", "unfused") and DTYPES[args.against] != dtype:
       raise SystemExit(f"error: --against={args.against} has other weights than {name}")
     mats, nbytes = weights(n_layer, d, vocab, dtype)
     act = jnp.float32 if dtype == jnp.int8 else dtype
@@ -251,6 +268,8 @@ def main() -> None:
       peer = (partial(gemv.reference, int8_activations=a8) if args.against == "xla"
               else kernel(name if args.against in ("1thread", "4k") else args.against))
       fns = {"kernel": step_fn(d, kernel(name)), "XLA": step_fn(d, peer)}
+      if args.against == "unfused":  # each block's tail as one gemv.layer_tail call against 3 calls
+        fns = {"kernel": step_fn(d, kernel(name), "tail", a8), "XLA": step_fn(d, kernel(name), "unfused")}
       if args.against == "1thread":  # the same kernel held to the calling thread
         two = fns["XLA"]
         fns["XLA"] = lambda m, x, two=two: one_thread(lambda: two(m, x))
@@ -276,17 +295,19 @@ def main() -> None:
   bf16 = "avx512_bf16" in flags
   print(f"\n{args.model} matrices ({n_layer} layers x 4 + output layer), {cpu}, {os.cpu_count()} "
         f"CPUs, AVX512-BF16: {'yes' if bf16 else 'no'}, jax {jax.__version__}, load average "
-        f"{os.getloadavg()[0]:.1f}; median of {args.repeats} (best).\n")
+        f"{os.getloadavg()[0]:.1f}; median of {args.repeats} (best); paired: the median over rounds "
+        f"of the round's {'XLA' if args.against == 'xla' else args.against} time / kernel time.\n")
   peer = "XLA" if args.against == "xla" else args.against
   print(f"| weights | rows | MB read | kernel ms | {peer} ms | kernel GB/s | {peer} GB/s | kernel / {peer} | "
-        "max rel. diff |")
-  print("|---|---|---|---|---|---|---|---|---|")
+        "paired | max rel. diff |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
   for name, rows, nbytes, times, diff in rows_out:
     k, x = statistics.median(times["kernel"]), statistics.median(times["XLA"])
     kb, xb = min(times["kernel"]), min(times["XLA"])
+    paired = statistics.median(p / q for p, q in zip(times["XLA"], times["kernel"]))
     print(f"| {name} | {rows} | {nbytes / 1e6:.0f} | {1e3 * k:.1f} ({1e3 * kb:.1f}) | "
           f"{1e3 * x:.1f} ({1e3 * xb:.1f}) | {nbytes / k / 1e9:.1f} ({nbytes / kb / 1e9:.1f}) | "
-          f"{nbytes / x / 1e9:.1f} ({nbytes / xb / 1e9:.1f}) | {x / k:.2f}x | {diff:.1e} |")
+          f"{nbytes / x / 1e9:.1f} ({nbytes / xb / 1e9:.1f}) | {x / k:.2f}x | {paired:.2f}x | {diff:.1e} |")
 
 
 if __name__ == "__main__":

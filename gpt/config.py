@@ -181,6 +181,9 @@ def base_config() -> ml_collections.ConfigDict:
   t.b2 = 0.999
   # Adam epsilon.
   t.eps = 1e-8
+  # Adam/AdamW's update: auto (one pass per parameter array by gpt.kernels.adam where the step runs
+  # on one CPU device, optax's elsewhere; the same numbers and state) | kernel | optax.
+  t.adam_impl = "auto"
   # SGD momentum (0 = plain gradient descent, as nshepperd's --optimizer=sgd).
   t.momentum = 0.0
   # Clip gradients to this global norm (0 = off).

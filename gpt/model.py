@@ -16,7 +16,8 @@ computed at the top of the stack (the tied head's logits, the training loss, the
 probabilities) is gpt.heads, which `GPT.__call__` ends with. Decoding does not get a second
 model: gpt.decoding's `prepare_for_decoding` lays the same model out per layer in the compute dtype
 (one Block per layer instead of a scan over the stack, dense weights by row for gpt.kernels.gemv),
-which is what makes token-by-token steps fast on CPU.
+which is what makes token-by-token steps fast on CPU; there, with int8 weights, a Block runs all it
+computes after the attention as one kernel call (`Block.fused_tail`, gemv.layer_tail).
 
 Every parameter carries logical axis names in its `axes` metadata ("vocab", "embed", "heads",
 "mlp", "layers"); `gpt.sharding` maps them to mesh axes.
@@ -39,7 +40,7 @@ from gpt import heads
 from gpt.attention import apply_dropout, attention
 from gpt.errors import GPTError
 from gpt.kernels import attention as kattn
-from gpt.kernels import gemm
+from gpt.kernels import gemm, gemv
 from gpt.kv_cache import KVCache, attention_inputs
 from gpt.layers import Conv1D, LayerNorm, param, take_rows
 
@@ -196,8 +197,10 @@ class Attention(nnx.Module):
     self.c_proj = Conv1D(d, d, ("heads", "embed"), std=0.02 / math.sqrt(2 * cfg.n_layer),
                          rngs=rngs, stack=stack, dtype=pdt, **_lora_args(cfg, "attn.c_proj"))
 
-  def __call__(self, x, *, mask, cache_kv=None, cache_index=None, rng=None, return_probs=False):
-    """(output [B, T, D], updated (k, v) cache layer or None, probabilities or None)."""
+  def __call__(self, x, *, mask, cache_kv=None, cache_index=None, rng=None, return_probs=False,
+               project=True):
+    """(output [B, T, D], updated (k, v) cache layer or None, probabilities or None); with
+    project=False the output is the heads' [B, T, H * K] before c_proj (Block's fused tail)."""
     cfg = self.cfg
     B, T, _ = x.shape
     H, K = cfg.n_head, cfg.head_dim
@@ -215,7 +218,7 @@ class Attention(nnx.Module):
                     return_probs=return_probs)
     y, probs = out if return_probs else (out, None)
     y = y.transpose(0, 2, 1, 3).reshape(B, T, H * K)
-    return self.c_proj(y, _fold(rng, 2)), cache_kv, probs
+    return (self.c_proj(y, _fold(rng, 2)) if project else y), cache_kv, probs
 
 
 class MLP(nnx.Module):
@@ -230,7 +233,14 @@ class MLP(nnx.Module):
 
   def __call__(self, x: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     """`rng` turns the adapters' dropout on (training); None means deterministic."""
-    return self.c_proj.after_gelu(self.c_fc(x, _fold(rng, 1)), _fold(rng, 2))
+    fc, proj = self.c_fc, self.c_proj
+    if (fc.by_row and not fc.lora_scale and x.dtype == jnp.float32
+        and gemv.fuses_mlp(math.prod(x.shape[:-1]), fc.w[...], int16_activations=fc.int16_activations)):
+      # Decoding (weights by row): c_fc, GELU and c_proj in one kernel call (gemv.mlp).
+      scale = lambda c: c.w_scale[...] if hasattr(c, "w_scale") else None
+      return gemv.mlp(x, fc.w[...], fc.b[...], proj.w[...], proj.b[...], scale1=scale(fc),
+                      scale2=scale(proj), int8_activations=fc.int8_activations)
+    return proj.after_gelu(fc(x, _fold(rng, 1)), _fold(rng, 2))
 
 
 class Block(nnx.Module):
@@ -245,12 +255,33 @@ class Block(nnx.Module):
     self.mlp = MLP(cfg, rngs=rngs, stack=stack)
 
   def __call__(self, x, *, mask=None, cache_kv=None, cache_index=None, rng=None, return_probs=False):
+    if rng is None and not return_probs and self.fuses_tail(x):
+      heads_out, cache_kv, _ = self.attn(self.ln_1(x), mask=mask, cache_kv=cache_kv,
+                                         cache_index=cache_index, project=False)
+      return self.fused_tail(heads_out, x), cache_kv, None
     rngs = (None, None, None) if rng is None else tuple(jax.random.split(rng, 3))
     a, cache_kv, probs = self.attn(self.ln_1(x), mask=mask, cache_kv=cache_kv,
                                    cache_index=cache_index, rng=rngs[0], return_probs=return_probs)
     x = x + apply_dropout(a, self.cfg.resid_pdrop, rngs[1])
     x = x + apply_dropout(self.mlp(self.ln_2(x), rngs[2]), self.cfg.resid_pdrop, rngs[2])
     return x, cache_kv, probs
+
+  def fuses_tail(self, x: jax.Array) -> bool:
+    """Whether this block (prepared for decoding: weights by row, no adapters) runs everything after
+    its attention as one gpt.kernels.gemv.layer_tail call for x (gemv.fuses_layer_tail)."""
+    convs = (self.attn.c_proj, self.mlp.c_fc, self.mlp.c_proj)
+    return (all(c.by_row and not c.lora_scale for c in convs) and x.dtype == jnp.float32
+            and gemv.fuses_layer_tail(math.prod(x.shape[:-1]), self.mlp.c_fc.w[...],
+                                      int16_activations=self.mlp.c_fc.int16_activations))
+
+  def fused_tail(self, heads_out: jax.Array, x: jax.Array) -> jax.Array:
+    """x + attn c_proj(heads_out), then + mlp(ln_2(...)): the block's output, in one kernel call."""
+    o, fc, proj = self.attn.c_proj, self.mlp.c_fc, self.mlp.c_proj
+    scale = lambda c: c.w_scale[...] if hasattr(c, "w_scale") else None
+    return gemv.layer_tail(heads_out, x, o.w[...], o.b[...], self.ln_2.g[...], self.ln_2.b[...],
+                           fc.w[...], fc.b[...], proj.w[...], proj.b[...], scale_o=scale(o),
+                           scale1=scale(fc), scale2=scale(proj),
+                           int8_activations=fc.int8_activations).astype(x.dtype)
 
 
 class GPT(nnx.Module):

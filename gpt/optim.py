@@ -14,17 +14,23 @@ optimized tree at all, so it has no optimizer state.
 
 Gradient accumulation is done by the train step (micro-batches inside one jitted step), not here,
 so that one optimizer step is one `config.train.steps` step.
+
+Adam and AdamW can run as one pass per parameter array (gpt.kernels.adam, `train.adam_impl`): given
+the mesh's devices, `make_optimizer` then returns a `FusedOptimizer`, whose `init` and `update` are
+optax's own (the same state tree, so checkpoints move between the two both ways) and whose `apply`
+is the step's whole update, (grads, state, params) -> (params, state), with the same numbers.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from gpt.errors import GPTError
+from gpt.kernels import adam as kadam
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
@@ -91,8 +97,20 @@ def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
   return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
-def make_optimizer(t: Any, params: Any) -> optax.GradientTransformation:
-  """The optax transformation for `config.train` over a params tree shaped like `params`."""
+class FusedOptimizer(NamedTuple):
+  """optax's transformation (`init`, `update`) plus `apply(grads, state, params) -> (params,
+  state)`: the update and its application in one, by gpt.kernels.adam. gpt.train_step calls
+  `apply` where a transformation has one."""
+
+  init: Callable
+  update: Callable
+  apply: Callable
+
+
+def make_optimizer(t: Any, params: Any, devices: Any = None) -> optax.GradientTransformation:
+  """The optax transformation for `config.train` over a params tree shaped like `params`. Given
+  the `devices` the step runs on, Adam/AdamW come as a `FusedOptimizer` where `train.adam_impl`
+  resolves to the kernel there (gpt.kernels.adam.resolve); without, optax's update is kept."""
   schedule = learning_rate_schedule(t)
   if t.optimizer == "adam":
     opt = optax.adam(schedule, b1=t.b1, b2=t.b2, eps=t.eps)
@@ -108,7 +126,89 @@ def make_optimizer(t: Any, params: Any) -> optax.GradientTransformation:
   if t.grad_clip > 0:
     clip = clip_by_global_norm if SCALAR_CLIP else optax.clip_by_global_norm
     opt = optax.chain(clip(t.grad_clip), opt)
-  if not t.only_train_transformer_layers:
+  if t.only_train_transformer_layers:
+    opt = optax.multi_transform({"train": opt, "freeze": optax.set_to_zero()},
+                                trainable_labels(params, True))
+  choice = t.get("adam_impl", "auto")
+  if t.optimizer == "sgd" and choice == "kernel":
+    raise GPTError("train.adam_impl=kernel is for optimizer adam or adamw; use auto or optax")
+  # The kernel clips by one scale (clip_by_global_norm); bench_train's -optaxclip keeps optax's.
+  if devices is None or t.optimizer == "sgd" or not SCALAR_CLIP:
     return opt
-  return optax.multi_transform({"train": opt, "freeze": optax.set_to_zero()},
-                               trainable_labels(params, True))
+  if kadam.resolve(choice, devices) == "optax":
+    return opt
+  return FusedOptimizer(opt.init, opt.update, fused_adam_apply(t, params, schedule))
+
+
+def _is_state(x) -> bool:
+  return isinstance(x, (optax.ScaleByAdamState, optax.ScaleByScheduleState))
+
+
+def _states(state: Any) -> tuple[Any, Any]:
+  """The one ScaleByAdamState and the one ScaleByScheduleState (the learning rate's count) of an
+  adam/adamw state tree as make_optimizer builds it (inside clipping and freezing wrappers)."""
+  found = [s for s in jax.tree.leaves(state, is_leaf=_is_state) if _is_state(s)]
+  adam = [s for s in found if isinstance(s, optax.ScaleByAdamState)]
+  sched = [s for s in found if isinstance(s, optax.ScaleByScheduleState)]
+  if len(adam) != 1 or len(sched) != 1:
+    raise GPTError(f"the fused Adam update found {len(adam)} Adam and {len(sched)} schedule states "
+                   "(expected one each); use train.adam_impl=optax")
+  return adam[0], sched[0]
+
+
+def _reference_leaf(p, g, m, v, scale, bc1, bc2, lr_neg, *, b1, b2, eps, weight_decay):
+  """The kernel's update in jnp, for leaves it does not take (not float32): optax's operations."""
+  g = g * scale.astype(g.dtype)
+  m = (1 - b1) * g + b1 * m
+  v = (1 - b2) * (g * g) + b2 * v
+  u = (m / bc1.astype(m.dtype)) / (jnp.sqrt(v / bc2.astype(v.dtype)) + eps)
+  if weight_decay:
+    u = u + weight_decay * p
+  u = jnp.array(lr_neg, dtype=u.dtype) * u
+  return jnp.asarray(p + u).astype(p.dtype), m.astype(p.dtype), v.astype(p.dtype)
+
+
+def fused_adam_apply(t: Any, params: Any, schedule: optax.Schedule) -> Callable:
+  """`FusedOptimizer.apply` for adam/adamw per `t`: clipping by one scale over the trained leaves'
+  global norm, then gpt.kernels.adam.update on each trained float32 leaf (frozen leaves, optax's
+  MaskedNode in the moments, are returned as they are). The new state is the old one with its
+  Adam moments and counts replaced, the tree optax's update returns."""
+  b1, b2, eps = float(t.b1), float(t.b2), float(t.eps)
+  wd = float(t.weight_decay) if t.optimizer == "adamw" else 0.0
+  max_norm = float(t.grad_clip)
+  decays = decay_mask(params)
+
+  def apply(grads, state, params):
+    adam, sched = _states(state)
+    masked = lambda x: isinstance(x, optax.MaskedNode)
+    trained = [g for g, m in zip(jax.tree.leaves(grads), jax.tree.leaves(adam.mu, is_leaf=masked))
+               if not masked(m)]
+    scale = jnp.ones((), jnp.float32)
+    if max_norm > 0:  # clip_by_global_norm's scale, over the trained leaves as optax's chain has it
+      g_norm = optax.global_norm(trained)
+      scale = jnp.where(g_norm < max_norm, 1.0, max_norm / g_norm)
+    count = optax.safe_increment(adam.count)
+    bc1, bc2 = 1 - b1 ** count, 1 - b2 ** count  # optax.tree.bias_correction's
+    lr_neg = -1 * schedule(sched.count)  # scale_by_learning_rate's -learning_rate(count)
+    # XLA divides by a bias correction as a multiply by its reciprocal: the kernel takes those.
+    scalars = jnp.stack([jnp.asarray(x, jnp.float32) for x in (scale, 1 / bc1, 1 / bc2, lr_neg)])
+
+    def leaf(m, v, p, g, decay):
+      if masked(m):
+        return p, m, v
+      w = wd if decay else 0.0
+      if p.dtype == g.dtype == m.dtype == v.dtype == jnp.float32 and kadam.available():
+        return kadam.update(p, g, m, v, scalars, b1=b1, b2=b2, eps=eps, weight_decay=w)
+      return _reference_leaf(p, g, m, v, scale, bc1, bc2, lr_neg, b1=b1, b2=b2, eps=eps,
+                             weight_decay=w)
+
+    out = jax.tree.map(leaf, adam.mu, adam.nu, params, grads, decays, is_leaf=masked)
+    pick = lambda i: jax.tree.map(lambda o: o[i], out, is_leaf=lambda o: isinstance(o, tuple))
+    new_adam = optax.ScaleByAdamState(count=count, mu=pick(1), nu=pick(2))
+    new_sched = optax.ScaleByScheduleState(count=optax.safe_increment(sched.count))
+    new_state = jax.tree.map(
+        lambda s: new_adam if isinstance(s, optax.ScaleByAdamState)
+        else new_sched if isinstance(s, optax.ScaleByScheduleState) else s, state, is_leaf=_is_state)
+    return pick(0), new_state
+
+  return apply

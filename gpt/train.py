@@ -284,7 +284,8 @@ def build_programs(config: Any, cfg: GPTConfig, mesh, lora_run: bool = False) ->
   abs_frozen, frozen_axes = {}, {}
   if lora_run:  # LoRA: only the adapters are trained (and checkpointed)
     (abs_params, abs_frozen), (axes, frozen_axes) = lora.split(abs_params), lora.split(axes)
-  tx = optim.make_optimizer(t, abs_params)
+  # train.adam_impl "auto": Adam's one-pass kernel where the step runs on one CPU device.
+  tx = optim.make_optimizer(t, abs_params, devices=mesh.devices.flat)
   schedule = optim.learning_rate_schedule(t)
   psh = sharding.param_shardings(abs_params, axes, mesh)
   fsh = sharding.param_shardings(abs_frozen, frozen_axes, mesh)

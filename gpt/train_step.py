@@ -30,6 +30,7 @@ from flax import nnx
 from gpt import heads
 from gpt.lora import combine
 from gpt.model import GPTConfig
+from gpt.optim import FusedOptimizer
 
 
 class TrainState(flax.struct.PyTreeNode):
@@ -99,8 +100,11 @@ def train_step(state: TrainState, batch: jax.Array, frozen: Any = None, *, graph
                                     (micro, jnp.arange(grad_accum)))
     loss = loss / grad_accum
     grads = jax.tree.map(lambda g: g / grad_accum, grads)
-  updates, opt_state = tx.update(grads, state.opt_state, state.params)
-  params = optax.apply_updates(state.params, updates)
+  if isinstance(tx, FusedOptimizer):  # Adam's update and its application in one pass per leaf
+    params, opt_state = tx.apply(grads, state.opt_state, state.params)
+  else:
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
   metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 

@@ -14,6 +14,13 @@ Across runs, JAX's persistent compilation cache keeps the compiled programs in `
 training subprocesses of the slow tests inherit it. GPT_TEST_COMPILE_CACHE=0 turns it off (a cold
 run, as a fresh clone), any other value is the folder to use instead. pytest.ini runs the tests on
 pytest-xdist workers (one per core), which share the cache through its file lock.
+
+That lock comes with jax's LRU eviction, which lists and reads every entry's files on each write,
+so a write costs time in proportion to the entries already there (0.6 s at the 4,500 entries of a
+full run, measured at load 10) and a cold run's writes grow with the square of its programs.
+GPT_TEST_CACHE_MIN_COMPILE_S (default 0: every program, for the edit loop's warm reruns) keeps
+programs that compile faster than it out of the cache; .ci/run's cold runs set 0.3, which keeps
+about one program in six.
 """
 
 import os
@@ -34,11 +41,13 @@ def _compile_cache_dir() -> str | None:
 
 
 COMPILE_CACHE = _compile_cache_dir()
-# Every program, however quick to compile (the tier is hundreds of sub-second compiles). The size
-# bound turns on jax's LRU eviction, whose file lock also keeps concurrent workers (xdist,
-# subprocesses) from reading an entry while another writes it.
+# By default every program, however quick to compile (the tier is hundreds of sub-second compiles;
+# GPT_TEST_CACHE_MIN_COMPILE_S raises the bar, see above). The size bound turns on jax's LRU
+# eviction, whose file lock also keeps concurrent workers (xdist, subprocesses) from reading an
+# entry while another writes it.
 CACHE_SETTINGS = {"jax_compilation_cache_dir": COMPILE_CACHE,
-                  "jax_persistent_cache_min_compile_time_secs": 0,
+                  "jax_persistent_cache_min_compile_time_secs":
+                      float(os.environ.get("GPT_TEST_CACHE_MIN_COMPILE_S", "0")),
                   "jax_persistent_cache_min_entry_size_bytes": -1,
                   "jax_compilation_cache_max_size": 512 << 20}
 if COMPILE_CACHE:

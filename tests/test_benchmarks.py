@@ -43,8 +43,15 @@ def test_decode_runners_sample_the_asked_shape(bench_decode, dtype):
   assert bench_decode.Ours(cfg, 2, 5, model_decode=True)().shape == (2, 5)
   hidden = bench_decode.MatmulsOnly(cfg, 2, 5)()
   assert hidden.shape == (2, 1, cfg.n_embd) and np.isfinite(hidden.astype(np.float32)).all()
-  assert bench_decode.OnSmallPages(bench_decode.Ours(cfg, 2, 5))().shape == (2, 5)
+  small_pages = bench_decode.OnSmallPages(bench_decode.Ours(cfg, 2, 5))
+  assert small_pages().shape == (2, 5)
   assert "GPT_GEMV_HUGEPAGES" not in os.environ  # the --small_pages runner restores the default
+  os.environ["GPT_GEMV_HUGEPAGES"] = "1"  # ... and a value the caller set
+  try:
+    small_pages()
+    assert os.environ["GPT_GEMV_HUGEPAGES"] == "1"
+  finally:
+    del os.environ["GPT_GEMV_HUGEPAGES"]
 
 
 def test_roofline_counts_weights_and_cache(bench_decode):

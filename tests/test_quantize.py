@@ -265,4 +265,58 @@ def test_decode_benchmark_runs_int8(monkeypatch):
   tokens = bench.Ours(cfg, batch=2, new=5)()
   assert tokens.shape == (2, 5) and ((0 <= tokens) & (tokens < 256)).all()
   assert np.isfinite(bench.MatmulsOnly(cfg, 2, 5)()).all()
+  for mode in ("0", "mlp"):  # --unfused's columns: traced with GPT_GEMV_FUSE, then restored
+    assert bench.Unfused(bench.Ours(cfg, batch=1, new=3), mode)().shape == (1, 3)
+    assert "GPT_GEMV_FUSE" not in __import__("os").environ
+  monkeypatch.setenv("GPT_GEMV_FUSE", "mlp")  # a value the caller had set stays
+  bench.Unfused(bench.Ours(cfg, batch=1, new=3), "0")()
+  assert __import__("os").environ["GPT_GEMV_FUSE"] == "mlp"
   assert bench.roofline(cfg, 1, 1, 1e9) > 3 * bench.roofline(cfg.replace(quantize="none"), 1, 1, 1e9)
+
+
+@pytest.mark.parametrize("activations", ["float", "int8"])
+def test_fused_calls_decode_the_same_greedy_tokens_as_separate_calls(activations, monkeypatch):
+  """Decoding an int8 model runs each block's tail (attn c_proj, residual, ln_2, MLP, residual) as
+  one gemv.layer_tail call; with GPT_GEMV_FUSE=mlp only the MLP is one call (gemv.mlp), with
+  GPT_GEMV_FUSE=0 every matrix is its own call with XLA between. All three decode the same greedy
+  continuations at batch 1 and 3 (fused at up to 3 rows here), and their steps' logits agree to
+  float32 rounding."""
+  from gpt import sample
+  from gpt.kernels import gemv
+  from gpt.sampling import SamplingOptions
+
+  model = quantize.quantize_model(init_model(TINY.replace(n_vocab=256), seed=3))
+  if activations == "int8":
+    if not gemv.vnni():
+      pytest.skip("int8 activations run the VNNI kernel only where the CPU has AVX-512 VNNI")
+    model = quantize.with_int8_activations(model)
+  params = sample.decoding_params(model)
+  if not prepare_for_decoding(model).cfg.weights_by_row:
+    pytest.skip("gpt.kernels.gemv did not build here")
+
+  def greedy(batch):
+    decoder = sample.make_decoder(model.cfg, SamplingOptions(temperature=0.0), stop_token=0,
+                                  stop_at_token=False)
+    prompt = np.asarray(tokens(batch, 3, vocab=256, seed=batch))
+    return np.asarray(decoder.generate(params, prompt, np.ones_like(prompt, bool), jax.random.key(0),
+                                       12, cache_length=16))
+
+  def step_text_and_logits():
+    graphdef, state = nnx.split(prepare_for_decoding(model))
+    step = jax.jit(lambda s, t, c: nnx.merge(graphdef, s).decode(t, c, logits_at="last"))
+    cache = KVCache.init(model.cfg, 1, 8)
+    t = tokens(1, 1, vocab=256)
+    return step.lower(state, t, cache).as_text(), np.asarray(step(state, t, cache)[0])
+
+  calls = lambda text, name: text.count(f"custom_call @{name}")
+  monkeypatch.setattr(gemv, "FUSE_ROWS", {jnp.dtype(jnp.int8): 3})  # batch 3 fused too
+  fused = {batch: greedy(batch) for batch in (1, 3)}
+  text, logits = step_text_and_logits()
+  assert calls(text, "GptGemvTail") == TINY.n_layer and calls(text, "GptGemvMlp") == 0
+  for mode, tail, mlp in (("mlp", 0, TINY.n_layer), ("0", 0, 0)):
+    monkeypatch.setenv("GPT_GEMV_FUSE", mode)
+    text, other = step_text_and_logits()
+    assert (calls(text, "GptGemvTail"), calls(text, "GptGemvMlp")) == (tail, mlp), mode
+    for batch in (1, 3):
+      np.testing.assert_array_equal(greedy(batch), fused[batch], err_msg=mode)
+    np.testing.assert_allclose(other, logits, rtol=1e-5, atol=1e-5 * np.abs(logits).max(), err_msg=mode)

@@ -11,6 +11,7 @@
 // ([n_in, n_out]) are transposed once when a model is prepared for decoding. Blocks of rows run on
 // XLA's own intra-op thread pool (pool.h: no second pool competing for the cores).
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <atomic>
 #include <condition_variable>
@@ -35,6 +36,7 @@
 
 #include "lanes.h"
 #include "pool.h"
+#include "simd_exp.h"
 #include "xla/ffi/api/ffi.h"
 
 #ifdef __AVX512F__
@@ -611,6 +613,294 @@ ffi::Error GemvInt16Activations(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, f
   return ffi::Error::Success();
 }
 
+// ---- The MLP in one call: y = gelu(x W1^T * s1 + b1) W2^T * s2 + b2 (c_fc, GELU, c_proj) ----
+//
+// At one row an int8 117M layer's matrices are 0.6-2.4 MB: each call hands its blocks to the pool's
+// second thread (a wake-up) and starts with misses before its prefetch runs ahead, a fixed cost that
+// weighs 4x more against int8's bytes than float32's (the second core gave float32 1.85x, int8
+// 1.38x: BENCHMARKS.md, "the lead's quiet retake, session 6"). Here c_fc's rows and then c_proj's
+// are split over the threads in one pool hand-off (pool.h's RunPhases), the bias and the GELU are
+// applied to each block of the hidden row while it is in cache, and c_proj starts as soon as the
+// last block of c_fc is done. h (the GELU'd hidden rows, [B, N1]) is the call's second result: the
+// scratch that phase 2 reads.
+
+// GPT-2's tanh-approximate GELU, 0.5 x (1 + tanh(z)) with z = sqrt(2/pi) (x + 0.044715 x^3), written
+// as x / (1 + exp(-2z)) (the same function: 0.5 (1 + tanh z) = 1 / (1 + exp(-2z))), applied to
+// v + bias over [0, n) in place.
+constexpr float kGeluC = 0.7978845608028654f;  // sqrt(2 / pi)
+
+inline void BiasGelu(float* v, const float* bias, int64_t n) {
+  int64_t i = 0;
+#ifdef __AVX512F__
+  const __m512 c = _mm512_set1_ps(kGeluC), c3 = _mm512_set1_ps(kGeluC * 0.044715f);
+  const __m512 one = _mm512_set1_ps(1.0f), m2 = _mm512_set1_ps(-2.0f);
+  for (; i < n; i += kLanes) {
+    const __mmask16 m = gpt_kernels::TailMask(n - i);
+    const __m512 x = _mm512_add_ps(_mm512_maskz_loadu_ps(m, v + i), _mm512_maskz_loadu_ps(m, bias + i));
+    const __m512 z = _mm512_mul_ps(x, _mm512_fmadd_ps(_mm512_mul_ps(x, x), c3, c));  // x (c + c3 x^2)
+    const __m512 e = gpt_kernels::Exp16(_mm512_mul_ps(m2, z));
+    _mm512_mask_storeu_ps(v + i, m, _mm512_div_ps(x, _mm512_add_ps(one, e)));
+  }
+#endif
+  for (; i < n; ++i) {
+    const float x = v[i] + bias[i];
+    v[i] = 0.5f * x * (1.0f + std::tanh(kGeluC * (x + 0.044715f * x * x * x)));
+  }
+}
+
+inline void AddBias(float* v, const float* bias, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) v[i] += bias[i];  // the compiler vectorises this one
+}
+
+// The shapes of a fused MLP call, checked: x [B, K], w1 [N1, K], b1 [N1], w2 [N2, N1], b2 [N2],
+// y [B, N2], h [B, N1]; scales [N] or empty (unscaled).
+struct MlpShape {
+  Shape fc, proj;
+};
+
+template <typename WBuffer>
+ffi::Error CheckMlp(const ffi::Buffer<ffi::F32>& x, const WBuffer& w1, const ffi::Buffer<ffi::F32>& s1,
+                    const ffi::Buffer<ffi::F32>& b1, const WBuffer& w2, const ffi::Buffer<ffi::F32>& s2,
+                    const ffi::Buffer<ffi::F32>& b2, MlpShape* s) {
+  if (ffi::Error e = CheckShapes(x, w1, s1, &s->fc); e.failure()) return e;
+  auto w2d = w2.dimensions();
+  if (w2d.size() != 2 || w2d[1] != s->fc.N)
+    return ffi::Error::InvalidArgument("gemv mlp: w2 must be [N2, N1] for w1 [N1, K]");
+  s->proj = Shape{s->fc.B, s->fc.N, w2d[0], nullptr};
+  if (s2.element_count() == static_cast<size_t>(s->proj.N)) s->proj.scale = s2.typed_data();
+  if (b1.element_count() != static_cast<size_t>(s->fc.N) || b2.element_count() != static_cast<size_t>(s->proj.N))
+    return ffi::Error::InvalidArgument("gemv mlp: b1 must be [N1] and b2 [N2]");
+  return ffi::Error::Success();
+}
+
+template <typename W>
+ffi::Error GemvMlp(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w1, ffi::Buffer<ffi::F32> s1,
+                   ffi::Buffer<ffi::F32> b1, ffi::AnyBuffer w2, ffi::Buffer<ffi::F32> s2,
+                   ffi::Buffer<ffi::F32> b2, ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> h) {
+  MlpShape m;
+  if (ffi::Error e = CheckMlp(x, w1, s1, b1, w2, s2, b2, &m); e.failure()) return e;
+  const int64_t B = m.fc.B, K = m.fc.K, N1 = m.fc.N, N2 = m.proj.N;
+  const float *sc1 = m.fc.scale, *sc2 = m.proj.scale, *xp = x.typed_data();
+  const float *bp1 = b1.typed_data(), *bp2 = b2.typed_data();
+  const W* wp1 = static_cast<const W*>(w1.untyped_data());
+  const W* wp2 = static_cast<const W*>(w2.untyped_data());
+  hugepages::Advise(wp1, static_cast<size_t>(N1 * K) * sizeof(W));
+  hugepages::Advise(wp2, static_cast<size_t>(N2 * N1) * sizeof(W));
+  float *yp = y->typed_data(), *hp = h->typed_data();
+  const int64_t counts[2] = {(N1 + kBlock - 1) / kBlock, (N2 + kBlock - 1) / kBlock};
+  gpt_kernels::RunPhases(pool, counts, 2, MaxThreads(), [=](int phase, int64_t i) {
+    if (phase == 0) {
+      const int64_t n0 = i * kBlock, n1 = std::min(N1, n0 + kBlock);
+      Block<W>(xp, wp1, sc1, hp, B, K, N1, n0, n1);
+      for (int64_t b = 0; b < B; ++b) BiasGelu(hp + b * N1 + n0, bp1 + n0, n1 - n0);
+    } else {
+      const int64_t n0 = i * kBlock, n1 = std::min(N2, n0 + kBlock);
+      Block<W>(hp, wp2, sc2, yp, B, N1, N2, n0, n1);
+      for (int64_t b = 0; b < B; ++b) AddBias(yp + b * N2 + n0, bp2 + n0, n1 - n0);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// The same with int8 activations (model.int8_activations): x quantized once before the phases, the
+// GELU'd hidden rows quantized (one block per row) between c_fc and c_proj, as the unfused calls
+// quantize each matrix's input.
+ffi::Error GemvMlpInt8Activations(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> w1,
+                                  ffi::Buffer<ffi::F32> s1, ffi::Buffer<ffi::F32> b1, ffi::Buffer<ffi::S8> w2,
+                                  ffi::Buffer<ffi::F32> s2, ffi::Buffer<ffi::F32> b2,
+                                  ffi::ResultBuffer<ffi::F32> y, ffi::ResultBuffer<ffi::F32> h) {
+  MlpShape m;
+  if (ffi::Error e = CheckMlp(x, w1, s1, b1, w2, s2, b2, &m); e.failure()) return e;
+  const int64_t B = m.fc.B, K = m.fc.K, N1 = m.fc.N, N2 = m.proj.N;
+  const float *sc1 = m.fc.scale, *sc2 = m.proj.scale;
+  const float *bp1 = b1.typed_data(), *bp2 = b2.typed_data();
+  const int64_t k_pad = (K + kVnniLanes - 1) / kVnniLanes * kVnniLanes;
+  const int64_t h_pad = (N1 + kVnniLanes - 1) / kVnniLanes * kVnniLanes;
+  // One allocation for both quantized inputs and their factors and sums (shared by every block).
+  struct Scratch {
+    std::vector<int8_t> qx, qh;
+    std::vector<float> xs, hs;
+    std::vector<int32_t> xsum, hsum;
+  };
+  auto sc = std::make_shared<Scratch>();
+  sc->qx.resize(B * k_pad);
+  sc->qh.resize(B * h_pad);
+  sc->xs.resize(B);
+  sc->hs.resize(B);
+  sc->xsum.resize(B);
+  sc->hsum.resize(B);
+  for (int64_t b = 0; b < B; ++b)
+    sc->xs[b] = QuantizeRow(x.typed_data() + b * K, K, sc->qx.data() + b * k_pad, k_pad, sc->xsum.data() + b);
+  const int8_t *wp1 = w1.typed_data(), *wp2 = w2.typed_data();
+  hugepages::Advise(wp1, static_cast<size_t>(N1 * K));
+  hugepages::Advise(wp2, static_cast<size_t>(N2 * N1));
+  float *yp = y->typed_data(), *hp = h->typed_data();
+  const int64_t counts[3] = {(N1 + kBlock - 1) / kBlock, B, (N2 + kBlock - 1) / kBlock};
+  gpt_kernels::RunPhases(pool, counts, 3, MaxThreads(), [=](int phase, int64_t i) {
+    Scratch& s = *sc;
+    if (phase == 0) {
+      const int64_t n0 = i * kBlock, n1 = std::min(N1, n0 + kBlock);
+      BlockVnni(s.qx.data(), k_pad, s.xsum.data(), s.xs.data(), wp1, sc1, hp, B, K, N1, n0, n1);
+      for (int64_t b = 0; b < B; ++b) BiasGelu(hp + b * N1 + n0, bp1 + n0, n1 - n0);
+    } else if (phase == 1) {  // row i of h, whole now
+      s.hs[i] = QuantizeRow(hp + i * N1, N1, s.qh.data() + i * h_pad, h_pad, s.hsum.data() + i);
+    } else {
+      const int64_t n0 = i * kBlock, n1 = std::min(N2, n0 + kBlock);
+      BlockVnni(s.qh.data(), h_pad, s.hsum.data(), s.hs.data(), wp2, sc2, yp, B, N1, N2, n0, n1);
+      for (int64_t b = 0; b < B; ++b) AddBias(yp + b * N2 + n0, bp2 + n0, n1 - n0);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// ---- A block's tail in one call: attention's c_proj, the residual, ln_2, the MLP, the residual ----
+//
+//   r = x + a W_o^T * s_o + b_o;  u = LayerNorm(r) g + beta;  out = r + gelu(u W1^T * s1 + b1) W2^T * s2 + b2
+//
+// Everything of a decoder block after the attention over the cache: three matrices in one pool
+// hand-off (pool.h's RunPhases), with the residual adds and ln_2 (one block per row) between them.
+// Together with c_attn's call and decode attention's, a layer makes 3 calls instead of 5. r, u and h
+// are the call's scratch results (what the later phases read).
+constexpr float kLnEps = 1e-5f;  // gpt.layers.LN_EPS
+
+// y = (x - mean) / sqrt(var + eps) * g + beta over one row of D, in float32 (gpt.layers.layer_norm's
+// operations; the sums' order differs: results agree to float32 rounding).
+inline void LayerNormRow(const float* x, const float* g, const float* beta, float* y, int64_t D) {
+  float sum = 0.0f;
+  for (int64_t i = 0; i < D; ++i) sum += x[i];
+  const float mean = sum / static_cast<float>(D);
+  float ss = 0.0f;
+  for (int64_t i = 0; i < D; ++i) ss += (x[i] - mean) * (x[i] - mean);
+  const float inv = 1.0f / std::sqrt(ss / static_cast<float>(D) + kLnEps);
+  for (int64_t i = 0; i < D; ++i) y[i] = (x[i] - mean) * inv * g[i] + beta[i];
+}
+
+// v += bias + res over [0, n), in that order ((v + bias) + res, as the model adds them).
+inline void AddBiasResidual(float* v, const float* bias, const float* res, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) v[i] = (v[i] + bias[i]) + res[i];
+}
+
+struct TailArgs {
+  int64_t B = 0, D = 0, N1 = 0;
+  const float *a = nullptr, *x = nullptr, *so = nullptr, *bo = nullptr, *g = nullptr, *beta = nullptr;
+  const float *s1 = nullptr, *b1 = nullptr, *s2 = nullptr, *b2 = nullptr;
+  float *out = nullptr, *r = nullptr, *u = nullptr, *h = nullptr;
+};
+
+template <typename WBuffer>
+ffi::Error CheckTail(const ffi::Buffer<ffi::F32>& a, const ffi::Buffer<ffi::F32>& x, const WBuffer& wo,
+                     const ffi::Buffer<ffi::F32>& so, const ffi::Buffer<ffi::F32>& bo, const ffi::Buffer<ffi::F32>& g,
+                     const ffi::Buffer<ffi::F32>& beta, const WBuffer& w1, const ffi::Buffer<ffi::F32>& s1,
+                     const ffi::Buffer<ffi::F32>& b1, const WBuffer& w2, const ffi::Buffer<ffi::F32>& s2,
+                     const ffi::Buffer<ffi::F32>& b2, TailArgs* t) {
+  Shape o;
+  if (ffi::Error e = CheckShapes(a, wo, so, &o); e.failure()) return e;
+  MlpShape m;
+  if (ffi::Error e = CheckMlp(a, w1, s1, b1, w2, s2, b2, &m); e.failure()) return e;
+  const int64_t D = o.K;
+  if (o.N != D || m.proj.N != D || x.element_count() != static_cast<size_t>(o.B * D) ||
+      bo.element_count() != static_cast<size_t>(D) || g.element_count() != static_cast<size_t>(D) ||
+      beta.element_count() != static_cast<size_t>(D))
+    return ffi::Error::InvalidArgument("gemv layer tail: a, x [B, D], w_o [D, D], w2 [D, N1], b_o, g, beta [D]");
+  *t = TailArgs{o.B, D, m.fc.N, a.typed_data(), x.typed_data(), o.scale, bo.typed_data(), g.typed_data(),
+                beta.typed_data(), m.fc.scale, b1.typed_data(), m.proj.scale, b2.typed_data()};
+  return ffi::Error::Success();
+}
+
+template <typename W>
+ffi::Error GemvLayerTail(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer wo,
+                         ffi::Buffer<ffi::F32> so, ffi::Buffer<ffi::F32> bo, ffi::Buffer<ffi::F32> g,
+                         ffi::Buffer<ffi::F32> beta, ffi::AnyBuffer w1, ffi::Buffer<ffi::F32> s1,
+                         ffi::Buffer<ffi::F32> b1, ffi::AnyBuffer w2, ffi::Buffer<ffi::F32> s2,
+                         ffi::Buffer<ffi::F32> b2, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> r,
+                         ffi::ResultBuffer<ffi::F32> u, ffi::ResultBuffer<ffi::F32> h) {
+  TailArgs t;
+  if (ffi::Error e = CheckTail(a, x, wo, so, bo, g, beta, w1, s1, b1, w2, s2, b2, &t); e.failure()) return e;
+  t.out = out->typed_data(), t.r = r->typed_data(), t.u = u->typed_data(), t.h = h->typed_data();
+  const W* wpo = static_cast<const W*>(wo.untyped_data());
+  const W* wp1 = static_cast<const W*>(w1.untyped_data());
+  const W* wp2 = static_cast<const W*>(w2.untyped_data());
+  hugepages::Advise(wpo, static_cast<size_t>(t.D * t.D) * sizeof(W));
+  hugepages::Advise(wp1, static_cast<size_t>(t.N1 * t.D) * sizeof(W));
+  hugepages::Advise(wp2, static_cast<size_t>(t.D * t.N1) * sizeof(W));
+  const int64_t d_blocks = (t.D + kBlock - 1) / kBlock;
+  const int64_t counts[4] = {d_blocks, t.B, (t.N1 + kBlock - 1) / kBlock, d_blocks};
+  gpt_kernels::RunPhases(pool, counts, 4, MaxThreads(), [=](int phase, int64_t i) {
+    const int64_t B = t.B, D = t.D, N1 = t.N1;
+    if (phase == 1) return LayerNormRow(t.r + i * D, t.g, t.beta, t.u + i * D, D);
+    const int64_t n0 = i * kBlock, n1 = std::min(phase == 2 ? N1 : D, n0 + kBlock);
+    if (phase == 0) {
+      Block<W>(t.a, wpo, t.so, t.r, B, D, D, n0, n1);
+      for (int64_t b = 0; b < B; ++b) AddBiasResidual(t.r + b * D + n0, t.bo + n0, t.x + b * D + n0, n1 - n0);
+    } else if (phase == 2) {
+      Block<W>(t.u, wp1, t.s1, t.h, B, D, N1, n0, n1);
+      for (int64_t b = 0; b < B; ++b) BiasGelu(t.h + b * N1 + n0, t.b1 + n0, n1 - n0);
+    } else {
+      Block<W>(t.h, wp2, t.s2, t.out, B, N1, D, n0, n1);
+      for (int64_t b = 0; b < B; ++b) AddBiasResidual(t.out + b * D + n0, t.b2 + n0, t.r + b * D + n0, n1 - n0);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+// The same with int8 activations: each matrix's input rows quantized as the unfused calls would
+// (a before the phases; u with its LayerNorm; h once whole).
+ffi::Error GemvLayerTailInt8Activations(
+    ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> wo,
+    ffi::Buffer<ffi::F32> so, ffi::Buffer<ffi::F32> bo, ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> beta,
+    ffi::Buffer<ffi::S8> w1, ffi::Buffer<ffi::F32> s1, ffi::Buffer<ffi::F32> b1, ffi::Buffer<ffi::S8> w2,
+    ffi::Buffer<ffi::F32> s2, ffi::Buffer<ffi::F32> b2, ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> r,
+    ffi::ResultBuffer<ffi::F32> u, ffi::ResultBuffer<ffi::F32> h) {
+  TailArgs t;
+  if (ffi::Error e = CheckTail(a, x, wo, so, bo, g, beta, w1, s1, b1, w2, s2, b2, &t); e.failure()) return e;
+  t.out = out->typed_data(), t.r = r->typed_data(), t.u = u->typed_data(), t.h = h->typed_data();
+  const int64_t B = t.B, D = t.D, N1 = t.N1;
+  const int64_t d_pad = (D + kVnniLanes - 1) / kVnniLanes * kVnniLanes;
+  const int64_t h_pad = (N1 + kVnniLanes - 1) / kVnniLanes * kVnniLanes;
+  struct Quantized {  // one matrix input's rows as int8, their factors and sums
+    std::vector<int8_t> q;
+    std::vector<float> scale;
+    std::vector<int32_t> sum;
+    void Resize(int64_t rows, int64_t pad) { q.resize(rows * pad), scale.resize(rows), sum.resize(rows); }
+  };
+  auto qs = std::make_shared<std::array<Quantized, 3>>();  // a, u, h
+  (*qs)[0].Resize(B, d_pad), (*qs)[1].Resize(B, d_pad), (*qs)[2].Resize(B, h_pad);
+  for (int64_t b = 0; b < B; ++b) {
+    Quantized& qa = (*qs)[0];
+    qa.scale[b] = QuantizeRow(t.a + b * D, D, qa.q.data() + b * d_pad, d_pad, qa.sum.data() + b);
+  }
+  const int8_t *wpo = wo.typed_data(), *wp1 = w1.typed_data(), *wp2 = w2.typed_data();
+  hugepages::Advise(wpo, static_cast<size_t>(D * D));
+  hugepages::Advise(wp1, static_cast<size_t>(N1 * D));
+  hugepages::Advise(wp2, static_cast<size_t>(D * N1));
+  const int64_t d_blocks = (D + kBlock - 1) / kBlock;
+  const int64_t counts[5] = {d_blocks, B, (N1 + kBlock - 1) / kBlock, B, d_blocks};
+  gpt_kernels::RunPhases(pool, counts, 5, MaxThreads(), [=](int phase, int64_t i) {
+    Quantized &qa = (*qs)[0], &qu = (*qs)[1], &qh = (*qs)[2];
+    if (phase == 1) {
+      LayerNormRow(t.r + i * D, t.g, t.beta, t.u + i * D, D);
+      qu.scale[i] = QuantizeRow(t.u + i * D, D, qu.q.data() + i * d_pad, d_pad, qu.sum.data() + i);
+      return;
+    }
+    if (phase == 3) {
+      qh.scale[i] = QuantizeRow(t.h + i * N1, N1, qh.q.data() + i * h_pad, h_pad, qh.sum.data() + i);
+      return;
+    }
+    const int64_t n0 = i * kBlock, n1 = std::min(phase == 2 ? N1 : D, n0 + kBlock);
+    if (phase == 0) {
+      BlockVnni(qa.q.data(), d_pad, qa.sum.data(), qa.scale.data(), wpo, t.so, t.r, B, D, D, n0, n1);
+      for (int64_t b = 0; b < B; ++b) AddBiasResidual(t.r + b * D + n0, t.bo + n0, t.x + b * D + n0, n1 - n0);
+    } else if (phase == 2) {
+      BlockVnni(qu.q.data(), d_pad, qu.sum.data(), qu.scale.data(), wp1, t.s1, t.h, B, D, N1, n0, n1);
+      for (int64_t b = 0; b < B; ++b) BiasGelu(t.h + b * N1 + n0, t.b1 + n0, n1 - n0);
+    } else {
+      BlockVnni(qh.q.data(), h_pad, qh.sum.data(), qh.scale.data(), wp2, t.s2, t.out, B, N1, D, n0, n1);
+      for (int64_t b = 0; b < B; ++b) AddBiasResidual(t.out + b * D + n0, t.b2 + n0, t.r + b * D + n0, n1 - n0);
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // How many weight buffers hugepages::Advise has met (gemv.py's hugepage_buffers: a test checks that
@@ -656,3 +946,62 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptGemvS8A16, GemvInt16Activations,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
+
+#define GPT_GEMV_MLP_HANDLER(name, W)                                                    \
+  XLA_FFI_DEFINE_HANDLER_SYMBOL(name, GemvMlp<W>,                                        \
+                                ffi::Ffi::Bind()                                         \
+                                    .Ctx<ffi::ThreadPool>()                              \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                        \
+                                    .Arg<ffi::AnyBuffer>()                               \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                        \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                        \
+                                    .Arg<ffi::AnyBuffer>()                               \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                        \
+                                    .Arg<ffi::Buffer<ffi::F32>>()                        \
+                                    .Ret<ffi::Buffer<ffi::F32>>()                        \
+                                    .Ret<ffi::Buffer<ffi::F32>>());
+
+GPT_GEMV_MLP_HANDLER(GptGemvMlpF32, float)
+GPT_GEMV_MLP_HANDLER(GptGemvMlpBF16, uint16_t)
+GPT_GEMV_MLP_HANDLER(GptGemvMlpS8, int8_t)
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptGemvMlpS8A8, GemvMlpInt8Activations,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+// a, x, w_o, s_o, b_o, g, beta, w1, s1, b1, w2, s2, b2 -> out, r, u, h (GemvLayerTail).
+#define GPT_GEMV_TAIL_BIND(WArg)                                                                       \
+  ffi::Ffi::Bind()                                                                                   \
+      .Ctx<ffi::ThreadPool>()                                                                        \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                                  \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                                  \
+      .Arg<WArg>()                                                                                   \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                                  \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                                  \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                                  \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                                  \
+      .Arg<WArg>()                                                                                   \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                                  \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                                  \
+      .Arg<WArg>()                                                                                   \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                                  \
+      .Arg<ffi::Buffer<ffi::F32>>()                                                                  \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                                  \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                                  \
+      .Ret<ffi::Buffer<ffi::F32>>()                                                                  \
+      .Ret<ffi::Buffer<ffi::F32>>()
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptGemvTailF32, GemvLayerTail<float>, GPT_GEMV_TAIL_BIND(ffi::AnyBuffer));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptGemvTailBF16, GemvLayerTail<uint16_t>, GPT_GEMV_TAIL_BIND(ffi::AnyBuffer));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptGemvTailS8, GemvLayerTail<int8_t>, GPT_GEMV_TAIL_BIND(ffi::AnyBuffer));
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptGemvTailS8A8, GemvLayerTailInt8Activations,
+                              GPT_GEMV_TAIL_BIND(ffi::Buffer<ffi::S8>));

@@ -18,6 +18,12 @@ over (default: all of XLA's intra-op pool); experiments/bench_gemv.py --per_call
 loops apart from the hand-off to the second core. On Linux the library asks for each weight buffer
 it meets to sit on 2 MB pages (gemv.cc's hugepages::Advise: fewer TLB misses while streaming);
 GPT_GEMV_HUGEPAGES=0, read at each call, turns that off (bench_gemv.py --against=4k compares).
+`mlp` is the MLP's c_fc, GELU and c_proj in one call, `layer_tail` everything of a decoder block
+after its attention (attn c_proj, residual, ln_2, the MLP, residual) in one call: one hand-off to the
+pool's threads instead of two or three (pool.h's RunPhases), the GELU and LayerNorm in the kernel.
+A decoding model with int8 weights runs `layer_tail` (`fuses_layer_tail`; GPT_GEMV_FUSE=mlp: `mlp`,
+GPT_GEMV_FUSE=0: neither), because int8's small matrices made each call's fixed cost count
+(BENCHMARKS.md, "int8-fuse, session 7").
 """
 
 from __future__ import annotations
@@ -53,7 +59,9 @@ def available() -> bool:
   with _lock:
     if not _loaded:
       try:
-        names = tuple(f"GptGemv{suffix}" for suffix in (*_SUFFIX.values(), "S8A8", "S8A16"))
+        suffixes = (*_SUFFIX.values(), "S8A8")
+        names = tuple(f"GptGemv{suffix}" for suffix in (*suffixes, "S8A16")) + tuple(
+            f"GptGemv{kind}{suffix}" for kind in ("Mlp", "Tail") for suffix in suffixes)
         lib = native.load(SOURCE, FLAGS, names, cpu_specific=True)
         _vnni.append(bool(lib.GptGemvHasVnni()))
         _lib.append(lib)
@@ -212,3 +220,116 @@ def auto_matmul(x: jax.Array, w: jax.Array, *, scale: jax.Array | None = None,
     return reference(x, w, scale=scale, int8_activations=int8_activations)
   return matmul(x, w, scale=scale, int8_activations=int8_activations,
                 int16_activations=int16_activations and rows >= A16_MIN_ROWS)
+
+
+# Weight dtypes whose decoding fuses its calls (`layer_tail`, or `mlp`), up to how many rows. int8 at
+# 1 row: the block tail in one call measured 1.14x three calls (paired rounds, the 117M step's
+# matrices; experiments/bench_gemv.py --against=unfused, BENCHMARKS.md "int8-fuse, session 7"); at 8
+# rows it measured 0.78-0.93x (there int8's loops are compute-bound and each call long), so batches
+# keep separate calls; rows 2-7 unmeasured: not fused. float32 and bf16 read 2-4x more bytes per call,
+# so the per-call cost that fusing saves is a smaller share: not fused (unmeasured).
+FUSE_ROWS = {jnp.dtype(jnp.int8): 1}
+
+
+def fuses_mlp(rows: int, w: jax.Array, *, int16_activations: bool = False) -> bool:
+  """Whether a decoding model's MLP of `rows` rows with weights like `w` ([N, K], by row) runs as one
+  `mlp` call: where the kernel is the faster choice (`wins`), its dtype fuses (FUSE_ROWS), and the
+  unfused calls would not take the int16-activation loop (which `mlp` does not have).
+  GPT_GEMV_FUSE=0 (read when a program is traced) keeps two calls: the A/B switch of
+  experiments/bench_decode.py --unfused."""
+  dtype = jnp.dtype(w.dtype)
+  if os.environ.get("GPT_GEMV_FUSE", "1") == "0":
+    return False
+  if int16_activations and dtype == jnp.int8 and rows >= A16_MIN_ROWS and vnni():
+    return False
+  return rows <= FUSE_ROWS.get(dtype, 0) and wins(rows, w)
+
+
+def fuses_layer_tail(rows: int, w: jax.Array, *, int16_activations: bool = False) -> bool:
+  """Whether a decoding block runs everything after its attention (attn c_proj, residual, ln_2,
+  the MLP, residual) as one `layer_tail` call: where the MLP fuses (`fuses_mlp`), unless
+  GPT_GEMV_FUSE=mlp (read when a program is traced: the MLP alone in one call, for the A/B)."""
+  return os.environ.get("GPT_GEMV_FUSE", "1") != "mlp" and fuses_mlp(
+      rows, w, int16_activations=int16_activations)
+
+
+def gelu(x: jax.Array) -> jax.Array:
+  """GPT-2's tanh-approximate GELU (the model's, jax.nn.gelu(approximate=True))."""
+  return jax.nn.gelu(x, approximate=True)
+
+
+def mlp(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array, *,
+        scale1: jax.Array | None = None, scale2: jax.Array | None = None,
+        int8_activations: bool = False) -> jax.Array:
+  """gelu(x w1^T * scale1 + b1) w2^T * scale2 + b2 in one kernel call: x [..., K], w1 [N1, K],
+  w2 [N2, N1] (by row, as `matmul` takes them), biases [N1] / [N2]; float32 [..., N2].
+
+  The two products are `matmul`'s loops (same dtypes, `int8_activations` likewise: the hidden
+  rows are quantized after the GELU, as the second of two calls would), split over the pool's
+  threads in one hand-off. Equal to `mlp_reference` to float32 rounding (the GELU's exp and tanh
+  differ from XLA's in the last bits; with int8 activations that can move one hidden activation by
+  one step). Where the kernel does not run (`uses_kernel`), it is `mlp_reference`."""
+  K, N1, N2 = x.shape[-1], w1.shape[0], w2.shape[0]
+  rows = math.prod(x.shape[:-1])
+  int8_w = jnp.dtype(w1.dtype) == jnp.int8 and jnp.dtype(w2.dtype) == jnp.int8
+  a8 = int8_activations and int8_w
+  if (not uses_kernel(rows, w1) or jnp.dtype(w1.dtype) != jnp.dtype(w2.dtype) or w2.shape[1] != N1
+      or (a8 and not vnni())):
+    return mlp_reference(x, w1, b1, w2, b2, scale1=scale1, scale2=scale2,
+                         int8_activations=int8_activations)
+  no_scale = jnp.zeros((0,), jnp.float32)
+  f32 = lambda a: no_scale if a is None else a.astype(jnp.float32)
+  target = "GptGemvMlpS8A8" if a8 else f"GptGemvMlp{_SUFFIX[jnp.dtype(w1.dtype)]}"
+  out, _ = jax.ffi.ffi_call(target, (jax.ShapeDtypeStruct((rows, N2), jnp.float32),
+                                     jax.ShapeDtypeStruct((rows, N1), jnp.float32)))(
+      x.reshape(rows, K).astype(jnp.float32), w1, f32(scale1), f32(b1), w2, f32(scale2), f32(b2))
+  return out.reshape(*x.shape[:-1], N2)
+
+
+def mlp_reference(x: jax.Array, w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array, *,
+                  scale1: jax.Array | None = None, scale2: jax.Array | None = None,
+                  int8_activations: bool = False) -> jax.Array:
+  """`mlp` in XLA (two `reference` products with the GELU between): its fallback and its test."""
+  h = reference(x, w1, scale=scale1, int8_activations=int8_activations) + b1.astype(jnp.float32)
+  y = reference(gelu(h), w2, scale=scale2, int8_activations=int8_activations)
+  return y + b2.astype(jnp.float32)
+
+
+def layer_tail(a: jax.Array, x: jax.Array, w_o: jax.Array, b_o: jax.Array, g: jax.Array, beta: jax.Array,
+               w1: jax.Array, b1: jax.Array, w2: jax.Array, b2: jax.Array, *,
+               scale_o: jax.Array | None = None, scale1: jax.Array | None = None,
+               scale2: jax.Array | None = None, int8_activations: bool = False) -> jax.Array:
+  """A decoder block after its attention, in one kernel call: r = x + (a w_o^T * scale_o + b_o),
+  then r + mlp(layer_norm(r, g, beta)) (`mlp`'s product). a (the attention's heads, before its
+  c_proj) and x (the block's input) [..., D]; w_o [D, D], w1 [N1, D], w2 [D, N1] by row; float32
+  [..., D]. Equal to `layer_tail_reference` to float32 rounding (with int8 activations, a value at a
+  rounding tie may quantize one step apart). Where the kernel does not run, it is that reference."""
+  D, N1 = x.shape[-1], w1.shape[0]
+  rows = math.prod(x.shape[:-1])
+  dtypes = {jnp.dtype(w.dtype) for w in (w_o, w1, w2)}
+  a8 = int8_activations and dtypes == {jnp.dtype(jnp.int8)}
+  if (not uses_kernel(rows, w1) or len(dtypes) > 1 or w_o.shape != (D, D) or w2.shape != (D, N1)
+      or (a8 and not vnni())):
+    return layer_tail_reference(a, x, w_o, b_o, g, beta, w1, b1, w2, b2, scale_o=scale_o, scale1=scale1,
+                                scale2=scale2, int8_activations=int8_activations)
+  no_scale = jnp.zeros((0,), jnp.float32)
+  f32 = lambda v: no_scale if v is None else v.astype(jnp.float32)
+  flat = lambda v: v.reshape(rows, D).astype(jnp.float32)
+  target = "GptGemvTailS8A8" if a8 else f"GptGemvTail{_SUFFIX[jnp.dtype(w1.dtype)]}"
+  shapes = [jax.ShapeDtypeStruct((rows, n), jnp.float32) for n in (D, D, D, N1)]
+  out, *_ = jax.ffi.ffi_call(target, shapes)(
+      flat(a), flat(x), w_o, f32(scale_o), f32(b_o), f32(g), f32(beta), w1, f32(scale1), f32(b1), w2,
+      f32(scale2), f32(b2))
+  return out.reshape(x.shape)
+
+
+def layer_tail_reference(a, x, w_o, b_o, g, beta, w1, b1, w2, b2, *, scale_o=None, scale1=None,
+                         scale2=None, int8_activations: bool = False) -> jax.Array:
+  """`layer_tail` in XLA (gpt.layers.layer_norm, `reference` products, `mlp_reference`)."""
+  from gpt.layers import layer_norm
+
+  r = x.astype(jnp.float32) + (reference(a, w_o, scale=scale_o, int8_activations=int8_activations)
+                               + b_o.astype(jnp.float32))
+  u = layer_norm(r, g, beta)
+  return r + mlp_reference(u, w1, b1, w2, b2, scale1=scale1, scale2=scale2,
+                           int8_activations=int8_activations)

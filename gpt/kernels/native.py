@@ -1,4 +1,4 @@
-"""Building the C++ kernels (gemv.cc, gemm.cc, attention.cc, decode_attention.cc) with the system
+"""Building the C++ kernels (gemv.cc, gemm.cc, attention.cc, decode_attention.cc, adam.cc) with the system
 compiler, once, into a cache, and loading them as XLA FFI targets.
 
 Why at first use rather than at install: the project installs as pure Python (`pip install -e .`
