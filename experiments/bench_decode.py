@@ -6,7 +6,7 @@
   python experiments/bench_decode.py --profile          # + where one decode step spends its time
   python experiments/bench_decode.py --einsum_attention # + the decoder without decode_attention
   python experiments/bench_decode.py --small_pages      # + ours with its weights on 4 KB pages
-  python experiments/bench_decode.py --unfused          # + ours without the fused gemv calls
+  python experiments/bench_decode.py --fused            # + ours with the fused gemv calls
 
 Random weights (speed does not depend on them). Weights "int8" are model.quantize=int8 (gpt.quantize:
 int8 weights with per-output scales, float32 activations) beside CTranslate2's int8 column; "int8a8"
@@ -26,10 +26,10 @@ run that compiles. Columns:
   ours 4k      (--small_pages) "ours" on its own copy of the weights with GPT_GEMV_HUGEPAGES=0 at
                every call: gpt.kernels.gemv never advises them onto 2 MB pages (the same-run A/B
                of that advice)
-  ours unfused (--unfused) "ours" traced with GPT_GEMV_FUSE=0: every matrix its own gemv call with
-               XLA's residual, LayerNorm and GELU between, where "ours" runs each block's tail (attn
-               c_proj, ln_2, MLP) as one gemv.layer_tail call (int8 weights; the same-run A/B)
-  ours mlp     (--unfused) the same with GPT_GEMV_FUSE=mlp: only the MLP as one call (gemv.mlp)
+  ours fused   (--fused) "ours" traced with GPT_GEMV_FUSE=1: each block's tail (attn c_proj, ln_2,
+               MLP) as one gemv.layer_tail call, where "ours" (the default) makes every matrix its own
+               gemv call with XLA's residual, LayerNorm and GELU between (int8 weights; the A/B)
+  ours mlp     (--fused) the same with GPT_GEMV_FUSE=mlp: only the MLP as one call (gemv.mlp)
   GPT.decode   the same sampler over the unprepared model (lax.scan over the stacked layers)
   HF           transformers GPT2LMHeadModel.generate(do_sample=True, top_k=40), PyTorch, KV cache
                (skipped with a note when torch/transformers are not installed: pip install .[hf])
@@ -197,12 +197,12 @@ class WithoutDecodeAttention:
         os.environ["GPT_DECODE_ATTENTION"] = previous
 
 
-class Unfused:
+class Fused:
   """A runner whose programs are traced (at its first call: the warm-up) with GPT_GEMV_FUSE=`mode`:
-  "0" every matrix its own gemv call with XLA between, "mlp" only the MLP as one call (gemv.mlp),
-  where "ours" runs each block's tail as one gemv.layer_tail call (the same-run A/B of the fusion)."""
+  "1" each block's tail as one gemv.layer_tail call, "mlp" only the MLP as one call (gemv.mlp),
+  where "ours" makes every matrix its own gemv call (the same-run A/B of the fusion)."""
 
-  def __init__(self, runner: Ours, mode: str = "0"):
+  def __init__(self, runner: Ours, mode: str = "1"):
     self.runner, self.traced, self.mode = runner, False, mode
 
   def __call__(self) -> np.ndarray:
@@ -402,8 +402,9 @@ def main():
                       help="add 'ours einsum': ours without the decode-attention kernel")
   parser.add_argument("--small_pages", action="store_true",
                       help="add 'ours 4k': ours with gemv's 2 MB-page advice off (GPT_GEMV_HUGEPAGES=0)")
-  parser.add_argument("--unfused", action="store_true",
-                      help="add 'ours unfused': ours with the MLP as two gemv calls (GPT_GEMV_FUSE=0)")
+  parser.add_argument("--fused", action="store_true",
+                      help="add 'ours fused' and 'ours mlp': ours with a block's tail or its MLP as "
+                      "one gemv call (GPT_GEMV_FUSE=1, mlp)")
   parser.add_argument("--ct2", default="float32,int8",
                       help="CTranslate2 compute types, one column each ('' = none)")
   args = parser.parse_args()
@@ -430,9 +431,9 @@ def main():
       methods["ours einsum"] = WithoutDecodeAttention(Ours(cfg, batch, args.new))
     if args.small_pages:
       methods["ours 4k"] = OnSmallPages(Ours(cfg, batch, args.new))
-    if args.unfused:
-      methods["ours unfused"] = Unfused(Ours(cfg, batch, args.new))
-      methods["ours mlp"] = Unfused(Ours(cfg, batch, args.new), "mlp")
+    if args.fused:
+      methods["ours fused"] = Fused(Ours(cfg, batch, args.new))
+      methods["ours mlp"] = Fused(Ours(cfg, batch, args.new), "mlp")
     if not args.no_model_decode:
       methods["GPT.decode"] = Ours(cfg, batch, args.new, model_decode=True)
     if not skip_hf:
@@ -454,7 +455,7 @@ def main():
         methods[name]()
         times[(key, name)].append(time.perf_counter() - start)
 
-  names = ["ours", "matmuls"] + (["ours einsum"] if args.einsum_attention else []) + (["ours 4k"] if args.small_pages else []) + (["ours unfused", "ours mlp"] if args.unfused else []) + ([] if args.no_model_decode else ["GPT.decode"]) + ([] if skip_hf else ["HF"])
+  names = ["ours", "matmuls"] + (["ours einsum"] if args.einsum_attention else []) + (["ours 4k"] if args.small_pages else []) + (["ours fused", "ours mlp"] if args.fused else []) + ([] if args.no_model_decode else ["GPT.decode"]) + ([] if skip_hf else ["HF"])
   names += [f"CT2 {t}" for t in ct2_types]
   rate = lambda key, name: [key[1] * args.new / t for t in times[(key, name)]]
   print(f"\n{args.model} architecture, {args.new} new tokens after a 1-token prompt, top-k 40, "
@@ -469,9 +470,9 @@ def main():
         + "".join(f" ours / CT2 {t} |" for t in ct2_types)
         + (" ours / ours einsum |" if args.einsum_attention else "")
         + (" ours / ours 4k |" if args.small_pages else "")
-        + (" ours / ours unfused | ours / ours mlp |" if args.unfused else ""))
+        + (" ours / ours fused | ours / ours mlp |" if args.fused else ""))
   print("|---|---|" + "---|" * (len(names) + 4 + (not skip_hf) + len(ct2_types) + args.einsum_attention
-                              + args.small_pages + 2 * args.unfused))
+                              + args.small_pages + 2 * args.fused))
   for key, (cfg, _) in runners.items():
     cells = [f"{statistics.median(rate(key, n)):.1f} ({max(rate(key, n)):.1f})" for n in names]
     ours = statistics.median(rate(key, "ours"))
@@ -488,8 +489,8 @@ def main():
       line += f" {ours / statistics.median(rate(key, 'ours einsum')):.2f}x |"
     if args.small_pages:
       line += f" {ours / statistics.median(rate(key, 'ours 4k')):.2f}x |"
-    if args.unfused:
-      line += f" {ours / statistics.median(rate(key, 'ours unfused')):.2f}x |"
+    if args.fused:
+      line += f" {ours / statistics.median(rate(key, 'ours fused')):.2f}x |"
       line += f" {ours / statistics.median(rate(key, 'ours mlp')):.2f}x |"
     print(line)
   for note in (skip_hf, skip_ct2):

@@ -17,7 +17,7 @@ probabilities) is gpt.heads, which `GPT.__call__` ends with. Decoding does not g
 model: gpt.decoding's `prepare_for_decoding` lays the same model out per layer in the compute dtype
 (one Block per layer instead of a scan over the stack, dense weights by row for gpt.kernels.gemv),
 which is what makes token-by-token steps fast on CPU; there, with int8 weights, a Block runs all it
-computes after the attention as one kernel call (`Block.fused_tail`, gemv.layer_tail).
+computes after the attention as one kernel call where GPT_GEMV_FUSE=1 asks (`Block.fused_tail`).
 
 Every parameter carries logical axis names in its `axes` metadata ("vocab", "embed", "heads",
 "mlp", "layers"); `gpt.sharding` maps them to mesh axes.

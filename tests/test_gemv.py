@@ -311,10 +311,14 @@ def test_fused_mlp_falls_back_to_xla_where_the_kernel_does_not_run(monkeypatch):
 
 
 def test_decoding_fuses_for_int8_weights_at_one_row(monkeypatch):
-  """fuses_mlp / fuses_layer_tail: int8 weights at one row (FUSE_ROWS: where fusing measured
-  faster); not at 8 rows, not float32/bf16 (separate calls, as before), not where int16 activations
-  would take their own loop; GPT_GEMV_FUSE=mlp fuses the MLP only, 0 nothing (the A/B switches)."""
+  """fuses_mlp / fuses_layer_tail: nothing by default (GPT_GEMV_FUSE unset or 0: separate calls
+  measured as fast); with GPT_GEMV_FUSE=1, int8 weights at one row (FUSE_ROWS); not at 8 rows, not
+  float32/bf16, not where int16 activations would take their own loop; GPT_GEMV_FUSE=mlp fuses the
+  MLP only."""
   w8, _ = quantized(np.ones((8, 4), np.float32))
+  monkeypatch.delenv("GPT_GEMV_FUSE", raising=False)
+  assert not gemv.fuses_mlp(1, w8) and not gemv.fuses_layer_tail(1, w8)  # the default
+  monkeypatch.setenv("GPT_GEMV_FUSE", "1")
   assert gemv.fuses_mlp(1, w8) and gemv.fuses_layer_tail(1, w8)
   assert not gemv.fuses_mlp(8, w8) and not gemv.fuses_layer_tail(8, w8)
   assert not gemv.fuses_mlp(1, jnp.ones((8, 4), jnp.float32))

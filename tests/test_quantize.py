@@ -265,20 +265,20 @@ def test_decode_benchmark_runs_int8(monkeypatch):
   tokens = bench.Ours(cfg, batch=2, new=5)()
   assert tokens.shape == (2, 5) and ((0 <= tokens) & (tokens < 256)).all()
   assert np.isfinite(bench.MatmulsOnly(cfg, 2, 5)()).all()
-  for mode in ("0", "mlp"):  # --unfused's columns: traced with GPT_GEMV_FUSE, then restored
-    assert bench.Unfused(bench.Ours(cfg, batch=1, new=3), mode)().shape == (1, 3)
+  for mode in ("1", "mlp"):  # --fused's columns: traced with GPT_GEMV_FUSE, then restored
+    assert bench.Fused(bench.Ours(cfg, batch=1, new=3), mode)().shape == (1, 3)
     assert "GPT_GEMV_FUSE" not in __import__("os").environ
   monkeypatch.setenv("GPT_GEMV_FUSE", "mlp")  # a value the caller had set stays
-  bench.Unfused(bench.Ours(cfg, batch=1, new=3), "0")()
+  bench.Fused(bench.Ours(cfg, batch=1, new=3), "1")()
   assert __import__("os").environ["GPT_GEMV_FUSE"] == "mlp"
   assert bench.roofline(cfg, 1, 1, 1e9) > 3 * bench.roofline(cfg.replace(quantize="none"), 1, 1, 1e9)
 
 
 @pytest.mark.parametrize("activations", ["float", "int8"])
 def test_fused_calls_decode_the_same_greedy_tokens_as_separate_calls(activations, monkeypatch):
-  """Decoding an int8 model runs each block's tail (attn c_proj, residual, ln_2, MLP, residual) as
-  one gemv.layer_tail call; with GPT_GEMV_FUSE=mlp only the MLP is one call (gemv.mlp), with
-  GPT_GEMV_FUSE=0 every matrix is its own call with XLA between. All three decode the same greedy
+  """With GPT_GEMV_FUSE=1, decoding an int8 model runs each block's tail (attn c_proj, residual, ln_2,
+  MLP, residual) as one gemv.layer_tail call; with GPT_GEMV_FUSE=mlp only the MLP is one call (gemv.mlp), with
+  GPT_GEMV_FUSE=0 (the default) every matrix is its own call with XLA between. All three decode the same greedy
   continuations at batch 1 and 3 (fused at up to 3 rows here), and their steps' logits agree to
   float32 rounding."""
   from gpt import sample
@@ -310,6 +310,7 @@ def test_fused_calls_decode_the_same_greedy_tokens_as_separate_calls(activations
 
   calls = lambda text, name: text.count(f"custom_call @{name}")
   monkeypatch.setattr(gemv, "FUSE_ROWS", {jnp.dtype(jnp.int8): 3})  # batch 3 fused too
+  monkeypatch.setenv("GPT_GEMV_FUSE", "1")
   fused = {batch: greedy(batch) for batch in (1, 3)}
   text, logits = step_text_and_logits()
   assert calls(text, "GptGemvTail") == TINY.n_layer and calls(text, "GptGemvMlp") == 0

@@ -21,9 +21,11 @@ GPT_GEMV_HUGEPAGES=0, read at each call, turns that off (bench_gemv.py --against
 `mlp` is the MLP's c_fc, GELU and c_proj in one call, `layer_tail` everything of a decoder block
 after its attention (attn c_proj, residual, ln_2, the MLP, residual) in one call: one hand-off to the
 pool's threads instead of two or three (pool.h's RunPhases), the GELU and LayerNorm in the kernel.
-A decoding model with int8 weights runs `layer_tail` (`fuses_layer_tail`; GPT_GEMV_FUSE=mlp: `mlp`,
-GPT_GEMV_FUSE=0: neither), because int8's small matrices made each call's fixed cost count
-(BENCHMARKS.md, "int8-fuse, session 7").
+A decoding model with int8 weights can run `layer_tail` (GPT_GEMV_FUSE=1, `fuses_layer_tail`) or
+`mlp` alone (GPT_GEMV_FUSE=mlp) instead of a call per matrix, meant for int8's small matrices,
+whose calls' fixed cost counts. Off by default: in the lead's quiet retake the separate calls were
+as fast or faster through the whole decoder (BENCHMARKS.md, "int8-fuse, session 7" and "The lead's
+quiet retake, session 7").
 """
 
 from __future__ import annotations
@@ -235,10 +237,10 @@ def fuses_mlp(rows: int, w: jax.Array, *, int16_activations: bool = False) -> bo
   """Whether a decoding model's MLP of `rows` rows with weights like `w` ([N, K], by row) runs as one
   `mlp` call: where the kernel is the faster choice (`wins`), its dtype fuses (FUSE_ROWS), and the
   unfused calls would not take the int16-activation loop (which `mlp` does not have).
-  GPT_GEMV_FUSE=0 (read when a program is traced) keeps two calls: the A/B switch of
-  experiments/bench_decode.py --unfused."""
+  Only with GPT_GEMV_FUSE=1 or mlp (read when a program is traced; unset or 0: two calls, the
+  default, which measured as fast or faster): the A/B switch of experiments/bench_decode.py --fused."""
   dtype = jnp.dtype(w.dtype)
-  if os.environ.get("GPT_GEMV_FUSE", "1") == "0":
+  if os.environ.get("GPT_GEMV_FUSE", "0") == "0":
     return False
   if int16_activations and dtype == jnp.int8 and rows >= A16_MIN_ROWS and vnni():
     return False
@@ -247,9 +249,9 @@ def fuses_mlp(rows: int, w: jax.Array, *, int16_activations: bool = False) -> bo
 
 def fuses_layer_tail(rows: int, w: jax.Array, *, int16_activations: bool = False) -> bool:
   """Whether a decoding block runs everything after its attention (attn c_proj, residual, ln_2,
-  the MLP, residual) as one `layer_tail` call: where the MLP fuses (`fuses_mlp`), unless
-  GPT_GEMV_FUSE=mlp (read when a program is traced: the MLP alone in one call, for the A/B)."""
-  return os.environ.get("GPT_GEMV_FUSE", "1") != "mlp" and fuses_mlp(
+  the MLP, residual) as one `layer_tail` call: where the MLP fuses (`fuses_mlp`, GPT_GEMV_FUSE=1),
+  not with GPT_GEMV_FUSE=mlp (read when a program is traced: the MLP alone in one call, for the A/B)."""
+  return os.environ.get("GPT_GEMV_FUSE", "0") != "mlp" and fuses_mlp(
       rows, w, int16_activations=int16_activations)
 
 
