@@ -83,14 +83,7 @@ def resolve(choice: str, devices) -> str:
     return "optax"
   if choice == "auto" and not USE_KERNEL:
     return "optax"
-  devices = list(devices)
-  why = None
-  if len(devices) != 1:
-    why = f"it runs on one device; this mesh has {len(devices)}"
-  elif devices[0].platform != "cpu":
-    why = f"it runs on a CPU; this program is for {devices[0].platform}"
-  elif not available():
-    why = why_unavailable() or "the kernel did not load"
+  why = native.cannot_run_on(devices, available, why_unavailable)
   if why is None:
     return "kernel"
   if choice == "kernel":

@@ -78,14 +78,7 @@ def why_unavailable() -> str:
 def cannot_run(devices) -> str | None:
   """Why the kernel cannot run a program on `devices` (a mesh's devices), or None when it can:
   it runs on one CPU device (the custom call has no sharding rule) where the library builds."""
-  devices = list(devices)
-  if len(devices) != 1:
-    return f"it runs on one device; this mesh has {len(devices)}"
-  if devices[0].platform != "cpu":
-    return f"it runs on a CPU; this program is for {devices[0].platform}"
-  if not available():
-    return why_unavailable() or "the kernel did not load"
-  return None
+  return native.cannot_run_on(devices, available, why_unavailable)
 
 
 def resolve(impl: str, devices) -> str:

@@ -109,14 +109,7 @@ def resolve(choice: str, devices) -> str:
     raise GPTError(f"model.matmul={choice!r}; choose one of {MATMULS}")
   if choice == "xla":
     return "xla"
-  devices = list(devices)
-  why = None
-  if len(devices) != 1:
-    why = f"it runs on one device; this mesh has {len(devices)}"
-  elif devices[0].platform != "cpu":
-    why = f"it runs on a CPU; this program is for {devices[0].platform}"
-  elif not available():
-    why = why_unavailable() or "the kernel did not load"
+  why = native.cannot_run_on(devices, available, why_unavailable)
   if why is None:
     return "mkl"
   if choice == "mkl":

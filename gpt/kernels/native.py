@@ -83,3 +83,17 @@ def load(source: Path, flags: tuple[str, ...], targets: tuple[str, ...], *, cpu_
   for name in targets:
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
   return lib
+
+
+def cannot_run_on(devices, available, why_unavailable) -> str | None:
+  """Why a CPU kernel cannot run a program on `devices` (a mesh's devices), or None when it can:
+  the training kernels' custom calls have no sharding rule, so they run on one CPU device, where
+  `available()` says the library loaded (`why_unavailable()` says why not)."""
+  devices = list(devices)
+  if len(devices) != 1:
+    return f"it runs on one device; this mesh has {len(devices)}"
+  if devices[0].platform != "cpu":
+    return f"it runs on a CPU; this program is for {devices[0].platform}"
+  if not available():
+    return why_unavailable() or "the kernel did not load"
+  return None
