@@ -17,6 +17,7 @@ from flax import nnx
 
 from gpt.attention import apply_dropout
 from gpt.kernels import gemm, gemv
+from gpt.kernels import layernorm as kln
 from gpt.matmul import matmul
 
 # The MLP's GELU inside MKL's c_proj product (gemm.gelu_matmul) where the step's matmuls are MKL's;
@@ -87,14 +88,22 @@ def dense(x: jax.Array, w: jax.Array, b: jax.Array, *, scale: jax.Array | None =
 
 
 class LayerNorm(nnx.Module):
-  """LayerNorm with OpenAI's names `g` (scale) and `b` (bias); computed in float32."""
+  """LayerNorm with OpenAI's names `g` (scale) and `b` (bias); computed in float32.
 
-  def __init__(self, d: int, *, stack: int = 0, dtype=jnp.float32):
+  `kernel`: run it by gpt.kernels.layernorm (one C++ pass per direction) where that takes the
+  inputs (float32, library built); gpt.model sets it where the model's matmuls resolved to MKL's
+  (a training program on one CPU device). Otherwise, and always for other dtypes, `layer_norm`."""
+
+  def __init__(self, d: int, *, stack: int = 0, dtype=jnp.float32, kernel: bool = False):
     self.g = param(None, (d,), ("embed",), "ones", 0.0, stack, dtype)
     self.b = param(None, (d,), ("embed",), "zeros", 0.0, stack, dtype)
+    self.kernel = kernel
 
   def __call__(self, x: jax.Array) -> jax.Array:
-    return layer_norm(x, self.g[...], self.b[...])
+    g, b = self.g[...], self.b[...]
+    if self.kernel and kln.takes(x, g, b):
+      return kln.layer_norm(x, g, b, LN_EPS)
+    return layer_norm(x, g, b)
 
 
 class Conv1D(nnx.Module):

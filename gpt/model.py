@@ -249,9 +249,9 @@ class Block(nnx.Module):
   def __init__(self, cfg: GPTConfig, *, rngs: nnx.Rngs, stack: int = 0):
     pdt = DTYPES[cfg.param_dtype]
     self.cfg = cfg
-    self.ln_1 = LayerNorm(cfg.n_embd, stack=stack, dtype=pdt)
+    self.ln_1 = LayerNorm(cfg.n_embd, stack=stack, dtype=pdt, kernel=cfg.matmul == "mkl")
     self.attn = Attention(cfg, rngs=rngs, stack=stack)
-    self.ln_2 = LayerNorm(cfg.n_embd, stack=stack, dtype=pdt)
+    self.ln_2 = LayerNorm(cfg.n_embd, stack=stack, dtype=pdt, kernel=cfg.matmul == "mkl")
     self.mlp = MLP(cfg, rngs=rngs, stack=stack)
 
   def __call__(self, x, *, mask=None, cache_kv=None, cache_index=None, rng=None, return_probs=False):
@@ -304,7 +304,7 @@ class GPT(nnx.Module):
       self.h = nnx.List([Block(cfg, rngs=rngs) for _ in range(cfg.n_layer)])
     else:
       self.h = Block(cfg, rngs=rngs, stack=cfg.n_layer)
-    self.ln_f = LayerNorm(cfg.n_embd, dtype=pdt)
+    self.ln_f = LayerNorm(cfg.n_embd, dtype=pdt, kernel=cfg.matmul == "mkl")
 
   def __call__(self, tokens: jax.Array, positions: jax.Array | None = None,
                mask: jax.Array | None = None, *, cache: KVCache | None = None,
