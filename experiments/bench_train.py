@@ -135,7 +135,10 @@ VARIANT_SWITCHES = {"recomputeprobs": ("gpt.attention", "SAVE_PROBABILITIES", Fa
                     # train-layers, session 6: LayerNorm of a one-row batch over [1, T, D] as before (not [T, D])
                     "ln3d": ("gpt.layers", "LN_FLAT", False),
                     # train-fuse, session 8: XLA's LayerNorm where the one-pass kernel would run
-                    "lnxla": ("gpt.kernels.layernorm", "USE_KERNEL", False)}
+                    "lnxla": ("gpt.kernels.layernorm", "USE_KERNEL", False),
+                    # train-fuse, session 8: the MLP's bias + GELU backward in XLA (gemm.gelu_matmul)
+                    # where the one-pass kernel (gpt.kernels.gelu) would run
+                    "geluxlabwd": ("gpt.kernels.gelu", "USE_KERNEL", False)}
 
 
 def train_program(shape, dtype: str, scan: bool, seed: int = 0, train=None, abstract: bool = False,
@@ -265,7 +268,7 @@ def main() -> None:
   parser.add_argument("--shapes", default="chapter,30m", help=f"comma list of {sorted(SHAPES)}")
   parser.add_argument("--impls", default="jax-f32-scan,jax-f32-unrolled,jax-f32-scan-eigen,"
                       "jax-bf16-scan,torch-f32,torch-bf16",
-                      help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs|-nokernel][-geluxla][-ln3d][-lnxla][-logitsloss|-fusedloss][-xentvml][-optaxclip][-optaxadam]"
+                      help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs|-nokernel][-geluxla][-geluxlabwd][-ln3d][-lnxla][-logitsloss|-fusedloss][-xentvml][-optaxclip][-optaxadam]"
                       "[-rematdots|-rematfull][-xladot|-mkl][-freedoff|-keepfreed] names")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps", type=int, default=3, help="timed steps per row per round")

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gpt.attention import apply_dropout
+from gpt.kernels import gelu as kgelu
 from gpt.kernels import gemm, gemv
 from gpt.kernels import layernorm as kln
 from gpt.matmul import matmul
@@ -154,12 +155,31 @@ class Conv1D(nnx.Module):
     h = apply_dropout(x, self.lora_dropout, rng) @ self.lora_a[...].astype(x.dtype)
     return y + (self.lora_scale * (h @ self.lora_b[...].astype(x.dtype))).astype(y.dtype)
 
+  def plain_mkl(self, x: jax.Array) -> bool:
+    """Whether this layer is a plain MKL product for x: its matmul resolved to MKL's, float32 x,
+    no adapter, not quantized, not laid out by row."""
+    return (self.matmul == "mkl" and not self.lora_scale and not hasattr(self, "w_scale")
+            and not self.by_row and x.dtype == jnp.float32)
+
   def after_gelu(self, h: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     """self(gelu(h)): as MKL's product with the GELU inside its VJP (gemm.gelu_matmul: the scan
     keeps h alone, one [rows, n_in] residual fewer) where this layer's matmul is MKL's and plain
     (float32, no adapter, not quantized, not laid out by row); else the GELU, then the layer."""
-    if (GELU_IN_MATMUL and self.matmul == "mkl" and not self.lora_scale
-        and not hasattr(self, "w_scale") and not self.by_row and h.dtype == jnp.float32):
+    if GELU_IN_MATMUL and self.plain_mkl(h):
       y = gemm.gelu_matmul(h, self.w[...].astype(h.dtype)) + self.b[...].astype(jnp.float32)
       return y.astype(h.dtype)
     return self(jax.nn.gelu(h, approximate=True), rng)
+
+
+def fused_mlp(fc: Conv1D, proj: Conv1D, x: jax.Array) -> jax.Array | None:
+  """proj(gelu(fc(x))) with fc's bias, the GELU's backward and fc's bias gradient in one kernel pass
+  (gpt.kernels.gelu.bias_gelu_matmul) between MKL's products, where both layers are plain MKL
+  products (`Conv1D.plain_mkl`: training on one CPU device) and the kernel takes the inputs; None
+  elsewhere (the caller then runs the layers as they are)."""
+  if not (GELU_IN_MATMUL and fc.plain_mkl(x) and proj.plain_mkl(x)):
+    return None
+  w_fc, b_fc, w_proj = fc.w[...], fc.b[...], proj.w[...]
+  if not kgelu.takes(x, b_fc, w_proj) or w_fc.dtype != jnp.float32:
+    return None
+  u = matmul(x, w_fc, impl="mkl")
+  return kgelu.bias_gelu_matmul(u, b_fc, w_proj) + proj.b[...].astype(jnp.float32)

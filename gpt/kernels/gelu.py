@@ -1,0 +1,109 @@
+"""The MLP for CPU float32 training with c_fc's bias, the GELU's backward and c_fc's bias gradient in
+one C++ pass (gelu.cc behind JAX's FFI) between MKL's products (gpt.kernels.gemm).
+
+Why: after c_fc's product u = x w_fc, JAX's differentiation of (u + b) -> gelu -> w_proj keeps
+h = u + b for the backward (a [rows, 4D] write the forward makes only for that), and its backward
+is a fusion over h and dg writing dh and gelu(h), then a separate reduce that reads dh again for
+b's gradient. `bias_gelu_matmul(u, b, w)` = gelu(u + b) @ w keeps u (MKL's output, which exists
+anyway) and does the backward's elementwise work and the bias gradient in one pass
+(BENCHMARKS.md, "train-fuse, session 8").
+
+gpt.layers.mlp_tail runs it where both MLP layers are plain MKL layers (`model.matmul` resolved
+to "mkl": a training program on one CPU device; float32, no adapter, not quantized), USE_KERNEL
+is on and the library builds (`available`); elsewhere the MLP is as before. The library is compiled
+from gelu.cc with the system C++ compiler at first use (-march=native) and cached (gpt.kernels.native).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+from absl import logging
+from jax.ad_checkpoint import checkpoint_name
+
+from gpt.kernels import gemm, native
+
+SOURCE = Path(__file__).with_name("gelu.cc")
+FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC", "-w")
+BACKWARD = "GptBiasGeluBwdF32"
+# Set False to keep the MLP's bias and GELU in XLA (gemm.gelu_matmul) where the kernel would run
+# (experiments/bench_train.py's `geluxlabwd` variant); read by `takes`.
+USE_KERNEL = True
+_lock = threading.Lock()
+_loaded: list[bool] = []  # [] not tried; [True] registered; [False] unavailable
+_why: list[str] = []
+
+
+def available() -> bool:
+  """True when the kernel library is built and registered with XLA (building it now if needed).
+  GPT_GELU_KERNEL=0 turns it off."""
+  if os.environ.get("GPT_GELU_KERNEL", "1") == "0":
+    if not _why:
+      _why.append("GPT_GELU_KERNEL=0 turns it off")
+    return False
+  with _lock:
+    if not _loaded:
+      try:
+        native.load(SOURCE, FLAGS, (BACKWARD,), cpu_specific=True)
+        _loaded.append(True)
+      except (OSError, RuntimeError, AttributeError) as e:
+        logging.info("gpt.kernels.gelu unavailable, the MLP's GELU stays XLA's: %s", e)
+        _why.append(str(e))
+        _loaded.append(False)
+  return _loaded[0]
+
+
+def why_unavailable() -> str:
+  """Why the kernel is not available ("" when it is, or before `available()` was asked)."""
+  return _why[0] if _why else ""
+
+
+def takes(u: jax.Array, b: jax.Array, w: jax.Array) -> bool:
+  """Whether `bias_gelu_matmul` runs for these inputs: USE_KERNEL, float32, both libraries built."""
+  return (USE_KERNEL and all(a.dtype == jnp.float32 for a in (u, b, w)) and available()
+          and gemm.available())
+
+
+def bias_gelu_backward(u: jax.Array, b: jax.Array, dg: jax.Array):
+  """(du, gelu(u + b), db) for u, dg [N, M] and b [M]: du = dg * gelu'(u + b), db = du summed over
+  rows, in one kernel pass (du takes dg's buffer). No gradient of its own. Call where `available()`."""
+  N, M = u.shape
+  call = jax.ffi.ffi_call(BACKWARD, (jax.ShapeDtypeStruct((N, M), jnp.float32),
+                                     jax.ShapeDtypeStruct((N, M), jnp.float32),
+                                     jax.ShapeDtypeStruct((M,), jnp.float32)),
+                          vmap_method="sequential", input_output_aliases={2: 0})
+  return call(u, b, dg)
+
+
+@jax.custom_vjp
+def _bias_gelu_matmul2d(u, b, w):
+  return gemm.gemm(jax.nn.gelu(u + b, approximate=True), w)
+
+
+def _fwd(u, b, w):
+  return _bias_gelu_matmul2d(u, b, w), (u, b, w)
+
+
+def _bwd(res, dy):
+  u, b, w = res
+  dy = dy.astype(jnp.float32)
+  du, g, db = bias_gelu_backward(u, b, gemm.gemm(dy, w, transpose_b=True))
+  return du, db, gemm.gemm(g, dy, transpose_a=True)
+
+
+_bias_gelu_matmul2d.defvjp(_fwd, _bwd)
+
+
+def bias_gelu_matmul(u: jax.Array, b: jax.Array, w: jax.Array) -> jax.Array:
+  """gelu(u + b) [..., K] @ w [K, N] (tanh-approximate GELU, the MLP's), float32, by MKL, with a
+  backward whose elementwise work and b's gradient are one kernel pass; it keeps u, b and w. For
+  inputs `takes` accepts."""
+  K = u.shape[-1]
+  out = checkpoint_name(_bias_gelu_matmul2d(u.reshape(math.prod(u.shape[:-1]), K), b, w),
+                        gemm.CHECKPOINT_NAME)
+  return out.reshape(*u.shape[:-1], out.shape[-1])
