@@ -272,6 +272,9 @@ def main() -> None:
                       "[-rematdots|-rematfull][-xladot|-mkl][-freedoff|-keepfreed] names")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps", type=int, default=3, help="timed steps per row per round")
+  parser.add_argument("--times-json", default="",
+                      help="also write every round's step time per (shape, implementation) here "
+                      "(JSON), for paired ratios between any two rows")
   parser.add_argument("--profile", action="store_true",
                       help="afterwards, trace one step of each shape's first jax row")
   args = parser.parse_args()
@@ -287,7 +290,7 @@ def main() -> None:
     peaks["torch bf16"] = matmul_peak_torch(torch, torch.bfloat16)
   peak = max(peaks["jax f32"], peaks.get("torch f32", 0.0))
 
-  rows, profiles = [], []
+  rows, profiles, all_times = [], [], {}
   for name in args.shapes.split(","):
     shape = SHAPES[name]
     runners, missing = {}, []
@@ -327,6 +330,7 @@ def main() -> None:
       rows.append((name, impl, runners[impl][0], step_s, tok_s, tok_s * flops / peak, rel, flops))
     for impl in missing:
       rows.append((name, impl, None, None, None, None, None, flops))
+    all_times[name] = times
     if args.profile:
       first = next((i for i in runners if i.startswith("jax")), None)
       if first:
@@ -351,6 +355,10 @@ def main() -> None:
     comp_s = f"{comp[0]:.1f} ({comp[1]:.1f})" if comp else "-"
     print(f"| {label} | {impl} | {comp_s} | {1e3 * step_s:.0f} | {tok_s:.0f} | {100 * mfu:.0f}% | "
           f"{'' if rel is None else f'{rel:.2f}x'} |")
+
+  if args.times_json:
+    import json
+    Path(args.times_json).write_text(json.dumps({"load": os.getloadavg(), "times": all_times}))
 
   for name, impl, run in profiles:
     print(f"\n## profile: {name}, {impl}")
