@@ -67,6 +67,10 @@ from gpt import host_memory  # noqa: E402
 if "--profile" in sys.argv:  # per-op trace events must be switched on before XLA starts
   xla_trace.enable_op_events()
 
+from gpt.console import quiet_native_logs  # noqa: E402
+
+quiet_native_logs()  # a table, not libtpu's notices nor XLA's C++ logs (gpt.main does the same)
+
 import jax
 import jax.numpy as jnp
 import numpy as np
