@@ -248,6 +248,24 @@ def test_held_parameters_are_not_differentiated():
     assert max_abs_diff(s_held.params[name], params[name]) == 0
 
 
+@pytest.mark.slow  # trains (2 steps of the tiny model through the train mode)
+def test_train_mode_with_only_transformer_layers_trains_only_h(tmp_path):
+  """The train mode's own program (sharded state, held names, one CPU device's MKL matmuls and Adam
+  kernel where they resolve) with only_train_transformer_layers: wte, wpe and ln_f are bit-identical
+  to the initial ones after training, h moved, and the loss is finite."""
+  config = tiny_config(tmp_path, steps=2, optimizer="adam", only_train_transformer_layers=True)
+  config.mesh.update(data=1, fsdp=1, tensor=1)
+  config.train.save_every = 1
+  train.run(config, str(tmp_path / "run"))
+  first = jax.device_get(init_model(GPTConfig.from_config(config.model), config.seed))
+  first = nnx.to_pure_dict(nnx.state(first, nnx.Param))
+  last = final_params(tmp_path / "run", config.model)
+  for name in ("wte", "wpe", "ln_f"):
+    assert max_abs_diff(last[name], first[name]) == 0, name
+  assert max_abs_diff(last["h"], first["h"]) > 1e-4
+  assert all(np.isfinite(v).all() for v in read_metrics(tmp_path / "run").values())
+
+
 @pytest.mark.slow  # trains: gradients with and without remat, and a bf16 train step
 def test_remat_gives_the_same_gradients_and_bf16_keeps_float32_master_weights():
   windows = jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, (4, 33)), jnp.int32)
