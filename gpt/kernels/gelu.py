@@ -8,7 +8,7 @@ b's gradient. `bias_gelu_matmul(u, b, w)` = gelu(u + b) @ w keeps u (MKL's outpu
 anyway) and does the backward's elementwise work and the bias gradient in one pass
 (BENCHMARKS.md, "train-fuse, session 8").
 
-gpt.layers.mlp_tail runs it where both MLP layers are plain MKL layers (`model.matmul` resolved
+gpt.layers.fused_mlp runs it where both MLP layers are plain MKL layers (`model.matmul` resolved
 to "mkl": a training program on one CPU device; float32, no adapter, not quantized), USE_KERNEL
 is on and the library builds (`available`); elsewhere the MLP is as before. The library is compiled
 from gelu.cc with the system C++ compiler at first use (-march=native) and cached (gpt.kernels.native).
