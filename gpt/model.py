@@ -37,6 +37,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gpt import heads
+from gpt import layers as layer_lib
 from gpt.attention import apply_dropout, attention
 from gpt.errors import GPTError
 from gpt.kernels import attention as kattn
@@ -60,6 +61,12 @@ REMAT_POLICIES = {
 ATTENTION_IMPLS = ("blocked", "kernel", "xla", "cudnn", "auto")
 OUTPUT_LOSSES = ("auto", "fused", "logits")
 QUANTIZE = ("none", "int8")
+# Under the layer scan, the dense layers whose matmul is MKL's read their layer's weight in place in
+# the stacked parameter (gemm.layer_matmul: no per-layer copy of the weight, forward or backward);
+# experiments/bench_train.py's `-wslice` variant turns it off (the scan's sliced weight) to measure it.
+WEIGHTS_IN_PLACE = True
+# The blocks' dense layers, as paths from Block (the ones `WEIGHTS_IN_PLACE` can apply to).
+DENSE_PATHS = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))
 # The dense layers low-rank adapters can go into, named as Hugging Face PEFT's target_modules
 # suffixes name them (`c_attn` and `c_fc` are unique; the two `c_proj` need their parent).
 LORA_TARGETS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")
@@ -185,6 +192,27 @@ def _lora_args(cfg: GPTConfig, target: str) -> dict:
                        if rank else {})}
 
 
+def _in_place(conv: Conv1D) -> bool:
+  """Whether the layer scan can give `conv` (a stacked Conv1D) its weight in place
+  (WEIGHTS_IN_PLACE): a plain float32 layer whose matmul is MKL's, the kernel available."""
+  return (WEIGHTS_IN_PLACE and conv.matmul == "mkl" and not conv.lora_scale and not conv.by_row
+          and not hasattr(conv, "w_scale") and conv.w.dtype == jnp.float32 and gemm.available())
+
+
+def _dense(conv: Conv1D, x: jax.Array, rng: jax.Array | None, gelu: bool = False) -> jax.Array:
+  """conv(x) (conv(gelu(x)) with `gelu`), by the stacked weight in place where the layer scan set
+  `conv.in_place` = (stack, layer) (`GPT._scan`); else Conv1D's own call."""
+  slot = getattr(conv, "in_place", None)
+  if slot is None or x.dtype != jnp.float32:
+    return conv.after_gelu(x, rng) if gelu else conv(x, rng)
+  stack, layer = slot
+  w = conv.w[...]
+  if gelu and not layer_lib.GELU_IN_MATMUL:  # its switch, as Conv1D.after_gelu's
+    x, gelu = jax.nn.gelu(x, approximate=True), False
+  y = (gemm.gelu_layer_matmul if gelu else gemm.layer_matmul)(x, w, stack, layer)
+  return (y + conv.b[...].astype(jnp.float32)).astype(x.dtype)
+
+
 class Attention(nnx.Module):
   """Causal multi-head self-attention (gpt.attention.attention), optionally over a KV cache layer."""
 
@@ -205,7 +233,7 @@ class Attention(nnx.Module):
     B, T, _ = x.shape
     H, K = cfg.n_head, cfg.head_dim
     heads = lambda a: a.reshape(B, T, H, K).transpose(0, 2, 1, 3)  # [B, H, T, K]
-    q, k, v = map(heads, jnp.split(self.c_attn(x, _fold(rng, 1)), 3, axis=-1))
+    q, k, v = map(heads, jnp.split(_dense(self.c_attn, x, _fold(rng, 1)), 3, axis=-1))
     impl = cfg.attention_impl
     if cache_kv is not None:  # cache layers are [B * H, S, K]; the reshapes are free
       ck, cv = cache_kv
@@ -218,7 +246,7 @@ class Attention(nnx.Module):
                     return_probs=return_probs)
     y, probs = out if return_probs else (out, None)
     y = y.transpose(0, 2, 1, 3).reshape(B, T, H * K)
-    return (self.c_proj(y, _fold(rng, 2)) if project else y), cache_kv, probs
+    return (_dense(self.c_proj, y, _fold(rng, 2)) if project else y), cache_kv, probs
 
 
 class MLP(nnx.Module):
@@ -240,7 +268,7 @@ class MLP(nnx.Module):
       scale = lambda c: c.w_scale[...] if hasattr(c, "w_scale") else None
       return gemv.mlp(x, fc.w[...], fc.b[...], proj.w[...], proj.b[...], scale1=scale(fc),
                       scale2=scale(proj), int8_activations=fc.int8_activations)
-    return proj.after_gelu(fc(x, _fold(rng, 1)), _fold(rng, 2))
+    return _dense(proj, _dense(fc, x, _fold(rng, 1)), _fold(rng, 2), gelu=True)
 
 
 class Block(nnx.Module):
@@ -386,9 +414,18 @@ class GPT(nnx.Module):
     cfg = self.cfg
     graphdef, layer_params = nnx.split(self.h)
 
+    # The MKL dense layers' stacked weights, read in place by layer index (`_dense`); as scan
+    # constants without gradient (it reaches each layer's weight, the slice the scan hands over).
+    convs = {(sub, name): getattr(getattr(self.h, sub), name) for sub, name in DENSE_PATHS}
+    stacks = {path: jax.lax.stop_gradient(conv.w[...]) for path, conv in convs.items()
+              if cache is None and _in_place(conv)}
+    layer_ids = jnp.arange(cfg.n_layer, dtype=jnp.int32) if stacks else None
+
     def layer(x, xs):
-      params, kv, layer_rng = xs
+      params, kv, layer_rng, layer_id = xs
       block = nnx.merge(graphdef, params)
+      for (sub, name), stack in stacks.items():
+        getattr(getattr(block, sub), name).in_place = (stack, layer_id)
       x, kv, probs = block(x, mask=mask, cache_kv=kv, cache_index=index, rng=layer_rng,
                            return_probs=return_probs)
       return x, (probs if return_probs else kv)
@@ -396,7 +433,7 @@ class GPT(nnx.Module):
     if cfg.remat != "none":
       layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
     kv = None if cache is None else (jnp.stack(cache.k), jnp.stack(cache.v))
-    x, out = jax.lax.scan(layer, x, (layer_params, kv, layer_rngs),
+    x, out = jax.lax.scan(layer, x, (layer_params, kv, layer_rngs, layer_ids),
                           unroll=1 if cfg.scan_layers else cfg.n_layer)
     if cache is not None and not return_probs:
       out = (tuple(out[0]), tuple(out[1]))

@@ -73,29 +73,16 @@ constexpr int64_t kAlign = 16;
 // A block does at least this many multiply-adds: below it, splitting costs more than it saves.
 constexpr int64_t kMinBlockWork = int64_t{1} << 21;
 
-ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                ffi::ResultBuffer<ffi::F32> c, int64_t transpose_a, int64_t transpose_b) {
-  if (!g_sgemm) return ffi::Error::Internal("gemm: MKL is not loaded (GptGemmLoad)");
-  auto ad = a.dimensions();
-  auto bd = b.dimensions();
-  auto cd = c->dimensions();
-  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2)
-    return ffi::Error::InvalidArgument("gemm: a, b and the result must be 2-D");
-  const int64_t M = transpose_a ? ad[1] : ad[0], K = transpose_a ? ad[0] : ad[1];
-  const int64_t Kb = transpose_b ? bd[1] : bd[0], N = transpose_b ? bd[0] : bd[1];
-  if (K != Kb || cd[0] != M || cd[1] != N)
-    return ffi::Error::InvalidArgument("gemm: operand shapes do not agree");
-  for (int64_t d : {ad[0], ad[1], bd[0], bd[1]})
-    if (d > INT_MAX) return ffi::Error::InvalidArgument("gemm: a dimension exceeds MKL's 32-bit sizes");
-  float* cp = c->typed_data();
-  if (M == 0 || N == 0) return ffi::Error::Success();
+// C[M, N] = op(A) . op(B) with op(A) M x K and op(B) K x N, A and B row-major with leading
+// dimensions lda and ldb (their stored row lengths): the work both handlers share.
+void GemmCore(ffi::ThreadPool& pool, const float* ap, const float* bp, float* cp, int64_t M,
+              int64_t N, int64_t K, int lda, int ldb, bool transpose_a, bool transpose_b) {
+  if (M == 0 || N == 0) return;
   if (K == 0) {
     std::memset(cp, 0, sizeof(float) * M * N);
-    return ffi::Error::Success();
+    return;
   }
-  const float* ap = a.typed_data();
-  const float* bp = b.typed_data();
-  const int lda = static_cast<int>(ad[1]), ldb = static_cast<int>(bd[1]), ldc = static_cast<int>(N);
+  const int ldc = static_cast<int>(N);
   const int ta = transpose_a ? kTrans : kNoTrans, tb = transpose_b ? kTrans : kNoTrans;
   // Split the longer side of C: each block then shares the whole of the other operand.
   const bool by_rows = M >= N;
@@ -120,6 +107,60 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::
             ap, lda, bb, ldb, 0.0f, cp + lo, ldc);
     }
   });
+}
+
+// The shapes of op(a) . op(b) for a [ad0, ad1] and b [bd0, bd1]: M, N, K, or an error.
+ffi::Error GemmShapes(int64_t ad0, int64_t ad1, int64_t bd0, int64_t bd1, int64_t cd0, int64_t cd1,
+                      bool transpose_a, bool transpose_b, int64_t* M, int64_t* N, int64_t* K) {
+  *M = transpose_a ? ad1 : ad0;
+  *K = transpose_a ? ad0 : ad1;
+  const int64_t Kb = transpose_b ? bd1 : bd0;
+  *N = transpose_b ? bd0 : bd1;
+  if (*K != Kb || cd0 != *M || cd1 != *N)
+    return ffi::Error::InvalidArgument("gemm: operand shapes do not agree");
+  for (int64_t d : {ad0, ad1, bd0, bd1})
+    if (d > INT_MAX) return ffi::Error::InvalidArgument("gemm: a dimension exceeds MKL's 32-bit sizes");
+  return ffi::Error::Success();
+}
+
+ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                ffi::ResultBuffer<ffi::F32> c, int64_t transpose_a, int64_t transpose_b) {
+  if (!g_sgemm) return ffi::Error::Internal("gemm: MKL is not loaded (GptGemmLoad)");
+  auto ad = a.dimensions();
+  auto bd = b.dimensions();
+  auto cd = c->dimensions();
+  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2)
+    return ffi::Error::InvalidArgument("gemm: a, b and the result must be 2-D");
+  int64_t M, N, K;
+  ffi::Error shapes = GemmShapes(ad[0], ad[1], bd[0], bd[1], cd[0], cd[1], transpose_a, transpose_b,
+                                 &M, &N, &K);
+  if (shapes.failure()) return shapes;
+  GemmCore(pool, a.typed_data(), b.typed_data(), c->typed_data(), M, N, K,
+           static_cast<int>(ad[1]), static_cast<int>(bd[1]), transpose_a, transpose_b);
+  return ffi::Error::Success();
+}
+
+// GptGemmLayerF32: op(A) . op(B[layer]) for a stacked B [L, rows, cols] and a scalar layer index:
+// layer `layer`'s matrix is read where it lies in the stack (an offset), so the layer scan's
+// per-layer weight never becomes a copy (XLA's dynamic-slice of the stacked parameter, in the
+// forward and again in the backward; gemm.py's layer_matmul). An index outside [0, L) is an error.
+ffi::Error GemmLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
+                     ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> c,
+                     int64_t transpose_a, int64_t transpose_b) {
+  if (!g_sgemm) return ffi::Error::Internal("gemm: MKL is not loaded (GptGemmLoad)");
+  auto ad = a.dimensions();
+  auto bd = b.dimensions();
+  auto cd = c->dimensions();
+  if (ad.size() != 2 || bd.size() != 3 || cd.size() != 2 || layer.element_count() != 1)
+    return ffi::Error::InvalidArgument("gemm_layer: a 2-D, b 3-D [L, rows, cols], a scalar layer");
+  const int64_t l = layer.typed_data()[0];
+  if (l < 0 || l >= bd[0]) return ffi::Error::InvalidArgument("gemm_layer: layer index out of range");
+  int64_t M, N, K;
+  ffi::Error shapes = GemmShapes(ad[0], ad[1], bd[1], bd[2], cd[0], cd[1], transpose_a, transpose_b,
+                                 &M, &N, &K);
+  if (shapes.failure()) return shapes;
+  GemmCore(pool, a.typed_data(), b.typed_data() + l * bd[1] * bd[2], c->typed_data(), M, N, K,
+           static_cast<int>(ad[1]), static_cast<int>(bd[2]), transpose_a, transpose_b);
   return ffi::Error::Success();
 }
 
@@ -310,6 +351,16 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptGemmF32, Gemm,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("transpose_a")
+                                  .Attr<int64_t>("transpose_b"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptGemmLayerF32, GemmLayer,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("transpose_a")
                                   .Attr<int64_t>("transpose_b"));

@@ -45,6 +45,7 @@ SOURCE = Path(__file__).with_name("gemm.cc")
 # library is then built per CPU (cpu_specific), as gemv's and attention's.
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC", "-w")
 TARGET = "GptGemmF32"
+LAYER_TARGET = "GptGemmLayerF32"  # `gemm_layer`: one layer's matrix read in place in a stack
 XENT_TARGET = "GptSoftmaxXentF32"  # the output layer's loss pass (`softmax_xent`)
 # The name `matmul` gives its products (jax.ad_checkpoint.checkpoint_name): a custom call is no dot,
 # so gpt.model's "dots" remat policies save these by name, as they save XLA's dots.
@@ -83,7 +84,7 @@ def available() -> bool:
           raise RuntimeError("MKL's libmkl_rt was not found (pip install 'gpt[mkl]', or set "
                              "GPT_MKL_LIBRARY to its path)")
         # Registered before MKL loads: a target is only called once `available()` says True.
-        lib = native.load(SOURCE, FLAGS, (TARGET, XENT_TARGET), cpu_specific=True,
+        lib = native.load(SOURCE, FLAGS, (TARGET, LAYER_TARGET, XENT_TARGET), cpu_specific=True,
                           libraries=("-ldl",))
         error = ctypes.create_string_buffer(512)
         if lib.GptGemmLoad(mkl.encode(), error, len(error)):
@@ -126,6 +127,19 @@ def gemm(a: jax.Array, b: jax.Array, *, transpose_a: bool = False,
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((M, N), jnp.float32),
                           vmap_method="sequential")
   return call(a, b, transpose_a=int(transpose_a), transpose_b=int(transpose_b))
+
+
+def gemm_layer(a: jax.Array, stack: jax.Array, layer: jax.Array, *, transpose_a: bool = False,
+               transpose_b: bool = False) -> jax.Array:
+  """op(a) @ op(stack[layer]) for 2-D float32 a, a float32 stack [L, rows, cols] and an int scalar
+  `layer`, by MKL reading that layer's matrix where it lies in the stack (no copy of the slice).
+  An index outside [0, L) fails the call. Call only where `available()`."""
+  M = a.shape[1] if transpose_a else a.shape[0]
+  N = stack.shape[1] if transpose_b else stack.shape[2]
+  call = jax.ffi.ffi_call(LAYER_TARGET, jax.ShapeDtypeStruct((M, N), jnp.float32),
+                          vmap_method="sequential")
+  return call(a, stack, jnp.asarray(layer, jnp.int32), transpose_a=int(transpose_a),
+              transpose_b=int(transpose_b))
 
 
 def softmax_xent(logits: jax.Array, targets: jax.Array, scale: float) -> tuple[jax.Array, jax.Array]:
@@ -176,6 +190,43 @@ def matmul(x: jax.Array, w: jax.Array, *, transpose_w: bool = False) -> jax.Arra
   return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
+# The layer scan's dense layers (gpt.model): the product by one layer's weight, read in place in
+# the stacked parameter. `w` is that layer's weight as the scan hands it to the layer; its value is
+# never read (so XLA drops the scan's per-layer slice of it), it only receives the gradient dW. The
+# stack, which the products read instead, takes no gradient (the caller passes it through
+# stop_gradient, so that the scan keeps no accumulator for it).
+@jax.custom_vjp
+def _layer_matmul2d(x: jax.Array, w: jax.Array, stack: jax.Array, layer: jax.Array) -> jax.Array:
+  return gemm_layer(x, stack, layer)
+
+
+def _layer_matmul2d_fwd(x, w, stack, layer):
+  return gemm_layer(x, stack, layer), (x, stack, layer)
+
+
+def _layer_matmul2d_bwd(residuals, dy):
+  x, stack, layer = residuals
+  dy = dy.astype(jnp.float32)
+  return gemm_layer(dy, stack, layer, transpose_b=True), gemm(x, dy, transpose_a=True), None, None
+
+
+_layer_matmul2d.defvjp(_layer_matmul2d_fwd, _layer_matmul2d_bwd)
+
+
+def layer_matmul(x: jax.Array, w: jax.Array, stack: jax.Array, layer: jax.Array) -> jax.Array:
+  """`matmul(x, w)` where w is stack[layer] (w [K, N], stack [L, K, N]), the products (forward and
+  dx) reading the stack in place, the gradient going to w (the stack gets none). For the layer
+  scan (gpt.model), where the slice w would otherwise be copied out of the stack twice a step.
+  Float32 only, where `available()`; otherwise `reference(x, w)`."""
+  if (x.dtype != jnp.float32 or w.dtype != jnp.float32 or stack.dtype != jnp.float32
+      or not available()):
+    return reference(x, w)
+  K = x.shape[-1]
+  out = checkpoint_name(_layer_matmul2d(x.reshape(math.prod(x.shape[:-1]), K), w, stack, layer),
+                        CHECKPOINT_NAME)
+  return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
 def _gelu_and_slope(h: jax.Array) -> tuple[jax.Array, jax.Array]:
   """jax.nn.gelu(h, approximate=True) and its derivative, from one tanh."""
   c = math.sqrt(2.0 / math.pi)
@@ -215,6 +266,37 @@ def gelu_matmul(h: jax.Array, w: jax.Array) -> jax.Array:
     return reference(jax.nn.gelu(h, approximate=True), w)
   K = h.shape[-1]
   out = checkpoint_name(_gelu_matmul2d(h.reshape(math.prod(h.shape[:-1]), K), w), CHECKPOINT_NAME)
+  return out.reshape(*h.shape[:-1], out.shape[-1])
+
+
+@jax.custom_vjp
+def _gelu_layer_matmul2d(h, w, stack, layer):
+  return gemm_layer(jax.nn.gelu(h, approximate=True), stack, layer)
+
+
+def _gelu_layer_matmul2d_fwd(h, w, stack, layer):
+  return gemm_layer(jax.nn.gelu(h, approximate=True), stack, layer), (h, stack, layer)
+
+
+def _gelu_layer_matmul2d_bwd(residuals, dy):
+  h, stack, layer = residuals
+  g, slope = _gelu_and_slope(h)
+  return (gemm_layer(dy, stack, layer, transpose_b=True) * slope, gemm(g, dy, transpose_a=True),
+          None, None)
+
+
+_gelu_layer_matmul2d.defvjp(_gelu_layer_matmul2d_fwd, _gelu_layer_matmul2d_bwd)
+
+
+def gelu_layer_matmul(h: jax.Array, w: jax.Array, stack: jax.Array, layer: jax.Array) -> jax.Array:
+  """`gelu_matmul(h, w)` with w = stack[layer] read in place, as `layer_matmul` (w only takes the
+  gradient). Float32 only, where `available()`; otherwise `reference(gelu(h), w)`."""
+  if (h.dtype != jnp.float32 or w.dtype != jnp.float32 or stack.dtype != jnp.float32
+      or not available()):
+    return reference(jax.nn.gelu(h, approximate=True), w)
+  K = h.shape[-1]
+  out = checkpoint_name(_gelu_layer_matmul2d(h.reshape(math.prod(h.shape[:-1]), K), w, stack, layer),
+                        CHECKPOINT_NAME)
   return out.reshape(*h.shape[:-1], out.shape[-1])
 
 
