@@ -65,6 +65,10 @@ QUANTIZE = ("none", "int8")
 # the stacked parameter (gemm.layer_matmul: no per-layer copy of the weight, forward or backward);
 # experiments/bench_train.py's `-wslice` variant turns it off (the scan's sliced weight) to measure it.
 WEIGHTS_IN_PLACE = True
+# With WEIGHTS_IN_PLACE: the backward adds each layer's dW in place into the stacked gradient the
+# backward scan carries (gemm.layer_matmul's `acc`), not into a buffer of its own that the scan then
+# copies into the stack; bench_train's `-gslice` variant turns it off to measure it.
+GRADS_IN_PLACE = True
 # The blocks' dense layers, as paths from Block (the ones `WEIGHTS_IN_PLACE` can apply to).
 DENSE_PATHS = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))
 # The dense layers low-rank adapters can go into, named as Hugging Face PEFT's target_modules
@@ -201,15 +205,18 @@ def _in_place(conv: Conv1D) -> bool:
 
 def _dense(conv: Conv1D, x: jax.Array, rng: jax.Array | None, gelu: bool = False) -> jax.Array:
   """conv(x) (conv(gelu(x)) with `gelu`), by the stacked weight in place where the layer scan set
-  `conv.in_place` = (stack, layer) (`GPT._scan`); else Conv1D's own call."""
+  `conv.in_place` = (stack, layer, acc or None) (`GPT._scan`; an `acc` comes back updated in
+  `conv.in_place`); else Conv1D's own call."""
   slot = getattr(conv, "in_place", None)
   if slot is None or x.dtype != jnp.float32:
     return conv.after_gelu(x, rng) if gelu else conv(x, rng)
-  stack, layer = slot
-  w = conv.w[...]
+  stack, layer, acc = slot
   if gelu and not layer_lib.GELU_IN_MATMUL:  # its switch, as Conv1D.after_gelu's
     x, gelu = jax.nn.gelu(x, approximate=True), False
-  y = (gemm.gelu_layer_matmul if gelu else gemm.layer_matmul)(x, w, stack, layer)
+  y = gemm.layer_matmul(x, conv.w[...], stack, layer, gelu=gelu, acc=acc)
+  if acc is not None:
+    y, acc = y
+    conv.in_place = (stack, layer, acc)
   return (y + conv.b[...].astype(jnp.float32)).astype(x.dtype)
 
 
@@ -414,27 +421,38 @@ class GPT(nnx.Module):
     cfg = self.cfg
     graphdef, layer_params = nnx.split(self.h)
 
-    # The MKL dense layers' stacked weights, read in place by layer index (`_dense`); as scan
-    # constants without gradient (it reaches each layer's weight, the slice the scan hands over).
+    # The MKL dense layers' stacked weights, read in place by layer index (`_dense`), as scan
+    # constants without gradient. The gradient reaches each layer's weight as the slice the scan
+    # hands over, or (GRADS_IN_PLACE) the stack itself, carried through the scan unchanged: the
+    # backward scan then carries the stacked gradient, which each layer's dW is added into in place
+    # (and the slices, dead, take none).
     convs = {(sub, name): getattr(getattr(self.h, sub), name) for sub, name in DENSE_PATHS}
-    stacks = {path: jax.lax.stop_gradient(conv.w[...]) for path, conv in convs.items()
-              if cache is None and _in_place(conv)}
+    stacks = {path: conv.w[...] for path, conv in convs.items() if cache is None and _in_place(conv)}
+    consts = {path: jax.lax.stop_gradient(w) for path, w in stacks.items()}
+    accs = stacks if GRADS_IN_PLACE else {}
+    if accs:
+      names = {f"['{sub}']['{name}']['w']" for sub, name in accs}
+      layer_params = jax.tree_util.tree_map_with_path(
+          lambda path, v: jax.lax.stop_gradient(v) if jax.tree_util.keystr(path[:3]) in names else v,
+          layer_params)
     layer_ids = jnp.arange(cfg.n_layer, dtype=jnp.int32) if stacks else None
 
-    def layer(x, xs):
+    def layer(carry, xs):
+      x, accs = carry
       params, kv, layer_rng, layer_id = xs
       block = nnx.merge(graphdef, params)
-      for (sub, name), stack in stacks.items():
-        getattr(getattr(block, sub), name).in_place = (stack, layer_id)
+      for (sub, name), stack in consts.items():
+        getattr(getattr(block, sub), name).in_place = (stack, layer_id, accs.get((sub, name)))
       x, kv, probs = block(x, mask=mask, cache_kv=kv, cache_index=index, rng=layer_rng,
                            return_probs=return_probs)
-      return x, (probs if return_probs else kv)
+      accs = {(sub, name): getattr(getattr(block, sub), name).in_place[2] for sub, name in accs}
+      return (x, accs), (probs if return_probs else kv)
 
     if cfg.remat != "none":
       layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
     kv = None if cache is None else (jnp.stack(cache.k), jnp.stack(cache.v))
-    x, out = jax.lax.scan(layer, x, (layer_params, kv, layer_rngs, layer_ids),
-                          unroll=1 if cfg.scan_layers else cfg.n_layer)
+    (x, _), out = jax.lax.scan(layer, (x, accs), (layer_params, kv, layer_rngs, layer_ids),
+                               unroll=1 if cfg.scan_layers else cfg.n_layer)
     if cache is not None and not return_probs:
       out = (tuple(out[0]), tuple(out[1]))
     return x, out

@@ -46,6 +46,7 @@ SOURCE = Path(__file__).with_name("gemm.cc")
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC", "-w")
 TARGET = "GptGemmF32"
 LAYER_TARGET = "GptGemmLayerF32"  # `gemm_layer`: one layer's matrix read in place in a stack
+LAYER_ADD_TARGET = "GptGemmLayerAddF32"  # `gemm_layer_add`: a product added into one layer of a stack
 XENT_TARGET = "GptSoftmaxXentF32"  # the output layer's loss pass (`softmax_xent`)
 # The name `matmul` gives its products (jax.ad_checkpoint.checkpoint_name): a custom call is no dot,
 # so gpt.model's "dots" remat policies save these by name, as they save XLA's dots.
@@ -84,7 +85,7 @@ def available() -> bool:
           raise RuntimeError("MKL's libmkl_rt was not found (pip install 'gpt[mkl]', or set "
                              "GPT_MKL_LIBRARY to its path)")
         # Registered before MKL loads: a target is only called once `available()` says True.
-        lib = native.load(SOURCE, FLAGS, (TARGET, LAYER_TARGET, XENT_TARGET), cpu_specific=True,
+        lib = native.load(SOURCE, FLAGS, (TARGET, LAYER_TARGET, LAYER_ADD_TARGET, XENT_TARGET), cpu_specific=True,
                           libraries=("-ldl",))
         error = ctypes.create_string_buffer(512)
         if lib.GptGemmLoad(mkl.encode(), error, len(error)):
@@ -142,6 +143,17 @@ def gemm_layer(a: jax.Array, stack: jax.Array, layer: jax.Array, *, transpose_a:
               transpose_b=int(transpose_b))
 
 
+def gemm_layer_add(a: jax.Array, b: jax.Array, acc: jax.Array, layer: jax.Array, *,
+                   transpose_a: bool = False, transpose_b: bool = False) -> jax.Array:
+  """acc with acc[layer] + op(a) @ op(b) for 2-D float32 a, b, a float32 stack acc [L, M, N] and an
+  int scalar `layer`: MKL adds the product where the layer lies in acc, whose buffer the result
+  takes (aliased: in place when acc is dead afterwards). Call only where `available()`."""
+  call = jax.ffi.ffi_call(LAYER_ADD_TARGET, jax.ShapeDtypeStruct(acc.shape, jnp.float32),
+                          vmap_method="sequential", input_output_aliases={2: 0})
+  return call(a, b, acc, jnp.asarray(layer, jnp.int32), transpose_a=int(transpose_a),
+              transpose_b=int(transpose_b))
+
+
 def softmax_xent(logits: jax.Array, targets: jax.Array, scale: float) -> tuple[jax.Array, jax.Array]:
   """Softmax cross-entropy of float32 logits [N, V] at int targets [N] in one threaded pass per
   row (gemm.cc's SoftmaxXent; exp in AVX-512 registers where built, see XENT_PORTABLE):
@@ -190,41 +202,86 @@ def matmul(x: jax.Array, w: jax.Array, *, transpose_w: bool = False) -> jax.Arra
   return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-# The layer scan's dense layers (gpt.model): the product by one layer's weight, read in place in
-# the stacked parameter. `w` is that layer's weight as the scan hands it to the layer; its value is
-# never read (so XLA drops the scan's per-layer slice of it), it only receives the gradient dW. The
-# stack, which the products read instead, takes no gradient (the caller passes it through
-# stop_gradient, so that the scan keeps no accumulator for it).
-@jax.custom_vjp
-def _layer_matmul2d(x: jax.Array, w: jax.Array, stack: jax.Array, layer: jax.Array) -> jax.Array:
-  return gemm_layer(x, stack, layer)
+# The layer scan's dense layers (gpt.model): x @ stack[layer] (gelu(x) @ ... with `gelu`), the
+# forward and dx products reading the layer's matrix where it lies in the stacked parameter `stack`
+# (no copy of the slice). The stack takes no gradient (the caller passes it through stop_gradient,
+# so that the scan keeps no accumulator for it); dW goes to a second operand, in one of two ways:
+# `_layer_matmul2d`'s `w` is the layer's weight as the scan hands it, its value never read (so XLA
+# drops the scan's slice of it), its cotangent dW (which the scan copies into the stacked gradient);
+# `_layer_matmul2d_into`'s `acc` is a stacked [L, K, N] value the scan carries through unchanged,
+# whose cotangent (the stacked gradient, carried back by the backward scan) gets dW added in place
+# at `layer` (gemm_layer_add): no per-layer dW buffer, no copy.
+def _layer_inputs(x, stack, layer, gelu):
+  return gemm_layer(jax.nn.gelu(x, approximate=True) if gelu else x, stack, layer)
 
 
-def _layer_matmul2d_fwd(x, w, stack, layer):
-  return gemm_layer(x, stack, layer), (x, stack, layer)
-
-
-def _layer_matmul2d_bwd(residuals, dy):
+def _layer_backward(residuals, dy, gelu):
+  """(dx, the product's input for dW) of the layer products."""
   x, stack, layer = residuals
   dy = dy.astype(jnp.float32)
-  return gemm_layer(dy, stack, layer, transpose_b=True), gemm(x, dy, transpose_a=True), None, None
+  dx = gemm_layer(dy, stack, layer, transpose_b=True)
+  if not gelu:
+    return dx, x
+  g, slope = _gelu_and_slope(x)  # recomputed from h, as gelu_matmul's backward
+  return dx * slope, g
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _layer_matmul2d(x, w, stack, layer, gelu):
+  return _layer_inputs(x, stack, layer, gelu)
+
+
+def _layer_matmul2d_fwd(x, w, stack, layer, gelu):
+  return _layer_inputs(x, stack, layer, gelu), (x, stack, layer)
+
+
+def _layer_matmul2d_bwd(gelu, residuals, dy):
+  dx, g = _layer_backward(residuals, dy, gelu)
+  return dx, gemm(g, dy.astype(jnp.float32), transpose_a=True), None, None
 
 
 _layer_matmul2d.defvjp(_layer_matmul2d_fwd, _layer_matmul2d_bwd)
 
 
-def layer_matmul(x: jax.Array, w: jax.Array, stack: jax.Array, layer: jax.Array) -> jax.Array:
-  """`matmul(x, w)` where w is stack[layer] (w [K, N], stack [L, K, N]), the products (forward and
-  dx) reading the stack in place, the gradient going to w (the stack gets none). For the layer
-  scan (gpt.model), where the slice w would otherwise be copied out of the stack twice a step.
-  Float32 only, where `available()`; otherwise `reference(x, w)`."""
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _layer_matmul2d_into(x, acc, stack, layer, gelu):
+  return _layer_inputs(x, stack, layer, gelu), acc
+
+
+def _layer_matmul2d_into_fwd(x, acc, stack, layer, gelu):
+  return (_layer_inputs(x, stack, layer, gelu), acc), (x, stack, layer)
+
+
+def _layer_matmul2d_into_bwd(gelu, residuals, cotangents):
+  dy, dacc = cotangents
+  dx, g = _layer_backward(residuals, dy, gelu)
+  layer = residuals[2]
+  return dx, gemm_layer_add(g, dy.astype(jnp.float32), dacc, layer, transpose_a=True), None, None
+
+
+_layer_matmul2d_into.defvjp(_layer_matmul2d_into_fwd, _layer_matmul2d_into_bwd)
+
+
+def layer_matmul(x: jax.Array, w: jax.Array, stack: jax.Array, layer: jax.Array, *,
+                 gelu: bool = False, acc: jax.Array | None = None):
+  """`matmul(x, w)` (`gelu_matmul(x, w)` with `gelu`) for the layer scan, where w [K, N] is
+  stack[layer] of the stacked parameter stack [L, K, N]: the forward and dx products read the stack
+  in place; the stack gets no gradient. Without `acc`, dW is w's gradient (w's value is never
+  read). With `acc` (a stacked [L, K, N] value, returned unchanged as the second result: (y, acc)),
+  dW is added to acc's gradient at `layer` in place, and w gets none. Float32 only, where
+  `available()`; otherwise XLA's einsum (`reference`) of w (acc, if given, passes through)."""
   if (x.dtype != jnp.float32 or w.dtype != jnp.float32 or stack.dtype != jnp.float32
       or not available()):
-    return reference(x, w)
+    y = reference(jax.nn.gelu(x, approximate=True) if gelu else x, w)
+    return y if acc is None else (y, acc)
   K = x.shape[-1]
-  out = checkpoint_name(_layer_matmul2d(x.reshape(math.prod(x.shape[:-1]), K), w, stack, layer),
-                        CHECKPOINT_NAME)
-  return out.reshape(*x.shape[:-1], out.shape[-1])
+  x2 = x.reshape(math.prod(x.shape[:-1]), K)
+  if acc is None:
+    out = _layer_matmul2d(x2, w, stack, layer, gelu)
+  else:
+    out, acc = _layer_matmul2d_into(x2, acc, stack, layer, gelu)
+  out = checkpoint_name(out, CHECKPOINT_NAME).reshape(*x.shape[:-1], out.shape[-1])
+  return out if acc is None else (out, acc)
 
 
 def _gelu_and_slope(h: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -266,37 +323,6 @@ def gelu_matmul(h: jax.Array, w: jax.Array) -> jax.Array:
     return reference(jax.nn.gelu(h, approximate=True), w)
   K = h.shape[-1]
   out = checkpoint_name(_gelu_matmul2d(h.reshape(math.prod(h.shape[:-1]), K), w), CHECKPOINT_NAME)
-  return out.reshape(*h.shape[:-1], out.shape[-1])
-
-
-@jax.custom_vjp
-def _gelu_layer_matmul2d(h, w, stack, layer):
-  return gemm_layer(jax.nn.gelu(h, approximate=True), stack, layer)
-
-
-def _gelu_layer_matmul2d_fwd(h, w, stack, layer):
-  return gemm_layer(jax.nn.gelu(h, approximate=True), stack, layer), (h, stack, layer)
-
-
-def _gelu_layer_matmul2d_bwd(residuals, dy):
-  h, stack, layer = residuals
-  g, slope = _gelu_and_slope(h)
-  return (gemm_layer(dy, stack, layer, transpose_b=True) * slope, gemm(g, dy, transpose_a=True),
-          None, None)
-
-
-_gelu_layer_matmul2d.defvjp(_gelu_layer_matmul2d_fwd, _gelu_layer_matmul2d_bwd)
-
-
-def gelu_layer_matmul(h: jax.Array, w: jax.Array, stack: jax.Array, layer: jax.Array) -> jax.Array:
-  """`gelu_matmul(h, w)` with w = stack[layer] read in place, as `layer_matmul` (w only takes the
-  gradient). Float32 only, where `available()`; otherwise `reference(gelu(h), w)`."""
-  if (h.dtype != jnp.float32 or w.dtype != jnp.float32 or stack.dtype != jnp.float32
-      or not available()):
-    return reference(jax.nn.gelu(h, approximate=True), w)
-  K = h.shape[-1]
-  out = checkpoint_name(_gelu_layer_matmul2d(h.reshape(math.prod(h.shape[:-1]), K), w, stack, layer),
-                        CHECKPOINT_NAME)
   return out.reshape(*h.shape[:-1], out.shape[-1])
 
 
