@@ -19,6 +19,12 @@ model: gpt.decoding's `prepare_for_decoding` lays the same model out per layer i
 which is what makes token-by-token steps fast on CPU; there, with int8 weights, a Block runs all it
 computes after the attention as one kernel call where GPT_GEMV_FUSE=1 asks (`Block.fused_tail`).
 
+In a training program whose matmuls are MKL's (gpt.kernels.gemm), the scan hands each block its
+dense layers' weights in place: the products read layer i of the stacked weight by offset and add
+layer i's dW into the stacked gradient the backward scan carries (`WEIGHTS_IN_PLACE`,
+`GRADS_IN_PLACE`, `_dense`), where XLA would copy each slice out and each gradient in (about 1 GB a
+step at the chapter's 117M shape). The parameter tree and the numbers are the same either way.
+
 Every parameter carries logical axis names in its `axes` metadata ("vocab", "embed", "heads",
 "mlp", "layers"); `gpt.sharding` maps them to mesh axes.
 
@@ -429,7 +435,9 @@ class GPT(nnx.Module):
     convs = {(sub, name): getattr(getattr(self.h, sub), name) for sub, name in DENSE_PATHS}
     stacks = {path: conv.w[...] for path, conv in convs.items() if cache is None and _in_place(conv)}
     consts = {path: jax.lax.stop_gradient(w) for path, w in stacks.items()}
-    accs = stacks if GRADS_IN_PLACE else {}
+    # Not in a LoRA run: its base weights are held fixed (no gradient), and the backward would add
+    # every dW into a zero stack only to drop it.
+    accs = stacks if GRADS_IN_PLACE and not cfg.lora_rank else {}
     if accs:
       names = {f"['{sub}']['{name}']['w']" for sub, name in accs}
       layer_params = jax.tree_util.tree_map_with_path(

@@ -7,6 +7,14 @@ routes"). `matmul` multiplies x [..., K] by a weight w [K, N] (Conv1D's layout) 
 (`transpose_w`: the tied output layer's wte) with one FFI kernel, `gemm`, whose transpose flags also
 serve the backward pass (custom VJP: dx = dy w^T, dw = x^T dy, each one `gemm` call).
 
+Under gpt.model's layer scan the blocks' weights are stacked [L, K, N]: a scan would copy each
+layer's weight out of the stack (a dynamic-slice, forward and again backward) and copy each
+layer's dW into the stacked gradient (a dynamic-update-slice).
+`layer_matmul` avoids both: `gemm_layer` (GptGemmLayerF32) multiplies by a layer of the stack read
+where it lies (the layer index is an operand), and `gemm_layer_add` (GptGemmLayerAddF32, its result
+aliasing the accumulator) adds a layer's dW where it lies in the stacked gradient that the backward
+scan carries.
+
 MKL comes from PyPI (`pip install 'gpt[mkl]'`, the `mkl` wheel's libmkl_rt) and is found at run
 time (`find_mkl`; GPT_MKL_LIBRARY names the file explicitly): nothing links against it. The small
 FFI library is compiled from gemm.cc with the system C++ compiler the first time it is needed
