@@ -75,6 +75,9 @@ WEIGHTS_IN_PLACE = True
 # backward scan carries (gemm.layer_matmul's `acc`), not into a buffer of its own that the scan then
 # copies into the stack; bench_train's `-gslice` variant turns it off to measure it.
 GRADS_IN_PLACE = True
+# Layers per iteration of the rolled scan (model.scan_layers=True); bench_train's `-unroll2` sets 2
+# to measure it (the scan's bookkeeping is per iteration; a larger body compiles slower).
+SCAN_UNROLL = 1
 # The blocks' dense layers, as paths from Block (the ones `WEIGHTS_IN_PLACE` can apply to).
 DENSE_PATHS = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))
 # The dense layers low-rank adapters can go into, named as Hugging Face PEFT's target_modules
@@ -460,7 +463,7 @@ class GPT(nnx.Module):
       layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
     kv = None if cache is None else (jnp.stack(cache.k), jnp.stack(cache.v))
     (x, _), out = jax.lax.scan(layer, (x, accs), (layer_params, kv, layer_rngs, layer_ids),
-                               unroll=1 if cfg.scan_layers else cfg.n_layer)
+                               unroll=SCAN_UNROLL if cfg.scan_layers else cfg.n_layer)
     if cache is not None and not return_probs:
       out = (tuple(out[0]), tuple(out[1]))
     return x, out
