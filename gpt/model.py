@@ -205,11 +205,13 @@ def _lora_args(cfg: GPTConfig, target: str) -> dict:
                        if rank else {})}
 
 
-def _in_place(conv: Conv1D) -> bool:
-  """Whether the layer scan can give `conv` (a stacked Conv1D) its weight in place
-  (WEIGHTS_IN_PLACE): a plain float32 layer whose matmul is MKL's, the kernel available."""
+def _in_place(conv: Conv1D, cfg: GPTConfig) -> bool:
+  """Whether the layer scan can give `conv` (a stacked Conv1D of a model configured by `cfg`) its
+  weight in place (WEIGHTS_IN_PLACE): a plain float32 layer computing in float32 whose matmul is
+  MKL's, the kernel available."""
   return (WEIGHTS_IN_PLACE and conv.matmul == "mkl" and not conv.lora_scale and not conv.by_row
-          and not hasattr(conv, "w_scale") and conv.w.dtype == jnp.float32 and gemm.available())
+          and not hasattr(conv, "w_scale") and conv.w.dtype == jnp.float32
+          and cfg.dtype == "float32" and gemm.available())
 
 
 def _dense(conv: Conv1D, x: jax.Array, rng: jax.Array | None, gelu: bool = False) -> jax.Array:
@@ -217,7 +219,7 @@ def _dense(conv: Conv1D, x: jax.Array, rng: jax.Array | None, gelu: bool = False
   `conv.in_place` = (stack, layer, acc or None) (`GPT._scan`; an `acc` comes back updated in
   `conv.in_place`); else Conv1D's own call."""
   slot = getattr(conv, "in_place", None)
-  if slot is None or x.dtype != jnp.float32:
+  if slot is None:
     return conv.after_gelu(x, rng) if gelu else conv(x, rng)
   stack, layer, acc = slot
   if gelu and not layer_lib.GELU_IN_MATMUL:  # its switch, as Conv1D.after_gelu's
@@ -436,7 +438,8 @@ class GPT(nnx.Module):
     # backward scan then carries the stacked gradient, which each layer's dW is added into in place
     # (and the slices, dead, take none).
     convs = {(sub, name): getattr(getattr(self.h, sub), name) for sub, name in DENSE_PATHS}
-    stacks = {path: conv.w[...] for path, conv in convs.items() if cache is None and _in_place(conv)}
+    stacks = {path: conv.w[...] for path, conv in convs.items()
+              if cache is None and _in_place(conv, cfg)}
     consts = {path: jax.lax.stop_gradient(w) for path, w in stacks.items()}
     # Not in a LoRA run: its base weights are held fixed (no gradient), and the backward would add
     # every dW into a zero stack only to drop it.

@@ -237,6 +237,27 @@ def test_layer_matmul_under_scan_matches_xla(mkl, gelu, into, remat):
     assert f"f32[{L},{D},{D}]{{2,1,0}} dynamic-update-slice(" not in hlo
 
 
+def test_layer_matmul_falls_back_to_xla_with_its_gradient(mkl):
+  """In bfloat16 (no kernel) layer_matmul is XLA's einsum of the layer's weight: with `acc` its
+  value and its gradient come from acc[layer], so the stacked gradient is what the slice's was."""
+  L = 2
+  x, stack = _rand((5, 8), 0).astype(jnp.bfloat16), _rand((L, 8, 6), 1).astype(jnp.bfloat16)
+
+  def loss(into, stack):
+    total = 0.0
+    for i in range(L):
+      w = jax.lax.stop_gradient(stack[i]) if into else stack[i]
+      y = gemm.layer_matmul(x, w, jax.lax.stop_gradient(stack), i, acc=stack if into else None)
+      total = total + jnp.sum(jnp.sin((y[0] if into else y).astype(jnp.float32)))
+    return total
+
+  assert gemm.LAYER_TARGET not in jax.jit(lambda s: loss(True, s)).lower(stack).as_text()
+  (v, g), (v_ref, g_ref) = (jax.value_and_grad(lambda s: loss(into, s))(stack) for into in (True, False))
+  np.testing.assert_allclose(v, v_ref, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_ref, np.float32), rtol=1e-2)
+  assert np.abs(np.asarray(g, np.float32)).max() > 0
+
+
 def _compiled_step(config) -> str:
   """The compiled text of the train mode's step (gpt.train.build_programs) on one device."""
   cfg = GPTConfig.from_config(config.model)

@@ -277,11 +277,14 @@ def layer_matmul(x: jax.Array, w: jax.Array, stack: jax.Array, layer: jax.Array,
   in place; the stack gets no gradient. Without `acc`, dW is w's gradient (w's value is never
   read). With `acc` (a stacked [L, K, N] value, returned unchanged as the second result: (y, acc)),
   dW is added to acc's gradient at `layer` in place, and w gets none. Float32 only, where
-  `available()`; otherwise XLA's einsum (`reference`) of w (acc, if given, passes through)."""
+  `available()`; otherwise XLA's einsum (`reference`) of w, or with `acc` of acc[layer] (the
+  same value, and the gradient goes where the kernel's would)."""
   if (x.dtype != jnp.float32 or w.dtype != jnp.float32 or stack.dtype != jnp.float32
       or not available()):
-    y = reference(jax.nn.gelu(x, approximate=True) if gelu else x, w)
-    return y if acc is None else (y, acc)
+    x = jax.nn.gelu(x, approximate=True) if gelu else x
+    if acc is None:
+      return reference(x, w)
+    return reference(x, jax.lax.dynamic_index_in_dim(acc, layer, keepdims=False).astype(x.dtype)), acc
   K = x.shape[-1]
   x2 = x.reshape(math.prod(x.shape[:-1]), K)
   if acc is None:
