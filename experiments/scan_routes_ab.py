@@ -31,7 +31,8 @@ def main() -> None:
   runs = {}
   for name in names:
     switches = () if name == "default" else (bench_train.VARIANT_SWITCHES[name],)
-    _, runs[name] = bench_train.jax_runner(shape, "float32", True, switches=switches)
+    _, runs[name] = bench_train.jax_runner(shape, "float32", True, switches=switches,
+                                           train=bench_train.train_section(args.shape))
     runs[name]()  # warm up
   times = {name: [] for name in names}
   for _ in range(args.rounds):
