@@ -65,7 +65,7 @@ def loss_fn(params: Any, graphdef: Any, windows: jax.Array, rng: jax.Array | Non
   if noise > 0:
     inputs = add_noise(inputs, noise, model.cfg.n_vocab, r_noise)
   hidden = model(inputs, rng=r_drop if dropout else None, logits_at=None)
-  return heads.loss(model, hidden, targets, wte_trained=not (frozen and "wte" in frozen))
+  return heads.loss(model, hidden, targets)
 
 
 def uses_dropout(cfg: GPTConfig) -> bool:
