@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from typing import Any
 
 import jax
@@ -214,11 +215,17 @@ def _in_place(conv: Conv1D, cfg: GPTConfig) -> bool:
           and cfg.dtype == "float32" and gemm.available())
 
 
+# While GPT._scan traces a layer: id(Conv1D) -> [stack, layer index, acc or None] of the layer's
+# dense layers that take their weight in place (`_dense` reads them and stores the updated acc). Kept
+# beside the modules, not on them: nnx allows no arrays in a module's static attributes.
+_slots = threading.local()
+
+
 def _dense(conv: Conv1D, x: jax.Array, rng: jax.Array | None, gelu: bool = False) -> jax.Array:
-  """conv(x) (conv(gelu(x)) with `gelu`), by the stacked weight in place where the layer scan set
-  `conv.in_place` = (stack, layer, acc or None) (`GPT._scan`; an `acc` comes back updated in
-  `conv.in_place`); else Conv1D's own call."""
-  slot = getattr(conv, "in_place", None)
+  """conv(x) (conv(gelu(x)) with `gelu`), by the stacked weight in place where the layer scan gave
+  `conv` a slot [stack, layer, acc or None] (`GPT._scan`; an `acc` goes back updated into the
+  slot); else Conv1D's own call."""
+  slot = (getattr(_slots, "map", None) or {}).get(id(conv))
   if slot is None:
     return conv.after_gelu(x, rng) if gelu else conv(x, rng)
   stack, layer, acc = slot
@@ -226,8 +233,7 @@ def _dense(conv: Conv1D, x: jax.Array, rng: jax.Array | None, gelu: bool = False
     x, gelu = jax.nn.gelu(x, approximate=True), False
   y = gemm.layer_matmul(x, conv.w[...], stack, layer, gelu=gelu, acc=acc)
   if acc is not None:
-    y, acc = y
-    conv.in_place = (stack, layer, acc)
+    y, slot[2] = y
   return (y + conv.b[...].astype(jnp.float32)).astype(x.dtype)
 
 
@@ -455,11 +461,15 @@ class GPT(nnx.Module):
       x, accs = carry
       params, kv, layer_rng, layer_id = xs
       block = nnx.merge(graphdef, params)
-      for (sub, name), stack in consts.items():
-        getattr(getattr(block, sub), name).in_place = (stack, layer_id, accs.get((sub, name)))
-      x, kv, probs = block(x, mask=mask, cache_kv=kv, cache_index=index, rng=layer_rng,
-                           return_probs=return_probs)
-      accs = {(sub, name): getattr(getattr(block, sub), name).in_place[2] for sub, name in accs}
+      conv = lambda path: getattr(getattr(block, path[0]), path[1])
+      slots = {path: [stack, layer_id, accs.get(path)] for path, stack in consts.items()}
+      outer, _slots.map = getattr(_slots, "map", None), {id(conv(p)): v for p, v in slots.items()}
+      try:
+        x, kv, probs = block(x, mask=mask, cache_kv=kv, cache_index=index, rng=layer_rng,
+                             return_probs=return_probs)
+      finally:
+        _slots.map = outer
+      accs = {path: slots[path][2] for path in accs}
       return (x, accs), (probs if return_probs else kv)
 
     if cfg.remat != "none":
