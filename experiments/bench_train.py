@@ -141,8 +141,15 @@ VARIANT_SWITCHES = {"recomputeprobs": ("gpt.attention", "SAVE_PROBABILITIES", Fa
                     # train-fuse, session 8: XLA's LayerNorm where the one-pass kernel would run
                     "lnxla": ("gpt.kernels.layernorm", "USE_KERNEL", False),
                     # train-fuse, session 8: the MLP's bias + GELU backward in XLA (gemm.gelu_matmul)
-                    # where the one-pass kernel (gpt.kernels.gelu) would run
-                    "geluxlabwd": ("gpt.kernels.gelu", "USE_KERNEL", False)}
+                    # where the one-pass kernel (gpt.kernels.gelu) would run (only with -wslice: the
+                    # scan's in-place weights take precedence)
+                    "geluxlabwd": ("gpt.kernels.gelu", "USE_KERNEL", False),
+                    # train-scan, session 8: the scan's per-layer weight copies (not read in place)
+                    "wslice": ("gpt.model", "WEIGHTS_IN_PLACE", False),
+                    # train-scan, session 8: dW into a buffer of its own, copied into the stacked gradient
+                    "gslice": ("gpt.model", "GRADS_IN_PLACE", False),
+                    # train-scan, session 8: two layers per iteration of the rolled layer scan
+                    "unroll2": ("gpt.model", "SCAN_UNROLL", 2)}
 
 
 def train_program(shape, dtype: str, scan: bool, seed: int = 0, train=None, abstract: bool = False,
@@ -272,7 +279,7 @@ def main() -> None:
   parser.add_argument("--shapes", default="chapter,30m", help=f"comma list of {sorted(SHAPES)}")
   parser.add_argument("--impls", default="jax-f32-scan,jax-f32-unrolled,jax-f32-scan-eigen,"
                       "jax-bf16-scan,torch-f32,torch-bf16",
-                      help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs|-nokernel][-geluxla][-geluxlabwd][-ln3d][-lnxla][-logitsloss|-fusedloss][-xentvml][-optaxclip][-optaxadam]"
+                      help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs|-nokernel][-geluxla][-geluxlabwd][-ln3d][-lnxla][-logitsloss|-fusedloss][-xentvml][-optaxclip][-optaxadam][-wslice|-gslice][-unroll2]"
                       "[-rematdots|-rematfull][-xladot|-mkl][-freedoff|-keepfreed] names")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps", type=int, default=3, help="timed steps per row per round")
