@@ -13,10 +13,13 @@ vocabulary (50257). The `chapter` shape is the job the README's one command runs
 so both frameworks use that optimizer there. gpt runs the train mode's own program
 (gpt.train.build_programs) on a one-device mesh; the reference is
 transformers' GPT2LMHeadModel with torch.optim's Adam/AdamW in eager mode (bf16 rows under
-torch.autocast). Rows are measured round-robin (`--rounds` rounds of `--steps` timed steps each)
+torch.autocast); `nanogpt-*` rows are a second torch peer written as nanoGPT's model.py
+(experiments/nanogpt_torch.py: fused SDPA attention, nanoGPT's AdamW setup), and `-compile` rows
+run either under torch.compile. Rows are measured round-robin (`--rounds` rounds of `--steps` timed steps each)
 so a shared machine's load hits every row alike; the table reports the median step time, and
 "vs torch f32" is the median over rounds of (torch f32 step time / this row's step time) measured
-in the same round.
+in the same round; "vs best torch f32" pairs each row, round by round, with the fastest float32
+torch row (any torch or nanogpt variant) of that round, and the line under the table names it.
 
 MFU = tokens/s x FLOPs per token / peak, with FLOPs per token from GPTConfig.flops_per_token
 (6 x parameters + 12 x layers x context x width, the LM head included) and peak = the best
@@ -200,9 +203,12 @@ def jax_runner(shape, dtype: str, scan: bool, seed: int = 0, options: dict | Non
   return compile_s, run
 
 
-def torch_runner(torch, shape, dtype: str, seed: int = 0, train=None, device: str = "cpu"):
-  """(None, step()) for transformers' GPT2LMHeadModel at `shape`, eager, with the optimizer of
-  `train` (Adam or AdamW, as the jax row; default train_section(""))."""
+def torch_runner(torch, shape, dtype: str, seed: int = 0, train=None, device: str = "cpu",
+                 variant=()):
+  """(compile seconds or None, step()) for transformers' GPT2LMHeadModel at `shape`, eager (or
+  torch.compile'd with `compile` in variant), with the optimizer of `train` (Adam or AdamW, as the
+  jax row; default train_section(""); torch's default implementation unless variant says
+  `fusedadam`/`foreachadam`)."""
   from transformers import GPT2Config, GPT2LMHeadModel
 
   L, D, H, T, B = shape
@@ -212,11 +218,13 @@ def torch_runner(torch, shape, dtype: str, seed: int = 0, train=None, device: st
   model = GPT2LMHeadModel(config).to(device).train()
   t = train_section("") if train is None else train
   betas, eps = (float(t.b1), float(t.b2)), float(t.eps)
+  kwargs = _optimizer_kwargs(variant)
   if t.optimizer == "adamw":
     opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=betas, eps=eps,
-                            weight_decay=t.weight_decay)
+                            weight_decay=t.weight_decay, **kwargs)
   else:  # configs/117m.py: plain Adam
-    opt = torch.optim.Adam(model.parameters(), lr=t.learning_rate, betas=betas, eps=eps)
+    opt = torch.optim.Adam(model.parameters(), lr=t.learning_rate, betas=betas, eps=eps, **kwargs)
+  forward = torch.compile(model) if "compile" in variant else model
   batch = torch.from_numpy(np.random.default_rng(seed).integers(0, VOCAB, (B, T + 1))).to(device)
   x, y = batch[:, :-1], batch[:, 1:]
   amp = dtype == "bfloat16"
@@ -224,7 +232,7 @@ def torch_runner(torch, shape, dtype: str, seed: int = 0, train=None, device: st
 
   def run():
     with torch.autocast(kind, dtype=torch.bfloat16, enabled=amp):
-      logits = model(x).logits
+      logits = forward(x).logits
     loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, VOCAB), y.reshape(-1))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), float(t.grad_clip))
@@ -233,7 +241,67 @@ def torch_runner(torch, shape, dtype: str, seed: int = 0, train=None, device: st
     if kind == "cuda":
       torch.cuda.synchronize()
 
-  return None, run
+  return _compiled_first_step(torch, model, run, variant)
+
+
+# Torch rows' variant suffixes: `compile` wraps the model in torch.compile (inductor, nanoGPT's
+# train.py default; the compile seconds are the first step's, which traces forward and backward);
+# `fusedadam` / `foreachadam` pick torch's fused or multi-tensor Adam(W) kernels, which torch
+# does not choose by default on a CPU (its default there is the per-tensor for-loop).
+TORCH_VARIANTS = ("compile", "fusedadam", "foreachadam", "keepfreed", "freedoff")
+# The torch frameworks: transformers' GPT2LMHeadModel, and the nanoGPT-style model
+# (experiments/nanogpt_torch.py). "vs best torch f32" pairs each row with the fastest f32 row of
+# either, round by round.
+TORCH_FRAMEWORKS = ("torch", "nanogpt")
+
+
+def _optimizer_kwargs(variant) -> dict:
+  """torch.optim keyword arguments for a torch row's optimizer variant (none: torch's default)."""
+  return ({"fused": True} if "fusedadam" in variant
+          else {"foreach": True} if "foreachadam" in variant else {})
+
+
+def _compiled_first_step(torch, model, run, variant):
+  """(compile seconds (wall, CPU) or None, run): with `compile` in variant the model is wrapped in
+  torch.compile by the caller and the first step, which compiles, is run and timed here."""
+  if "compile" not in variant:
+    return None, run
+  t0, c0 = time.perf_counter(), _cpu_seconds()
+  run()
+  return (time.perf_counter() - t0, _cpu_seconds() - c0), run
+
+
+def nanogpt_runner(torch, shape, dtype: str, seed: int = 0, train=None, variant=()):
+  """(compile seconds or None, step()) for the nanoGPT-style model (experiments/nanogpt_torch.py) at
+  `shape`: nanoGPT's configure_optimizers (AdamW, decay on matrices only; weight decay 0 for the
+  Adam configs), eager or torch.compile'd (`compile` in variant), bf16 rows under autocast."""
+  from experiments import nanogpt_torch
+
+  L, D, H, T, B = shape
+  torch.manual_seed(seed)
+  model = nanogpt_torch.GPT(VOCAB, T, D, H, L).train()
+  t = train_section("") if train is None else train
+  wd = float(t.weight_decay) if t.optimizer == "adamw" else 0.0
+  kwargs = _optimizer_kwargs(variant)
+  opt = nanogpt_torch.configure_optimizer(model, t.learning_rate, (float(t.b1), float(t.b2)),
+                                          float(t.eps), wd, fused=kwargs.get("fused"))
+  if kwargs.get("foreach"):
+    for group in opt.param_groups:
+      group["foreach"] = True
+  forward = torch.compile(model) if "compile" in variant else model
+  batch = torch.from_numpy(np.random.default_rng(seed).integers(0, VOCAB, (B, T + 1)))
+  x, y = batch[:, :-1], batch[:, 1:]
+  amp = dtype == "bfloat16"
+
+  def run():
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+      _, loss = forward(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), float(t.grad_clip))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+  return _compiled_first_step(torch, model, run, variant)
 
 
 def _under_glibc_defaults(run):
@@ -243,6 +311,15 @@ def _under_glibc_defaults(run):
       run()
   wrapped.hlo_text = getattr(run, "hlo_text", None)
   return wrapped
+
+
+def best_torch_f32(times: dict) -> list:
+  """[(step seconds, row name)] per round: the fastest float32 torch-framework row of that round
+  (transformers or nanoGPT-style, any variant), or [] when there is none."""
+  names = [i for i in times if i.split("-")[0] in TORCH_FRAMEWORKS and i.split("-")[1] == "f32"]
+  if not names:
+    return []
+  return [min((times[n][r], n) for n in names) for r in range(len(times[names[0]]))]
 
 
 def profile_step(run, top: int = 30) -> None:
@@ -264,7 +341,8 @@ def main() -> None:
   parser.add_argument("--impls", default="jax-f32-scan,jax-f32-unrolled,jax-f32-scan-eigen,"
                       "jax-bf16-scan,torch-f32,torch-bf16",
                       help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs|-nokernel][-geluxla][-ln3d][-logitsloss|-fusedloss][-xentvml][-optaxclip][-optaxadam]"
-                      "[-rematdots|-rematfull][-xladot|-mkl][-freedoff|-keepfreed] names")
+                      "[-rematdots|-rematfull][-xladot|-mkl][-freedoff|-keepfreed] names; torch rows: "
+                      "torch|nanogpt-f32|bf16[-compile][-fusedadam|-foreachadam][-keepfreed]")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps", type=int, default=3, help="timed steps per row per round")
   parser.add_argument("--profile", action="store_true",
@@ -282,14 +360,14 @@ def main() -> None:
     peaks["torch bf16"] = matmul_peak_torch(torch, torch.bfloat16)
   peak = max(peaks["jax f32"], peaks.get("torch f32", 0.0))
 
-  rows, profiles = [], []
+  rows, profiles, bests = [], [], []
   for name in args.shapes.split(","):
     shape = SHAPES[name]
     runners, missing = {}, []
     for impl in args.impls.split(","):
       framework, dt, *variant = impl.split("-")
       dtype = {"f32": "float32", "bf16": "bfloat16"}[dt]
-      if framework == "torch" and torch is None:
+      if framework in TORCH_FRAMEWORKS and torch is None:
         missing.append(impl)
         continue
       options, fields, switches = {}, {}, []
@@ -298,10 +376,17 @@ def main() -> None:
         fields.update(VARIANT_FIELDS.get(v, {}))
         switches += [VARIANT_SWITCHES[v]] if v in VARIANT_SWITCHES else []
       train = train_section(name)
-      runners[impl] = (jax_runner(shape, dtype, scan="scan" in variant, options=options, train=train,
-                                  switches=switches, **fields)
-                       if framework == "jax" else torch_runner(torch, shape, dtype, train=train))
-      if "freedoff" in variant or (framework == "torch" and "keepfreed" not in variant):
+      if framework == "jax":
+        runners[impl] = jax_runner(shape, dtype, scan="scan" in variant, options=options,
+                                   train=train, switches=switches, **fields)
+      else:  # torch rows run (and compile) under glibc's defaults unless they say keepfreed
+        make = nanogpt_runner if framework == "nanogpt" else torch_runner
+        if "keepfreed" in variant:
+          runners[impl] = make(torch, shape, dtype, train=train, variant=variant)
+        else:
+          with host_memory.glibc_defaults():
+            runners[impl] = make(torch, shape, dtype, train=train, variant=variant)
+      if "freedoff" in variant or (framework in TORCH_FRAMEWORKS and "keepfreed" not in variant):
         runners[impl] = (runners[impl][0], _under_glibc_defaults(runners[impl][1]))
     for _, run in runners.values():  # warm-up step
       run()
@@ -313,15 +398,22 @@ def main() -> None:
     L, D, H, T, B = shape
     flops = GPTConfig(n_vocab=VOCAB, n_ctx=T, n_embd=D, n_head=H, n_layer=L).flops_per_token(T)
     ref = times.get("torch-f32")
+    best = best_torch_f32(times)
     for impl, ts in times.items():
       step_s = statistics.median(ts)
       tok_s = B * T / step_s
       # Paired: each round's torch time over this row's time in the same round, then the median,
       # so load that drifts between rounds cancels out.
       rel = statistics.median(r / t for r, t in zip(ref, ts)) if ref else None
-      rows.append((name, impl, runners[impl][0], step_s, tok_s, tok_s * flops / peak, rel, flops))
+      rel_best = statistics.median(b / t for (b, _), t in zip(best, ts)) if best else None
+      rows.append((name, impl, runners[impl][0], step_s, tok_s, tok_s * flops / peak, rel, flops,
+                   rel_best))
+    if best:
+      winners = [w for _, w in best]
+      bests.append(f"{name}: " + ", ".join(f"{w} {winners.count(w)}/{len(winners)}"
+                                           for w in dict.fromkeys(winners)))
     for impl in missing:
-      rows.append((name, impl, None, None, None, None, None, flops))
+      rows.append((name, impl, None, None, None, None, None, flops, None))
     if args.profile:
       first = next((i for i in runners if i.startswith("jax")), None)
       if first:
@@ -335,17 +427,20 @@ def main() -> None:
   print("matmul peaks (2048^3, GFLOP/s): " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peaks.items())
         + f"; MFU uses {peak / 1e9:.0f}")
   print()
-  print("| shape (L x D, ctx, batch) | implementation | compile s (CPU s) | step ms | tokens/s | MFU | vs torch f32 |")
-  print("|---|---|---|---|---|---|---|")
-  for name, impl, comp, step_s, tok_s, mfu, rel, flops in rows:
+  print("| shape (L x D, ctx, batch) | implementation | compile s (CPU s) | step ms | tokens/s | MFU "
+        "| vs torch f32 | vs best torch f32 |")
+  print("|---|---|---|---|---|---|---|---|")
+  for name, impl, comp, step_s, tok_s, mfu, rel, flops, rel_best in rows:
     L, D, H, T, B = SHAPES[name]
     label = f"{name} ({L} x {D}, {T}, {B}; {flops / 1e6:.0f} MFLOP/token)"
     if step_s is None:
-      print(f"| {label} | {impl} | | n/a (torch not installed) | | | |")
+      print(f"| {label} | {impl} | | n/a (torch not installed) | | | | |")
       continue
     comp_s = f"{comp[0]:.1f} ({comp[1]:.1f})" if comp else "-"
     print(f"| {label} | {impl} | {comp_s} | {1e3 * step_s:.0f} | {tok_s:.0f} | {100 * mfu:.0f}% | "
-          f"{'' if rel is None else f'{rel:.2f}x'} |")
+          f"{'' if rel is None else f'{rel:.2f}x'} | {'' if rel_best is None else f'{rel_best:.2f}x'} |")
+  if bests:  # which torch row was the fastest, in how many rounds
+    print("\nbest torch f32 row per round: " + "; ".join(bests))
 
   for name, impl, run in profiles:
     print(f"\n## profile: {name}, {impl}")
