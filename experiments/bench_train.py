@@ -304,6 +304,67 @@ def nanogpt_runner(torch, shape, dtype: str, seed: int = 0, train=None, variant=
   return _compiled_first_step(torch, model, run, variant)
 
 
+# Torch rows' settings that a process reads when it starts, so the row runs in a child process of
+# its own (stepped by this one, round-robin with the others, timed here): `proc` alone is torch as a
+# user runs it, glibc's allocator untouched (in this process the torch rows share jax's one-arena
+# setup with mmap toggled back on, host_memory.glibc_defaults); `jemalloc` / `tcmalloc` preload
+# those allocators (torch's CPU performance guide suggests either); `thp` sets torch's
+# THP_MEM_ALLOC_ENABLE=1 (transparent huge pages for its large blocks).
+_LIBDIR = Path("/usr/lib/x86_64-linux-gnu")
+CHILD_ENV = {"proc": {}, "jemalloc": {"LD_PRELOAD": str(_LIBDIR / "libjemalloc.so.2")},
+             "tcmalloc": {"LD_PRELOAD": str(_LIBDIR / "libtcmalloc_minimal.so.4")},
+             "thp": {"THP_MEM_ALLOC_ENABLE": "1"}}
+
+
+class ChildRow:
+  """A torch row stepped in a child process: call it for one step. The child is this script with
+  `--child=IMPL --shapes=NAME`; it answers each "step" line on stdin with "done" on stdout."""
+
+  def __init__(self, impl: str, shape_name: str, env: dict):
+    import json
+    import subprocess
+    missing = [v for v in env.values() if v.endswith(".so.2") or v.endswith(".so.4")]
+    missing = [v for v in missing if not Path(v).exists()]
+    if missing:  # not an error of the benchmark: the allocator is not installed
+      raise FileNotFoundError(f"{impl}: {missing[0]} is not installed (apt-get install "
+                              "libjemalloc2 libtcmalloc-minimal4)")
+    self.impl = impl
+    self.proc = subprocess.Popen(
+        [sys.executable, __file__, f"--child={impl}", f"--shapes={shape_name}"],
+        env={**os.environ, **env}, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.compile_s = json.loads(self._read("ready ")[len("ready "):])
+
+  def _read(self, prefix: str) -> str:
+    """The child's next line starting with `prefix` (libraries may print lines of their own)."""
+    for line in self.proc.stdout:
+      if line.startswith(prefix):
+        return line.strip()
+    raise RuntimeError(f"{self.impl}: the child process exited ({self.proc.wait()})")
+
+  def __call__(self):
+    self.proc.stdin.write("step\n")
+    self.proc.stdin.flush()
+    self._read("done")
+
+
+def child_main(impl: str, shape_name: str) -> None:
+  """The child side of ChildRow: builds the torch row `impl` and steps it on each stdin line."""
+  import json
+  import torch
+  torch.set_num_threads(os.cpu_count() or 1)
+  framework, dt, *variant = impl.split("-")
+  if "keepfreed" in variant:
+    host_memory.keep_freed_memory()
+  make = nanogpt_runner if framework == "nanogpt" else torch_runner
+  dtype = {"f32": "float32", "bf16": "bfloat16"}[dt]
+  compile_s, run = make(torch, SHAPES[shape_name], dtype, train=train_section(shape_name),
+                        variant=variant)
+  print("ready " + json.dumps(compile_s), flush=True)
+  for _ in sys.stdin:
+    run()
+    print("done", flush=True)
+
+
 def _under_glibc_defaults(run):
   """`run` with host_memory.glibc_defaults() around each call (keeps run.hlo_text)."""
   def wrapped():
@@ -331,6 +392,12 @@ def profile_step(run, top: int = 30) -> None:
 
 
 def main() -> None:
+  if any(a.startswith("--child=") for a in sys.argv):  # a ChildRow's process
+    child = argparse.ArgumentParser()
+    child.add_argument("--child")
+    child.add_argument("--shapes")
+    known, _ = child.parse_known_args()
+    return child_main(known.child, known.shapes)
   # As gpt.main does, before jax starts its backend (train-alloc, session 7): the jax rows reuse
   # their temp buffer's pages. `freedoff` rows, and the torch rows (as users run torch), run under
   # glibc's defaults (host_memory.glibc_defaults) unless a torch row says `keepfreed`. Here, not at
@@ -342,7 +409,8 @@ def main() -> None:
                       "jax-bf16-scan,torch-f32,torch-bf16",
                       help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs|-nokernel][-geluxla][-ln3d][-logitsloss|-fusedloss][-xentvml][-optaxclip][-optaxadam]"
                       "[-rematdots|-rematfull][-xladot|-mkl][-freedoff|-keepfreed] names; torch rows: "
-                      "torch|nanogpt-f32|bf16[-compile][-fusedadam|-foreachadam][-keepfreed]")
+                      "torch|nanogpt-f32|bf16[-compile][-fusedadam|-foreachadam][-keepfreed]"
+                      "[-proc|-jemalloc|-tcmalloc|-thp: in a process of its own]")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps", type=int, default=3, help="timed steps per row per round")
   parser.add_argument("--profile", action="store_true",
@@ -379,6 +447,11 @@ def main() -> None:
       if framework == "jax":
         runners[impl] = jax_runner(shape, dtype, scan="scan" in variant, options=options,
                                    train=train, switches=switches, **fields)
+      elif any(v in CHILD_ENV for v in variant):  # settings read at a process's start
+        env = {k: x for v in variant for k, x in CHILD_ENV.get(v, {}).items()}
+        child = ChildRow(impl, name, env)
+        runners[impl] = (child.compile_s, child)
+        continue
       else:  # torch rows run (and compile) under glibc's defaults unless they say keepfreed
         make = nanogpt_runner if framework == "nanogpt" else torch_runner
         if "keepfreed" in variant:
