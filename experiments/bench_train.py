@@ -341,6 +341,11 @@ class ChildRow:
         return line.strip()
     raise RuntimeError(f"{self.impl}: the child process exited ({self.proc.wait()})")
 
+  def close(self) -> None:
+    """Ends the child (its stdin closes; it exits) and waits for it."""
+    self.proc.stdin.close()
+    self.proc.wait()
+
   def __call__(self):
     self.proc.stdin.write("step\n")
     self.proc.stdin.flush()
@@ -467,6 +472,9 @@ def main() -> None:
     for _ in range(args.rounds):
       for impl, (_, run) in runners.items():
         times[impl].append(min(_timed(run) for _ in range(args.steps)))
+    for _, run in runners.values():  # child processes hold memory the next shape needs
+      if isinstance(run, ChildRow):
+        run.close()
     from gpt.model import GPTConfig
     L, D, H, T, B = shape
     flops = GPTConfig(n_vocab=VOCAB, n_ctx=T, n_embd=D, n_head=H, n_layer=L).flops_per_token(T)
