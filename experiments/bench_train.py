@@ -410,8 +410,12 @@ def main() -> None:
   host_memory.keep_freed_memory()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shapes", default="chapter,30m", help=f"comma list of {sorted(SHAPES)}")
+  # The torch peers at their best beside the plain reference (torch-peers, session 8): tcmalloc
+  # preloaded (torch's CPU guide; ~5x fewer page faults per step here), the nanoGPT-style model
+  # eager and under torch.compile (nanoGPT's default); torch-f32 stays as "vs torch f32"'s row.
   parser.add_argument("--impls", default="jax-f32-scan,jax-f32-unrolled,jax-f32-scan-eigen,"
-                      "jax-bf16-scan,torch-f32,torch-bf16",
+                      "jax-bf16-scan,torch-f32,torch-f32-tcmalloc,nanogpt-f32,nanogpt-f32-compile,"
+                      "torch-bf16",
                       help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs|-nokernel][-geluxla][-ln3d][-logitsloss|-fusedloss][-xentvml][-optaxclip][-optaxadam]"
                       "[-rematdots|-rematfull][-xladot|-mkl][-freedoff|-keepfreed] names; torch rows: "
                       "torch|nanogpt-f32|bf16[-compile][-fusedadam|-foreachadam][-keepfreed]"
@@ -441,7 +445,7 @@ def main() -> None:
       framework, dt, *variant = impl.split("-")
       dtype = {"f32": "float32", "bf16": "bfloat16"}[dt]
       if framework in TORCH_FRAMEWORKS and torch is None:
-        missing.append(impl)
+        missing.append((impl, "torch not installed"))
         continue
       options, fields, switches = {}, {}, []
       for v in variant:
@@ -454,7 +458,11 @@ def main() -> None:
                                    train=train, switches=switches, **fields)
       elif any(v in CHILD_ENV for v in variant):  # settings read at a process's start
         env = {k: x for v in variant for k, x in CHILD_ENV.get(v, {}).items()}
-        child = ChildRow(impl, name, env)
+        try:
+          child = ChildRow(impl, name, env)
+        except FileNotFoundError as e:  # e.g. tcmalloc not installed: the row is skipped, said so
+          missing.append((impl, str(e)))
+          continue
         runners[impl] = (child.compile_s, child)
         continue
       else:  # torch rows run (and compile) under glibc's defaults unless they say keepfreed
@@ -493,8 +501,8 @@ def main() -> None:
       winners = [w for _, w in best]
       bests.append(f"{name}: " + ", ".join(f"{w} {winners.count(w)}/{len(winners)}"
                                            for w in dict.fromkeys(winners)))
-    for impl in missing:
-      rows.append((name, impl, None, None, None, None, None, flops, None))
+    for impl, why in missing:
+      rows.append((name, impl, why, None, None, None, None, flops, None))
     if args.profile:
       first = next((i for i in runners if i.startswith("jax")), None)
       if first:
@@ -515,7 +523,7 @@ def main() -> None:
     L, D, H, T, B = SHAPES[name]
     label = f"{name} ({L} x {D}, {T}, {B}; {flops / 1e6:.0f} MFLOP/token)"
     if step_s is None:
-      print(f"| {label} | {impl} | | n/a (torch not installed) | | | | |")
+      print(f"| {label} | {impl} | | n/a ({comp}) | | | | |")
       continue
     comp_s = f"{comp[0]:.1f} ({comp[1]:.1f})" if comp else "-"
     print(f"| {label} | {impl} | {comp_s} | {1e3 * step_s:.0f} | {tok_s:.0f} | {100 * mfu:.0f}% | "
