@@ -6,7 +6,7 @@
 
 Each checkout runs in its own worker process (its own `gpt` package) that builds, from its own
 benchmark scripts, the runners to compare and compiles them once: for `decode`,
-`experiments/bench_decode.py`'s `Ours` (the `sample` mode's decoder, random weights) per (dtype,
+`experiments/decode_runners.py`'s `Ours` (the `sample` mode's decoder, random weights) per (dtype,
 batch); for `train`, `experiments/bench_train.py`'s `jax_runner` (one jitted AdamW train step)
 per (shape, dtype). The driver then asks the workers for one timed run at a time, alternating old
 and new (and which goes first) in every repeat, so the machine's load hits both alike. Prints the
@@ -29,7 +29,7 @@ TAG = "@@ab "
 
 
 def worker(args) -> None:
-  """Serves timed runs of bench_decode.Ours over stdin/stdout (one JSON line each way)."""
+  """Serves timed runs of decode_runners.Ours over stdin/stdout (one JSON line each way)."""
   sys.path.insert(0, str(Path(args.checkout).resolve()))
   runners = {}
   if args.what == "train":
@@ -41,7 +41,7 @@ def worker(args) -> None:
         run()  # warm-up
         runners[f"{shape} {dtype}"] = run
   else:
-    from experiments import bench_decode
+    from experiments import decode_runners
     from gpt.config import MODEL_SIZES, canonical_model_name
     from gpt.model import GPTConfig
 
@@ -52,7 +52,7 @@ def worker(args) -> None:
         float_dtype = "float32" if dtype == "int8" else dtype
         cfg = GPTConfig(n_layer=n_layer, n_embd=n_embd, n_head=n_head, dtype=float_dtype,
                         param_dtype=float_dtype, quantize="int8" if dtype == "int8" else "none")
-        run = bench_decode.Ours(cfg, batch, args.new)
+        run = decode_runners.Ours(cfg, batch, args.new)
         assert run().shape == (batch, args.new)  # warm-up: compiles
         runners[f"{dtype} {batch}"] = run
   print(TAG + json.dumps({"ready": list(runners)}), flush=True)
@@ -116,7 +116,7 @@ def main():
   load_after = load_average()
 
   cpu = f"{cpu_model()} ({vector_flags()})"
-  what = (f"train step (bench_train.py jax_runner, scan, AdamW), steps/s" if args.what == "train" else
+  what = ("train step (bench_train.py jax_runner, scan, AdamW), steps/s" if args.what == "train" else
           f"{args.model} architecture, random weights, {args.new_tokens} new tokens after a 1-token "
           f"prompt, top-k 40, new tokens/s")
   print(f"\n{what}; median of {args.repeats} interleaved repeats (best). {os.cpu_count()} CPUs, "

@@ -33,6 +33,10 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as bench_train.py: torch on a shared machine
 
+from gpt.console import quiet_native_logs  # noqa: E402
+
+quiet_native_logs()  # a table, not libtpu's notices nor XLA's C++ logs (gpt.main does the same)
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

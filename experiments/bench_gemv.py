@@ -47,6 +47,10 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
   sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from gpt.console import quiet_native_logs  # noqa: E402
+
+quiet_native_logs()  # a table, not libtpu's notices nor XLA's C++ logs (gpt.main does the same)
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

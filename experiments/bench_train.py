@@ -52,6 +52,10 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 if "--profile" in sys.argv:  # per-op trace events must be switched on before XLA starts
   xla_trace.enable_op_events()
 
+from gpt.console import quiet_native_logs  # noqa: E402
+
+quiet_native_logs()  # a table, not libtpu's notices nor XLA's C++ logs (gpt.main does the same)
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

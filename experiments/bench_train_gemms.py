@@ -29,6 +29,10 @@ if __package__ in (None, ""):
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from gpt.console import quiet_native_logs  # noqa: E402
+
+quiet_native_logs()  # a table, not libtpu's notices nor XLA's C++ logs (gpt.main does the same)
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

@@ -38,6 +38,10 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 # Let XLA take most of the GPU (its default is 75%): the batch search measures against this.
 os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION", "0.92")
 
+from gpt.console import quiet_native_logs  # noqa: E402
+
+quiet_native_logs()  # a table, not libtpu's notices nor XLA's C++ logs (gpt.main does the same)
+
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402

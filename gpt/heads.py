@@ -55,17 +55,18 @@ def logits(model: GPT, hidden: jax.Array, at: jax.Array | None = None) -> jax.Ar
   return matmul(hidden, wte, "...d,vd->...v", scale=scale, impl=cfg.matmul)
 
 
-def loss(model: GPT, hidden: jax.Array, targets: jax.Array, *, wte_trained: bool = True) -> jax.Array:
+def loss(model: GPT, hidden: jax.Array, targets: jax.Array) -> jax.Array:
   """Mean next-token cross-entropy of final hidden states [B, T, D] (`logits_at=None`) at
   targets [B, T], the training loss. With `output_loss="fused"` (or "auto" where the step's
-  matmuls resolved to MKL's) and a float, trained `wte`, it is gpt.output_loss's fused head (the [B, T, V] logits never whole, their gradient made in the
-  same pass); otherwise optax's cross-entropy of `logits` (a frozen wte, as in LoRA, would only
-  waste the fused head's d(wte) matmul)."""
+  matmuls resolved to MKL's) and a float `wte`, it is gpt.output_loss's fused head (the [B, T, V]
+  logits never whole, their gradient made in the same pass); otherwise optax's cross-entropy of
+  `logits`. Where wte is not differentiated (LoRA, only_train_transformer_layers) the fused head's
+  d(wte) product is unused and XLA drops it from the compiled step (tests/test_train.py checks)."""
   wte, cfg = model.wte[...], model.cfg
   # "auto": fused where the step's matmuls are MKL's (its one-pass C++ loss), the whole logits
   # elsewhere (XLA's fused version measured not faster).
   fused = cfg.output_loss == "fused" or (cfg.output_loss == "auto" and cfg.matmul == "mkl")
-  if fused and wte_trained and wte.dtype != jnp.int8 and not cfg.weights_by_row:
+  if fused and wte.dtype != jnp.int8 and not cfg.weights_by_row:
     return tied_cross_entropy(hidden, wte, targets, impl=cfg.matmul)
   return optax.softmax_cross_entropy_with_integer_labels(logits(model, hidden), targets).mean()
 

@@ -64,6 +64,15 @@ def decay_mask(params: Any) -> Any:
       params)
 
 
+def held_names(t: Any, params: Any) -> tuple[str, ...]:
+  """The top-level parameters `config.train` holds fixed (`only_train_transformer_layers`: all but
+  `h`). The train step does not differentiate them, so their gradient matmuls (the tied head's
+  d(wte) among them) are never computed; their optimizer updates are zero either way."""
+  if not t.only_train_transformer_layers:
+    return ()
+  return tuple(k for k in params if k != "h")
+
+
 def trainable_labels(params: Any, only_transformer_layers: bool) -> Any:
   """'train' / 'freeze' per parameter: with `only_transformer_layers`, only `h/...` trains."""
   return jax.tree_util.tree_map_with_path(

@@ -112,9 +112,12 @@ def opt_state_shardings(tx: Any, opt_state: Any, params_sharding: Any, mesh: Mes
   import optax
 
   rep = replicated(mesh)
-  return optax.tree_map_params(tx, lambda _, s: s, opt_state, params_sharding,
+  # Frozen parameters (train.only_train_transformer_layers: optax.multi_transform) have no slots:
+  # optax's MaskedNode stands where their moments would be, and stays.
+  masked = lambda x: isinstance(x, optax.MaskedNode)
+  return optax.tree_map_params(tx, lambda v, s: v if masked(v) else s, opt_state, params_sharding,
                                transform_non_params=lambda _: rep,
-                               is_leaf=lambda x: isinstance(x, NamedSharding))
+                               is_leaf=lambda x: isinstance(x, NamedSharding) or masked(x))
 
 
 def batch_sharding(mesh: Mesh) -> NamedSharding:

@@ -298,7 +298,8 @@ def build_programs(config: Any, cfg: GPTConfig, mesh, lora_run: bool = False) ->
   step_fn = jit_train_step(
       graphdef, tx, schedule, grad_accum=t.grad_accum, noise=t.noise, dropout=uses_dropout(cfg),
       state_sharding=state_sharding, batch_sharding=batch_sharding, scalar_sharding=rep,
-      frozen_sharding=fsh, micro_sharding=NamedSharding(mesh, P(None, sharding.BATCH_AXES, None)))
+      frozen_sharding=fsh, micro_sharding=NamedSharding(mesh, P(None, sharding.BATCH_AXES, None)),
+      held=optim.held_names(t, abs_params))
   eval_fn = jit_eval_step(graphdef, params_sharding=psh, frozen_sharding=fsh,
                           batch_sharding=batch_sharding, scalar_sharding=rep)
 

@@ -65,7 +65,7 @@ def loss_fn(params: Any, graphdef: Any, windows: jax.Array, rng: jax.Array | Non
   if noise > 0:
     inputs = add_noise(inputs, noise, model.cfg.n_vocab, r_noise)
   hidden = model(inputs, rng=r_drop if dropout else None, logits_at=None)
-  return heads.loss(model, hidden, targets, wte_trained=not (frozen and "wte" in frozen))
+  return heads.loss(model, hidden, targets)
 
 
 def uses_dropout(cfg: GPTConfig) -> bool:
@@ -74,11 +74,18 @@ def uses_dropout(cfg: GPTConfig) -> bool:
 
 def train_step(state: TrainState, batch: jax.Array, frozen: Any = None, *, graphdef: Any,
                tx: optax.GradientTransformation, schedule: optax.Schedule, grad_accum: int,
-               noise: float, dropout: bool, micro_sharding: Any = None) -> tuple[TrainState, dict]:
+               noise: float, dropout: bool, micro_sharding: Any = None,
+               held: tuple[str, ...] = ()) -> tuple[TrainState, dict]:
   """One optimizer step on `batch` [B, T+1] (with `frozen` parameters held fixed); returns the new
-  state and {loss, grad_norm, lr}."""
+  state and {loss, grad_norm, lr}. `held` names top-level entries of `state.params` that the
+  optimizer freezes (optim.held_names): they are not differentiated (their gradients are zeros
+  for `tx`, which zeroes their updates anyway), and grad_norm is the trained gradients' norm, the
+  one clipping uses."""
   step_rng = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
   grad_fn = jax.value_and_grad(loss_fn)
+  trained = {k: v for k, v in state.params.items() if k not in held} if held else state.params
+  if held:  # held fixed as `frozen` is: loss_fn sees them, jax does not differentiate them
+    frozen = combine({k: state.params[k] for k in held}, frozen)
   B, T1 = batch.shape
   micro = batch.reshape(B // grad_accum, grad_accum, T1).swapaxes(0, 1)
   if micro_sharding is not None and grad_accum > 1:
@@ -87,25 +94,29 @@ def train_step(state: TrainState, batch: jax.Array, frozen: Any = None, *, graph
   def accumulate(carry, xs):
     loss_sum, grad_sum = carry
     windows, i = xs
-    loss, grads = grad_fn(state.params, graphdef, windows, jax.random.fold_in(step_rng, i),
+    loss, grads = grad_fn(trained, graphdef, windows, jax.random.fold_in(step_rng, i),
                           noise, dropout, frozen)
     return (loss_sum + loss, jax.tree.map(jnp.add, grad_sum, grads)), None
 
   if grad_accum == 1:  # no loop: keeps the whole step one straight-line program
-    loss, grads = grad_fn(state.params, graphdef, batch, jax.random.fold_in(step_rng, 0), noise,
+    loss, grads = grad_fn(trained, graphdef, batch, jax.random.fold_in(step_rng, 0), noise,
                           dropout, frozen)
   else:
-    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    zeros = jax.tree.map(jnp.zeros_like, trained)
     (loss, grads), _ = jax.lax.scan(accumulate, (jnp.zeros((), jnp.float32), zeros),
                                     (micro, jnp.arange(grad_accum)))
     loss = loss / grad_accum
     grads = jax.tree.map(lambda g: g / grad_accum, grads)
+  grad_norm = optax.global_norm(grads)  # the trained leaves', as clipping computes it: shared
+  if held:  # the optimizer's tree: zeros where held (its updates there are zero whatever they are)
+    grads = {**grads, **{k: jax.tree.map(jnp.zeros_like, state.params[k]) for k in held}}
+    grads = {k: grads[k] for k in state.params}
   if isinstance(tx, FusedOptimizer):  # Adam's update and its application in one pass per leaf
     params, opt_state = tx.apply(grads, state.opt_state, state.params)
   else:
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-  metrics = {"loss": loss, "grad_norm": optax.global_norm(grads), "lr": schedule(state.step)}
+  metrics = {"loss": loss, "grad_norm": grad_norm, "lr": schedule(state.step)}
   return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
 
 
@@ -117,12 +128,12 @@ def eval_step(params: Any, batch: jax.Array, frozen: Any = None, *, graphdef: An
 def jit_train_step(graphdef: Any, tx: optax.GradientTransformation, schedule: optax.Schedule, *,
                    grad_accum: int, noise: float, dropout: bool, state_sharding: Any,
                    batch_sharding: Any, micro_sharding: Any, scalar_sharding: Any,
-                   frozen_sharding: Any = None):
+                   frozen_sharding: Any = None, held: tuple[str, ...] = ()):
   """`train_step` jitted over the mesh: state in and out with its sharding, and donated. With
   `frozen_sharding` the step takes (state, batch, frozen); without, (state, batch)."""
   fn = functools.partial(train_step, graphdef=graphdef, tx=tx, schedule=schedule,
                          grad_accum=grad_accum, noise=noise, dropout=dropout,
-                         micro_sharding=micro_sharding)
+                         micro_sharding=micro_sharding, held=held)
   in_shardings = (state_sharding, batch_sharding)
   if frozen_sharding is not None:
     in_shardings += (frozen_sharding,)

@@ -32,18 +32,23 @@ def bench_decode():
   return load_script("bench_decode")
 
 
+@pytest.fixture(scope="module")
+def runners():
+  return load_script("decode_runners")
+
+
 @pytest.mark.slow  # runs the decode benchmark's runners
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_decode_runners_sample_the_asked_shape(bench_decode, dtype):
+def test_decode_runners_sample_the_asked_shape(runners, dtype):
   cfg = TINY.replace(dtype=dtype, param_dtype=dtype)
-  ours = bench_decode.Ours(cfg, batch=2, new=5)
+  ours = runners.Ours(cfg, batch=2, new=5)
   tokens = ours()
   assert tokens.shape == (2, 5) and ((0 <= tokens) & (tokens < cfg.n_vocab)).all()
   assert not np.array_equal(tokens, ours())  # a new seed each call: the timed runs differ
-  assert bench_decode.Ours(cfg, 2, 5, model_decode=True)().shape == (2, 5)
-  hidden = bench_decode.MatmulsOnly(cfg, 2, 5)()
+  assert runners.Ours(cfg, 2, 5, model_decode=True)().shape == (2, 5)
+  hidden = runners.MatmulsOnly(cfg, 2, 5)()
   assert hidden.shape == (2, 1, cfg.n_embd) and np.isfinite(hidden.astype(np.float32)).all()
-  small_pages = bench_decode.OnSmallPages(bench_decode.Ours(cfg, 2, 5))
+  small_pages = runners.on_small_pages(runners.Ours(cfg, 2, 5))
   assert small_pages().shape == (2, 5)
   assert "GPT_GEMV_HUGEPAGES" not in os.environ  # the --small_pages runner restores the default
   os.environ["GPT_GEMV_HUGEPAGES"] = "1"  # ... and a value the caller set
@@ -113,11 +118,11 @@ def test_train_benchmark_profile_as_a_user_runs_it(repo_dir):
 
 
 @pytest.mark.slow  # runs the decode benchmark's CTranslate2 runner (PyTorch's converter)
-def test_ctranslate2_runner_samples_the_asked_shape(bench_decode):
+def test_ctranslate2_runner_samples_the_asked_shape(runners):
   pytest.importorskip("ctranslate2", reason="the CTranslate2 column needs the [bench] extra")
   pytest.importorskip("transformers", reason="CTranslate2's converter reads a Hugging Face export")
   cfg = TINY.replace(n_vocab=50257)  # the converter checks the vocabulary against the tokenizer's
-  ct2 = bench_decode.CTranslate2(cfg, batch=2, new=5, compute_type="float32")
+  ct2 = runners.CTranslate2(cfg, batch=2, new=5, compute_type="float32")
   tokens = ct2()
   assert tokens.shape == (2, 5) and ((0 <= tokens) & (tokens < cfg.n_vocab)).all()
   assert not np.array_equal(tokens, ct2())  # it samples (top-k 40), as the other columns do

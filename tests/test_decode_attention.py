@@ -129,7 +129,7 @@ def test_bench_decode_traces_its_einsum_column_without_the_kernel(monkeypatch):
   from test_benchmarks import load_script
 
   seen = []
-  runner = load_script("bench_decode").WithoutDecodeAttention(
+  runner = load_script("decode_runners").without_decode_attention(
       lambda: seen.append(os.environ.get("GPT_DECODE_ATTENTION")) or np.zeros((2, 5)))
   monkeypatch.delenv("GPT_DECODE_ATTENTION", raising=False)
   assert runner().shape == (2, 5) and "GPT_DECODE_ATTENTION" not in os.environ

@@ -261,15 +261,16 @@ def test_decode_benchmark_runs_int8(monkeypatch):
   bench = importlib.util.module_from_spec(spec)
   monkeypatch.setitem(sys.modules, "bench_decode", bench)
   spec.loader.exec_module(bench)
+  runners = sys.modules["experiments.decode_runners"]  # its runners' module, imported by the script
   cfg = GPTConfig(n_vocab=256, n_ctx=32, n_embd=32, n_head=2, n_layer=2, quantize="int8")
-  tokens = bench.Ours(cfg, batch=2, new=5)()
+  tokens = runners.Ours(cfg, batch=2, new=5)()
   assert tokens.shape == (2, 5) and ((0 <= tokens) & (tokens < 256)).all()
-  assert np.isfinite(bench.MatmulsOnly(cfg, 2, 5)()).all()
+  assert np.isfinite(runners.MatmulsOnly(cfg, 2, 5)()).all()
   for mode in ("1", "mlp"):  # --fused's columns: traced with GPT_GEMV_FUSE, then restored
-    assert bench.Fused(bench.Ours(cfg, batch=1, new=3), mode)().shape == (1, 3)
+    assert runners.fused(runners.Ours(cfg, batch=1, new=3), mode)().shape == (1, 3)
     assert "GPT_GEMV_FUSE" not in __import__("os").environ
   monkeypatch.setenv("GPT_GEMV_FUSE", "mlp")  # a value the caller had set stays
-  bench.Fused(bench.Ours(cfg, batch=1, new=3), "1")()
+  runners.fused(runners.Ours(cfg, batch=1, new=3), "1")()
   assert __import__("os").environ["GPT_GEMV_FUSE"] == "mlp"
   assert bench.roofline(cfg, 1, 1, 1e9) > 3 * bench.roofline(cfg.replace(quantize="none"), 1, 1, 1e9)
 

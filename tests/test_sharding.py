@@ -72,6 +72,31 @@ def test_optimizer_state_follows_parameters():
   assert adam.count.spec == P()
 
 
+
+def test_optimizer_state_of_frozen_parameters_keeps_its_masks():
+  """train.only_train_transformer_layers: optax.multi_transform leaves MaskedNode where the frozen
+  parameters' moments would be; their shardings keep it (the train mode failed here before)."""
+  import optax
+  from gpt import optim
+  from gpt.config import base_config
+  mesh_cfg = base_config().mesh
+  mesh_cfg.update(data=4, tensor=2)
+  mesh = sharding.make_mesh(mesh_cfg)
+  params = {"h": {"w": jax.ShapeDtypeStruct((2, 8, 16), np.float32)},
+            "wte": jax.ShapeDtypeStruct((32, 8), np.float32)}
+  axes = {"h": {"w": ("layers", "embed", "mlp")}, "wte": ("vocab", "embed")}
+  psh = sharding.param_shardings(params, axes, mesh)
+  t = base_config().train
+  t.update(optimizer="adam", only_train_transformer_layers=True)
+  tx = optim.make_optimizer(t, params)
+  state = jax.eval_shape(tx.init, params)
+  osh = sharding.opt_state_shardings(tx, state, psh, mesh)
+  specs = [x for x in jax.tree.leaves(osh, is_leaf=lambda x: isinstance(x, optax.MaskedNode))]
+  assert sum(isinstance(x, optax.MaskedNode) for x in specs) == 2  # wte's mu and nu
+  assert P(None, None, "tensor") in [x.spec for x in specs if not isinstance(x, optax.MaskedNode)]
+  assert jax.tree.structure(osh, is_leaf=lambda x: isinstance(x, optax.MaskedNode)) == \
+      jax.tree.structure(state, is_leaf=lambda x: isinstance(x, optax.MaskedNode))
+
 def test_mesh_sizes():
   from gpt.config import base_config
   m = base_config().mesh

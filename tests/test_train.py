@@ -211,6 +211,67 @@ def test_gradient_accumulation_equals_one_big_batch_and_freezing_holds():
   assert max_abs_diff(s1.params["h"], params["h"]) > 1e-4
 
 
+@pytest.mark.parametrize("matmul", ["xla", "mkl"])
+def test_held_parameters_are_not_differentiated(matmul):
+  """only_train_transformer_layers: the step differentiates `h` alone (optim.held_names), so the
+  tied head's d(wte) product and the embeddings' scatters are not in the compiled program (with
+  MKL's matmuls the fused output loss runs, and XLA drops its unused d(wte) call); the blocks'
+  gradients and the new state are what differentiating everything gave, grad_norm is the
+  trained gradients' norm (what clipping uses), and the held parameters stay bit-identical."""
+  if matmul == "mkl":
+    from gpt.kernels import gemm
+    if not gemm.available():
+      pytest.skip(f"MKL's matmuls are not available here: {gemm.why_unavailable()}")
+  model = init_model(TINY.replace(matmul=matmul), 0)
+  graphdef, params = nnx.graphdef(model), pure_params(model)
+  t = base_config().train
+  t.update(optimizer="adam", learning_rate=1e-3, only_train_transformer_layers=True)
+  held = optim.held_names(t, params)
+  assert set(held) == {"wte", "wpe", "ln_f"}
+  tx = optim.make_optimizer(t, params)
+  schedule = optim.learning_rate_schedule(t)
+  batch = jnp.asarray(np.random.default_rng(0).integers(0, VOCAB, (8, 33)), jnp.int32)
+  runs, texts = {}, {}
+  for names in ((), held):
+    step = jax.jit(lambda s, b, names=names: train_step(
+        s, b, graphdef=graphdef, tx=tx, schedule=schedule, grad_accum=1, noise=0.0,
+        dropout=False, held=names))
+    state = create_state(params, tx, 0)
+    texts[names] = step.lower(state, batch).compile().as_text()
+    runs[names] = step(state, batch)
+  (s_all, m_all), (s_held, m_held) = runs[()], runs[held]
+  # d(wte) is f32[VOCAB, 64]: a product (dot or MKL's custom call) or the lookup's scatter
+  vd = re.compile(rf"= f32\[{VOCAB},64\]\{{1,0\}} (dot|custom-call|scatter|fusion)\(")
+  assert vd.search(texts[()]) and not vd.search(texts[held])
+  g_all, g_held = adam_gradient(s_all.opt_state, t.b1)["h"], adam_gradient(s_held.opt_state, t.b1)["h"]
+  scale = max(float(np.max(np.abs(g))) for g in jax.tree.leaves(g_all))
+  assert max_abs_diff(g_all, g_held) < 1e-6 * scale
+  assert float(m_held["loss"]) == pytest.approx(float(m_all["loss"]), abs=1e-6)
+  h_grads = jax.grad(loss_fn)(params, graphdef, batch, None, 0.0, False)["h"]  # before clipping
+  assert float(m_held["grad_norm"]) == pytest.approx(float(optax.global_norm(h_grads)), rel=1e-5)
+  assert float(m_held["grad_norm"]) < float(m_all["grad_norm"])  # wte's gradient is left out
+  for name in held:
+    assert max_abs_diff(s_held.params[name], params[name]) == 0
+
+
+@pytest.mark.slow  # trains (2 steps of the tiny model through the train mode)
+def test_train_mode_with_only_transformer_layers_trains_only_h(tmp_path):
+  """The train mode's own program (sharded state, held names, one CPU device's MKL matmuls and Adam
+  kernel where they resolve) with only_train_transformer_layers: wte, wpe and ln_f are bit-identical
+  to the initial ones after training, h moved, and the loss is finite."""
+  config = tiny_config(tmp_path, steps=2, optimizer="adam", only_train_transformer_layers=True)
+  config.mesh.update(data=1, fsdp=1, tensor=1)
+  config.train.save_every = 1
+  train.run(config, str(tmp_path / "run"))
+  first = jax.device_get(init_model(GPTConfig.from_config(config.model), config.seed))
+  first = nnx.to_pure_dict(nnx.state(first, nnx.Param))
+  last = final_params(tmp_path / "run", config.model)
+  for name in ("wte", "wpe", "ln_f"):
+    assert max_abs_diff(last[name], first[name]) == 0, name
+  assert max_abs_diff(last["h"], first["h"]) > 1e-4
+  assert all(np.isfinite(v).all() for v in read_metrics(tmp_path / "run").values())
+
+
 @pytest.mark.slow  # trains: gradients with and without remat, and a bf16 train step
 def test_remat_gives_the_same_gradients_and_bf16_keeps_float32_master_weights():
   windows = jnp.asarray(np.random.default_rng(1).integers(0, VOCAB, (4, 33)), jnp.int32)
