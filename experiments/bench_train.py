@@ -140,7 +140,13 @@ VARIANT_SWITCHES = {"recomputeprobs": ("gpt.attention", "SAVE_PROBABILITIES", Fa
                     # train-adam, session 7: optax's Adam update where "auto" takes the one-pass kernel
                     "optaxadam": ("gpt.kernels.adam", "USE_KERNEL", False),
                     # train-layers, session 6: LayerNorm of a one-row batch over [1, T, D] as before (not [T, D])
-                    "ln3d": ("gpt.layers", "LN_FLAT", False)}
+                    "ln3d": ("gpt.layers", "LN_FLAT", False),
+                    # train-scan, session 8: the scan's per-layer weight copies (not read in place)
+                    "wslice": ("gpt.model", "WEIGHTS_IN_PLACE", False),
+                    # train-scan, session 8: dW into a buffer of its own, copied into the stacked gradient
+                    "gslice": ("gpt.model", "GRADS_IN_PLACE", False),
+                    # train-scan, session 8: two layers per iteration of the rolled layer scan
+                    "unroll2": ("gpt.model", "SCAN_UNROLL", 2)}
 
 
 def train_program(shape, dtype: str, scan: bool, seed: int = 0, train=None, abstract: bool = False,
@@ -420,7 +426,7 @@ def main() -> None:
   parser.add_argument("--impls", default="jax-f32-scan,jax-f32-unrolled,jax-f32-scan-eigen,"
                       "jax-bf16-scan,torch-f32,torch-f32-tcmalloc,nanogpt-f32,nanogpt-f32-compile,"
                       "torch-bf16",
-                      help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs|-nokernel][-geluxla][-ln3d][-logitsloss|-fusedloss][-xentvml][-optaxclip][-optaxadam]"
+                      help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs|-nokernel][-geluxla][-ln3d][-logitsloss|-fusedloss][-xentvml][-optaxclip][-optaxadam][-wslice|-gslice][-unroll2]"
                       "[-rematdots|-rematfull][-xladot|-mkl][-freedoff|-keepfreed] names; torch rows: "
                       "torch|nanogpt-f32|bf16[-compile][-fusedadam|-foreachadam][-keepfreed]"
                       "[-proc|-jemalloc|-tcmalloc|-thp: in a process of its own]")

@@ -162,3 +162,129 @@ def test_train_step_mkl_equals_xla(mkl, tmp_path, layers):
     scale = np.abs(b).max()
     assert scale > 0, jax.tree_util.keystr(path)
     np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-4 * scale, err_msg=jax.tree_util.keystr(path))
+
+
+def _op(a, transpose):
+  a = np.asarray(a, np.float64)
+  return a.T if transpose else a
+
+
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("transpose_b", [False, True])
+def test_gemm_layer_and_layer_add_match_float64(mkl, transpose_a, transpose_b):
+  """gemm_layer reads layer i of a stacked [L, ...] operand where it lies; gemm_layer_add adds a
+  product into layer i of a stacked accumulator and leaves the other layers as they were."""
+  M, N, K, L = 37, 53, 29, 3
+  a = _rand((K, M) if transpose_a else (M, K), 0)
+  stack = _rand((L, N, K) if transpose_b else (L, K, N), 1)
+  acc = _rand((L, M, N), 2)
+  flags = dict(transpose_a=transpose_a, transpose_b=transpose_b)
+  read = jax.jit(lambda a, s, i: gemm.gemm_layer(a, s, i, **flags))
+  add = jax.jit(lambda a, b, acc, i: gemm.gemm_layer_add(a, b, acc, i, **flags))
+  for layer in range(L):
+    want = _op(a, transpose_a) @ _op(stack[layer], transpose_b)
+    np.testing.assert_allclose(read(a, stack, layer), want, rtol=1e-5, atol=1e-4)
+    want_acc = np.array(acc, np.float64)
+    want_acc[layer] += want
+    np.testing.assert_allclose(add(a, stack[layer], acc, layer), want_acc, rtol=1e-5, atol=1e-4)
+  with pytest.raises(Exception, match="layer index out of range"):
+    jax.block_until_ready(read(a, stack, L))
+
+
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.parametrize("into", [False, True])
+@pytest.mark.parametrize("remat", [None, "dots"])
+def test_layer_matmul_under_scan_matches_xla(mkl, gelu, into, remat):
+  """gemm.layer_matmul in a layer scan as gpt.model runs it (the stack a constant without gradient;
+  dW to the scan's slice, or `into` a stacked accumulator carried through the scan), under jit and
+  a "dots" remat policy: the loss and the gradients of the input and of the stacked weight equal
+  XLA's einsum of the sliced weight; the compiled program slices no weight out of the stack, and
+  `into` writes no dW into the stacked gradient by a dynamic-update-slice."""
+  from gpt.model import REMAT_POLICIES
+  L, D = 3, 24
+  x, stack, probe = _rand((2, 13, D), 3), _rand((L, D, D), 4) * 0.3, _rand((2, 13, D), 5)
+  act = lambda h: jax.nn.gelu(h, approximate=True) if gelu else h
+
+  def loss(ours, x, stack):
+    const = jax.lax.stop_gradient(stack)
+
+    def body(carry, xs):
+      h, acc = carry
+      w, i = xs
+      if not ours:
+        return (jnp.tanh(gemm.reference(act(h), w)), acc), None
+      y = gemm.layer_matmul(h, w, const, i, gelu=gelu, acc=acc)
+      if into:
+        y, acc = y
+      return (jnp.tanh(y), acc), None
+
+    if remat:
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    ws = jax.lax.stop_gradient(stack) if ours and into else stack
+    (h, _), _ = jax.lax.scan(body, (x, stack if ours and into else None), (ws, jnp.arange(L)))
+    return jnp.sum(h * probe)
+
+  grad = lambda ours: jax.jit(jax.value_and_grad(lambda x, s: loss(ours, x, s), argnums=(0, 1)))
+  (v, g), (v_ref, g_ref) = grad(True)(x, stack), grad(False)(x, stack)
+  np.testing.assert_allclose(v, v_ref, rtol=1e-5)
+  for name, a, b in zip(("dx", "dstack"), g, g_ref):
+    np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5 * np.abs(b).max(), err_msg=name)
+  hlo = grad(True).lower(x, stack).compile().as_text()
+  assert f"dynamic_slice_sizes={{1,{D},{D}}}" not in hlo
+  assert hlo.count(gemm.LAYER_TARGET) == 2  # forward and dx
+  assert (gemm.LAYER_ADD_TARGET in hlo) == into
+  if into:
+    assert f"f32[{L},{D},{D}]{{2,1,0}} dynamic-update-slice(" not in hlo
+
+
+def test_layer_matmul_falls_back_to_xla_with_its_gradient(mkl):
+  """In bfloat16 (no kernel) layer_matmul is XLA's einsum of the layer's weight: with `acc` its
+  value and its gradient come from acc[layer], so the stacked gradient is what the slice's was."""
+  L = 2
+  x, stack = _rand((5, 8), 0).astype(jnp.bfloat16), _rand((L, 8, 6), 1).astype(jnp.bfloat16)
+
+  def loss(into, stack):
+    total = 0.0
+    for i in range(L):
+      w = jax.lax.stop_gradient(stack[i]) if into else stack[i]
+      y = gemm.layer_matmul(x, w, jax.lax.stop_gradient(stack), i, acc=stack if into else None)
+      total = total + jnp.sum(jnp.sin((y[0] if into else y).astype(jnp.float32)))
+    return total
+
+  assert gemm.LAYER_TARGET not in jax.jit(lambda s: loss(True, s)).lower(stack).as_text()
+  (v, g), (v_ref, g_ref) = (jax.value_and_grad(lambda s: loss(into, s))(stack) for into in (True, False))
+  np.testing.assert_allclose(v, v_ref, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(g, np.float32), np.asarray(g_ref, np.float32), rtol=1e-2)
+  assert np.abs(np.asarray(g, np.float32)).max() > 0
+
+
+def _compiled_step(config) -> str:
+  """The compiled text of the train mode's step (gpt.train.build_programs) on one device."""
+  cfg = GPTConfig.from_config(config.model)
+  config.mesh.data = 1
+  programs = build_programs(config, cfg, sharding.make_mesh(config.mesh, jax.devices()[:1]))
+  batch = jax.ShapeDtypeStruct((config.train.batch_size, config.train.seq_len + 1), jnp.int32,
+                               sharding=programs.batch_sharding)
+  return programs.train_step.lower(programs.abstract_state, batch,
+                                   programs.abstract_frozen).compile().as_text()
+
+
+@pytest.mark.parametrize("weights,grads", [(True, True), (True, False), (False, False)])
+def test_train_step_reads_weights_and_writes_grads_in_place(mkl, tmp_path, monkeypatch, weights,
+                                                            grads):
+  """The compiled train step (layer scan, MKL's matmuls) copies no layer's weight out of a stacked
+  parameter (gpt.model.WEIGHTS_IN_PLACE) and copies no layer's dW into a stacked gradient
+  (GRADS_IN_PLACE): neither a dynamic-slice nor a dynamic-update-slice of a [K, N] weight's shape.
+  With the switches off the copies are there (what the check would catch if the route broke)."""
+  from gpt import model
+  monkeypatch.setattr(model, "WEIGHTS_IN_PLACE", weights)
+  monkeypatch.setattr(model, "GRADS_IN_PLACE", grads)
+  config = tiny_config(tmp_path, grad_accum=2)  # 128 rows a micro-batch: no weight's shape
+  L, D = config.model.n_layer, config.model.n_embd
+  hlo = _compiled_step(config)
+  for K, N in ((D, 3 * D), (D, D), (D, 4 * D), (4 * D, D)):
+    sliced = f"dynamic_slice_sizes={{1,{K},{N}}}" in hlo
+    written = f"f32[{L},{K},{N}]{{2,1,0}} dynamic-update-slice(" in hlo
+    assert sliced == (not weights), (K, N)
+    assert written == (not grads), (K, N)
+  assert (gemm.LAYER_TARGET in hlo) == weights and (gemm.LAYER_ADD_TARGET in hlo) == grads
