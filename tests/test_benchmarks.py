@@ -215,3 +215,14 @@ def test_torch_peer_rows_step_and_pick_the_best_round_by_round():
            "torch-bf16": [0.5, 0.5]}
   assert bench_train.best_torch_f32(times) == [(2.5, "nanogpt-f32-compile"), (2.0, "torch-f32")]
   assert bench_train.best_torch_f32({"jax-f32-scan": [1.0]}) == []
+
+
+@pytest.mark.slow  # spawns a torch process
+def test_torch_faults_measures_a_fresh_process_per_setting():
+  pytest.importorskip("torch", reason="the PyTorch peers need the [hf] extra")
+  torch_faults = load_script("torch_faults")
+  res = torch_faults.run_setting("keepfreed", "nanogpt-f32", "tiny", steps=1)
+  assert "error" not in res, res
+  assert res["wall"] > 0 and res["user"] > 0 and res["minflt"] >= 0 and res["maxrss_mb"] > 0
+  broken = torch_faults.run_setting("default", "nanogpt-f64", "tiny", steps=1)  # no such dtype
+  assert "KeyError" in broken["error"]
