@@ -124,6 +124,9 @@ VARIANT_FIELDS = {"attnxla": {"attention_impl": "xla"}, "attnblocked": {"attenti
                   "rematdots": {"remat": "dots"},
                   "xladot": {"matmul": "xla"}, "mkl": {"matmul": "mkl"},
                   "rematfull": {"remat": "full"}}
+# Train fields per variant suffix (jax rows): `held` freezes all but the blocks
+# (train.only_train_transformer_layers: the step differentiates `h` alone, session 8).
+VARIANT_TRAIN = {"held": {"only_train_transformer_layers": True}}
 
 
 # Module switches per variant suffix, set while the step is traced: `recomputeprobs` makes the
@@ -427,7 +430,7 @@ def main() -> None:
                       "jax-bf16-scan,torch-f32,torch-f32-tcmalloc,nanogpt-f32,nanogpt-f32-compile,"
                       "torch-bf16",
                       help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs|-nokernel][-geluxla][-ln3d][-logitsloss|-fusedloss][-xentvml][-optaxclip][-optaxadam][-wslice|-gslice][-unroll2]"
-                      "[-rematdots|-rematfull][-xladot|-mkl][-freedoff|-keepfreed] names; torch rows: "
+                      "[-rematdots|-rematfull][-xladot|-mkl][-freedoff|-keepfreed][-held] names; torch rows: "
                       "torch|nanogpt-f32|bf16[-compile][-fusedadam|-foreachadam][-keepfreed]"
                       "[-proc|-jemalloc|-tcmalloc|-thp: in a process of its own]")
   parser.add_argument("--rounds", type=int, default=5)
@@ -463,6 +466,8 @@ def main() -> None:
         fields.update(VARIANT_FIELDS.get(v, {}))
         switches += [VARIANT_SWITCHES[v]] if v in VARIANT_SWITCHES else []
       train = train_section(name)
+      for v in variant:
+        train.update(VARIANT_TRAIN.get(v, {}))
       if framework == "jax":
         runners[impl] = jax_runner(shape, dtype, scan="scan" in variant, options=options,
                                    train=train, switches=switches, **fields)
