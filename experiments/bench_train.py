@@ -13,10 +13,13 @@ vocabulary (50257). The `chapter` shape is the job the README's one command runs
 so both frameworks use that optimizer there. gpt runs the train mode's own program
 (gpt.train.build_programs) on a one-device mesh; the reference is
 transformers' GPT2LMHeadModel with torch.optim's Adam/AdamW in eager mode (bf16 rows under
-torch.autocast). Rows are measured round-robin (`--rounds` rounds of `--steps` timed steps each)
+torch.autocast); `nanogpt-*` rows are a second torch peer written as nanoGPT's model.py
+(experiments/nanogpt_torch.py: fused SDPA attention, nanoGPT's AdamW setup), and `-compile` rows
+run either under torch.compile. Rows are measured round-robin (`--rounds` rounds of `--steps` timed steps each)
 so a shared machine's load hits every row alike; the table reports the median step time, and
 "vs torch f32" is the median over rounds of (torch f32 step time / this row's step time) measured
-in the same round.
+in the same round; "vs best torch f32" pairs each row, round by round, with the fastest float32
+torch row (any torch or nanogpt variant) of that round, and the line under the table names it.
 
 MFU = tokens/s x FLOPs per token / peak, with FLOPs per token from GPTConfig.flops_per_token
 (6 x parameters + 12 x layers x context x width, the LM head included) and peak = the best
@@ -121,6 +124,9 @@ VARIANT_FIELDS = {"attnxla": {"attention_impl": "xla"}, "attnblocked": {"attenti
                   "rematdots": {"remat": "dots"},
                   "xladot": {"matmul": "xla"}, "mkl": {"matmul": "mkl"},
                   "rematfull": {"remat": "full"}}
+# Train fields per variant suffix (jax rows): `held` freezes all but the blocks
+# (train.only_train_transformer_layers: the step differentiates `h` alone, session 8).
+VARIANT_TRAIN = {"held": {"only_train_transformer_layers": True}}
 
 
 # Module switches per variant suffix, set while the step is traced: `recomputeprobs` makes the
@@ -216,9 +222,12 @@ def jax_runner(shape, dtype: str, scan: bool, seed: int = 0, options: dict | Non
   return compile_s, run
 
 
-def torch_runner(torch, shape, dtype: str, seed: int = 0, train=None, device: str = "cpu"):
-  """(None, step()) for transformers' GPT2LMHeadModel at `shape`, eager, with the optimizer of
-  `train` (Adam or AdamW, as the jax row; default train_section(""))."""
+def torch_runner(torch, shape, dtype: str, seed: int = 0, train=None, device: str = "cpu",
+                 variant=()):
+  """(compile seconds or None, step()) for transformers' GPT2LMHeadModel at `shape`, eager (or
+  torch.compile'd with `compile` in variant), with the optimizer of `train` (Adam or AdamW, as the
+  jax row; default train_section(""); torch's default implementation unless variant says
+  `fusedadam`/`foreachadam`)."""
   from transformers import GPT2Config, GPT2LMHeadModel
 
   L, D, H, T, B = shape
@@ -228,11 +237,13 @@ def torch_runner(torch, shape, dtype: str, seed: int = 0, train=None, device: st
   model = GPT2LMHeadModel(config).to(device).train()
   t = train_section("") if train is None else train
   betas, eps = (float(t.b1), float(t.b2)), float(t.eps)
+  kwargs = _optimizer_kwargs(variant)
   if t.optimizer == "adamw":
     opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=betas, eps=eps,
-                            weight_decay=t.weight_decay)
+                            weight_decay=t.weight_decay, **kwargs)
   else:  # configs/117m.py: plain Adam
-    opt = torch.optim.Adam(model.parameters(), lr=t.learning_rate, betas=betas, eps=eps)
+    opt = torch.optim.Adam(model.parameters(), lr=t.learning_rate, betas=betas, eps=eps, **kwargs)
+  forward = torch.compile(model) if "compile" in variant else model
   batch = torch.from_numpy(np.random.default_rng(seed).integers(0, VOCAB, (B, T + 1))).to(device)
   x, y = batch[:, :-1], batch[:, 1:]
   amp = dtype == "bfloat16"
@@ -240,7 +251,7 @@ def torch_runner(torch, shape, dtype: str, seed: int = 0, train=None, device: st
 
   def run():
     with torch.autocast(kind, dtype=torch.bfloat16, enabled=amp):
-      logits = model(x).logits
+      logits = forward(x).logits
     loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, VOCAB), y.reshape(-1))
     loss.backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), float(t.grad_clip))
@@ -249,7 +260,133 @@ def torch_runner(torch, shape, dtype: str, seed: int = 0, train=None, device: st
     if kind == "cuda":
       torch.cuda.synchronize()
 
-  return None, run
+  return _compiled_first_step(torch, model, run, variant)
+
+
+# Torch rows' variant suffixes: `compile` wraps the model in torch.compile (inductor, nanoGPT's
+# train.py default; the compile seconds are the first step's, which traces forward and backward);
+# `fusedadam` / `foreachadam` pick torch's fused or multi-tensor Adam(W) kernels, which torch
+# does not choose by default on a CPU (its default there is the per-tensor for-loop).
+TORCH_VARIANTS = ("compile", "fusedadam", "foreachadam", "keepfreed", "freedoff")
+# The torch frameworks: transformers' GPT2LMHeadModel, and the nanoGPT-style model
+# (experiments/nanogpt_torch.py). "vs best torch f32" pairs each row with the fastest f32 row of
+# either, round by round.
+TORCH_FRAMEWORKS = ("torch", "nanogpt")
+
+
+def _optimizer_kwargs(variant) -> dict:
+  """torch.optim keyword arguments for a torch row's optimizer variant (none: torch's default)."""
+  return ({"fused": True} if "fusedadam" in variant
+          else {"foreach": True} if "foreachadam" in variant else {})
+
+
+def _compiled_first_step(torch, model, run, variant):
+  """(compile seconds (wall, CPU) or None, run): with `compile` in variant the model is wrapped in
+  torch.compile by the caller and the first step, which compiles, is run and timed here."""
+  if "compile" not in variant:
+    return None, run
+  t0, c0 = time.perf_counter(), _cpu_seconds()
+  run()
+  return (time.perf_counter() - t0, _cpu_seconds() - c0), run
+
+
+def nanogpt_runner(torch, shape, dtype: str, seed: int = 0, train=None, variant=()):
+  """(compile seconds or None, step()) for the nanoGPT-style model (experiments/nanogpt_torch.py) at
+  `shape`: nanoGPT's configure_optimizers (AdamW, decay on matrices only; weight decay 0 for the
+  Adam configs), eager or torch.compile'd (`compile` in variant), bf16 rows under autocast."""
+  from experiments import nanogpt_torch
+
+  L, D, H, T, B = shape
+  torch.manual_seed(seed)
+  model = nanogpt_torch.GPT(VOCAB, T, D, H, L).train()
+  t = train_section("") if train is None else train
+  wd = float(t.weight_decay) if t.optimizer == "adamw" else 0.0
+  kwargs = _optimizer_kwargs(variant)
+  opt = nanogpt_torch.configure_optimizer(model, t.learning_rate, (float(t.b1), float(t.b2)),
+                                          float(t.eps), wd, fused=kwargs.get("fused"))
+  if kwargs.get("foreach"):
+    for group in opt.param_groups:
+      group["foreach"] = True
+  forward = torch.compile(model) if "compile" in variant else model
+  batch = torch.from_numpy(np.random.default_rng(seed).integers(0, VOCAB, (B, T + 1)))
+  x, y = batch[:, :-1], batch[:, 1:]
+  amp = dtype == "bfloat16"
+
+  def run():
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
+      _, loss = forward(x, y)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), float(t.grad_clip))
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
+  return _compiled_first_step(torch, model, run, variant)
+
+
+# Torch rows' settings that a process reads when it starts, so the row runs in a child process of
+# its own (stepped by this one, round-robin with the others, timed here): `proc` alone is torch as a
+# user runs it, glibc's allocator untouched (in this process the torch rows share jax's one-arena
+# setup with mmap toggled back on, host_memory.glibc_defaults); `jemalloc` / `tcmalloc` preload
+# those allocators (torch's CPU performance guide suggests either); `thp` sets torch's
+# THP_MEM_ALLOC_ENABLE=1 (transparent huge pages for its large blocks).
+_LIBDIR = Path("/usr/lib/x86_64-linux-gnu")
+CHILD_ENV = {"proc": {}, "jemalloc": {"LD_PRELOAD": str(_LIBDIR / "libjemalloc.so.2")},
+             "tcmalloc": {"LD_PRELOAD": str(_LIBDIR / "libtcmalloc_minimal.so.4")},
+             "thp": {"THP_MEM_ALLOC_ENABLE": "1"}}
+
+
+class ChildRow:
+  """A torch row stepped in a child process: call it for one step. The child is this script with
+  `--child=IMPL --shapes=NAME`; it answers each "step" line on stdin with "done" on stdout."""
+
+  def __init__(self, impl: str, shape_name: str, env: dict):
+    import json
+    import subprocess
+    missing = [v for v in env.values() if v.endswith(".so.2") or v.endswith(".so.4")]
+    missing = [v for v in missing if not Path(v).exists()]
+    if missing:  # not an error of the benchmark: the allocator is not installed
+      raise FileNotFoundError(f"{impl}: {missing[0]} is not installed (apt-get install "
+                              "libjemalloc2 libtcmalloc-minimal4)")
+    self.impl = impl
+    self.proc = subprocess.Popen(
+        [sys.executable, __file__, f"--child={impl}", f"--shapes={shape_name}"],
+        env={**os.environ, **env}, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    self.compile_s = json.loads(self._read("ready ")[len("ready "):])
+
+  def _read(self, prefix: str) -> str:
+    """The child's next line starting with `prefix` (libraries may print lines of their own)."""
+    for line in self.proc.stdout:
+      if line.startswith(prefix):
+        return line.strip()
+    raise RuntimeError(f"{self.impl}: the child process exited ({self.proc.wait()})")
+
+  def close(self) -> None:
+    """Ends the child (its stdin closes; it exits) and waits for it."""
+    self.proc.stdin.close()
+    self.proc.wait()
+
+  def __call__(self):
+    self.proc.stdin.write("step\n")
+    self.proc.stdin.flush()
+    self._read("done")
+
+
+def child_main(impl: str, shape_name: str) -> None:
+  """The child side of ChildRow: builds the torch row `impl` and steps it on each stdin line."""
+  import json
+  import torch
+  torch.set_num_threads(os.cpu_count() or 1)
+  framework, dt, *variant = impl.split("-")
+  if "keepfreed" in variant:
+    host_memory.keep_freed_memory()
+  make = nanogpt_runner if framework == "nanogpt" else torch_runner
+  dtype = {"f32": "float32", "bf16": "bfloat16"}[dt]
+  compile_s, run = make(torch, SHAPES[shape_name], dtype, train=train_section(shape_name),
+                        variant=variant)
+  print("ready " + json.dumps(compile_s), flush=True)
+  for _ in sys.stdin:
+    run()
+    print("done", flush=True)
 
 
 def _under_glibc_defaults(run):
@@ -261,6 +398,15 @@ def _under_glibc_defaults(run):
   return wrapped
 
 
+def best_torch_f32(times: dict) -> list:
+  """[(step seconds, row name)] per round: the fastest float32 torch-framework row of that round
+  (transformers or nanoGPT-style, any variant), or [] when there is none."""
+  names = [i for i in times if i.split("-")[0] in TORCH_FRAMEWORKS and i.split("-")[1] == "f32"]
+  if not names:
+    return []
+  return [min((times[n][r], n) for n in names) for r in range(len(times[names[0]]))]
+
+
 def profile_step(run, top: int = 30) -> None:
   """Prints where one jitted step spends its time: by XLA op kind and by instruction."""
   run()
@@ -270,6 +416,12 @@ def profile_step(run, top: int = 30) -> None:
 
 
 def main() -> None:
+  if any(a.startswith("--child=") for a in sys.argv):  # a ChildRow's process
+    child = argparse.ArgumentParser()
+    child.add_argument("--child")
+    child.add_argument("--shapes")
+    known, _ = child.parse_known_args()
+    return child_main(known.child, known.shapes)
   # As gpt.main does, before jax starts its backend (train-alloc, session 7): the jax rows reuse
   # their temp buffer's pages. `freedoff` rows, and the torch rows (as users run torch), run under
   # glibc's defaults (host_memory.glibc_defaults) unless a torch row says `keepfreed`. Here, not at
@@ -277,10 +429,16 @@ def main() -> None:
   host_memory.keep_freed_memory()
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shapes", default="chapter,30m", help=f"comma list of {sorted(SHAPES)}")
+  # The torch peers at their best beside the plain reference (torch-peers, session 8): tcmalloc
+  # preloaded (torch's CPU guide; ~5x fewer page faults per step here), the nanoGPT-style model
+  # eager and under torch.compile (nanoGPT's default); torch-f32 stays as "vs torch f32"'s row.
   parser.add_argument("--impls", default="jax-f32-scan,jax-f32-unrolled,jax-f32-scan-eigen,"
-                      "jax-bf16-scan,torch-f32,torch-bf16",
+                      "jax-bf16-scan,torch-f32,torch-f32-tcmalloc,nanogpt-f32,nanogpt-f32-compile,"
+                      "torch-bf16",
                       help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs|-nokernel][-geluxla][-geluxlabwd][-ln3d][-lnxla][-logitsloss|-fusedloss][-xentvml][-optaxclip][-optaxadam][-wslice|-gslice][-unroll2]"
-                      "[-rematdots|-rematfull][-xladot|-mkl][-freedoff|-keepfreed] names")
+                      "[-rematdots|-rematfull][-xladot|-mkl][-freedoff|-keepfreed][-held] names; torch rows: "
+                      "torch|nanogpt-f32|bf16[-compile][-fusedadam|-foreachadam][-keepfreed]"
+                      "[-proc|-jemalloc|-tcmalloc|-thp: in a process of its own]")
   parser.add_argument("--rounds", type=int, default=5)
   parser.add_argument("--steps", type=int, default=3, help="timed steps per row per round")
   parser.add_argument("--times-json", default="",
@@ -301,15 +459,15 @@ def main() -> None:
     peaks["torch bf16"] = matmul_peak_torch(torch, torch.bfloat16)
   peak = max(peaks["jax f32"], peaks.get("torch f32", 0.0))
 
-  rows, profiles, all_times = [], [], {}
+  rows, profiles, bests, all_times = [], [], [], {}
   for name in args.shapes.split(","):
     shape = SHAPES[name]
     runners, missing = {}, []
     for impl in args.impls.split(","):
       framework, dt, *variant = impl.split("-")
       dtype = {"f32": "float32", "bf16": "bfloat16"}[dt]
-      if framework == "torch" and torch is None:
-        missing.append(impl)
+      if framework in TORCH_FRAMEWORKS and torch is None:
+        missing.append((impl, "torch not installed"))
         continue
       options, fields, switches = {}, {}, []
       for v in variant:
@@ -317,10 +475,28 @@ def main() -> None:
         fields.update(VARIANT_FIELDS.get(v, {}))
         switches += [VARIANT_SWITCHES[v]] if v in VARIANT_SWITCHES else []
       train = train_section(name)
-      runners[impl] = (jax_runner(shape, dtype, scan="scan" in variant, options=options, train=train,
-                                  switches=switches, **fields)
-                       if framework == "jax" else torch_runner(torch, shape, dtype, train=train))
-      if "freedoff" in variant or (framework == "torch" and "keepfreed" not in variant):
+      for v in variant:
+        train.update(VARIANT_TRAIN.get(v, {}))
+      if framework == "jax":
+        runners[impl] = jax_runner(shape, dtype, scan="scan" in variant, options=options,
+                                   train=train, switches=switches, **fields)
+      elif any(v in CHILD_ENV for v in variant):  # settings read at a process's start
+        env = {k: x for v in variant for k, x in CHILD_ENV.get(v, {}).items()}
+        try:
+          child = ChildRow(impl, name, env)
+        except FileNotFoundError as e:  # e.g. tcmalloc not installed: the row is skipped, said so
+          missing.append((impl, str(e)))
+          continue
+        runners[impl] = (child.compile_s, child)
+        continue
+      else:  # torch rows run (and compile) under glibc's defaults unless they say keepfreed
+        make = nanogpt_runner if framework == "nanogpt" else torch_runner
+        if "keepfreed" in variant:
+          runners[impl] = make(torch, shape, dtype, train=train, variant=variant)
+        else:
+          with host_memory.glibc_defaults():
+            runners[impl] = make(torch, shape, dtype, train=train, variant=variant)
+      if "freedoff" in variant or (framework in TORCH_FRAMEWORKS and "keepfreed" not in variant):
         runners[impl] = (runners[impl][0], _under_glibc_defaults(runners[impl][1]))
     for _, run in runners.values():  # warm-up step
       run()
@@ -328,19 +504,29 @@ def main() -> None:
     for _ in range(args.rounds):
       for impl, (_, run) in runners.items():
         times[impl].append(min(_timed(run) for _ in range(args.steps)))
+    for _, run in runners.values():  # child processes hold memory the next shape needs
+      if isinstance(run, ChildRow):
+        run.close()
     from gpt.model import GPTConfig
     L, D, H, T, B = shape
     flops = GPTConfig(n_vocab=VOCAB, n_ctx=T, n_embd=D, n_head=H, n_layer=L).flops_per_token(T)
     ref = times.get("torch-f32")
+    best = best_torch_f32(times)
     for impl, ts in times.items():
       step_s = statistics.median(ts)
       tok_s = B * T / step_s
       # Paired: each round's torch time over this row's time in the same round, then the median,
       # so load that drifts between rounds cancels out.
       rel = statistics.median(r / t for r, t in zip(ref, ts)) if ref else None
-      rows.append((name, impl, runners[impl][0], step_s, tok_s, tok_s * flops / peak, rel, flops))
-    for impl in missing:
-      rows.append((name, impl, None, None, None, None, None, flops))
+      rel_best = statistics.median(b / t for (b, _), t in zip(best, ts)) if best else None
+      rows.append((name, impl, runners[impl][0], step_s, tok_s, tok_s * flops / peak, rel, flops,
+                   rel_best))
+    if best:
+      winners = [w for _, w in best]
+      bests.append(f"{name}: " + ", ".join(f"{w} {winners.count(w)}/{len(winners)}"
+                                           for w in dict.fromkeys(winners)))
+    for impl, why in missing:
+      rows.append((name, impl, why, None, None, None, None, flops, None))
     all_times[name] = times
     if args.profile:
       first = next((i for i in runners if i.startswith("jax")), None)
@@ -355,17 +541,20 @@ def main() -> None:
   print("matmul peaks (2048^3, GFLOP/s): " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peaks.items())
         + f"; MFU uses {peak / 1e9:.0f}")
   print()
-  print("| shape (L x D, ctx, batch) | implementation | compile s (CPU s) | step ms | tokens/s | MFU | vs torch f32 |")
-  print("|---|---|---|---|---|---|---|")
-  for name, impl, comp, step_s, tok_s, mfu, rel, flops in rows:
+  print("| shape (L x D, ctx, batch) | implementation | compile s (CPU s) | step ms | tokens/s | MFU "
+        "| vs torch f32 | vs best torch f32 |")
+  print("|---|---|---|---|---|---|---|---|")
+  for name, impl, comp, step_s, tok_s, mfu, rel, flops, rel_best in rows:
     L, D, H, T, B = SHAPES[name]
     label = f"{name} ({L} x {D}, {T}, {B}; {flops / 1e6:.0f} MFLOP/token)"
     if step_s is None:
-      print(f"| {label} | {impl} | | n/a (torch not installed) | | | |")
+      print(f"| {label} | {impl} | | n/a ({comp}) | | | | |")
       continue
     comp_s = f"{comp[0]:.1f} ({comp[1]:.1f})" if comp else "-"
     print(f"| {label} | {impl} | {comp_s} | {1e3 * step_s:.0f} | {tok_s:.0f} | {100 * mfu:.0f}% | "
-          f"{'' if rel is None else f'{rel:.2f}x'} |")
+          f"{'' if rel is None else f'{rel:.2f}x'} | {'' if rel_best is None else f'{rel_best:.2f}x'} |")
+  if bests:  # which torch row was the fastest, in how many rounds
+    print("\nbest torch f32 row per round: " + "; ".join(bests))
 
   if args.times_json:
     import json

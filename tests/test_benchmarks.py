@@ -143,3 +143,86 @@ def test_bench_train_gemms_lists_every_matmul_of_a_step_with_consistent_shapes()
     total += count * gemms.flops(spec, a, b)
   weights = L * 12 * D * D + gemms.VOCAB * D
   assert total == 6 * weights * B * T
+
+
+def test_nanogpt_style_peer_computes_transformers_loss_on_the_same_weights():
+  """bench_train's second torch peer is the same GPT-2 as its transformers row: equal loss (and
+  gradients of a block matrix) on transformers' weights and one batch."""
+  torch = pytest.importorskip("torch", reason="the PyTorch peers need the [hf] extra")
+  transformers = pytest.importorskip("transformers", reason="the reference needs the [hf] extra")
+  nanogpt_torch = load_script("nanogpt_torch")
+  L, D, H, T, V = 2, 32, 2, 16, 97
+  torch.manual_seed(0)
+  hf = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+      vocab_size=V, n_positions=T, n_embd=D, n_layer=L, n_head=H, resid_pdrop=0.0,
+      embd_pdrop=0.0, attn_pdrop=0.0)).train()
+  ours = nanogpt_torch.GPT(V, T, D, H, L).train()
+  assert ours.lm_head.weight is ours.wte.weight  # tied, as GPT-2
+  assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in hf.parameters())
+  before = nanogpt_torch.GPT(V, T, D, H, L)(torch.zeros(1, T, dtype=torch.long))[0]
+  nanogpt_torch.copy_from_transformers(ours, hf)
+  batch = torch.from_numpy(np.random.default_rng(0).integers(0, V, (3, T + 1)))
+  x, y = batch[:, :-1], batch[:, 1:]
+  logits, loss = ours(x, y)
+  hf_logits = hf(x).logits
+  hf_loss = torch.nn.functional.cross_entropy(hf_logits.reshape(-1, V), y.reshape(-1))
+  assert not torch.allclose(before, ours(torch.zeros(1, T, dtype=torch.long))[0])  # weights moved
+  torch.testing.assert_close(logits, hf_logits, rtol=1e-5, atol=1e-5)
+  torch.testing.assert_close(loss, hf_loss, rtol=1e-6, atol=1e-6)
+  loss.backward()
+  hf_loss.backward()
+  torch.testing.assert_close(ours.h[1].mlp.c_fc.weight.grad,  # nn.Linear [out, in]; Conv1D [in, out]
+                             hf.transformer.h[1].mlp.c_fc.weight.grad.t(), rtol=1e-4, atol=1e-6)
+  torch.testing.assert_close(ours.wte.weight.grad, hf.transformer.wte.weight.grad,
+                             rtol=1e-4, atol=1e-6)
+
+
+def test_nanogpt_style_optimizer_decays_matrices_only_and_is_torchs_default_on_cpu():
+  torch = pytest.importorskip("torch", reason="the PyTorch peers need the [hf] extra")
+  nanogpt_torch = load_script("nanogpt_torch")
+  model = nanogpt_torch.GPT(50, 8, 16, 2, 1)
+  opt = nanogpt_torch.configure_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1)
+  decayed, plain = opt.param_groups
+  assert decayed["weight_decay"] == 0.1 and all(p.dim() >= 2 for p in decayed["params"])
+  assert plain["weight_decay"] == 0.0 and all(p.dim() == 1 for p in plain["params"])
+  assert len(decayed["params"]) + len(plain["params"]) == len(list(model.parameters()))
+  assert not decayed["fused"]  # nanoGPT fuses on CUDA only
+  assert nanogpt_torch.configure_optimizer(model, 1e-3, (0.9, 0.95), 1e-8, 0.1,
+                                           fused=True).param_groups[0]["fused"]
+
+
+@pytest.mark.slow  # compiles a torch model with inductor (g++)
+def test_torch_peer_rows_step_and_pick_the_best_round_by_round():
+  torch = pytest.importorskip("torch", reason="the PyTorch peers need the [hf] extra")
+  bench_train = load_script("bench_train")
+  shape = (1, 32, 2, 16, 2)
+  for variant in ((), ("fusedadam",), ("compile",)):
+    compile_s, run = bench_train.nanogpt_runner(torch, shape, "float32", variant=variant)
+    assert (compile_s is None) == ("compile" not in variant)
+    run()
+  compile_s, run = bench_train.torch_runner(torch, shape, "float32", variant=("compile", "foreachadam"))
+  assert compile_s[0] > 0
+  run()
+  # A row in a process of its own (allocator settings read at start) steps when called.
+  child = bench_train.ChildRow("nanogpt-f32-proc", "tiny", {"OMP_WAIT_POLICY": "PASSIVE"})
+  assert child.compile_s is None
+  child()
+  child.close()
+  assert child.proc.returncode == 0
+  with pytest.raises(FileNotFoundError, match="not installed"):
+    bench_train.ChildRow("torch-f32-jemalloc", "tiny", {"LD_PRELOAD": "/nonexistent/libjemalloc.so.2"})
+  times = {"jax-f32-scan": [1.0, 1.0], "torch-f32": [3.0, 2.0], "nanogpt-f32-compile": [2.5, 2.2],
+           "torch-bf16": [0.5, 0.5]}
+  assert bench_train.best_torch_f32(times) == [(2.5, "nanogpt-f32-compile"), (2.0, "torch-f32")]
+  assert bench_train.best_torch_f32({"jax-f32-scan": [1.0]}) == []
+
+
+@pytest.mark.slow  # spawns a torch process
+def test_torch_faults_measures_a_fresh_process_per_setting():
+  pytest.importorskip("torch", reason="the PyTorch peers need the [hf] extra")
+  torch_faults = load_script("torch_faults")
+  res = torch_faults.run_setting("keepfreed", "nanogpt-f32", "tiny", steps=1)
+  assert "error" not in res, res
+  assert res["wall"] > 0 and res["user"] > 0 and res["minflt"] >= 0 and res["maxrss_mb"] > 0
+  broken = torch_faults.run_setting("default", "nanogpt-f64", "tiny", steps=1)  # no such dtype
+  assert "KeyError" in broken["error"]
