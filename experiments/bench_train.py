@@ -155,7 +155,10 @@ VARIANT_SWITCHES = {"recomputeprobs": ("gpt.attention", "SAVE_PROBABILITIES", Fa
                     # train-scan, session 8: dW into a buffer of its own, copied into the stacked gradient
                     "gslice": ("gpt.model", "GRADS_IN_PLACE", False),
                     # train-scan, session 8: two layers per iteration of the rolled layer scan
-                    "unroll2": ("gpt.model", "SCAN_UNROLL", 2)}
+                    "unroll2": ("gpt.model", "SCAN_UNROLL", 2),
+                    # the lead, session 8: both routes above made opt-in by the quiet retake
+                    "winplace": ("gpt.model", "WEIGHTS_IN_PLACE", True),
+                    "gelukernel": ("gpt.kernels.gelu", "USE_KERNEL", True)}
 
 
 def train_program(shape, dtype: str, scan: bool, seed: int = 0, train=None, abstract: bool = False,
@@ -435,7 +438,7 @@ def main() -> None:
   parser.add_argument("--impls", default="jax-f32-scan,jax-f32-unrolled,jax-f32-scan-eigen,"
                       "jax-bf16-scan,torch-f32,torch-f32-tcmalloc,nanogpt-f32,nanogpt-f32-compile,"
                       "torch-bf16",
-                      help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs|-nokernel][-geluxla][-geluxlabwd][-ln3d][-lnxla][-logitsloss|-fusedloss][-xentvml][-optaxclip][-optaxadam][-wslice|-gslice][-unroll2]"
+                      help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs|-nokernel][-geluxla][-geluxlabwd][-ln3d][-lnxla][-logitsloss|-fusedloss][-xentvml][-optaxclip][-optaxadam][-wslice|-gslice|-winplace][-gelukernel][-unroll2]"
                       "[-rematdots|-rematfull][-xladot|-mkl][-freedoff|-keepfreed][-held] names; torch rows: "
                       "torch|nanogpt-f32|bf16[-compile][-fusedadam|-foreachadam][-keepfreed]"
                       "[-proc|-jemalloc|-tcmalloc|-thp: in a process of its own]")

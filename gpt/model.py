@@ -19,8 +19,8 @@ model: gpt.decoding's `prepare_for_decoding` lays the same model out per layer i
 which is what makes token-by-token steps fast on CPU; there, with int8 weights, a Block runs all it
 computes after the attention as one kernel call where GPT_GEMV_FUSE=1 asks (`Block.fused_tail`).
 
-In a training program whose matmuls are MKL's (gpt.kernels.gemm), the scan hands each block its
-dense layers' weights in place: the products read layer i of the stacked weight by offset and add
+With WEIGHTS_IN_PLACE (off by default: measured no faster), in a training program whose matmuls are
+MKL's (gpt.kernels.gemm), the scan hands each block its dense layers' weights in place: the products read layer i of the stacked weight by offset and add
 layer i's dW into the stacked gradient the backward scan carries (`WEIGHTS_IN_PLACE`,
 `GRADS_IN_PLACE`, `_dense`), where XLA would copy each slice out and each gradient in (about 1 GB a
 step at the chapter's 117M shape). The parameter tree and the numbers are the same either way.
@@ -68,10 +68,12 @@ REMAT_POLICIES = {
 ATTENTION_IMPLS = ("blocked", "kernel", "xla", "cudnn", "auto")
 OUTPUT_LOSSES = ("auto", "fused", "logits")
 QUANTIZE = ("none", "int8")
-# Under the layer scan, the dense layers whose matmul is MKL's read their layer's weight in place in
-# the stacked parameter (gemm.layer_matmul: no per-layer copy of the weight, forward or backward);
-# experiments/bench_train.py's `-wslice` variant turns it off (the scan's sliced weight) to measure it.
-WEIGHTS_IN_PLACE = True
+# True: under the layer scan, the dense layers whose matmul is MKL's read their layer's weight in place
+# in the stacked parameter (gemm.layer_matmul: no per-layer copy of the weight, forward or backward).
+# Off by default: the copies it removes (~1 GB a step at the chapter shape) did not show in the lead's
+# quiet whole-step A/Bs (session 8: 0.94-0.96x at 30m, 1.01-1.03x at the chapter shape: noise);
+# experiments/bench_train.py's `-winplace` variant turns it on to measure it.
+WEIGHTS_IN_PLACE = False
 # With WEIGHTS_IN_PLACE: the backward adds each layer's dW in place into the stacked gradient the
 # backward scan carries (gemm.layer_matmul's `acc`), not into a buffer of its own that the scan then
 # copies into the stack; bench_train's `-gslice` variant turns it off to measure it.

@@ -95,8 +95,10 @@ def test_model_uses_it_where_matmul_is_mkl(monkeypatch):
   device) and the layer scan does not read their weights in place (gpt.model.WEIGHTS_IN_PLACE
   off: that route takes precedence), not with XLA's matmuls, nor with USE_KERNEL off (then
   gemm.gelu_matmul, as before); loss and gradients equal the XLA model's. Fails if the route
-  silently stops being used."""
+  silently stops being used. (Both switches are off by default: this turns the kernel on.)"""
   tokens = jnp.arange(24).reshape(2, 12) % 97
+  monkeypatch.setattr(kgelu, "USE_KERNEL", True)  # opt-in since the lead's quiet retake, session 8
+  monkeypatch.setattr(gmodel, "WEIGHTS_IN_PLACE", True)
   mkl = init_model(tiny("mkl"))
   assert kgelu.BACKWARD not in jax.jit(lambda m, t: nnx.value_and_grad(
       lambda m: jnp.mean(m(t) ** 2))(m)).lower(mkl, tokens).as_text()  # in place: not this route

@@ -31,9 +31,10 @@ from gpt.kernels import gemm, native
 SOURCE = Path(__file__).with_name("gelu.cc")
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC", "-w")
 BACKWARD = "GptBiasGeluBwdF32"
-# Set False to keep the MLP's bias and GELU in XLA (gemm.gelu_matmul) where the kernel would run
-# (experiments/bench_train.py's `geluxlabwd` variant); read by `takes`.
-USE_KERNEL = True
+# Off by default: alone the pass is ~1.4x XLA's, but in the lead's quiet whole-step A/Bs (session 8)
+# the MLP with it ran 0.93x its XLA form at 30m (BENCHMARKS "The lead's quiet retake, session 8").
+# True (experiments/bench_train.py's `gelukernel` variant) takes it where it runs; read by `takes`.
+USE_KERNEL = False
 _lock = threading.Lock()
 _loaded: list[bool] = []  # [] not tried; [True] registered; [False] unavailable
 _why: list[str] = []
