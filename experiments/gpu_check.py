@@ -140,7 +140,7 @@ def train_rows(models, peak: float, limit, args, fields) -> list[tuple]:
 
 def decode_rows(models, args, torch_device: str | None) -> list[tuple]:
   """Decoding rows: ours (gpt.sample.Generator) beside transformers generate, batch 1 and 16."""
-  from experiments.bench_decode import EOT, HuggingFace
+  from experiments.decode_runners import EOT, HuggingFace
   from gpt.sample import Generator
   from gpt.model import GPTConfig, init_model
   from gpt.sampling import SamplingOptions
