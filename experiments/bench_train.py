@@ -11,7 +11,7 @@ global-norm clipping at 1.0 and an AdamW update on a GPT-2 with a tied LM head a
 vocabulary (50257). The `chapter` shape is the job the README's one command runs
 (configs/117m.py: 117M, context 1024, batch 1, Adam at 2e-5 without weight decay, clipping at 1.0),
 so both frameworks use that optimizer there. gpt runs the train mode's own program
-(gpt.train.build_programs) on a one-device mesh; the reference is
+(gpt.train.build_programs) on a one-device mesh; the peers (experiments/torch_peers.py) are
 transformers' GPT2LMHeadModel with torch.optim's Adam/AdamW in eager mode (bf16 rows under
 torch.autocast); `nanogpt-*` rows are a second torch peer written as nanoGPT's model.py
 (experiments/nanogpt_torch.py: fused SDPA attention, nanoGPT's AdamW setup), and `-compile` rows
@@ -30,9 +30,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
-import resource
-import runpy
 import statistics
 import sys
 import time
@@ -42,7 +39,10 @@ from typing import Callable
 if __package__ in (None, ""):  # run as a script: make the repository root importable
   sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experiments import xla_trace  # noqa: E402
+from experiments import machine, xla_trace  # noqa: E402
+from experiments.torch_peers import (CHILD_ENV, TORCH_FRAMEWORKS, ChildRow,  # noqa: E402
+                                     best_torch_f32, make_row)
+from experiments.train_shapes import SHAPES, VOCAB, train_section  # noqa: E402
 from gpt import host_memory  # noqa: E402
 
 # torch's OpenMP threads busy-wait by default; on a machine shared with other jobs that makes the
@@ -60,29 +60,6 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-# name -> (n_layer, n_embd, n_head, seq_len, batch)
-SHAPES = {
-    "chapter": (12, 768, 12, 1024, 1),
-    "tiny": (4, 256, 4, 128, 8),
-    "30m": (6, 384, 6, 256, 8),
-    "117m": (12, 768, 12, 128, 4),
-}
-VOCAB = 50257
-# Shapes whose optimizer is configs/117m.py's (Adam, no weight decay) rather than AdamW 0.1.
-CHAPTER_SHAPES = ("chapter",)
-
-
-def train_section(shape_name: str):
-  """The `train` config section the jax row uses (the torch row mirrors it): configs/117m.py's
-  for the chapter shape, AdamW with weight decay 0.1 otherwise."""
-  if shape_name in CHAPTER_SHAPES:
-    path = Path(__file__).resolve().parent.parent / "configs" / "117m.py"
-    return runpy.run_path(str(path))["get_config"]().train
-  from gpt.config import base_config
-  t = base_config().train
-  t.update(optimizer="adamw", learning_rate=1e-4, weight_decay=0.1, grad_clip=1.0)
-  return t
-
 
 def matmul_peak_jax(dtype=jnp.float32, n: int = 2048, reps: int = 5) -> float:
   a = jnp.ones((n, n), dtype)
@@ -95,12 +72,6 @@ def matmul_peak_torch(torch, dtype, n: int = 2048, reps: int = 5) -> float:
   a = torch.ones((n, n), dtype=dtype)
   a @ a
   return 2 * n ** 3 / min(_timed(lambda: a @ a) for _ in range(reps))
-
-
-def _cpu_seconds() -> float:
-  """CPU time of this process (all threads): unlike wall time, not inflated by other jobs."""
-  usage = resource.getrusage(resource.RUSAGE_SELF)
-  return usage.ru_utime + usage.ru_stime
 
 
 def _timed(fn: Callable[[], object]) -> float:
@@ -208,13 +179,13 @@ def jax_runner(shape, dtype: str, scan: bool, seed: int = 0, options: dict | Non
     setattr(module, name, value)
   try:  # switches also hold while the programs are built (`nokernel` acts where training resolves)
     step, state, batch, frozen = train_program(shape, dtype, scan, seed, train, **model_fields)
-    t0, c0 = time.perf_counter(), _cpu_seconds()
+    t0, c0 = time.perf_counter(), time.process_time()
     lowered = step.lower(state, batch, frozen)
   finally:
     for module, name, value in saved:
       setattr(module, name, value)
   compiled = lowered.compile(compiler_options=options or None)
-  compile_s = (time.perf_counter() - t0, _cpu_seconds() - c0)
+  compile_s = (time.perf_counter() - t0, time.process_time() - c0)
   holder = {"state": state}
 
   def run():
@@ -224,172 +195,6 @@ def jax_runner(shape, dtype: str, scan: bool, seed: int = 0, options: dict | Non
   run.hlo_text = compiled.as_text  # for --profile
   return compile_s, run
 
-
-def torch_runner(torch, shape, dtype: str, seed: int = 0, train=None, device: str = "cpu",
-                 variant=()):
-  """(compile seconds or None, step()) for transformers' GPT2LMHeadModel at `shape`, eager (or
-  torch.compile'd with `compile` in variant), with the optimizer of `train` (Adam or AdamW, as the
-  jax row; default train_section(""); torch's default implementation unless variant says
-  `fusedadam`/`foreachadam`)."""
-  from transformers import GPT2Config, GPT2LMHeadModel
-
-  L, D, H, T, B = shape
-  torch.manual_seed(seed)
-  config = GPT2Config(vocab_size=VOCAB, n_positions=T, n_embd=D, n_layer=L, n_head=H,
-                      resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
-  model = GPT2LMHeadModel(config).to(device).train()
-  t = train_section("") if train is None else train
-  betas, eps = (float(t.b1), float(t.b2)), float(t.eps)
-  kwargs = _optimizer_kwargs(variant)
-  if t.optimizer == "adamw":
-    opt = torch.optim.AdamW(model.parameters(), lr=t.learning_rate, betas=betas, eps=eps,
-                            weight_decay=t.weight_decay, **kwargs)
-  else:  # configs/117m.py: plain Adam
-    opt = torch.optim.Adam(model.parameters(), lr=t.learning_rate, betas=betas, eps=eps, **kwargs)
-  forward = torch.compile(model) if "compile" in variant else model
-  batch = torch.from_numpy(np.random.default_rng(seed).integers(0, VOCAB, (B, T + 1))).to(device)
-  x, y = batch[:, :-1], batch[:, 1:]
-  amp = dtype == "bfloat16"
-  kind = "cuda" if device.startswith("cuda") else "cpu"
-
-  def run():
-    with torch.autocast(kind, dtype=torch.bfloat16, enabled=amp):
-      logits = forward(x).logits
-    loss = torch.nn.functional.cross_entropy(logits.float().reshape(-1, VOCAB), y.reshape(-1))
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), float(t.grad_clip))
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-    if kind == "cuda":
-      torch.cuda.synchronize()
-
-  return _compiled_first_step(torch, model, run, variant)
-
-
-# Torch rows' variant suffixes: `compile` wraps the model in torch.compile (inductor, nanoGPT's
-# train.py default; the compile seconds are the first step's, which traces forward and backward);
-# `fusedadam` / `foreachadam` pick torch's fused or multi-tensor Adam(W) kernels, which torch
-# does not choose by default on a CPU (its default there is the per-tensor for-loop).
-TORCH_VARIANTS = ("compile", "fusedadam", "foreachadam", "keepfreed", "freedoff")
-# The torch frameworks: transformers' GPT2LMHeadModel, and the nanoGPT-style model
-# (experiments/nanogpt_torch.py). "vs best torch f32" pairs each row with the fastest f32 row of
-# either, round by round.
-TORCH_FRAMEWORKS = ("torch", "nanogpt")
-
-
-def _optimizer_kwargs(variant) -> dict:
-  """torch.optim keyword arguments for a torch row's optimizer variant (none: torch's default)."""
-  return ({"fused": True} if "fusedadam" in variant
-          else {"foreach": True} if "foreachadam" in variant else {})
-
-
-def _compiled_first_step(torch, model, run, variant):
-  """(compile seconds (wall, CPU) or None, run): with `compile` in variant the model is wrapped in
-  torch.compile by the caller and the first step, which compiles, is run and timed here."""
-  if "compile" not in variant:
-    return None, run
-  t0, c0 = time.perf_counter(), _cpu_seconds()
-  run()
-  return (time.perf_counter() - t0, _cpu_seconds() - c0), run
-
-
-def nanogpt_runner(torch, shape, dtype: str, seed: int = 0, train=None, variant=()):
-  """(compile seconds or None, step()) for the nanoGPT-style model (experiments/nanogpt_torch.py) at
-  `shape`: nanoGPT's configure_optimizers (AdamW, decay on matrices only; weight decay 0 for the
-  Adam configs), eager or torch.compile'd (`compile` in variant), bf16 rows under autocast."""
-  from experiments import nanogpt_torch
-
-  L, D, H, T, B = shape
-  torch.manual_seed(seed)
-  model = nanogpt_torch.GPT(VOCAB, T, D, H, L).train()
-  t = train_section("") if train is None else train
-  wd = float(t.weight_decay) if t.optimizer == "adamw" else 0.0
-  kwargs = _optimizer_kwargs(variant)
-  opt = nanogpt_torch.configure_optimizer(model, t.learning_rate, (float(t.b1), float(t.b2)),
-                                          float(t.eps), wd, fused=kwargs.get("fused"))
-  if kwargs.get("foreach"):
-    for group in opt.param_groups:
-      group["foreach"] = True
-  forward = torch.compile(model) if "compile" in variant else model
-  batch = torch.from_numpy(np.random.default_rng(seed).integers(0, VOCAB, (B, T + 1)))
-  x, y = batch[:, :-1], batch[:, 1:]
-  amp = dtype == "bfloat16"
-
-  def run():
-    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=amp):
-      _, loss = forward(x, y)
-    loss.backward()
-    torch.nn.utils.clip_grad_norm_(model.parameters(), float(t.grad_clip))
-    opt.step()
-    opt.zero_grad(set_to_none=True)
-
-  return _compiled_first_step(torch, model, run, variant)
-
-
-# Torch rows' settings that a process reads when it starts, so the row runs in a child process of
-# its own (stepped by this one, round-robin with the others, timed here): `proc` alone is torch as a
-# user runs it, glibc's allocator untouched (in this process the torch rows share jax's one-arena
-# setup with mmap toggled back on, host_memory.glibc_defaults); `jemalloc` / `tcmalloc` preload
-# those allocators (torch's CPU performance guide suggests either); `thp` sets torch's
-# THP_MEM_ALLOC_ENABLE=1 (transparent huge pages for its large blocks).
-_LIBDIR = Path("/usr/lib/x86_64-linux-gnu")
-CHILD_ENV = {"proc": {}, "jemalloc": {"LD_PRELOAD": str(_LIBDIR / "libjemalloc.so.2")},
-             "tcmalloc": {"LD_PRELOAD": str(_LIBDIR / "libtcmalloc_minimal.so.4")},
-             "thp": {"THP_MEM_ALLOC_ENABLE": "1"}}
-
-
-class ChildRow:
-  """A torch row stepped in a child process: call it for one step. The child is this script with
-  `--child=IMPL --shapes=NAME`; it answers each "step" line on stdin with "done" on stdout."""
-
-  def __init__(self, impl: str, shape_name: str, env: dict):
-    import json
-    import subprocess
-    missing = [v for v in env.values() if v.endswith(".so.2") or v.endswith(".so.4")]
-    missing = [v for v in missing if not Path(v).exists()]
-    if missing:  # not an error of the benchmark: the allocator is not installed
-      raise FileNotFoundError(f"{impl}: {missing[0]} is not installed (apt-get install "
-                              "libjemalloc2 libtcmalloc-minimal4)")
-    self.impl = impl
-    self.proc = subprocess.Popen(
-        [sys.executable, __file__, f"--child={impl}", f"--shapes={shape_name}"],
-        env={**os.environ, **env}, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    self.compile_s = json.loads(self._read("ready ")[len("ready "):])
-
-  def _read(self, prefix: str) -> str:
-    """The child's next line starting with `prefix` (libraries may print lines of their own)."""
-    for line in self.proc.stdout:
-      if line.startswith(prefix):
-        return line.strip()
-    raise RuntimeError(f"{self.impl}: the child process exited ({self.proc.wait()})")
-
-  def close(self) -> None:
-    """Ends the child (its stdin closes; it exits) and waits for it."""
-    self.proc.stdin.close()
-    self.proc.wait()
-
-  def __call__(self):
-    self.proc.stdin.write("step\n")
-    self.proc.stdin.flush()
-    self._read("done")
-
-
-def child_main(impl: str, shape_name: str) -> None:
-  """The child side of ChildRow: builds the torch row `impl` and steps it on each stdin line."""
-  import json
-  import torch
-  torch.set_num_threads(os.cpu_count() or 1)
-  framework, dt, *variant = impl.split("-")
-  if "keepfreed" in variant:
-    host_memory.keep_freed_memory()
-  make = nanogpt_runner if framework == "nanogpt" else torch_runner
-  dtype = {"f32": "float32", "bf16": "bfloat16"}[dt]
-  compile_s, run = make(torch, SHAPES[shape_name], dtype, train=train_section(shape_name),
-                        variant=variant)
-  print("ready " + json.dumps(compile_s), flush=True)
-  for _ in sys.stdin:
-    run()
-    print("done", flush=True)
 
 
 def _under_glibc_defaults(run):
@@ -401,14 +206,6 @@ def _under_glibc_defaults(run):
   return wrapped
 
 
-def best_torch_f32(times: dict) -> list:
-  """[(step seconds, row name)] per round: the fastest float32 torch-framework row of that round
-  (transformers or nanoGPT-style, any variant), or [] when there is none."""
-  names = [i for i in times if i.split("-")[0] in TORCH_FRAMEWORKS and i.split("-")[1] == "f32"]
-  if not names:
-    return []
-  return [min((times[n][r], n) for n in names) for r in range(len(times[names[0]]))]
-
 
 def profile_step(run, top: int = 30) -> None:
   """Prints where one jitted step spends its time: by XLA op kind and by instruction."""
@@ -419,12 +216,6 @@ def profile_step(run, top: int = 30) -> None:
 
 
 def main() -> None:
-  if any(a.startswith("--child=") for a in sys.argv):  # a ChildRow's process
-    child = argparse.ArgumentParser()
-    child.add_argument("--child")
-    child.add_argument("--shapes")
-    known, _ = child.parse_known_args()
-    return child_main(known.child, known.shapes)
   # As gpt.main does, before jax starts its backend (train-alloc, session 7): the jax rows reuse
   # their temp buffer's pages. `freedoff` rows, and the torch rows (as users run torch), run under
   # glibc's defaults (host_memory.glibc_defaults) unless a torch row says `keepfreed`. Here, not at
@@ -493,12 +284,11 @@ def main() -> None:
         runners[impl] = (child.compile_s, child)
         continue
       else:  # torch rows run (and compile) under glibc's defaults unless they say keepfreed
-        make = nanogpt_runner if framework == "nanogpt" else torch_runner
         if "keepfreed" in variant:
-          runners[impl] = make(torch, shape, dtype, train=train, variant=variant)
+          runners[impl] = make_row(torch, impl, shape, train)
         else:
           with host_memory.glibc_defaults():
-            runners[impl] = make(torch, shape, dtype, train=train, variant=variant)
+            runners[impl] = make_row(torch, impl, shape, train)
       if "freedoff" in variant or (framework in TORCH_FRAMEWORKS and "keepfreed" not in variant):
         runners[impl] = (runners[impl][0], _under_glibc_defaults(runners[impl][1]))
     for _, run in runners.values():  # warm-up step
@@ -536,7 +326,7 @@ def main() -> None:
       if first:
         profiles.append((name, first, runners[first][1]))
 
-  print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores; "
+  print(f"machine: {machine.cpu_model()}, {os.cpu_count()} cores ({machine.vector_flags()}); "
         f"jax {jax.__version__}" + (f", torch {torch.__version__}" if torch else ", torch n/a")
         + f"; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; OMP_WAIT_POLICY="
         f"{os.environ.get('OMP_WAIT_POLICY')}; host memory: "

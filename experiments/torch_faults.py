@@ -67,14 +67,11 @@ def worker(impl: str, shape_name: str, steps: int) -> None:
     from gpt import host_memory
     host_memory.keep_freed_memory()  # before torch starts its threads
   sys.path.insert(0, str(ROOT))
-  from experiments import bench_train as bt
+  from experiments import torch_peers
   import torch
   torch.set_num_threads(os.cpu_count() or 1)
-  framework, dtype, *variant = impl.split("-")
-  make = bt.nanogpt_runner if framework == "nanogpt" else bt.torch_runner
-  dtype = {"f32": "float32", "bf16": "bfloat16"}[dtype]
-  _, run = make(torch, bt.SHAPES[shape_name], dtype, train=bt.train_section(shape_name),
-                variant=variant)
+  _, run = torch_peers.make_row(torch, impl, torch_peers.SHAPES[shape_name],
+                                torch_peers.train_section(shape_name))
   run()  # warm-up (and compile, for -compile rows)
   rows = []
   for _ in range(steps):
@@ -121,16 +118,15 @@ def main() -> None:
   if args.worker:
     return worker(args.impl, args.shape, args.steps)
   sys.path.insert(0, str(ROOT))
-  from experiments import bench_train as bt
-  L, D, H, T, B = bt.SHAPES[args.shape]
+  from experiments import machine
+  from experiments.train_shapes import SHAPES
+  L, D, H, T, B = SHAPES[args.shape]
   settings = args.settings.split(",")
   unknown = [s for s in settings if s not in SETTINGS]
   if unknown:
     sys.exit(f"error: unknown settings {unknown}; choose from {list(SETTINGS)}")
-  flags = next((l.split(":", 1)[1].split() for l in open("/proc/cpuinfo") if l.startswith("flags")), [])
-  model = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
-  print(f"{model}; {os.cpu_count()} cores; avx512_bf16 {'avx512_bf16' in flags}, "
-        f"avx512_vnni {'avx512_vnni' in flags}; {platform.python_version()}; load {os.getloadavg()}")
+  print(f"{machine.cpu_model()}; {os.cpu_count()} cores; {machine.vector_flags()}; "
+        f"Python {platform.python_version()}; load average {machine.load_average()}")
   print(f"{args.impl} at {args.shape}; {args.rounds} rounds x {len(settings)} settings, "
         f"{args.steps} timed steps per process, interleaved", flush=True)
   results = {s: [] for s in settings}

@@ -81,7 +81,7 @@ def test_train_runners_compile_and_step():
   hlo = run.hlo_text()
   assert "dot" in hlo or gemm.TARGET in hlo
   torch = pytest.importorskip("torch", reason="the PyTorch reference needs the [hf] extra")
-  _, reference = bench_train.torch_runner(torch, shape, "float32")
+  _, reference = load_script("torch_peers").torch_runner(torch, shape, "float32")
   reference()
 
 
@@ -194,27 +194,31 @@ def test_nanogpt_style_optimizer_decays_matrices_only_and_is_torchs_default_on_c
 @pytest.mark.slow  # compiles a torch model with inductor (g++)
 def test_torch_peer_rows_step_and_pick_the_best_round_by_round():
   torch = pytest.importorskip("torch", reason="the PyTorch peers need the [hf] extra")
-  bench_train = load_script("bench_train")
+  peers = load_script("torch_peers")
   shape = (1, 32, 2, 16, 2)
   for variant in ((), ("fusedadam",), ("compile",)):
-    compile_s, run = bench_train.nanogpt_runner(torch, shape, "float32", variant=variant)
+    compile_s, run = peers.nanogpt_runner(torch, shape, "float32", variant=variant)
     assert (compile_s is None) == ("compile" not in variant)
     run()
-  compile_s, run = bench_train.torch_runner(torch, shape, "float32", variant=("compile", "foreachadam"))
+  compile_s, run = peers.torch_runner(torch, shape, "float32", variant=("compile", "foreachadam"))
   assert compile_s[0] > 0
   run()
+  # A row by its name, as bench_train and a child process build it.
+  compile_s, run = peers.make_row(torch, "nanogpt-bf16-fusedadam", shape, peers.train_section(""))
+  assert compile_s is None
+  run()
   # A row in a process of its own (allocator settings read at start) steps when called.
-  child = bench_train.ChildRow("nanogpt-f32-proc", "tiny", {"OMP_WAIT_POLICY": "PASSIVE"})
+  child = peers.ChildRow("nanogpt-f32-proc", "tiny", {"OMP_WAIT_POLICY": "PASSIVE"})
   assert child.compile_s is None
   child()
   child.close()
   assert child.proc.returncode == 0
   with pytest.raises(FileNotFoundError, match="not installed"):
-    bench_train.ChildRow("torch-f32-jemalloc", "tiny", {"LD_PRELOAD": "/nonexistent/libjemalloc.so.2"})
+    peers.ChildRow("torch-f32-jemalloc", "tiny", {"LD_PRELOAD": "/nonexistent/libjemalloc.so.2"})
   times = {"jax-f32-scan": [1.0, 1.0], "torch-f32": [3.0, 2.0], "nanogpt-f32-compile": [2.5, 2.2],
            "torch-bf16": [0.5, 0.5]}
-  assert bench_train.best_torch_f32(times) == [(2.5, "nanogpt-f32-compile"), (2.0, "torch-f32")]
-  assert bench_train.best_torch_f32({"jax-f32-scan": [1.0]}) == []
+  assert peers.best_torch_f32(times) == [(2.5, "nanogpt-f32-compile"), (2.0, "torch-f32")]
+  assert peers.best_torch_f32({"jax-f32-scan": [1.0]}) == []
 
 
 @pytest.mark.slow  # spawns a torch process
