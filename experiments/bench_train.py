@@ -19,7 +19,9 @@ run either under torch.compile. Rows are measured round-robin (`--rounds` rounds
 so a shared machine's load hits every row alike; the table reports the median step time, and
 "vs torch f32" is the median over rounds of (torch f32 step time / this row's step time) measured
 in the same round; "vs best torch f32" pairs each row, round by round, with the fastest float32
-torch row (any torch or nanogpt variant) of that round, and the line under the table names it.
+torch row (any torch or nanogpt variant) of that round, and "vs best torch" with the fastest torch
+row of any dtype (bf16 autocast rows included: issue 14's "best dtype against torch's best"); the
+lines under the table name them.
 
 MFU = tokens/s x FLOPs per token / peak, with FLOPs per token from GPTConfig.flops_per_token
 (6 x parameters + 12 x layers x context x width, the LM head included) and peak = the best
@@ -41,7 +43,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 from experiments import machine, xla_trace  # noqa: E402
 from experiments.torch_peers import (CHILD_ENV, TORCH_FRAMEWORKS, ChildRow,  # noqa: E402
-                                     best_torch_f32, make_row)
+                                     best_torch, make_row)
 from experiments.train_shapes import SHAPES, VOCAB, train_section  # noqa: E402
 from gpt import host_memory  # noqa: E402
 
@@ -304,22 +306,25 @@ def main() -> None:
     L, D, H, T, B = shape
     flops = GPTConfig(n_vocab=VOCAB, n_ctx=T, n_embd=D, n_head=H, n_layer=L).flops_per_token(T)
     ref = times.get("torch-f32")
-    best = best_torch_f32(times)
+    best = best_torch(times)
+    best_any = best_torch(times, ("f32", "bf16"))
     for impl, ts in times.items():
       step_s = statistics.median(ts)
       tok_s = B * T / step_s
       # Paired: each round's torch time over this row's time in the same round, then the median,
       # so load that drifts between rounds cancels out.
       rel = statistics.median(r / t for r, t in zip(ref, ts)) if ref else None
-      rel_best = statistics.median(b / t for (b, _), t in zip(best, ts)) if best else None
+      rel_best = [statistics.median(b / t for (b, _), t in zip(bt, ts)) if bt else None
+                  for bt in (best, best_any)]
       rows.append((name, impl, runners[impl][0], step_s, tok_s, tok_s * flops / peak, rel, flops,
                    rel_best))
-    if best:
-      winners = [w for _, w in best]
-      bests.append(f"{name}: " + ", ".join(f"{w} {winners.count(w)}/{len(winners)}"
-                                           for w in dict.fromkeys(winners)))
+    for label, bt in (("f32", best), ("any dtype", best_any)):
+      winners = [w for _, w in bt]
+      if winners:
+        bests.append(f"{name}, {label}: " + ", ".join(f"{w} {winners.count(w)}/{len(winners)}"
+                                                       for w in dict.fromkeys(winners)))
     for impl, why in missing:
-      rows.append((name, impl, why, None, None, None, None, flops, None))
+      rows.append((name, impl, why, None, None, None, None, flops, [None, None]))
     all_times[name] = times
     if args.profile:
       first = next((i for i in runners if i.startswith("jax")), None)
@@ -335,19 +340,20 @@ def main() -> None:
         + f"; MFU uses {peak / 1e9:.0f}")
   print()
   print("| shape (L x D, ctx, batch) | implementation | compile s (CPU s) | step ms | tokens/s | MFU "
-        "| vs torch f32 | vs best torch f32 |")
-  print("|---|---|---|---|---|---|---|---|")
+        "| vs torch f32 | vs best torch f32 | vs best torch |")
+  print("|---|---|---|---|---|---|---|---|---|")
   for name, impl, comp, step_s, tok_s, mfu, rel, flops, rel_best in rows:
     L, D, H, T, B = SHAPES[name]
     label = f"{name} ({L} x {D}, {T}, {B}; {flops / 1e6:.0f} MFLOP/token)"
     if step_s is None:
-      print(f"| {label} | {impl} | | n/a ({comp}) | | | | |")
+      print(f"| {label} | {impl} | | n/a ({comp}) | | | | | |")
       continue
     comp_s = f"{comp[0]:.1f} ({comp[1]:.1f})" if comp else "-"
     print(f"| {label} | {impl} | {comp_s} | {1e3 * step_s:.0f} | {tok_s:.0f} | {100 * mfu:.0f}% | "
-          f"{'' if rel is None else f'{rel:.2f}x'} | {'' if rel_best is None else f'{rel_best:.2f}x'} |")
+          f"{'' if rel is None else f'{rel:.2f}x'} | "
+          + " | ".join('' if r is None else f'{r:.2f}x' for r in rel_best) + " |")
   if bests:  # which torch row was the fastest, in how many rounds
-    print("\nbest torch f32 row per round: " + "; ".join(bests))
+    print("\nbest torch row per round: " + "; ".join(bests))
 
   if args.times_json:
     import json

@@ -196,10 +196,10 @@ def child_main(impl: str, shape_name: str) -> None:
     print("done", flush=True)
 
 
-def best_torch_f32(times: dict) -> list:
-  """[(step seconds, row name)] per round: the fastest float32 torch-framework row of that round
-  (transformers or nanoGPT-style, any variant), or [] when there is none."""
-  names = [i for i in times if i.split("-")[0] in TORCH_FRAMEWORKS and i.split("-")[1] == "f32"]
+def best_torch(times: dict, dtypes=("f32",)) -> list:
+  """[(step seconds, row name)] per round: the fastest torch-framework row of that round whose dtype
+  is one of `dtypes` (transformers or nanoGPT-style, any variant), or [] when there is none."""
+  names = [i for i in times if i.split("-")[0] in TORCH_FRAMEWORKS and i.split("-")[1] in dtypes]
   if not names:
     return []
   return [min((times[n][r], n) for n in names) for r in range(len(times[names[0]]))]

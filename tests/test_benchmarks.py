@@ -217,8 +217,9 @@ def test_torch_peer_rows_step_and_pick_the_best_round_by_round():
     peers.ChildRow("torch-f32-jemalloc", "tiny", {"LD_PRELOAD": "/nonexistent/libjemalloc.so.2"})
   times = {"jax-f32-scan": [1.0, 1.0], "torch-f32": [3.0, 2.0], "nanogpt-f32-compile": [2.5, 2.2],
            "torch-bf16": [0.5, 0.5]}
-  assert peers.best_torch_f32(times) == [(2.5, "nanogpt-f32-compile"), (2.0, "torch-f32")]
-  assert peers.best_torch_f32({"jax-f32-scan": [1.0]}) == []
+  assert peers.best_torch(times) == [(2.5, "nanogpt-f32-compile"), (2.0, "torch-f32")]
+  assert peers.best_torch(times, ("f32", "bf16")) == [(0.5, "torch-bf16"), (0.5, "torch-bf16")]
+  assert peers.best_torch({"jax-f32-scan": [1.0]}) == []
 
 
 @pytest.mark.slow  # spawns a torch process
