@@ -108,7 +108,8 @@ class Kernel:
   rebuilds a kernel with other flags (tests/test_gemv.py's portable build) sets its module's FLAGS
   first. `setup(load)`, where given, is the load itself: it calls `load()` (build, load, register;
   returns the library) with what must happen before it or after it, and returns the library
-  (gemm: find MKL before building, hand the library MKL's path after).
+  (gemm: find MKL before building, hand the library MKL's path after). `warn` logs a failure at
+  WARNING instead of INFO (gemv's and decode_attention's, as they always have).
   """
 
   def __init__(self, source: Path, flags: tuple[str, ...] | Callable[[], tuple[str, ...]],
