@@ -152,8 +152,6 @@ def test_resolve_and_the_one_line_errors(monkeypatch):
 
 
 def test_without_the_library_blocked_runs_and_kernel_is_an_error(monkeypatch):
-  monkeypatch.setattr(kattn, "_loaded", [])
-  monkeypatch.setattr(kattn, "_why", [])
   monkeypatch.setenv("GPT_ATTENTION_KERNEL", "0")
   cpu = jax.devices("cpu")[:1]
   assert kattn.resolve("auto", cpu) == "auto"

@@ -106,8 +106,7 @@ def test_resolve():
 
 def test_resolve_without_mkl(monkeypatch):
   """With no libmkl_rt, auto falls back and an explicit mkl says what to install."""
-  monkeypatch.setattr(gemm, "_loaded", [])
-  monkeypatch.setattr(gemm, "_why", [])
+  monkeypatch.setattr(gemm, "KERNEL", gemm.KERNEL.untried())  # as in a process that has not loaded it
   monkeypatch.setenv("GPT_MKL_LIBRARY", "/nonexistent/libmkl_rt.so.2")
   cpu = jax.devices("cpu")[:1]
   assert gemm.resolve("auto", cpu) == "xla"

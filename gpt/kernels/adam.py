@@ -18,14 +18,11 @@ AVX-512 where the CPU has it) and cached (gpt.kernels.native); PORTABLE selects 
 
 from __future__ import annotations
 
-import os
-import threading
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from gpt.errors import GPTError
 from gpt.kernels import native
@@ -43,34 +40,22 @@ PORTABLE = False
 # Set False to keep optax's update where "auto" would take the kernel (experiments/bench_train.py's
 # `optaxadam` variant); read by `resolve`.
 USE_KERNEL = True
-_lock = threading.Lock()
-_loaded: dict[bool, bool] = {}  # portable? -> registered
-_why: dict[bool, str] = {}
+KERNEL = native.Kernel(SOURCE, FLAGS, (TARGET,), env="GPT_ADAM_KERNEL",
+                       fallback="the optimizer stays optax's")
+PORTABLE_KERNEL = native.Kernel(SOURCE, PORTABLE_FLAGS, (PORTABLE_TARGET,), cpu_specific=False,
+                                env="GPT_ADAM_KERNEL", fallback="the optimizer stays optax's")
 
 
 def available(portable: bool | None = None) -> bool:
   """True when the kernel library (`portable` build or not; default PORTABLE) is built and
   registered with XLA, building it now if needed. GPT_ADAM_KERNEL=0 turns it off."""
   portable = PORTABLE if portable is None else portable
-  if os.environ.get("GPT_ADAM_KERNEL", "1") == "0":
-    _why.setdefault(portable, "GPT_ADAM_KERNEL=0 turns it off")
-    return False
-  with _lock:
-    if portable not in _loaded:
-      try:
-        native.load(SOURCE, PORTABLE_FLAGS if portable else FLAGS,
-                    (PORTABLE_TARGET if portable else TARGET,), cpu_specific=not portable)
-        _loaded[portable] = True
-      except (OSError, RuntimeError, AttributeError) as e:
-        logging.info("gpt.kernels.adam unavailable, the optimizer stays optax's: %s", e)
-        _why[portable] = str(e)
-        _loaded[portable] = False
-  return _loaded[portable]
+  return (PORTABLE_KERNEL if portable else KERNEL).available()
 
 
 def why_unavailable() -> str:
   """Why the kernel is not available ("" when it is, or before `available()` was asked)."""
-  return _why.get(PORTABLE, "")
+  return (PORTABLE_KERNEL if PORTABLE else KERNEL).why_unavailable()
 
 
 def resolve(choice: str, devices) -> str:

@@ -18,13 +18,10 @@ formulation. The library is compiled from attention.cc with the system C++ compi
 from __future__ import annotations
 
 import functools
-import os
-import threading
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from absl import logging
 from jax.ad_checkpoint import checkpoint_name
 
 from gpt.errors import GPTError
@@ -46,33 +43,20 @@ CHECKPOINT_NAME = "gpt_attention"
 # Set False to keep the blocked formulation where training's default would run the kernel
 # (experiments/bench_train.py's `nokernel` variant); read by `resolve`.
 USE_KERNEL = True
-_lock = threading.Lock()
-_loaded: list[bool] = []  # [] not tried; [True] registered; [False] unavailable
-_why: list[str] = []
+# FLAGS read when built: the portable check (tests/test_attention_kernel.py) sets it first.
+KERNEL = native.Kernel(SOURCE, lambda: FLAGS, (FORWARD, BACKWARD), env="GPT_ATTENTION_KERNEL",
+                       fallback="attention stays blocked")
 
 
 def available() -> bool:
   """True when the kernel library is built and registered with XLA (building it now if needed).
   GPT_ATTENTION_KERNEL=0 turns it off."""
-  if os.environ.get("GPT_ATTENTION_KERNEL", "1") == "0":
-    if not _why:
-      _why.append("GPT_ATTENTION_KERNEL=0 turns it off")
-    return False
-  with _lock:
-    if not _loaded:
-      try:
-        native.load(SOURCE, FLAGS, (FORWARD, BACKWARD), cpu_specific=True)
-        _loaded.append(True)
-      except (OSError, RuntimeError, AttributeError) as e:
-        logging.info("gpt.kernels.attention unavailable, attention stays blocked: %s", e)
-        _why.append(str(e))
-        _loaded.append(False)
-  return _loaded[0]
+  return KERNEL.available()
 
 
 def why_unavailable() -> str:
   """Why the kernel is not available ("" when it is, or before `available()` was asked)."""
-  return _why[0] if _why else ""
+  return KERNEL.why_unavailable()
 
 
 def cannot_run(devices) -> str | None:

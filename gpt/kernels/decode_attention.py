@@ -20,14 +20,11 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import os
-import threading
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from gpt.kernels import native
 
@@ -40,24 +37,19 @@ _TARGETS = {jnp.dtype(jnp.float32): "GptDecodeAttentionF32",
 # query at a time (experiments/bench_decode_attention.py: T=16 1.75-8x faster, T=64 over 512
 # filled slots 0.72-0.93x; BENCHMARKS.md). Long prompts' prefill keeps the einsum formulation.
 MAX_QUERIES = 16
-_lock = threading.Lock()
-_loaded: list[bool] = []  # [] = not tried yet; [True] registered; [False] unavailable
+KERNEL = native.Kernel(SOURCE, FLAGS, tuple(_TARGETS.values()), env="GPT_DECODE_ATTENTION",
+                       warn=True, fallback="using XLA's attention")
 
 
 def available() -> bool:
   """True when the kernel is registered with XLA (building it now if needed); GPT_DECODE_ATTENTION=0
   turns it off (the einsum formulation runs: an A/B switch for experiments/bench_decode.py)."""
-  if os.environ.get("GPT_DECODE_ATTENTION", "1") == "0":
-    return False
-  with _lock:
-    if not _loaded:
-      try:
-        native.load(SOURCE, FLAGS, tuple(_TARGETS.values()), cpu_specific=True)
-        _loaded.append(True)
-      except (OSError, RuntimeError, AttributeError) as e:
-        logging.warning("gpt.kernels.decode_attention unavailable, using XLA's attention: %s", e)
-        _loaded.append(False)
-  return _loaded[0]
+  return KERNEL.available()
+
+
+def why_unavailable() -> str:
+  """Why the kernel is not available ("" when it is, or before `available()` was asked)."""
+  return KERNEL.why_unavailable()
 
 
 # Set inside `off()`: programs lowered there are for another platform, never this CPU.

@@ -17,13 +17,10 @@ from gelu.cc with the system C++ compiler at first use (-march=native) and cache
 from __future__ import annotations
 
 import math
-import os
-import threading
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from absl import logging
 from jax.ad_checkpoint import checkpoint_name
 
 from gpt.kernels import gemm, native
@@ -35,33 +32,19 @@ BACKWARD = "GptBiasGeluBwdF32"
 # the MLP with it ran 0.93x its XLA form at 30m (BENCHMARKS "The lead's quiet retake, session 8").
 # True (experiments/bench_train.py's `gelukernel` variant) takes it where it runs; read by `takes`.
 USE_KERNEL = False
-_lock = threading.Lock()
-_loaded: list[bool] = []  # [] not tried; [True] registered; [False] unavailable
-_why: list[str] = []
+KERNEL = native.Kernel(SOURCE, FLAGS, (BACKWARD,), env="GPT_GELU_KERNEL",
+                       fallback="the MLP's GELU stays XLA's")
 
 
 def available() -> bool:
   """True when the kernel library is built and registered with XLA (building it now if needed).
   GPT_GELU_KERNEL=0 turns it off."""
-  if os.environ.get("GPT_GELU_KERNEL", "1") == "0":
-    if not _why:
-      _why.append("GPT_GELU_KERNEL=0 turns it off")
-    return False
-  with _lock:
-    if not _loaded:
-      try:
-        native.load(SOURCE, FLAGS, (BACKWARD,), cpu_specific=True)
-        _loaded.append(True)
-      except (OSError, RuntimeError, AttributeError) as e:
-        logging.info("gpt.kernels.gelu unavailable, the MLP's GELU stays XLA's: %s", e)
-        _why.append(str(e))
-        _loaded.append(False)
-  return _loaded[0]
+  return KERNEL.available()
 
 
 def why_unavailable() -> str:
   """Why the kernel is not available ("" when it is, or before `available()` was asked)."""
-  return _why[0] if _why else ""
+  return KERNEL.why_unavailable()
 
 
 def takes(u: jax.Array, b: jax.Array, w: jax.Array) -> bool:

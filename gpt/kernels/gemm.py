@@ -34,13 +34,11 @@ import glob
 import math
 import os
 import sys
-import threading
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 from jax.ad_checkpoint import checkpoint_name
 
 from gpt.errors import GPTError
@@ -63,9 +61,6 @@ CHECKPOINT_NAME = "gpt_gemm"
 # the AVX-512 one is built: the session-5 pass, kept for same-run comparisons (bench_train's
 # `-xentvml`) and for the tests that hold both routes to optax.
 XENT_PORTABLE = False
-_lock = threading.Lock()
-_loaded: list[bool] = []  # [] = not tried yet; [True] registered; [False] unavailable
-_why: list[str] = []  # why it is unavailable, for error messages
 
 
 def find_mkl() -> str | None:
@@ -83,32 +78,33 @@ def find_mkl() -> str | None:
   return ctypes.util.find_library("mkl_rt")
 
 
+def _load_with_mkl(load):
+  """`load()` (build, load, register) once MKL is found, then the library's GptGemmLoad: no build
+  where there is no MKL to call."""
+  mkl = find_mkl()
+  if not mkl:
+    raise RuntimeError("MKL's libmkl_rt was not found (pip install 'gpt[mkl]', or set "
+                       "GPT_MKL_LIBRARY to its path)")
+  lib = load()  # Registered before MKL loads: a target is only called once `available()` says True.
+  error = ctypes.create_string_buffer(512)
+  if lib.GptGemmLoad(mkl.encode(), error, len(error)):
+    raise RuntimeError(f"cannot load MKL from {mkl}: {error.value.decode(errors='replace')}")
+  return lib
+
+
+KERNEL = native.Kernel(SOURCE, FLAGS, (TARGET, LAYER_TARGET, LAYER_ADD_TARGET, XENT_TARGET),
+                       libraries=("-ldl",), setup=_load_with_mkl,
+                       fallback="training uses XLA's matmul")
+
+
 def available() -> bool:
   """True when MKL was found and the kernel is registered with XLA (building it now if needed)."""
-  with _lock:
-    if not _loaded:
-      try:
-        mkl = find_mkl()
-        if not mkl:
-          raise RuntimeError("MKL's libmkl_rt was not found (pip install 'gpt[mkl]', or set "
-                             "GPT_MKL_LIBRARY to its path)")
-        # Registered before MKL loads: a target is only called once `available()` says True.
-        lib = native.load(SOURCE, FLAGS, (TARGET, LAYER_TARGET, LAYER_ADD_TARGET, XENT_TARGET), cpu_specific=True,
-                          libraries=("-ldl",))
-        error = ctypes.create_string_buffer(512)
-        if lib.GptGemmLoad(mkl.encode(), error, len(error)):
-          raise RuntimeError(f"cannot load MKL from {mkl}: {error.value.decode(errors='replace')}")
-        _loaded.append(True)
-      except (OSError, RuntimeError, AttributeError) as e:
-        logging.info("gpt.kernels.gemm unavailable, training uses XLA's matmul: %s", e)
-        _why.append(str(e))
-        _loaded.append(False)
-  return _loaded[0]
+  return KERNEL.available()
 
 
 def why_unavailable() -> str:
   """Why the kernel is not available ("" when it is, or before `available()` was asked)."""
-  return _why[0] if _why else ""
+  return KERNEL.why_unavailable()
 
 
 def resolve(choice: str, devices) -> str:

@@ -35,12 +35,10 @@ import contextvars
 import ctypes
 import math
 import os
-import threading
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-from absl import logging
 
 from gpt.kernels import native
 
@@ -48,30 +46,22 @@ MAX_ROWS = 16  # past a few rows a matrix-matrix kernel (XLA's) reuses each weig
 SOURCE = Path(__file__).with_name("gemv.cc")
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC", "-w")
 _SUFFIX = {jnp.dtype(jnp.float32): "F32", jnp.dtype(jnp.bfloat16): "BF16", jnp.dtype(jnp.int8): "S8"}
-_lock = threading.Lock()
-_loaded: list[bool] = []  # [] = not tried yet; [True] registered; [False] unavailable
-_vnni: list[bool] = []  # [True] when the library's int8-activation kernel runs on AVX-512 VNNI
-_lib: list = []  # the loaded library (ctypes), for its plain C exports
+_SUFFIXES = (*_SUFFIX.values(), "S8A8")
+_TARGETS = tuple(f"GptGemv{suffix}" for suffix in (*_SUFFIXES, "S8A16")) + tuple(
+    f"GptGemv{kind}{suffix}" for kind in ("Mlp", "Tail") for suffix in _SUFFIXES)
+# FLAGS read when built: the portable check (tests/test_gemv.py) sets it first.
+KERNEL = native.Kernel(SOURCE, lambda: FLAGS, _TARGETS, env="GPT_GEMV", warn=True,
+                       fallback="using XLA's matmul")
 
 
 def available() -> bool:
   """True when the kernels are registered with XLA (building them now if needed)."""
-  if os.environ.get("GPT_GEMV", "1") == "0":
-    return False
-  with _lock:
-    if not _loaded:
-      try:
-        suffixes = (*_SUFFIX.values(), "S8A8")
-        names = tuple(f"GptGemv{suffix}" for suffix in (*suffixes, "S8A16")) + tuple(
-            f"GptGemv{kind}{suffix}" for kind in ("Mlp", "Tail") for suffix in suffixes)
-        lib = native.load(SOURCE, FLAGS, names, cpu_specific=True)
-        _vnni.append(bool(lib.GptGemvHasVnni()))
-        _lib.append(lib)
-        _loaded.append(True)
-      except (OSError, RuntimeError, AttributeError) as e:
-        logging.warning("gpt.kernels.gemv unavailable, using XLA's matmul: %s", e)
-        _loaded.append(False)
-  return _loaded[0]
+  return KERNEL.available()
+
+
+def why_unavailable() -> str:
+  """Why the kernels are not available ("" when they are, or before `available()` was asked)."""
+  return KERNEL.why_unavailable()
 
 
 # Set inside `off()`: programs lowered there are for another platform, never this CPU.
@@ -132,16 +122,17 @@ A16_MIN_ROWS = 2
 def hugepage_buffers() -> int:
   """How many weight buffers the library has advised onto 2 MB pages so far (0 without it): each
   weight once per process, whatever the number of calls."""
-  if not available() or not _lib:
+  if not available():
     return 0
-  _lib[0].GptGemvHugepageBuffers.restype = ctypes.c_int64
-  return int(_lib[0].GptGemvHugepageBuffers())
+  lib = KERNEL.library()
+  lib.GptGemvHugepageBuffers.restype = ctypes.c_int64
+  return int(lib.GptGemvHugepageBuffers())
 
 
 def vnni() -> bool:
   """Whether the int8-activation kernel (`matmul(..., int8_activations=True)`) runs here: the
   library built with AVX-512 VNNI (vpdpbusd). Elsewhere that product is `reference`'s XLA one."""
-  return available() and _vnni[0]
+  return available() and bool(KERNEL.library().GptGemvHasVnni())
 
 
 def matmul(x: jax.Array, w: jax.Array, *, scale: jax.Array | None = None,

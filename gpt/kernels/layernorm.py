@@ -19,14 +19,11 @@ from __future__ import annotations
 
 import functools
 import math
-import os
-import threading
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import logging
 
 from gpt.kernels import native
 
@@ -41,33 +38,19 @@ FORWARD, BACKWARD = "GptLayerNormFwdF32", "GptLayerNormBwdF32"
 # Set False to keep XLA's LayerNorm where the kernel would run (experiments/bench_train.py's
 # `lnxla` variant); read by `takes`.
 USE_KERNEL = True
-_lock = threading.Lock()
-_loaded: list[bool] = []  # [] not tried; [True] registered; [False] unavailable
-_why: list[str] = []
+KERNEL = native.Kernel(SOURCE, FLAGS, (FORWARD, BACKWARD), env="GPT_LAYERNORM_KERNEL",
+                       fallback="LayerNorm stays XLA's")
 
 
 def available() -> bool:
   """True when the kernel library is built and registered with XLA (building it now if needed).
   GPT_LAYERNORM_KERNEL=0 turns it off."""
-  if os.environ.get("GPT_LAYERNORM_KERNEL", "1") == "0":
-    if not _why:
-      _why.append("GPT_LAYERNORM_KERNEL=0 turns it off")
-    return False
-  with _lock:
-    if not _loaded:
-      try:
-        native.load(SOURCE, FLAGS, (FORWARD, BACKWARD), cpu_specific=True)
-        _loaded.append(True)
-      except (OSError, RuntimeError, AttributeError) as e:
-        logging.info("gpt.kernels.layernorm unavailable, LayerNorm stays XLA's: %s", e)
-        _why.append(str(e))
-        _loaded.append(False)
-  return _loaded[0]
+  return KERNEL.available()
 
 
 def why_unavailable() -> str:
   """Why the kernel is not available ("" when it is, or before `available()` was asked)."""
-  return _why[0] if _why else ""
+  return KERNEL.why_unavailable()
 
 
 def takes(x: jax.Array, g: jax.Array, b: jax.Array) -> bool:

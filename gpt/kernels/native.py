@@ -7,10 +7,16 @@ keyed by its source, the headers it shares (pool.h, lanes.h, simd_exp.h), the fl
 for a CPU-specific build, this CPU's model and flags, and is renamed into place only when complete,
 so concurrent first uses and interrupted builds never load a partial file. The cache is
 GPT_KERNEL_CACHE (default ~/.cache/gpt/kernels).
+
+`Kernel` is how a kernel module uses all this: one object per library holding what builds it and
+whether it loaded, so that every module answers `available()` and `why_unavailable()` the same way
+(tried once per process under a lock, an environment switch that turns it off, a one-line reason
+logged and kept when it fails) instead of each repeating that code.
 """
 
 from __future__ import annotations
 
+import copy
 import ctypes
 import hashlib
 import os
@@ -18,9 +24,12 @@ import platform
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
+from typing import Callable
 
 import jax
+from absl import logging
 
 HEADERS = (Path(__file__).with_name("pool.h"), Path(__file__).with_name("lanes.h"),
            Path(__file__).with_name("simd_exp.h"))
@@ -83,6 +92,89 @@ def load(source: Path, flags: tuple[str, ...], targets: tuple[str, ...], *, cpu_
   for name in targets:
     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
   return lib
+
+
+class Kernel:
+  """One C++ kernel library as its module (gpt.kernels.gemv, ...) uses it.
+
+  `available()` builds, loads and registers the library (`load`) the first time it is asked, once
+  per process however many threads ask at once, and answers from then on without retrying: a
+  failure (no compiler, a compile error, a missing export, `setup` raising) is logged once with
+  `fallback` (what runs instead) and kept as `why_unavailable()`'s one line. Where `env` names an
+  environment variable, its value "0" turns the kernel off (read at every call, so a test or a
+  benchmark's A/B can switch it without a new process) before anything is built.
+
+  `flags` may be a function returning the flags, read when the library is built: a check that
+  rebuilds a kernel with other flags (tests/test_gemv.py's portable build) sets its module's FLAGS
+  first. `setup(load)`, where given, is the load itself: it calls `load()` (build, load, register;
+  returns the library) with what must happen before it or after it, and returns the library
+  (gemm: find MKL before building, hand the library MKL's path after). `warn` logs a failure at
+  WARNING instead of INFO (gemv's and decode_attention's, as they always have).
+  """
+
+  def __init__(self, source: Path, flags: tuple[str, ...] | Callable[[], tuple[str, ...]],
+               targets: tuple[str, ...], *, fallback: str, cpu_specific: bool = True,
+               libraries: tuple[str, ...] = (), env: str | None = None, warn: bool = False,
+               setup: Callable[[Callable[[], ctypes.CDLL]], ctypes.CDLL] | None = None):
+    self.source, self.flags, self.targets = source, flags, tuple(targets)
+    self.fallback, self.cpu_specific, self.libraries = fallback, cpu_specific, tuple(libraries)
+    self.env, self.warn, self.setup = env, warn, setup
+    self._forget()
+
+  def _forget(self) -> None:
+    self._lock = threading.Lock()
+    self._tried = False
+    self._lib: ctypes.CDLL | None = None
+    self._why = ""
+
+  def untried(self) -> Kernel:
+    """The same kernel not yet tried (tests of a module's fallback swap it in for the module's)."""
+    fresh = copy.copy(self)
+    fresh._forget()
+    return fresh
+
+  def switched_off(self) -> bool:
+    """Whether the environment switch (`env`=0) turns the kernel off now."""
+    return self.env is not None and os.environ.get(self.env, "1") == "0"
+
+  def available(self) -> bool:
+    """True when the library is built, loaded and its targets registered (trying now if never
+    tried); False when switched off or when it failed."""
+    if self.switched_off():
+      return False
+    with self._lock:
+      if not self._tried:
+        self._load()
+        self._tried = True
+    return self._lib is not None
+
+  def _load(self) -> None:
+    flags = self.flags() if callable(self.flags) else self.flags
+
+    def build_and_load() -> ctypes.CDLL:
+      return load(self.source, flags, self.targets, cpu_specific=self.cpu_specific,
+                  libraries=self.libraries)
+
+    try:
+      self._lib = self.setup(build_and_load) if self.setup else build_and_load()
+    except (OSError, RuntimeError, AttributeError) as e:
+      logging.log(logging.WARNING if self.warn else logging.INFO, "gpt.kernels.%s unavailable, %s: %s",
+                  self.source.stem, self.fallback, e)
+      self._why = " ".join(str(e).split()) or type(e).__name__
+
+  def why_unavailable(self) -> str:
+    """Why the kernel is not available: the switch's message, the failure's one line; "" when it
+    is available or was not tried yet."""
+    if self.switched_off():
+      return f"{self.env}=0 turns it off"
+    return self._why
+
+  def library(self) -> ctypes.CDLL:
+    """The loaded library, for its plain C exports (gemv's GptGemvHasVnni). Call where
+    `available()`; elsewhere a RuntimeError says why not."""
+    if not self.available():
+      raise RuntimeError(f"gpt.kernels.{self.source.stem} is unavailable: {self.why_unavailable()}")
+    return self._lib
 
 
 def cannot_run_on(devices, available, why_unavailable) -> str | None:
