@@ -123,7 +123,10 @@ VARIANT_FIELDS = {"attnxla": {"attention_impl": "xla"}, "attnblocked": {"attenti
                   "logitsloss": {"output_loss": "logits"}, "fusedloss": {"output_loss": "fused"},
                   "rematdots": {"remat": "dots"},
                   "xladot": {"matmul": "xla"}, "mkl": {"matmul": "mkl"},
-                  "rematfull": {"remat": "full"}}
+                  "rematfull": {"remat": "full"},
+                  # train-bf16, session 9: the products' inputs in bfloat16, f32 accumulation
+                  # (model.matmul_dtype=bfloat16; on a jax-f32 row: torch autocast's recipe)
+                  "mmbf16": {"matmul_dtype": "bfloat16"}}
 # Train fields per variant suffix (jax rows): `held` freezes all but the blocks
 # (train.only_train_transformer_layers: the step differentiates `h` alone, session 8).
 VARIANT_TRAIN = {"held": {"only_train_transformer_layers": True}}
@@ -158,7 +161,10 @@ VARIANT_SWITCHES = {"recomputeprobs": ("gpt.attention", "SAVE_PROBABILITIES", Fa
                     "unroll2": ("gpt.model", "SCAN_UNROLL", 2),
                     # the lead, session 8: both routes above made opt-in by the quiet retake
                     "winplace": ("gpt.model", "WEIGHTS_IN_PLACE", True),
-                    "gelukernel": ("gpt.kernels.gelu", "USE_KERNEL", True)}
+                    "gelukernel": ("gpt.kernels.gelu", "USE_KERNEL", True),
+                    # train-bf16, session 9: bf16 x bf16 products differentiated by JAX's transpose
+                    # of the einsum (the backward's products f32 or mixed), as before
+                    "bf16autodiff": ("gpt.matmul", "BF16_VJP", False)}
 
 
 def train_program(shape, dtype: str, scan: bool, seed: int = 0, train=None, abstract: bool = False,
@@ -439,7 +445,7 @@ def main() -> None:
                       "jax-bf16-scan,torch-f32,torch-f32-tcmalloc,nanogpt-f32,nanogpt-f32-compile,"
                       "torch-bf16",
                       help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs|-nokernel][-geluxla][-geluxlabwd][-ln3d][-lnxla][-logitsloss|-fusedloss][-xentvml][-optaxclip][-optaxadam][-wslice|-gslice|-winplace][-gelukernel][-unroll2]"
-                      "[-rematdots|-rematfull][-xladot|-mkl][-freedoff|-keepfreed][-held] names; torch rows: "
+                      "[-rematdots|-rematfull][-xladot|-mkl][-mmbf16][-bf16autodiff][-freedoff|-keepfreed][-held] names; torch rows: "
                       "torch|nanogpt-f32|bf16[-compile][-fusedadam|-foreachadam][-keepfreed]"
                       "[-proc|-jemalloc|-tcmalloc|-thp: in a process of its own]")
   parser.add_argument("--rounds", type=int, default=5)
