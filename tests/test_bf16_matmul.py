@@ -171,3 +171,14 @@ def test_bf16_vjp_switch_changes_only_the_backward_route(monkeypatch):
   np.testing.assert_allclose(loss, old_loss, rtol=1e-3)
   for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(old)):
     np.testing.assert_allclose(g, r, atol=0.05 * np.abs(np.asarray(r)).max())
+
+
+def test_bench_bf16_dots_products_agree():
+  """experiments/bench_bf16_dots.py times each product in two layouts: both compute the same."""
+  from experiments import bench_bf16_dots
+
+  progs = bench_bf16_dots.programs(8, 4, 6)
+  contract, copy = (np.asarray(f(*a)) for f, a, _ in
+                    (progs["dW=x^T dy contract rows"], progs["dW=x^T dy row-major copy"]))
+  np.testing.assert_array_equal(contract, copy)
+  np.testing.assert_array_equal(contract, np.full((4, 6), 8.0))
