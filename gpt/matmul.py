@@ -27,9 +27,11 @@ from gpt.kernels import gemm
 # The specs gpt.kernels.gemm serves, and whether the weight is transposed ([N, K]) in each.
 GEMM_SPECS = {"...d,df->...f": False, "...d,vd->...v": True}
 # True: products of two bfloat16 operands (model.dtype=bfloat16) take bf16_matmul's backward (all
-# three products bf16 x bf16 -> f32); False: JAX's transpose of the forward einsum, as before
-# session 9 (bench_train's `-bf16autodiff`, for same-run comparisons).
-BF16_VJP = True
+# three products bf16 x bf16 -> f32), and the fused loss its bf16 route; False (the default): JAX's
+# transpose of the forward einsum, as before session 9. Opt-in (bench_train's `-bf16vjp`): the
+# same-run A/Bs at the 30m shape did not show a gain (1.01x, then paired 0.92/1.05/0.65x;
+# BENCHMARKS.md "train-bf16, session 9"). model.matmul_dtype=bfloat16 takes bf16_matmul always.
+BF16_VJP = False
 
 
 def matmul(x: jax.Array, w: jax.Array, spec: str = "...d,df->...f", *,

@@ -62,8 +62,10 @@ def test_bf16_matmul_gives_gradients_in_the_operands_dtypes_and_leading_axes():
   assert dx.dtype == BF16 and dx.shape == (2, 3, 8) and dw.dtype == jnp.float32
 
 
+@pytest.mark.parametrize("vjp", [False, True])
 @pytest.mark.parametrize("spec", ["...d,df->...f", "...d,vd->...v"])
-def test_matmul_routes_bf16_products_and_stays_near_float32(spec):
+def test_matmul_routes_bf16_products_and_stays_near_float32(spec, vjp, monkeypatch):
+  monkeypatch.setattr(mm, "BF16_VJP", vjp)
   transpose_w = spec == "...d,vd->...v"
   x, w, dy = _operands(2 * 7, 16, 33, transpose_w, seed=3)
   x = x.reshape(2, 7, 16)
@@ -72,13 +74,14 @@ def test_matmul_routes_bf16_products_and_stays_near_float32(spec):
     return jax.grad(lambda x, w: jnp.sum(f(x, w) * dy.reshape(2, 7, 33)), argnums=(0, 1))(x, w)
 
   want = grads(lambda x, w: mm.matmul(x, w, spec))
-  for f in (lambda x, w: mm.matmul(x, w, spec, impl="bf16"),  # matmul_dtype=bfloat16
-            lambda x, w: mm.matmul(x.astype(BF16), w.astype(BF16), spec)):  # model.dtype=bfloat16
+  bf16_in = lambda x, w: mm.matmul(x.astype(BF16), w.astype(BF16), spec)  # model.dtype=bfloat16
+  for f in (lambda x, w: mm.matmul(x, w, spec, impl="bf16"), bf16_in):  # and matmul_dtype
     for g, r in zip(grads(f), want):
       scale = np.abs(np.asarray(r)).max()
       np.testing.assert_allclose(np.asarray(g, np.float32), r, atol=0.03 * scale)
   jaxpr = str(jax.make_jaxpr(lambda x, w: mm.matmul(x, w, spec, impl="bf16"))(x, w))
   assert "custom_vjp_call" in jaxpr
+  assert ("custom_vjp_call" in str(jax.make_jaxpr(bf16_in)(x, w))) == vjp  # BF16_VJP, opt-in
 
 
 def _dot_operand_types(hlo: str) -> list[tuple[str, ...]]:
@@ -165,9 +168,10 @@ def test_the_models_bf16_products_stay_near_float32(fields):
 def test_bf16_vjp_switch_changes_only_the_backward_route(monkeypatch):
   """model.dtype=bfloat16 with and without bf16_matmul's VJP (gpt.matmul.BF16_VJP): the same loss,
   gradients within bfloat16's rounding of each other."""
-  loss, grads = _train_loss_and_grads(dtype="bfloat16", output_loss="fused")
   monkeypatch.setattr(mm, "BF16_VJP", False)
   old_loss, old = _train_loss_and_grads(dtype="bfloat16", output_loss="fused")
+  monkeypatch.setattr(mm, "BF16_VJP", True)
+  loss, grads = _train_loss_and_grads(dtype="bfloat16", output_loss="fused")
   np.testing.assert_allclose(loss, old_loss, rtol=1e-3)
   for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(old)):
     np.testing.assert_allclose(g, r, atol=0.05 * np.abs(np.asarray(r)).max())
