@@ -96,7 +96,10 @@ VARIANT_FIELDS = {"attnxla": {"attention_impl": "xla"}, "attnblocked": {"attenti
                   "logitsloss": {"output_loss": "logits"}, "fusedloss": {"output_loss": "fused"},
                   "rematdots": {"remat": "dots"},
                   "xladot": {"matmul": "xla"}, "mkl": {"matmul": "mkl"},
-                  "rematfull": {"remat": "full"}}
+                  "rematfull": {"remat": "full"},
+                  # train-bf16, session 9: the products' inputs in bfloat16, f32 accumulation
+                  # (model.matmul_dtype=bfloat16; on a jax-f32 row: torch autocast's recipe)
+                  "mmbf16": {"matmul_dtype": "bfloat16"}}
 # Train fields per variant suffix (jax rows): `held` freezes all but the blocks
 # (train.only_train_transformer_layers: the step differentiates `h` alone, session 8).
 VARIANT_TRAIN = {"held": {"only_train_transformer_layers": True}}
@@ -131,7 +134,11 @@ VARIANT_SWITCHES = {"recomputeprobs": ("gpt.attention", "SAVE_PROBABILITIES", Fa
                     "unroll2": ("gpt.model", "SCAN_UNROLL", 2),
                     # the lead, session 8: both routes above made opt-in by the quiet retake
                     "winplace": ("gpt.model", "WEIGHTS_IN_PLACE", True),
-                    "gelukernel": ("gpt.kernels.gelu", "USE_KERNEL", True)}
+                    "gelukernel": ("gpt.kernels.gelu", "USE_KERNEL", True),
+                    # train-bf16, session 9: model.dtype=bfloat16's products by gpt.matmul's
+                    # bf16_matmul (all three bf16 x bf16 -> f32) instead of JAX's transpose of the
+                    # einsum (the backward's products f32 or mixed), the default
+                    "bf16vjp": ("gpt.matmul", "BF16_VJP", True)}
 
 
 def train_program(shape, dtype: str, scan: bool, seed: int = 0, train=None, abstract: bool = False,
@@ -232,7 +239,7 @@ def main() -> None:
                       "jax-bf16-scan,torch-f32,torch-f32-tcmalloc,nanogpt-f32,nanogpt-f32-compile,"
                       "torch-bf16",
                       help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs|-nokernel][-geluxla][-geluxlabwd][-ln3d][-lnxla][-logitsloss|-fusedloss][-xentvml][-optaxclip][-optaxadam][-wslice|-gslice|-winplace][-gelukernel][-unroll2]"
-                      "[-rematdots|-rematfull][-xladot|-mkl][-freedoff|-keepfreed][-held] names; torch rows: "
+                      "[-rematdots|-rematfull][-xladot|-mkl][-mmbf16][-bf16vjp][-freedoff|-keepfreed][-held] names; torch rows: "
                       "torch|nanogpt-f32|bf16[-compile][-fusedadam|-foreachadam][-keepfreed]"
                       "[-proc|-jemalloc|-tcmalloc|-thp: in a process of its own]")
   parser.add_argument("--rounds", type=int, default=5)

@@ -115,6 +115,11 @@ def base_config() -> ml_collections.ConfigDict:
   # auto (Intel MKL's sgemm through gpt.kernels.gemm when training on one CPU device and MKL is
   # installed, `pip install 'gpt[mkl]'`; XLA's einsum otherwise and in sample/eval) | xla | mkl.
   m.matmul = "auto"
+  # The dense layers' and tied head's products: auto (in model.dtype) | bfloat16 (inputs rounded to
+  # bfloat16, float32 accumulation, forward and backward; activations, parameters and the other
+  # kernels stay in model.dtype: with model.dtype=float32 this is torch's bf16 autocast). Pays on a
+  # CPU with AVX512-BF16 (BENCHMARKS.md "train-bf16, session 9"); elsewhere XLA emulates it.
+  m.matmul_dtype = "auto"
   # Weight-only quantization for inference (sample, interactive, eval, the harness model): none |
   # int8 (int8 matrices with per-output-channel scales, float activations; gpt.quantize). Applied
   # when the model is loaded; training refuses it.

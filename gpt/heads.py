@@ -52,7 +52,7 @@ def logits(model: GPT, hidden: jax.Array, at: jax.Array | None = None) -> jax.Ar
   if cfg.weights_by_row:  # prepared for decoding: gpt.kernels.gemv where it wins
     return gemv.auto_matmul(hidden, wte, scale=scale, int8_activations=cfg.int8_activations,
                             int16_activations=cfg.int16_activations)
-  return matmul(hidden, wte, "...d,vd->...v", scale=scale, impl=cfg.matmul)
+  return matmul(hidden, wte, "...d,vd->...v", scale=scale, impl=cfg.product_impl)
 
 
 def loss(model: GPT, hidden: jax.Array, targets: jax.Array) -> jax.Array:
@@ -67,7 +67,8 @@ def loss(model: GPT, hidden: jax.Array, targets: jax.Array) -> jax.Array:
   # elsewhere (XLA's fused version measured not faster).
   fused = cfg.output_loss == "fused" or (cfg.output_loss == "auto" and cfg.matmul == "mkl")
   if fused and wte.dtype != jnp.int8 and not cfg.weights_by_row:
-    return tied_cross_entropy(hidden, wte, targets, impl=cfg.matmul)
+    return tied_cross_entropy(hidden, wte, targets, impl=cfg.matmul,
+                              bf16=cfg.matmul_dtype == "bfloat16")
   return optax.softmax_cross_entropy_with_integer_labels(logits(model, hidden), targets).mean()
 
 

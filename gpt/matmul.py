@@ -3,10 +3,20 @@ and its tied output head (gpt.heads' `logits`).
 
 Its own module so that both can import it: the head sits above the layers (gpt.model calls it at
 the top of the stack) and must not import gpt.model back.
+
+`bf16_matmul` is the bfloat16 route (train-bf16, session 9): XLA:CPU's bf16 dot is fast on a CPU
+with AVX512-BF16 only when it accumulates and returns float32 (bf16 x bf16 -> f32 ran ~2x its
+float32 dot there; bf16 x bf16 -> bf16 no faster than float32). JAX's own transpose of the
+forward einsum takes the float32 cotangent as it is, so the backward's two products ran float32 or
+mixed dots; bf16_matmul's VJP casts the cotangent to bfloat16 so that all three products (y = x w,
+dx = dy w^T, dw = x^T dy) are bf16 x bf16 -> f32. It serves both bfloat16 compute (model.dtype)
+and the autocast-like mixed mode (model.matmul_dtype=bfloat16: float32 activations and
+parameters, only the products' inputs rounded to bfloat16).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -16,6 +26,12 @@ from gpt.kernels import gemm
 
 # The specs gpt.kernels.gemm serves, and whether the weight is transposed ([N, K]) in each.
 GEMM_SPECS = {"...d,df->...f": False, "...d,vd->...v": True}
+# True: products of two bfloat16 operands (model.dtype=bfloat16) take bf16_matmul's backward (all
+# three products bf16 x bf16 -> f32), and the fused loss its bf16 route; False (the default): JAX's
+# transpose of the forward einsum, as before session 9. Opt-in (bench_train's `-bf16vjp`): the
+# same-run A/Bs at the 30m shape did not show a gain (1.01x, then paired 0.92/1.05/0.65x;
+# BENCHMARKS.md "train-bf16, session 9"). model.matmul_dtype=bfloat16 takes bf16_matmul always.
+BF16_VJP = False
 
 
 def matmul(x: jax.Array, w: jax.Array, spec: str = "...d,df->...f", *,
@@ -28,6 +44,8 @@ def matmul(x: jax.Array, w: jax.Array, spec: str = "...d,df->...f", *,
   XLA:CPU has no bf16 matrix-vector kernel: for a single row it converts the whole bf16 weight
   matrix to float32 first (4-10x slower than reading it). Two rows take its bf16 matrix-matrix
   kernel instead, so a lone bf16 row (a batch-1 decode step) is computed as a pair.
+  `impl="bf16"` (model.matmul_dtype=bfloat16) runs the dense layers and the tied head as
+  `bf16_matmul` whatever the operands' dtype; two bfloat16 operands take it too (BF16_VJP).
   `impl="mkl"` (a resolved `model.matmul`, gpt.kernels.gemm.resolve) runs float32 products of the
   dense layers and the tied head through MKL's sgemm, with its own backward; other dtypes, quantized
   weights and other specs stay XLA's.
@@ -40,6 +58,66 @@ def matmul(x: jax.Array, w: jax.Array, spec: str = "...d,df->...f", *,
   if rows == 1 and w.dtype == jnp.bfloat16 and jax.default_backend() == "cpu":
     pair = jnp.concatenate([x, x], axis=0)
     out = jnp.einsum(spec, pair, w, preferred_element_type=jnp.float32)[:1]
+  elif spec in GEMM_SPECS and (impl == "bf16" or (
+      BF16_VJP and x.dtype == jnp.bfloat16 and w.dtype == jnp.bfloat16)):
+    out = bf16_matmul(x, w, GEMM_SPECS[spec])
   else:
     out = jnp.einsum(spec, x, w, preferred_element_type=jnp.float32)
   return out if scale is None else out * scale.astype(jnp.float32)
+
+
+def bf16_matmul(x: jax.Array, w: jax.Array, transpose_w: bool = False) -> jax.Array:
+  """x [..., K] @ w ([K, N], or [N, K] with `transpose_w`) -> float32 [..., N], the operands
+  rounded to bfloat16 and the products accumulated in float32; differentiable, its backward's two
+  products bf16 x bf16 -> f32 too (the cotangent rounded to bfloat16, as torch's autocast does).
+  The gradients come back in x's and w's own dtypes (float32 master weights get a float32 dW)."""
+  lead = x.shape[:-1]
+  y = _bf16_matmul2d(x.reshape(-1, x.shape[-1]), w, transpose_w)
+  return y.reshape(*lead, y.shape[-1])
+
+
+def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+  """a . b over a's axis contract[0] and b's axis contract[1] (2-D operands), bf16 x bf16 -> f32."""
+  dims = (((contract[0],), (contract[1],)), ((), ()))
+  return jax.lax.dot_general(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), dims,
+                             preferred_element_type=jnp.float32)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _bf16_matmul2d(x: jax.Array, w: jax.Array, transpose_w: bool) -> jax.Array:
+  return _dot(x, w, (1, 1 if transpose_w else 0))
+
+
+def _bf16_forward(x, w, transpose_w):
+  xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  # The rounded operands are the residuals: half the bytes of float32 ones, and the backward's
+  # products need them in bfloat16 anyway. Zero-size arrays carry the primal dtypes.
+  return _dot(xb, wb, (1, 1 if transpose_w else 0)), (xb, wb, jnp.zeros((0,), x.dtype),
+                                                       jnp.zeros((0,), w.dtype))
+
+
+def _row_major_t(a: jax.Array) -> jax.Array:
+  """a.T [N, M] of a 2-D `a` [M, N], as a copy laid out row by row.
+
+  XLA:CPU runs a bf16 x bf16 -> f32 dot as such (YNNPACK) only when its left operand contracts
+  its last, row-major axis; otherwise it converts both operands to float32 first and runs the
+  float32 dot (measured here: 37-54 GFLOP/s against 85-107 with this copy, for dW's products).
+  A jnp transpose stays a layout change that XLA folds into the dot, so the copy is a gather of
+  rows (which no pass folds away); it moves M x N bf16 elements, a small fraction of the dot's
+  work at the model's shapes."""
+  return a.T[jnp.arange(a.shape[1])]
+
+
+def _bf16_backward(transpose_w, res, dy):
+  xb, wb, x_like, w_like = res
+  dyb = dy.astype(jnp.bfloat16)
+  dx = _dot(dyb, wb, (1, 0 if transpose_w else 1))  # dy w^T ([M, N] . [N, K] or [K, N])
+  # dW in w's layout: x^T dy [K, N], or dy^T x [N, K] for a transposed weight, each with a
+  # row-major transposed left operand (`_row_major_t`). Making dy^T x as (x^T dy)^T instead makes
+  # XLA fold the transpose into the dot's output layout, which its bf16 DotThunk rejects
+  # ("UNIMPLEMENTED: Unsupported element type").
+  dw = _dot(_row_major_t(dyb), xb, (1, 0)) if transpose_w else _dot(_row_major_t(xb), dyb, (1, 0))
+  return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
+
+
+_bf16_matmul2d.defvjp(_bf16_forward, _bf16_backward)

@@ -67,6 +67,10 @@ REMAT_POLICIES = {
 }
 ATTENTION_IMPLS = ("blocked", "kernel", "xla", "cudnn", "auto")
 OUTPUT_LOSSES = ("auto", "fused", "logits")
+# model.matmul_dtype: "auto" multiplies in the compute dtype (model.dtype); "bfloat16" rounds the
+# dense layers' and tied head's inputs to bfloat16 and accumulates in float32 (gpt.matmul's
+# bf16_matmul), everything else staying in model.dtype: torch autocast's recipe.
+MATMUL_DTYPES = ("auto", "bfloat16")
 QUANTIZE = ("none", "int8")
 # True: under the layer scan, the dense layers whose matmul is MKL's read their layer's weight in place
 # in the stacked parameter (gemm.layer_matmul: no per-layer copy of the weight, forward or backward).
@@ -130,6 +134,10 @@ class GPTConfig:
   # sgemm (gpt.kernels.gemm) in a training program on one CPU device where MKL loads, XLA's einsum
   # elsewhere; "xla" always XLA's; "mkl" insists on MKL. Training resolves it (gemm.resolve).
   matmul: str = "auto"
+  # MATMUL_DTYPES: "bfloat16" runs the dense layers' and tied head's products (forward and both
+  # backward products) as bf16 x bf16 -> float32 (gpt.matmul.bf16_matmul) whatever model.dtype
+  # is; with float32 activations and parameters that is torch's autocast (train-bf16, session 9).
+  matmul_dtype: str = "auto"
 
   def __post_init__(self):
     # JSON and ConfigDicts hand lists or comma-separated strings; the config must stay hashable.
@@ -150,6 +158,8 @@ class GPTConfig:
       raise GPTError(f"model.attention_impl={self.attention_impl!r}; choose one of {ATTENTION_IMPLS}")
     if self.matmul not in gemm.MATMULS:
       raise GPTError(f"model.matmul={self.matmul!r}; choose one of {gemm.MATMULS}")
+    if self.matmul_dtype not in MATMUL_DTYPES:
+      raise GPTError(f"model.matmul_dtype={self.matmul_dtype!r}; choose one of {MATMUL_DTYPES}")
     if self.output_loss not in OUTPUT_LOSSES:
       raise GPTError(f"model.output_loss={self.output_loss!r}; choose one of {OUTPUT_LOSSES}")
     if self.lora_rank:
@@ -180,6 +190,12 @@ class GPTConfig:
   def compute_dtype(self):
     return DTYPES[self.dtype]
 
+  @property
+  def product_impl(self) -> str:
+    """gpt.matmul's `impl` for the dense layers and the tied head: "bf16" with
+    matmul_dtype=bfloat16, else the (resolved) `matmul`."""
+    return "bf16" if self.matmul_dtype == "bfloat16" else self.matmul
+
   def num_params(self) -> int:
     """Parameter count with the tied embedding counted once."""
     d, v, L = self.n_embd, self.n_vocab, self.n_layer
@@ -203,7 +219,7 @@ def _lora_args(cfg: GPTConfig, target: str) -> dict:
   rank = cfg.lora_rank_of(target)
   layout = dict(quantize=cfg.quantize, by_row=cfg.weights_by_row, int8_activations=cfg.int8_activations,
                 int16_activations=cfg.int16_activations,
-                matmul=cfg.matmul)
+                matmul=cfg.product_impl)
   return {**layout, **(dict(lora_rank=rank, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout)
                        if rank else {})}
 

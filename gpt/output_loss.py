@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from gpt import matmul as matmul_lib
 from gpt.kernels import gemm
 
 # Rows per chunk. Smaller chunks would bound the logits' memory, but XLA:CPU's GEMM repacks the
@@ -48,7 +49,7 @@ ROWS = 16384
 
 
 def tied_cross_entropy(hidden: jax.Array, wte: jax.Array, targets: jax.Array,
-                       rows: int = ROWS, impl: str = "xla") -> jax.Array:
+                       rows: int = ROWS, impl: str = "xla", bf16: bool = False) -> jax.Array:
   """Mean next-token cross-entropy of logits hidden @ wte^T (float32 accumulation) at `targets`.
 
   hidden [..., D] (the final states after ln_f, in the compute dtype); wte [V, D] (cast to
@@ -56,8 +57,13 @@ def tied_cross_entropy(hidden: jax.Array, wte: jax.Array, targets: jax.Array,
   the forward pass, so call it under jax.grad, or for its value alone, which then skips it).
   `impl`: a resolved `model.matmul`; "mkl" runs the MKL route (`_mkl_loss`) for float32 operands
   where the kernel is available (`rows` does not apply: one pass per row), XLA's otherwise.
+  `bf16` (model.matmul_dtype=bfloat16), or bfloat16 operands (gpt.matmul.BF16_VJP): the three
+  products bf16 x bf16 -> f32 by gpt.matmul.bf16_matmul around `_xent` (the C++ pass with "mkl").
   """
   D = hidden.shape[-1]
+  if bf16 or (matmul_lib.BF16_VJP and hidden.dtype == jnp.bfloat16):
+    logits = matmul_lib.bf16_matmul(hidden.reshape(-1, D), wte, transpose_w=True)
+    return _xent(logits, targets.reshape(-1), impl == "mkl" and gemm.available())
   if (impl == "mkl" and hidden.dtype == jnp.float32 and wte.dtype == jnp.float32
       and gemm.available()):
     return _mkl_loss(hidden.reshape(-1, D), wte, targets.reshape(-1))
@@ -135,3 +141,33 @@ def _mkl_backward(res, g):
 
 
 _mkl_loss.defvjp(_mkl_forward, _mkl_backward)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _xent(logits, targets, kernel):
+  """Mean softmax cross-entropy of float32 logits [N, V] at targets [N]; its gradient is made in
+  the forward pass (gemm.softmax_xent's one C++ pass with `kernel`, XLA's fusions without), for
+  the bf16 route, whose products are gpt.matmul.bf16_matmul's."""
+  return _xent_forward(logits, targets, kernel)[0]
+
+
+def _xent_forward(logits, targets, kernel):
+  N = logits.shape[0]
+  if kernel:
+    dlogits, row_loss = gemm.softmax_xent(logits, targets, 1.0 / N)
+    return jnp.sum(row_loss) / N, (dlogits, targets)
+  m = logits.max(-1, keepdims=True)
+  e = jnp.exp(logits - m)
+  s = e.sum(-1, keepdims=True)
+  picked = jnp.take_along_axis(logits, targets[:, None], -1)
+  onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == targets[:, None]
+  return jnp.sum(jnp.log(s) + m - picked) / N, ((e / s - onehot) * (1.0 / N), targets)
+
+
+def _xent_backward(kernel, res, g):
+  del kernel
+  dlogits, targets = res
+  return g * dlogits, np.zeros(targets.shape, jax.dtypes.float0)
+
+
+_xent.defvjp(_xent_forward, _xent_backward)

@@ -1,0 +1,188 @@
+"""The bfloat16 products (train-bf16, session 9): gpt.matmul.bf16_matmul, model.matmul_dtype and
+the bf16 route of the fused output loss.
+
+bf16_matmul rounds its operands (and, in the backward, the cotangent) to bfloat16 and accumulates
+in float32, so it is held to a float64 reference of the same rounded numbers (tight), and to the
+float32 product within bfloat16's tolerance. The compiled gradient's dots are checked to stay
+bf16 x bf16 (XLA:CPU silently upcasts some layouts to float32 dots, the slow path this route
+exists to avoid). The model with model.matmul_dtype=bfloat16 (torch autocast's recipe) and with
+model.dtype=bfloat16 is compared with the float32 model, loss and every gradient.
+"""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from gpt import matmul as mm
+from gpt.errors import GPTError
+from gpt.kernels import gemm
+from gpt.model import GPTConfig
+from gpt.output_loss import tied_cross_entropy
+
+BF16 = jnp.bfloat16
+
+
+def _rounded64(a):
+  """a rounded to bfloat16, as float64 numpy."""
+  return np.asarray(jnp.asarray(a).astype(BF16).astype(jnp.float32), np.float64)
+
+
+def _operands(M, K, N, transpose_w, dtype=jnp.float32, seed=0):
+  rng = np.random.default_rng(seed)
+  x = jnp.asarray(rng.standard_normal((M, K)), dtype)
+  w = jnp.asarray(rng.standard_normal((N, K) if transpose_w else (K, N)), dtype)
+  dy = jnp.asarray(rng.standard_normal((M, N)), jnp.float32)
+  return x, w, dy
+
+
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_bf16_matmul_and_its_gradients_match_float64_on_the_rounded_operands(transpose_w):
+  x, w, dy = _operands(9, 24, 40, transpose_w)
+  y, vjp = jax.vjp(lambda x, w: mm.bf16_matmul(x, w, transpose_w), x, w)
+  dx, dw = vjp(dy)
+  x64, w64, dy64 = _rounded64(x), _rounded64(w), _rounded64(dy)
+  wk = w64.T if transpose_w else w64  # [K, N]
+  assert y.dtype == dx.dtype == dw.dtype == jnp.float32
+  np.testing.assert_allclose(y, x64 @ wk, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(dx, dy64 @ wk.T, rtol=1e-5, atol=1e-5)
+  want_dw = x64.T @ dy64
+  np.testing.assert_allclose(dw, want_dw.T if transpose_w else want_dw, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_matmul_gives_gradients_in_the_operands_dtypes_and_leading_axes():
+  x, w, dy = _operands(6, 8, 5, False, dtype=BF16)
+  x3 = x.reshape(2, 3, 8)
+  y, vjp = jax.vjp(lambda x, w: mm.bf16_matmul(x, w), x3, w.astype(jnp.float32))
+  dx, dw = vjp(dy.reshape(2, 3, 5))
+  assert y.shape == (2, 3, 5) and y.dtype == jnp.float32
+  assert dx.dtype == BF16 and dx.shape == (2, 3, 8) and dw.dtype == jnp.float32
+
+
+@pytest.mark.parametrize("vjp", [False, True])
+@pytest.mark.parametrize("spec", ["...d,df->...f", "...d,vd->...v"])
+def test_matmul_routes_bf16_products_and_stays_near_float32(spec, vjp, monkeypatch):
+  monkeypatch.setattr(mm, "BF16_VJP", vjp)
+  transpose_w = spec == "...d,vd->...v"
+  x, w, dy = _operands(2 * 7, 16, 33, transpose_w, seed=3)
+  x = x.reshape(2, 7, 16)
+
+  def grads(f):
+    return jax.grad(lambda x, w: jnp.sum(f(x, w) * dy.reshape(2, 7, 33)), argnums=(0, 1))(x, w)
+
+  want = grads(lambda x, w: mm.matmul(x, w, spec))
+  bf16_in = lambda x, w: mm.matmul(x.astype(BF16), w.astype(BF16), spec)  # model.dtype=bfloat16
+  for f in (lambda x, w: mm.matmul(x, w, spec, impl="bf16"), bf16_in):  # and matmul_dtype
+    for g, r in zip(grads(f), want):
+      scale = np.abs(np.asarray(r)).max()
+      np.testing.assert_allclose(np.asarray(g, np.float32), r, atol=0.03 * scale)
+  jaxpr = str(jax.make_jaxpr(lambda x, w: mm.matmul(x, w, spec, impl="bf16"))(x, w))
+  assert "custom_vjp_call" in jaxpr
+  assert ("custom_vjp_call" in str(jax.make_jaxpr(bf16_in)(x, w))) == vjp  # BF16_VJP, opt-in
+
+
+def _dot_operand_types(hlo: str) -> list[tuple[str, ...]]:
+  """The element types of every dot's operands in compiled HLO text."""
+  types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
+  dots = re.findall(r"= \w+\[[^\]]*\]\{[^}]*\} dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)
+  return [(types[a], types[b]) for a, b in dots]
+
+
+@pytest.mark.parametrize("transpose_w", [False, True])
+def test_the_compiled_gradient_keeps_every_dot_bf16(transpose_w):
+  """All three products stay bf16 x bf16 -> f32 dots in XLA:CPU's compiled program: a dW made by
+  contracting the rows of a non-transposed operand would be upcast to a float32 dot."""
+  if jax.default_backend() != "cpu":
+    pytest.skip("XLA:CPU's dot rewriting")
+  x, w, dy = _operands(64, 32, 48, transpose_w)
+  step = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(mm.bf16_matmul(x, w, transpose_w) * dy),
+                          argnums=(0, 1)))
+  dots = _dot_operand_types(step.lower(x, w).compile().as_text())
+  assert len(dots) == 3 and all(t == ("bf16", "bf16") for t in dots), dots
+
+
+def test_matmul_dtype_is_validated():
+  with pytest.raises(GPTError, match="model.matmul_dtype='fp8'; choose one of"):
+    GPTConfig(matmul_dtype="fp8")
+  assert GPTConfig(matmul_dtype="bfloat16").product_impl == "bf16"
+  assert GPTConfig(matmul="mkl").product_impl == "mkl"
+
+
+@pytest.mark.parametrize("impl", ["xla", "mkl"])
+def test_bf16_output_loss_matches_the_float32_reference(impl):
+  if impl == "mkl" and not gemm.available():
+    pytest.skip(f"gpt.kernels.gemm unavailable: {gemm.why_unavailable()}")
+  rng = np.random.default_rng(5)
+  h = jnp.asarray(rng.standard_normal((2, 9, 16)), jnp.float32)
+  wte = jnp.asarray(0.3 * rng.standard_normal((53, 16)), jnp.float32)
+  targets = jnp.asarray(rng.integers(0, 53, (2, 9)), jnp.int32)
+
+  def reference(h, w):
+    logits = jnp.einsum("...d,vd->...v", h, w)
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+  got = jax.jit(jax.value_and_grad(
+      lambda h, w: tied_cross_entropy(h, w, targets, impl=impl, bf16=True), argnums=(0, 1)))(h, wte)
+  want = jax.value_and_grad(reference, argnums=(0, 1))(h, wte)
+  assert got[1][0].dtype == got[1][1].dtype == jnp.float32
+  np.testing.assert_allclose(got[0], want[0], rtol=0.01)
+  for g, r in zip(got[1], want[1]):
+    np.testing.assert_allclose(g, r, atol=0.02 * np.abs(np.asarray(r)).max())
+  jaxpr = str(jax.make_jaxpr(lambda h, w: tied_cross_entropy(h, w, targets, impl=impl, bf16=True))(
+      h, wte))
+  assert jaxpr.count("custom_vjp_call") == 2  # bf16_matmul's and _xent's
+
+
+def _train_loss_and_grads(**fields):
+  from flax import nnx
+
+  from gpt.model import init_model
+  from gpt.train_step import loss_fn
+
+  windows = jnp.asarray(np.random.default_rng(4).integers(0, 61, (2, 17)), jnp.int32)
+  cfg = GPTConfig(n_vocab=61, n_ctx=16, n_embd=32, n_head=2, n_layer=2, **fields)
+  model = init_model(cfg, seed=1)
+  graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model, nnx.Param))
+  return jax.jit(jax.value_and_grad(
+      lambda p: loss_fn(p, graphdef, windows, None, 0.0, False)))(params)
+
+
+@pytest.mark.parametrize("fields", [dict(matmul_dtype="bfloat16"),
+                                    dict(matmul_dtype="bfloat16", output_loss="fused"),
+                                    dict(dtype="bfloat16", output_loss="fused"),
+                                    dict(dtype="bfloat16")])
+def test_the_models_bf16_products_stay_near_float32(fields):
+  """Loss and every parameter's gradient of the train step with bf16 products against the
+  float32 model (same weights): within bfloat16's rounding, relative to each gradient's size."""
+  loss, grads = _train_loss_and_grads(**fields)
+  want_loss, want = _train_loss_and_grads()
+  np.testing.assert_allclose(loss, want_loss, rtol=0.01)
+  for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want)):
+    assert g.dtype == jnp.float32, path  # float32 master weights get float32 gradients
+    np.testing.assert_allclose(g, r, atol=0.05 * np.abs(np.asarray(r)).max(), err_msg=str(path))
+
+
+def test_bf16_vjp_switch_changes_only_the_backward_route(monkeypatch):
+  """model.dtype=bfloat16 with and without bf16_matmul's VJP (gpt.matmul.BF16_VJP): the same loss,
+  gradients within bfloat16's rounding of each other."""
+  monkeypatch.setattr(mm, "BF16_VJP", False)
+  old_loss, old = _train_loss_and_grads(dtype="bfloat16", output_loss="fused")
+  monkeypatch.setattr(mm, "BF16_VJP", True)
+  loss, grads = _train_loss_and_grads(dtype="bfloat16", output_loss="fused")
+  np.testing.assert_allclose(loss, old_loss, rtol=1e-3)
+  for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(old)):
+    np.testing.assert_allclose(g, r, atol=0.05 * np.abs(np.asarray(r)).max())
+
+
+def test_bench_bf16_dots_products_agree():
+  """experiments/bench_bf16_dots.py times each product in two layouts: both compute the same."""
+  from experiments import bench_bf16_dots
+
+  progs = bench_bf16_dots.programs(8, 4, 6)
+  contract, copy = (np.asarray(f(*a)) for f, a, _ in
+                    (progs["dW=x^T dy contract rows"], progs["dW=x^T dy row-major copy"]))
+  np.testing.assert_array_equal(contract, copy)
+  np.testing.assert_array_equal(contract, np.full((4, 6), 8.0))
