@@ -25,7 +25,9 @@ lines under the table name them.
 
 MFU = tokens/s x FLOPs per token / peak, with FLOPs per token from GPTConfig.flops_per_token
 (6 x parameters + 12 x layers x context x width, the LM head included) and peak = the best
-float32 matmul rate measured in this process (a 2048^3 matmul, in JAX and in torch; the larger).
+matmul rate measured in this process (a 2048^3 matmul, in JAX and in torch; the larger) in the
+dtype the row's matmuls run in: bfloat16's for bf16 rows and `mmbf16` rows (bf16 products under
+float32 activations, as torch's autocast), float32's for the rest.
 """
 
 from __future__ import annotations
@@ -260,7 +262,8 @@ def main() -> None:
   if torch is not None:
     peaks["torch f32"] = matmul_peak_torch(torch, torch.float32)
     peaks["torch bf16"] = matmul_peak_torch(torch, torch.bfloat16)
-  peak = max(peaks["jax f32"], peaks.get("torch f32", 0.0))
+  peak = {"f32": max(peaks["jax f32"], peaks.get("torch f32", 0.0)),
+          "bf16": max(peaks["jax bf16"], peaks.get("torch bf16", 0.0))}
 
   rows, profiles, bests, all_times = [], [], [], {}
   for name in args.shapes.split(","):
@@ -326,7 +329,9 @@ def main() -> None:
       # A `held` row does not differentiate the embeddings (train.only_train_transformer_layers):
       # the tied head's d(wte) product, 2 x width x vocab FLOPs per token, is not in its step.
       row_flops = flops - 2 * D * VOCAB if "held" in impl.split("-") else flops
-      rows.append((name, impl, runners[impl][0], step_s, tok_s, tok_s * row_flops / peak, rel,
+      _, dt, *variant = impl.split("-")
+      row_peak = peak["bf16" if dt == "bf16" or "mmbf16" in variant else "f32"]
+      rows.append((name, impl, runners[impl][0], step_s, tok_s, tok_s * row_flops / row_peak, rel,
                    row_flops, rel_best))
     for label, bt in (("f32", best), ("any dtype", best_any)):
       winners = [w for _, w in bt]
@@ -347,7 +352,7 @@ def main() -> None:
         f"{os.environ.get('OMP_WAIT_POLICY')}; host memory: "
         f"{'freed memory kept' if host_memory.applied() else 'glibc defaults'}; load average {os.getloadavg()[0]:.1f}")
   print("matmul peaks (2048^3, GFLOP/s): " + ", ".join(f"{k} {v / 1e9:.0f}" for k, v in peaks.items())
-        + f"; MFU uses {peak / 1e9:.0f}")
+        + f"; MFU uses {peak['f32'] / 1e9:.0f} (f32 rows), {peak['bf16'] / 1e9:.0f} (bf16 products)")
   print()
   print("| shape (L x D, ctx, batch) | implementation | compile s (CPU s) | step ms | tokens/s | MFU "
         "| vs torch f32 | vs best torch f32 | vs best torch |")

@@ -9,14 +9,26 @@ rounds are printed, so load that drifts between rounds cancels out.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import sys
 
 
 def main():
-  data = json.loads(open(sys.argv[1]).read())
-  base = sys.argv[2]
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("times", help="the JSON file bench_train.py --times-json wrote")
+  parser.add_argument("base", help="the row every other row is compared with, e.g. jax-f32-scan")
+  args = parser.parse_args()
+  try:
+    data = json.loads(open(args.times).read())
+  except (OSError, ValueError) as e:
+    sys.exit(f"error: cannot read {args.times} ({e}); give the file bench_train.py --times-json wrote")
+  base = args.base
+  missing = [shape for shape, times in data["times"].items() if base not in times]
+  if missing:
+    sys.exit(f"error: no row {base!r} in shapes {missing}; rows: "
+             f"{sorted({i for t in data['times'].values() for i in t})}")
   print(f"# paired ratios vs {base}; load at the end {data['load']}")
   print("| shape | implementation | median step ms | base / row (median, min-max over rounds) |")
   print("|---|---|---|---|")
