@@ -424,6 +424,90 @@ void BlockA16(const int16_t* q, int64_t k_pad, const float* xs, const int8_t* w,
 }
 #endif
 
+// bf16 weights times bf16 activations (the bf16 model, whose activations are bf16 already):
+// AVX512-BF16's vdpbf16ps multiplies 32 bf16 pairs and adds them, two by two, into 16 float32 sums
+// in one instruction, where the widening loop above spends a widen, a shift and an FMA per 16
+// weights (and converts the weights once per pass of 4 activation rows). Each product of two bf16
+// values is exact in float32, so this is the float32 product of the same bf16 numbers; only the
+// order of the sums differs (and the instruction flushes denormals to zero): results agree with
+// XLA's bf16 x bf16 -> float32 einsum to float32 rounding. GPT_GEMV_BF16DOT=0 (read at each call)
+// takes the widening loop instead, for the same-run A/B (experiments/bench_decode.py --ab).
+constexpr int64_t kBf16Lanes = 32;  // bf16 pairs per vdpbf16ps
+
+bool Bf16DotEnabled() {
+  const char* v = std::getenv("GPT_GEMV_BF16DOT");
+  return !(v && v[0] == '0');
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+constexpr bool kHasBf16Dot = true;
+
+// R weight rows times BR activation rows, both bf16; each 64-byte weight vector is loaded once per
+// pass and shared by the BR rows. The ragged end of K is loaded under a mask in both operands, so
+// the masked lanes multiply zero by zero.
+template <int R, int BR>
+inline void TileBf16(const uint16_t* x, const uint16_t* w, const float* scale, float* y, int64_t b0,
+                     int64_t K, int64_t N, int64_t n) {
+  __m512 acc[BR][R];
+  for (int b = 0; b < BR; ++b)
+    for (int r = 0; r < R; ++r) acc[b][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += kBf16Lanes) {
+    const __mmask32 m = K - k >= kBf16Lanes ? ~__mmask32{0} : (__mmask32{1} << (K - k)) - 1;
+    __m512i wv[R];
+    for (int r = 0; r < R; ++r) {
+      wv[r] = _mm512_maskz_loadu_epi16(m, w + (n + r) * K + k);
+      Prefetch(w + (n + r) * K + k, R * K * sizeof(uint16_t));
+    }
+    for (int b = 0; b < BR; ++b) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x + (b0 + b) * K + k);
+      for (int r = 0; r < R; ++r) acc[b][r] = _mm512_dpbf16_ps(acc[b][r], xv, (__m512bh)wv[r]);
+    }
+  }
+  for (int b = 0; b < BR; ++b) {
+    float sums[R];
+    if constexpr (R == 4) {
+      _mm_storeu_ps(sums, Sum4(acc[b][0], acc[b][1], acc[b][2], acc[b][3]));
+    } else {
+      for (int r = 0; r < R; ++r) sums[r] = _mm512_reduce_add_ps(acc[b][r]);
+    }
+    for (int r = 0; r < R; ++r) y[(b0 + b) * N + n + r] = scale ? sums[r] * scale[n + r] : sums[r];
+  }
+}
+
+template <int R>
+inline void RowsBf16(const uint16_t* x, const uint16_t* w, const float* scale, float* y, int64_t B,
+                     int64_t K, int64_t N, int64_t n) {
+  int64_t b = 0;
+  for (; b + kRowsPerPass <= B; b += kRowsPerPass) TileBf16<R, kRowsPerPass>(x, w, scale, y, b, K, N, n);
+  switch (B - b) {
+    case 3: TileBf16<R, 3>(x, w, scale, y, b, K, N, n); break;
+    case 2: TileBf16<R, 2>(x, w, scale, y, b, K, N, n); break;
+    case 1: TileBf16<R, 1>(x, w, scale, y, b, K, N, n); break;
+  }
+}
+
+void BlockBf16(const uint16_t* x, const uint16_t* w, const float* scale, float* y, int64_t B, int64_t K,
+               int64_t N, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  for (; n + kTile <= n1; n += kTile) RowsBf16<kTile>(x, w, scale, y, B, K, N, n);
+  for (; n < n1; ++n) RowsBf16<1>(x, w, scale, y, B, K, N, n);
+}
+#else
+constexpr bool kHasBf16Dot = false;
+
+// Without AVX512-BF16 (GemvBf16 then widens the activations and runs Block; kept correct for
+// completeness).
+void BlockBf16(const uint16_t* x, const uint16_t* w, const float* scale, float* y, int64_t B, int64_t K,
+               int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t b = 0; b < B; ++b) {
+      float sum = 0.0f;
+      for (int64_t k = 0; k < K; ++k) sum += to_f32(x[b * K + k]) * to_f32(w[n * K + k]);
+      y[b * N + n] = scale ? sum * scale[n] : sum;
+    }
+}
+#endif
+
 // Weights on 2 MB pages (transparent huge pages). A batch-1 call streams every weight once, 4 KB
 // page after 4 KB page: each page costs a TLB miss, a page walk that is two-dimensional in a VM,
 // and the hardware prefetcher stops at every 4 KB boundary. Where the kernel leaves THP to
@@ -541,8 +625,8 @@ struct Shape {
   const float* scale = nullptr;
 };
 
-template <typename WBuffer>
-ffi::Error CheckShapes(const ffi::Buffer<ffi::F32>& x, const WBuffer& w, const ffi::Buffer<ffi::F32>& scale,
+template <typename XBuffer, typename WBuffer>
+ffi::Error CheckShapes(const XBuffer& x, const WBuffer& w, const ffi::Buffer<ffi::F32>& scale,
                        Shape* s) {
   auto xd = x.dimensions();
   auto wd = w.dimensions();
@@ -566,6 +650,44 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
   float* yp = y->typed_data();
   gpt_kernels::RunBlocks(pool, (N + kBlock - 1) / kBlock, MaxThreads(), [=](int64_t i) {
     Block<W>(xp, wp, s, yp, B, K, N, i * kBlock, std::min(N, (i + 1) * kBlock));
+  });
+  return ffi::Error::Success();
+}
+
+// bf16 weights (GptGemvBF16): float32 activations take the widening loop (Block); bf16 ones (the
+// bf16 model's, exact in bf16) take the vdpbf16ps loop where the CPU has AVX512-BF16 and
+// GPT_GEMV_BF16DOT is not 0, else they are widened to float32 once per call (B * K, shared by
+// every block) for the widening loop.
+ffi::Error GemvBf16(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scale,
+                    ffi::ResultBuffer<ffi::F32> y) {
+  Shape shape;
+  if (ffi::Error e = CheckShapes(x, w, scale, &shape); e.failure()) return e;
+  const int64_t B = shape.B, K = shape.K, N = shape.N;
+  const float* s = shape.scale;
+  const uint16_t* wp = static_cast<const uint16_t*>(w.untyped_data());
+  hugepages::Advise(wp, static_cast<size_t>(N * K) * sizeof(uint16_t));
+  float* yp = y->typed_data();
+  const int64_t blocks = (N + kBlock - 1) / kBlock;
+  if (x.element_type() == ffi::DataType::F32) {
+    const float* xp = static_cast<const float*>(x.untyped_data());
+    gpt_kernels::RunBlocks(pool, blocks, MaxThreads(), [=](int64_t i) {
+      Block<uint16_t>(xp, wp, s, yp, B, K, N, i * kBlock, std::min(N, (i + 1) * kBlock));
+    });
+    return ffi::Error::Success();
+  }
+  if (x.element_type() != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("gemv bf16: x must be float32 or bfloat16");
+  const uint16_t* xh = static_cast<const uint16_t*>(x.untyped_data());
+  if (kHasBf16Dot && Bf16DotEnabled()) {
+    gpt_kernels::RunBlocks(pool, blocks, MaxThreads(), [=](int64_t i) {
+      BlockBf16(xh, wp, s, yp, B, K, N, i * kBlock, std::min(N, (i + 1) * kBlock));
+    });
+    return ffi::Error::Success();
+  }
+  auto xf = std::make_shared<std::vector<float>>(B * K);
+  for (int64_t i = 0; i < B * K; ++i) (*xf)[i] = to_f32(xh[i]);
+  gpt_kernels::RunBlocks(pool, blocks, MaxThreads(), [=](int64_t i) {
+    Block<uint16_t>(xf->data(), wp, s, yp, B, K, N, i * kBlock, std::min(N, (i + 1) * kBlock));
   });
   return ffi::Error::Success();
 }
@@ -918,6 +1040,9 @@ extern "C" int64_t GptGemvHugepageBuffers() {
 // Whether GptGemvS8A8 runs on AVX-512 VNNI here (gemv.py chooses it only then).
 extern "C" int GptGemvHasVnni() { return kHasVnni ? 1 : 0; }
 
+// Whether GptGemvBF16 multiplies bf16 activations with vdpbf16ps here (AVX512-BF16; gemv.py's bf16_dot).
+extern "C" int GptGemvHasBf16Dot() { return kHasBf16Dot ? 1 : 0; }
+
 #define GPT_GEMV_HANDLER(name, W)                                                        \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, Gemv<W>,                                           \
                                 ffi::Ffi::Bind()                                         \
@@ -928,7 +1053,13 @@ extern "C" int GptGemvHasVnni() { return kHasVnni ? 1 : 0; }
                                     .Ret<ffi::Buffer<ffi::F32>>());
 
 GPT_GEMV_HANDLER(GptGemvF32, float)
-GPT_GEMV_HANDLER(GptGemvBF16, uint16_t)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptGemvBF16, GemvBf16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 GPT_GEMV_HANDLER(GptGemvS8, int8_t)
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptGemvS8A8, GemvInt8Activations,

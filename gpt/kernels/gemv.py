@@ -144,6 +144,15 @@ def vnni() -> bool:
   return available() and _vnni[0]
 
 
+def bf16_dot() -> bool:
+  """Whether `matmul` of bfloat16 activations by bfloat16 weights runs the vdpbf16ps loop here (the
+  library built with AVX512-BF16; GPT_GEMV_BF16DOT=0, read at each call, takes the widening loop
+  instead). Float32 activations always take the widening loop (their product stays exact)."""
+  if not available() or not _lib:
+    return False
+  return bool(_lib[0].GptGemvHasBf16Dot())
+
+
 def matmul(x: jax.Array, w: jax.Array, *, scale: jax.Array | None = None,
            int8_activations: bool = False, int16_activations: bool = False) -> jax.Array:
   """x [..., K] times w [N, K] transposed, accumulated in float32: float32 [..., N].
@@ -166,8 +175,12 @@ def matmul(x: jax.Array, w: jax.Array, *, scale: jax.Array | None = None,
   no_scale = jnp.zeros((0,), jnp.float32)
   target = ("GptGemvS8A8" if a8 else "GptGemvS8A16" if a16
             else f"GptGemv{_SUFFIX[jnp.dtype(w.dtype)]}")
+  # bf16 activations of bf16 weights stay bf16 (exact): the kernel multiplies them with vdpbf16ps
+  # where the CPU has AVX512-BF16 (`bf16_dot`), else widens them itself.
+  bf16 = jnp.dtype(jnp.bfloat16)
+  x_dtype = bf16 if jnp.dtype(w.dtype) == bf16 and jnp.dtype(x.dtype) == bf16 else jnp.float32
   out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows, N), jnp.float32))(
-      x.reshape(rows, K).astype(jnp.float32), w,
+      x.reshape(rows, K).astype(x_dtype), w,
       no_scale if scale is None else scale.astype(jnp.float32))
   return out.reshape(*x.shape[:-1], N)
 
