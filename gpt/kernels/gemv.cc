@@ -81,8 +81,13 @@ inline float Finish(float sum, const float* xb, const W* wr, int64_t k0, int64_t
 // fetching the next tile while this one is multiplied took the int8 loop from 1.5-1.9x to ~1.0x the
 // time of a plain read of the same bytes (float32 ~0.95x -> ~0.9x; BENCHMARKS.md, decode). Past the
 // end of the matrix it is a hint about an unmapped line, which never faults.
+#ifndef GPT_GEMV_PREFETCH_TILES  // how many tiles ahead (0: none); a compile-time knob for bench_gemv_loop.cc
+#define GPT_GEMV_PREFETCH_TILES 1
+#endif
 inline void Prefetch(const void* p, int64_t ahead) {
-  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + ahead), _MM_HINT_T0);
+  if (GPT_GEMV_PREFETCH_TILES == 0) return;
+  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + GPT_GEMV_PREFETCH_TILES * ahead),
+               _MM_HINT_T0);
 }
 
 inline __m512 Load16(const float* w) { return _mm512_loadu_ps(w); }

@@ -13,6 +13,11 @@ GPT_GEMV=0, `matmul` is `reference`: XLA's own einsum, same results to float32 r
 With int8 weights two integer loops run on AVX-512 VNNI where the CPU has it: `int8_activations`
 (rows quantized to int8, vpdpbusd) and `int16_activations` (rows quantized to int16, vpdpwssd:
 within half an int16 step of the float product, faster than the float loop from 2 rows).
+With bf16 weights and bf16 activations (the bf16 model's: exact in bf16) the kernel multiplies on
+AVX512-BF16's vdpbf16ps where the CPU has it (`bf16_dot`; 32 products per instruction, each exact
+in float32, summed in float32), else it widens the activations and runs the float loop;
+GPT_GEMV_BF16DOT=0 (read at each call) forces the latter, for A/Bs. Float32 activations of bf16
+weights always take the float loop (rounding them to bf16 would change the product).
 GPT_GEMV_THREADS=n (read by the library at each call) caps the threads one call splits its rows
 over (default: all of XLA's intra-op pool); experiments/bench_gemv.py --per_call uses 1 to time the
 loops apart from the hand-off to the second core. On Linux the library asks for each weight buffer
