@@ -57,7 +57,10 @@ inline float to_f32(uint16_t w) {  // bfloat16 -> float32: the high half of the 
 }
 
 constexpr int64_t kBlock = 64;  // weight rows (outputs) per task: one contiguous slab of W
-constexpr int kTile = 4;        // weight rows multiplied together (independent accumulators)
+#ifndef GPT_GEMV_TILE
+#define GPT_GEMV_TILE 4
+#endif
+constexpr int kTile = GPT_GEMV_TILE;  // weight rows multiplied together (independent accumulators)
 constexpr int kLanes = 16;      // floats per accumulator: one AVX-512 register
 constexpr int kRowsPerPass = 4; // activation rows sharing one read (and conversion) of a weight tile
 #ifndef GPT_VNNI_TILE
@@ -450,7 +453,7 @@ constexpr bool kHasBf16Dot = true;
 // R weight rows times BR activation rows, both bf16; each 64-byte weight vector is loaded once per
 // pass and shared by the BR rows. The ragged end of K is loaded under a mask in both operands, so
 // the masked lanes multiply zero by zero.
-template <int R, int BR>
+template <int R, int BR, bool kPrefetch>
 inline void TileBf16(const uint16_t* x, const uint16_t* w, const float* scale, float* y, int64_t b0,
                      int64_t K, int64_t N, int64_t n) {
   __m512 acc[BR][R];
@@ -461,7 +464,7 @@ inline void TileBf16(const uint16_t* x, const uint16_t* w, const float* scale, f
     __m512i wv[R];
     for (int r = 0; r < R; ++r) {
       wv[r] = _mm512_maskz_loadu_epi16(m, w + (n + r) * K + k);
-      Prefetch(w + (n + r) * K + k, R * K * sizeof(uint16_t));
+      if (kPrefetch) Prefetch(w + (n + r) * K + k, R * K * sizeof(uint16_t));
     }
     for (int b = 0; b < BR; ++b) {
       const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x + (b0 + b) * K + k);
@@ -479,23 +482,38 @@ inline void TileBf16(const uint16_t* x, const uint16_t* w, const float* scale, f
   }
 }
 
-template <int R>
+template <int R, bool kPrefetch>
 inline void RowsBf16(const uint16_t* x, const uint16_t* w, const float* scale, float* y, int64_t B,
                      int64_t K, int64_t N, int64_t n) {
   int64_t b = 0;
-  for (; b + kRowsPerPass <= B; b += kRowsPerPass) TileBf16<R, kRowsPerPass>(x, w, scale, y, b, K, N, n);
+  for (; b + kRowsPerPass <= B; b += kRowsPerPass)
+    TileBf16<R, kRowsPerPass, kPrefetch>(x, w, scale, y, b, K, N, n);
   switch (B - b) {
-    case 3: TileBf16<R, 3>(x, w, scale, y, b, K, N, n); break;
-    case 2: TileBf16<R, 2>(x, w, scale, y, b, K, N, n); break;
-    case 1: TileBf16<R, 1>(x, w, scale, y, b, K, N, n); break;
+    case 3: TileBf16<R, 3, kPrefetch>(x, w, scale, y, b, K, N, n); break;
+    case 2: TileBf16<R, 2, kPrefetch>(x, w, scale, y, b, K, N, n); break;
+    case 1: TileBf16<R, 1, kPrefetch>(x, w, scale, y, b, K, N, n); break;
   }
 }
+
+// Below this many activation rows the weights are read one row at a time, strictly in address
+// order, with no software prefetch: on the first CPU with AVX512-BF16 this project met (AMD EPYC,
+// Zen 4) that streamed 1.5-1.9x faster than 4 interleaved rows with the next tile prefetched (the
+// Xeon-tuned order of the other loops) at 1 and 2 rows, tied at 4 and lost at 8, where 4 weight
+// rows' 16 accumulators hide vdpbf16ps's latency (experiments/bench_gemv_loop.cc -DBF16DOT=1,
+// BENCHMARKS.md "decode-epyc, session 9"). A compile-time knob for that harness (0: never).
+#ifndef GPT_GEMV_BF16_ROWWISE_BELOW
+#define GPT_GEMV_BF16_ROWWISE_BELOW 4
+#endif
 
 void BlockBf16(const uint16_t* x, const uint16_t* w, const float* scale, float* y, int64_t B, int64_t K,
                int64_t N, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  for (; n + kTile <= n1; n += kTile) RowsBf16<kTile>(x, w, scale, y, B, K, N, n);
-  for (; n < n1; ++n) RowsBf16<1>(x, w, scale, y, B, K, N, n);
+  if (B < GPT_GEMV_BF16_ROWWISE_BELOW) {
+    for (; n < n1; ++n) RowsBf16<1, false>(x, w, scale, y, B, K, N, n);
+    return;
+  }
+  for (; n + kTile <= n1; n += kTile) RowsBf16<kTile, true>(x, w, scale, y, B, K, N, n);
+  for (; n < n1; ++n) RowsBf16<1, true>(x, w, scale, y, B, K, N, n);
 }
 #else
 constexpr bool kHasBf16Dot = false;
