@@ -14,6 +14,7 @@
 // WT: float (float32), uint16_t (bfloat16; weights are normal numbers, as trained ones are:
 // denormal bf16 would run ~14x slower through the FMAs), int8_t (+ the int8-activation VNNI loop
 // where the kernel has it: -DVNNI=1; + the int16-activation vpdpwssd loop: -DVNNI=2).
+// GPT_GEMV_ROWWISE=0 / 1 in the environment picks gemv.cc's loop order below 4 rows, as in the library.
 // -DBF16DOT=1 (WT=uint16_t, a CPU with AVX512-BF16): + bf16 activations through the vdpbf16ps loop
 // (BlockBf16), beside the widening loop's float activations.
 // -DHUGEPAGES=1: the weights twice, on 4 KB pages (MADV_NOHUGEPAGE) and on 2 MB pages
@@ -68,6 +69,7 @@ float PlainRead(const std::vector<Matrix>& ms) {
 
 int main(int argc, char** argv) {
   const int B = argc > 1 ? atoi(argv[1]) : 1;
+  MaxThreads();  // reads GPT_GEMV_ROWWISE, as each kernel call does: GPT_GEMV_ROWWISE=0 times the tiled order
   const int64_t d = 768, shapes[4][2] = {{3 * d, d}, {d, d}, {4 * d, d}, {d, 4 * d}};
   std::vector<Matrix> ms;
   for (int l = 0; l < 12; ++l)

@@ -79,6 +79,30 @@ def test_bf16_dot_loop_runs_where_the_cpu_has_avx512_bf16(monkeypatch):
   np.testing.assert_array_equal(gemv.matmul(x.astype(jnp.float32), w), np.full((1, 4), 2.0))
 
 
+@pytest.mark.parametrize("rowwise", ["1", "0"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "int8", "int8a8", "int8a16"])
+@pytest.mark.parametrize("rows,K,N", [(1, 64, 67), (2, 70, 37), (3, 768, 130)])
+def test_both_loop_orders_equal_xla(monkeypatch, rowwise, dtype, rows, K, N):
+  """Below 4 rows the int8 and bf16 loops read the weights one row at a time (GPT_GEMV_ROWWISE=1,
+  the default where the library has AVX512-BF16) or in tiles of 4 rows (=0): both equal XLA."""
+  monkeypatch.setenv("GPT_GEMV_ROWWISE", rowwise)
+  rng = np.random.default_rng(rows * K + N)
+  w = rng.standard_normal((N, K)).astype(np.float32)
+  x = jnp.asarray(rng.standard_normal((rows, K)), jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+  scale, a8, a16 = None, dtype == "int8a8", dtype == "int8a16"
+  if dtype.startswith("int8"):
+    w, scale = quantized(w)
+  else:
+    w = jnp.asarray(w, jnp.bfloat16)
+  got = gemv.matmul(x, w, scale=scale, int8_activations=a8, int16_activations=a16)
+  want = gemv.reference(x.astype(jnp.float32), w if w.dtype == jnp.int8 else w.astype(jnp.float32),
+                        scale=scale, int8_activations=a8)
+  atol = 1e-5 * float(jnp.abs(want).max())
+  if a16 and gemv.vnni():  # the int16 loop: the float product within its rounding bound
+    atol += float(gemv.int16_error_bound(x, w, scale).max())
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol)
+
+
 def test_kernel_runs_inside_a_while_loop_with_leading_axes():
   rng = np.random.default_rng(0)
   w = jnp.asarray(rng.standard_normal((48, 48)) / 7, jnp.bfloat16)

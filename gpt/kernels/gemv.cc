@@ -23,6 +23,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <unordered_set>
 #include <utility>
 #include <vector>
@@ -70,6 +71,27 @@ constexpr int kRowsPerPass = 4; // activation rows sharing one read (and convers
 constexpr int kVnniTile = GPT_VNNI_TILE;  // the same two for the integer (VNNI) loops
 constexpr int kVnniRows = GPT_VNNI_ROWS;
 
+// Below kRowwiseBelow activation rows the int8 and bf16 loops can read the weights one row at a
+// time, strictly in address order, with no software prefetch, instead of kTile interleaved rows
+// with the next tile prefetched (the order tuned on a Xeon without AVX512-BF16, where it took the
+// int8 loop from 1.5-1.9x to ~1.0x a plain read). On the first CPU with AVX512-BF16 this project
+// met (AMD EPYC, Zen 4) the row order read 1.4-2.2x faster at 1-2 rows (int8 with float, int8 and
+// int16 activations, bf16 with vdpbf16ps), tied at 4 and lost at 8 rows (where 4 weight rows'
+// accumulators hide the instructions' latency), and float32 weights were level either way
+// (experiments/bench_gemv_loop.cc; BENCHMARKS.md, "decode-epyc, session 9"). So it is the default
+// where the library is built with AVX512-BF16 (the CPU flag that told the two machines apart; an
+// Intel CPU with it is unmeasured), and GPT_GEMV_ROWWISE=1 / 0 forces it on / off (read at each
+// call, by MaxThreads, for same-run A/Bs).
+constexpr int64_t kRowwiseBelow = 4;
+#ifdef __AVX512BF16__
+constexpr int kRowwiseDefault = 1;
+#else
+constexpr int kRowwiseDefault = 0;
+#endif
+std::atomic<int> g_rowwise{kRowwiseDefault};  // this call's setting (MaxThreads reads the variable)
+
+inline bool Rowwise(int64_t B) { return B < kRowwiseBelow && g_rowwise.load(std::memory_order_relaxed); }
+
 // The tail of a dot product past the last full vector, and the final scale.
 template <typename W>
 inline float Finish(float sum, const float* xb, const W* wr, int64_t k0, int64_t K, const float* scale,
@@ -116,7 +138,7 @@ inline __m128i Sum4(__m512i a, __m512i b, __m512i c, __m512i d) {
 // Up to kTile weight rows [n, n + R) times BR activation rows [b0, b0 + BR): each weight vector is
 // loaded and converted once and multiplied into BR accumulators (kTile x kRowsPerPass = 16 of the
 // 32 vector registers).
-template <typename W, int R, int BR>
+template <typename W, int R, int BR, bool kPrefetch = true>
 inline void Tile(const float* x, const W* w, const float* scale, float* y, int64_t b0, int64_t K,
                  int64_t N, int64_t n) {
   const int64_t k_vec = K - K % kLanes;
@@ -127,7 +149,7 @@ inline void Tile(const float* x, const W* w, const float* scale, float* y, int64
     __m512 wv[R];
     for (int r = 0; r < R; ++r) {
       wv[r] = Load16(w + (n + r) * K + k);
-      if ((k * sizeof(W)) % 64 == 0) Prefetch(w + (n + r) * K + k, R * K * sizeof(W));
+      if (kPrefetch && (k * sizeof(W)) % 64 == 0) Prefetch(w + (n + r) * K + k, R * K * sizeof(W));
     }
     for (int b = 0; b < BR; ++b) {
       const __m512 xv = _mm512_loadu_ps(x + (b0 + b) * K + k);
@@ -146,15 +168,15 @@ inline void Tile(const float* x, const W* w, const float* scale, float* y, int64
   }
 }
 
-template <typename W, int R>
+template <typename W, int R, bool kPrefetch = true>
 inline void Rows(const float* x, const W* w, const float* scale, float* y, int64_t B, int64_t K,
                  int64_t N, int64_t n) {
   int64_t b = 0;
-  for (; b + kRowsPerPass <= B; b += kRowsPerPass) Tile<W, R, kRowsPerPass>(x, w, scale, y, b, K, N, n);
+  for (; b + kRowsPerPass <= B; b += kRowsPerPass) Tile<W, R, kRowsPerPass, kPrefetch>(x, w, scale, y, b, K, N, n);
   switch (B - b) {
-    case 3: Tile<W, R, 3>(x, w, scale, y, b, K, N, n); break;
-    case 2: Tile<W, R, 2>(x, w, scale, y, b, K, N, n); break;
-    case 1: Tile<W, R, 1>(x, w, scale, y, b, K, N, n); break;
+    case 3: Tile<W, R, 3, kPrefetch>(x, w, scale, y, b, K, N, n); break;
+    case 2: Tile<W, R, 2, kPrefetch>(x, w, scale, y, b, K, N, n); break;
+    case 1: Tile<W, R, 1, kPrefetch>(x, w, scale, y, b, K, N, n); break;
   }
 }
 
@@ -164,6 +186,10 @@ template <typename W>
 void Block(const float* x, const W* w, const float* scale, float* y, int64_t B, int64_t K,
            int64_t N, int64_t n0, int64_t n1) {
   int64_t n = n0;
+  if (!std::is_same_v<W, float> && Rowwise(B)) {  // int8 and bf16 weights; float32 measured level
+    for (; n < n1; ++n) Rows<W, 1, false>(x, w, scale, y, B, K, N, n);
+    return;
+  }
   for (; n + kTile <= n1; n += kTile) Rows<W, kTile>(x, w, scale, y, B, K, N, n);
   for (; n < n1; ++n) Rows<W, 1>(x, w, scale, y, B, K, N, n);
 }
@@ -283,7 +309,7 @@ constexpr bool kHasVnni = true;
 // R weight rows times BR quantized activation rows; each 64-byte weight vector is loaded (and
 // offset to unsigned) once. The ragged end of K loads weights under a mask: the padded activations
 // are zero, so the masked lanes (0 ^ 0x80 = 128) add nothing.
-template <int R, int BR>
+template <int R, int BR, bool kPrefetch = true>
 inline void TileVnni(const int8_t* q, int64_t k_pad, const int32_t* qsum, const float* xs,
                      const int8_t* w, const float* scale, float* y, int64_t b0, int64_t K, int64_t N,
                      int64_t n) {
@@ -296,7 +322,7 @@ inline void TileVnni(const int8_t* q, int64_t k_pad, const int32_t* qsum, const 
     __m512i wv[R];
     for (int r = 0; r < R; ++r) {
       wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w + (n + r) * K + k), flip);
-      Prefetch(w + (n + r) * K + k, R * K);
+      if (kPrefetch) Prefetch(w + (n + r) * K + k, R * K);
     }
     for (int b = 0; b < BR; ++b) {
       const __m512i qv = _mm512_loadu_si512(q + (b0 + b) * k_pad + k);
@@ -318,26 +344,31 @@ inline void TileVnni(const int8_t* q, int64_t k_pad, const int32_t* qsum, const 
 }
 
 // The last `left` (< kVnniRows) activation rows in one tile of exactly that many.
-template <int R, int BR>
+template <int R, int BR, bool kPrefetch = true>
 inline void RestVnni(const int8_t* q, int64_t k_pad, const int32_t* qsum, const float* xs, const int8_t* w,
                      const float* scale, float* y, int64_t b0, int64_t left, int64_t K, int64_t N, int64_t n) {
   if constexpr (BR > 0) {
-    if (left == BR) return TileVnni<R, BR>(q, k_pad, qsum, xs, w, scale, y, b0, K, N, n);
-    RestVnni<R, BR - 1>(q, k_pad, qsum, xs, w, scale, y, b0, left, K, N, n);
+    if (left == BR) return TileVnni<R, BR, kPrefetch>(q, k_pad, qsum, xs, w, scale, y, b0, K, N, n);
+    RestVnni<R, BR - 1, kPrefetch>(q, k_pad, qsum, xs, w, scale, y, b0, left, K, N, n);
   }
 }
 
-template <int R>
+template <int R, bool kPrefetch = true>
 inline void RowsVnni(const int8_t* q, int64_t k_pad, const int32_t* qsum, const float* xs, const int8_t* w,
                      const float* scale, float* y, int64_t B, int64_t K, int64_t N, int64_t n) {
   int64_t b = 0;
-  for (; b + kVnniRows <= B; b += kVnniRows) TileVnni<R, kVnniRows>(q, k_pad, qsum, xs, w, scale, y, b, K, N, n);
-  RestVnni<R, kVnniRows - 1>(q, k_pad, qsum, xs, w, scale, y, b, B - b, K, N, n);
+  for (; b + kVnniRows <= B; b += kVnniRows)
+    TileVnni<R, kVnniRows, kPrefetch>(q, k_pad, qsum, xs, w, scale, y, b, K, N, n);
+  RestVnni<R, kVnniRows - 1, kPrefetch>(q, k_pad, qsum, xs, w, scale, y, b, B - b, K, N, n);
 }
 
 void BlockVnni(const int8_t* q, int64_t k_pad, const int32_t* qsum, const float* xs, const int8_t* w,
                const float* scale, float* y, int64_t B, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   int64_t n = n0;
+  if (Rowwise(B)) {
+    for (; n < n1; ++n) RowsVnni<1, false>(q, k_pad, qsum, xs, w, scale, y, B, K, N, n);
+    return;
+  }
   for (; n + kVnniTile <= n1; n += kVnniTile) RowsVnni<kVnniTile>(q, k_pad, qsum, xs, w, scale, y, B, K, N, n);
   for (; n < n1; ++n) RowsVnni<1>(q, k_pad, qsum, xs, w, scale, y, B, K, N, n);
 }
@@ -345,7 +376,7 @@ void BlockVnni(const int8_t* q, int64_t k_pad, const int32_t* qsum, const float*
 // R weight rows times BR int16 activation rows (K padded with zeros to a multiple of 32 in q). The
 // weights' ragged end is loaded under a mask; the int32 lanes are flushed to float every kA16Chunk
 // of K (exact to there) and summed across lanes in float32.
-template <int R, int BR>
+template <int R, int BR, bool kPrefetch = true>
 inline void TileA16(const int16_t* q, int64_t k_pad, const float* xs, const int8_t* w,
                     const float* scale, float* y, int64_t b0, int64_t K, int64_t N, int64_t n) {
   float sums[BR][R] = {};
@@ -359,7 +390,7 @@ inline void TileA16(const int16_t* q, int64_t k_pad, const float* xs, const int8
       __m512i wv[R];
       for (int r = 0; r < R; ++r) {
         wv[r] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, w + (n + r) * K + k));
-        if (k % 64 == 0) Prefetch(w + (n + r) * K + k, R * K);
+        if (kPrefetch && k % 64 == 0) Prefetch(w + (n + r) * K + k, R * K);
       }
       for (int b = 0; b < BR; ++b) {
         const __m512i xv = _mm512_loadu_si512(q + (b0 + b) * k_pad + k);
@@ -383,26 +414,30 @@ inline void TileA16(const int16_t* q, int64_t k_pad, const float* xs, const int8
       y[(b0 + b) * N + n + r] = sums[b][r] * (xs[b0 + b] * (scale ? scale[n + r] : 1.0f));
 }
 
-template <int R, int BR>
+template <int R, int BR, bool kPrefetch = true>
 inline void RestA16(const int16_t* q, int64_t k_pad, const float* xs, const int8_t* w,
                     const float* scale, float* y, int64_t b0, int64_t left, int64_t K, int64_t N, int64_t n) {
   if constexpr (BR > 0) {
-    if (left == BR) return TileA16<R, BR>(q, k_pad, xs, w, scale, y, b0, K, N, n);
-    RestA16<R, BR - 1>(q, k_pad, xs, w, scale, y, b0, left, K, N, n);
+    if (left == BR) return TileA16<R, BR, kPrefetch>(q, k_pad, xs, w, scale, y, b0, K, N, n);
+    RestA16<R, BR - 1, kPrefetch>(q, k_pad, xs, w, scale, y, b0, left, K, N, n);
   }
 }
 
-template <int R>
+template <int R, bool kPrefetch = true>
 inline void RowsA16(const int16_t* q, int64_t k_pad, const float* xs, const int8_t* w,
                     const float* scale, float* y, int64_t B, int64_t K, int64_t N, int64_t n) {
   int64_t b = 0;
-  for (; b + kVnniRows <= B; b += kVnniRows) TileA16<R, kVnniRows>(q, k_pad, xs, w, scale, y, b, K, N, n);
-  RestA16<R, kVnniRows - 1>(q, k_pad, xs, w, scale, y, b, B - b, K, N, n);
+  for (; b + kVnniRows <= B; b += kVnniRows) TileA16<R, kVnniRows, kPrefetch>(q, k_pad, xs, w, scale, y, b, K, N, n);
+  RestA16<R, kVnniRows - 1, kPrefetch>(q, k_pad, xs, w, scale, y, b, B - b, K, N, n);
 }
 
 void BlockA16(const int16_t* q, int64_t k_pad, const float* xs, const int8_t* w, const float* scale,
               float* y, int64_t B, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   int64_t n = n0;
+  if (Rowwise(B)) {
+    for (; n < n1; ++n) RowsA16<1, false>(q, k_pad, xs, w, scale, y, B, K, N, n);
+    return;
+  }
   for (; n + kVnniTile <= n1; n += kVnniTile) RowsA16<kVnniTile>(q, k_pad, xs, w, scale, y, B, K, N, n);
   for (; n < n1; ++n) RowsA16<1>(q, k_pad, xs, w, scale, y, B, K, N, n);
 }
@@ -495,20 +530,10 @@ inline void RowsBf16(const uint16_t* x, const uint16_t* w, const float* scale, f
   }
 }
 
-// Below this many activation rows the weights are read one row at a time, strictly in address
-// order, with no software prefetch: on the first CPU with AVX512-BF16 this project met (AMD EPYC,
-// Zen 4) that streamed 1.5-1.9x faster than 4 interleaved rows with the next tile prefetched (the
-// Xeon-tuned order of the other loops) at 1 and 2 rows, tied at 4 and lost at 8, where 4 weight
-// rows' 16 accumulators hide vdpbf16ps's latency (experiments/bench_gemv_loop.cc -DBF16DOT=1,
-// BENCHMARKS.md "decode-epyc, session 9"). A compile-time knob for that harness (0: never).
-#ifndef GPT_GEMV_BF16_ROWWISE_BELOW
-#define GPT_GEMV_BF16_ROWWISE_BELOW 4
-#endif
-
 void BlockBf16(const uint16_t* x, const uint16_t* w, const float* scale, float* y, int64_t B, int64_t K,
                int64_t N, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  if (B < GPT_GEMV_BF16_ROWWISE_BELOW) {
+  if (Rowwise(B)) {
     for (; n < n1; ++n) RowsBf16<1, false>(x, w, scale, y, B, K, N, n);
     return;
   }
@@ -636,6 +661,8 @@ void Advise(const void*, size_t) {}
 // (a getenv, ~0.1 us against calls of 20 us and more), so that experiments/bench_gemv.py can
 // interleave a single-thread column with the default one and separate the hand-off from the loops.
 int64_t MaxThreads() {
+  const char* r = std::getenv("GPT_GEMV_ROWWISE");  // every handler calls this once per call
+  g_rowwise.store(r && r[0] ? (r[0] != '0') : kRowwiseDefault, std::memory_order_relaxed);
   const char* v = std::getenv("GPT_GEMV_THREADS");
   const int64_t n = v ? std::atoll(v) : 0;
   return n > 0 ? n : int64_t{1} << 30;
