@@ -80,11 +80,12 @@ def test_bf16_dot_loop_runs_where_the_cpu_has_avx512_bf16(monkeypatch):
 
 
 @pytest.mark.parametrize("rowwise", ["1", "0"])
-@pytest.mark.parametrize("dtype", ["bfloat16", "int8", "int8a8", "int8a16"])
-@pytest.mark.parametrize("rows,K,N", [(1, 64, 67), (2, 70, 37), (3, 768, 130)])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int8a8", "int8a16"])
+@pytest.mark.parametrize("rows,K,N", [(1, 64, 67), (1, 70, 37), (2, 70, 37), (3, 768, 130)])
 def test_both_loop_orders_equal_xla(monkeypatch, rowwise, dtype, rows, K, N):
-  """Below 4 rows the int8 and bf16 loops read the weights one row at a time (GPT_GEMV_ROWWISE=1,
-  the default where the library has AVX512-BF16) or in tiles of 4 rows (=0): both equal XLA."""
+  """Below 4 rows the int8 and bf16 loops read the weights one row at a time, and float32 at 1 row
+  in tiles of 8 rows, without prefetch (GPT_GEMV_ROWWISE=1, the default where the library has
+  AVX512-BF16), or in prefetched tiles of 4 rows (=0): both equal XLA."""
   monkeypatch.setenv("GPT_GEMV_ROWWISE", rowwise)
   rng = np.random.default_rng(rows * K + N)
   w = rng.standard_normal((N, K)).astype(np.float32)
@@ -93,7 +94,7 @@ def test_both_loop_orders_equal_xla(monkeypatch, rowwise, dtype, rows, K, N):
   if dtype.startswith("int8"):
     w, scale = quantized(w)
   else:
-    w = jnp.asarray(w, jnp.bfloat16)
+    w = jnp.asarray(w, dtype)
   got = gemv.matmul(x, w, scale=scale, int8_activations=a8, int16_activations=a16)
   want = gemv.reference(x.astype(jnp.float32), w if w.dtype == jnp.int8 else w.astype(jnp.float32),
                         scale=scale, int8_activations=a8)

@@ -77,7 +77,8 @@ constexpr int kVnniRows = GPT_VNNI_ROWS;
 // int8 loop from 1.5-1.9x to ~1.0x a plain read). On the first CPU with AVX512-BF16 this project
 // met (AMD EPYC, Zen 4) the row order read 1.4-2.2x faster at 1-2 rows (int8 with float, int8 and
 // int16 activations, bf16 with vdpbf16ps), tied at 4 and lost at 8 rows (where 4 weight rows'
-// accumulators hide the instructions' latency), and float32 weights were level either way
+// accumulators hide the instructions' latency); float32 weights were level in that order but read
+// 1.2-1.3x faster at 1 row in tiles of 8 rows without prefetch, which the switch also selects
 // (experiments/bench_gemv_loop.cc; BENCHMARKS.md, "decode-epyc, session 9"). So it is the default
 // where the library is built with AVX512-BF16 (the CPU flag that told the two machines apart; an
 // Intel CPU with it is unmeasured), and GPT_GEMV_ROWWISE=1 / 0 forces it on / off (read at each
@@ -186,7 +187,16 @@ template <typename W>
 void Block(const float* x, const W* w, const float* scale, float* y, int64_t B, int64_t K,
            int64_t N, int64_t n0, int64_t n1) {
   int64_t n = n0;
-  if (!std::is_same_v<W, float> && Rowwise(B)) {  // int8 and bf16 weights; float32 measured level
+  if constexpr (std::is_same_v<W, float>) {
+    // float32 at 1 row: 8 weight rows per tile, no software prefetch (Rowwise's switch): 1.25-1.3x
+    // the 4-row tiles with prefetch on Zen 4, where one row at a time was level (BENCHMARKS.md,
+    // decode-epyc). Not from 2 rows: 8 x rows accumulators would spill past 3.
+    if (B == 1 && Rowwise(B)) {
+      for (; n + 8 <= n1; n += 8) Rows<W, 8, false>(x, w, scale, y, B, K, N, n);
+      for (; n < n1; ++n) Rows<W, 1, false>(x, w, scale, y, B, K, N, n);
+      return;
+    }
+  } else if (Rowwise(B)) {  // int8 and bf16 weights: one row at a time
     for (; n < n1; ++n) Rows<W, 1, false>(x, w, scale, y, B, K, N, n);
     return;
   }
