@@ -7,6 +7,7 @@
   python experiments/bench_decode.py --einsum_attention # + the decoder without decode_attention
   python experiments/bench_decode.py --small_pages      # + ours with its weights on 4 KB pages
   python experiments/bench_decode.py --fused            # + ours with the fused gemv calls
+  python experiments/bench_decode.py --ab GPT_GEMV_BF16DOT=0 --ab GPT_GEMV_THREADS=1  # + ours under each
 
 Random weights (speed does not depend on them). Weights "int8" are model.quantize=int8 (gpt.quantize:
 int8 weights with per-output scales, float32 activations) beside CTranslate2's int8 column; "int8a8"
@@ -30,6 +31,10 @@ run that compiles. Columns:
                MLP) as one gemv.layer_tail call, where "ours" (the default) makes every matrix its own
                gemv call with XLA's residual, LayerNorm and GELU between (int8 weights; the A/B)
   ours mlp     (--fused) the same with GPT_GEMV_FUSE=mlp: only the MLP as one call (gemv.mlp)
+  ours N=V     (--ab N=V, repeatable) "ours" on its own weights with the environment variable N set
+               to V while it is traced and at every call (a kernel switch read per call or at
+               trace time, e.g. GPT_GEMV_BF16DOT=0: bf16 activations through the widening loop
+               instead of vdpbf16ps; GPT_GEMV_THREADS=1; GPT_DECODE_ATTENTION=0): the same-run A/B
   GPT.decode   the same sampler over the unprepared model (lax.scan over the stacked layers)
   HF           transformers GPT2LMHeadModel.generate(do_sample=True, top_k=40), PyTorch, KV cache
                (skipped with a note when torch/transformers are not installed: pip install .[hf])
@@ -75,7 +80,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.decode_runners import (CTranslate2, HuggingFace, MatmulsOnly, Ours,
+from experiments.decode_runners import (CTranslate2, HuggingFace, MatmulsOnly, Ours, UnderEnv,
                                         ct2_available, fused, hf_available, on_small_pages,
                                         without_decode_attention)
 from gpt import sample
@@ -185,6 +190,8 @@ def main():
   parser.add_argument("--fused", action="store_true",
                       help="add 'ours fused' and 'ours mlp': ours with a block's tail or its MLP as "
                       "one gemv call (GPT_GEMV_FUSE=1, mlp)")
+  parser.add_argument("--ab", action="append", default=[], metavar="NAME=VALUE",
+                      help="add 'ours NAME=VALUE': ours with that environment variable set (repeatable)")
   parser.add_argument("--ct2", default="float32,int8",
                       help="CTranslate2 compute types, one column each ('' = none)")
   args = parser.parse_args()
@@ -214,6 +221,9 @@ def main():
     if args.fused:
       methods["ours fused"] = fused(Ours(cfg, batch, args.new))
       methods["ours mlp"] = fused(Ours(cfg, batch, args.new), "mlp")
+    for ab in args.ab:
+      name, value = ab.split("=", 1)
+      methods[f"ours {ab}"] = UnderEnv(Ours(cfg, batch, args.new), name, value, every_call=True)
     if not args.no_model_decode:
       methods["GPT.decode"] = Ours(cfg, batch, args.new, model_decode=True)
     if not skip_hf:
@@ -235,7 +245,7 @@ def main():
         methods[name]()
         times[(key, name)].append(time.perf_counter() - start)
 
-  names = ["ours", "matmuls"] + (["ours einsum"] if args.einsum_attention else []) + (["ours 4k"] if args.small_pages else []) + (["ours fused", "ours mlp"] if args.fused else []) + ([] if args.no_model_decode else ["GPT.decode"]) + ([] if skip_hf else ["HF"])
+  names = ["ours", "matmuls"] + (["ours einsum"] if args.einsum_attention else []) + (["ours 4k"] if args.small_pages else []) + (["ours fused", "ours mlp"] if args.fused else []) + [f"ours {ab}" for ab in args.ab] + ([] if args.no_model_decode else ["GPT.decode"]) + ([] if skip_hf else ["HF"])
   names += [f"CT2 {t}" for t in ct2_types]
   rate = lambda key, name: [key[1] * args.new / t for t in times[(key, name)]]
   print(f"\n{args.model} architecture, {args.new} new tokens after a 1-token prompt, top-k 40, "
@@ -250,9 +260,10 @@ def main():
         + "".join(f" ours / CT2 {t} |" for t in ct2_types)
         + (" ours / ours einsum |" if args.einsum_attention else "")
         + (" ours / ours 4k |" if args.small_pages else "")
-        + (" ours / ours fused | ours / ours mlp |" if args.fused else ""))
+        + (" ours / ours fused | ours / ours mlp |" if args.fused else "")
+        + "".join(f" ours / ours {ab} |" for ab in args.ab))
   print("|---|---|" + "---|" * (len(names) + 4 + (not skip_hf) + len(ct2_types) + args.einsum_attention
-                              + args.small_pages + 2 * args.fused))
+                              + args.small_pages + 2 * args.fused + 2 * len(args.ab)))
   for key, (cfg, _) in runners.items():
     cells = [f"{statistics.median(rate(key, n)):.1f} ({max(rate(key, n)):.1f})" for n in names]
     ours = statistics.median(rate(key, "ours"))
@@ -272,6 +283,8 @@ def main():
     if args.fused:
       line += f" {ours / statistics.median(rate(key, 'ours fused')):.2f}x |"
       line += f" {ours / statistics.median(rate(key, 'ours mlp')):.2f}x |"
+    for ab in args.ab:
+      line += f" {ours / statistics.median(rate(key, f'ours {ab}')):.2f}x |"
     print(line)
   for note in (skip_hf, skip_ct2):
     if note:

@@ -7,6 +7,7 @@
   python experiments/bench_gemv.py --dtypes=int8a16,int8a8 --against=int8   # int8 loops, interleaved
   python experiments/bench_gemv.py --dtypes=int8,float32 --rows=1 --against=4k  # 2 MB pages or not
   python experiments/bench_gemv.py --dtypes=int8,int8a8 --rows=1,8 --against=unfused  # block tail: 1 call or 3
+  python experiments/bench_gemv.py --dtypes=bfloat16 --rows=1,2,4,8,16 --against=widen  # vdpbf16ps or not
 
 With --per_call, each of the decoder's matrix shapes is timed alone: a chain of distinct copies of
 it (about --per_call_mb of weights, so that they stream from memory, not the 48 MB cache) gives one
@@ -30,6 +31,8 @@ interleaved. Weight variants: float32, bfloat16, int8 (float activations, the fl
 (int8 activations, VNNI vpdpbusd: model.int8_activations). `--against=4k`: the same kernel on a
 second copy of the weights that it may not advise onto 2 MB pages (GPT_GEMV_HUGEPAGES=0 for its
 calls; gemv.cc's hugepages::Advise), after waiting for the first copy's background collapse.
+`--against=widen` (bfloat16: bf16 activations, as the bf16 model's): the same kernel with
+GPT_GEMV_BF16DOT=0, the loop that widens bf16 to float32 and uses FMAs, against vdpbf16ps (AVX512-BF16).
 """
 
 from __future__ import annotations
@@ -150,6 +153,11 @@ def one_thread(f):
   return with_env("GPT_GEMV_THREADS", "1", f)
 
 
+def widening(f):
+  """f() with bf16 activations through gemv.cc's widening loop, not vdpbf16ps (GPT_GEMV_BF16DOT=0)."""
+  return with_env("GPT_GEMV_BF16DOT", "0", f)
+
+
 def no_hugepages(f):
   """f() with gemv.cc's huge-page advice off for the buffers it meets (GPT_GEMV_HUGEPAGES=0)."""
   return with_env("GPT_GEMV_HUGEPAGES", "0", f)
@@ -246,7 +254,7 @@ def main() -> None:
   parser.add_argument("--per_call", action="store_true", help="time each matrix shape alone")
   parser.add_argument("--against", default="xla", help="the peer column: xla, or a weight variant "
                       "with the same weights (int8, int8a16, int8a8 for int8 weights), or 1thread: "
-                      "the same kernel with GPT_GEMV_THREADS=1, or 4k: the same kernel on weights it "
+                      "the same kernel with GPT_GEMV_THREADS=1, or widen: the same kernel with GPT_GEMV_BF16DOT=0, or 4k: the same kernel on weights it "
                       "may not put on 2 MB pages (GPT_GEMV_HUGEPAGES=0), or unfused: each block's "
                       "tail (attn c_proj, ln_2, MLP) as 3 calls with XLA between, against "
                       "gemv.layer_tail's one (in the kernel column)")
@@ -262,7 +270,7 @@ def main() -> None:
   rows_out = []
   for name in args.dtypes.split(","):
     dtype = DTYPES[name]
-    if args.against not in ("xla", "1thread", "4k", "unfused") and DTYPES[args.against] != dtype:
+    if args.against not in ("xla", "1thread", "4k", "unfused", "widen") and DTYPES[args.against] != dtype:
       raise SystemExit(f"error: --against={args.against} has other weights than {name}")
     mats, nbytes = weights(n_layer, d, vocab, dtype)
     act = jnp.float32 if dtype == jnp.int8 else dtype
@@ -270,13 +278,16 @@ def main() -> None:
       x = jnp.asarray(np.random.default_rng(1).standard_normal((rows, d)), act)
       a8 = name == "int8a8"  # int8 activations too: the VNNI kernel against XLA's int32 product
       peer = (partial(gemv.reference, int8_activations=a8) if args.against == "xla"
-              else kernel(name if args.against in ("1thread", "4k") else args.against))
+              else kernel(name if args.against in ("1thread", "4k", "widen") else args.against))
       fns = {"kernel": step_fn(d, kernel(name)), "XLA": step_fn(d, peer)}
       if args.against == "unfused":  # each block's tail as one gemv.layer_tail call against 3 calls
         fns = {"kernel": step_fn(d, kernel(name), "tail", a8), "XLA": step_fn(d, kernel(name), "unfused")}
       if args.against == "1thread":  # the same kernel held to the calling thread
         two = fns["XLA"]
         fns["XLA"] = lambda m, x, two=two: one_thread(lambda: two(m, x))
+      if args.against == "widen":  # the same kernel, bf16 activations widened to float32 for FMAs
+        dot = fns["XLA"]
+        fns["XLA"] = lambda m, x, dot=dot: widening(lambda: dot(m, x))
       if args.against == "4k":  # the same kernel on its own copy of the weights, never advised
         small, _ = weights(n_layer, d, vocab, dtype)
         fns["XLA"] = lambda m, x, f=fns["XLA"], small=small: no_hugepages(lambda: f(small, x))

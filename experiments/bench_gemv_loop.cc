@@ -14,6 +14,9 @@
 // WT: float (float32), uint16_t (bfloat16; weights are normal numbers, as trained ones are:
 // denormal bf16 would run ~14x slower through the FMAs), int8_t (+ the int8-activation VNNI loop
 // where the kernel has it: -DVNNI=1; + the int16-activation vpdpwssd loop: -DVNNI=2).
+// GPT_GEMV_ROWWISE=0 / 1 in the environment picks gemv.cc's loop order below 4 rows, as in the library.
+// -DBF16DOT=1 (WT=uint16_t, a CPU with AVX512-BF16): + bf16 activations through the vdpbf16ps loop
+// (BlockBf16), beside the widening loop's float activations.
 // -DHUGEPAGES=1: the weights twice, on 4 KB pages (MADV_NOHUGEPAGE) and on 2 MB pages
 // (MADV_HUGEPAGE before they are written), and the plain read and the float-activation loop on
 // each, interleaved (what gemv.cc's hugepages::Advise buys; medians of 21 rounds are printed too).
@@ -31,6 +34,9 @@
 #endif
 #ifndef HUGEPAGES
 #define HUGEPAGES 0
+#endif
+#ifndef BF16DOT
+#define BF16DOT 0
 #endif
 
 namespace {
@@ -63,6 +69,7 @@ float PlainRead(const std::vector<Matrix>& ms) {
 
 int main(int argc, char** argv) {
   const int B = argc > 1 ? atoi(argv[1]) : 1;
+  MaxThreads();  // reads GPT_GEMV_ROWWISE, as each kernel call does: GPT_GEMV_ROWWISE=0 times the tiled order
   const int64_t d = 768, shapes[4][2] = {{3 * d, d}, {d, d}, {4 * d, d}, {d, 4 * d}};
   std::vector<Matrix> ms;
   for (int l = 0; l < 12; ++l)
@@ -131,9 +138,11 @@ int main(int argc, char** argv) {
   std::vector<int8_t> u(B * 4 * d);
   std::vector<int32_t> qsum(B);
   std::vector<int16_t> q16(B * 4 * d);
-  const char* names[] = {"plain read", "float activations", "int8 activations (VNNI)",
+  std::vector<uint16_t> xh(B * 4 * d, 0x3F00);  // bf16 0.5, as x
+  const char* names[] = {"plain read", "float activations",
+                         BF16DOT ? "bf16 activations (vdpbf16ps)" : "int8 activations (VNNI)",
                          "int16 activations (VNNI vpdpwssd)"};
-  const int variants = VNNI ? 2 + VNNI : 2;
+  const int variants = VNNI ? 2 + VNNI : 2 + BF16DOT;
   double best[4] = {1e9, 1e9, 1e9, 1e9};
   volatile float sink = 0;
   for (int round = 0; round < 21; ++round)
@@ -149,6 +158,9 @@ int main(int argc, char** argv) {
             xs[b] = QuantizeRow(x.data() + b * m.K, m.K, u.data() + b * k_pad, k_pad, qsum.data() + b);
           BlockVnni(u.data(), k_pad, qsum.data(), xs.data(), m.w, m.scale, y.data(), B, m.K, m.N, 0, m.N);
         }
+#endif
+#if BF16DOT
+        if (v == 2) BlockBf16(xh.data(), m.w, m.scale, y.data(), B, m.K, m.N, 0, m.N);
 #endif
 #if VNNI >= 2
         if (v == 3) {

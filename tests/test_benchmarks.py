@@ -59,6 +59,17 @@ def test_decode_runners_sample_the_asked_shape(runners, dtype):
     del os.environ["GPT_GEMV_HUGEPAGES"]
 
 
+def test_ab_columns_run_ours_under_their_variable_at_every_call(runners, monkeypatch):
+  """bench_decode.py --ab NAME=VALUE wraps "ours" in UnderEnv(..., every_call=True): the variable
+  is set while each call runs (gemv.cc reads its switches per call) and restored after."""
+  monkeypatch.delenv("GPT_GEMV_BF16DOT", raising=False)
+  seen = []
+  column = runners.UnderEnv(lambda: seen.append(os.environ.get("GPT_GEMV_BF16DOT")), "GPT_GEMV_BF16DOT",
+                            "0", every_call=True)
+  column(), column()
+  assert seen == ["0", "0"] and "GPT_GEMV_BF16DOT" not in os.environ
+
+
 def test_roofline_counts_weights_and_cache(bench_decode):
   one = bench_decode.roofline(TINY, batch=1, new=1, bandwidth=1e9)
   weights = (TINY.num_params() - TINY.n_ctx * TINY.n_embd) * 4

@@ -37,6 +37,73 @@ def test_kernel_equals_xla(dtype, rows, K, N):
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 
 
+def cpu_has_avx512_bf16() -> bool:
+  try:
+    return "avx512_bf16" in open("/proc/cpuinfo").read()
+  except OSError:
+    return False
+
+
+@pytest.mark.parametrize("dot", ["1", "0"])
+@pytest.mark.parametrize("rows,K,N", [(1, 64, 256), (3, 70, 37), (8, 768, 130), (16, 33, 9)])
+def test_bf16_activations_equal_xla(monkeypatch, dot, rows, K, N):
+  """bf16 x by bf16 w: the vdpbf16ps loop (GPT_GEMV_BF16DOT=1, where the CPU has AVX512-BF16) and
+  the widening loop (=0, or a CPU without it) both equal XLA's float32 product of the same numbers."""
+  monkeypatch.setenv("GPT_GEMV_BF16DOT", dot)
+  rng = np.random.default_rng(rows * K + N)
+  x = jnp.asarray(rng.standard_normal((rows, K)), jnp.bfloat16)
+  w = jnp.asarray(rng.standard_normal((N, K)), jnp.bfloat16)
+  run = jax.jit(lambda x, w: gemv.matmul(x, w))
+  assert "GptGemvBF16" in run.lower(x, w).as_text()
+  got = run(x, w)
+  want = gemv.reference(x.astype(jnp.float32), w.astype(jnp.float32))
+  assert got.dtype == jnp.float32 and got.shape == (rows, N)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
+
+
+@pytest.mark.skipif(not cpu_has_avx512_bf16(), reason="this CPU lacks AVX512-BF16 (no vdpbf16ps loop)")
+def test_bf16_dot_loop_runs_where_the_cpu_has_avx512_bf16(monkeypatch):
+  """On a CPU with AVX512-BF16 the library has the vdpbf16ps loop and bf16 activations take it. Which
+  loop ran shows in one sum's rounding: vdpbf16ps adds a lane's pair of products one at a time (the
+  odd element first, each addition rounded), so (1 + 2^24) + (1 - 2^24) gives 1 there, where the
+  widening loop's lanes hold 2^24, 1, -2^24, 1 apart and sum them to the exact 2."""
+  assert gemv.bf16_dot()
+  w = np.zeros((4, 32), np.float32)
+  w[:, :4] = [2.0 ** 24, 1.0, -2.0 ** 24, 1.0]
+  x, w = jnp.ones((1, 32), jnp.bfloat16), jnp.asarray(w, jnp.bfloat16)
+  np.testing.assert_array_equal(gemv.matmul(x, w), np.full((1, 4), 1.0))
+  monkeypatch.setenv("GPT_GEMV_BF16DOT", "0")
+  np.testing.assert_array_equal(gemv.matmul(x, w), np.full((1, 4), 2.0))
+  # float32 activations keep the widening loop (rounding them to bf16 would change the product).
+  monkeypatch.delenv("GPT_GEMV_BF16DOT")
+  np.testing.assert_array_equal(gemv.matmul(x.astype(jnp.float32), w), np.full((1, 4), 2.0))
+
+
+@pytest.mark.parametrize("rowwise", ["1", "0"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8", "int8a8", "int8a16"])
+@pytest.mark.parametrize("rows,K,N", [(1, 64, 67), (1, 70, 37), (2, 70, 37), (3, 768, 130)])
+def test_both_loop_orders_equal_xla(monkeypatch, rowwise, dtype, rows, K, N):
+  """Below 4 rows the int8 and bf16 loops read the weights one row at a time, and float32 at 1 row
+  in tiles of 8 rows, without prefetch (GPT_GEMV_ROWWISE=1, the default where the library has
+  AVX512-BF16), or in prefetched tiles of 4 rows (=0): both equal XLA."""
+  monkeypatch.setenv("GPT_GEMV_ROWWISE", rowwise)
+  rng = np.random.default_rng(rows * K + N)
+  w = rng.standard_normal((N, K)).astype(np.float32)
+  x = jnp.asarray(rng.standard_normal((rows, K)), jnp.bfloat16 if dtype == "bfloat16" else jnp.float32)
+  scale, a8, a16 = None, dtype == "int8a8", dtype == "int8a16"
+  if dtype.startswith("int8"):
+    w, scale = quantized(w)
+  else:
+    w = jnp.asarray(w, dtype)
+  got = gemv.matmul(x, w, scale=scale, int8_activations=a8, int16_activations=a16)
+  want = gemv.reference(x.astype(jnp.float32), w if w.dtype == jnp.int8 else w.astype(jnp.float32),
+                        scale=scale, int8_activations=a8)
+  atol = 1e-5 * float(jnp.abs(want).max())
+  if a16 and gemv.vnni():  # the int16 loop: the float product within its rounding bound
+    atol += float(gemv.int16_error_bound(x, w, scale).max())
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=atol)
+
+
 def test_kernel_runs_inside_a_while_loop_with_leading_axes():
   rng = np.random.default_rng(0)
   w = jnp.asarray(rng.standard_normal((48, 48)) / 7, jnp.bfloat16)
@@ -387,7 +454,11 @@ PORTABLE_MLP = """
 import jax, jax.numpy as jnp, numpy as np
 from gpt.kernels import gemv
 gemv.FLAGS = tuple(f for f in gemv.FLAGS if not f.startswith(("-march", "-mprefer"))) + ("-march=x86-64",)
-assert gemv.available() and not gemv.vnni()
+assert gemv.available() and not gemv.vnni() and not gemv.bf16_dot()
+rng = np.random.default_rng(0)
+xh, wh = (jnp.asarray(rng.standard_normal(s), jnp.bfloat16) for s in ((3, 70), (37, 70)))
+want = gemv.reference(xh.astype(jnp.float32), wh.astype(jnp.float32))
+np.testing.assert_allclose(gemv.matmul(xh, wh), want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 import sys; sys.path.insert(0, "tests")
 from test_gemv import mlp_case, tail_case
 for dtype in ("float32", "bfloat16", "int8"):
@@ -411,7 +482,8 @@ print("portable ok")
 
 @pytest.mark.slow  # spawns a process that builds the library without AVX-512
 def test_fused_calls_portable_build_without_avx512(tmp_path):
-  """The fused MLP's and layer tail's portable loops and scalar GELU (built with -march=x86-64 in a fresh process: a
+  """The fused MLP's and layer tail's portable loops and scalar GELU, and bf16 activations widened
+  for the portable loop (no vdpbf16ps) (built with -march=x86-64 in a fresh process: a
   process registers one library per FFI target name) against XLA."""
   import os
   import subprocess

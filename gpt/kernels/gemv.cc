@@ -23,6 +23,7 @@
 #include <memory>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <unordered_set>
 #include <utility>
 #include <vector>
@@ -57,7 +58,10 @@ inline float to_f32(uint16_t w) {  // bfloat16 -> float32: the high half of the 
 }
 
 constexpr int64_t kBlock = 64;  // weight rows (outputs) per task: one contiguous slab of W
-constexpr int kTile = 4;        // weight rows multiplied together (independent accumulators)
+#ifndef GPT_GEMV_TILE
+#define GPT_GEMV_TILE 4
+#endif
+constexpr int kTile = GPT_GEMV_TILE;  // weight rows multiplied together (independent accumulators)
 constexpr int kLanes = 16;      // floats per accumulator: one AVX-512 register
 constexpr int kRowsPerPass = 4; // activation rows sharing one read (and conversion) of a weight tile
 #ifndef GPT_VNNI_TILE
@@ -66,6 +70,28 @@ constexpr int kRowsPerPass = 4; // activation rows sharing one read (and convers
 #endif
 constexpr int kVnniTile = GPT_VNNI_TILE;  // the same two for the integer (VNNI) loops
 constexpr int kVnniRows = GPT_VNNI_ROWS;
+
+// Below kRowwiseBelow activation rows the int8 and bf16 loops can read the weights one row at a
+// time, strictly in address order, with no software prefetch, instead of kTile interleaved rows
+// with the next tile prefetched (the order tuned on a Xeon without AVX512-BF16, where it took the
+// int8 loop from 1.5-1.9x to ~1.0x a plain read). On the first CPU with AVX512-BF16 this project
+// met (AMD EPYC, Zen 4) the row order read 1.4-2.2x faster at 1-2 rows (int8 with float, int8 and
+// int16 activations, bf16 with vdpbf16ps), tied at 4 and lost at 8 rows (where 4 weight rows'
+// accumulators hide the instructions' latency); float32 weights were level in that order but read
+// 1.2-1.3x faster at 1 row in tiles of 8 rows without prefetch, which the switch also selects
+// (experiments/bench_gemv_loop.cc; BENCHMARKS.md, "decode-epyc, session 9"). So it is the default
+// where the library is built with AVX512-BF16 (the CPU flag that told the two machines apart; an
+// Intel CPU with it is unmeasured), and GPT_GEMV_ROWWISE=1 / 0 forces it on / off (read at each
+// call, by MaxThreads, for same-run A/Bs).
+constexpr int64_t kRowwiseBelow = 4;
+#ifdef __AVX512BF16__
+constexpr int kRowwiseDefault = 1;
+#else
+constexpr int kRowwiseDefault = 0;
+#endif
+std::atomic<int> g_rowwise{kRowwiseDefault};  // this call's setting (MaxThreads reads the variable)
+
+inline bool Rowwise(int64_t B) { return B < kRowwiseBelow && g_rowwise.load(std::memory_order_relaxed); }
 
 // The tail of a dot product past the last full vector, and the final scale.
 template <typename W>
@@ -81,8 +107,13 @@ inline float Finish(float sum, const float* xb, const W* wr, int64_t k0, int64_t
 // fetching the next tile while this one is multiplied took the int8 loop from 1.5-1.9x to ~1.0x the
 // time of a plain read of the same bytes (float32 ~0.95x -> ~0.9x; BENCHMARKS.md, decode). Past the
 // end of the matrix it is a hint about an unmapped line, which never faults.
+#ifndef GPT_GEMV_PREFETCH_TILES  // how many tiles ahead (0: none); a compile-time knob for bench_gemv_loop.cc
+#define GPT_GEMV_PREFETCH_TILES 1
+#endif
 inline void Prefetch(const void* p, int64_t ahead) {
-  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + ahead), _MM_HINT_T0);
+  if (GPT_GEMV_PREFETCH_TILES == 0) return;
+  _mm_prefetch(reinterpret_cast<const char*>(reinterpret_cast<uintptr_t>(p) + GPT_GEMV_PREFETCH_TILES * ahead),
+               _MM_HINT_T0);
 }
 
 inline __m512 Load16(const float* w) { return _mm512_loadu_ps(w); }
@@ -108,7 +139,7 @@ inline __m128i Sum4(__m512i a, __m512i b, __m512i c, __m512i d) {
 // Up to kTile weight rows [n, n + R) times BR activation rows [b0, b0 + BR): each weight vector is
 // loaded and converted once and multiplied into BR accumulators (kTile x kRowsPerPass = 16 of the
 // 32 vector registers).
-template <typename W, int R, int BR>
+template <typename W, int R, int BR, bool kPrefetch = true>
 inline void Tile(const float* x, const W* w, const float* scale, float* y, int64_t b0, int64_t K,
                  int64_t N, int64_t n) {
   const int64_t k_vec = K - K % kLanes;
@@ -119,7 +150,7 @@ inline void Tile(const float* x, const W* w, const float* scale, float* y, int64
     __m512 wv[R];
     for (int r = 0; r < R; ++r) {
       wv[r] = Load16(w + (n + r) * K + k);
-      if ((k * sizeof(W)) % 64 == 0) Prefetch(w + (n + r) * K + k, R * K * sizeof(W));
+      if (kPrefetch && (k * sizeof(W)) % 64 == 0) Prefetch(w + (n + r) * K + k, R * K * sizeof(W));
     }
     for (int b = 0; b < BR; ++b) {
       const __m512 xv = _mm512_loadu_ps(x + (b0 + b) * K + k);
@@ -138,15 +169,15 @@ inline void Tile(const float* x, const W* w, const float* scale, float* y, int64
   }
 }
 
-template <typename W, int R>
+template <typename W, int R, bool kPrefetch = true>
 inline void Rows(const float* x, const W* w, const float* scale, float* y, int64_t B, int64_t K,
                  int64_t N, int64_t n) {
   int64_t b = 0;
-  for (; b + kRowsPerPass <= B; b += kRowsPerPass) Tile<W, R, kRowsPerPass>(x, w, scale, y, b, K, N, n);
+  for (; b + kRowsPerPass <= B; b += kRowsPerPass) Tile<W, R, kRowsPerPass, kPrefetch>(x, w, scale, y, b, K, N, n);
   switch (B - b) {
-    case 3: Tile<W, R, 3>(x, w, scale, y, b, K, N, n); break;
-    case 2: Tile<W, R, 2>(x, w, scale, y, b, K, N, n); break;
-    case 1: Tile<W, R, 1>(x, w, scale, y, b, K, N, n); break;
+    case 3: Tile<W, R, 3, kPrefetch>(x, w, scale, y, b, K, N, n); break;
+    case 2: Tile<W, R, 2, kPrefetch>(x, w, scale, y, b, K, N, n); break;
+    case 1: Tile<W, R, 1, kPrefetch>(x, w, scale, y, b, K, N, n); break;
   }
 }
 
@@ -156,6 +187,19 @@ template <typename W>
 void Block(const float* x, const W* w, const float* scale, float* y, int64_t B, int64_t K,
            int64_t N, int64_t n0, int64_t n1) {
   int64_t n = n0;
+  if constexpr (std::is_same_v<W, float>) {
+    // float32 at 1 row: 8 weight rows per tile, no software prefetch (Rowwise's switch): 1.25-1.3x
+    // the 4-row tiles with prefetch on Zen 4, where one row at a time was level (BENCHMARKS.md,
+    // decode-epyc). Not from 2 rows: 8 x rows accumulators would spill past 3.
+    if (B == 1 && Rowwise(B)) {
+      for (; n + 8 <= n1; n += 8) Rows<W, 8, false>(x, w, scale, y, B, K, N, n);
+      for (; n < n1; ++n) Rows<W, 1, false>(x, w, scale, y, B, K, N, n);
+      return;
+    }
+  } else if (Rowwise(B)) {  // int8 and bf16 weights: one row at a time
+    for (; n < n1; ++n) Rows<W, 1, false>(x, w, scale, y, B, K, N, n);
+    return;
+  }
   for (; n + kTile <= n1; n += kTile) Rows<W, kTile>(x, w, scale, y, B, K, N, n);
   for (; n < n1; ++n) Rows<W, 1>(x, w, scale, y, B, K, N, n);
 }
@@ -275,7 +319,7 @@ constexpr bool kHasVnni = true;
 // R weight rows times BR quantized activation rows; each 64-byte weight vector is loaded (and
 // offset to unsigned) once. The ragged end of K loads weights under a mask: the padded activations
 // are zero, so the masked lanes (0 ^ 0x80 = 128) add nothing.
-template <int R, int BR>
+template <int R, int BR, bool kPrefetch = true>
 inline void TileVnni(const int8_t* q, int64_t k_pad, const int32_t* qsum, const float* xs,
                      const int8_t* w, const float* scale, float* y, int64_t b0, int64_t K, int64_t N,
                      int64_t n) {
@@ -288,7 +332,7 @@ inline void TileVnni(const int8_t* q, int64_t k_pad, const int32_t* qsum, const 
     __m512i wv[R];
     for (int r = 0; r < R; ++r) {
       wv[r] = _mm512_xor_si512(_mm512_maskz_loadu_epi8(m, w + (n + r) * K + k), flip);
-      Prefetch(w + (n + r) * K + k, R * K);
+      if (kPrefetch) Prefetch(w + (n + r) * K + k, R * K);
     }
     for (int b = 0; b < BR; ++b) {
       const __m512i qv = _mm512_loadu_si512(q + (b0 + b) * k_pad + k);
@@ -310,26 +354,31 @@ inline void TileVnni(const int8_t* q, int64_t k_pad, const int32_t* qsum, const 
 }
 
 // The last `left` (< kVnniRows) activation rows in one tile of exactly that many.
-template <int R, int BR>
+template <int R, int BR, bool kPrefetch = true>
 inline void RestVnni(const int8_t* q, int64_t k_pad, const int32_t* qsum, const float* xs, const int8_t* w,
                      const float* scale, float* y, int64_t b0, int64_t left, int64_t K, int64_t N, int64_t n) {
   if constexpr (BR > 0) {
-    if (left == BR) return TileVnni<R, BR>(q, k_pad, qsum, xs, w, scale, y, b0, K, N, n);
-    RestVnni<R, BR - 1>(q, k_pad, qsum, xs, w, scale, y, b0, left, K, N, n);
+    if (left == BR) return TileVnni<R, BR, kPrefetch>(q, k_pad, qsum, xs, w, scale, y, b0, K, N, n);
+    RestVnni<R, BR - 1, kPrefetch>(q, k_pad, qsum, xs, w, scale, y, b0, left, K, N, n);
   }
 }
 
-template <int R>
+template <int R, bool kPrefetch = true>
 inline void RowsVnni(const int8_t* q, int64_t k_pad, const int32_t* qsum, const float* xs, const int8_t* w,
                      const float* scale, float* y, int64_t B, int64_t K, int64_t N, int64_t n) {
   int64_t b = 0;
-  for (; b + kVnniRows <= B; b += kVnniRows) TileVnni<R, kVnniRows>(q, k_pad, qsum, xs, w, scale, y, b, K, N, n);
-  RestVnni<R, kVnniRows - 1>(q, k_pad, qsum, xs, w, scale, y, b, B - b, K, N, n);
+  for (; b + kVnniRows <= B; b += kVnniRows)
+    TileVnni<R, kVnniRows, kPrefetch>(q, k_pad, qsum, xs, w, scale, y, b, K, N, n);
+  RestVnni<R, kVnniRows - 1, kPrefetch>(q, k_pad, qsum, xs, w, scale, y, b, B - b, K, N, n);
 }
 
 void BlockVnni(const int8_t* q, int64_t k_pad, const int32_t* qsum, const float* xs, const int8_t* w,
                const float* scale, float* y, int64_t B, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   int64_t n = n0;
+  if (Rowwise(B)) {
+    for (; n < n1; ++n) RowsVnni<1, false>(q, k_pad, qsum, xs, w, scale, y, B, K, N, n);
+    return;
+  }
   for (; n + kVnniTile <= n1; n += kVnniTile) RowsVnni<kVnniTile>(q, k_pad, qsum, xs, w, scale, y, B, K, N, n);
   for (; n < n1; ++n) RowsVnni<1>(q, k_pad, qsum, xs, w, scale, y, B, K, N, n);
 }
@@ -337,7 +386,7 @@ void BlockVnni(const int8_t* q, int64_t k_pad, const int32_t* qsum, const float*
 // R weight rows times BR int16 activation rows (K padded with zeros to a multiple of 32 in q). The
 // weights' ragged end is loaded under a mask; the int32 lanes are flushed to float every kA16Chunk
 // of K (exact to there) and summed across lanes in float32.
-template <int R, int BR>
+template <int R, int BR, bool kPrefetch = true>
 inline void TileA16(const int16_t* q, int64_t k_pad, const float* xs, const int8_t* w,
                     const float* scale, float* y, int64_t b0, int64_t K, int64_t N, int64_t n) {
   float sums[BR][R] = {};
@@ -351,7 +400,7 @@ inline void TileA16(const int16_t* q, int64_t k_pad, const float* xs, const int8
       __m512i wv[R];
       for (int r = 0; r < R; ++r) {
         wv[r] = _mm512_cvtepi8_epi16(_mm256_maskz_loadu_epi8(m, w + (n + r) * K + k));
-        if (k % 64 == 0) Prefetch(w + (n + r) * K + k, R * K);
+        if (kPrefetch && k % 64 == 0) Prefetch(w + (n + r) * K + k, R * K);
       }
       for (int b = 0; b < BR; ++b) {
         const __m512i xv = _mm512_loadu_si512(q + (b0 + b) * k_pad + k);
@@ -375,26 +424,30 @@ inline void TileA16(const int16_t* q, int64_t k_pad, const float* xs, const int8
       y[(b0 + b) * N + n + r] = sums[b][r] * (xs[b0 + b] * (scale ? scale[n + r] : 1.0f));
 }
 
-template <int R, int BR>
+template <int R, int BR, bool kPrefetch = true>
 inline void RestA16(const int16_t* q, int64_t k_pad, const float* xs, const int8_t* w,
                     const float* scale, float* y, int64_t b0, int64_t left, int64_t K, int64_t N, int64_t n) {
   if constexpr (BR > 0) {
-    if (left == BR) return TileA16<R, BR>(q, k_pad, xs, w, scale, y, b0, K, N, n);
-    RestA16<R, BR - 1>(q, k_pad, xs, w, scale, y, b0, left, K, N, n);
+    if (left == BR) return TileA16<R, BR, kPrefetch>(q, k_pad, xs, w, scale, y, b0, K, N, n);
+    RestA16<R, BR - 1, kPrefetch>(q, k_pad, xs, w, scale, y, b0, left, K, N, n);
   }
 }
 
-template <int R>
+template <int R, bool kPrefetch = true>
 inline void RowsA16(const int16_t* q, int64_t k_pad, const float* xs, const int8_t* w,
                     const float* scale, float* y, int64_t B, int64_t K, int64_t N, int64_t n) {
   int64_t b = 0;
-  for (; b + kVnniRows <= B; b += kVnniRows) TileA16<R, kVnniRows>(q, k_pad, xs, w, scale, y, b, K, N, n);
-  RestA16<R, kVnniRows - 1>(q, k_pad, xs, w, scale, y, b, B - b, K, N, n);
+  for (; b + kVnniRows <= B; b += kVnniRows) TileA16<R, kVnniRows, kPrefetch>(q, k_pad, xs, w, scale, y, b, K, N, n);
+  RestA16<R, kVnniRows - 1, kPrefetch>(q, k_pad, xs, w, scale, y, b, B - b, K, N, n);
 }
 
 void BlockA16(const int16_t* q, int64_t k_pad, const float* xs, const int8_t* w, const float* scale,
               float* y, int64_t B, int64_t K, int64_t N, int64_t n0, int64_t n1) {
   int64_t n = n0;
+  if (Rowwise(B)) {
+    for (; n < n1; ++n) RowsA16<1, false>(q, k_pad, xs, w, scale, y, B, K, N, n);
+    return;
+  }
   for (; n + kVnniTile <= n1; n += kVnniTile) RowsA16<kVnniTile>(q, k_pad, xs, w, scale, y, B, K, N, n);
   for (; n < n1; ++n) RowsA16<1>(q, k_pad, xs, w, scale, y, B, K, N, n);
 }
@@ -420,6 +473,95 @@ void BlockA16(const int16_t* q, int64_t k_pad, const float* xs, const int8_t* w,
       int64_t dot = 0;
       for (int64_t k = 0; k < K; ++k) dot += int64_t{q[b * k_pad + k]} * w[n * K + k];
       y[b * N + n] = static_cast<float>(dot) * (xs[b] * (scale ? scale[n] : 1.0f));
+    }
+}
+#endif
+
+// bf16 weights times bf16 activations (the bf16 model, whose activations are bf16 already):
+// AVX512-BF16's vdpbf16ps multiplies 32 bf16 pairs and adds them, two by two, into 16 float32 sums
+// in one instruction, where the widening loop above spends a widen, a shift and an FMA per 16
+// weights (and converts the weights once per pass of 4 activation rows). Each product of two bf16
+// values is exact in float32, so this is the float32 product of the same bf16 numbers; only the
+// order of the sums differs (and the instruction flushes denormals to zero): results agree with
+// XLA's bf16 x bf16 -> float32 einsum to float32 rounding. GPT_GEMV_BF16DOT=0 (read at each call)
+// takes the widening loop instead, for the same-run A/B (experiments/bench_decode.py --ab).
+constexpr int64_t kBf16Lanes = 32;  // bf16 pairs per vdpbf16ps
+
+bool Bf16DotEnabled() {
+  const char* v = std::getenv("GPT_GEMV_BF16DOT");
+  return !(v && v[0] == '0');
+}
+
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+constexpr bool kHasBf16Dot = true;
+
+// R weight rows times BR activation rows, both bf16; each 64-byte weight vector is loaded once per
+// pass and shared by the BR rows. The ragged end of K is loaded under a mask in both operands, so
+// the masked lanes multiply zero by zero.
+template <int R, int BR, bool kPrefetch>
+inline void TileBf16(const uint16_t* x, const uint16_t* w, const float* scale, float* y, int64_t b0,
+                     int64_t K, int64_t N, int64_t n) {
+  __m512 acc[BR][R];
+  for (int b = 0; b < BR; ++b)
+    for (int r = 0; r < R; ++r) acc[b][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += kBf16Lanes) {
+    const __mmask32 m = K - k >= kBf16Lanes ? ~__mmask32{0} : (__mmask32{1} << (K - k)) - 1;
+    __m512i wv[R];
+    for (int r = 0; r < R; ++r) {
+      wv[r] = _mm512_maskz_loadu_epi16(m, w + (n + r) * K + k);
+      if (kPrefetch) Prefetch(w + (n + r) * K + k, R * K * sizeof(uint16_t));
+    }
+    for (int b = 0; b < BR; ++b) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(m, x + (b0 + b) * K + k);
+      for (int r = 0; r < R; ++r) acc[b][r] = _mm512_dpbf16_ps(acc[b][r], xv, (__m512bh)wv[r]);
+    }
+  }
+  for (int b = 0; b < BR; ++b) {
+    float sums[R];
+    if constexpr (R == 4) {
+      _mm_storeu_ps(sums, Sum4(acc[b][0], acc[b][1], acc[b][2], acc[b][3]));
+    } else {
+      for (int r = 0; r < R; ++r) sums[r] = _mm512_reduce_add_ps(acc[b][r]);
+    }
+    for (int r = 0; r < R; ++r) y[(b0 + b) * N + n + r] = scale ? sums[r] * scale[n + r] : sums[r];
+  }
+}
+
+template <int R, bool kPrefetch>
+inline void RowsBf16(const uint16_t* x, const uint16_t* w, const float* scale, float* y, int64_t B,
+                     int64_t K, int64_t N, int64_t n) {
+  int64_t b = 0;
+  for (; b + kRowsPerPass <= B; b += kRowsPerPass)
+    TileBf16<R, kRowsPerPass, kPrefetch>(x, w, scale, y, b, K, N, n);
+  switch (B - b) {
+    case 3: TileBf16<R, 3, kPrefetch>(x, w, scale, y, b, K, N, n); break;
+    case 2: TileBf16<R, 2, kPrefetch>(x, w, scale, y, b, K, N, n); break;
+    case 1: TileBf16<R, 1, kPrefetch>(x, w, scale, y, b, K, N, n); break;
+  }
+}
+
+void BlockBf16(const uint16_t* x, const uint16_t* w, const float* scale, float* y, int64_t B, int64_t K,
+               int64_t N, int64_t n0, int64_t n1) {
+  int64_t n = n0;
+  if (Rowwise(B)) {
+    for (; n < n1; ++n) RowsBf16<1, false>(x, w, scale, y, B, K, N, n);
+    return;
+  }
+  for (; n + kTile <= n1; n += kTile) RowsBf16<kTile, true>(x, w, scale, y, B, K, N, n);
+  for (; n < n1; ++n) RowsBf16<1, true>(x, w, scale, y, B, K, N, n);
+}
+#else
+constexpr bool kHasBf16Dot = false;
+
+// Without AVX512-BF16 (GemvBf16 then widens the activations and runs Block; kept correct for
+// completeness).
+void BlockBf16(const uint16_t* x, const uint16_t* w, const float* scale, float* y, int64_t B, int64_t K,
+               int64_t N, int64_t n0, int64_t n1) {
+  for (int64_t n = n0; n < n1; ++n)
+    for (int64_t b = 0; b < B; ++b) {
+      float sum = 0.0f;
+      for (int64_t k = 0; k < K; ++k) sum += to_f32(x[b * K + k]) * to_f32(w[n * K + k]);
+      y[b * N + n] = scale ? sum * scale[n] : sum;
     }
 }
 #endif
@@ -529,6 +671,8 @@ void Advise(const void*, size_t) {}
 // (a getenv, ~0.1 us against calls of 20 us and more), so that experiments/bench_gemv.py can
 // interleave a single-thread column with the default one and separate the hand-off from the loops.
 int64_t MaxThreads() {
+  const char* r = std::getenv("GPT_GEMV_ROWWISE");  // every handler calls this once per call
+  g_rowwise.store(r && r[0] ? (r[0] != '0') : kRowwiseDefault, std::memory_order_relaxed);
   const char* v = std::getenv("GPT_GEMV_THREADS");
   const int64_t n = v ? std::atoll(v) : 0;
   return n > 0 ? n : int64_t{1} << 30;
@@ -541,8 +685,8 @@ struct Shape {
   const float* scale = nullptr;
 };
 
-template <typename WBuffer>
-ffi::Error CheckShapes(const ffi::Buffer<ffi::F32>& x, const WBuffer& w, const ffi::Buffer<ffi::F32>& scale,
+template <typename XBuffer, typename WBuffer>
+ffi::Error CheckShapes(const XBuffer& x, const WBuffer& w, const ffi::Buffer<ffi::F32>& scale,
                        Shape* s) {
   auto xd = x.dimensions();
   auto wd = w.dimensions();
@@ -566,6 +710,44 @@ ffi::Error Gemv(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::AnyBuffer w,
   float* yp = y->typed_data();
   gpt_kernels::RunBlocks(pool, (N + kBlock - 1) / kBlock, MaxThreads(), [=](int64_t i) {
     Block<W>(xp, wp, s, yp, B, K, N, i * kBlock, std::min(N, (i + 1) * kBlock));
+  });
+  return ffi::Error::Success();
+}
+
+// bf16 weights (GptGemvBF16): float32 activations take the widening loop (Block); bf16 ones (the
+// bf16 model's, exact in bf16) take the vdpbf16ps loop where the CPU has AVX512-BF16 and
+// GPT_GEMV_BF16DOT is not 0, else they are widened to float32 once per call (B * K, shared by
+// every block) for the widening loop.
+ffi::Error GemvBf16(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w, ffi::Buffer<ffi::F32> scale,
+                    ffi::ResultBuffer<ffi::F32> y) {
+  Shape shape;
+  if (ffi::Error e = CheckShapes(x, w, scale, &shape); e.failure()) return e;
+  const int64_t B = shape.B, K = shape.K, N = shape.N;
+  const float* s = shape.scale;
+  const uint16_t* wp = static_cast<const uint16_t*>(w.untyped_data());
+  hugepages::Advise(wp, static_cast<size_t>(N * K) * sizeof(uint16_t));
+  float* yp = y->typed_data();
+  const int64_t blocks = (N + kBlock - 1) / kBlock;
+  if (x.element_type() == ffi::DataType::F32) {
+    const float* xp = static_cast<const float*>(x.untyped_data());
+    gpt_kernels::RunBlocks(pool, blocks, MaxThreads(), [=](int64_t i) {
+      Block<uint16_t>(xp, wp, s, yp, B, K, N, i * kBlock, std::min(N, (i + 1) * kBlock));
+    });
+    return ffi::Error::Success();
+  }
+  if (x.element_type() != ffi::DataType::BF16)
+    return ffi::Error::InvalidArgument("gemv bf16: x must be float32 or bfloat16");
+  const uint16_t* xh = static_cast<const uint16_t*>(x.untyped_data());
+  if (kHasBf16Dot && Bf16DotEnabled()) {
+    gpt_kernels::RunBlocks(pool, blocks, MaxThreads(), [=](int64_t i) {
+      BlockBf16(xh, wp, s, yp, B, K, N, i * kBlock, std::min(N, (i + 1) * kBlock));
+    });
+    return ffi::Error::Success();
+  }
+  auto xf = std::make_shared<std::vector<float>>(B * K);
+  for (int64_t i = 0; i < B * K; ++i) (*xf)[i] = to_f32(xh[i]);
+  gpt_kernels::RunBlocks(pool, blocks, MaxThreads(), [=](int64_t i) {
+    Block<uint16_t>(xf->data(), wp, s, yp, B, K, N, i * kBlock, std::min(N, (i + 1) * kBlock));
   });
   return ffi::Error::Success();
 }
@@ -918,6 +1100,9 @@ extern "C" int64_t GptGemvHugepageBuffers() {
 // Whether GptGemvS8A8 runs on AVX-512 VNNI here (gemv.py chooses it only then).
 extern "C" int GptGemvHasVnni() { return kHasVnni ? 1 : 0; }
 
+// Whether GptGemvBF16 multiplies bf16 activations with vdpbf16ps here (AVX512-BF16; gemv.py's bf16_dot).
+extern "C" int GptGemvHasBf16Dot() { return kHasBf16Dot ? 1 : 0; }
+
 #define GPT_GEMV_HANDLER(name, W)                                                        \
   XLA_FFI_DEFINE_HANDLER_SYMBOL(name, Gemv<W>,                                           \
                                 ffi::Ffi::Bind()                                         \
@@ -928,7 +1113,13 @@ extern "C" int GptGemvHasVnni() { return kHasVnni ? 1 : 0; }
                                     .Ret<ffi::Buffer<ffi::F32>>());
 
 GPT_GEMV_HANDLER(GptGemvF32, float)
-GPT_GEMV_HANDLER(GptGemvBF16, uint16_t)
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptGemvBF16, GemvBf16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
 GPT_GEMV_HANDLER(GptGemvS8, int8_t)
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptGemvS8A8, GemvInt8Activations,

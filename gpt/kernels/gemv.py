@@ -13,6 +13,11 @@ GPT_GEMV=0, `matmul` is `reference`: XLA's own einsum, same results to float32 r
 With int8 weights two integer loops run on AVX-512 VNNI where the CPU has it: `int8_activations`
 (rows quantized to int8, vpdpbusd) and `int16_activations` (rows quantized to int16, vpdpwssd:
 within half an int16 step of the float product, faster than the float loop from 2 rows).
+With bf16 weights and bf16 activations (the bf16 model's: exact in bf16) the kernel multiplies on
+AVX512-BF16's vdpbf16ps where the CPU has it (`bf16_dot`; 32 products per instruction, each exact
+in float32, summed in float32), else it widens the activations and runs the float loop;
+GPT_GEMV_BF16DOT=0 (read at each call) forces the latter, for A/Bs. Float32 activations of bf16
+weights always take the float loop (rounding them to bf16 would change the product).
 GPT_GEMV_THREADS=n (read by the library at each call) caps the threads one call splits its rows
 over (default: all of XLA's intra-op pool); experiments/bench_gemv.py --per_call uses 1 to time the
 loops apart from the hand-off to the second core. On Linux the library asks for each weight buffer
@@ -135,6 +140,15 @@ def vnni() -> bool:
   return available() and bool(KERNEL.library().GptGemvHasVnni())
 
 
+def bf16_dot() -> bool:
+  """Whether `matmul` of bfloat16 activations by bfloat16 weights runs the vdpbf16ps loop here (the
+  library built with AVX512-BF16; GPT_GEMV_BF16DOT=0, read at each call, takes the widening loop
+  instead). Float32 activations always take the widening loop (their product stays exact)."""
+  if not available() or not _lib:
+    return False
+  return bool(_lib[0].GptGemvHasBf16Dot())
+
+
 def matmul(x: jax.Array, w: jax.Array, *, scale: jax.Array | None = None,
            int8_activations: bool = False, int16_activations: bool = False) -> jax.Array:
   """x [..., K] times w [N, K] transposed, accumulated in float32: float32 [..., N].
@@ -157,8 +171,12 @@ def matmul(x: jax.Array, w: jax.Array, *, scale: jax.Array | None = None,
   no_scale = jnp.zeros((0,), jnp.float32)
   target = ("GptGemvS8A8" if a8 else "GptGemvS8A16" if a16
             else f"GptGemv{_SUFFIX[jnp.dtype(w.dtype)]}")
+  # bf16 activations of bf16 weights stay bf16 (exact): the kernel multiplies them with vdpbf16ps
+  # where the CPU has AVX512-BF16 (`bf16_dot`), else widens them itself.
+  bf16 = jnp.dtype(jnp.bfloat16)
+  x_dtype = bf16 if jnp.dtype(w.dtype) == bf16 and jnp.dtype(x.dtype) == bf16 else jnp.float32
   out = jax.ffi.ffi_call(target, jax.ShapeDtypeStruct((rows, N), jnp.float32))(
-      x.reshape(rows, K).astype(jnp.float32), w,
+      x.reshape(rows, K).astype(x_dtype), w,
       no_scale if scale is None else scale.astype(jnp.float32))
   return out.reshape(*x.shape[:-1], N)
 
