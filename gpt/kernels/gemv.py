@@ -144,9 +144,7 @@ def bf16_dot() -> bool:
   """Whether `matmul` of bfloat16 activations by bfloat16 weights runs the vdpbf16ps loop here (the
   library built with AVX512-BF16; GPT_GEMV_BF16DOT=0, read at each call, takes the widening loop
   instead). Float32 activations always take the widening loop (their product stays exact)."""
-  if not available() or not _lib:
-    return False
-  return bool(_lib[0].GptGemvHasBf16Dot())
+  return available() and bool(KERNEL.library().GptGemvHasBf16Dot())
 
 
 def matmul(x: jax.Array, w: jax.Array, *, scale: jax.Array | None = None,
