@@ -56,7 +56,6 @@ from __future__ import annotations
 import argparse
 import collections
 import os
-import platform
 import re
 import statistics
 import sys
@@ -66,7 +65,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository root importable
   sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from experiments import xla_trace  # noqa: E402
+from experiments import machine, xla_trace  # noqa: E402
 from gpt import host_memory  # noqa: E402
 
 if "--profile" in sys.argv:  # per-op trace events must be switched on before XLA starts
@@ -250,7 +249,8 @@ def main():
   rate = lambda key, name: [key[1] * args.new / t for t in times[(key, name)]]
   print(f"\n{args.model} architecture, {args.new} new tokens after a 1-token prompt, top-k 40, "
         f"median of {args.repeats} (best). Device: {jax.devices()[0].device_kind}, "
-        f"{os.cpu_count()} CPUs, {platform.processor() or platform.machine()}.")
+        f"{os.cpu_count()} CPUs, {machine.cpu_model()} ({machine.vector_flags()}); load average "
+        f"{machine.load_average()}.")
   print("Bandwidth: " + ", ".join(f"{k} {v / 1e9:.1f} GB/s" for k, v in bandwidth.items()) +
         f". Rooflines use the best copy ({copy_bw / 1e9:.1f} GB/s) and the best read-only kernel "
         f"({read_bw / 1e9:.1f} GB/s).\n")
@@ -263,7 +263,7 @@ def main():
         + (" ours / ours fused | ours / ours mlp |" if args.fused else "")
         + "".join(f" ours / ours {ab} |" for ab in args.ab))
   print("|---|---|" + "---|" * (len(names) + 4 + (not skip_hf) + len(ct2_types) + args.einsum_attention
-                              + args.small_pages + 2 * args.fused + 2 * len(args.ab)))
+                              + args.small_pages + 2 * args.fused + len(args.ab)))
   for key, (cfg, _) in runners.items():
     cells = [f"{statistics.median(rate(key, n)):.1f} ({max(rate(key, n)):.1f})" for n in names]
     ours = statistics.median(rate(key, "ours"))
