@@ -207,7 +207,6 @@ def run(config: Any, workdir: str | None) -> None:
     raise GPTError("training needs --workdir=<folder> (checkpoints, samples and logs go there)")
   init_distributed(config.mesh)
   quiet_orbax()
-  t = config.train
   workdir = Path(workdir).expanduser().resolve()
   created = [d for d in (checkpoint_dir(workdir), workdir) if not d.exists()]
   workdir.mkdir(parents=True, exist_ok=True)
