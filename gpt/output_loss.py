@@ -74,6 +74,17 @@ def _chunks(n: int, rows: int) -> list[tuple[int, int]]:
   return [(a, min(a + rows, n)) for a in range(0, n, max(rows, 1))]
 
 
+def _softmax_xent(logits, targets, N):
+  """XLA's pass over float32 logits [M, V] at targets [M]: the summed cross-entropy of the rows and
+  d(mean loss over N rows)/d(logits) = (softmax - onehot) / N, float32."""
+  m = logits.max(-1, keepdims=True)
+  e = jnp.exp(logits - m)
+  s = e.sum(-1, keepdims=True)
+  picked = jnp.take_along_axis(logits, targets[:, None], -1)
+  onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == targets[:, None]
+  return jnp.sum(jnp.log(s) + m - picked), (e / s - onehot) * (1.0 / N)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
 def _loss(h, wte, targets, rows):
   total = 0.0
@@ -92,14 +103,9 @@ def _loss_forward(h, wte, targets, rows):
   for a, b in _chunks(N, rows):
     hc, tc = h[a:b], targets[a:b]
     logits = jnp.einsum("md,vd->mv", hc, wte, preferred_element_type=jnp.float32)
-    m = logits.max(-1, keepdims=True)
-    e = jnp.exp(logits - m)
-    s = e.sum(-1, keepdims=True)
-    picked = jnp.take_along_axis(logits, tc[:, None], -1)
-    total = total + jnp.sum(jnp.log(s) + m - picked)
-    onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == tc[:, None]
-    # d(mean loss)/d(logits) = (softmax - onehot) / N, in the operands' dtype for the matmuls.
-    dlogits = ((e / s - onehot) * (1.0 / N)).astype(h.dtype)
+    chunk_loss, dlogits = _softmax_xent(logits, tc, N)
+    total = total + chunk_loss
+    dlogits = dlogits.astype(h.dtype)  # in the operands' dtype for the matmuls
     dh.append(jnp.einsum("mv,vd->md", dlogits, wte, preferred_element_type=jnp.float32))
     dw = jnp.einsum("mv,md->vd", dlogits, hc, preferred_element_type=jnp.float32)
     dwte = dw if dwte is None else dwte + dw
@@ -156,12 +162,8 @@ def _xent_forward(logits, targets, kernel):
   if kernel:
     dlogits, row_loss = gemm.softmax_xent(logits, targets, 1.0 / N)
     return jnp.sum(row_loss) / N, (dlogits, targets)
-  m = logits.max(-1, keepdims=True)
-  e = jnp.exp(logits - m)
-  s = e.sum(-1, keepdims=True)
-  picked = jnp.take_along_axis(logits, targets[:, None], -1)
-  onehot = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1) == targets[:, None]
-  return jnp.sum(jnp.log(s) + m - picked) / N, ((e / s - onehot) * (1.0 / N), targets)
+  total, dlogits = _softmax_xent(logits, targets, N)
+  return total / N, (dlogits, targets)
 
 
 def _xent_backward(kernel, res, g):
