@@ -125,17 +125,11 @@ VARIANT_SWITCHES = {"recomputeprobs": ("gpt.attention", "SAVE_PROBABILITIES", Fa
                     # train-fuse, session 8: XLA's LayerNorm where the one-pass kernel would run
                     "lnxla": ("gpt.kernels.layernorm", "USE_KERNEL", False),
                     # train-fuse, session 8: the MLP's bias + GELU backward in XLA (gemm.gelu_matmul)
-                    # where the one-pass kernel (gpt.kernels.gelu) would run (only with -wslice: the
-                    # scan's in-place weights take precedence)
+                    # where the one-pass kernel (gpt.kernels.gelu) would run
                     "geluxlabwd": ("gpt.kernels.gelu", "USE_KERNEL", False),
-                    # train-scan, session 8: the scan's per-layer weight copies (not read in place)
-                    "wslice": ("gpt.model", "WEIGHTS_IN_PLACE", False),
-                    # train-scan, session 8: dW into a buffer of its own, copied into the stacked gradient
-                    "gslice": ("gpt.model", "GRADS_IN_PLACE", False),
                     # train-scan, session 8: two layers per iteration of the rolled layer scan
                     "unroll2": ("gpt.model", "SCAN_UNROLL", 2),
-                    # the lead, session 8: both routes above made opt-in by the quiet retake
-                    "winplace": ("gpt.model", "WEIGHTS_IN_PLACE", True),
+                    # the lead, session 8: made opt-in by the quiet retake
                     "gelukernel": ("gpt.kernels.gelu", "USE_KERNEL", True),
                     # train-bf16, session 9: model.dtype=bfloat16's products by gpt.matmul's
                     # bf16_matmul (all three bf16 x bf16 -> f32) instead of JAX's transpose of the
@@ -240,7 +234,7 @@ def main() -> None:
   parser.add_argument("--impls", default="jax-f32-scan,jax-f32-unrolled,jax-f32-scan-eigen,"
                       "jax-bf16-scan,torch-f32,torch-f32-tcmalloc,nanogpt-f32,nanogpt-f32-compile,"
                       "torch-bf16",
-                      help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs|-nokernel][-geluxla][-geluxlabwd][-ln3d][-lnxla][-logitsloss|-fusedloss][-xentvml][-optaxclip][-optaxadam][-wslice|-gslice|-winplace][-gelukernel][-unroll2]"
+                      help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs|-nokernel][-geluxla][-geluxlabwd][-ln3d][-lnxla][-logitsloss|-fusedloss][-xentvml][-optaxclip][-optaxadam][-gelukernel][-unroll2]"
                       "[-rematdots|-rematfull][-xladot|-mkl][-mmbf16][-bf16vjp][-freedoff|-keepfreed][-held] names; torch rows: "
                       "torch|nanogpt-f32|bf16[-compile][-fusedadam|-foreachadam][-keepfreed]"
                       "[-proc|-jemalloc|-tcmalloc|-thp: in a process of its own]")

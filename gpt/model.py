@@ -19,12 +19,6 @@ model: gpt.decoding's `prepare_for_decoding` lays the same model out per layer i
 which is what makes token-by-token steps fast on CPU; there, with int8 weights, a Block runs all it
 computes after the attention as one kernel call where GPT_GEMV_FUSE=1 asks (`Block.fused_tail`).
 
-With WEIGHTS_IN_PLACE (off by default: measured no faster), in a training program whose matmuls are
-MKL's (gpt.kernels.gemm), the scan hands each block its dense layers' weights in place: the products read layer i of the stacked weight by offset and add
-layer i's dW into the stacked gradient the backward scan carries (`WEIGHTS_IN_PLACE`,
-`GRADS_IN_PLACE`, `_dense`), where XLA would copy each slice out and each gradient in (about 1 GB a
-step at the chapter's 117M shape). The parameter tree and the numbers are the same either way.
-
 Every parameter carries logical axis names in its `axes` metadata ("vocab", "embed", "heads",
 "mlp", "layers"); `gpt.sharding` maps them to mesh axes.
 
@@ -36,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import threading
 from typing import Any
 
 import jax
@@ -44,7 +37,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from gpt import heads
-from gpt import layers as layer_lib
 from gpt.attention import apply_dropout, attention
 from gpt.errors import GPTError
 from gpt.kernels import attention as kattn
@@ -72,21 +64,9 @@ OUTPUT_LOSSES = ("auto", "fused", "logits")
 # bf16_matmul), everything else staying in model.dtype: torch autocast's recipe.
 MATMUL_DTYPES = ("auto", "bfloat16")
 QUANTIZE = ("none", "int8")
-# True: under the layer scan, the dense layers whose matmul is MKL's read their layer's weight in place
-# in the stacked parameter (gemm.layer_matmul: no per-layer copy of the weight, forward or backward).
-# Off by default: the copies it removes (~1 GB a step at the chapter shape) did not show in the lead's
-# quiet whole-step A/Bs (session 8: 0.94-0.96x at 30m, 1.01-1.03x at the chapter shape: noise);
-# experiments/bench_train.py's `-winplace` variant turns it on to measure it.
-WEIGHTS_IN_PLACE = False
-# With WEIGHTS_IN_PLACE: the backward adds each layer's dW in place into the stacked gradient the
-# backward scan carries (gemm.layer_matmul's `acc`), not into a buffer of its own that the scan then
-# copies into the stack; bench_train's `-gslice` variant turns it off to measure it.
-GRADS_IN_PLACE = True
 # Layers per iteration of the rolled scan (model.scan_layers=True); bench_train's `-unroll2` sets 2
 # to measure it (the scan's bookkeeping is per iteration; a larger body compiles slower).
 SCAN_UNROLL = 1
-# The blocks' dense layers, as paths from Block (the ones `WEIGHTS_IN_PLACE` can apply to).
-DENSE_PATHS = (("attn", "c_attn"), ("attn", "c_proj"), ("mlp", "c_fc"), ("mlp", "c_proj"))
 # The dense layers low-rank adapters can go into, named as Hugging Face PEFT's target_modules
 # suffixes name them (`c_attn` and `c_fc` are unique; the two `c_proj` need their parent).
 LORA_TARGETS = ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj")
@@ -224,37 +204,6 @@ def _lora_args(cfg: GPTConfig, target: str) -> dict:
                        if rank else {})}
 
 
-def _in_place(conv: Conv1D, cfg: GPTConfig) -> bool:
-  """Whether the layer scan can give `conv` (a stacked Conv1D of a model configured by `cfg`) its
-  weight in place (WEIGHTS_IN_PLACE): a plain float32 layer computing in float32 whose matmul is
-  MKL's, the kernel available."""
-  return (WEIGHTS_IN_PLACE and conv.matmul == "mkl" and not conv.lora_scale and not conv.by_row
-          and not hasattr(conv, "w_scale") and conv.w.dtype == jnp.float32
-          and cfg.dtype == "float32" and gemm.available())
-
-
-# While GPT._scan traces a layer: id(Conv1D) -> [stack, layer index, acc or None] of the layer's
-# dense layers that take their weight in place (`_dense` reads them and stores the updated acc). Kept
-# beside the modules, not on them: nnx allows no arrays in a module's static attributes.
-_slots = threading.local()
-
-
-def _dense(conv: Conv1D, x: jax.Array, rng: jax.Array | None, gelu: bool = False) -> jax.Array:
-  """conv(x) (conv(gelu(x)) with `gelu`), by the stacked weight in place where the layer scan gave
-  `conv` a slot [stack, layer, acc or None] (`GPT._scan`; an `acc` goes back updated into the
-  slot); else Conv1D's own call."""
-  slot = (getattr(_slots, "map", None) or {}).get(id(conv))
-  if slot is None:
-    return conv.after_gelu(x, rng) if gelu else conv(x, rng)
-  stack, layer, acc = slot
-  if gelu and not layer_lib.GELU_IN_MATMUL:  # its switch, as Conv1D.after_gelu's
-    x, gelu = jax.nn.gelu(x, approximate=True), False
-  y = gemm.layer_matmul(x, conv.w[...], stack, layer, gelu=gelu, acc=acc)
-  if acc is not None:
-    y, slot[2] = y
-  return (y + conv.b[...].astype(jnp.float32)).astype(x.dtype)
-
-
 class Attention(nnx.Module):
   """Causal multi-head self-attention (gpt.attention.attention), optionally over a KV cache layer."""
 
@@ -275,7 +224,7 @@ class Attention(nnx.Module):
     B, T, _ = x.shape
     H, K = cfg.n_head, cfg.head_dim
     heads = lambda a: a.reshape(B, T, H, K).transpose(0, 2, 1, 3)  # [B, H, T, K]
-    q, k, v = map(heads, jnp.split(_dense(self.c_attn, x, _fold(rng, 1)), 3, axis=-1))
+    q, k, v = map(heads, jnp.split(self.c_attn(x, _fold(rng, 1)), 3, axis=-1))
     impl = cfg.attention_impl
     if cache_kv is not None:  # cache layers are [B * H, S, K]; the reshapes are free
       ck, cv = cache_kv
@@ -288,7 +237,7 @@ class Attention(nnx.Module):
                     return_probs=return_probs)
     y, probs = out if return_probs else (out, None)
     y = y.transpose(0, 2, 1, 3).reshape(B, T, H * K)
-    return (_dense(self.c_proj, y, _fold(rng, 2)) if project else y), cache_kv, probs
+    return (self.c_proj(y, _fold(rng, 2)) if project else y), cache_kv, probs
 
 
 class MLP(nnx.Module):
@@ -310,13 +259,11 @@ class MLP(nnx.Module):
       scale = lambda c: c.w_scale[...] if hasattr(c, "w_scale") else None
       return gemv.mlp(x, fc.w[...], fc.b[...], proj.w[...], proj.b[...], scale1=scale(fc),
                       scale2=scale(proj), int8_activations=fc.int8_activations)
-    if not {id(fc), id(proj)} & set(getattr(_slots, "map", None) or {}):
-      # Not where the layer scan reads these weights in place (WEIGHTS_IN_PLACE, which takes
-      # precedence): one kernel pass for c_fc's bias, the GELU's backward and c_fc's bias gradient.
-      fused = fused_mlp(fc, proj, x)
-      if fused is not None:
-        return fused
-    return _dense(proj, _dense(fc, x, _fold(rng, 1)), _fold(rng, 2), gelu=True)
+    # One kernel pass for c_fc's bias, the GELU's backward and c_fc's bias gradient, where it runs.
+    fused = fused_mlp(fc, proj, x)
+    if fused is not None:
+      return fused
+    return proj.after_gelu(fc(x, _fold(rng, 1)), _fold(rng, 2))
 
 
 class Block(nnx.Module):
@@ -462,44 +409,16 @@ class GPT(nnx.Module):
     cfg = self.cfg
     graphdef, layer_params = nnx.split(self.h)
 
-    # The MKL dense layers' stacked weights, read in place by layer index (`_dense`), as scan
-    # constants without gradient. The gradient reaches each layer's weight as the slice the scan
-    # hands over, or (GRADS_IN_PLACE) the stack itself, carried through the scan unchanged: the
-    # backward scan then carries the stacked gradient, which each layer's dW is added into in place
-    # (and the slices, dead, take none).
-    convs = {(sub, name): getattr(getattr(self.h, sub), name) for sub, name in DENSE_PATHS}
-    stacks = {path: conv.w[...] for path, conv in convs.items()
-              if cache is None and _in_place(conv, cfg)}
-    consts = {path: jax.lax.stop_gradient(w) for path, w in stacks.items()}
-    # Not in a LoRA run: its base weights are held fixed (no gradient), and the backward would add
-    # every dW into a zero stack only to drop it.
-    accs = stacks if GRADS_IN_PLACE and not cfg.lora_rank else {}
-    if accs:
-      names = {f"['{sub}']['{name}']['w']" for sub, name in accs}
-      layer_params = jax.tree_util.tree_map_with_path(
-          lambda path, v: jax.lax.stop_gradient(v) if jax.tree_util.keystr(path[:3]) in names else v,
-          layer_params)
-    layer_ids = jnp.arange(cfg.n_layer, dtype=jnp.int32) if stacks else None
-
-    def layer(carry, xs):
-      x, accs = carry
-      params, kv, layer_rng, layer_id = xs
-      block = nnx.merge(graphdef, params)
-      conv = lambda path: getattr(getattr(block, path[0]), path[1])
-      slots = {path: [stack, layer_id, accs.get(path)] for path, stack in consts.items()}
-      outer, _slots.map = getattr(_slots, "map", None), {id(conv(p)): v for p, v in slots.items()}
-      try:
-        x, kv, probs = block(x, mask=mask, cache_kv=kv, cache_index=index, rng=layer_rng,
-                             return_probs=return_probs)
-      finally:
-        _slots.map = outer
-      accs = {path: slots[path][2] for path in accs}
-      return (x, accs), (probs if return_probs else kv)
+    def layer(x, xs):
+      params, kv, layer_rng = xs
+      x, kv, probs = nnx.merge(graphdef, params)(x, mask=mask, cache_kv=kv, cache_index=index,
+                                                 rng=layer_rng, return_probs=return_probs)
+      return x, (probs if return_probs else kv)
 
     if cfg.remat != "none":
       layer = jax.checkpoint(layer, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
     kv = None if cache is None else (jnp.stack(cache.k), jnp.stack(cache.v))
-    (x, _), out = jax.lax.scan(layer, (x, accs), (layer_params, kv, layer_rngs, layer_ids),
+    x, out = jax.lax.scan(layer, x, (layer_params, kv, layer_rngs),
                                unroll=SCAN_UNROLL if cfg.scan_layers else cfg.n_layer)
     if cache is not None and not return_probs:
       out = (tuple(out[0]), tuple(out[1]))

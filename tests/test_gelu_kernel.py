@@ -11,7 +11,6 @@ from flax import nnx
 from gpt import layers
 from gpt.kernels import gelu as kgelu
 from gpt.kernels import gemm
-from gpt import model as gmodel
 from gpt.model import GPTConfig, init_model
 
 pytestmark = pytest.mark.skipif(not (kgelu.available() and gemm.available()),
@@ -92,17 +91,11 @@ def tiny(matmul):
 
 def test_model_uses_it_where_matmul_is_mkl(monkeypatch):
   """The model's MLPs take the kernel where model.matmul resolved to "mkl" (training on one CPU
-  device) and the layer scan does not read their weights in place (gpt.model.WEIGHTS_IN_PLACE
-  off: that route takes precedence), not with XLA's matmuls, nor with USE_KERNEL off (then
+  device), not with XLA's matmuls, nor with USE_KERNEL off (then
   gemm.gelu_matmul, as before); loss and gradients equal the XLA model's. Fails if the route
   silently stops being used. (Both switches are off by default: this turns the kernel on.)"""
   tokens = jnp.arange(24).reshape(2, 12) % 97
   monkeypatch.setattr(kgelu, "USE_KERNEL", True)  # opt-in since the lead's quiet retake, session 8
-  monkeypatch.setattr(gmodel, "WEIGHTS_IN_PLACE", True)
-  mkl = init_model(tiny("mkl"))
-  assert kgelu.BACKWARD not in jax.jit(lambda m, t: nnx.value_and_grad(
-      lambda m: jnp.mean(m(t) ** 2))(m)).lower(mkl, tokens).as_text()  # in place: not this route
-  monkeypatch.setattr(gmodel, "WEIGHTS_IN_PLACE", False)
   program = lambda m: jax.jit(lambda m, t: nnx.value_and_grad(lambda m: jnp.mean(m(t) ** 2))(m))
   text = lambda m: program(m).lower(m, tokens).as_text()
   mkl, xla = init_model(tiny("mkl")), init_model(tiny("xla"))

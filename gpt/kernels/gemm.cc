@@ -73,12 +73,11 @@ constexpr int64_t kAlign = 16;
 // A block does at least this many multiply-adds: below it, splitting costs more than it saves.
 constexpr int64_t kMinBlockWork = int64_t{1} << 21;
 
-// C[M, N] = op(A) . op(B) (+ C where `add`) with op(A) M x K and op(B) K x N, A and B row-major
-// with leading dimensions lda and ldb (their stored row lengths): the work the handlers share.
+// C[M, N] = op(A) . op(B) with op(A) M x K and op(B) K x N, A and B row-major with leading
+// dimensions lda and ldb (their stored row lengths), the blocks of C on XLA's thread pool.
 void GemmCore(ffi::ThreadPool& pool, const float* ap, const float* bp, float* cp, int64_t M,
-              int64_t N, int64_t K, int lda, int ldb, bool transpose_a, bool transpose_b,
-              bool add = false) {
-  if (M == 0 || N == 0 || (K == 0 && add)) return;
+              int64_t N, int64_t K, int lda, int ldb, bool transpose_a, bool transpose_b) {
+  if (M == 0 || N == 0) return;
   if (K == 0) {
     std::memset(cp, 0, sizeof(float) * M * N);
     return;
@@ -95,18 +94,17 @@ void GemmCore(ffi::ThreadPool& pool, const float* ap, const float* bp, float* cp
   blocks = (side + step - 1) / step;
   SgemmFn sgemm = g_sgemm;
   IntFn local = g_set_num_threads_local;
-  const float beta = add ? 1.0f : 0.0f;
   gpt_kernels::RunBlocks(pool, blocks, blocks, [=](int64_t i) {
     if (local) local(1);  // sequential even if another library chose MKL's threaded layer first
     const int64_t lo = i * step, n = std::min(side, lo + step) - lo;
     if (by_rows) {  // rows lo.. of C: rows of op(A)
       const float* ab = transpose_a ? ap + lo : ap + lo * lda;
       sgemm(kRowMajor, ta, tb, static_cast<int>(n), static_cast<int>(N), static_cast<int>(K), 1.0f,
-            ab, lda, bp, ldb, beta, cp + lo * ldc, ldc);
+            ab, lda, bp, ldb, 0.0f, cp + lo * ldc, ldc);
     } else {  // columns lo.. of C: columns of op(B)
       const float* bb = transpose_b ? bp + lo * ldb : bp + lo;
       sgemm(kRowMajor, ta, tb, static_cast<int>(M), static_cast<int>(n), static_cast<int>(K), 1.0f,
-            ap, lda, bb, ldb, beta, cp + lo, ldc);
+            ap, lda, bb, ldb, 0.0f, cp + lo, ldc);
     }
   });
 }
@@ -139,57 +137,6 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::
   if (shapes.failure()) return shapes;
   GemmCore(pool, a.typed_data(), b.typed_data(), c->typed_data(), M, N, K,
            static_cast<int>(ad[1]), static_cast<int>(bd[1]), transpose_a, transpose_b);
-  return ffi::Error::Success();
-}
-
-// GptGemmLayerF32: op(A) . op(B[layer]) for a stacked B [L, rows, cols] and a scalar layer index:
-// layer `layer`'s matrix is read where it lies in the stack (an offset), so the layer scan's
-// per-layer weight never becomes a copy (XLA's dynamic-slice of the stacked parameter, in the
-// forward and again in the backward; gemm.py's layer_matmul). An index outside [0, L) is an error.
-ffi::Error GemmLayer(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                     ffi::Buffer<ffi::S32> layer, ffi::ResultBuffer<ffi::F32> c,
-                     int64_t transpose_a, int64_t transpose_b) {
-  if (!g_sgemm) return ffi::Error::Internal("gemm: MKL is not loaded (GptGemmLoad)");
-  auto ad = a.dimensions();
-  auto bd = b.dimensions();
-  auto cd = c->dimensions();
-  if (ad.size() != 2 || bd.size() != 3 || cd.size() != 2 || layer.element_count() != 1)
-    return ffi::Error::InvalidArgument("gemm_layer: a 2-D, b 3-D [L, rows, cols], a scalar layer");
-  const int64_t l = layer.typed_data()[0];
-  if (l < 0 || l >= bd[0]) return ffi::Error::InvalidArgument("gemm_layer: layer index out of range");
-  int64_t M, N, K;
-  ffi::Error shapes = GemmShapes(ad[0], ad[1], bd[1], bd[2], cd[0], cd[1], transpose_a, transpose_b,
-                                 &M, &N, &K);
-  if (shapes.failure()) return shapes;
-  GemmCore(pool, a.typed_data(), b.typed_data() + l * bd[1] * bd[2], c->typed_data(), M, N, K,
-           static_cast<int>(ad[1]), static_cast<int>(bd[2]), transpose_a, transpose_b);
-  return ffi::Error::Success();
-}
-
-// GptGemmLayerAddF32: acc[layer] += op(A) . op(B) for a stacked accumulator acc [L, M, N] that the
-// result aliases (input_output_aliases: XLA hands the same buffer back, updated in place): the
-// backward's dW of one layer added where it lies in the stacked gradient, instead of written to a
-// buffer of its own and copied into the stack by a dynamic-update-slice (gemm.py's
-// layer_matmul_into). An index outside [0, L) is an error.
-ffi::Error GemmLayerAdd(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b,
-                        ffi::Buffer<ffi::F32> acc, ffi::Buffer<ffi::S32> layer,
-                        ffi::ResultBuffer<ffi::F32> out, int64_t transpose_a, int64_t transpose_b) {
-  if (!g_sgemm) return ffi::Error::Internal("gemm: MKL is not loaded (GptGemmLoad)");
-  auto ad = a.dimensions();
-  auto bd = b.dimensions();
-  auto cd = out->dimensions();
-  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 3 || layer.element_count() != 1)
-    return ffi::Error::InvalidArgument("gemm_layer_add: a, b 2-D, acc 3-D [L, M, N], a scalar layer");
-  if (acc.typed_data() != out->typed_data())
-    return ffi::Error::InvalidArgument("gemm_layer_add: the result must alias the accumulator");
-  const int64_t l = layer.typed_data()[0];
-  if (l < 0 || l >= cd[0]) return ffi::Error::InvalidArgument("gemm_layer_add: layer index out of range");
-  int64_t M, N, K;
-  ffi::Error shapes = GemmShapes(ad[0], ad[1], bd[0], bd[1], cd[1], cd[2], transpose_a, transpose_b,
-                                 &M, &N, &K);
-  if (shapes.failure()) return shapes;
-  GemmCore(pool, a.typed_data(), b.typed_data(), out->typed_data() + l * cd[1] * cd[2], M, N, K,
-           static_cast<int>(ad[1]), static_cast<int>(bd[1]), transpose_a, transpose_b, true);
   return ffi::Error::Success();
 }
 
@@ -380,27 +327,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptGemmF32, Gemm,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("transpose_a")
-                                  .Attr<int64_t>("transpose_b"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GptGemmLayerF32, GemmLayer,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("transpose_a")
-                                  .Attr<int64_t>("transpose_b"));
-
-XLA_FFI_DEFINE_HANDLER_SYMBOL(GptGemmLayerAddF32, GemmLayerAdd,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::S32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("transpose_a")
                                   .Attr<int64_t>("transpose_b"));

@@ -7,14 +7,6 @@ routes"). `matmul` multiplies x [..., K] by a weight w [K, N] (Conv1D's layout) 
 (`transpose_w`: the tied output layer's wte) with one FFI kernel, `gemm`, whose transpose flags also
 serve the backward pass (custom VJP: dx = dy w^T, dw = x^T dy, each one `gemm` call).
 
-Under gpt.model's layer scan the blocks' weights are stacked [L, K, N]: a scan would copy each
-layer's weight out of the stack (a dynamic-slice, forward and again backward) and copy each
-layer's dW into the stacked gradient (a dynamic-update-slice).
-`layer_matmul` avoids both: `gemm_layer` (GptGemmLayerF32) multiplies by a layer of the stack read
-where it lies (the layer index is an operand), and `gemm_layer_add` (GptGemmLayerAddF32, its result
-aliasing the accumulator) adds a layer's dW where it lies in the stacked gradient that the backward
-scan carries.
-
 MKL comes from PyPI (`pip install 'gpt[mkl]'`, the `mkl` wheel's libmkl_rt) and is found at run
 time (`find_mkl`; GPT_MKL_LIBRARY names the file explicitly): nothing links against it. The small
 FFI library is compiled from gemm.cc with the system C++ compiler the first time it is needed
@@ -51,8 +43,6 @@ SOURCE = Path(__file__).with_name("gemm.cc")
 # library is then built per CPU (cpu_specific), as gemv's and attention's.
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC", "-w")
 TARGET = "GptGemmF32"
-LAYER_TARGET = "GptGemmLayerF32"  # `gemm_layer`: one layer's matrix read in place in a stack
-LAYER_ADD_TARGET = "GptGemmLayerAddF32"  # `gemm_layer_add`: a product added into one layer of a stack
 XENT_TARGET = "GptSoftmaxXentF32"  # the output layer's loss pass (`softmax_xent`)
 # The name `matmul` gives its products (jax.ad_checkpoint.checkpoint_name): a custom call is no dot,
 # so gpt.model's "dots" remat policies save these by name, as they save XLA's dots.
@@ -92,7 +82,7 @@ def _load_with_mkl(load):
   return lib
 
 
-KERNEL = native.Kernel(SOURCE, FLAGS, (TARGET, LAYER_TARGET, LAYER_ADD_TARGET, XENT_TARGET),
+KERNEL = native.Kernel(SOURCE, FLAGS, (TARGET, XENT_TARGET),
                        libraries=("-ldl",), setup=_load_with_mkl,
                        fallback="training uses XLA's matmul")
 
@@ -132,30 +122,6 @@ def gemm(a: jax.Array, b: jax.Array, *, transpose_a: bool = False,
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((M, N), jnp.float32),
                           vmap_method="sequential")
   return call(a, b, transpose_a=int(transpose_a), transpose_b=int(transpose_b))
-
-
-def gemm_layer(a: jax.Array, stack: jax.Array, layer: jax.Array, *, transpose_a: bool = False,
-               transpose_b: bool = False) -> jax.Array:
-  """op(a) @ op(stack[layer]) for 2-D float32 a, a float32 stack [L, rows, cols] and an int scalar
-  `layer`, by MKL reading that layer's matrix where it lies in the stack (no copy of the slice).
-  An index outside [0, L) fails the call. Call only where `available()`."""
-  M = a.shape[1] if transpose_a else a.shape[0]
-  N = stack.shape[1] if transpose_b else stack.shape[2]
-  call = jax.ffi.ffi_call(LAYER_TARGET, jax.ShapeDtypeStruct((M, N), jnp.float32),
-                          vmap_method="sequential")
-  return call(a, stack, jnp.asarray(layer, jnp.int32), transpose_a=int(transpose_a),
-              transpose_b=int(transpose_b))
-
-
-def gemm_layer_add(a: jax.Array, b: jax.Array, acc: jax.Array, layer: jax.Array, *,
-                   transpose_a: bool = False, transpose_b: bool = False) -> jax.Array:
-  """acc with acc[layer] + op(a) @ op(b) for 2-D float32 a, b, a float32 stack acc [L, M, N] and an
-  int scalar `layer`: MKL adds the product where the layer lies in acc, whose buffer the result
-  takes (aliased: in place when acc is dead afterwards). Call only where `available()`."""
-  call = jax.ffi.ffi_call(LAYER_ADD_TARGET, jax.ShapeDtypeStruct(acc.shape, jnp.float32),
-                          vmap_method="sequential", input_output_aliases={2: 0})
-  return call(a, b, acc, jnp.asarray(layer, jnp.int32), transpose_a=int(transpose_a),
-              transpose_b=int(transpose_b))
 
 
 def softmax_xent(logits: jax.Array, targets: jax.Array, scale: float) -> tuple[jax.Array, jax.Array]:
@@ -204,91 +170,6 @@ def matmul(x: jax.Array, w: jax.Array, *, transpose_w: bool = False) -> jax.Arra
   out = checkpoint_name(_matmul2d(x.reshape(math.prod(x.shape[:-1]), K), w, transpose_w),
                         CHECKPOINT_NAME)
   return out.reshape(*x.shape[:-1], out.shape[-1])
-
-
-# The layer scan's dense layers (gpt.model): x @ stack[layer] (gelu(x) @ ... with `gelu`), the
-# forward and dx products reading the layer's matrix where it lies in the stacked parameter `stack`
-# (no copy of the slice). The stack takes no gradient (the caller passes it through stop_gradient,
-# so that the scan keeps no accumulator for it); dW goes to a second operand, in one of two ways:
-# `_layer_matmul2d`'s `w` is the layer's weight as the scan hands it, its value never read (so XLA
-# drops the scan's slice of it), its cotangent dW (which the scan copies into the stacked gradient);
-# `_layer_matmul2d_into`'s `acc` is a stacked [L, K, N] value the scan carries through unchanged,
-# whose cotangent (the stacked gradient, carried back by the backward scan) gets dW added in place
-# at `layer` (gemm_layer_add): no per-layer dW buffer, no copy.
-def _layer_inputs(x, stack, layer, gelu):
-  return gemm_layer(jax.nn.gelu(x, approximate=True) if gelu else x, stack, layer)
-
-
-def _layer_backward(residuals, dy, gelu):
-  """(dx, the product's input for dW) of the layer products."""
-  x, stack, layer = residuals
-  dy = dy.astype(jnp.float32)
-  dx = gemm_layer(dy, stack, layer, transpose_b=True)
-  if not gelu:
-    return dx, x
-  g, slope = _gelu_and_slope(x)  # recomputed from h, as gelu_matmul's backward
-  return dx * slope, g
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _layer_matmul2d(x, w, stack, layer, gelu):
-  return _layer_inputs(x, stack, layer, gelu)
-
-
-def _layer_matmul2d_fwd(x, w, stack, layer, gelu):
-  return _layer_inputs(x, stack, layer, gelu), (x, stack, layer)
-
-
-def _layer_matmul2d_bwd(gelu, residuals, dy):
-  dx, g = _layer_backward(residuals, dy, gelu)
-  return dx, gemm(g, dy.astype(jnp.float32), transpose_a=True), None, None
-
-
-_layer_matmul2d.defvjp(_layer_matmul2d_fwd, _layer_matmul2d_bwd)
-
-
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _layer_matmul2d_into(x, acc, stack, layer, gelu):
-  return _layer_inputs(x, stack, layer, gelu), acc
-
-
-def _layer_matmul2d_into_fwd(x, acc, stack, layer, gelu):
-  return (_layer_inputs(x, stack, layer, gelu), acc), (x, stack, layer)
-
-
-def _layer_matmul2d_into_bwd(gelu, residuals, cotangents):
-  dy, dacc = cotangents
-  dx, g = _layer_backward(residuals, dy, gelu)
-  layer = residuals[2]
-  return dx, gemm_layer_add(g, dy.astype(jnp.float32), dacc, layer, transpose_a=True), None, None
-
-
-_layer_matmul2d_into.defvjp(_layer_matmul2d_into_fwd, _layer_matmul2d_into_bwd)
-
-
-def layer_matmul(x: jax.Array, w: jax.Array, stack: jax.Array, layer: jax.Array, *,
-                 gelu: bool = False, acc: jax.Array | None = None):
-  """`matmul(x, w)` (`gelu_matmul(x, w)` with `gelu`) for the layer scan, where w [K, N] is
-  stack[layer] of the stacked parameter stack [L, K, N]: the forward and dx products read the stack
-  in place; the stack gets no gradient. Without `acc`, dW is w's gradient (w's value is never
-  read). With `acc` (a stacked [L, K, N] value, returned unchanged as the second result: (y, acc)),
-  dW is added to acc's gradient at `layer` in place, and w gets none. Float32 only, where
-  `available()`; otherwise XLA's einsum (`reference`) of w, or with `acc` of acc[layer] (the
-  same value, and the gradient goes where the kernel's would)."""
-  if (x.dtype != jnp.float32 or w.dtype != jnp.float32 or stack.dtype != jnp.float32
-      or not available()):
-    x = jax.nn.gelu(x, approximate=True) if gelu else x
-    if acc is None:
-      return reference(x, w)
-    return reference(x, jax.lax.dynamic_index_in_dim(acc, layer, keepdims=False).astype(x.dtype)), acc
-  K = x.shape[-1]
-  x2 = x.reshape(math.prod(x.shape[:-1]), K)
-  if acc is None:
-    out = _layer_matmul2d(x2, w, stack, layer, gelu)
-  else:
-    out, acc = _layer_matmul2d_into(x2, acc, stack, layer, gelu)
-  out = checkpoint_name(out, CHECKPOINT_NAME).reshape(*x.shape[:-1], out.shape[-1])
-  return out if acc is None else (out, acc)
 
 
 def _gelu_and_slope(h: jax.Array) -> tuple[jax.Array, jax.Array]:
