@@ -267,6 +267,12 @@ void Interleave(const float* src, int64_t lds, int64_t rows, int64_t n, uint32_t
   }
 }
 
+inline float BitsToFloat(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
 // dst[c, r] = src[r, c] for 32-bit words, r < R, c < Cn.
 inline void TransposeWords(const uint32_t* src, int64_t lds, int64_t R, int64_t Cn, uint32_t* dst,
                            int64_t ldd) {
@@ -350,13 +356,20 @@ void BackwardBf16(ffi::ThreadPool& pool, const Dims& dims, const float* qp, cons
     float* dkh = dkp + h * S * K;
     float* dvh = dvp + h * S * K;
     std::fill(dqh, dqh + T * K, 0.0f);
-    std::vector<float> d(T);
-    for (int64_t r = 0; r < T; ++r) d[r] = Dot(dyh + r * K, yp + (h * T + r) * K, K);
     // The head's operands in the layouts its products read (see ToWords, Interleave).
     std::vector<uint32_t> qw(T * Kw), dyw(T * Kw), qi(Tw * K), dyi(Tw * K), ki(Sw * K);
     std::vector<uint32_t> kw(S * Kw), vw(S * Kw), ktw(Kw * S), vtw(Kw * S);
     ToWords(qh, K, T, K, qw.data(), Kw);
     ToWords(dyh, K, T, K, dyw.data(), Kw);
+    // D = rowsum(dy * y) of the bf16 dy that dP = dy v^T multiplies: D is rowsum(P * dP), and
+    // dS = P * (dP - D) subtracts two nearly equal numbers, so both must see the same dy (with
+    // the float32 dy a one-key row's dq came out ~2^-8 |dy| |v| instead of 0).
+    std::vector<float> d(T), dyr(K);
+    for (int64_t r = 0; r < T; ++r) {
+      const uint16_t* w = reinterpret_cast<const uint16_t*>(dyw.data() + r * Kw);
+      for (int64_t c = 0; c < K; ++c) dyr[c] = BitsToFloat(static_cast<uint32_t>(w[c]) << 16);
+      d[r] = Dot(dyr.data(), yp + (h * T + r) * K, K);
+    }
     Interleave(qh, K, T, K, qi.data(), K);
     Interleave(dyh, K, T, K, dyi.data(), K);
     Interleave(kh, K, S, K, ki.data(), K);
