@@ -43,6 +43,12 @@ FORWARD, BACKWARD = "GptAttentionFwdF32", "GptAttentionBwdF32"
 # [1, 12, 1024, 64] 128x64 beat 64x64, 64x128, 128x128 and 256x64; at [8, 6, 256, 64] 64x64 won.
 BLOCK_Q, BLOCK_K = 64, 64
 LONG_QUERIES = 512
+# The bf16 products' tiles from LONG_QUERIES queries on (64 x 64 below): 128 x 128. Measured on
+# the AMD EPYC with AVX512-BF16 (BENCHMARKS.md, "train-attn, session 10"; one layer at
+# [1, 12, 1024, 64], paired vs blocked): 128x128 4.16x, 64x64 3.92x, 64x128 3.78x, 128x64 3.59x;
+# at [8, 6, 256, 64] 2.05-2.09x for all but 128x64 (1.87x). A bf16 pair-word product contracts
+# K = 64 in 32 steps, half the float32 kernel's, so a tile's fixed costs weigh more: larger tiles.
+BF16_LONG_TILES = (128, 128)
 # The name the forward's outputs (y and the logsumexp, what the backward needs besides q, k, v)
 # carry (jax.ad_checkpoint.checkpoint_name): a custom call is no dot, so gpt.model's "dots" remat
 # policies save them by name instead of rerunning the kernel in the backward pass.
@@ -132,11 +138,12 @@ _flash.defvjp(_flash_fwd, _flash_bwd)
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int | None = None,
-                    block_k: int = BLOCK_K, bf16: bool = False) -> jax.Array:
+                    block_k: int | None = None, bf16: bool = False) -> jax.Array:
   """Causal softmax(q k^T / sqrt(K)) v of float32 q [B, H, T, K] and k, v [B, H, S, K] (T <= S,
   the last query is the last key), by the FFI kernel, differentiable (the backward is the kernel's
-  too), in tiles of `block_q` query rows (default: BLOCK_Q, twice that from LONG_QUERIES queries)
-  and `block_k` keys (even tiles with bf16). `bf16`: the products in bfloat16 where
+  too), in tiles of `block_q` query rows and `block_k` keys (default: BLOCK_Q x BLOCK_K; from
+  LONG_QUERIES queries on twice BLOCK_Q rows, or BF16_LONG_TILES with bf16 products; even tiles
+  with bf16). `bf16`: the products in bfloat16 where
   `bf16_products()`, else float32. For inputs `takes(q, k, v, None)` accepts; a GPTError where the
   library is not available."""
   if not available():
@@ -144,6 +151,10 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, block_q: int | 
   if not takes(q, k, v, None):
     raise ValueError(f"flash_attention takes float32 q, k, v with T <= S; got {q.dtype} "
                      f"{q.shape}, {k.dtype} {k.shape}")
+  bf16 = bool(bf16) and bf16_products()
+  long = q.shape[2] >= LONG_QUERIES
   if block_q is None:
-    block_q = 2 * BLOCK_Q if q.shape[2] >= LONG_QUERIES else BLOCK_Q
-  return _flash(q, k, v, int(block_q), int(block_k), int(bool(bf16) and bf16_products()))
+    block_q = (BF16_LONG_TILES[0] if bf16 else 2 * BLOCK_Q) if long else BLOCK_Q
+  if block_k is None:
+    block_k = BF16_LONG_TILES[1] if bf16 and long else BLOCK_K
+  return _flash(q, k, v, int(block_q), int(block_k), int(bf16))
