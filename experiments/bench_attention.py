@@ -4,6 +4,7 @@
   python experiments/bench_attention.py --shape=8,6,256,64      # the 30m shape's
   python experiments/bench_attention.py --blocks=1,2,4,8        # query-block counts of "blocked"
   python experiments/bench_attention.py --tiles=64x64,32x128     # the kernel's query x key tiles
+  python experiments/bench_attention.py --bf16 --no-baselines   # + its bf16 products, torch's bf16
 
 Why: at the chapter's shape (117M, context 1024, batch 1) the attention over [12, 1024, 1024] per
 layer dominated the profile of the train step. This times what one layer's attention costs in
@@ -14,7 +15,10 @@ torch.nn.functional.scaled_dot_product_attention (is_causal=True) with autograd,
 transformers uses. The "kernel" rows are gpt.kernels.attention's fused CPU float32 kernel (one row per
 query x key tile size, `--tiles`; float32 only, absent when the library does not build); "vs blocked"
 is the paired ratio against the first "blocked" row. Each row's value and gradients are compared
-with the xla row's (max abs difference).
+with the xla row's (max abs difference). `--bf16` adds, per tile size, the kernel with bf16
+products (`flash_attention(bf16=True)`, the mixed mode's; float32 inputs, where the CPU has
+AVX512-BF16) and torch's SDPA on bf16 tensors (what it runs under autocast); their differences are
+bf16 rounding's, not errors.
 """
 
 from __future__ import annotations
@@ -55,14 +59,14 @@ def jax_row(fn, q, k, v, w):
   return (lambda: jax.block_until_ready(grad(q, k, v))), out
 
 
-def torch_row(torch, q, k, v, w):
-  tq, tk, tv = (torch.from_numpy(np.array(a, np.float32)).requires_grad_() for a in (q, k, v))
+def torch_row(torch, q, k, v, w, dtype):
+  tq, tk, tv = (torch.from_numpy(np.array(a, np.float32)).to(dtype).requires_grad_() for a in (q, k, v))
   tw = torch.from_numpy(np.array(w))
 
   def run():
     loss = (torch.nn.functional.scaled_dot_product_attention(tq, tk, tv, is_causal=True) * tw).sum()
     grads = torch.autograd.grad(loss, (tq, tk, tv))
-    return loss.detach().numpy(), [g.numpy() for g in grads]
+    return loss.detach().float().numpy(), [g.float().numpy() for g in grads]
 
   return run, run()
 
@@ -88,6 +92,8 @@ def main() -> None:
                       "'default': flash_attention's choice for this T)")
   parser.add_argument("--no-baselines", action="store_true",
                       help="skip the xla and einsum rows (the ratios then use the first row)")
+  parser.add_argument("--bf16", action="store_true",
+                      help="also the kernel's bf16 products and torch's SDPA in bf16")
   parser.add_argument("--rounds", type=int, default=5)
   args = parser.parse_args()
   B, H, T, K = (int(x) for x in args.shape.split(","))
@@ -108,16 +114,22 @@ def main() -> None:
         continue
       bq, bk = (int(x) for x in tile.split("x"))
       rows[f"kernel, {bq}x{bk} tiles"] = functools.partial(kattn.flash_attention, block_q=bq, block_k=bk)
+    if args.bf16 and kattn.bf16_products():
+      for name in [n for n in rows if n.startswith("kernel")]:
+        rows[name + ", bf16 products"] = functools.partial(rows[name], bf16=True)
   runners, reference = {}, None
   for name, fn in rows.items():
     runners[name], out = jax_row(fn, q, k, v, w)
     reference = out if reference is None else reference
+  torch_outs = {}
   try:
     import torch
     torch.set_num_threads(os.cpu_count() or 1)
-    runners["torch scaled_dot_product_attention (f32)"], torch_out = torch_row(torch, q, k, v, w)
+    for tdt in (torch.float32, torch.bfloat16) if args.bf16 else (torch.float32,):
+      name = f"torch scaled_dot_product_attention ({'f32' if tdt == torch.float32 else 'bf16'})"
+      runners[name], torch_outs[name] = torch_row(torch, q, k, v, w, tdt)
   except ImportError:
-    torch, torch_out = None, None
+    torch = None
 
   f32 = lambda a: np.asarray(a, np.float32)
   errors = {}
@@ -126,10 +138,9 @@ def main() -> None:
                                      argnums=(0, 1, 2)))(q, k, v)
     errors[name] = max(float(np.max(np.abs(f32(a) - f32(b))))
                        for a, b in zip(jax.tree.leaves(out), jax.tree.leaves(reference)))
-  if torch_out is not None:
-    errors["torch scaled_dot_product_attention (f32)"] = max(
-        float(np.max(np.abs(f32(a) - f32(b))))
-        for a, b in zip([torch_out[0], *torch_out[1]], jax.tree.leaves(reference)))
+  for name, torch_out in torch_outs.items():
+    errors[name] = max(float(np.max(np.abs(f32(a) - f32(b))))
+                       for a, b in zip([torch_out[0], *torch_out[1]], jax.tree.leaves(reference)))
 
   times = {name: [] for name in runners}
   for _ in range(args.rounds):

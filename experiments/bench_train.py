@@ -114,6 +114,12 @@ VARIANT_TRAIN = {"held": {"only_train_transformer_layers": True}}
 VARIANT_SWITCHES = {"recomputeprobs": ("gpt.attention", "SAVE_PROBABILITIES", False),
                     "geluxla": ("gpt.layers", "GELU_IN_MATMUL", False),
                     "nokernel": ("gpt.kernels.attention", "USE_KERNEL", False),
+                    # train-attn, session 10: the mixed mode's attention kernel with float32
+                    # products (its bf16 products are on where the CPU has AVX512-BF16)
+                    "attnf32": ("gpt.kernels.attention", "BF16_PRODUCTS", False),
+                    # train-attn, session 10: the float32 kernel's 64x64 tiles at every length
+                    # (its default takes 128x64 from LONG_QUERIES queries on)
+                    "attn64": ("gpt.kernels.attention", "LONG_QUERIES", 1 << 30),
                     # the one-pass loss's session-5 route (MKL's vsExp) instead of its AVX-512 exp
                     "xentvml": ("gpt.kernels.gemm", "XENT_PORTABLE", True),
                     # optax's own clip_by_global_norm (a clipped copy of every gradient)
@@ -234,7 +240,7 @@ def main() -> None:
   parser.add_argument("--impls", default="jax-f32-scan,jax-f32-unrolled,jax-f32-scan-eigen,"
                       "jax-bf16-scan,torch-f32,torch-f32-tcmalloc,nanogpt-f32,nanogpt-f32-compile,"
                       "torch-bf16",
-                      help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs|-nokernel][-geluxla][-geluxlabwd][-ln3d][-lnxla][-logitsloss|-fusedloss][-xentvml][-optaxclip][-optaxadam][-gelukernel][-unroll2]"
+                      help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs|-nokernel][-attnf32][-attn64][-geluxla][-geluxlabwd][-ln3d][-lnxla][-logitsloss|-fusedloss][-xentvml][-optaxclip][-optaxadam][-gelukernel][-unroll2]"
                       "[-rematdots|-rematfull][-xladot|-mkl][-mmbf16][-bf16vjp][-freedoff|-keepfreed][-held] names; torch rows: "
                       "torch|nanogpt-f32|bf16[-compile][-fusedadam|-foreachadam][-keepfreed]"
                       "[-proc|-jemalloc|-tcmalloc|-thp: in a process of its own]")

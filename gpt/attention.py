@@ -47,7 +47,7 @@ def apply_dropout(x: jax.Array, rate: float, rng: jax.Array | None) -> jax.Array
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *,
               impl: str = "blocked", dropout: float = 0.0, rng: jax.Array | None = None,
-              return_probs: bool = False):
+              return_probs: bool = False, bf16_products: bool = False):
   """The one attention: softmax(q k^T / sqrt(K), masked) v, per head.
 
   q [B, H, T, K]; k, v [B, H, S, K]; `mask` [B, 1, T, S] (True = may attend), or None for causal
@@ -59,7 +59,9 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
   the training and scoring path's own formulation with a hand-written backward pass, and means
   it everywhere. "kernel" is gpt.kernels.attention's fused causal CPU kernel (FlashAttention-2
   behind the FFI: float32 and mask None; other calls run "blocked"; a GPTError where it cannot
-  run). "xla" / "cudnn" run jax.nn.dot_product_attention's kernels.
+  run; `bf16_products`, the mixed mode's, gives it bfloat16 products with float32 softmax
+  statistics where the CPU has AVX512-BF16). "xla" / "cudnn" run jax.nn.dot_product_attention's
+  kernels.
   "einsum" spells it out here, with batch and heads folded into one axis and float32 scores,
   softmax and accumulation; masked scores are MASK_VALUE. It is what runs over a KVCache (that
   layout is what lets XLA update the cache in place and feed it to the matmul without copies),
@@ -83,7 +85,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
         if jax.default_backend() != "cpu" or not kattn.available():
           why = kattn.why_unavailable() or f"it runs on a CPU, not {jax.default_backend()}"
           raise GPTError(f"model.attention_impl=kernel cannot be used: {why}; use blocked")
-        return kattn.flash_attention(q, k, v)
+        return kattn.flash_attention(q, k, v, bf16=bf16_products)
       impl = "blocked"  # an explicit mask (the eval scorer's) or bfloat16: the blocked formulation
     if impl == "blocked":
       return blocked_attention(q, k, v, mask)

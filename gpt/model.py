@@ -234,7 +234,7 @@ class Attention(nnx.Module):
       cache_kv, impl = (ck, cv), "cache"
       k, v = ck.reshape(B, H, S, K), cv.reshape(B, H, S, K)
     out = attention(q, k, v, mask, impl=impl, dropout=cfg.attn_pdrop, rng=rng,
-                    return_probs=return_probs)
+                    return_probs=return_probs, bf16_products=cfg.matmul_dtype == "bfloat16")
     y, probs = out if return_probs else (out, None)
     y = y.transpose(0, 2, 1, 3).reshape(B, T, H * K)
     return (self.c_proj(y, _fold(rng, 2)) if project else y), cache_kv, probs

@@ -86,6 +86,67 @@ def test_tile_sizes_give_the_same_numbers(kernel, block_q, block_k):
   _assert_close(got, want, 2e-5, f"tiles {block_q}x{block_k}")
 
 
+@pytest.fixture
+def bf16_kernel(kernel):
+  if not kattn.bf16_products():
+    pytest.skip("the attention kernel's bf16 products need a CPU with AVX512-BF16")
+
+
+def _rounded(*arrays):
+  """float64 copies of the arrays rounded to bfloat16 (what the bf16 products multiply)."""
+  return tuple(jnp.asarray(np.asarray(a.astype(jnp.bfloat16), np.float64)) for a in arrays)
+
+
+# (T, S, K, block_q, block_k): the chapter's tiles, odd lengths and head sizes (the pair words'
+# zero padding), more keys than queries, odd tiles (rounded up to even ones).
+BF16_SHAPES = [(130, 130, 64, None, 64), (37, 41, 33, 16, 16), (257, 300, 64, 64, 64),
+               (21, 21, 8, 7, 5), (1, 1, 64, None, 64), (530, 530, 64, None, None)]
+
+
+@pytest.mark.parametrize("T,S,K,block_q,block_k", BF16_SHAPES)
+def test_bf16_products_match_float64_of_the_rounded_inputs(bf16_kernel, T, S, K, block_q, block_k):
+  """flash_attention(bf16=True): value and gradients against float64 attention of the inputs and
+  cotangent rounded to bfloat16, within what rounding P and dS to bf16 adds (a relative 2^-8 per
+  product term; 1% of the largest entry here), and measurably not the float32 kernel's numbers."""
+  q, k, v, cotangent = _qkv(2, 2, T, S, K, seed=7)
+  tiles = {name: n for name, n in (("block_q", block_q), ("block_k", block_k)) if n}
+  got = _value_and_grads(lambda q, k, v: kattn.flash_attention(q, k, v, bf16=True, **tiles),
+                         q, k, v, cotangent)
+  f32 = _value_and_grads(lambda q, k, v: kattn.flash_attention(q, k, v, **tiles), q, k, v, cotangent)
+  with jax.enable_x64(True):
+    want = _value_and_grads(_float64_attention, *_rounded(q, k, v, cotangent))
+  differs = False
+  for name, g, w, f in zip(("value", "dq", "dk", "dv"), *map(jax.tree.leaves, (got, want, f32))):
+    g, w, f = (np.asarray(a, np.float64) for a in (g, w, f))
+    scale = np.abs(w).max() + 1e-3  # a one-key row's dq is 0
+    np.testing.assert_allclose(g, w, atol=1e-2 * scale, rtol=0, err_msg=name)
+    differs |= np.abs(g - f).max() > 1e-4 * scale
+  assert differs  # bf16 products ran, not the float32 ones
+
+
+def test_bf16_products_off_is_the_float32_kernel(kernel, monkeypatch):
+  """BF16_PRODUCTS off (bench_train's `attnf32`) or a CPU without AVX512-BF16: bf16=True runs the
+  float32 products, bit for bit; the attribute the program passes says which."""
+  q, k, v, cotangent = _qkv(1, 2, 70, 70, 16, seed=8)
+  want = _value_and_grads(kattn.flash_attention, q, k, v, cotangent)
+  monkeypatch.setattr(kattn, "BF16_PRODUCTS", False)
+  assert not kattn.bf16_products()
+  got = _value_and_grads(lambda q, k, v: kattn.flash_attention(q, k, v, bf16=True), q, k, v, cotangent)
+  _assert_close(got, want, 0)
+  hlo = jax.jit(lambda q: kattn.flash_attention(q, k, v, bf16=True)).lower(q).as_text()
+  assert "bf16 = 0" in hlo
+
+
+def test_matmul_dtype_bfloat16_gives_the_kernel_bf16_products(kernel):
+  """The mixed mode (model.matmul_dtype=bfloat16) asks the attention kernel for bf16 products,
+  both passes; the default float32 model does not."""
+  q, k, v, _ = _qkv(1, 2, 40, 40, 16, seed=9)
+  for products, flag in ((False, "bf16 = 0"), (True, f"bf16 = {int(kattn.bf16_products())}")):
+    fn = lambda q: jnp.sum(attention(q, k, v, None, impl="kernel", bf16_products=products))
+    hlo = jax.jit(jax.grad(fn)).lower(q).as_text()
+    assert hlo.count(flag) == 2, (products, flag)
+
+
 def test_masks_and_bfloat16_keep_the_blocked_formulation(kernel):
   """impl="kernel" with an explicit mask (left padding: fully masked rows are uniform, as
   MASK_VALUE makes them) or bfloat16 inputs is the blocked attention, bit for bit."""
@@ -202,12 +263,13 @@ PORTABLE_CHECK = """
 import jax, jax.numpy as jnp, numpy as np
 from gpt.attention import blocked_attention
 from gpt.kernels import attention as kattn
-kattn.FLAGS = tuple(f for f in kattn.FLAGS if not f.startswith(("-march", "-mprefer"))) + ("-march=x86-64",)
+kattn.FLAGS = tuple(f for f in kattn.FLAGS if not f.startswith(("-march", "-mprefer"))) + MARCH
 assert kattn.available(), kattn.why_unavailable()
 import ctypes
 from gpt.kernels import native
 lib = ctypes.cdll.LoadLibrary(str(native.build(kattn.SOURCE, kattn.FLAGS, cpu_specific=True)))
-assert lib.GptAttentionHasAvx512() == 0
+assert lib.GptAttentionHasAvx512() == AVX512 and lib.GptAttentionHasBf16() == 0
+assert not kattn.bf16_products()
 for T, S, K in [(65, 65, 64), (37, 100, 20)]:
   rng = np.random.default_rng(0)
   q, k, v = (jnp.asarray(rng.standard_normal((2, 3, n, K)), jnp.float32) for n in (T, S, S))
@@ -216,20 +278,30 @@ for T, S, K in [(65, 65, 64), (37, 100, 20)]:
   got, want = loss(kattn.flash_attention), loss(lambda q, k, v: blocked_attention(q, k, v, None))
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=2e-5, atol=2e-5)
+  # the bf16 products' fallback where the build has no AVX512-BF16: the float32 kernel, exactly
+  for g, w in zip(jax.tree.leaves(loss(lambda q, k, v: kattn.flash_attention(q, k, v, bf16=True))),
+                  jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
 print("portable ok")
 """
 
 
-@pytest.mark.slow  # spawns a process that builds the kernel without AVX-512
-def test_the_portable_build_without_avx512_gives_the_same_numbers(kernel, tmp_path):
-  """The loops for CPUs without AVX-512 (built here with -march=x86-64, in a fresh process: a
-  process registers one library per FFI target name) against the blocked formulation."""
+@pytest.mark.slow  # spawns a process that builds the kernel without AVX-512 / AVX512-BF16
+@pytest.mark.parametrize("march,avx512", [(("-march=x86-64",), 0),
+                                          (("-march=native", "-mno-avx512bf16"), 1)])
+def test_the_portable_build_without_avx512_gives_the_same_numbers(kernel, tmp_path, march, avx512):
+  """The loops for CPUs without AVX-512 (built here with -march=x86-64), and the AVX-512 build
+  without AVX512-BF16 (where bf16=True falls back to the float32 products), in a fresh process (a
+  process registers one library per FFI target name), against the blocked formulation."""
+  if avx512 and not kattn.KERNEL.library().GptAttentionHasAvx512():
+    pytest.skip("this CPU has no AVX-512")
   import os
   import subprocess
   import sys
 
   from conftest import REPO
   env = {**os.environ, "GPT_KERNEL_CACHE": str(tmp_path), "PYTHONPATH": str(REPO)}
-  out = subprocess.run([sys.executable, "-c", PORTABLE_CHECK], env=env, capture_output=True,
+  check = f"MARCH, AVX512 = {march!r}, {avx512}\n" + PORTABLE_CHECK
+  out = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True,
                        text=True, timeout=600)
   assert out.returncode == 0 and "portable ok" in out.stdout, out.stderr[-2000:]

@@ -183,13 +183,258 @@ ffi::Error CheckDims(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Bu
   return ffi::Error::Success();
 }
 
+
+// ---- bf16 products (model.matmul_dtype=bfloat16, torch autocast's recipe for its SDPA) ----
+// Q, K, V, dY and the tiles' P and dS are rounded to bfloat16 and every product is vdpbf16ps
+// (two bf16 products per float32 lane, accumulated in float32); the softmax statistics, the
+// logsumexp, D = rowsum(dy * y) and every output stay float32. vdpbf16ps contracts pairs of
+// adjacent bf16 values, so each operand is laid out as 32-bit "pair words" along the contracted
+// axis: a row-major bf16 matrix already is one along its rows; the other operand is either a
+// transposed word matrix (k^T, v^T: contraction over K) or two rows interleaved (v, k, dy, q, P,
+// dS: contraction over keys or queries). Odd lengths are padded with zeros.
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+constexpr bool kHasBf16 = true;
+
+// C[m, n] (+)= sum_p dot2(A[m, p], B[p, n]) over pair words; A[m, p] at A[m * lda + p], or with
+// `TA` at A[p * lda + m]; B[p, n] at B[p * ldb + n]. Rows r0.. (R <= 4), columns n0..n0+63.
+template <int R, bool TA>
+inline void PanelBf16(int64_t r0, int64_t n0, int64_t N, int64_t P, const uint32_t* A, int64_t lda,
+                      const uint32_t* B, int64_t ldb, float* Cm, int64_t ldc, bool add) {
+  __mmask16 mk[4];
+  for (int j = 0; j < 4; ++j) mk[j] = TailMask(std::max<int64_t>(0, N - n0 - 16 * j));
+  __m512 acc[R][4];
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j)
+      acc[r][j] = add ? _mm512_maskz_loadu_ps(mk[j], Cm + (r0 + r) * ldc + n0 + 16 * j)
+                      : _mm512_setzero_ps();
+  for (int64_t p = 0; p < P; ++p) {
+    const uint32_t* b = B + p * ldb + n0;
+    __m512bh bv[4];
+    for (int j = 0; j < 4; ++j) bv[j] = (__m512bh)_mm512_maskz_loadu_epi32(mk[j], b + 16 * j);
+    for (int r = 0; r < R; ++r) {
+      const uint32_t w = TA ? A[p * lda + r0 + r] : A[(r0 + r) * lda + p];
+      const __m512bh a = (__m512bh)_mm512_set1_epi32(static_cast<int>(w));
+      for (int j = 0; j < 4; ++j) acc[r][j] = _mm512_dpbf16_ps(acc[r][j], a, bv[j]);
+    }
+  }
+  for (int r = 0; r < R; ++r)
+    for (int j = 0; j < 4; ++j)
+      _mm512_mask_storeu_ps(Cm + (r0 + r) * ldc + n0 + 16 * j, mk[j], acc[r][j]);
+}
+
+template <bool TA = false>
+void MatMulBf16(int64_t M, int64_t N, int64_t P, const uint32_t* A, int64_t lda, const uint32_t* B,
+                int64_t ldb, float* Cm, int64_t ldc, bool add) {
+  for (int64_t n0 = 0; n0 < N; n0 += 64) {
+    int64_t r = 0;
+    for (; r + 4 <= M; r += 4) PanelBf16<4, TA>(r, n0, N, P, A, lda, B, ldb, Cm, ldc, add);
+    for (; r < M; ++r) PanelBf16<1, TA>(r, n0, N, P, A, lda, B, ldb, Cm, ldc, add);
+  }
+}
+
+// Row r of dst (ldd words) = src row r (n floats) in bf16, pairs of adjacent columns per word; an
+// odd n's last word gets a zero high half.
+void ToWords(const float* src, int64_t lds, int64_t rows, int64_t n, uint32_t* dst, int64_t ldd) {
+  for (int64_t r = 0; r < rows; ++r) {
+    uint16_t* d = reinterpret_cast<uint16_t*>(dst + r * ldd);
+    for (int64_t i = 0; i < n; i += 16) {
+      const __mmask16 m = TailMask(n - i);
+      const __m256bh h = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(m, src + r * lds + i));
+      const int64_t keep = std::min<int64_t>(16, (n + 1) / 2 * 2 - i);  // the zero pad included
+      _mm256_mask_storeu_epi16(d + i, TailMask(keep), (__m256i)h);
+    }
+  }
+}
+
+// dst[p, j] = (src[2p, j], src[2p + 1, j]) in bf16 for j < n, p < ceil(rows / 2) (a missing odd
+// row is zero): two rows interleaved, the layout a contraction over rows reads.
+void Interleave(const float* src, int64_t lds, int64_t rows, int64_t n, uint32_t* dst, int64_t ldd) {
+  // cvtne2ps_pbh(hi, lo) holds lo's 16 values then hi's; this index pairs them element by element.
+  alignas(64) static const uint16_t kIdx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7,
+                                                23, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29,
+                                                14, 30, 15, 31};
+  const __m512i idx = _mm512_load_si512(kIdx);
+  for (int64_t p = 0; p < (rows + 1) / 2; ++p) {
+    const float* lo = src + 2 * p * lds;
+    const bool has_hi = 2 * p + 1 < rows;
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 m = TailMask(n - j);
+      const __m512 a = _mm512_maskz_loadu_ps(m, lo + j);
+      const __m512 b = has_hi ? _mm512_maskz_loadu_ps(m, lo + lds + j) : _mm512_setzero_ps();
+      const __m512i w = _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(b, a));
+      _mm512_mask_storeu_epi32(dst + p * ldd + j, m, w);
+    }
+  }
+}
+
+inline float BitsToFloat(uint32_t bits) {
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// dst[c, r] = src[r, c] for 32-bit words, r < R, c < Cn.
+inline void TransposeWords(const uint32_t* src, int64_t lds, int64_t R, int64_t Cn, uint32_t* dst,
+                           int64_t ldd) {
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t c = 0; c < Cn; ++c) dst[c * ldd + r] = src[r * lds + c];
+}
+
+void ForwardBf16(ffi::ThreadPool& pool, const Dims& dims, const float* qp, const float* kp,
+                 const float* vp, float* yp, float* lp, int64_t bq, int64_t bk) {
+  const int64_t BH = dims.BH, T = dims.T, S = dims.S, K = dims.K, off = S - T;
+  const int64_t Kw = (K + 1) / 2, Sw = (S + 1) / 2;  // words per row of q, k; pairs of v rows
+  const float scale = 1.0f / std::sqrt(static_cast<float>(K));
+  const int64_t tiles = (T + bq - 1) / bq, ktiles = (S + bk - 1) / bk;
+  // Per head: q as words [T][Kw], k^T tile by tile [key tile][Kw][bk], v's rows paired [Sw][K].
+  std::vector<uint32_t> qw(BH * T * Kw), ktw(BH * ktiles * Kw * bk, 0), vi(BH * Sw * K);
+  uint32_t *qwp = qw.data(), *ktp = ktw.data(), *vip = vi.data();
+  gpt_kernels::RunBlocks(pool, BH, BH, [=](int64_t h) {
+    ToWords(qp + h * T * K, K, T, K, qwp + h * T * Kw, Kw);
+    std::vector<uint32_t> kw(S * Kw);
+    ToWords(kp + h * S * K, K, S, K, kw.data(), Kw);
+    for (int64_t t = 0; t < ktiles; ++t) {
+      const int64_t c0 = t * bk;
+      TransposeWords(kw.data() + c0 * Kw, Kw, std::min(S, c0 + bk) - c0, Kw,
+                     ktp + (h * ktiles + t) * Kw * bk, bk);
+    }
+    Interleave(vp + h * S * K, K, S, K, vip + h * Sw * K, K);
+  });
+  gpt_kernels::RunBlocks(pool, BH * tiles, BH * tiles, [=](int64_t block) {
+    const int64_t h = block % BH, tile = tiles - 1 - block / BH;
+    const int64_t r0 = tile * bq, rows = std::min(T, r0 + bq) - r0;
+    float* yh = yp + (h * T + r0) * K;
+    std::vector<float> s(rows * bk), m(rows, kNegInf), l(rows, 0.0f);
+    std::vector<uint32_t> pw(rows * (bk / 2));
+    std::fill(yh, yh + rows * K, 0.0f);
+    const int64_t keys = r0 + rows + off;
+    for (int64_t c0 = 0; c0 < keys; c0 += bk) {
+      const int64_t cols = std::min(keys, c0 + bk) - c0;
+      MatMulBf16(rows, cols, Kw, qwp + (h * T + r0) * Kw, Kw, ktp + (h * ktiles + c0 / bk) * Kw * bk,
+                 bk, s.data(), bk, false);
+      for (int64_t r = 0; r < rows; ++r) {
+        float* sr = s.data() + r * bk;
+        const int64_t seen = std::min(cols, r0 + r + off + 1 - c0);
+        if (seen <= 0) {
+          std::fill(sr, sr + cols, 0.0f);
+          continue;
+        }
+        const float mx = ScaleMax(sr, scale, seen, m[r]);
+        std::fill(sr + seen, sr + cols, kNegInf);
+        const float corr = m[r] == kNegInf ? 0.0f : std::exp(m[r] - mx);
+        ExpShifted(sr, mx, sr, cols);
+        l[r] = l[r] * corr + Sum(sr, seen);
+        m[r] = mx;
+        if (corr != 1.0f)
+          for (int64_t d = 0; d < K; ++d) yh[r * K + d] *= corr;
+      }
+      ToWords(s.data(), bk, rows, cols, pw.data(), bk / 2);
+      MatMulBf16(rows, K, (cols + 1) / 2, pw.data(), bk / 2, vip + (h * Sw + c0 / 2) * K, K, yh, K,
+                 true);
+    }
+    for (int64_t r = 0; r < rows; ++r) {
+      const float inv = 1.0f / l[r];
+      for (int64_t d = 0; d < K; ++d) yh[r * K + d] *= inv;
+      lp[h * T + r0 + r] = m[r] + std::log(l[r]);
+    }
+  });
+}
+
+void BackwardBf16(ffi::ThreadPool& pool, const Dims& dims, const float* qp, const float* kp,
+                  const float* vp, const float* yp, const float* lp, const float* dyp, float* dqp,
+                  float* dkp, float* dvp, int64_t bq, int64_t bk) {
+  const int64_t BH = dims.BH, T = dims.T, S = dims.S, K = dims.K, off = S - T;
+  const int64_t Kw = (K + 1) / 2, Tw = (T + 1) / 2, Sw = (S + 1) / 2;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(K));
+  gpt_kernels::RunBlocks(pool, BH, BH, [=](int64_t h) {
+    const float* qh = qp + h * T * K;
+    const float* kh = kp + h * S * K;
+    const float* vh = vp + h * S * K;
+    const float* dyh = dyp + h * T * K;
+    const float* lh = lp + h * T;
+    float* dqh = dqp + h * T * K;
+    float* dkh = dkp + h * S * K;
+    float* dvh = dvp + h * S * K;
+    std::fill(dqh, dqh + T * K, 0.0f);
+    // The head's operands in the layouts its products read (see ToWords, Interleave).
+    std::vector<uint32_t> qw(T * Kw), dyw(T * Kw), qi(Tw * K), dyi(Tw * K), ki(Sw * K);
+    std::vector<uint32_t> kw(S * Kw), vw(S * Kw), ktw(Kw * S), vtw(Kw * S);
+    ToWords(qh, K, T, K, qw.data(), Kw);
+    ToWords(dyh, K, T, K, dyw.data(), Kw);
+    // D = rowsum(dy * y) of the bf16 dy that dP = dy v^T multiplies: D is rowsum(P * dP), and
+    // dS = P * (dP - D) subtracts two nearly equal numbers, so both must see the same dy (with
+    // the float32 dy a one-key row's dq came out ~2^-8 |dy| |v| instead of 0).
+    std::vector<float> d(T), dyr(K);
+    for (int64_t r = 0; r < T; ++r) {
+      const uint16_t* w = reinterpret_cast<const uint16_t*>(dyw.data() + r * Kw);
+      for (int64_t c = 0; c < K; ++c) dyr[c] = BitsToFloat(static_cast<uint32_t>(w[c]) << 16);
+      d[r] = Dot(dyr.data(), yp + (h * T + r) * K, K);
+    }
+    Interleave(qh, K, T, K, qi.data(), K);
+    Interleave(dyh, K, T, K, dyi.data(), K);
+    Interleave(kh, K, S, K, ki.data(), K);
+    ToWords(kh, K, S, K, kw.data(), Kw);
+    ToWords(vh, K, S, K, vw.data(), Kw);
+    TransposeWords(kw.data(), Kw, S, Kw, ktw.data(), S);
+    TransposeWords(vw.data(), Kw, S, Kw, vtw.data(), S);
+    std::vector<float> p(bq * bk), dp(bq * bk);
+    std::vector<uint32_t> pi((bq / 2) * bk), dsi((bq / 2) * bk), dsw(bq * (bk / 2));
+    for (int64_t c0 = 0; c0 < S; c0 += bk) {
+      const int64_t cols = std::min(S, c0 + bk) - c0;
+      float* dkc = dkh + c0 * K;
+      float* dvc = dvh + c0 * K;
+      const int64_t first = std::max<int64_t>(0, c0 - off);
+      std::fill(dkc, dkc + cols * K, 0.0f);
+      std::fill(dvc, dvc + cols * K, 0.0f);
+      for (int64_t r0 = first / bq * bq; r0 < T; r0 += bq) {
+        const int64_t rows = std::min(T, r0 + bq) - r0, pairs = (rows + 1) / 2;
+        MatMulBf16(rows, cols, Kw, qw.data() + r0 * Kw, Kw, ktw.data() + c0, S, p.data(), bk, false);
+        MatMulBf16(rows, cols, Kw, dyw.data() + r0 * Kw, Kw, vtw.data() + c0, S, dp.data(), bk, false);
+        for (int64_t r = 0; r < rows; ++r) {
+          float* pr = p.data() + r * bk;
+          float* dpr = dp.data() + r * bk;
+          const int64_t seen = std::max<int64_t>(0, std::min(cols, r0 + r + off + 1 - c0));
+          for (int64_t c = 0; c < seen; ++c) pr[c] *= scale;
+          ExpShifted(pr, lh[r0 + r], pr, seen);
+          std::fill(pr + seen, pr + cols, 0.0f);
+          const float dr = d[r0 + r];
+          for (int64_t c = 0; c < cols; ++c) dpr[c] = pr[c] * (dpr[c] - dr) * scale;
+        }
+        Interleave(p.data(), bk, rows, cols, pi.data(), bk);
+        Interleave(dp.data(), bk, rows, cols, dsi.data(), bk);
+        ToWords(dp.data(), bk, rows, cols, dsw.data(), bk / 2);
+        // dv += P^T dy, dk += dS^T q (contracting queries), dq += dS k (contracting keys).
+        MatMulBf16<true>(cols, K, pairs, pi.data(), bk, dyi.data() + (r0 / 2) * K, K, dvc, K, true);
+        MatMulBf16<true>(cols, K, pairs, dsi.data(), bk, qi.data() + (r0 / 2) * K, K, dkc, K, true);
+        MatMulBf16(rows, K, (cols + 1) / 2, dsw.data(), bk / 2, ki.data() + (c0 / 2) * K, K,
+                   dqh + r0 * K, K, true);
+      }
+    }
+  });
+}
+#else
+constexpr bool kHasBf16 = false;
+#endif
+
 int64_t Clamp(int64_t tile) { return std::max<int64_t>(1, std::min<int64_t>(tile, 1024)); }
+
+// The bf16 path's tiles start on even rows and keys (pairs of rows share a word): even tiles.
+int64_t ClampEven(int64_t tile) { return std::max<int64_t>(2, std::min<int64_t>(tile + (tile & 1), 1024)); }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                    ffi::Buffer<ffi::F32> v, ffi::ResultBuffer<ffi::F32> y,
-                   ffi::ResultBuffer<ffi::F32> lse, int64_t block_q, int64_t block_k) {
+                   ffi::ResultBuffer<ffi::F32> lse, int64_t block_q, int64_t block_k,
+                   int64_t bf16) {
   Dims dims;
   if (auto error = CheckDims(q, k, v, dims); error.failure()) return error;
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  if (bf16) {
+    if (dims.BH * dims.T > 0)
+      ForwardBf16(pool, dims, q.typed_data(), k.typed_data(), v.typed_data(), y->typed_data(),
+                  lse->typed_data(), ClampEven(block_q), ClampEven(block_k));
+    return ffi::Error::Success();
+  }
+#endif
   const int64_t BH = dims.BH, T = dims.T, S = dims.S, K = dims.K;
   const int64_t off = S - T, bq = Clamp(block_q), bk = Clamp(block_k);
   const float scale = 1.0f / std::sqrt(static_cast<float>(K));
@@ -255,9 +500,18 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> y, ffi::Buffer<ffi::F32> lse,
                     ffi::Buffer<ffi::F32> dy, ffi::ResultBuffer<ffi::F32> dq,
                     ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv,
-                    int64_t block_q, int64_t block_k) {
+                    int64_t block_q, int64_t block_k, int64_t bf16) {
   Dims dims;
   if (auto error = CheckDims(q, k, v, dims); error.failure()) return error;
+#if defined(__AVX512BF16__) && defined(__AVX512BW__)
+  if (bf16) {
+    if (dims.BH > 0)
+      BackwardBf16(pool, dims, q.typed_data(), k.typed_data(), v.typed_data(), y.typed_data(),
+                   lse.typed_data(), dy.typed_data(), dq->typed_data(), dk->typed_data(),
+                   dv->typed_data(), ClampEven(block_q), ClampEven(block_k));
+    return ffi::Error::Success();
+  }
+#endif
   const int64_t BH = dims.BH, T = dims.T, S = dims.S, K = dims.K;
   const int64_t off = S - T, bq = Clamp(block_q), bk = Clamp(block_k);
   const float scale = 1.0f / std::sqrt(static_cast<float>(K));
@@ -321,6 +575,10 @@ extern "C" int GptAttentionHasAvx512() {
 #endif
 }
 
+// 1 when this build has the bf16 products (AVX512-BF16): the `bf16` attribute takes them; without
+// it the attribute is ignored and the float32 products run.
+extern "C" int GptAttentionHasBf16() { return kHasBf16 ? 1 : 0; }
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptAttentionFwdF32, Forward,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
@@ -330,7 +588,8 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptAttentionFwdF32, Forward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("block_q")
-                                  .Attr<int64_t>("block_k"));
+                                  .Attr<int64_t>("block_k")
+                                  .Attr<int64_t>("bf16"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptAttentionBwdF32, Backward,
                               ffi::Ffi::Bind()
@@ -345,4 +604,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptAttentionBwdF32, Backward,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<int64_t>("block_q")
-                                  .Attr<int64_t>("block_k"));
+                                  .Attr<int64_t>("block_k")
+                                  .Attr<int64_t>("bf16"));
