@@ -140,7 +140,10 @@ VARIANT_SWITCHES = {"recomputeprobs": ("gpt.attention", "SAVE_PROBABILITIES", Fa
                     # train-bf16, session 9: model.dtype=bfloat16's products by gpt.matmul's
                     # bf16_matmul (all three bf16 x bf16 -> f32) instead of JAX's transpose of the
                     # einsum (the backward's products f32 or mixed), the default
-                    "bf16vjp": ("gpt.matmul", "BF16_VJP", True)}
+                    "bf16vjp": ("gpt.matmul", "BF16_VJP", True),
+                    # the lead, session 10: bf16_matmul saves the forward's bf16 copy of the weight
+                    # for its backward (a stacked residual under the layer scan) instead of the weight
+                    "bf16wres": ("gpt.matmul", "ROUND_W_AGAIN", False)}
 
 
 def train_program(shape, dtype: str, scan: bool, seed: int = 0, train=None, abstract: bool = False,
@@ -240,7 +243,7 @@ def main() -> None:
   parser.add_argument("--impls", default="jax-f32-scan,jax-f32-unrolled,jax-f32-scan-eigen,"
                       "jax-bf16-scan,torch-f32,torch-f32-tcmalloc,nanogpt-f32,nanogpt-f32-compile,"
                       "torch-bf16",
-                      help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs|-nokernel][-attnf32][-attn64][-geluxla][-geluxlabwd][-ln3d][-lnxla][-logitsloss|-fusedloss][-xentvml][-optaxclip][-optaxadam][-gelukernel][-unroll2]"
+                      help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs|-nokernel][-attnf32][-attn64][-geluxla][-geluxlabwd][-ln3d][-lnxla][-logitsloss|-fusedloss][-xentvml][-optaxclip][-optaxadam][-gelukernel][-unroll2][-bf16wres]"
                       "[-rematdots|-rematfull][-xladot|-mkl][-mmbf16][-bf16vjp][-freedoff|-keepfreed][-held] names; torch rows: "
                       "torch|nanogpt-f32|bf16[-compile][-fusedadam|-foreachadam][-keepfreed]"
                       "[-proc|-jemalloc|-tcmalloc|-thp: in a process of its own]")

@@ -19,7 +19,7 @@ from gpt.attention import apply_dropout
 from gpt.kernels import gelu as kgelu
 from gpt.kernels import gemm, gemv
 from gpt.kernels import layernorm as kln
-from gpt.matmul import matmul
+from gpt.matmul import bf16_gelu_matmul, matmul
 
 # The MLP's GELU inside MKL's c_proj product (gemm.gelu_matmul) where the step's matmuls are MKL's;
 # experiments/bench_train.py's `-geluxla` variant turns it off to measure it.
@@ -161,12 +161,23 @@ class Conv1D(nnx.Module):
     return (self.matmul == "mkl" and not self.lora_scale and not hasattr(self, "w_scale")
             and not self.by_row and x.dtype == jnp.float32)
 
+  def plain_bf16(self) -> bool:
+    """Whether this layer is a plain bf16 product (model.matmul_dtype=bfloat16): no adapter, not
+    quantized, not laid out by row."""
+    return (self.matmul == "bf16" and not self.lora_scale and not hasattr(self, "w_scale")
+            and not self.by_row)
+
   def after_gelu(self, h: jax.Array, rng: jax.Array | None = None) -> jax.Array:
     """self(gelu(h)): as MKL's product with the GELU inside its VJP (gemm.gelu_matmul: the scan
     keeps h alone, one [rows, n_in] residual fewer) where this layer's matmul is MKL's and plain
-    (float32, no adapter, not quantized, not laid out by row); else the GELU, then the layer."""
+    (float32, no adapter, not quantized, not laid out by row), or as gpt.matmul.bf16_gelu_matmul
+    (the same for the bf16 products) where it is a plain bf16 product; else the GELU, then the
+    layer."""
     if GELU_IN_MATMUL and self.plain_mkl(h):
       y = gemm.gelu_matmul(h, self.w[...].astype(h.dtype)) + self.b[...].astype(jnp.float32)
+      return y.astype(h.dtype)
+    if GELU_IN_MATMUL and self.plain_bf16():
+      y = bf16_gelu_matmul(h, self.w[...]) + self.b[...].astype(jnp.float32)
       return y.astype(h.dtype)
     return self(jax.nn.gelu(h, approximate=True), rng)
 

@@ -32,6 +32,9 @@ GEMM_SPECS = {"...d,df->...f": False, "...d,vd->...v": True}
 # same-run A/Bs at the 30m shape did not show a gain (1.01x, then paired 0.92/1.05/0.65x;
 # BENCHMARKS.md "train-bf16, session 9"). model.matmul_dtype=bfloat16 takes bf16_matmul always.
 BF16_VJP = False
+# True: bf16_matmul keeps the weight as it is for its backward and rounds it to bfloat16 again
+# there; False: it keeps the forward's bf16 copy (bench_train's `-bf16wres`), as before session 10.
+ROUND_W_AGAIN = True
 
 
 def matmul(x: jax.Array, w: jax.Array, spec: str = "...d,df->...f", *,
@@ -90,9 +93,13 @@ def _bf16_matmul2d(x: jax.Array, w: jax.Array, transpose_w: bool) -> jax.Array:
 
 def _bf16_forward(x, w, transpose_w):
   xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
-  # The rounded operands are the residuals: half the bytes of float32 ones, and the backward's
-  # products need them in bfloat16 anyway. Zero-size arrays carry the primal dtypes.
-  return _dot(xb, wb, (1, 1 if transpose_w else 0)), (xb, wb, jnp.zeros((0,), x.dtype),
+  # The rounded input is a residual: half the bytes of a float32 one, and the backward's products
+  # need it in bfloat16 anyway. The weight is kept as it is and rounded again in the backward
+  # (ROUND_W_AGAIN): under the layer scan a weight residual is the scan's own slice of the stacked
+  # parameter, which JAX does not stack again, whereas its bf16 copy would be a new stacked
+  # [layers, K, N] buffer, zero-filled and written every step. A zero-size array carries x's dtype.
+  return _dot(xb, wb, (1, 1 if transpose_w else 0)), (xb, w if ROUND_W_AGAIN else wb,
+                                                       jnp.zeros((0,), x.dtype),
                                                        jnp.zeros((0,), w.dtype))
 
 
@@ -109,8 +116,8 @@ def _row_major_t(a: jax.Array) -> jax.Array:
 
 
 def _bf16_backward(transpose_w, res, dy):
-  xb, wb, x_like, w_like = res
-  dyb = dy.astype(jnp.bfloat16)
+  xb, w, x_like, w_like = res
+  wb, dyb = w.astype(jnp.bfloat16), dy.astype(jnp.bfloat16)
   dx = _dot(dyb, wb, (1, 0 if transpose_w else 1))  # dy w^T ([M, N] . [N, K] or [K, N])
   # dW in w's layout: x^T dy [K, N], or dy^T x [N, K] for a transposed weight, each with a
   # row-major transposed left operand (`_row_major_t`). Making dy^T x as (x^T dy)^T instead makes
@@ -121,3 +128,36 @@ def _bf16_backward(transpose_w, res, dy):
 
 
 _bf16_matmul2d.defvjp(_bf16_forward, _bf16_backward)
+
+
+def bf16_gelu_matmul(h: jax.Array, w: jax.Array) -> jax.Array:
+  """bf16_matmul(gelu(h), w) (tanh-approximate GELU, the MLP's) -> float32, whose backward keeps
+  h alone and recomputes gelu(h) and its slope from it.
+
+  Why: differentiated apart, the GELU keeps float32 state of its own and bf16_matmul the rounded
+  gelu(h); under the layer scan each is a stacked [layers, rows, n_in] buffer, zero-filled and
+  written every step. gpt.kernels.gemm.gelu_matmul does the same for MKL's float32 products."""
+  lead = h.shape[:-1]
+  y = _bf16_gelu_matmul2d(h.reshape(-1, h.shape[-1]), w)
+  return y.reshape(*lead, y.shape[-1])
+
+
+@jax.custom_vjp
+def _bf16_gelu_matmul2d(h: jax.Array, w: jax.Array) -> jax.Array:
+  return _dot(jax.nn.gelu(h, approximate=True), w, (1, 0))
+
+
+def _bf16_gelu_forward(h, w):
+  return _bf16_gelu_matmul2d(h, w), (h, w)
+
+
+def _bf16_gelu_backward(res, dy):
+  h, w = res
+  g, slope = gemm.gelu_and_slope(h.astype(jnp.float32))
+  dyb = dy.astype(jnp.bfloat16)
+  dg = _dot(dyb, w, (1, 1))  # dy w^T
+  dw = _dot(_row_major_t(g.astype(jnp.bfloat16)), dyb, (1, 0))  # gelu(h)^T dy, as bf16_matmul's
+  return (dg * slope).astype(h.dtype), dw.astype(w.dtype)
+
+
+_bf16_gelu_matmul2d.defvjp(_bf16_gelu_forward, _bf16_gelu_backward)

@@ -172,7 +172,7 @@ def matmul(x: jax.Array, w: jax.Array, *, transpose_w: bool = False) -> jax.Arra
   return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
-def _gelu_and_slope(h: jax.Array) -> tuple[jax.Array, jax.Array]:
+def gelu_and_slope(h: jax.Array) -> tuple[jax.Array, jax.Array]:
   """jax.nn.gelu(h, approximate=True) and its derivative, from one tanh."""
   c = math.sqrt(2.0 / math.pi)
   t = jnp.tanh(c * (h + 0.044715 * h ** 3))
@@ -191,7 +191,7 @@ def _gelu_matmul2d_fwd(h, w):
 
 def _gelu_matmul2d_bwd(residuals, dy):
   h, w = residuals
-  g, slope = _gelu_and_slope(h)  # recomputed: cheaper than saving two more [rows, 4D] buffers
+  g, slope = gelu_and_slope(h)  # recomputed: cheaper than saving two more [rows, 4D] buffers
   return gemm(dy, w, transpose_b=True) * slope, gemm(g, dy, transpose_a=True)
 
 
