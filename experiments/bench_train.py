@@ -140,7 +140,10 @@ VARIANT_SWITCHES = {"recomputeprobs": ("gpt.attention", "SAVE_PROBABILITIES", Fa
                     # train-bf16, session 9: model.dtype=bfloat16's products by gpt.matmul's
                     # bf16_matmul (all three bf16 x bf16 -> f32) instead of JAX's transpose of the
                     # einsum (the backward's products f32 or mixed), the default
-                    "bf16vjp": ("gpt.matmul", "BF16_VJP", True)}
+                    "bf16vjp": ("gpt.matmul", "BF16_VJP", True),
+                    # train-head, session 10: the bf16 head as bf16_matmul around the float32
+                    # loss pass (XLA rounds dlogits and gathers their transpose), session 9's route
+                    "headxent": ("gpt.output_loss", "BF16_HEAD", False)}
 
 
 def train_program(shape, dtype: str, scan: bool, seed: int = 0, train=None, abstract: bool = False,
@@ -241,7 +244,7 @@ def main() -> None:
                       "jax-bf16-scan,torch-f32,torch-f32-tcmalloc,nanogpt-f32,nanogpt-f32-compile,"
                       "torch-bf16",
                       help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs|-nokernel][-geluxla][-geluxlabwd][-ln3d][-lnxla][-logitsloss|-fusedloss][-xentvml][-optaxclip][-optaxadam][-wslice|-gslice|-winplace][-gelukernel][-unroll2]"
-                      "[-rematdots|-rematfull][-xladot|-mkl][-mmbf16][-bf16vjp][-freedoff|-keepfreed][-held] names; torch rows: "
+                      "[-rematdots|-rematfull][-xladot|-mkl][-mmbf16][-bf16vjp][-headxent][-freedoff|-keepfreed][-held] names; torch rows: "
                       "torch|nanogpt-f32|bf16[-compile][-fusedadam|-foreachadam][-keepfreed]"
                       "[-proc|-jemalloc|-tcmalloc|-thp: in a process of its own]")
   parser.add_argument("--rounds", type=int, default=5)

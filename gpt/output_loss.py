@@ -46,6 +46,17 @@ from gpt.kernels import gemm
 # whole [50257, D] wte for every chunk: at 256 rows the chapter step's output layer took ~3x as
 # long as unchunked (BENCHMARKS.md "Training speed routes"), so by default one chunk up to this size.
 ROWS = 16384
+# True: the bf16 route with the C++ pass (model.matmul_dtype=bfloat16 where model.matmul resolves
+# to "mkl") runs as `_bf16_head`: the pass writes the bf16 dlogits and their row-major transpose
+# itself (gemm.softmax_xent_bf16), so neither backward product waits on an XLA convert or a
+# transposing gather of [rows, 50257]. False: bf16_matmul around `_xent` (session 9's route;
+# bench_train's `-headxent`).
+BF16_HEAD = True
+# How the bf16 head makes dh = dlogits wte [rows, D] (train-head, session 10, route 2; see
+# experiments/bench_head.py): "dl_wte", dlogits [rows, V] . wte [V, D] as is; "wte_t", dlogits .
+# (a row-major [D, V] copy of wte, made per step) contracting both last axes; "dh_t", that copy .
+# dlogits^T [V, rows] (the pass's transpose) -> dh^T [D, rows], transposed back.
+DH_ROUTE = "dl_wte"
 
 
 def tied_cross_entropy(hidden: jax.Array, wte: jax.Array, targets: jax.Array,
@@ -62,6 +73,8 @@ def tied_cross_entropy(hidden: jax.Array, wte: jax.Array, targets: jax.Array,
   """
   D = hidden.shape[-1]
   if bf16 or (matmul_lib.BF16_VJP and hidden.dtype == jnp.bfloat16):
+    if BF16_HEAD and impl == "mkl" and gemm.available():
+      return _bf16_head(hidden.reshape(-1, D), wte, targets.reshape(-1))
     logits = matmul_lib.bf16_matmul(hidden.reshape(-1, D), wte, transpose_w=True)
     return _xent(logits, targets.reshape(-1), impl == "mkl" and gemm.available())
   if (impl == "mkl" and hidden.dtype == jnp.float32 and wte.dtype == jnp.float32
@@ -173,3 +186,49 @@ def _xent_backward(kernel, res, g):
 
 
 _xent.defvjp(_xent_forward, _xent_backward)
+
+
+def _bf16_dots(h, wte, targets):
+  """(mean loss, dh, d(wte)) of the bf16 head: the three products bf16 x bf16 -> f32, each with
+  a left operand contracting its last axis, the one layout XLA:CPU runs as its fast bf16 dot."""
+  N = h.shape[0]
+  hb, wb = h.astype(jnp.bfloat16), wte.astype(jnp.bfloat16)
+  logits = matmul_lib.bf16_dot(hb, wb, (1, 1))
+  dl, dl_t, row_loss = gemm.softmax_xent_bf16(logits, targets, 1.0 / N)
+  dh = _bf16_dh(dl, dl_t, wb)
+  dwte = matmul_lib.bf16_dot(dl_t, hb, (1, 0))  # [V, N] . [N, D]
+  return jnp.sum(row_loss) / N, dh, dwte
+
+
+def _bf16_dh(dl, dl_t, wb):
+  """dh = dl wb [N, D] from the bf16 dlogits [N, V], their transpose [V, N] and wte [V, D], in
+  DH_ROUTE's orientation."""
+  if DH_ROUTE == "dl_wte":
+    return matmul_lib.bf16_dot(dl, wb, (1, 0))
+  wb_t = matmul_lib.row_major_t(wb)  # [D, V]
+  if DH_ROUTE == "wte_t":
+    return matmul_lib.bf16_dot(dl, wb_t, (1, 1))
+  return matmul_lib.row_major_t(matmul_lib.bf16_dot(wb_t, dl_t, (1, 0)))  # "dh_t"
+
+
+@jax.custom_vjp
+def _bf16_head(h, wte, targets):
+  """Mean cross-entropy of h wte^T (bf16 products, float32 logits and loss) at targets, for
+  model.matmul_dtype=bfloat16 with the C++ pass: the gradient is made in the forward pass, as
+  `_mkl_loss`'s. The value alone needs only the logits and softmax_xent's float32 pass."""
+  N = h.shape[0]
+  logits = matmul_lib.bf16_dot(h.astype(jnp.bfloat16), wte.astype(jnp.bfloat16), (1, 1))
+  _, row_loss = gemm.softmax_xent(logits, targets, 1.0 / N)
+  return jnp.sum(row_loss) / N
+
+
+def _bf16_head_forward(h, wte, targets):
+  loss, dh, dwte = _bf16_dots(h, wte, targets)
+  return loss, (dh.astype(h.dtype), dwte.astype(wte.dtype), targets)
+
+
+def _bf16_head_backward(res, g):
+  return _loss_backward(None, res, g)
+
+
+_bf16_head.defvjp(_bf16_head_forward, _bf16_head_backward)
