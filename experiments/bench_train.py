@@ -143,7 +143,9 @@ VARIANT_SWITCHES = {"recomputeprobs": ("gpt.attention", "SAVE_PROBABILITIES", Fa
                     "bf16vjp": ("gpt.matmul", "BF16_VJP", True),
                     # train-head, session 10: the bf16 head as bf16_matmul around the float32
                     # loss pass (XLA rounds dlogits and gathers their transpose), session 9's route
-                    "headxent": ("gpt.output_loss", "BF16_HEAD", False)}
+                    "headxent": ("gpt.output_loss", "BF16_HEAD", False),
+                    # train-head, session 10: the bf16 head's dh and d(wte) products one after the other
+                    "headseq": ("gpt.output_loss", "SEQUENTIAL", True)}
 
 
 def train_program(shape, dtype: str, scan: bool, seed: int = 0, train=None, abstract: bool = False,
@@ -244,7 +246,7 @@ def main() -> None:
                       "jax-bf16-scan,torch-f32,torch-f32-tcmalloc,nanogpt-f32,nanogpt-f32-compile,"
                       "torch-bf16",
                       help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs|-nokernel][-geluxla][-geluxlabwd][-ln3d][-lnxla][-logitsloss|-fusedloss][-xentvml][-optaxclip][-optaxadam][-wslice|-gslice|-winplace][-gelukernel][-unroll2]"
-                      "[-rematdots|-rematfull][-xladot|-mkl][-mmbf16][-bf16vjp][-headxent][-freedoff|-keepfreed][-held] names; torch rows: "
+                      "[-rematdots|-rematfull][-xladot|-mkl][-mmbf16][-bf16vjp][-headxent][-headseq][-freedoff|-keepfreed][-held] names; torch rows: "
                       "torch|nanogpt-f32|bf16[-compile][-fusedadam|-foreachadam][-keepfreed]"
                       "[-proc|-jemalloc|-tcmalloc|-thp: in a process of its own]")
   parser.add_argument("--rounds", type=int, default=5)
