@@ -13,8 +13,8 @@ round, best of `--steps` per round, median over rounds, and each round's ratio t
 Routes: `xent`: session 9's (bf16_matmul around the float32 C++ pass: XLA rounds dlogits to bf16
 and gathers their transpose); `head`: output_loss's bf16 head (the pass writes bf16 dlogits and
 their transpose, gemm.softmax_xent_bf16); `head-wte_t`: the head with dh in the other
-orientation (output_loss.DH_ROUTE); `head-seq`: the head with its dh and d(wte) products one after
-the other (output_loss.SEQUENTIAL).
+orientation (output_loss.DH_ROUTE); `head-par`: the head with its dh and d(wte) products free
+to run at once (output_loss.SEQUENTIAL off).
 """
 
 from __future__ import annotations
@@ -48,9 +48,10 @@ from gpt.kernels import gemm  # noqa: E402
 VOCAB = 50257
 SHAPES = {"30m": (2048, 384), "chapter": (1024, 768)}  # rows (batch x ctx), width
 # route -> the output_loss switches it is traced with
-ROUTES = {"xent": {"BF16_HEAD": False}, "head": {"BF16_HEAD": True, "DH_ROUTE": "dl_wte"},
-          "head-wte_t": {"BF16_HEAD": True, "DH_ROUTE": "wte_t"},
-          "head-seq": {"BF16_HEAD": True, "SEQUENTIAL": True}}
+ROUTES = {"xent": {"BF16_HEAD": False},
+          "head": {"BF16_HEAD": True, "DH_ROUTE": "dl_wte", "SEQUENTIAL": True},
+          "head-wte_t": {"BF16_HEAD": True, "DH_ROUTE": "wte_t", "SEQUENTIAL": True},
+          "head-par": {"BF16_HEAD": True, "DH_ROUTE": "dl_wte", "SEQUENTIAL": False}}
 
 
 def program(rows: int, width: int, switches: dict):

@@ -49,18 +49,23 @@ ROWS = 16384
 # True: the bf16 route with the C++ pass (model.matmul_dtype=bfloat16 where model.matmul resolves
 # to "mkl") runs as `_bf16_head`: the pass writes the bf16 dlogits and their row-major transpose
 # itself (gemm.softmax_xent_bf16), so neither backward product waits on an XLA convert or a
-# transposing gather of [rows, 50257]. False: bf16_matmul around `_xent` (session 9's route;
-# bench_train's `-headxent`).
-BF16_HEAD = True
+# transposing gather of [rows, 50257]. False (the default): bf16_matmul around `_xent` (session
+# 9's route). Opt-in (bench_train's `-bf16head`): in the same-run A/Bs of a shared machine the
+# step ran 0.75-1.05x (30m) and 0.85-1.36x (chapter) session 9's route (BENCHMARKS.md
+# "train-head, session 10"): no reliable gain; the head's time is its three dots.
+BF16_HEAD = False
 # How the bf16 head makes dh = dlogits wte [rows, D] (train-head, session 10, route 2; see
 # experiments/bench_head.py): "dl_wte", dlogits [rows, V] . wte [V, D] as is; "wte_t", dlogits .
 # (a row-major [D, V] copy of wte, made per step) contracting both last axes: 0.90-0.96x, kept
 # for comparisons. (dh^T = that copy . dlogits^T, transposed back, fails at run time: XLA folds
 # the transpose into the dot's output layout, which its bf16 DotThunk rejects.)
 DH_ROUTE = "dl_wte"
-# True: the bf16 head's dh and d(wte) products run one after the other (XLA:CPU would run the two
-# independent dots at once on the same thread pool); experiments/bench_head.py's `-seq`.
-SEQUENTIAL = False
+# True: the bf16 head's dh and d(wte) products run one after the other. Independent, XLA:CPU ran
+# the two at once on its one thread pool (the 30m step's trace: both ~2x their time alone); in
+# sequence the step ran 1.06x (30m, 0.99-1.12x per round) and 0.97x (chapter, 0.68-1.85x, a
+# noisy run) the concurrent products' (BENCHMARKS.md "train-head, session 10"). False: at once
+# (bench_train's `-headpar`).
+SEQUENTIAL = True
 
 
 def tied_cross_entropy(hidden: jax.Array, wte: jax.Array, targets: jax.Array,
@@ -202,7 +207,8 @@ def _bf16_dots(h, wte, targets):
   dh = _bf16_dh(dl, wb)
   if SEQUENTIAL:
     # d(wte)'s operand made to depend on dh (a zero from it: XLA:CPU drops optimization barriers
-    # before it schedules), so that the two products run one after the other, not at once.
+    # before it schedules), so that the two products run one after the other, not at once. A NaN
+    # or inf in dh[0, 0] (a diverged step, whose loss is NaN already) makes d(wte) NaN too.
     hb = hb + (dh[0, 0] * 0.0).astype(hb.dtype)
   dwte = matmul_lib.bf16_dot(dl_t, hb, (1, 0))  # [V, N] . [N, D]
   return jnp.sum(row_loss) / N, dh, dwte

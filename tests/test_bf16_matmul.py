@@ -252,7 +252,7 @@ def _head_grads(h, wte, targets, impl="mkl"):
   return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(h, wte)
 
 
-@pytest.mark.parametrize("switches", [{}, {"SEQUENTIAL": True}, {"DH_ROUTE": "wte_t"}])
+@pytest.mark.parametrize("switches", [{}, {"SEQUENTIAL": False}, {"DH_ROUTE": "wte_t"}])
 def test_bf16_head_matches_the_session9_route_and_float64(mkl, monkeypatch, switches):
   """output_loss's bf16 head (one VJP; the pass writes the bf16 gradient and its transpose) gives
   the loss and both gradients of the route it replaces (bf16_matmul around the float32 pass: the
@@ -312,6 +312,7 @@ def test_bf16_head_falls_back_without_the_kernel(monkeypatch):
   impl="xla"."""
   monkeypatch.setattr(gemm, "KERNEL", gemm.KERNEL.untried())
   monkeypatch.setenv("GPT_MKL_LIBRARY", "/nonexistent/libmkl_rt.so.2")
+  monkeypatch.setattr(output_loss, "BF16_HEAD", True)
   rng = np.random.default_rng(2)
   h = jnp.asarray(rng.standard_normal((2, 7, 16)), jnp.float32)
   wte = jnp.asarray(rng.standard_normal((53, 16)), jnp.float32)
@@ -324,12 +325,45 @@ def test_bf16_head_falls_back_without_the_kernel(monkeypatch):
     np.testing.assert_array_equal(g, w)
 
 
-def test_the_train_steps_bf16_head_stays_near_float32(mkl):
+def test_the_train_steps_bf16_head_stays_near_float32(mkl, monkeypatch):
   """The train step with model.matmul_dtype=bfloat16 and MKL resolved (the bf16 head runs): loss
   and every gradient near the float32 model's."""
+  monkeypatch.setattr(output_loss, "BF16_HEAD", True)
   loss, grads = _train_loss_and_grads(matmul_dtype="bfloat16", matmul="mkl")
   want_loss, want = _train_loss_and_grads()
   np.testing.assert_allclose(loss, want_loss, rtol=0.01)
   for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want)):
     assert g.dtype == jnp.float32, path
     np.testing.assert_allclose(g, r, atol=0.05 * np.abs(np.asarray(r)).max(), err_msg=str(path))
+
+
+def test_bench_bf16_dots_head_orientations_agree():
+  """experiments/bench_bf16_dots.py --head times dh in several orientations: each computes
+  dlogits wte (its transpose for the dh^T rows), the copy row wte^T."""
+  from experiments import bench_bf16_dots
+
+  M, K, N = 8, 4, 13
+  progs = bench_bf16_dots.head_programs(M, K, N)
+  want = np.full((M, K), float(N))
+  for name, (f, a, _) in progs.items():
+    got = np.asarray(f(*a), np.float32)
+    if name.startswith("the wte^T copy"):
+      np.testing.assert_array_equal(got, np.ones((K, N)))
+    elif name == "dh^T=(wte^T copy) dl^T":
+      np.testing.assert_array_equal(got, want.T)
+    else:
+      np.testing.assert_array_equal(got, want, err_msg=name)
+
+
+def test_bench_head_routes_compute_the_same_head(mkl):
+  """experiments/bench_head.py's routes are one function: the same loss and gradients (within
+  the float32 sums' order) from each route's compiled program."""
+  from experiments import bench_head
+
+  results = {}
+  for route, switches in bench_head.ROUTES.items():
+    f, args = bench_head.program(8, 16, switches)
+    results[route] = jax.tree.map(np.asarray, f(*args))
+  for route, got in results.items():
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(results["xent"])):
+      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-9, err_msg=route)
