@@ -62,9 +62,9 @@ BF16_HEAD = False
 DH_ROUTE = "dl_wte"
 # True: the bf16 head's dh and d(wte) products run one after the other. Independent, XLA:CPU ran
 # the two at once on its one thread pool (the 30m step's trace: both ~2x their time alone); in
-# sequence the step ran 1.06x (30m, 0.99-1.12x per round) and 0.97x (chapter, 0.68-1.85x, a
-# noisy run) the concurrent products' (BENCHMARKS.md "train-head, session 10"). False: at once
-# (bench_train's `-headpar`).
+# sequence the step ran 1.06x (30m, 0.99-1.12x per round), 0.97x (chapter, 0.68-1.85x) and in a
+# later run 0.98x (30m, 0.82-1.02x) the concurrent products' (BENCHMARKS.md "train-head, session
+# 10"): undecided on a shared machine. False: at once (bench_train's `-headpar`).
 SEQUENTIAL = True
 
 

@@ -23,6 +23,10 @@
 // holding NaN or infinities, and with the `portable` attribute (gemm.XENT_PORTABLE, for same-run
 // comparisons) the exponentials are MKL's vector vsExp (VML), which the session-5 measurement
 // found ~1.3x slower than XLA's fused loops (BENCHMARKS.md).
+//
+// The third, GptSoftmaxXentBf16, is the same pass for model.matmul_dtype=bfloat16's head (opt-in,
+// gpt/output_loss.py's BF16_HEAD): it writes the gradient in bfloat16, row-major and transposed,
+// the operands of the head's two backward bf16 dots (below, before GptGemmLoad).
 #include <dlfcn.h>
 
 #include <algorithm>
