@@ -140,7 +140,14 @@ VARIANT_SWITCHES = {"recomputeprobs": ("gpt.attention", "SAVE_PROBABILITIES", Fa
                     # train-bf16, session 9: model.dtype=bfloat16's products by gpt.matmul's
                     # bf16_matmul (all three bf16 x bf16 -> f32) instead of JAX's transpose of the
                     # einsum (the backward's products f32 or mixed), the default
-                    "bf16vjp": ("gpt.matmul", "BF16_VJP", True)}
+                    "bf16vjp": ("gpt.matmul", "BF16_VJP", True),
+                    # train-head, session 10: the bf16 head whose loss pass writes bf16 dlogits and
+                    # their transpose (gpt.output_loss._bf16_head), instead of bf16_matmul around the
+                    # float32 pass (XLA rounds dlogits and gathers their transpose), the default
+                    "bf16head": ("gpt.output_loss", "BF16_HEAD", True),
+                    # train-head, session 10: the bf16 head's dh and d(wte) products at once (XLA's
+                    # choice), not one after the other (the default)
+                    "headpar": ("gpt.output_loss", "SEQUENTIAL", False)}
 
 
 def train_program(shape, dtype: str, scan: bool, seed: int = 0, train=None, abstract: bool = False,
@@ -241,7 +248,7 @@ def main() -> None:
                       "jax-bf16-scan,torch-f32,torch-f32-tcmalloc,nanogpt-f32,nanogpt-f32-compile,"
                       "torch-bf16",
                       help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs|-nokernel][-attnf32][-attn64][-geluxla][-geluxlabwd][-ln3d][-lnxla][-logitsloss|-fusedloss][-xentvml][-optaxclip][-optaxadam][-gelukernel][-unroll2]"
-                      "[-rematdots|-rematfull][-xladot|-mkl][-mmbf16][-bf16vjp][-freedoff|-keepfreed][-held] names; torch rows: "
+                      "[-rematdots|-rematfull][-xladot|-mkl][-mmbf16][-bf16vjp][-bf16head][-headpar][-freedoff|-keepfreed][-held] names; torch rows: "
                       "torch|nanogpt-f32|bf16[-compile][-fusedadam|-foreachadam][-keepfreed]"
                       "[-proc|-jemalloc|-tcmalloc|-thp: in a process of its own]")
   parser.add_argument("--rounds", type=int, default=5)

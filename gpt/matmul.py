@@ -76,8 +76,9 @@ def bf16_matmul(x: jax.Array, w: jax.Array, transpose_w: bool = False) -> jax.Ar
   return y.reshape(*lead, y.shape[-1])
 
 
-def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
-  """a . b over a's axis contract[0] and b's axis contract[1] (2-D operands), bf16 x bf16 -> f32."""
+def bf16_dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+  """a . b over a's axis contract[0] and b's axis contract[1] (2-D operands), bf16 x bf16 -> f32:
+  the product bf16_matmul's three are made of (and gpt.output_loss's bf16 head's)."""
   dims = (((contract[0],), (contract[1],)), ((), ()))
   return jax.lax.dot_general(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), dims,
                              preferred_element_type=jnp.float32)
@@ -85,18 +86,18 @@ def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _bf16_matmul2d(x: jax.Array, w: jax.Array, transpose_w: bool) -> jax.Array:
-  return _dot(x, w, (1, 1 if transpose_w else 0))
+  return bf16_dot(x, w, (1, 1 if transpose_w else 0))
 
 
 def _bf16_forward(x, w, transpose_w):
   xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
   # The rounded operands are the residuals: half the bytes of float32 ones, and the backward's
   # products need them in bfloat16 anyway. Zero-size arrays carry the primal dtypes.
-  return _dot(xb, wb, (1, 1 if transpose_w else 0)), (xb, wb, jnp.zeros((0,), x.dtype),
-                                                       jnp.zeros((0,), w.dtype))
+  return bf16_dot(xb, wb, (1, 1 if transpose_w else 0)), (xb, wb, jnp.zeros((0,), x.dtype),
+                                                           jnp.zeros((0,), w.dtype))
 
 
-def _row_major_t(a: jax.Array) -> jax.Array:
+def row_major_t(a: jax.Array) -> jax.Array:
   """a.T [N, M] of a 2-D `a` [M, N], as a copy laid out row by row.
 
   XLA:CPU runs a bf16 x bf16 -> f32 dot as such (YNNPACK) only when its left operand contracts
@@ -111,12 +112,13 @@ def _row_major_t(a: jax.Array) -> jax.Array:
 def _bf16_backward(transpose_w, res, dy):
   xb, wb, x_like, w_like = res
   dyb = dy.astype(jnp.bfloat16)
-  dx = _dot(dyb, wb, (1, 0 if transpose_w else 1))  # dy w^T ([M, N] . [N, K] or [K, N])
+  dx = bf16_dot(dyb, wb, (1, 0 if transpose_w else 1))  # dy w^T ([M, N] . [N, K] or [K, N])
   # dW in w's layout: x^T dy [K, N], or dy^T x [N, K] for a transposed weight, each with a
-  # row-major transposed left operand (`_row_major_t`). Making dy^T x as (x^T dy)^T instead makes
+  # row-major transposed left operand (`row_major_t`). Making dy^T x as (x^T dy)^T instead makes
   # XLA fold the transpose into the dot's output layout, which its bf16 DotThunk rejects
   # ("UNIMPLEMENTED: Unsupported element type").
-  dw = _dot(_row_major_t(dyb), xb, (1, 0)) if transpose_w else _dot(_row_major_t(xb), dyb, (1, 0))
+  dw = (bf16_dot(row_major_t(dyb), xb, (1, 0)) if transpose_w
+        else bf16_dot(row_major_t(xb), dyb, (1, 0)))
   return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
 
 
