@@ -2,6 +2,7 @@
 
   python experiments/bench_bf16_dots.py                # the 30m and chapter shapes' products
   python experiments/bench_bf16_dots.py --rounds=5
+  python experiments/bench_bf16_dots.py --head --shapes="30m head,chapter head"   # dh's layouts
 
 On a CPU with AVX512-BF16, XLA:CPU's bf16 x bf16 -> f32 dot (YNNPACK) runs about 2x its float32
 dot, but only when the left operand contracts its last, row-major axis; a dot contracting the rows
@@ -64,18 +65,41 @@ def programs(M, K, N):
   }
 
 
+def head_programs(M, K, N):
+  """{name: (jitted fn, args, GFLOP)}: the tied head's dh = dlogits wte in the step's own layout
+  (wte [V, D]: here N = V, K = D) and the orientations train-head (session 10) weighed for it.
+  (dh^T transposed back into dh is not here: XLA folds the transpose into the dot's output
+  layout, and its bf16 DotThunk then fails at run time.)"""
+  dl = jnp.ones((M, N), BF16)
+  dl_t = jnp.ones((N, M), BF16)  # the loss pass writes this transpose too (gemm.softmax_xent_bf16)
+  wte = jnp.ones((N, K), BF16)
+  wte_t = _row_major_t(wte)  # [D, V], a copy made once per step
+  gf = 2 * M * K * N / 1e9
+  return {
+      "dh=dl wte (session 9)": (jax.jit(lambda a, b: _dot(a, b, (1, 0))), (dl, wte), gf),
+      "dh=dl (wte^T copy), contract last": (jax.jit(lambda a, b: _dot(a, b, (1, 1))), (dl, wte_t), gf),
+      "dh^T=(wte^T copy) dl^T": (jax.jit(lambda a, b: _dot(a, b, (1, 0))), (wte_t, dl_t), gf),
+      "dh, 4 chunks of V summed": (jax.jit(lambda a, b: sum(
+          _dot(a[:, i:i + N // 4 + 1], b[i:i + N // 4 + 1], (1, 0))
+          for i in range(0, N, N // 4 + 1))), (dl, wte), gf),
+      "the wte^T copy alone (GFLOP of dh)": (jax.jit(_row_major_t), (wte,), gf),
+  }
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--shapes", default=",".join(SHAPES))
   parser.add_argument("--rounds", type=int, default=3)
   parser.add_argument("--steps", type=int, default=3)
+  parser.add_argument("--head", action="store_true",
+                      help="the tied head's dh orientations (head_programs) instead")
   args = parser.parse_args()
   print(f"cpu: {cpu_model()}; {vector_flags()}; jax {jax.__version__}")
   print(f"load average at start: {load_average()}; command: python {' '.join(sys.argv)}")
   print("\n| shape (M x K x N) | product | GFLOP/s |\n|---|---|---|")
   for name in args.shapes.split(","):
     M, K, N = SHAPES[name]
-    progs = programs(M, K, N)
+    progs = head_programs(M, K, N) if args.head else programs(M, K, N)
     rates = {k: [] for k in progs}
     for f, a, _ in progs.values():
       jax.block_until_ready(f(*a))

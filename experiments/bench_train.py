@@ -141,6 +141,13 @@ VARIANT_SWITCHES = {"recomputeprobs": ("gpt.attention", "SAVE_PROBABILITIES", Fa
                     # bf16_matmul (all three bf16 x bf16 -> f32) instead of JAX's transpose of the
                     # einsum (the backward's products f32 or mixed), the default
                     "bf16vjp": ("gpt.matmul", "BF16_VJP", True),
+                    # train-head, session 10: the bf16 head whose loss pass writes bf16 dlogits and
+                    # their transpose (gpt.output_loss._bf16_head), instead of bf16_matmul around the
+                    # float32 pass (XLA rounds dlogits and gathers their transpose), the default
+                    "bf16head": ("gpt.output_loss", "BF16_HEAD", True),
+                    # train-head, session 10: the bf16 head's dh and d(wte) products at once (XLA's
+                    # choice), not one after the other (the default)
+                    "headpar": ("gpt.output_loss", "SEQUENTIAL", False),
                     # the lead, session 10: bf16_matmul saves the forward's bf16 copy of the weight
                     # for its backward (a stacked residual under the layer scan) instead of the weight
                     "bf16wres": ("gpt.matmul", "ROUND_W_AGAIN", False)}
@@ -244,7 +251,7 @@ def main() -> None:
                       "jax-bf16-scan,torch-f32,torch-f32-tcmalloc,nanogpt-f32,nanogpt-f32-compile,"
                       "torch-bf16",
                       help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs|-nokernel][-attnf32][-attn64][-geluxla][-geluxlabwd][-ln3d][-lnxla][-logitsloss|-fusedloss][-xentvml][-optaxclip][-optaxadam][-gelukernel][-unroll2][-bf16wres]"
-                      "[-rematdots|-rematfull][-xladot|-mkl][-mmbf16][-bf16vjp][-freedoff|-keepfreed][-held] names; torch rows: "
+                      "[-rematdots|-rematfull][-xladot|-mkl][-mmbf16][-bf16vjp][-bf16head][-headpar][-freedoff|-keepfreed][-held] names; torch rows: "
                       "torch|nanogpt-f32|bf16[-compile][-fusedadam|-foreachadam][-keepfreed]"
                       "[-proc|-jemalloc|-tcmalloc|-thp: in a process of its own]")
   parser.add_argument("--rounds", type=int, default=5)

@@ -11,7 +11,10 @@ forward einsum takes the float32 cotangent as it is, so the backward's two produ
 mixed dots; bf16_matmul's VJP casts the cotangent to bfloat16 so that all three products (y = x w,
 dx = dy w^T, dw = x^T dy) are bf16 x bf16 -> f32. It serves both bfloat16 compute (model.dtype)
 and the autocast-like mixed mode (model.matmul_dtype=bfloat16: float32 activations and
-parameters, only the products' inputs rounded to bfloat16).
+parameters, only the products' inputs rounded to bfloat16). For its backward it keeps the rounded
+input and the weight as it is (rounded again there: under the layer scan a bf16 copy would be one
+more stacked buffer per layer); `bf16_gelu_matmul` is the MLP's c_proj with its GELU inside the
+VJP, keeping h alone.
 """
 
 from __future__ import annotations
@@ -79,8 +82,9 @@ def bf16_matmul(x: jax.Array, w: jax.Array, transpose_w: bool = False) -> jax.Ar
   return y.reshape(*lead, y.shape[-1])
 
 
-def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
-  """a . b over a's axis contract[0] and b's axis contract[1] (2-D operands), bf16 x bf16 -> f32."""
+def bf16_dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
+  """a . b over a's axis contract[0] and b's axis contract[1] (2-D operands), bf16 x bf16 -> f32:
+  the product bf16_matmul's three are made of (and gpt.output_loss's bf16 head's)."""
   dims = (((contract[0],), (contract[1],)), ((), ()))
   return jax.lax.dot_general(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16), dims,
                              preferred_element_type=jnp.float32)
@@ -88,7 +92,7 @@ def _dot(a: jax.Array, b: jax.Array, contract: tuple[int, int]) -> jax.Array:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
 def _bf16_matmul2d(x: jax.Array, w: jax.Array, transpose_w: bool) -> jax.Array:
-  return _dot(x, w, (1, 1 if transpose_w else 0))
+  return bf16_dot(x, w, (1, 1 if transpose_w else 0))
 
 
 def _bf16_forward(x, w, transpose_w):
@@ -98,12 +102,12 @@ def _bf16_forward(x, w, transpose_w):
   # (ROUND_W_AGAIN): under the layer scan a weight residual is the scan's own slice of the stacked
   # parameter, which JAX does not stack again, whereas its bf16 copy would be a new stacked
   # [layers, K, N] buffer, zero-filled and written every step. A zero-size array carries x's dtype.
-  return _dot(xb, wb, (1, 1 if transpose_w else 0)), (xb, w if ROUND_W_AGAIN else wb,
-                                                       jnp.zeros((0,), x.dtype),
-                                                       jnp.zeros((0,), w.dtype))
+  return bf16_dot(xb, wb, (1, 1 if transpose_w else 0)), (xb, w if ROUND_W_AGAIN else wb,
+                                                           jnp.zeros((0,), x.dtype),
+                                                           jnp.zeros((0,), w.dtype))
 
 
-def _row_major_t(a: jax.Array) -> jax.Array:
+def row_major_t(a: jax.Array) -> jax.Array:
   """a.T [N, M] of a 2-D `a` [M, N], as a copy laid out row by row.
 
   XLA:CPU runs a bf16 x bf16 -> f32 dot as such (YNNPACK) only when its left operand contracts
@@ -118,12 +122,13 @@ def _row_major_t(a: jax.Array) -> jax.Array:
 def _bf16_backward(transpose_w, res, dy):
   xb, w, x_like, w_like = res
   wb, dyb = w.astype(jnp.bfloat16), dy.astype(jnp.bfloat16)
-  dx = _dot(dyb, wb, (1, 0 if transpose_w else 1))  # dy w^T ([M, N] . [N, K] or [K, N])
+  dx = bf16_dot(dyb, wb, (1, 0 if transpose_w else 1))  # dy w^T ([M, N] . [N, K] or [K, N])
   # dW in w's layout: x^T dy [K, N], or dy^T x [N, K] for a transposed weight, each with a
-  # row-major transposed left operand (`_row_major_t`). Making dy^T x as (x^T dy)^T instead makes
+  # row-major transposed left operand (`row_major_t`). Making dy^T x as (x^T dy)^T instead makes
   # XLA fold the transpose into the dot's output layout, which its bf16 DotThunk rejects
   # ("UNIMPLEMENTED: Unsupported element type").
-  dw = _dot(_row_major_t(dyb), xb, (1, 0)) if transpose_w else _dot(_row_major_t(xb), dyb, (1, 0))
+  dw = (bf16_dot(row_major_t(dyb), xb, (1, 0)) if transpose_w
+        else bf16_dot(row_major_t(xb), dyb, (1, 0)))
   return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
 
 
@@ -144,7 +149,7 @@ def bf16_gelu_matmul(h: jax.Array, w: jax.Array) -> jax.Array:
 
 @jax.custom_vjp
 def _bf16_gelu_matmul2d(h: jax.Array, w: jax.Array) -> jax.Array:
-  return _dot(jax.nn.gelu(h, approximate=True), w, (1, 0))
+  return bf16_dot(jax.nn.gelu(h, approximate=True), w, (1, 0))
 
 
 def _bf16_gelu_forward(h, w):
@@ -155,8 +160,8 @@ def _bf16_gelu_backward(res, dy):
   h, w = res
   g, slope = gemm.gelu_and_slope(h.astype(jnp.float32))
   dyb = dy.astype(jnp.bfloat16)
-  dg = _dot(dyb, w, (1, 1))  # dy w^T
-  dw = _dot(_row_major_t(g.astype(jnp.bfloat16)), dyb, (1, 0))  # gelu(h)^T dy, as bf16_matmul's
+  dg = bf16_dot(dyb, w, (1, 1))  # dy w^T
+  dw = bf16_dot(row_major_t(g.astype(jnp.bfloat16)), dyb, (1, 0))  # gelu(h)^T dy, as bf16_matmul's
   return (dg * slope).astype(h.dtype), dw.astype(w.dtype)
 
 

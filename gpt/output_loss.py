@@ -46,6 +46,26 @@ from gpt.kernels import gemm
 # whole [50257, D] wte for every chunk: at 256 rows the chapter step's output layer took ~3x as
 # long as unchunked (BENCHMARKS.md "Training speed routes"), so by default one chunk up to this size.
 ROWS = 16384
+# True: the bf16 route with the C++ pass (model.matmul_dtype=bfloat16 where model.matmul resolves
+# to "mkl") runs as `_bf16_head`: the pass writes the bf16 dlogits and their row-major transpose
+# itself (gemm.softmax_xent_bf16), so neither backward product waits on an XLA convert or a
+# transposing gather of [rows, 50257]. False (the default): bf16_matmul around `_xent` (session
+# 9's route). Opt-in (bench_train's `-bf16head`): in the same-run A/Bs of a shared machine the
+# step ran 0.75-1.05x (30m) and 0.85-1.36x (chapter) session 9's route (BENCHMARKS.md
+# "train-head, session 10"): no reliable gain; the head's time is its three dots.
+BF16_HEAD = False
+# How the bf16 head makes dh = dlogits wte [rows, D] (train-head, session 10, route 2; see
+# experiments/bench_head.py): "dl_wte", dlogits [rows, V] . wte [V, D] as is; "wte_t", dlogits .
+# (a row-major [D, V] copy of wte, made per step) contracting both last axes: 0.90-0.96x, kept
+# for comparisons. (dh^T = that copy . dlogits^T, transposed back, fails at run time: XLA folds
+# the transpose into the dot's output layout, which its bf16 DotThunk rejects.)
+DH_ROUTE = "dl_wte"
+# True: the bf16 head's dh and d(wte) products run one after the other. Independent, XLA:CPU ran
+# the two at once on its one thread pool (the 30m step's trace: both ~2x their time alone); in
+# sequence the step ran 1.06x (30m, 0.99-1.12x per round), 0.97x (chapter, 0.68-1.85x) and in a
+# later run 0.98x (30m, 0.82-1.02x) the concurrent products' (BENCHMARKS.md "train-head, session
+# 10"): undecided on a shared machine. False: at once (bench_train's `-headpar`).
+SEQUENTIAL = True
 
 
 def tied_cross_entropy(hidden: jax.Array, wte: jax.Array, targets: jax.Array,
@@ -62,6 +82,8 @@ def tied_cross_entropy(hidden: jax.Array, wte: jax.Array, targets: jax.Array,
   """
   D = hidden.shape[-1]
   if bf16 or (matmul_lib.BF16_VJP and hidden.dtype == jnp.bfloat16):
+    if BF16_HEAD and impl == "mkl" and gemm.available():
+      return _bf16_head(hidden.reshape(-1, D), wte, targets.reshape(-1))
     logits = matmul_lib.bf16_matmul(hidden.reshape(-1, D), wte, transpose_w=True)
     return _xent(logits, targets.reshape(-1), impl == "mkl" and gemm.available())
   if (impl == "mkl" and hidden.dtype == jnp.float32 and wte.dtype == jnp.float32
@@ -173,3 +195,50 @@ def _xent_backward(kernel, res, g):
 
 
 _xent.defvjp(_xent_forward, _xent_backward)
+
+
+def _bf16_dots(h, wte, targets):
+  """(mean loss, dh, d(wte)) of the bf16 head: the three products bf16 x bf16 -> f32, each with
+  a left operand contracting its last axis, the one layout XLA:CPU runs as its fast bf16 dot."""
+  N = h.shape[0]
+  hb, wb = h.astype(jnp.bfloat16), wte.astype(jnp.bfloat16)
+  logits = matmul_lib.bf16_dot(hb, wb, (1, 1))
+  dl, dl_t, row_loss = gemm.softmax_xent_bf16(logits, targets, 1.0 / N)
+  dh = _bf16_dh(dl, wb)
+  if SEQUENTIAL:
+    # d(wte)'s operand made to depend on dh (a zero from it: XLA:CPU drops optimization barriers
+    # before it schedules), so that the two products run one after the other, not at once. A NaN
+    # or inf in dh[0, 0] (a diverged step, whose loss is NaN already) makes d(wte) NaN too.
+    hb = hb + (dh[0, 0] * 0.0).astype(hb.dtype)
+  dwte = matmul_lib.bf16_dot(dl_t, hb, (1, 0))  # [V, N] . [N, D]
+  return jnp.sum(row_loss) / N, dh, dwte
+
+
+def _bf16_dh(dl, wb):
+  """dh = dl wb [N, D] from the bf16 dlogits [N, V] and wte [V, D], in DH_ROUTE's orientation."""
+  if DH_ROUTE == "wte_t":
+    return matmul_lib.bf16_dot(dl, matmul_lib.row_major_t(wb), (1, 1))  # [N, V] . [D, V]
+  return matmul_lib.bf16_dot(dl, wb, (1, 0))  # [N, V] . [V, D]
+
+
+@jax.custom_vjp
+def _bf16_head(h, wte, targets):
+  """Mean cross-entropy of h wte^T (bf16 products, float32 logits and loss) at targets, for
+  model.matmul_dtype=bfloat16 with the C++ pass: the gradient is made in the forward pass, as
+  `_mkl_loss`'s. The value alone needs only the logits and softmax_xent's float32 pass."""
+  N = h.shape[0]
+  logits = matmul_lib.bf16_dot(h.astype(jnp.bfloat16), wte.astype(jnp.bfloat16), (1, 1))
+  _, row_loss = gemm.softmax_xent(logits, targets, 1.0 / N)
+  return jnp.sum(row_loss) / N
+
+
+def _bf16_head_forward(h, wte, targets):
+  loss, dh, dwte = _bf16_dots(h, wte, targets)
+  return loss, (dh.astype(h.dtype), dwte.astype(wte.dtype), targets)
+
+
+def _bf16_head_backward(res, g):
+  return _loss_backward(None, res, g)
+
+
+_bf16_head.defvjp(_bf16_head_forward, _bf16_head_backward)

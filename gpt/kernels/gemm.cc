@@ -23,6 +23,10 @@
 // holding NaN or infinities, and with the `portable` attribute (gemm.XENT_PORTABLE, for same-run
 // comparisons) the exponentials are MKL's vector vsExp (VML), which the session-5 measurement
 // found ~1.3x slower than XLA's fused loops (BENCHMARKS.md).
+//
+// The third, GptSoftmaxXentBf16, is the same pass for model.matmul_dtype=bfloat16's head (opt-in,
+// gpt/output_loss.py's BF16_HEAD): it writes the gradient in bfloat16, row-major and transposed,
+// the operands of the head's two backward bf16 dots (below, before GptGemmLoad).
 #include <dlfcn.h>
 
 #include <algorithm>
@@ -35,6 +39,7 @@
 #include <limits>
 #include <memory>
 #include <string>
+#include <vector>
 #include <thread>
 
 #include "pool.h"
@@ -296,6 +301,188 @@ ffi::Error SoftmaxXent(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi::
   return ffi::Error::Success();
 }
 
+// --- GptSoftmaxXentBf16: the loss pass of model.matmul_dtype=bfloat16's head (train-head, session 10).
+// The same loss and (softmax - onehot) * scale as SoftmaxXent, written as bfloat16 twice: dlogits
+// [N, V] row-major and its transpose [V, N] row-major, the operands of the head's two backward
+// products as XLA:CPU's fast bf16 dot wants them (left operand contracting its last axis). Before,
+// XLA rounded the float32 dlogits and gathered their transpose (a [V, N] gather, ~10% of the 30m
+// mixed step). The exp is computed twice per element (once for the row's sum, once for its
+// output) instead of storing float32 rows: the exp is cheap next to a trip through memory.
+
+// float -> bfloat16, rounded to nearest even, NaN kept quiet: XLA's (Eigen's) convert, bit for bit.
+inline uint16_t RoundBf16(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// Rows per block of the bf16 pass: a tile of kXentTRows rows x kXentTCols columns is rounded into a
+// stack buffer and written out transposed as whole 64-byte lines of the [V, N] result.
+constexpr int64_t kXentTRows = 32, kXentTCols = 64;
+// Words per block of the pass's second phase (a multiple of kXentTCols).
+constexpr int64_t kXentTBlock = 256;
+
+// A row's max and sum of exp(x - max) (float32, the same lanes and order as XentRowAvx512, so the
+// two passes' numbers agree bit for bit); false where the row holds a NaN or an infinity (or the
+// build has no AVX-512): the caller then takes the scalar route.
+bool RowStats(const float* x, int64_t V, float* max, float* sum) {
+#ifdef __AVX512F__
+  using gpt_kernels::Exp16;
+  using gpt_kernels::TailMask;
+  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
+  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  __m512 m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;
+  __mmask16 bad = 0;
+  int64_t j = 0;
+  for (; j + 64 <= V; j += 64) {
+    const __m512 a = _mm512_loadu_ps(x + j), b = _mm512_loadu_ps(x + j + 16);
+    const __m512 c = _mm512_loadu_ps(x + j + 32), d = _mm512_loadu_ps(x + j + 48);
+    m0 = _mm512_max_ps(m0, a);
+    m1 = _mm512_max_ps(m1, b);
+    m2 = _mm512_max_ps(m2, c);
+    m3 = _mm512_max_ps(m3, d);
+    bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(a), inf, _CMP_NLT_UQ) |
+           _mm512_cmp_ps_mask(_mm512_abs_ps(b), inf, _CMP_NLT_UQ) |
+           _mm512_cmp_ps_mask(_mm512_abs_ps(c), inf, _CMP_NLT_UQ) |
+           _mm512_cmp_ps_mask(_mm512_abs_ps(d), inf, _CMP_NLT_UQ);
+  }
+  for (; j < V; j += 16) {
+    const __mmask16 k = TailMask(V - j);
+    const __m512 a = _mm512_mask_loadu_ps(ninf, k, x + j);
+    m0 = _mm512_max_ps(m0, a);
+    bad |= _mm512_mask_cmp_ps_mask(k, _mm512_abs_ps(a), inf, _CMP_NLT_UQ);
+  }
+  if (bad) return false;
+  const float m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
+  const __m512 mv = _mm512_set1_ps(m);
+  __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
+  for (j = 0; j + 64 <= V; j += 64) {
+    s0 = _mm512_add_ps(s0, Exp16(_mm512_sub_ps(_mm512_loadu_ps(x + j), mv)));
+    s1 = _mm512_add_ps(s1, Exp16(_mm512_sub_ps(_mm512_loadu_ps(x + j + 16), mv)));
+    s2 = _mm512_add_ps(s2, Exp16(_mm512_sub_ps(_mm512_loadu_ps(x + j + 32), mv)));
+    s3 = _mm512_add_ps(s3, Exp16(_mm512_sub_ps(_mm512_loadu_ps(x + j + 48), mv)));
+  }
+  for (; j < V; j += 16) {
+    const __mmask16 k = TailMask(V - j);
+    s0 = _mm512_add_ps(s0, _mm512_maskz_mov_ps(k, Exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), mv))));
+  }
+  *max = m;
+  *sum = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(s0, s1), _mm512_add_ps(s2, s3)));
+  return true;
+#else
+  (void)x, (void)V, (void)max, (void)sum;
+  return false;
+#endif
+}
+
+// Columns [j0, j0 + n) of one row's dlogits, rounded to bfloat16, into out[0..n) (n <= kXentTCols):
+// exp(x - m) * f, less `scale` at the target. `fast`: the row's stats came from RowStats (Exp16,
+// as SoftmaxXent's AVX-512 route); otherwise std::exp (the scalar route, as SoftmaxXent's portable one).
+void RowTile(const float* x, int64_t j0, int64_t n, float m, float f, int32_t target, float scale,
+             bool fast, uint16_t* out) {
+#ifdef __AVX512F__
+  if (fast) {
+    using gpt_kernels::Exp16;
+    using gpt_kernels::TailMask;
+    const __m512 mv = _mm512_set1_ps(m), fv = _mm512_set1_ps(f), sv = _mm512_set1_ps(scale);
+    const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+    for (int64_t c = 0; c < n; c += 16) {
+      const __mmask16 k = TailMask(n - c);
+      const int64_t j = j0 + c;
+      __m512 v = _mm512_mul_ps(Exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, x + j), mv)), fv);
+      if (target >= j && target < j + 16)
+        v = _mm512_mask_sub_ps(v, static_cast<__mmask16>(1u << (target - j)), v, sv);
+      // Round to nearest even in the integer domain (no NaN here: the row passed RowStats).
+      const __m512i u = _mm512_castps_si512(v);
+      const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+      const __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(bias, lsb)), 16);
+      const __m256i packed = _mm512_cvtepi32_epi16(r);
+      if (n - c >= 16) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), packed);
+      } else {  // the row's tail: only its n - c words
+        alignas(32) uint16_t last[16];
+        _mm256_store_si256(reinterpret_cast<__m256i*>(last), packed);
+        std::memcpy(out + c, last, sizeof(uint16_t) * (n - c));
+      }
+    }
+    return;
+  }
+#endif
+  for (int64_t c = 0; c < n; ++c) {
+    float v = std::exp(x[j0 + c] - m) * f;
+    if (j0 + c == target) v -= scale;
+    out[c] = RoundBf16(v);
+  }
+}
+
+ffi::Error SoftmaxXentBf16(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits,
+                           ffi::Buffer<ffi::S32> targets, ffi::ResultBuffer<ffi::BF16> dlogits,
+                           ffi::ResultBuffer<ffi::BF16> dlogits_t, ffi::ResultBuffer<ffi::F32> loss,
+                           float scale) {
+  auto ld = logits.dimensions();
+  auto dd = dlogits->dimensions();
+  auto td = dlogits_t->dimensions();
+  if (ld.size() != 2 || targets.dimensions().size() != 1 || targets.dimensions()[0] != ld[0] ||
+      dd.size() != 2 || dd[0] != ld[0] || dd[1] != ld[1] || td.size() != 2 || td[0] != ld[1] ||
+      td[1] != ld[0] || loss->dimensions().size() != 1 || loss->dimensions()[0] != ld[0])
+    return ffi::Error::InvalidArgument(
+        "softmax_xent_bf16: logits [N, V], targets [N], results [N, V], [V, N] and [N]");
+  const int64_t N = ld[0], V = ld[1];
+  if (N == 0 || V == 0) return ffi::Error::Success();
+  const float* in = logits.typed_data();
+  const int32_t* t = targets.typed_data();
+  auto* dl = reinterpret_cast<uint16_t*>(dlogits->typed_data());
+  auto* dlt = reinterpret_cast<uint16_t*>(dlogits_t->typed_data());
+  float* rl = loss->typed_data();
+  const int64_t blocks = (N + kXentRows - 1) / kXentRows;
+  gpt_kernels::RunBlocks(pool, blocks, blocks, [=](int64_t b) {
+    const int64_t r0 = b * kXentRows, rows = std::min(N, r0 + kXentRows) - r0;
+    // Each row in turn, while its 200 KB stay in L2: its max and exp-sum, its loss, and its bf16
+    // gradient written out row by row.
+    for (int64_t r = r0; r < r0 + rows; ++r) {
+      const float* x = in + r * V;
+      float m, s;
+      const bool fast = RowStats(x, V, &m, &s);
+      if (!fast) {  // NaN/inf rows, or no AVX-512: SoftmaxXent's portable arithmetic
+        m = RowMax(x, V);
+        float lanes[16] = {0};
+        for (int64_t j = 0; j < V; ++j) lanes[j % 16] += std::exp(x[j] - m);
+        s = 0.0f;
+        for (float l : lanes) s += l;
+      }
+      const int32_t target = t[r];
+      const float picked = target >= 0 && target < V ? x[target] : std::numeric_limits<float>::quiet_NaN();
+      rl[r] = std::log(s) + m - picked;
+      for (int64_t j0 = 0; j0 < V; j0 += kXentTCols)
+        RowTile(x, j0, std::min(V, j0 + kXentTCols) - j0, m, scale / s, target, scale, fast, dl + r * V + j0);
+    }
+  });
+  // Then the transpose of the bf16 rows, by blocks of kXentTBlock words (rows of [V, N]: a
+  // contiguous stretch of it) for every row, the rows walked kXentTRows at a time: so a block
+  // writes a few hundred pages of the transpose and reads each row of dlogits in one piece, where
+  // blocks of rows would touch every page of the transpose (one 4 KB row of it per word: 50257
+  // pages, TLB misses) for each. Tiles of kXentTRows x kXentTCols go through a stack buffer and
+  // out as whole 64-byte lines.
+  const int64_t col_blocks = (V + kXentTBlock - 1) / kXentTBlock;
+  gpt_kernels::RunBlocks(pool, col_blocks, col_blocks, [=](int64_t b) {
+    const int64_t c0 = b * kXentTBlock, c1 = std::min(V, c0 + kXentTBlock);
+    alignas(64) uint16_t tile[kXentTRows][kXentTCols];
+    for (int64_t r0 = 0; r0 < N; r0 += kXentTRows) {
+      const int64_t rows = std::min(N, r0 + kXentTRows) - r0;
+      for (int64_t j0 = c0; j0 < c1; j0 += kXentTCols) {
+        const int64_t n = std::min(c1, j0 + kXentTCols) - j0;
+        for (int64_t i = 0; i < rows; ++i) std::memcpy(tile[i], dl + (r0 + i) * V + j0, sizeof(uint16_t) * n);
+        for (int64_t c = 0; c < n; ++c) {  // the tile's column c is row j0 + c of the transpose
+          uint16_t* o = dlt + (j0 + c) * N + r0;
+          for (int64_t i = 0; i < rows; ++i) o[i] = tile[i][c];
+        }
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 // Loads MKL from `path` (libmkl_rt) and selects its sequential layer. Returns 0 on success, 1 when
@@ -340,3 +527,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptSoftmaxXentF32, SoftmaxXent,
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("portable"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptSoftmaxXentBf16, SoftmaxXentBf16,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::BF16>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale"));

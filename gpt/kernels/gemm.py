@@ -44,6 +44,7 @@ SOURCE = Path(__file__).with_name("gemm.cc")
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC", "-w")
 TARGET = "GptGemmF32"
 XENT_TARGET = "GptSoftmaxXentF32"  # the output layer's loss pass (`softmax_xent`)
+XENT_BF16_TARGET = "GptSoftmaxXentBf16"  # the same pass writing bf16 dlogits and their transpose
 # The name `matmul` gives its products (jax.ad_checkpoint.checkpoint_name): a custom call is no dot,
 # so gpt.model's "dots" remat policies save these by name, as they save XLA's dots.
 CHECKPOINT_NAME = "gpt_gemm"
@@ -82,7 +83,7 @@ def _load_with_mkl(load):
   return lib
 
 
-KERNEL = native.Kernel(SOURCE, FLAGS, (TARGET, XENT_TARGET),
+KERNEL = native.Kernel(SOURCE, FLAGS, (TARGET, XENT_TARGET, XENT_BF16_TARGET),
                        libraries=("-ldl",), setup=_load_with_mkl,
                        fallback="training uses XLA's matmul")
 
@@ -138,6 +139,21 @@ def softmax_xent(logits: jax.Array, targets: jax.Array, scale: float) -> tuple[j
                           vmap_method="sequential", input_output_aliases={0: 0})
   return call(logits.astype(jnp.float32), targets.astype(jnp.int32), scale=np.float32(scale),
               portable=int(XENT_PORTABLE))
+
+
+def softmax_xent_bf16(logits: jax.Array, targets: jax.Array,
+                      scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """`softmax_xent`'s pass with its gradient written in bfloat16, twice: (dlogits [N, V],
+  dlogits^T [V, N] laid out row by row, loss [N]). The float32 values are softmax_xent's, bit for
+  bit, rounded to nearest even (XLA's convert), so the model.matmul_dtype=bfloat16 head's two
+  backward products read them as XLA:CPU's fast bf16 dot wants its left operand, with no convert
+  or transposing gather of their own (gpt.output_loss). Call only where `available()`."""
+  N, V = logits.shape
+  call = jax.ffi.ffi_call(XENT_BF16_TARGET, (jax.ShapeDtypeStruct((N, V), jnp.bfloat16),
+                                             jax.ShapeDtypeStruct((V, N), jnp.bfloat16),
+                                             jax.ShapeDtypeStruct((N,), jnp.float32)),
+                          vmap_method="sequential")
+  return call(logits.astype(jnp.float32), targets.astype(jnp.int32), scale=np.float32(scale))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
