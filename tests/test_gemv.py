@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gpt.errors import GPTError
 from gpt.kernels import gemv
 from tests.gemv_cases import quantized
 
@@ -238,10 +239,11 @@ def test_int16_activations_flush_their_sums_before_int32_overflows():
   np.testing.assert_allclose(got[0, 0], -128.0 * K, rtol=1e-6)
 
 
-def test_int8_weights_choose_their_loop():
+def test_int8_weights_choose_their_loop(monkeypatch):
   # matmul: the float loop unless asked; auto_matmul (decoding) with int16_activations: the float
   # loop at 1 row (it streams at the read rate and keeps activations exact), the int16 VNNI loop
-  # from A16_MIN_ROWS rows; int8_activations takes the int8 loop at any rows.
+  # from A16_MIN_ROWS rows (GPT_GEMV_A16_ROWS moves the line); int8_activations takes the int8
+  # loop at any rows.
   w, scale = quantized(np.random.default_rng(0).standard_normal((32, 64)).astype(np.float32))
   assert gemv.uses_kernel(1, w)
 
@@ -256,6 +258,13 @@ def test_int8_weights_choose_their_loop():
   assert target(8, int16_activations=True) == target(1, gemv.matmul, int16_activations=True) == a16
   if gemv.vnni():
     assert target(8, int8_activations=True, int16_activations=True) == "GptGemvS8A8"
+  monkeypatch.setenv("GPT_GEMV_A16_ROWS", "1")
+  assert target(1, int16_activations=True) == a16 and target(1) == "GptGemvS8"
+  monkeypatch.setenv("GPT_GEMV_A16_ROWS", "3")
+  assert target(2, int16_activations=True) == "GptGemvS8" and target(3, int16_activations=True) == a16
+  monkeypatch.setenv("GPT_GEMV_A16_ROWS", "0")
+  with pytest.raises(GPTError, match="GPT_GEMV_A16_ROWS='0'"):
+    target(1, int16_activations=True)
 
 
 def _vm_flags(address: int) -> list[str]:

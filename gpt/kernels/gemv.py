@@ -45,6 +45,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
+from gpt.errors import GPTError
 from gpt.kernels import native
 
 MAX_ROWS = 16  # past a few rows a matrix-matrix kernel (XLA's) reuses each weight better
@@ -120,8 +121,20 @@ def to_rows(w: jax.Array) -> jax.Array:
 # int16-activation VNNI loop (GptGemvS8A16) instead of the float loop: at 1 row both stream at the
 # read rate (experiments/bench_gemv_loop.cc) and the float loop keeps the activations exact; from 2
 # rows the float loop's converts and FMAs make it compute-bound and vpdpwssd does the same work in
-# fewer uops (BENCHMARKS.md, "int16 activations").
+# fewer uops (BENCHMARKS.md, "int16 activations"). GPT_GEMV_A16_ROWS (read while tracing) sets
+# another count, for same-run A/Bs (bench_decode --ab GPT_GEMV_A16_ROWS=1).
 A16_MIN_ROWS = 2
+
+
+def a16_min_rows() -> int:
+  """From how many rows `int16_activations` takes the int16 loop: GPT_GEMV_A16_ROWS, else
+  A16_MIN_ROWS."""
+  value = os.environ.get("GPT_GEMV_A16_ROWS", "")
+  if not value:
+    return A16_MIN_ROWS
+  if not value.isdigit() or int(value) < 1:
+    raise GPTError(f"GPT_GEMV_A16_ROWS={value!r}: give a whole number of rows, 1 or more")
+  return int(value)
 
 
 def hugepage_buffers() -> int:
@@ -222,13 +235,13 @@ def auto_matmul(x: jax.Array, w: jax.Array, *, scale: jax.Array | None = None,
                 int8_activations: bool = False, int16_activations: bool = False) -> jax.Array:
   """`matmul` where the kernel is the faster choice for this many rows (`wins`), else `reference`
   (XLA's einsum): what a model prepared for decoding (weights [N, K]) runs. `int16_activations`
-  takes the int16 loop from A16_MIN_ROWS rows. The kernel has no gradient: this is never part of
+  takes the int16 loop from `a16_min_rows()` rows. The kernel has no gradient: this is never part of
   a training step."""
   rows = math.prod(x.shape[:-1])
   if not wins(rows, w):
     return reference(x, w, scale=scale, int8_activations=int8_activations)
   return matmul(x, w, scale=scale, int8_activations=int8_activations,
-                int16_activations=int16_activations and rows >= A16_MIN_ROWS)
+                int16_activations=int16_activations and rows >= a16_min_rows())
 
 
 # Weight dtypes whose decoding fuses its calls (`layer_tail`, or `mlp`), up to how many rows. int8 at
@@ -249,7 +262,7 @@ def fuses_mlp(rows: int, w: jax.Array, *, int16_activations: bool = False) -> bo
   dtype = jnp.dtype(w.dtype)
   if os.environ.get("GPT_GEMV_FUSE", "0") == "0":
     return False
-  if int16_activations and dtype == jnp.int8 and rows >= A16_MIN_ROWS and vnni():
+  if int16_activations and dtype == jnp.int8 and rows >= a16_min_rows() and vnni():
     return False
   return rows <= FUSE_ROWS.get(dtype, 0) and wins(rows, w)
 
