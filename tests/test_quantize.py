@@ -121,7 +121,7 @@ def test_int8_activations_decode_as_their_xla_twin_and_near_float_activations(mo
 
 def test_int16_activations_decode_near_float_activations():
   """model.int16_activations: the prefill (6 rows) and batch-3 steps run the int16 VNNI loop (single
-  rows the float loop): within int16 rounding of the float-activation int8 model, and really
+  rows too where the library has AVX512-BF16, else the float loop): within int16 rounding of the float-activation int8 model, and really
   quantized."""
   from gpt.kernels import gemv
 

@@ -118,20 +118,23 @@ def to_rows(w: jax.Array) -> jax.Array:
 
 
 # With `int16_activations` (model.int16_activations), from how many rows `auto_matmul` runs the
-# int16-activation VNNI loop (GptGemvS8A16) instead of the float loop: at 1 row both stream at the
-# read rate (experiments/bench_gemv_loop.cc) and the float loop keeps the activations exact; from 2
-# rows the float loop's converts and FMAs make it compute-bound and vpdpwssd does the same work in
-# fewer uops (BENCHMARKS.md, "int16 activations"). GPT_GEMV_A16_ROWS (read while tracing) sets
-# another count, for same-run A/Bs (bench_decode --ab GPT_GEMV_A16_ROWS=1).
+# int16-activation VNNI loop (GptGemvS8A16) instead of the float loop. On the Xeon (no AVX512-BF16)
+# both stream at the read rate at 1 row (experiments/bench_gemv_loop.cc) and the float loop keeps
+# the activations exact: from 2 rows (A16_MIN_ROWS), where its converts and FMAs make it
+# compute-bound and vpdpwssd does the same work in fewer uops (BENCHMARKS.md, "int16 activations").
+# Where the library has AVX512-BF16 (Zen 4 here; the proxy gemv.cc's row order uses too) the float
+# loop is compute-bound at 1 row already, and the int16 loop from 1 row decoded 1.13x faster in a
+# quiet same-run A/B (BENCHMARKS.md, "The lead's quiet retake, session 10"). GPT_GEMV_A16_ROWS
+# (read while tracing) sets another count, for same-run A/Bs (bench_decode --ab GPT_GEMV_A16_ROWS=2).
 A16_MIN_ROWS = 2
 
 
 def a16_min_rows() -> int:
-  """From how many rows `int16_activations` takes the int16 loop: GPT_GEMV_A16_ROWS, else
-  A16_MIN_ROWS."""
+  """From how many rows `int16_activations` takes the int16 loop: GPT_GEMV_A16_ROWS, else 1 where
+  the library has AVX512-BF16 (`bf16_dot`), else A16_MIN_ROWS."""
   value = os.environ.get("GPT_GEMV_A16_ROWS", "")
   if not value:
-    return A16_MIN_ROWS
+    return 1 if bf16_dot() else A16_MIN_ROWS
   if not value.isdigit() or int(value) < 1:
     raise GPTError(f"GPT_GEMV_A16_ROWS={value!r}: give a whole number of rows, 1 or more")
   return int(value)
