@@ -13,7 +13,7 @@ Random weights (speed does not depend on them). Weights "int8" are model.quantiz
 int8 weights with per-output scales, float32 activations) beside CTranslate2's int8 column; "int8a8"
 adds model.int8_activations (each activation row quantized to int8 too, multiplied on AVX-512 VNNI:
 what CTranslate2's int8 does); "int8a16" adds model.int16_activations (float activations quantized
-per row to int16 at 2+ rows, multiplied with VNNI's vpdpwssd).
+per row to int16 from gemv.a16_min_rows() rows, multiplied with VNNI's vpdpwssd).
 Every configuration samples `--new` tokens (top-k 40) after a one-token prompt, timed end to end (prefill + decode loop), after one untimed warm-up
 run that compiles. Columns:
   ours         gpt.sample.Generator: gpt.sampling's while_loop over the model prepared for
@@ -176,7 +176,7 @@ def main():
   parser.add_argument("--dtype", default="float32,bfloat16,int8",
                       help="weights and compute dtype; int8 = int8 weights, float32 compute; "
                       "int8a8 = int8 weights and int8 activations (model.int8_activations); "
-                      "int8a16 = int8 weights, activations int16 at 2+ rows (model.int16_activations)")
+                      "int8a16 = int8 weights, activations int16 from gemv.a16_min_rows() rows (model.int16_activations)")
   parser.add_argument("--new", type=int, default=128, help="new tokens per sample")
   parser.add_argument("--repeats", type=int, default=3)
   parser.add_argument("--no_model_decode", action="store_true", help="skip the GPT.decode column")
