@@ -177,14 +177,9 @@ float ExpShiftSum(float* x, int64_t n, float m, VecFn vsexp) {
 }
 
 #ifdef __AVX512F__
-// One row of SoftmaxXent in three AVX-512 sweeps over the 200 KB row while it stays in L2: the max
-// (read from memory), exp(x - max) computed in registers, stored over the row and summed, then the
-// scale by `scale` / sum. So the logits cross memory once in and once out, and the exp never makes
-// a separate trip through memory as MKL's vsExp's results do. x and y may be the same row (XLA
-// aliases the output). Returns false, touching nothing, when the row holds a NaN or an infinity:
-// the caller's portable route then gives XLA's NaN where Exp16's clamp would hide it.
-bool XentRowAvx512(const float* x, float* y, int64_t V, int32_t target, float scale, float* loss) {
-  using gpt_kernels::Exp16;
+// The largest of x[0..V) in four AVX-512 accumulators, into *max; false, where the row holds a NaN or
+// an infinity (the callers then take their scalar route, which gives XLA's NaN).
+bool RowMaxAvx512(const float* x, int64_t V, float* max) {
   using gpt_kernels::TailMask;
   const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
   const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
@@ -211,13 +206,28 @@ bool XentRowAvx512(const float* x, float* y, int64_t V, int32_t target, float sc
     bad |= _mm512_mask_cmp_ps_mask(k, _mm512_abs_ps(a), inf, _CMP_NLT_UQ);
   }
   if (bad) return false;
-  const float m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
+  *max = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
+  return true;
+}
+
+// One row of SoftmaxXent in three AVX-512 sweeps over the 200 KB row while it stays in L2: the max
+// (read from memory), exp(x - max) computed in registers, stored over the row and summed, then the
+// scale by `scale` / sum. So the logits cross memory once in and once out, and the exp never makes
+// a separate trip through memory as MKL's vsExp's results do. x and y may be the same row (XLA
+// aliases the output). Returns false, touching nothing, when the row holds a NaN or an infinity:
+// the caller's portable route then gives XLA's NaN where Exp16's clamp would hide it.
+bool XentRowAvx512(const float* x, float* y, int64_t V, int32_t target, float scale, float* loss) {
+  using gpt_kernels::Exp16;
+  using gpt_kernels::TailMask;
+  float m;
+  if (!RowMaxAvx512(x, V, &m)) return false;
   const bool valid = target >= 0 && target < V;
   // Out of range: the loss is NaN (as jnp.take_along_axis's fill) and no one-hot is subtracted.
   const float picked = valid ? x[target] : std::numeric_limits<float>::quiet_NaN();
   const __m512 mv = _mm512_set1_ps(m);
   __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-  for (j = 0; j + 64 <= V; j += 64) {
+  int64_t j = 0;
+  for (; j + 64 <= V; j += 64) {
     const __m512 a = Exp16(_mm512_sub_ps(_mm512_loadu_ps(x + j), mv));
     const __m512 b = Exp16(_mm512_sub_ps(_mm512_loadu_ps(x + j + 16), mv));
     const __m512 c = Exp16(_mm512_sub_ps(_mm512_loadu_ps(x + j + 32), mv));
@@ -330,34 +340,12 @@ bool RowStats(const float* x, int64_t V, float* max, float* sum) {
 #ifdef __AVX512F__
   using gpt_kernels::Exp16;
   using gpt_kernels::TailMask;
-  const __m512 ninf = _mm512_set1_ps(-std::numeric_limits<float>::infinity());
-  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
-  __m512 m0 = ninf, m1 = ninf, m2 = ninf, m3 = ninf;
-  __mmask16 bad = 0;
-  int64_t j = 0;
-  for (; j + 64 <= V; j += 64) {
-    const __m512 a = _mm512_loadu_ps(x + j), b = _mm512_loadu_ps(x + j + 16);
-    const __m512 c = _mm512_loadu_ps(x + j + 32), d = _mm512_loadu_ps(x + j + 48);
-    m0 = _mm512_max_ps(m0, a);
-    m1 = _mm512_max_ps(m1, b);
-    m2 = _mm512_max_ps(m2, c);
-    m3 = _mm512_max_ps(m3, d);
-    bad |= _mm512_cmp_ps_mask(_mm512_abs_ps(a), inf, _CMP_NLT_UQ) |
-           _mm512_cmp_ps_mask(_mm512_abs_ps(b), inf, _CMP_NLT_UQ) |
-           _mm512_cmp_ps_mask(_mm512_abs_ps(c), inf, _CMP_NLT_UQ) |
-           _mm512_cmp_ps_mask(_mm512_abs_ps(d), inf, _CMP_NLT_UQ);
-  }
-  for (; j < V; j += 16) {
-    const __mmask16 k = TailMask(V - j);
-    const __m512 a = _mm512_mask_loadu_ps(ninf, k, x + j);
-    m0 = _mm512_max_ps(m0, a);
-    bad |= _mm512_mask_cmp_ps_mask(k, _mm512_abs_ps(a), inf, _CMP_NLT_UQ);
-  }
-  if (bad) return false;
-  const float m = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_max_ps(m0, m1), _mm512_max_ps(m2, m3)));
+  float m;
+  if (!RowMaxAvx512(x, V, &m)) return false;
   const __m512 mv = _mm512_set1_ps(m);
   __m512 s0 = _mm512_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
-  for (j = 0; j + 64 <= V; j += 64) {
+  int64_t j = 0;
+  for (; j + 64 <= V; j += 64) {
     s0 = _mm512_add_ps(s0, Exp16(_mm512_sub_ps(_mm512_loadu_ps(x + j), mv)));
     s1 = _mm512_add_ps(s1, Exp16(_mm512_sub_ps(_mm512_loadu_ps(x + j + 16), mv)));
     s2 = _mm512_add_ps(s2, Exp16(_mm512_sub_ps(_mm512_loadu_ps(x + j + 32), mv)));
