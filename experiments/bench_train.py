@@ -150,7 +150,11 @@ VARIANT_SWITCHES = {"recomputeprobs": ("gpt.attention", "SAVE_PROBABILITIES", Fa
                     "headpar": ("gpt.output_loss", "SEQUENTIAL", False),
                     # the lead, session 10: bf16_matmul saves the forward's bf16 copy of the weight
                     # for its backward (a stacked residual under the layer scan) instead of the weight
-                    "bf16wres": ("gpt.matmul", "ROUND_W_AGAIN", False)}
+                    "bf16wres": ("gpt.matmul", "ROUND_W_AGAIN", False),
+                    # the lead, session 11: the float32 route's products by MKL's sgemm or by
+                    # XLA's dot whatever the CPU (gemm.PRODUCTS "auto": MKL on Intel only)
+                    "mklprod": ("gpt.kernels.gemm", "PRODUCTS", "mkl"),
+                    "xlaprod": ("gpt.kernels.gemm", "PRODUCTS", "xla")}
 
 
 def train_program(shape, dtype: str, scan: bool, seed: int = 0, train=None, abstract: bool = False,

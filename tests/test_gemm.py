@@ -1,7 +1,9 @@
 """gpt.kernels.gemm (MKL's sgemm behind JAX's FFI) against XLA: products, gradients, the train step.
 
 Skips with the reason when MKL is not installed (`pip install '.[mkl]'`, as CI's install does) or
-no C++ compiler built the kernel; `resolve`'s fallbacks and errors are tested either way.
+no C++ compiler built the kernel; `resolve`'s fallbacks and errors are tested either way. The
+module's VJPs are tested with both product engines (`gemm.products()`: MKL's sgemm or XLA's dot,
+chosen by CPU vendor), whatever this CPU's default.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from flax import nnx
 
 from gpt import sharding
 from gpt.errors import GPTError
-from gpt.kernels import gemm
+from gpt.kernels import gemm, native
 from gpt.model import GPTConfig, init_model
 from gpt.train import build_programs
 from gpt.train_step import create_state
@@ -22,9 +24,19 @@ from tests.train_utils import tiny_config
 
 
 @pytest.fixture
-def mkl():
+def mkl(monkeypatch):
+  """The kernel, with MKL's products pinned (the FFI call itself), whatever the CPU's default."""
   if not gemm.available():
     pytest.skip(f"gpt.kernels.gemm unavailable: {gemm.why_unavailable()}")
+  monkeypatch.delenv("GPT_GEMM_PRODUCTS", raising=False)
+  monkeypatch.setattr(gemm, "PRODUCTS", "mkl")
+
+
+@pytest.fixture(params=["mkl", "xla"])
+def products(request, mkl, monkeypatch):
+  """Each product engine in turn inside the module's VJPs; yields its name."""
+  monkeypatch.setattr(gemm, "PRODUCTS", request.param)
+  return request.param
 
 
 def _rand(shape, seed):
@@ -38,7 +50,7 @@ SHAPES = [(37, 53, 29), (1, 70, 33), (65, 1, 40), (300, 260, 96), (96, 530, 130)
 
 @pytest.mark.parametrize("transpose_a", [False, True])
 @pytest.mark.parametrize("transpose_b", [False, True])
-def test_gemm_matches_float64(mkl, transpose_a, transpose_b):
+def test_gemm_matches_float64(products, transpose_a, transpose_b):
   f = jax.jit(lambda a, b: gemm.gemm(a, b, transpose_a=transpose_a, transpose_b=transpose_b))
   for i, (M, N, K) in enumerate(SHAPES):
     a = _rand((K, M) if transpose_a else (M, K), i)
@@ -51,7 +63,7 @@ def test_gemm_matches_float64(mkl, transpose_a, transpose_b):
 
 
 @pytest.mark.parametrize("transpose_w", [False, True])
-def test_matmul_and_gradients_match_xla(mkl, transpose_w):
+def test_matmul_and_gradients_match_xla(products, transpose_w):
   x = _rand((3, 41, 57), 0)  # a batch dimension and ragged sizes
   w = _rand((90, 57) if transpose_w else (57, 90), 1)
   probe = _rand((3, 41, 90), 2)
@@ -66,10 +78,11 @@ def test_matmul_and_gradients_match_xla(mkl, transpose_w):
     assert g.shape == r.shape
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-4)
   hlo = jax.jit(jax.grad(loss(gemm.matmul), argnums=(0, 1))).lower(x, w).as_text()
-  assert hlo.count(gemm.TARGET) == 3  # forward, dx and dw all by the kernel
+  # forward, dx and dw all by the kernel, or all by XLA's dot
+  assert hlo.count(gemm.TARGET) == (3 if products == "mkl" else 0)
 
 
-def test_gelu_matmul_and_gradients_match_xla(mkl):
+def test_gelu_matmul_and_gradients_match_xla(products):
   """gemm.gelu_matmul (the MLP's GELU inside MKL's c_proj product, its backward recomputing the
   GELU from h) against gelu then XLA's einsum; bfloat16 falls back to exactly that."""
   h, w, probe = _rand((3, 41, 57), 5) * 2, _rand((57, 30), 6), _rand((3, 41, 30), 7)
@@ -104,6 +117,32 @@ def test_resolve():
     GPTConfig(matmul="blas")
 
 
+def test_products_follow_the_cpu_vendor_and_the_environment(monkeypatch):
+  """"auto" is MKL's sgemm on Intel CPUs only; GPT_GEMM_PRODUCTS overrides; a bad value is one
+  GPTError line; the choice is read when a program is traced."""
+  monkeypatch.delenv("GPT_GEMM_PRODUCTS", raising=False)
+  monkeypatch.setattr(gemm, "PRODUCTS", "auto")
+  assert gemm.products() == ("mkl" if native.cpu_vendor() == "GenuineIntel" else "xla")
+  for vendor, want in (("GenuineIntel", "mkl"), ("AuthenticAMD", "xla"), ("", "xla")):
+    monkeypatch.setattr(native, "cpu_vendor", lambda v=vendor: v)
+    assert gemm.products() == want
+  monkeypatch.setenv("GPT_GEMM_PRODUCTS", "mkl")
+  assert gemm.products() == "mkl"
+  monkeypatch.setenv("GPT_GEMM_PRODUCTS", "blas")
+  with pytest.raises(GPTError, match="GPT_GEMM_PRODUCTS='blas'; choose one of"):
+    gemm.products()
+
+
+def test_xla_products_trace_to_dots(mkl, monkeypatch):
+  x, w = _rand((5, 8), 0), _rand((8, 3), 1)
+  lowered = lambda: jax.jit(lambda x, w: gemm.matmul(x, w)).lower(x, w).as_text()  # a new trace
+  monkeypatch.setenv("GPT_GEMM_PRODUCTS", "xla")
+  hlo = lowered()
+  assert gemm.TARGET not in hlo and "dot_general" in hlo
+  monkeypatch.setenv("GPT_GEMM_PRODUCTS", "mkl")
+  assert gemm.TARGET in lowered()
+
+
 def test_resolve_without_mkl(monkeypatch):
   """With no libmkl_rt, auto falls back and an explicit mkl says what to install."""
   monkeypatch.setattr(gemm, "KERNEL", gemm.KERNEL.untried())  # as in a process that has not loaded it
@@ -134,10 +173,11 @@ def _one_step(config, matmul: str, lower_only: bool = False):
   return float(metrics["loss"]), jax.tree.map(lambda a, b: np.asarray(a) - b, state.params, before), hlo
 
 
-@pytest.mark.parametrize("layers", [dict(scan_layers=True, remat="full"),
-                                    dict(scan_layers=False, remat="dots"),
-                                    dict(scan_layers=True, remat="none", output_loss="fused")])
-def test_train_step_mkl_equals_xla(mkl, tmp_path, layers):
+@pytest.mark.parametrize("layers,products", [(dict(scan_layers=True, remat="full"), "mkl"),
+                                             (dict(scan_layers=False, remat="dots"), "mkl"),
+                                             (dict(scan_layers=True, remat="none", output_loss="fused"), "mkl"),
+                                             (dict(scan_layers=True, remat="dots"), "xla")])
+def test_train_step_mkl_equals_xla(mkl, monkeypatch, tmp_path, layers, products):
   """The train mode's step with model.matmul=auto (MKL here) against XLA's: the same loss and the
   same update, under scan + full remat or unrolled + dots remat (which saves the kernel's products
   as it saves dots: no more kernel calls than without remat), with gradient accumulation. Plain SGD at rate 1
@@ -146,14 +186,15 @@ def test_train_step_mkl_equals_xla(mkl, tmp_path, layers):
   config = tiny_config(tmp_path, grad_accum=2, optimizer="sgd", learning_rate=1.0, momentum=0.0,
                        grad_clip=0.0, warmup_steps=0, schedule="constant")
   config.model.update(**layers)
+  monkeypatch.setattr(gemm, "PRODUCTS", products)  # the route's VJPs with either engine's products
   loss_x, update_x, hlo_x = _one_step(config, "xla")
   loss_m, update_m, hlo_m = _one_step(config, "auto")
-  assert gemm.TARGET not in hlo_x and gemm.TARGET in hlo_m
+  assert gemm.TARGET not in hlo_x and (gemm.TARGET in hlo_m) == (products == "mkl")
   # The output layer's one-pass loss runs with MKL's matmuls where the loss is fused or auto (the
   # default; XLA's fused version or optax's on the xla side).
   fused = config.model.output_loss in ("fused", "auto")
   assert gemm.XENT_TARGET not in hlo_x and (gemm.XENT_TARGET in hlo_m) == fused
-  if layers["remat"] == "dots":
+  if layers["remat"] == "dots" and products == "mkl":
     config.model.remat = "none"
     assert hlo_m.count(gemm.TARGET) == _one_step(config, "auto", lower_only=True).count(gemm.TARGET)
   np.testing.assert_allclose(loss_m, loss_x, rtol=1e-5)

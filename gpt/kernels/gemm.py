@@ -7,6 +7,11 @@ routes"). `matmul` multiplies x [..., K] by a weight w [K, N] (Conv1D's layout) 
 (`transpose_w`: the tied output layer's wte) with one FFI kernel, `gemm`, whose transpose flags also
 serve the backward pass (custom VJP: dx = dy w^T, dw = x^T dy, each one `gemm` call).
 
+The products themselves need not be MKL's: `products()` picks MKL's sgemm on Intel CPUs and
+XLA's own float32 dot elsewhere (MKL does not run its fast sgemm on AMD's CPUs; see PRODUCTS), in
+the same VJPs, so the route's other parts (the one-pass loss, the GELU inside c_proj's VJP, the
+named residuals) stay whoever multiplies.
+
 MKL comes from PyPI (`pip install 'gpt[mkl]'`, the `mkl` wheel's libmkl_rt) and is found at run
 time (`find_mkl`; GPT_MKL_LIBRARY names the file explicitly): nothing links against it. The small
 FFI library is compiled from gemm.cc with the system C++ compiler the first time it is needed
@@ -52,6 +57,16 @@ CHECKPOINT_NAME = "gpt_gemm"
 # the AVX-512 one is built: the session-5 pass, kept for same-run comparisons (bench_train's
 # `-xentvml`) and for the tests that hold both routes to optax.
 XENT_PORTABLE = False
+# Who multiplies in `gemm` (and so in every VJP of this module: the dense layers', the MLP's
+# GELU-in-c_proj, the fused loss's three): "mkl" (cblas_sgemm by the FFI call), "xla" (XLA's own
+# float32 dot in the same place), or "auto": MKL on Intel CPUs, XLA's dot on others. Why: MKL does
+# not run its fastest sgemm on AMD CPUs; on a Zen 4 EPYC it measured 145-167 GFLOP/s at the step's
+# shapes against XLA's 170-210 (119 vs 168 for the logits), and the whole float32 step ran 1.18x
+# (chapter) and 1.21x (30m) with XLA's products inside the same VJPs (BENCHMARKS.md "The lead,
+# session 11"). On the Xeon this project measured before, MKL's were ~1.2x XLA's. The environment
+# variable GPT_GEMM_PRODUCTS (mkl, xla or auto) overrides this, read when a program is traced.
+PRODUCTS = "auto"
+PRODUCT_CHOICES = ("auto", "mkl", "xla")
 
 
 def find_mkl() -> str | None:
@@ -114,12 +129,29 @@ def resolve(choice: str, devices) -> str:
   return "xla"
 
 
+def products() -> str:
+  """Who runs `gemm`'s products in programs traced now: "mkl" or "xla" (PRODUCTS, overridden by
+  $GPT_GEMM_PRODUCTS; "auto" is MKL on an Intel CPU, XLA's dot elsewhere). A bad value is a
+  GPTError."""
+  choice = os.environ.get("GPT_GEMM_PRODUCTS") or PRODUCTS
+  if choice not in PRODUCT_CHOICES:
+    raise GPTError(f"GPT_GEMM_PRODUCTS={choice!r}; choose one of {PRODUCT_CHOICES}")
+  if choice == "auto":
+    return "mkl" if native.cpu_vendor() == "GenuineIntel" else "xla"
+  return choice
+
+
 def gemm(a: jax.Array, b: jax.Array, *, transpose_a: bool = False,
          transpose_b: bool = False) -> jax.Array:
-  """op(a) @ op(b) for 2-D float32 arrays (op transposes where asked), by MKL: the FFI call itself.
-  Call only where `available()`."""
+  """op(a) @ op(b) for 2-D float32 arrays (op transposes where asked), accumulated in float32: the
+  FFI call to MKL's sgemm, or XLA's own dot where `products()` says "xla". Call only where
+  `available()`."""
   M = a.shape[1] if transpose_a else a.shape[0]
   N = b.shape[0] if transpose_b else b.shape[1]
+  if products() == "xla":
+    dims = (((0,) if transpose_a else (1,)), ((1,) if transpose_b else (0,)))
+    return jax.lax.dot_general(a, b, (dims, ((), ())), precision=jax.lax.Precision.HIGHEST,
+                               preferred_element_type=jnp.float32)
   call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((M, N), jnp.float32),
                           vmap_method="sequential")
   return call(a, b, transpose_a=int(transpose_a), transpose_b=int(transpose_b))

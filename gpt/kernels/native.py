@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import copy
 import ctypes
+import functools
 import hashlib
 import os
 import platform
@@ -48,6 +49,19 @@ def cpu_signature() -> bytes:
     return platform.processor().encode()
   keep = [l for l in lines if l.startswith(("model name", "flags"))][:2]
   return "\n".join(keep).encode()
+
+
+@functools.cache
+def cpu_vendor() -> str:
+  """The CPU's vendor id from /proc/cpuinfo ("GenuineIntel", "AuthenticAMD", ...), or "" where it
+  cannot be read (another OS, an unusual CPU)."""
+  try:
+    for line in Path("/proc/cpuinfo").read_text().splitlines():
+      if line.startswith("vendor_id"):
+        return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return ""
 
 
 def library_path(source: Path, flags: tuple[str, ...], *, cpu_specific: bool) -> Path:
