@@ -139,6 +139,8 @@ def test_xla_products_trace_to_dots(mkl, monkeypatch):
   monkeypatch.setenv("GPT_GEMM_PRODUCTS", "xla")
   hlo = lowered()
   assert gemm.TARGET not in hlo and "dot_general" in hlo
+  pinned = jax.jit(lambda x, w: gemm.gemm(x, w, engine="mkl")).lower(x, w).as_text()
+  assert gemm.TARGET in pinned  # an explicit engine wins (bench_train_gemms' MKL column)
   monkeypatch.setenv("GPT_GEMM_PRODUCTS", "mkl")
   assert gemm.TARGET in lowered()
 

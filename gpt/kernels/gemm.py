@@ -141,14 +141,14 @@ def products() -> str:
   return choice
 
 
-def gemm(a: jax.Array, b: jax.Array, *, transpose_a: bool = False,
-         transpose_b: bool = False) -> jax.Array:
+def gemm(a: jax.Array, b: jax.Array, *, transpose_a: bool = False, transpose_b: bool = False,
+         engine: str | None = None) -> jax.Array:
   """op(a) @ op(b) for 2-D float32 arrays (op transposes where asked), accumulated in float32: the
-  FFI call to MKL's sgemm, or XLA's own dot where `products()` says "xla". Call only where
-  `available()`."""
+  FFI call to MKL's sgemm, or XLA's own dot, as `engine` ("mkl" or "xla") or else `products()`
+  says. Call only where `available()`."""
   M = a.shape[1] if transpose_a else a.shape[0]
   N = b.shape[0] if transpose_b else b.shape[1]
-  if products() == "xla":
+  if (engine or products()) == "xla":
     dims = (((0,) if transpose_a else (1,)), ((1,) if transpose_b else (0,)))
     return jax.lax.dot_general(a, b, (dims, ((), ())), precision=jax.lax.Precision.HIGHEST,
                                preferred_element_type=jnp.float32)
