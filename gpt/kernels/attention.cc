@@ -342,12 +342,18 @@ void ToWords(const float* src, int64_t lds, int64_t rows, int64_t n, uint32_t* d
 
 // dst[p, j] = (src[2p, j], src[2p + 1, j]) in bf16 for j < n, p < ceil(rows / 2) (a missing odd
 // row is zero): two rows interleaved, the layout a contraction over rows reads.
+// cvtne2ps_pbh(hi, lo) holds lo's 16 values then hi's; this index pairs them element by element.
+alignas(64) constexpr uint16_t kPairIdx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
+                                               8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30,
+                                               15, 31};
+
+// 16 pair words (lo[i], hi[i]) in bf16.
+inline __m512i PairWords(__m512 lo, __m512 hi, __m512i idx) {
+  return _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+}
+
 void Interleave(const float* src, int64_t lds, int64_t rows, int64_t n, uint32_t* dst, int64_t ldd) {
-  // cvtne2ps_pbh(hi, lo) holds lo's 16 values then hi's; this index pairs them element by element.
-  alignas(64) static const uint16_t kIdx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7,
-                                                23, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29,
-                                                14, 30, 15, 31};
-  const __m512i idx = _mm512_load_si512(kIdx);
+  const __m512i idx = _mm512_load_si512(kPairIdx);
   for (int64_t p = 0; p < (rows + 1) / 2; ++p) {
     const float* lo = src + 2 * p * lds;
     const bool has_hi = 2 * p + 1 < rows;
@@ -355,9 +361,37 @@ void Interleave(const float* src, int64_t lds, int64_t rows, int64_t n, uint32_t
       const __mmask16 m = TailMask(n - j);
       const __m512 a = _mm512_maskz_loadu_ps(m, lo + j);
       const __m512 b = has_hi ? _mm512_maskz_loadu_ps(m, lo + lds + j) : _mm512_setzero_ps();
-      const __m512i w = _mm512_permutexvar_epi16(idx, (__m512i)_mm512_cvtne2ps_pbh(b, a));
-      _mm512_mask_storeu_epi32(dst + p * ldd + j, m, w);
+      _mm512_mask_storeu_epi32(dst + p * ldd + j, m, PairWords(a, b, idx));
     }
+  }
+}
+
+// GradRow for the bf16 backward, two rows (2i, 2i + 1) at a time, written straight into the
+// layouts its products read: P and dS as pair words of the two rows (pi, dsi: row i of ld words)
+// and dS as each row's own words (dsw rows 2i and 2i + 1, ldw words). The scores (p) and dy v^T
+// (dp) stay float32 in their tile buffers (ld floats a row); `seen[j]`: keys row 2i + j sees (a
+// missing second row has 0, and its dsw row is not written). One sweep instead of GradRow's two
+// float32 stores and three re-reads by Interleave, Interleave and ToWords.
+inline void GradPairWords(const float* p, const float* dp, int64_t ld, float scale, const float* lse,
+                          const float* dd, const int64_t seen[2], bool has_hi, int64_t cols,
+                          uint32_t* pi, uint32_t* dsi, uint32_t* dsw, int64_t ldw) {
+  const __m512i idx = _mm512_load_si512(kPairIdx);
+  const __m512 sc = _mm512_set1_ps(scale);
+  const int64_t even = (cols + 1) / 2 * 2;
+  __m512 e[2], g[2];
+  for (int64_t i = 0; i < cols; i += 16) {
+    for (int j = 0; j < 2; ++j) {
+      e[j] = ExpLanes(p + j * ld, i, seen[j], sc, _mm512_set1_ps(lse[j]));
+      const __m512 dy_v = _mm512_maskz_loadu_ps(TailMask(std::max<int64_t>(0, seen[j] - i)),
+                                                dp + j * ld + i);
+      g[j] = _mm512_mul_ps(_mm512_mul_ps(e[j], _mm512_sub_ps(dy_v, _mm512_set1_ps(dd[j]))), sc);
+    }
+    const __mmask16 m = TailMask(cols - i);
+    _mm512_mask_storeu_epi32(pi + i, m, PairWords(e[0], e[1], idx));
+    _mm512_mask_storeu_epi32(dsi + i, m, PairWords(g[0], g[1], idx));
+    for (int j = 0; j < (has_hi ? 2 : 1); ++j)
+      _mm256_mask_storeu_epi16(reinterpret_cast<uint16_t*>(dsw + j * ldw) + i, TailMask(even - i),
+                               (__m256i)_mm512_cvtneps_pbh(g[j]));
   }
 }
 
@@ -508,12 +542,16 @@ void BackwardBf16(ffi::ThreadPool& pool, const Dims& dims, const float* qp, cons
                    Columns(diag));
         MatMulBf16(rows, cols, Kw, dyw.data() + r0 * Kw, Kw, vtw.data() + c0, S, dp.data(), bk,
                    false, Columns(diag));
-        for (int64_t r = 0; r < rows; ++r)
-          GradRow(p.data() + r * bk, dp.data() + r * bk, scale, lh[r0 + r], d[r0 + r],
-                  std::max<int64_t>(0, std::min(cols, r + diag)), cols);
-        Interleave(p.data(), bk, rows, cols, pi.data(), bk);
-        Interleave(dp.data(), bk, rows, cols, dsi.data(), bk);
-        ToWords(dp.data(), bk, rows, cols, dsw.data(), bk / 2);
+        for (int64_t r = 0; r < rows; r += 2) {
+          const bool has_hi = r + 1 < rows;
+          const int64_t seen[2] = {std::max<int64_t>(0, std::min(cols, r + diag)),
+                                   has_hi ? std::max<int64_t>(0, std::min(cols, r + 1 + diag)) : 0};
+          const float lse2[2] = {lh[r0 + r], has_hi ? lh[r0 + r + 1] : 0.0f};
+          const float d2[2] = {d[r0 + r], has_hi ? d[r0 + r + 1] : 0.0f};
+          GradPairWords(p.data() + r * bk, dp.data() + r * bk, bk, scale, lse2, d2, seen, has_hi,
+                        cols, pi.data() + (r / 2) * bk, dsi.data() + (r / 2) * bk,
+                        dsw.data() + r * (bk / 2), bk / 2);
+        }
         // dv += P^T dy, dk += dS^T q (contracting queries), dq += dS k (contracting keys).
         MatMulBf16<true>(cols, K, pairs, pi.data(), bk, dyi.data() + (r0 / 2) * K, K, dvc, K, true,
                          QueriesFrom(diag, 2));
