@@ -21,6 +21,7 @@
 #include <cstdint>
 #include <cstring>
 #include <limits>
+#include <memory>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -237,6 +238,17 @@ inline void Transpose(const float* src, int64_t lds, int64_t R, int64_t Cn, floa
     for (int64_t c = 0; c < Cn; ++c) dst[c * ldd + r] = src[r * lds + c];
 }
 
+// A buffer left uninitialised: every one here is written before it is read (the products' masks
+// and bands never read past what was written), and std::vector's zero-fill of the bf16 backward's
+// ~1.2 MB of operand copies per head, the forward's per-call copies and the tiles showed as ~2% of
+// the kernel's time in memset (plus the first-touch page faults it took).
+template <typename T>
+struct Scratch {
+  explicit Scratch(int64_t n) : p(new T[n]) {}
+  T* data() { return p.get(); }
+  std::unique_ptr<T[]> p;
+};
+
 struct Dims {
   int64_t BH, T, S, K;
 };
@@ -437,11 +449,11 @@ void ForwardBf16(ffi::ThreadPool& pool, const Dims& dims, const float* qp, const
   const float scale = 1.0f / std::sqrt(static_cast<float>(K));
   const int64_t tiles = (T + bq - 1) / bq, ktiles = (S + bk - 1) / bk;
   // Per head: q as words [T][Kw], k^T tile by tile [key tile][Kw][bk], v's rows paired [Sw][K].
-  std::vector<uint32_t> qw(BH * T * Kw), ktw(BH * ktiles * Kw * bk, 0), vi(BH * Sw * K);
+  Scratch<uint32_t> qw(BH * T * Kw), ktw(BH * ktiles * Kw * bk), vi(BH * Sw * K);
   uint32_t *qwp = qw.data(), *ktp = ktw.data(), *vip = vi.data();
   gpt_kernels::RunBlocks(pool, BH, BH, [=](int64_t h) {
     ToWords(qp + h * T * K, K, T, K, qwp + h * T * Kw, Kw);
-    std::vector<uint32_t> kw(S * Kw);
+    Scratch<uint32_t> kw(S * Kw);
     ToWords(kp + h * S * K, K, S, K, kw.data(), Kw);
     for (int64_t t = 0; t < ktiles; ++t) {
       const int64_t c0 = t * bk;
@@ -454,8 +466,9 @@ void ForwardBf16(ffi::ThreadPool& pool, const Dims& dims, const float* qp, const
     const int64_t h = block % BH, tile = tiles - 1 - block / BH;
     const int64_t r0 = tile * bq, rows = std::min(T, r0 + bq) - r0;
     float* yh = yp + (h * T + r0) * K;
-    std::vector<float> s(rows * bk), m(rows, kNegInf), l(rows, 0.0f);
-    std::vector<uint32_t> pw(rows * (bk / 2));
+    Scratch<float> s(rows * bk);
+    std::vector<float> m(rows, kNegInf), l(rows, 0.0f);
+    Scratch<uint32_t> pw(rows * (bk / 2));
     std::fill(yh, yh + rows * K, 0.0f);
     const int64_t keys = r0 + rows + off;
     for (int64_t c0 = 0; c0 < keys; c0 += bk) {
@@ -506,8 +519,8 @@ void BackwardBf16(ffi::ThreadPool& pool, const Dims& dims, const float* qp, cons
     float* dvh = dvp + h * S * K;
     std::fill(dqh, dqh + T * K, 0.0f);
     // The head's operands in the layouts its products read (see ToWords, Interleave).
-    std::vector<uint32_t> qw(T * Kw), dyw(T * Kw), qi(Tw * K), dyi(Tw * K), ki(Sw * K);
-    std::vector<uint32_t> kw(S * Kw), vw(S * Kw), ktw(Kw * S), vtw(Kw * S);
+    Scratch<uint32_t> qw(T * Kw), dyw(T * Kw), qi(Tw * K), dyi(Tw * K), ki(Sw * K);
+    Scratch<uint32_t> kw(S * Kw), vw(S * Kw), ktw(Kw * S), vtw(Kw * S);
     ToWords(qh, K, T, K, qw.data(), Kw);
     ToWords(dyh, K, T, K, dyw.data(), Kw);
     // D = rowsum(dy * y) of the bf16 dy that dP = dy v^T multiplies: D is rowsum(P * dP), and
@@ -526,8 +539,8 @@ void BackwardBf16(ffi::ThreadPool& pool, const Dims& dims, const float* qp, cons
     ToWords(vh, K, S, K, vw.data(), Kw);
     TransposeWords(kw.data(), Kw, S, Kw, ktw.data(), S);
     TransposeWords(vw.data(), Kw, S, Kw, vtw.data(), S);
-    std::vector<float> p(bq * bk), dp(bq * bk);
-    std::vector<uint32_t> pi((bq / 2) * bk), dsi((bq / 2) * bk), dsw(bq * (bk / 2));
+    Scratch<float> p(bq * bk), dp(bq * bk);
+    Scratch<uint32_t> pi((bq / 2) * bk), dsi((bq / 2) * bk), dsw(bq * (bk / 2));
     for (int64_t c0 = 0; c0 < S; c0 += bk) {
       const int64_t cols = std::min(S, c0 + bk) - c0;
       float* dkc = dkh + c0 * K;
@@ -598,7 +611,7 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
   if (BH * T == 0) return ffi::Error::Success();
   // k^T once per head, tile by tile ([BH][key tile][K][bk]: each tile a contiguous K x bk block, the
   // layout MatMul reads), rather than once per query tile that reads it.
-  std::vector<float> ktv(BH * ktiles * K * bk);
+  Scratch<float> ktv(BH * ktiles * K * bk);
   float* ktp = ktv.data();
   gpt_kernels::RunBlocks(pool, BH, BH, [=](int64_t h) {
     for (int64_t t = 0; t < ktiles; ++t) {
@@ -614,7 +627,8 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
     const float* qh = qp + (h * T + r0) * K;
     const float* vh = vp + h * S * K;
     float* yh = yp + (h * T + r0) * K;
-    std::vector<float> s(rows * bk), m(rows, kNegInf), l(rows, 0.0f);
+    Scratch<float> s(rows * bk);
+    std::vector<float> m(rows, kNegInf), l(rows, 0.0f);
     std::fill(yh, yh + rows * K, 0.0f);
     const int64_t keys = r0 + rows + off;  // keys 0..keys-1 are seen by some row of the tile
     for (int64_t c0 = 0; c0 < keys; c0 += bk) {
@@ -682,7 +696,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
     std::fill(dqh, dqh + T * K, 0.0f);
     std::vector<float> d(T);
     for (int64_t r = 0; r < T; ++r) d[r] = Dot(dyh + r * K, yp + (h * T + r) * K, K);
-    std::vector<float> kt(K * bk), vt(K * bk), p(bq * bk), dp(bq * bk);
+    Scratch<float> kt(K * bk), vt(K * bk), p(bq * bk), dp(bq * bk);
     for (int64_t c0 = 0; c0 < S; c0 += bk) {
       const int64_t cols = std::min(S, c0 + bk) - c0;
       float* dkc = dkh + c0 * K;
