@@ -15,7 +15,11 @@
 //   so nothing is shared between threads).
 // Causal only (the last query is the last key, T <= S): attention.py keeps the blocked formulation
 // for explicit masks. Inner products are one register-blocked micro-kernel, C[4 x 64] += op(A) B, in
-// AVX-512 (built with -march=native) with a portable loop where the CPU has no AVX-512.
+// AVX-512 (built with -march=native) with a portable loop where the CPU has no AVX-512; on a tile
+// that the diagonal crosses they skip the keys a row does not see (`Band`), and each row's softmax
+// work is one or two sweeps (RowMax, ExpRow, GradRow). The micro-kernels run at ~95% of one core's
+// FMA peak on L1-resident tiles (measured, attn-speed session 11): what is left is the work around
+// them (BENCHMARKS.md, "attn-speed, session 11").
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
