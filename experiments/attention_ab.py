@@ -12,9 +12,10 @@ flags into a temporary directory and registers its two handlers under other FFI 
 then times one layer's attention (value and the gradients of q, k, v; float32 and bf16 products)
 with the current kernel and the earlier one, round-robin, and prints the paired ratio per round's
 median (earlier / current: above 1 means the current kernel is faster) and the largest difference
-between their gradients (relative to the largest entry). Otherwise the arguments after `--` go to experiments/bench_train.py, with
-one more variant suffix, `attnbase`: the step traced with the earlier kernel
-(gpt.kernels.attention.TARGETS pointed at it); compare rows with experiments/paired_ratios.py.
+between their gradients (relative to the largest entry). Otherwise the arguments after `--` go to
+experiments/bench_train.py, with one more variant suffix, `attnbase`: the step traced with the
+earlier kernel (gpt.kernels.attention.TARGETS pointed at it); compare rows with
+experiments/paired_ratios.py.
 """
 
 from __future__ import annotations
@@ -90,8 +91,8 @@ def layer(shape: tuple[int, ...], rounds: int) -> None:
       times[key].append(time.perf_counter() - t0)
   print(f"shape [B, H, T, K] = {list(shape)}; {rounds} rounds; load average "
         f"{os.getloadavg()[0]:.1f}\n")
-  print("| products | earlier ms | current ms | earlier / current (paired) | max diff of dq, dk, dv "
-        "(/ max abs) |")
+  print("| products | earlier ms | current ms | earlier / current (paired) "
+        "| max diff of dq, dk, dv (/ max abs) |")
   print("|---|---|---|---|---|")
   for bf16 in (False, True):
     if bf16 and not kattn.bf16_products():
@@ -99,9 +100,9 @@ def layer(shape: tuple[int, ...], rounds: int) -> None:
     a, b = times[(bf16, "earlier")], times[(bf16, "current")]
     grads = (jax.tree.leaves(rows[(bf16, which)][1][1]) for which in ("earlier", "current"))
     diff = max(float(jnp.max(jnp.abs(x - y)) / jnp.max(jnp.abs(x))) for x, y in zip(*grads))
+    ratio = statistics.median(x / y for x, y in zip(a, b))
     print(f"| {'bf16' if bf16 else 'float32'} | {1e3 * statistics.median(a):.1f} | "
-          f"{1e3 * statistics.median(b):.1f} | {statistics.median(x / y for x, y in zip(a, b)):.3f}x "
-          f"| {diff:.1e} |")
+          f"{1e3 * statistics.median(b):.1f} | {ratio:.3f}x | {diff:.1e} |")
 
 
 def main() -> None:

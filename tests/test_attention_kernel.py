@@ -136,7 +136,8 @@ def test_scores_that_rise_and_fall_along_the_keys(kernel, T, S, block_q, block_k
   q = q.at[..., 0].set(3.0)
   k = k.at[..., 0].set(0.4 * jnp.arange(S) + 20.0 * jnp.sin(jnp.arange(S) / 7.0))
   tiles = {name: n for name, n in (("block_q", block_q), ("block_k", block_k)) if n}
-  got = _value_and_grads(lambda q, k, v: kattn.flash_attention(q, k, v, **tiles), q, k, v, cotangent)
+  got = _value_and_grads(lambda q, k, v: kattn.flash_attention(q, k, v, **tiles), q, k, v,
+                         cotangent)
   with jax.enable_x64(True):
     want = _value_and_grads(_float64_attention, *(jnp.asarray(np.asarray(a), jnp.float64)
                                                   for a in (q, k, v, cotangent)))

@@ -154,12 +154,14 @@ inline float RowMax(const float* x, int64_t n) {
 // exp(x[i] * scale - sub) for lanes i < seen, 0 for lanes seen <= i (< 16-lane chunk's end).
 inline __m512 ExpLanes(const float* x, int64_t i, int64_t seen, __m512 scale, __m512 sub) {
   const __mmask16 m = TailMask(std::max<int64_t>(0, seen - i));
-  return _mm512_maskz_mov_ps(m, Exp16(_mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, x + i), scale, sub)));
+  const __m512 x_scaled_minus_sub = _mm512_fmsub_ps(_mm512_maskz_loadu_ps(m, x + i), scale, sub);
+  return _mm512_maskz_mov_ps(m, Exp16(x_scaled_minus_sub));
 }
 
 // out[i] = exp(x[i] * scale - sub) for i < seen, 0 for seen <= i < cols (out may be x); returns
 // the sum of out[0..seen).
-inline float ExpRow(const float* x, float scale, float sub, int64_t seen, int64_t cols, float* out) {
+inline float ExpRow(const float* x, float scale, float sub, int64_t seen, int64_t cols,
+                    float* out) {
   const __m512 sc = _mm512_set1_ps(scale), sb = _mm512_set1_ps(sub);
   __m512 acc = _mm512_setzero_ps();
   for (int64_t i = 0; i < cols; i += 16) {
@@ -173,7 +175,8 @@ inline float ExpRow(const float* x, float scale, float sub, int64_t seen, int64_
 // The backward's row of a tile: p[i] = exp(p[i] * scale - lse) (the scores to probabilities) and
 // dp[i] = p[i] * (dp[i] - d) * scale (dS) for i < seen; both 0 for seen <= i < cols, whatever the
 // scores there were (the products skip keys a row does not see and leave those scores unset).
-inline void GradRow(float* p, float* dp, float scale, float lse, float d, int64_t seen, int64_t cols) {
+inline void GradRow(float* p, float* dp, float scale, float lse, float d, int64_t seen,
+                    int64_t cols) {
   const __m512 sc = _mm512_set1_ps(scale), sb = _mm512_set1_ps(lse), dv = _mm512_set1_ps(d);
   for (int64_t i = 0; i < cols; i += 16) {
     const __mmask16 m = TailMask(std::max<int64_t>(0, seen - i)), out = TailMask(cols - i);
@@ -216,13 +219,15 @@ inline float RowMax(const float* x, int64_t n) {
   return mx;
 }
 
-inline float ExpRow(const float* x, float scale, float sub, int64_t seen, int64_t cols, float* out) {
+inline float ExpRow(const float* x, float scale, float sub, int64_t seen, int64_t cols,
+                    float* out) {
   float acc = 0.0f;
   for (int64_t i = 0; i < cols; ++i) acc += out[i] = i < seen ? std::exp(x[i] * scale - sub) : 0.0f;
   return acc;
 }
 
-inline void GradRow(float* p, float* dp, float scale, float lse, float d, int64_t seen, int64_t cols) {
+inline void GradRow(float* p, float* dp, float scale, float lse, float d, int64_t seen,
+                    int64_t cols) {
   for (int64_t i = 0; i < cols; ++i) {
     p[i] = i < seen ? std::exp(p[i] * scale - lse) : 0.0f;
     dp[i] = i < seen ? p[i] * (dp[i] - d) * scale : 0.0f;
@@ -378,9 +383,9 @@ void ToWords(const float* src, int64_t lds, int64_t rows, int64_t n, uint32_t* d
 // dst[p, j] = (src[2p, j], src[2p + 1, j]) in bf16 for j < n, p < ceil(rows / 2) (a missing odd
 // row is zero): two rows interleaved, the layout a contraction over rows reads.
 // cvtne2ps_pbh(hi, lo) holds lo's 16 values then hi's; this index pairs them element by element.
-alignas(64) constexpr uint16_t kPairIdx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23,
-                                               8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30,
-                                               15, 31};
+alignas(64) constexpr uint16_t kPairIdx[32] = {0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22,
+                                               7, 23, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29,
+                                               14, 30, 15, 31};
 
 // 16 pair words (lo[i], hi[i]) in bf16.
 inline __m512i PairWords(__m512 lo, __m512 hi, __m512i idx) {
@@ -407,9 +412,9 @@ void Interleave(const float* src, int64_t lds, int64_t rows, int64_t n, uint32_t
 // (dp) stay float32 in their tile buffers (ld floats a row); `seen[j]`: keys row 2i + j sees (a
 // missing second row has 0, and its dsw row is not written). One sweep instead of GradRow's two
 // float32 stores and three re-reads by Interleave, Interleave and ToWords.
-inline void GradPairWords(const float* p, const float* dp, int64_t ld, float scale, const float* lse,
-                          const float* dd, const int64_t seen[2], bool has_hi, int64_t cols,
-                          uint32_t* pi, uint32_t* dsi, uint32_t* dsw, int64_t ldw) {
+inline void GradPairWords(const float* p, const float* dp, int64_t ld, float scale,
+                          const float* lse, const float* dd, const int64_t seen[2], bool has_hi,
+                          int64_t cols, uint32_t* pi, uint32_t* dsi, uint32_t* dsw, int64_t ldw) {
   const __m512i idx = _mm512_load_si512(kPairIdx);
   const __m512 sc = _mm512_set1_ps(scale);
   const int64_t even = (cols + 1) / 2 * 2;
