@@ -327,3 +327,28 @@ def test_the_portable_build_without_avx512_gives_the_same_numbers(kernel, tmp_pa
   out = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True,
                        text=True, timeout=600)
   assert out.returncode == 0 and "portable ok" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.slow  # builds the kernel once more, from git
+def test_attention_ab_runs_an_earlier_revision_under_targets(kernel, tmp_path, capsys):
+  """experiments/attention_ab.py: HEAD's attention.cc built from git and registered under other
+  names; TARGETS pointed at it traces programs that call it (and only it), with the current
+  kernel's numbers (the same source at HEAD, or a revision of it within float32 rounding); the
+  `--layer` table has both products' rows."""
+  from experiments import attention_ab
+  attention_ab.register(attention_ab.build_revision("HEAD", tmp_path))
+  q, k, v, cotangent = _qkv(1, 2, 70, 70, 16, seed=12)
+  want = _value_and_grads(kattn.flash_attention, q, k, v, cotangent)
+  saved, kattn.TARGETS = kattn.TARGETS, attention_ab.BASE_TARGETS
+  try:
+    fn = lambda q, k, v: kattn.flash_attention(q, k, v)
+    got = _value_and_grads(fn, q, k, v, cotangent)
+    hlo = jax.jit(jax.grad(lambda q: jnp.sum(fn(q, k, v)))).lower(q).as_text()
+  finally:
+    kattn.TARGETS = saved
+  assert all(name in hlo for name in attention_ab.BASE_TARGETS)
+  assert kattn.FORWARD not in hlo and kattn.BACKWARD not in hlo
+  _assert_close(got, want, 1e-5, "HEAD's build")
+  attention_ab.layer((1, 2, 40, 16), rounds=1)
+  table = capsys.readouterr().out
+  assert "| float32 |" in table and ("| bf16 |" in table) == kattn.bf16_products()
