@@ -124,6 +124,28 @@ def test_bf16_products_match_float64_of_the_rounded_inputs(bf16_kernel, T, S, K,
   assert differs  # bf16 products ran, not the float32 ones
 
 
+@pytest.mark.parametrize("T,S,block_q,block_k", [(200, 200, 16, 16), (150, 230, None, None),
+                                                 (97, 97, 32, 24)])
+def test_scores_that_rise_and_fall_along_the_keys(kernel, T, S, block_q, block_k):
+  """Rows whose scores climb by ~0.15 a key and swing by ~+-7.5 (a ramp plus a sine in one channel
+  of k against a constant one of q): the float32 forward's running max moves at some tiles (a rise
+  past its slack: y and the sum rescaled) and stays stale at others (probabilities above 1); value
+  and gradients against float64, within 2e-5 of the largest entry. (The bf16 forward moves its max
+  at every rise: the paths the tests above take.)"""
+  q, k, v, cotangent = _qkv(1, 2, T, S, 64, seed=11)
+  q = q.at[..., 0].set(3.0)
+  k = k.at[..., 0].set(0.4 * jnp.arange(S) + 20.0 * jnp.sin(jnp.arange(S) / 7.0))
+  tiles = {name: n for name, n in (("block_q", block_q), ("block_k", block_k)) if n}
+  got = _value_and_grads(lambda q, k, v: kattn.flash_attention(q, k, v, **tiles), q, k, v,
+                         cotangent)
+  with jax.enable_x64(True):
+    want = _value_and_grads(_float64_attention, *(jnp.asarray(np.asarray(a), jnp.float64)
+                                                  for a in (q, k, v, cotangent)))
+  for name, g, w in zip(("value", "dq", "dk", "dv"), *map(jax.tree.leaves, (got, want))):
+    g, w = np.asarray(g, np.float64), np.asarray(w, np.float64)
+    np.testing.assert_allclose(g, w, atol=2e-5 * np.abs(w).max(), rtol=0, err_msg=name)
+
+
 def test_bf16_products_off_is_the_float32_kernel(kernel, monkeypatch):
   """BF16_PRODUCTS off (bench_train's `attnf32`) or a CPU without AVX512-BF16: bf16=True runs the
   float32 products, bit for bit; the attribute the program passes says which."""
@@ -305,3 +327,28 @@ def test_the_portable_build_without_avx512_gives_the_same_numbers(kernel, tmp_pa
   out = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True,
                        text=True, timeout=600)
   assert out.returncode == 0 and "portable ok" in out.stdout, out.stderr[-2000:]
+
+
+@pytest.mark.slow  # builds the kernel once more, from git
+def test_attention_ab_runs_an_earlier_revision_under_targets(kernel, tmp_path, capsys):
+  """experiments/attention_ab.py: HEAD's attention.cc built from git and registered under other
+  names; TARGETS pointed at it traces programs that call it (and only it), with the current
+  kernel's numbers (the same source at HEAD, or a revision of it within float32 rounding); the
+  `--layer` table has both products' rows."""
+  from experiments import attention_ab
+  attention_ab.register(attention_ab.build_revision("HEAD", tmp_path))
+  q, k, v, cotangent = _qkv(1, 2, 70, 70, 16, seed=12)
+  want = _value_and_grads(kattn.flash_attention, q, k, v, cotangent)
+  saved, kattn.TARGETS = kattn.TARGETS, attention_ab.BASE_TARGETS
+  try:
+    fn = lambda q, k, v: kattn.flash_attention(q, k, v)
+    got = _value_and_grads(fn, q, k, v, cotangent)
+    hlo = jax.jit(jax.grad(lambda q: jnp.sum(fn(q, k, v)))).lower(q).as_text()
+  finally:
+    kattn.TARGETS = saved
+  assert all(name in hlo for name in attention_ab.BASE_TARGETS)
+  assert kattn.FORWARD not in hlo and kattn.BACKWARD not in hlo
+  _assert_close(got, want, 1e-5, "HEAD's build")
+  attention_ab.layer((1, 2, 40, 16), rounds=1)
+  table = capsys.readouterr().out
+  assert "| float32 |" in table and ("| bf16 |" in table) == kattn.bf16_products()

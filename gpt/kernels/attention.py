@@ -59,6 +59,9 @@ USE_KERNEL = True
 # Set False to run the float32 products under bf16=True too (bench_train's `attnf32` variant, the
 # A/B of the bf16 products in the mixed mode's whole step); read when a program is traced.
 BF16_PRODUCTS = True
+# The FFI targets a traced program calls (forward, backward): experiments/attention_ab.py points
+# them at an earlier revision's build, registered under other names, for same-run A/Bs.
+TARGETS = (FORWARD, BACKWARD)
 # FLAGS read when built: the portable check (tests/test_attention_kernel.py) sets it first.
 KERNEL = native.Kernel(SOURCE, lambda: FLAGS, (FORWARD, BACKWARD), env="GPT_ATTENTION_KERNEL",
                        fallback="attention stays blocked")
@@ -109,7 +112,7 @@ def takes(q: jax.Array, k: jax.Array, v: jax.Array, mask) -> bool:
 
 def _forward_call(q, k, v, block_q, block_k, bf16):
   B, H, T, _ = q.shape
-  call = jax.ffi.ffi_call(FORWARD, (jax.ShapeDtypeStruct(q.shape, jnp.float32),
+  call = jax.ffi.ffi_call(TARGETS[0], (jax.ShapeDtypeStruct(q.shape, jnp.float32),
                                     jax.ShapeDtypeStruct((B, H, T), jnp.float32)),
                           vmap_method="sequential")
   return call(q, k, v, block_q=block_q, block_k=block_k, bf16=bf16)
@@ -128,7 +131,7 @@ def _flash_fwd(q, k, v, block_q, block_k, bf16):
 
 def _flash_bwd(block_q, block_k, bf16, res, dy):
   q, k, v, y, lse = res
-  call = jax.ffi.ffi_call(BACKWARD, tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32)
+  call = jax.ffi.ffi_call(TARGETS[1], tuple(jax.ShapeDtypeStruct(a.shape, jnp.float32)
                                           for a in (q, k, v)), vmap_method="sequential")
   return call(q, k, v, y, lse, dy.astype(jnp.float32), block_q=block_q, block_k=block_k,
               bf16=bf16)
