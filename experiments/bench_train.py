@@ -150,7 +150,10 @@ VARIANT_SWITCHES = {"recomputeprobs": ("gpt.attention", "SAVE_PROBABILITIES", Fa
                     "headpar": ("gpt.output_loss", "SEQUENTIAL", False),
                     # the lead, session 10: bf16_matmul saves the forward's bf16 copy of the weight
                     # for its backward (a stacked residual under the layer scan) instead of the weight
-                    "bf16wres": ("gpt.matmul", "ROUND_W_AGAIN", False)}
+                    "bf16wres": ("gpt.matmul", "ROUND_W_AGAIN", False),
+                    # mixed-transposes, session 11: the mixed MLP c_proj's backward by XLA (a tanh
+                    # fusion, a gather of the rounded gelu(h)^T) instead of gelu.cc's one pass
+                    "gelutxla": ("gpt.matmul", "GELU_T_KERNEL", False)}
 
 
 def train_program(shape, dtype: str, scan: bool, seed: int = 0, train=None, abstract: bool = False,
@@ -251,7 +254,7 @@ def main() -> None:
                       "jax-bf16-scan,torch-f32,torch-f32-tcmalloc,nanogpt-f32,nanogpt-f32-compile,"
                       "torch-bf16",
                       help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs|-nokernel][-attnf32][-attn64][-geluxla][-geluxlabwd][-ln3d][-lnxla][-logitsloss|-fusedloss][-xentvml][-optaxclip][-optaxadam][-gelukernel][-unroll2][-bf16wres]"
-                      "[-rematdots|-rematfull][-xladot|-mkl][-mmbf16][-bf16vjp][-bf16head][-headpar][-freedoff|-keepfreed][-held] names; torch rows: "
+                      "[-rematdots|-rematfull][-xladot|-mkl][-mmbf16][-bf16vjp][-bf16head][-headpar][-gelutxla][-freedoff|-keepfreed][-held] names; torch rows: "
                       "torch|nanogpt-f32|bf16[-compile][-fusedadam|-foreachadam][-keepfreed]"
                       "[-proc|-jemalloc|-tcmalloc|-thp: in a process of its own]")
   parser.add_argument("--rounds", type=int, default=5)

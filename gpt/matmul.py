@@ -25,6 +25,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from gpt.kernels import gelu as kgelu
 from gpt.kernels import gemm
 
 # The specs gpt.kernels.gemm serves, and whether the weight is transposed ([N, K]) in each.
@@ -38,6 +39,11 @@ BF16_VJP = False
 # True: bf16_matmul keeps the weight as it is for its backward and rounds it to bfloat16 again
 # there; False: it keeps the forward's bf16 copy (bench_train's `-bf16wres`), as before session 10.
 ROUND_W_AGAIN = True
+# True: bf16_gelu_matmul's backward takes dh and the rounded gelu(h)^T for its dW from one C++ pass
+# (gpt.kernels.gelu.gelu_backward_bf16t) where the library builds and h is float32; False
+# (bench_train's `-gelutxla`): XLA's tanh fusion and its gather of the rounded transpose
+# (mixed-transposes, session 11).
+GELU_T_KERNEL = True
 
 
 def matmul(x: jax.Array, w: jax.Array, spec: str = "...d,df->...f", *,
@@ -158,11 +164,16 @@ def _bf16_gelu_forward(h, w):
 
 def _bf16_gelu_backward(res, dy):
   h, w = res
-  g, slope = gemm.gelu_and_slope(h.astype(jnp.float32))
   dyb = dy.astype(jnp.bfloat16)
   dg = bf16_dot(dyb, w, (1, 1))  # dy w^T
-  dw = bf16_dot(row_major_t(g.astype(jnp.bfloat16)), dyb, (1, 0))  # gelu(h)^T dy, as bf16_matmul's
-  return (dg * slope).astype(h.dtype), dw.astype(w.dtype)
+  if GELU_T_KERNEL and h.dtype == jnp.float32 and kgelu.available():
+    # One pass writes dh and the rounded gelu(h)^T (no XLA tanh fusion, no gather).
+    dh, g_t = kgelu.gelu_backward_bf16t(h, dg)
+  else:
+    g, slope = gemm.gelu_and_slope(h.astype(jnp.float32))
+    dh, g_t = dg * slope, row_major_t(g.astype(jnp.bfloat16))
+  dw = bf16_dot(g_t, dyb, (1, 0))  # gelu(h)^T dy, as bf16_matmul's
+  return dh.astype(h.dtype), dw.astype(w.dtype)
 
 
 _bf16_gelu_matmul2d.defvjp(_bf16_gelu_forward, _bf16_gelu_backward)
