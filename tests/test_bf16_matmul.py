@@ -22,6 +22,7 @@ from gpt import output_loss
 from gpt.errors import GPTError
 from gpt.kernels import gelu as kgelu
 from gpt.kernels import gemm
+from gpt.kernels import transpose as ktr
 from gpt.model import GPTConfig
 from gpt.output_loss import tied_cross_entropy
 
@@ -274,6 +275,60 @@ def test_bf16_gelu_matmul_gathers_gelu_h_only_without_the_pass(kernel, monkeypat
   assert (kgelu.BACKWARD_BF16T in hlo) == kernel
   # (The gradient alone drops the forward's GELU: any tanh left is the backward's recomputation.)
   assert (re.search(r"\btanh\(", hlo) is None) == kernel
+
+
+needs_transpose_kernel = pytest.mark.skipif(
+    not ktr.available(), reason=f"transpose kernel not built: {ktr.why_unavailable()}")
+
+
+@needs_transpose_kernel
+@pytest.mark.parametrize("m,n", [(37, 300), (64, 256), (1, 1), (300, 17), (33, 513)])
+def test_bf16_with_t_is_xlas_convert_and_transpose_bit_for_bit(m, n):
+  """transpose.cc's pass: a rounded to bfloat16 as XLA's convert rounds it, bit for bit (random
+  values, ties to even both ways, infinities, -0), and its transpose laid out [N, M]; sizes not
+  multiples of its 32 x 256 tiles; NaN stays NaN."""
+  rng = np.random.default_rng(m * n)
+  a = (rng.standard_normal((m, n)) * 10.0 ** rng.integers(-3, 4, (m, n))).astype(np.float32)
+  specials = np.array([0x3f808000, 0x3f818000, 0x3f807fff, 0x3f818001], np.uint32).view(np.float32)
+  flat = a.reshape(-1)
+  flat[:4] = specials[:flat.size]
+  if flat.size > 8:
+    flat[4:8] = [np.inf, -np.inf, -0.0, np.nan]
+  a = jnp.asarray(a)
+  b, b_t = jax.jit(ktr.bf16_with_t)(a)
+  assert b.shape == (m, n) and b_t.shape == (n, m) and b.dtype == b_t.dtype == BF16
+  want = np.asarray(a.astype(BF16)).view(np.uint16)
+  nan = np.isnan(np.asarray(a))
+  got, got_t = np.asarray(b).view(np.uint16), np.asarray(b_t).view(np.uint16)
+  assert np.array_equal(got[~nan], want[~nan]) and np.array_equal(got_t.T, got)
+  assert np.all(np.isnan(np.asarray(b.astype(jnp.float32))[nan]))
+
+
+def _grad_hlo_and_values(transpose_w, x, w, dy):
+  # dy an argument, not a constant: XLA would fold its rounding and transpose away.
+  f = lambda x, w, dy: jnp.sum(mm.bf16_matmul(x, w, transpose_w) * dy)
+  grad = jax.jit(jax.grad(f, argnums=(0, 1)))
+  return grad.lower(x, w, dy).compile().as_text(), grad(x, w, dy)
+
+
+@needs_transpose_kernel
+@pytest.mark.parametrize("transpose_w,switch", [(True, "DY_T_KERNEL"), (False, "X_T_FORWARD")])
+def test_the_transpose_pass_removes_bf16_matmuls_gather_and_changes_no_bit(transpose_w, switch,
+                                                                           monkeypatch):
+  """With a transposed weight (the tied head) DY_T_KERNEL, with a [K, N] weight (the layers)
+  X_T_FORWARD take dW's row-major transposed operand from transpose.cc's pass: the compiled
+  gradient then calls the pass and holds no gather, and both gradients are the same bits as
+  XLA's convert and gather give (the same rounding, the same dots)."""
+  x, w, dy = _operands(48, 64, 40, transpose_w, seed=4)
+  monkeypatch.setattr(mm, "DY_T_KERNEL", False)
+  monkeypatch.setattr(mm, "X_T_FORWARD", False)
+  hlo_off, (dx0, dw0) = _grad_hlo_and_values(transpose_w, x, w, dy)
+  monkeypatch.setattr(mm, switch, True)
+  hlo_on, (dx, dw) = _grad_hlo_and_values(transpose_w, x, w, dy)
+  assert re.search(r"\bgather\(", hlo_off) and ktr.TARGET not in hlo_off
+  assert re.search(r"\bgather\(", hlo_on) is None and ktr.TARGET in hlo_on
+  np.testing.assert_array_equal(dx, dx0)
+  np.testing.assert_array_equal(dw, dw0)
 
 
 def _mixed_step_hlo(**fields) -> str:
