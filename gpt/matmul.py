@@ -15,6 +15,12 @@ parameters, only the products' inputs rounded to bfloat16). For its backward it 
 input and the weight as it is (rounded again there: under the layer scan a bf16 copy would be one
 more stacked buffer per layer); `bf16_gelu_matmul` is the MLP's c_proj with its GELU inside the
 VJP, keeping h alone.
+
+Each dW product wants its left operand transposed and row-major (`row_major_t`: XLA makes it as a
+gather after a convert pass). Where C++ passes can make it (mixed-transposes, session 11):
+gpt.kernels.gelu writes c_proj's rounded gelu(h)^T with dh (GELU_T_KERNEL), gpt.kernels.transpose
+rounds the head's float32 dlogits and writes their transpose in one pass (DY_T_KERNEL), and
+optionally each layer's rounded x^T in the forward (X_T_FORWARD).
 """
 
 from __future__ import annotations
@@ -153,13 +159,21 @@ def _bf16_backward(transpose_w, res, dy):
   # row-major transposed left operand (`row_major_t`, or made by gpt.kernels.transpose's pass).
   # Making dy^T x as (x^T dy)^T instead makes XLA fold the transpose into the dot's output layout,
   # which its bf16 DotThunk rejects ("UNIMPLEMENTED: Unsupported element type").
-  if transpose_w and DY_T_KERNEL and dy.dtype == jnp.float32 and ktr.available():
+  pass_made_t = transpose_w and DY_T_KERNEL and dy.dtype == jnp.float32 and ktr.available()
+  if pass_made_t:
     dyb, dyb_t = ktr.bf16_with_t(dy)
   else:
     dyb = dy.astype(jnp.bfloat16)
     dyb_t = row_major_t(dyb) if transpose_w else None
   dx = bf16_dot(dyb, wb, (1, 0 if transpose_w else 1))  # dy w^T ([M, N] . [N, K] or [K, N])
   if transpose_w:
+    if pass_made_t:
+      # The pass makes both operands at once, so XLA:CPU would run dx and dW at once on its one
+      # pool, each ~2x slower (the head's trace, BENCHMARKS.md "train-head, session 10"); as the
+      # bf16 head does (output_loss.SEQUENTIAL), dW's x is made to depend on a zero from dx
+      # (XLA:CPU drops optimization barriers before it schedules). NaN/inf in dx[0, 0] (a
+      # diverged step) makes dW NaN too.
+      xb = xb + (dx[0, 0] * 0.0).astype(xb.dtype)
     dw = bf16_dot(dyb_t, xb, (1, 0))
   else:  # xb is x^T already where the forward made it (X_T_FORWARD)
     xb_t = xb if _x_t_route(x_like.dtype, transpose_w) else row_major_t(xb)
