@@ -474,19 +474,23 @@ def test_bf16_head_matches_the_session9_route_and_float64(mkl, monkeypatch, swit
   np.testing.assert_allclose(value, loss, rtol=1e-6)
 
 
-@pytest.mark.parametrize("on", [True, False])
-def test_bf16_head_compiles_without_a_gather_of_dlogits(mkl, monkeypatch, on):
+@pytest.mark.parametrize("on,dy_t", [(True, False), (False, False), (False, True)])
+def test_bf16_head_compiles_without_a_gather_of_dlogits(mkl, monkeypatch, on, dy_t):
   """With the bf16 head on, the compiled gradient holds the bf16 pass and no gather (the
-  transposed dlogits come from the pass); off, the float32 pass and bf16_matmul's gather."""
+  transposed dlogits come from the pass); off, the float32 pass and bf16_matmul's gather, or with
+  gpt.matmul.DY_T_KERNEL transpose.cc's pass and no gather."""
+  if dy_t and not ktr.available():
+    pytest.skip(f"transpose kernel not built: {ktr.why_unavailable()}")
   monkeypatch.setattr(output_loss, "BF16_HEAD", on)
+  monkeypatch.setattr(mm, "DY_T_KERNEL", dy_t)
   rng = np.random.default_rng(1)
   h = jnp.asarray(rng.standard_normal((40, 16)), jnp.float32)
   wte = jnp.asarray(rng.standard_normal((97, 16)), jnp.float32)
   targets = jnp.asarray(rng.integers(0, 97, 40), jnp.int32)
   f = lambda h, w: tied_cross_entropy(h, w, targets, impl="mkl", bf16=True)
   hlo = jax.jit(jax.grad(f, argnums=(0, 1))).lower(h, wte).compile().as_text()
-  assert (gemm.XENT_BF16_TARGET in hlo) == on
-  assert (re.search(r"\bgather\(", hlo) is None) == on
+  assert (gemm.XENT_BF16_TARGET in hlo) == on and (ktr.TARGET in hlo) == dy_t
+  assert (re.search(r"\bgather\(", hlo) is None) == (on or dy_t)
   dots = _dot_operand_types(hlo)
   assert len(dots) == 3 and all(t == ("bf16", "bf16") for t in dots), dots
 
