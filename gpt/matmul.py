@@ -117,9 +117,16 @@ def _bf16_matmul2d(x: jax.Array, w: jax.Array, transpose_w: bool) -> jax.Array:
   return bf16_dot(x, w, (1, 1 if transpose_w else 0))
 
 
+def _cpu_kernel(kernel) -> bool:
+  """Whether a C++ pass of gpt.kernels (`kernel`: its module) can go into the program being traced:
+  its library built, and the default backend a CPU (the passes are CPU custom calls; on an
+  auto-sharded CPU mesh XLA's partitioner gathers their operands: correct, not fast)."""
+  return jax.default_backend() == "cpu" and kernel.available()
+
+
 def _x_t_route(x_dtype, transpose_w: bool) -> bool:
   """Whether bf16_matmul's forward keeps x^T (rounded, row-major) for dW instead of x (X_T_FORWARD)."""
-  return X_T_FORWARD and not transpose_w and x_dtype == jnp.float32 and ktr.available()
+  return X_T_FORWARD and not transpose_w and x_dtype == jnp.float32 and _cpu_kernel(ktr)
 
 
 def _bf16_forward(x, w, transpose_w):
@@ -159,7 +166,7 @@ def _bf16_backward(transpose_w, res, dy):
   # row-major transposed left operand (`row_major_t`, or made by gpt.kernels.transpose's pass).
   # Making dy^T x as (x^T dy)^T instead makes XLA fold the transpose into the dot's output layout,
   # which its bf16 DotThunk rejects ("UNIMPLEMENTED: Unsupported element type").
-  pass_made_t = transpose_w and DY_T_KERNEL and dy.dtype == jnp.float32 and ktr.available()
+  pass_made_t = transpose_w and DY_T_KERNEL and dy.dtype == jnp.float32 and _cpu_kernel(ktr)
   if pass_made_t:
     dyb, dyb_t = ktr.bf16_with_t(dy)
   else:
@@ -209,7 +216,7 @@ def _bf16_gelu_backward(res, dy):
   h, w = res
   dyb = dy.astype(jnp.bfloat16)
   dg = bf16_dot(dyb, w, (1, 1))  # dy w^T
-  if GELU_T_KERNEL and h.dtype == jnp.float32 and kgelu.available():
+  if GELU_T_KERNEL and h.dtype == jnp.float32 and _cpu_kernel(kgelu):
     # One pass writes dh and the rounded gelu(h)^T (no XLA tanh fusion, no gather).
     dh, g_t = kgelu.gelu_backward_bf16t(h, dg)
   else:
