@@ -154,7 +154,16 @@ VARIANT_SWITCHES = {"recomputeprobs": ("gpt.attention", "SAVE_PROBABILITIES", Fa
                     # the lead, session 11: the float32 route's products by MKL's sgemm or by
                     # XLA's dot whatever the CPU (gemm.PRODUCTS "auto": MKL on Intel only)
                     "mklprod": ("gpt.kernels.gemm", "PRODUCTS", "mkl"),
-                    "xlaprod": ("gpt.kernels.gemm", "PRODUCTS", "xla")}
+                    "xlaprod": ("gpt.kernels.gemm", "PRODUCTS", "xla"),
+                    # mixed-transposes, session 11: the mixed MLP c_proj's backward by XLA (a tanh
+                    # fusion, a gather of the rounded gelu(h)^T) instead of gelu.cc's one pass
+                    "gelutxla": ("gpt.matmul", "GELU_T_KERNEL", False),
+                    # mixed-transposes, session 11: the head's bf16 dlogits and their transpose by
+                    # XLA's convert and gather instead of transpose.cc's one pass
+                    "dytxla": ("gpt.matmul", "DY_T_KERNEL", False),
+                    # mixed-transposes, session 11: the layers' bf16_matmul keeps x^T made in the
+                    # forward by transpose.cc's pass, not x (then gathered in the backward)
+                    "xtfwd": ("gpt.matmul", "X_T_FORWARD", True)}
 
 
 def train_program(shape, dtype: str, scan: bool, seed: int = 0, train=None, abstract: bool = False,
@@ -255,7 +264,7 @@ def main() -> None:
                       "jax-bf16-scan,torch-f32,torch-f32-tcmalloc,nanogpt-f32,nanogpt-f32-compile,"
                       "torch-bf16",
                       help="framework-dtype[-scan|-unrolled][-eigen|-ynndot|-onednn][-attnxla|-recomputeprobs|-nokernel][-attnf32][-attn64][-geluxla][-geluxlabwd][-ln3d][-lnxla][-logitsloss|-fusedloss][-xentvml][-optaxclip][-optaxadam][-gelukernel][-unroll2][-bf16wres]"
-                      "[-rematdots|-rematfull][-xladot|-mkl][-mmbf16][-bf16vjp][-bf16head][-headpar][-freedoff|-keepfreed][-held] names; torch rows: "
+                      "[-rematdots|-rematfull][-xladot|-mkl][-mmbf16][-bf16vjp][-bf16head][-headpar][-gelutxla][-dytxla][-xtfwd][-freedoff|-keepfreed][-held] names; torch rows: "
                       "torch|nanogpt-f32|bf16[-compile][-fusedadam|-foreachadam][-keepfreed]"
                       "[-proc|-jemalloc|-tcmalloc|-thp: in a process of its own]")
   parser.add_argument("--rounds", type=int, default=5)

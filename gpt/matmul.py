@@ -15,6 +15,12 @@ parameters, only the products' inputs rounded to bfloat16). For its backward it 
 input and the weight as it is (rounded again there: under the layer scan a bf16 copy would be one
 more stacked buffer per layer); `bf16_gelu_matmul` is the MLP's c_proj with its GELU inside the
 VJP, keeping h alone.
+
+Each dW product wants its left operand transposed and row-major (`row_major_t`: XLA makes it as a
+gather after a convert pass). Where C++ passes can make it (mixed-transposes, session 11):
+gpt.kernels.gelu writes c_proj's rounded gelu(h)^T with dh (GELU_T_KERNEL), gpt.kernels.transpose
+rounds the head's float32 dlogits and writes their transpose in one pass (DY_T_KERNEL), and
+optionally each layer's rounded x^T in the forward (X_T_FORWARD).
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ import math
 import jax
 import jax.numpy as jnp
 
+from gpt.kernels import gelu as kgelu
 from gpt.kernels import gemm
+from gpt.kernels import transpose as ktr
 
 # The specs gpt.kernels.gemm serves, and whether the weight is transposed ([N, K]) in each.
 GEMM_SPECS = {"...d,df->...f": False, "...d,vd->...v": True}
@@ -38,6 +46,20 @@ BF16_VJP = False
 # True: bf16_matmul keeps the weight as it is for its backward and rounds it to bfloat16 again
 # there; False: it keeps the forward's bf16 copy (bench_train's `-bf16wres`), as before session 10.
 ROUND_W_AGAIN = True
+# True: bf16_gelu_matmul's backward takes dh and the rounded gelu(h)^T for its dW from one C++ pass
+# (gpt.kernels.gelu.gelu_backward_bf16t) where the library builds and h is float32; False
+# (bench_train's `-gelutxla`): XLA's tanh fusion and its gather of the rounded transpose
+# (mixed-transposes, session 11).
+GELU_T_KERNEL = True
+# True: bf16_matmul's backward with a transposed weight (the tied head's, session 9's route) takes
+# the rounded cotangent and its row-major transpose from one C++ pass
+# (gpt.kernels.transpose.bf16_with_t) where the library builds and the cotangent is float32;
+# False (bench_train's `-dytxla`): XLA's convert and gather (mixed-transposes, session 11).
+DY_T_KERNEL = True
+# True (bench_train's `-xtfwd`): bf16_matmul's forward with a [K, N] weight rounds x and writes its
+# row-major transpose in one pass (bf16_with_t) and keeps the transpose for dW = x^T dy, so the
+# backward gathers nothing; False: XLA's convert in the forward, `row_major_t` in the backward.
+X_T_FORWARD = False
 
 
 def matmul(x: jax.Array, w: jax.Array, spec: str = "...d,df->...f", *,
@@ -95,8 +117,26 @@ def _bf16_matmul2d(x: jax.Array, w: jax.Array, transpose_w: bool) -> jax.Array:
   return bf16_dot(x, w, (1, 1 if transpose_w else 0))
 
 
+def _cpu_kernel(kernel) -> bool:
+  """Whether a C++ pass of gpt.kernels (`kernel`: its module) can go into the program being traced:
+  its library built, and the default backend a CPU (the passes are CPU custom calls; on an
+  auto-sharded CPU mesh XLA's partitioner gathers their operands: correct, not fast)."""
+  return jax.default_backend() == "cpu" and kernel.available()
+
+
+def _x_t_route(x_dtype, transpose_w: bool) -> bool:
+  """Whether bf16_matmul's forward keeps x^T (rounded, row-major) for dW instead of x (X_T_FORWARD)."""
+  return X_T_FORWARD and not transpose_w and x_dtype == jnp.float32 and _cpu_kernel(ktr)
+
+
 def _bf16_forward(x, w, transpose_w):
-  xb, wb = x.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
+  wb = w.astype(jnp.bfloat16)
+  if _x_t_route(x.dtype, transpose_w):
+    # The forward's convert and the backward's gather as one pass; the residual is x^T.
+    xb, xb_t = ktr.bf16_with_t(x)
+    return bf16_dot(xb, wb, (1, 0)), (xb_t, w if ROUND_W_AGAIN else wb,
+                                      jnp.zeros((0,), x.dtype), jnp.zeros((0,), w.dtype))
+  xb = x.astype(jnp.bfloat16)
   # The rounded input is a residual: half the bytes of a float32 one, and the backward's products
   # need it in bfloat16 anyway. The weight is kept as it is and rounded again in the backward
   # (ROUND_W_AGAIN): under the layer scan a weight residual is the scan's own slice of the stacked
@@ -121,14 +161,30 @@ def row_major_t(a: jax.Array) -> jax.Array:
 
 def _bf16_backward(transpose_w, res, dy):
   xb, w, x_like, w_like = res
-  wb, dyb = w.astype(jnp.bfloat16), dy.astype(jnp.bfloat16)
-  dx = bf16_dot(dyb, wb, (1, 0 if transpose_w else 1))  # dy w^T ([M, N] . [N, K] or [K, N])
+  wb = w.astype(jnp.bfloat16)
   # dW in w's layout: x^T dy [K, N], or dy^T x [N, K] for a transposed weight, each with a
-  # row-major transposed left operand (`row_major_t`). Making dy^T x as (x^T dy)^T instead makes
-  # XLA fold the transpose into the dot's output layout, which its bf16 DotThunk rejects
-  # ("UNIMPLEMENTED: Unsupported element type").
-  dw = (bf16_dot(row_major_t(dyb), xb, (1, 0)) if transpose_w
-        else bf16_dot(row_major_t(xb), dyb, (1, 0)))
+  # row-major transposed left operand (`row_major_t`, or made by gpt.kernels.transpose's pass).
+  # Making dy^T x as (x^T dy)^T instead makes XLA fold the transpose into the dot's output layout,
+  # which its bf16 DotThunk rejects ("UNIMPLEMENTED: Unsupported element type").
+  pass_made_t = transpose_w and DY_T_KERNEL and dy.dtype == jnp.float32 and _cpu_kernel(ktr)
+  if pass_made_t:
+    dyb, dyb_t = ktr.bf16_with_t(dy)
+  else:
+    dyb = dy.astype(jnp.bfloat16)
+    dyb_t = row_major_t(dyb) if transpose_w else None
+  dx = bf16_dot(dyb, wb, (1, 0 if transpose_w else 1))  # dy w^T ([M, N] . [N, K] or [K, N])
+  if transpose_w:
+    if pass_made_t:
+      # The pass makes both operands at once, so XLA:CPU would run dx and dW at once on its one
+      # pool, each ~2x slower (the head's trace, BENCHMARKS.md "train-head, session 10"); as the
+      # bf16 head does (output_loss.SEQUENTIAL), dW's x is made to depend on a zero from dx
+      # (XLA:CPU drops optimization barriers before it schedules). NaN/inf in dx[0, 0] (a
+      # diverged step) makes dW NaN too.
+      xb = xb + (dx[0, 0] * 0.0).astype(xb.dtype)
+    dw = bf16_dot(dyb_t, xb, (1, 0))
+  else:  # xb is x^T already where the forward made it (X_T_FORWARD)
+    xb_t = xb if _x_t_route(x_like.dtype, transpose_w) else row_major_t(xb)
+    dw = bf16_dot(xb_t, dyb, (1, 0))
   return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
 
 
@@ -158,11 +214,16 @@ def _bf16_gelu_forward(h, w):
 
 def _bf16_gelu_backward(res, dy):
   h, w = res
-  g, slope = gemm.gelu_and_slope(h.astype(jnp.float32))
   dyb = dy.astype(jnp.bfloat16)
   dg = bf16_dot(dyb, w, (1, 1))  # dy w^T
-  dw = bf16_dot(row_major_t(g.astype(jnp.bfloat16)), dyb, (1, 0))  # gelu(h)^T dy, as bf16_matmul's
-  return (dg * slope).astype(h.dtype), dw.astype(w.dtype)
+  if GELU_T_KERNEL and h.dtype == jnp.float32 and _cpu_kernel(kgelu):
+    # One pass writes dh and the rounded gelu(h)^T (no XLA tanh fusion, no gather).
+    dh, g_t = kgelu.gelu_backward_bf16t(h, dg)
+  else:
+    g, slope = gemm.gelu_and_slope(h.astype(jnp.float32))
+    dh, g_t = dg * slope, row_major_t(g.astype(jnp.bfloat16))
+  dw = bf16_dot(g_t, dyb, (1, 0))  # gelu(h)^T dy, as bf16_matmul's
+  return dh.astype(h.dtype), dw.astype(w.dtype)
 
 
 _bf16_gelu_matmul2d.defvjp(_bf16_gelu_forward, _bf16_gelu_backward)

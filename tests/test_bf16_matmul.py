@@ -20,7 +20,9 @@ import pytest
 from gpt import matmul as mm
 from gpt import output_loss
 from gpt.errors import GPTError
+from gpt.kernels import gelu as kgelu
 from gpt.kernels import gemm
+from gpt.kernels import transpose as ktr
 from gpt.model import GPTConfig
 from gpt.output_loss import tied_cross_entropy
 
@@ -180,11 +182,16 @@ def test_bf16_vjp_switch_changes_only_the_backward_route(monkeypatch):
     np.testing.assert_allclose(g, r, atol=0.05 * np.abs(np.asarray(r)).max())
 
 
+@pytest.mark.parametrize("kernel", [False, True])
 @pytest.mark.parametrize("lead", [(6,), (2, 3)])
-def test_bf16_gelu_matmul_is_the_gelu_then_bf16_matmul(lead):
+def test_bf16_gelu_matmul_is_the_gelu_then_bf16_matmul(lead, kernel, monkeypatch):
   """bf16_gelu_matmul(h, w) against bf16_matmul(gelu(h), w) differentiated apart: the same value,
-  the same dW (gelu(h) rounded alike), dh within float32 rounding (it recomputes the GELU's slope
-  from h); and against float64 of the rounded operands."""
+  the same dW (gelu(h) rounded alike; with gelu.cc's pass (GELU_T_KERNEL) gelu(h) may round one
+  bfloat16 step apart where XLA's tanh and the pass's differ in float32), dh within float32 rounding
+  (it recomputes the GELU's slope from h); and against float64 of the rounded operands."""
+  if kernel and not kgelu.available():
+    pytest.skip(f"gelu kernel not built: {kgelu.why_unavailable()}")
+  monkeypatch.setattr(mm, "GELU_T_KERNEL", kernel)
   h, w, dy = _operands(6, 24, 40, False, seed=5)
   h = h.reshape(*lead, 24)
   dy = dy.reshape(*lead, 40)
@@ -195,10 +202,133 @@ def test_bf16_gelu_matmul_is_the_gelu_then_bf16_matmul(lead):
   np.testing.assert_allclose(y, y0, rtol=1e-6, atol=1e-6)
   (dh, dw), (dh0, dw0) = vjp(dy), vjp0(dy)
   assert dh.shape == h.shape and dh.dtype == dw.dtype == jnp.float32
-  np.testing.assert_allclose(dw, dw0, rtol=1e-6, atol=1e-6)
-  np.testing.assert_allclose(dh, dh0, rtol=1e-5, atol=1e-5 * np.abs(np.asarray(dh0)).max())
+  # One bfloat16 step of gelu(h) (2^-7 relative) at a few elements moves dW by at most that much
+  # of sum |gelu(h)| |dy| over the rows.
   g64 = _rounded64(gelu(h)).reshape(-1, 24)
+  dw_tol = 2.0 ** -7 * np.abs(g64).T @ np.abs(_rounded64(dy).reshape(-1, 40)) if kernel else 1e-6
+  assert np.all(np.abs(np.asarray(dw) - np.asarray(dw0)) <= dw_tol + 1e-6 * np.abs(np.asarray(dw0)))
+  np.testing.assert_allclose(dh, dh0, rtol=1e-5, atol=1e-5 * np.abs(np.asarray(dh0)).max())
   np.testing.assert_allclose(y.reshape(-1, 40), g64 @ _rounded64(w), rtol=1e-5, atol=1e-5)
+
+
+needs_gelu_kernel = pytest.mark.skipif(not kgelu.available(),
+                                       reason=f"gelu kernel not built: {kgelu.why_unavailable()}")
+
+
+@needs_gelu_kernel
+@pytest.mark.parametrize("n,m", [(1024, 96), (37, 45), (5, 130), (1, 1)])
+def test_gelu_bf16t_pass_against_float64_and_xla(n, m):
+  """gelu.cc's GptGeluBwdBf16T: dh = dg gelu'(h) within float32 rounding of float64 (as tight as
+  the float32 pass, tighter than XLA's tanh); gelu(h)^T laid out [M, N], within one bfloat16 step of
+  XLA's rounded gelu(h) and within half a step (plus float32 error) of float64's; sizes not
+  multiples of the pass's 32 x 64 tiles."""
+  rng = np.random.default_rng(n + m)
+  h = jnp.asarray(3 * rng.standard_normal((n, m)), jnp.float32)
+  dg = jnp.asarray(rng.standard_normal((n, m)), jnp.float32)
+  dh, g_t = jax.jit(kgelu.gelu_backward_bf16t)(h, dg)
+  assert dh.shape == (n, m) and dh.dtype == jnp.float32
+  assert g_t.shape == (m, n) and g_t.dtype == BF16
+  h64, dg64 = np.asarray(h, np.float64), np.asarray(dg, np.float64)
+  c, a = np.sqrt(2 / np.pi), 0.044715
+  z = c * (h64 + a * h64 ** 3)
+  t = np.tanh(z)
+  g64 = h64 / (1 + np.exp(-2 * z))  # 0.5 h (1 + t) without 1 + t's cancellation at h << 0
+  slope = 0.5 * (1 + t) + 0.5 * h64 * (1 - t * t) * c * (1 + 3 * a * h64 * h64)
+  np.testing.assert_allclose(dh, dg64 * slope, rtol=2e-6, atol=2e-6)
+  got = np.asarray(g_t.astype(jnp.float32), np.float64).T
+  step = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(g64), 1e-30))) - 7)  # bf16 spacing at g
+  assert np.all(np.abs(got - g64) <= 0.5 * step + 1e-6 * np.abs(g64) + 1e-38)
+  xla = np.asarray(jax.nn.gelu(h, approximate=True).astype(BF16).astype(jnp.float32), np.float64)
+  # (XLA's 0.5 h (1 + tanh) loses gelu's tiny values at h << 0: absolute float32 error there.)
+  assert np.all(np.abs(got - xla) <= step + 1e-6)
+
+
+@needs_gelu_kernel
+def test_gelu_bf16t_pass_rounds_as_xla_bit_for_bit():
+  """Where gelu(h) = h exactly in float32 (h >= 10: the tanh is 1), the pass's bfloat16 is XLA's
+  convert of h, bit for bit: random mantissas, ties to even both ways, NaN (kept, quiet)."""
+  rng = np.random.default_rng(3)
+  bits = (rng.integers(0x41200000, 0x47000000, (64, 80), dtype=np.int64)).astype(np.uint32)
+  bits[0, :4] = [0x41208000, 0x41218000, 0x41207fff, 0x41218001]  # ties: down, up; below, above
+  h = bits.view(np.float32).copy()
+  h[1, :3] = [np.nan, np.inf, 1e30]
+  h = jnp.asarray(h)
+  _, g_t = jax.jit(kgelu.gelu_backward_bf16t)(h, jnp.ones_like(h))
+  got, want = np.asarray(g_t).view(np.uint16).T, np.asarray(h.astype(BF16)).view(np.uint16)
+  nan = np.isnan(np.asarray(h))
+  assert np.array_equal(got[~nan], want[~nan])
+  assert np.all(np.isnan(np.asarray(g_t.astype(jnp.float32)).T[nan]))
+
+
+@pytest.mark.parametrize("kernel", [False, True])
+def test_bf16_gelu_matmul_gathers_gelu_h_only_without_the_pass(kernel, monkeypatch):
+  """The compiled gradient of bf16_gelu_matmul: with gelu.cc's pass (GELU_T_KERNEL) it calls the
+  pass and holds no gather (the transposed gelu(h) comes from the pass) and no tanh; without it,
+  XLA's tanh and its gather of the rounded gelu(h)^T, which is what the pass removes."""
+  if kernel and not kgelu.available():
+    pytest.skip(f"gelu kernel not built: {kgelu.why_unavailable()}")
+  monkeypatch.setattr(mm, "GELU_T_KERNEL", kernel)
+  h, w, dy = _operands(48, 64, 40, False, seed=2)
+  grad = jax.jit(jax.grad(lambda h, w: jnp.sum(mm.bf16_gelu_matmul(h, w) * dy), argnums=(0, 1)))
+  hlo = grad.lower(h, w).compile().as_text()
+  assert (re.search(r"\bgather\(", hlo) is None) == kernel
+  assert (kgelu.BACKWARD_BF16T in hlo) == kernel
+  # (The gradient alone drops the forward's GELU: any tanh left is the backward's recomputation.)
+  assert (re.search(r"\btanh\(", hlo) is None) == kernel
+
+
+needs_transpose_kernel = pytest.mark.skipif(
+    not ktr.available(), reason=f"transpose kernel not built: {ktr.why_unavailable()}")
+
+
+@needs_transpose_kernel
+@pytest.mark.parametrize("m,n", [(37, 300), (64, 256), (1, 1), (300, 17), (33, 513)])
+def test_bf16_with_t_is_xlas_convert_and_transpose_bit_for_bit(m, n):
+  """transpose.cc's pass: a rounded to bfloat16 as XLA's convert rounds it, bit for bit (random
+  values, ties to even both ways, infinities, -0), and its transpose laid out [N, M]; sizes not
+  multiples of its 32 x 256 tiles; NaN stays NaN."""
+  rng = np.random.default_rng(m * n)
+  a = (rng.standard_normal((m, n)) * 10.0 ** rng.integers(-3, 4, (m, n))).astype(np.float32)
+  specials = np.array([0x3f808000, 0x3f818000, 0x3f807fff, 0x3f818001], np.uint32).view(np.float32)
+  flat = a.reshape(-1)
+  flat[:4] = specials[:flat.size]
+  if flat.size > 8:
+    flat[4:8] = [np.inf, -np.inf, -0.0, np.nan]
+  a = jnp.asarray(a)
+  b, b_t = jax.jit(ktr.bf16_with_t)(a)
+  assert b.shape == (m, n) and b_t.shape == (n, m) and b.dtype == b_t.dtype == BF16
+  want = np.asarray(a.astype(BF16)).view(np.uint16)
+  nan = np.isnan(np.asarray(a))
+  got, got_t = np.asarray(b).view(np.uint16), np.asarray(b_t).view(np.uint16)
+  assert np.array_equal(got[~nan], want[~nan]) and np.array_equal(got_t.T, got)
+  assert np.all(np.isnan(np.asarray(b.astype(jnp.float32))[nan]))
+
+
+def _grad_hlo_and_values(transpose_w, x, w, dy):
+  # dy an argument, not a constant: XLA would fold its rounding and transpose away.
+  f = lambda x, w, dy: jnp.sum(mm.bf16_matmul(x, w, transpose_w) * dy)
+  grad = jax.jit(jax.grad(f, argnums=(0, 1)))
+  return grad.lower(x, w, dy).compile().as_text(), grad(x, w, dy)
+
+
+@needs_transpose_kernel
+@pytest.mark.parametrize("transpose_w,switch", [(True, "DY_T_KERNEL"), (False, "X_T_FORWARD")])
+def test_the_transpose_pass_removes_bf16_matmuls_gather_and_changes_no_bit(transpose_w, switch,
+                                                                           monkeypatch):
+  """With a transposed weight (the tied head) DY_T_KERNEL, with a [K, N] weight (the layers)
+  X_T_FORWARD take dW's row-major transposed operand from transpose.cc's pass: the compiled
+  gradient then calls the pass and holds no gather, and both gradients are the same bits as
+  XLA's convert and gather give (the same rounding, the same dots)."""
+  x, w, dy = _operands(48, 64, 40, transpose_w, seed=4)
+  monkeypatch.setattr(mm, "DY_T_KERNEL", False)
+  monkeypatch.setattr(mm, "X_T_FORWARD", False)
+  hlo_off, (dx0, dw0) = _grad_hlo_and_values(transpose_w, x, w, dy)
+  monkeypatch.setattr(mm, switch, True)
+  hlo_on, (dx, dw) = _grad_hlo_and_values(transpose_w, x, w, dy)
+  assert re.search(r"\bgather\(", hlo_off) and ktr.TARGET not in hlo_off
+  assert re.search(r"\bgather\(", hlo_on) is None and ktr.TARGET in hlo_on
+  np.testing.assert_array_equal(dx, dx0)
+  np.testing.assert_array_equal(dw, dw0)
 
 
 def _mixed_step_hlo(**fields) -> str:
@@ -344,27 +474,31 @@ def test_bf16_head_matches_the_session9_route_and_float64(mkl, monkeypatch, swit
   np.testing.assert_allclose(value, loss, rtol=1e-6)
 
 
-@pytest.mark.parametrize("on", [True, False])
-def test_bf16_head_compiles_without_a_gather_of_dlogits(mkl, monkeypatch, on):
+@pytest.mark.parametrize("on,dy_t", [(True, False), (False, False), (False, True)])
+def test_bf16_head_compiles_without_a_gather_of_dlogits(mkl, monkeypatch, on, dy_t):
   """With the bf16 head on, the compiled gradient holds the bf16 pass and no gather (the
-  transposed dlogits come from the pass); off, the float32 pass and bf16_matmul's gather."""
+  transposed dlogits come from the pass); off, the float32 pass and bf16_matmul's gather, or with
+  gpt.matmul.DY_T_KERNEL transpose.cc's pass and no gather."""
+  if dy_t and not ktr.available():
+    pytest.skip(f"transpose kernel not built: {ktr.why_unavailable()}")
   monkeypatch.setattr(output_loss, "BF16_HEAD", on)
+  monkeypatch.setattr(mm, "DY_T_KERNEL", dy_t)
   rng = np.random.default_rng(1)
   h = jnp.asarray(rng.standard_normal((40, 16)), jnp.float32)
   wte = jnp.asarray(rng.standard_normal((97, 16)), jnp.float32)
   targets = jnp.asarray(rng.integers(0, 97, 40), jnp.int32)
   f = lambda h, w: tied_cross_entropy(h, w, targets, impl="mkl", bf16=True)
   hlo = jax.jit(jax.grad(f, argnums=(0, 1))).lower(h, wte).compile().as_text()
-  assert (gemm.XENT_BF16_TARGET in hlo) == on
-  assert (re.search(r"\bgather\(", hlo) is None) == on
+  assert (gemm.XENT_BF16_TARGET in hlo) == on and (ktr.TARGET in hlo) == dy_t
+  assert (re.search(r"\bgather\(", hlo) is None) == (on or dy_t)
   dots = _dot_operand_types(hlo)
   assert len(dots) == 3 and all(t == ("bf16", "bf16") for t in dots), dots
 
 
 def test_bf16_head_falls_back_without_the_kernel(monkeypatch):
   """Without gemm's library (here: no MKL to load) the bf16 route with impl="mkl" is XLA's
-  (bf16_matmul around XLA's softmax cross-entropy): no custom call, the same numbers as
-  impl="xla"."""
+  (bf16_matmul around XLA's softmax cross-entropy): no call of gemm's library (transpose.cc's
+  pass may round the dlogits: gpt.matmul.DY_T_KERNEL), the same numbers as impl="xla"."""
   monkeypatch.setattr(gemm, "KERNEL", gemm.KERNEL.untried())
   monkeypatch.setenv("GPT_MKL_LIBRARY", "/nonexistent/libmkl_rt.so.2")
   monkeypatch.setattr(output_loss, "BF16_HEAD", True)
@@ -374,7 +508,8 @@ def test_bf16_head_falls_back_without_the_kernel(monkeypatch):
   targets = jnp.asarray(rng.integers(0, 53, (2, 7)), jnp.int32)
   f = lambda h, w: tied_cross_entropy(h, w, targets, impl="mkl", bf16=True)
   hlo = jax.jit(jax.grad(f, argnums=(0, 1))).lower(h, wte).as_text()
-  assert "custom_call" not in hlo
+  assert not [t for t in gemm.KERNEL.targets if t in hlo]
+  assert "custom_call" not in hlo.replace(f"custom_call @{ktr.TARGET}", "")
   got, want = _head_grads(h, wte, targets), _head_grads(h, wte, targets, impl="xla")
   for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
     np.testing.assert_array_equal(g, w)

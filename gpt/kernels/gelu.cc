@@ -15,9 +15,17 @@
 // tanh z ~ -1 (1 + tanh z would lose gelu's small negative values), no overflow, no denormal
 // reciprocal (XLA's threads flush those to zero). exp in AVX-512 registers (simd_exp.h) where built
 // with -march=native on such a CPU, std::exp in a plain loop elsewhere.
+//
+// The second handler, GptGeluBwdBf16T, is the same GELU backward for the mixed mode's MLP c_proj
+// (model.matmul_dtype=bfloat16, gpt.matmul.bf16_gelu_matmul; mixed-transposes, session 11): from h
+// and dg it writes dh = dg gelu'(h) (into dg's buffer) and gelu(h)^T [M, N] rounded to bfloat16,
+// the left operand of c_proj's dW = gelu(h)^T dy as XLA:CPU's fast bf16 dot wants it (contracting
+// its last, row-major axis). Before, XLA recomputed the tanh in one fusion and gathered the rounded
+// transpose in another (the step's largest convert/gather: 281 ms of the chapter shape's profile).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -108,6 +116,107 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> u_in, ffi::Buffe
   return ffi::Error::Success();
 }
 
+// float -> bfloat16, rounded to nearest even, NaN kept quiet: XLA's (Eigen's) convert, bit for bit
+// (gemm.cc's RoundBf16; a copy, so that neither library depends on the other).
+inline uint16_t RoundBf16(float v) {
+  uint32_t u;
+  std::memcpy(&u, &v, sizeof(u));
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
+  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+// GptGeluBwdBf16T's tiles: kTRows rows x kTCols columns of [N, M], rounded into a stack buffer and
+// written out transposed as whole 64-byte lines (32 bf16) of each of kTCols rows of [M, N]. A
+// thread's unit is one block of kTCols columns over all rows: it writes kTCols contiguous rows of
+// the transpose (a few hundred KB), not a line in every one of its M rows (TLB misses; the same
+// reason as gemm.cc's transposed loss pass).
+constexpr int64_t kTRows = 32, kTCols = 64;
+
+// Columns [j0, j0 + n) (n <= kTCols) of one row: du = dg gelu'(h) into du, gelu(h) rounded to
+// bfloat16 into out[0..n). The same arithmetic as Row (bias 0), so dh agrees with the float32 pass.
+void RowTileBf16(const float* h_row, const float* dg_row, float* du_row, int64_t j0, int64_t n,
+                 uint16_t* out) {
+  int64_t c = 0;
+#if defined(__AVX512F__)
+  const __m512 one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f);
+  const __m512 cc = _mm512_set1_ps(kC), a = _mm512_set1_ps(kA), a3 = _mm512_set1_ps(3 * kA);
+  const __m512i lsb1 = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
+  const __m512i quiet = _mm512_set1_epi32(0x40);
+  for (; c < n; c += 16) {
+    const __mmask16 m = gpt_kernels::TailMask(n - c);
+    const int64_t j = j0 + c;
+    const __m512 h = _mm512_maskz_loadu_ps(m, h_row + j);
+    const __m512 h2 = _mm512_mul_ps(h, h);
+    const __m512 z = _mm512_mul_ps(cc, _mm512_fmadd_ps(_mm512_mul_ps(a, h2), h, h));
+    const __m512 e = gpt_kernels::Exp16(_mm512_mul_ps(_mm512_set1_ps(-2.f), _mm512_abs_ps(z)));
+    const __m512 r = _mm512_div_ps(one, _mm512_add_ps(e, one));
+    const __mmask16 neg = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ);
+    const __m512 hp = _mm512_mask_mul_ps(r, neg, e, r);
+    const __m512 slope = _mm512_fmadd_ps(
+        _mm512_mul_ps(_mm512_mul_ps(two, h), _mm512_mul_ps(e, _mm512_mul_ps(r, r))),
+        _mm512_mul_ps(cc, _mm512_fmadd_ps(a3, h2, one)), hp);
+    _mm512_mask_storeu_ps(du_row + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, dg_row + j), slope));
+    // gelu(h) = h hp; a NaN h stays NaN (Exp16 clamps NaN lanes away, so put them back).
+    const __mmask16 nan = _mm512_cmp_ps_mask(h, h, _CMP_UNORD_Q);
+    const __m512 g = _mm512_mask_mov_ps(_mm512_mul_ps(h, hp), nan, h);
+    // Round to nearest even in the integer domain; NaN: the top half, made quiet.
+    const __m512i u = _mm512_castps_si512(g);
+    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), lsb1);
+    __m512i rb = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(bias, lsb)), 16);
+    rb = _mm512_mask_or_epi32(rb, nan, _mm512_srli_epi32(u, 16), quiet);
+    const __m256i packed = _mm512_cvtepi32_epi16(rb);
+    if (n - c >= 16) {
+      _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + c), packed);
+    } else {
+      alignas(32) uint16_t last[16];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(last), packed);
+      std::memcpy(out + c, last, sizeof(uint16_t) * (n - c));
+    }
+  }
+#else
+  for (; c < n; ++c) {
+    const int64_t j = j0 + c;
+    const float h = h_row[j], h2 = h * h;
+    const float z = kC * (h + kA * h2 * h);
+    const float e = std::exp(-2 * std::fabs(z)), r = 1.f / (e + 1.f);
+    const float hp = z < 0 ? e * r : r;
+    const float slope = hp + 2 * h * e * r * r * kC * (1.f + 3 * kA * h2);
+    du_row[j] = dg_row[j] * slope;
+    out[c] = RoundBf16(h * hp);
+  }
+#endif
+}
+
+ffi::Error BackwardBf16T(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> h_in, ffi::Buffer<ffi::F32> dg_in,
+                         ffi::ResultBuffer<ffi::F32> dh_out, ffi::ResultBuffer<ffi::BF16> gt_out) {
+  const auto dims = h_in.dimensions();
+  if (dims.size() != 2) return ffi::Error::InvalidArgument("gelu_bf16t: h must be [N, M]");
+  const int64_t N = dims[0], M = dims[1];
+  if (dg_in.element_count() != N * M || gt_out->element_count() != N * M)
+    return ffi::Error::InvalidArgument("gelu_bf16t: dg [N, M], gelu(h)^T [M, N]");
+  const float* h = h_in.typed_data();
+  const float* dg = dg_in.typed_data();
+  float* dh = dh_out->typed_data();  // dg's buffer where XLA aliased them (each element read first)
+  uint16_t* gt = reinterpret_cast<uint16_t*>(gt_out->typed_data());
+  const int64_t col_blocks = (M + kTCols - 1) / kTCols;
+  gpt_kernels::RunBlocks(pool, col_blocks, col_blocks, [=](int64_t blk) {
+    const int64_t j0 = blk * kTCols, n = std::min(M, j0 + kTCols) - j0;
+    alignas(64) uint16_t tile[kTRows][kTCols];
+    for (int64_t r0 = 0; r0 < N; r0 += kTRows) {
+      const int64_t rows = std::min(N, r0 + kTRows) - r0;
+      for (int64_t i = 0; i < rows; ++i) {
+        const int64_t r = r0 + i;
+        RowTileBf16(h + r * M, dg + r * M, dh + r * M, j0, n, tile[i]);
+      }
+      for (int64_t c = 0; c < n; ++c) {  // the tile's column c is row j0 + c of the transpose
+        uint16_t* o = gt + (j0 + c) * N + r0;
+        for (int64_t i = 0; i < rows; ++i) o[i] = tile[i][c];
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(GptBiasGeluBwdF32, Backward,
@@ -119,3 +228,11 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(GptBiasGeluBwdF32, Backward,
                                   .Ret<ffi::Buffer<ffi::F32>>()  // du [N, M] (aliases dg)
                                   .Ret<ffi::Buffer<ffi::F32>>()  // g = gelu(u + b) [N, M]
                                   .Ret<ffi::Buffer<ffi::F32>>());  // db [M]
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(GptGeluBwdBf16T, BackwardBf16T,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // h [N, M]
+                                  .Arg<ffi::Buffer<ffi::F32>>()    // dg [N, M]: d loss / d gelu(h)
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dh [N, M] (aliases dg)
+                                  .Ret<ffi::Buffer<ffi::BF16>>());  // gelu(h)^T [M, N], bfloat16

@@ -12,6 +12,12 @@ gpt.layers.fused_mlp runs it where both MLP layers are plain MKL layers (`model.
 to "mkl": a training program on one CPU device; float32, no adapter, not quantized), USE_KERNEL
 is on and the library builds (`available`); elsewhere the MLP is as before. The library is compiled
 from gelu.cc with the system C++ compiler at first use (-march=native) and cached (gpt.kernels.native).
+
+`gelu_backward_bf16t` is the same GELU backward for the mixed mode's MLP c_proj
+(model.matmul_dtype=bfloat16: gpt.matmul.bf16_gelu_matmul): it writes dh and gelu(h)^T rounded to
+bfloat16, the row-major transposed operand that c_proj's dW product needs on XLA:CPU, where XLA
+otherwise recomputes the tanh and gathers the rounded transpose in passes of its own
+(BENCHMARKS.md, "mixed-transposes, session 11").
 """
 
 from __future__ import annotations
@@ -28,11 +34,12 @@ from gpt.kernels import gemm, native
 SOURCE = Path(__file__).with_name("gelu.cc")
 FLAGS = ("-O3", "-march=native", "-mprefer-vector-width=512", "-std=c++17", "-shared", "-fPIC", "-w")
 BACKWARD = "GptBiasGeluBwdF32"
+BACKWARD_BF16T = "GptGeluBwdBf16T"
 # Off by default: alone the pass is ~1.4x XLA's, but in the lead's quiet whole-step A/Bs (session 8)
 # the MLP with it ran 0.93x its XLA form at 30m (BENCHMARKS "The lead's quiet retake, session 8").
 # True (experiments/bench_train.py's `gelukernel` variant) takes it where it runs; read by `takes`.
 USE_KERNEL = False
-KERNEL = native.Kernel(SOURCE, FLAGS, (BACKWARD,), env="GPT_GELU_KERNEL",
+KERNEL = native.Kernel(SOURCE, FLAGS, (BACKWARD, BACKWARD_BF16T), env="GPT_GELU_KERNEL",
                        fallback="the MLP's GELU stays XLA's")
 
 
@@ -62,6 +69,18 @@ def bias_gelu_backward(u: jax.Array, b: jax.Array, dg: jax.Array):
                                      jax.ShapeDtypeStruct((M,), jnp.float32)),
                           vmap_method="sequential", input_output_aliases={2: 0})
   return call(u, b, dg)
+
+
+def gelu_backward_bf16t(h: jax.Array, dg: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """(dh, gelu(h)^T) for float32 h, dg [N, M]: dh = dg * gelu'(h) float32 [N, M] (taking dg's
+  buffer), gelu(h)^T [M, N] rounded to bfloat16 (to nearest even, as XLA's convert), in one kernel
+  pass; the GELU is the tanh form's, as `bias_gelu_backward`'s. No gradient of its own. Call where
+  `available()`."""
+  N, M = h.shape
+  call = jax.ffi.ffi_call(BACKWARD_BF16T, (jax.ShapeDtypeStruct((N, M), jnp.float32),
+                                           jax.ShapeDtypeStruct((M, N), jnp.bfloat16)),
+                          vmap_method="sequential", input_output_aliases={1: 0})
+  return call(h, dg)
 
 
 @jax.custom_vjp
