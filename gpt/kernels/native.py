@@ -1,5 +1,5 @@
 """Building the C++ kernels (gemv.cc, gemm.cc, attention.cc, decode_attention.cc, adam.cc, layernorm.cc,
-gelu.cc) with the system compiler, once, into a cache, and loading them as XLA FFI targets.
+gelu.cc, transpose.cc) with the system compiler, once, into a cache, and loading them as XLA FFI targets.
 
 Why at first use rather than at install: the project installs as pure Python (`pip install -e .`
 on any machine), and gemv.cc is compiled for the CPU it runs on (-march=native). A library is
