@@ -45,28 +45,46 @@ constexpr float kA = 0.044715f;
 // Rows per block: u, dg, du and g rows of 1536-3072 floats; 16 rows are 100-200 KB per array.
 constexpr int64_t kRows = 16;
 
+// GELU's two factors from one exp, shared by both passes: hp = 0.5 (1 + tanh z) with
+// z = c (h + a h^3), so gelu(h) = h hp, and slope = gelu'(h).
+#if defined(__AVX512F__)
+inline void GeluLanes(__m512 h, __m512* hp_out, __m512* slope_out) {
+  const __m512 one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f);
+  const __m512 c = _mm512_set1_ps(kC), a = _mm512_set1_ps(kA), a3 = _mm512_set1_ps(3 * kA);
+  const __m512 h2 = _mm512_mul_ps(h, h);
+  const __m512 z = _mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(a, h2), h, h));
+  // e = exp(-2|z|) in (0, 1]: 0.5 (1 + t) = 1 / (1 + e) for z >= 0, e / (1 + e) below
+  const __m512 e = gpt_kernels::Exp16(_mm512_mul_ps(_mm512_set1_ps(-2.f), _mm512_abs_ps(z)));
+  const __m512 r = _mm512_div_ps(one, _mm512_add_ps(e, one));
+  const __mmask16 neg = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ);
+  const __m512 hp = _mm512_mask_mul_ps(r, neg, e, r);
+  // gelu'(h) = 0.5 (1 + t) + 0.5 h (1 - t^2) c (1 + 3 a h^2), 1 - t^2 = 4 e / (1 + e)^2
+  *slope_out = _mm512_fmadd_ps(
+      _mm512_mul_ps(_mm512_mul_ps(two, h), _mm512_mul_ps(e, _mm512_mul_ps(r, r))),
+      _mm512_mul_ps(c, _mm512_fmadd_ps(a3, h2, one)), hp);
+  *hp_out = hp;
+}
+#else
+inline void GeluScalar(float h, float* hp_out, float* slope_out) {
+  const float h2 = h * h;
+  const float z = kC * (h + kA * h2 * h);
+  const float e = std::exp(-2 * std::fabs(z)), r = 1.f / (e + 1.f);
+  const float hp = z < 0 ? e * r : r;  // as the AVX-512 lanes
+  *slope_out = hp + 2 * h * e * r * r * kC * (1.f + 3 * kA * h2);
+  *hp_out = hp;
+}
+#endif
+
 // One row: du = dg * gelu'(h), g = gelu(h), db += du, with h = u + b, over M columns.
 void Row(const float* __restrict u, const float* __restrict b, const float* dg,
          float* du, float* __restrict g, float* __restrict db, int64_t M) {
   int64_t j = 0;
 #if defined(__AVX512F__)
-  const __m512 one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f);
-  const __m512 c = _mm512_set1_ps(kC), a = _mm512_set1_ps(kA), a3 = _mm512_set1_ps(3 * kA);
   for (; j < M; j += 16) {
     const __mmask16 m = gpt_kernels::TailMask(M - j);
     const __m512 h = _mm512_add_ps(_mm512_maskz_loadu_ps(m, u + j), _mm512_maskz_loadu_ps(m, b + j));
-    const __m512 h2 = _mm512_mul_ps(h, h);
-    // z = c (h + a h^3), t = tanh(z)
-    const __m512 z = _mm512_mul_ps(c, _mm512_fmadd_ps(_mm512_mul_ps(a, h2), h, h));
-    // e = exp(-2|z|) in (0, 1]: 0.5 (1 + t) = 1 / (1 + e) for z >= 0, e / (1 + e) below
-    const __m512 e = gpt_kernels::Exp16(_mm512_mul_ps(_mm512_set1_ps(-2.f), _mm512_abs_ps(z)));
-    const __m512 r = _mm512_div_ps(one, _mm512_add_ps(e, one));
-    const __mmask16 neg = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ);
-    const __m512 hp = _mm512_mask_mul_ps(r, neg, e, r);
-    // gelu'(h) = 0.5 (1 + t) + 0.5 h (1 - t^2) c (1 + 3 a h^2), 1 - t^2 = 4 e / (1 + e)^2
-    const __m512 slope = _mm512_fmadd_ps(
-        _mm512_mul_ps(_mm512_mul_ps(two, h), _mm512_mul_ps(e, _mm512_mul_ps(r, r))),
-        _mm512_mul_ps(c, _mm512_fmadd_ps(a3, h2, one)), hp);
+    __m512 hp, slope;
+    GeluLanes(h, &hp, &slope);
     const __m512 d = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, dg + j), slope);
     _mm512_mask_storeu_ps(du + j, m, d);
     _mm512_mask_storeu_ps(g + j, m, _mm512_mul_ps(h, hp));
@@ -74,11 +92,9 @@ void Row(const float* __restrict u, const float* __restrict b, const float* dg,
   }
 #else
   for (; j < M; ++j) {
-    const float h = u[j] + b[j], h2 = h * h;
-    const float z = kC * (h + kA * h2 * h);
-    const float e = std::exp(-2 * std::fabs(z)), r = 1.f / (e + 1.f);
-    const float hp = z < 0 ? e * r : r;  // as the AVX-512 loop
-    const float slope = hp + 2 * h * e * r * r * kC * (1.f + 3 * kA * h2);
+    const float h = u[j] + b[j];
+    float hp, slope;
+    GeluScalar(h, &hp, &slope);
     const float d = dg[j] * slope;
     du[j] = d;
     g[j] = h * hp;
@@ -138,23 +154,14 @@ void RowTileBf16(const float* h_row, const float* dg_row, float* du_row, int64_t
                  uint16_t* out) {
   int64_t c = 0;
 #if defined(__AVX512F__)
-  const __m512 one = _mm512_set1_ps(1.f), two = _mm512_set1_ps(2.f);
-  const __m512 cc = _mm512_set1_ps(kC), a = _mm512_set1_ps(kA), a3 = _mm512_set1_ps(3 * kA);
   const __m512i lsb1 = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
   const __m512i quiet = _mm512_set1_epi32(0x40);
   for (; c < n; c += 16) {
     const __mmask16 m = gpt_kernels::TailMask(n - c);
     const int64_t j = j0 + c;
     const __m512 h = _mm512_maskz_loadu_ps(m, h_row + j);
-    const __m512 h2 = _mm512_mul_ps(h, h);
-    const __m512 z = _mm512_mul_ps(cc, _mm512_fmadd_ps(_mm512_mul_ps(a, h2), h, h));
-    const __m512 e = gpt_kernels::Exp16(_mm512_mul_ps(_mm512_set1_ps(-2.f), _mm512_abs_ps(z)));
-    const __m512 r = _mm512_div_ps(one, _mm512_add_ps(e, one));
-    const __mmask16 neg = _mm512_cmp_ps_mask(z, _mm512_setzero_ps(), _CMP_LT_OQ);
-    const __m512 hp = _mm512_mask_mul_ps(r, neg, e, r);
-    const __m512 slope = _mm512_fmadd_ps(
-        _mm512_mul_ps(_mm512_mul_ps(two, h), _mm512_mul_ps(e, _mm512_mul_ps(r, r))),
-        _mm512_mul_ps(cc, _mm512_fmadd_ps(a3, h2, one)), hp);
+    __m512 hp, slope;
+    GeluLanes(h, &hp, &slope);
     _mm512_mask_storeu_ps(du_row + j, m, _mm512_mul_ps(_mm512_maskz_loadu_ps(m, dg_row + j), slope));
     // gelu(h) = h hp; a NaN h stays NaN (Exp16 clamps NaN lanes away, so put them back).
     const __mmask16 nan = _mm512_cmp_ps_mask(h, h, _CMP_UNORD_Q);
@@ -176,11 +183,9 @@ void RowTileBf16(const float* h_row, const float* dg_row, float* du_row, int64_t
 #else
   for (; c < n; ++c) {
     const int64_t j = j0 + c;
-    const float h = h_row[j], h2 = h * h;
-    const float z = kC * (h + kA * h2 * h);
-    const float e = std::exp(-2 * std::fabs(z)), r = 1.f / (e + 1.f);
-    const float hp = z < 0 ? e * r : r;
-    const float slope = hp + 2 * h * e * r * r * kC * (1.f + 3 * kA * h2);
+    const float h = h_row[j];
+    float hp, slope;
+    GeluScalar(h, &hp, &slope);
     du_row[j] = dg_row[j] * slope;
     out[c] = RoundBf16(h * hp);
   }
