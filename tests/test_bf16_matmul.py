@@ -25,13 +25,9 @@ from gpt.kernels import gemm
 from gpt.kernels import transpose as ktr
 from gpt.model import GPTConfig
 from gpt.output_loss import tied_cross_entropy
+from tests import bf16_cases as cases
 
 BF16 = jnp.bfloat16
-
-
-def _rounded64(a):
-  """a rounded to bfloat16, as float64 numpy."""
-  return np.asarray(jnp.asarray(a).astype(BF16).astype(jnp.float32), np.float64)
 
 
 def _operands(M, K, N, transpose_w, dtype=jnp.float32, seed=0):
@@ -47,7 +43,7 @@ def test_bf16_matmul_and_its_gradients_match_float64_on_the_rounded_operands(tra
   x, w, dy = _operands(9, 24, 40, transpose_w)
   y, vjp = jax.vjp(lambda x, w: mm.bf16_matmul(x, w, transpose_w), x, w)
   dx, dw = vjp(dy)
-  x64, w64, dy64 = _rounded64(x), _rounded64(w), _rounded64(dy)
+  x64, w64, dy64 = cases.rounded64(x), cases.rounded64(w), cases.rounded64(dy)
   wk = w64.T if transpose_w else w64  # [K, N]
   assert y.dtype == dx.dtype == dw.dtype == jnp.float32
   np.testing.assert_allclose(y, x64 @ wk, rtol=1e-5, atol=1e-5)
@@ -87,13 +83,6 @@ def test_matmul_routes_bf16_products_and_stays_near_float32(spec, vjp, monkeypat
   assert ("custom_vjp_call" in str(jax.make_jaxpr(bf16_in)(x, w))) == vjp  # BF16_VJP, opt-in
 
 
-def _dot_operand_types(hlo: str) -> list[tuple[str, ...]]:
-  """The element types of every dot's operands in compiled HLO text."""
-  types = dict(re.findall(r"%([\w.\-]+) = (\w+)\[", hlo))
-  dots = re.findall(r"= \w+\[[^\]]*\]\{[^}]*\} dot\(%([\w.\-]+), %([\w.\-]+)\)", hlo)
-  return [(types[a], types[b]) for a, b in dots]
-
-
 @pytest.mark.parametrize("transpose_w", [False, True])
 def test_the_compiled_gradient_keeps_every_dot_bf16(transpose_w):
   """All three products stay bf16 x bf16 -> f32 dots in XLA:CPU's compiled program: a dW made by
@@ -103,7 +92,7 @@ def test_the_compiled_gradient_keeps_every_dot_bf16(transpose_w):
   x, w, dy = _operands(64, 32, 48, transpose_w)
   step = jax.jit(jax.value_and_grad(lambda x, w: jnp.sum(mm.bf16_matmul(x, w, transpose_w) * dy),
                           argnums=(0, 1)))
-  dots = _dot_operand_types(step.lower(x, w).compile().as_text())
+  dots = cases.dot_operand_types(step.lower(x, w).compile().as_text())
   assert len(dots) == 3 and all(t == ("bf16", "bf16") for t in dots), dots
 
 
@@ -141,20 +130,6 @@ def test_bf16_output_loss_matches_the_float32_reference(impl):
   assert jaxpr.count("custom_vjp_call") == (1 if impl == "mkl" and output_loss.BF16_HEAD else 2)
 
 
-def _train_loss_and_grads(**fields):
-  from flax import nnx
-
-  from gpt.model import init_model
-  from gpt.train_step import loss_fn
-
-  windows = jnp.asarray(np.random.default_rng(4).integers(0, 61, (2, 17)), jnp.int32)
-  cfg = GPTConfig(n_vocab=61, n_ctx=16, n_embd=32, n_head=2, n_layer=2, **fields)
-  model = init_model(cfg, seed=1)
-  graphdef, params = nnx.graphdef(model), nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  return jax.jit(jax.value_and_grad(
-      lambda p: loss_fn(p, graphdef, windows, None, 0.0, False)))(params)
-
-
 @pytest.mark.parametrize("fields", [dict(matmul_dtype="bfloat16"),
                                     dict(matmul_dtype="bfloat16", output_loss="fused"),
                                     dict(dtype="bfloat16", output_loss="fused"),
@@ -162,8 +137,8 @@ def _train_loss_and_grads(**fields):
 def test_the_models_bf16_products_stay_near_float32(fields):
   """Loss and every parameter's gradient of the train step with bf16 products against the
   float32 model (same weights): within bfloat16's rounding, relative to each gradient's size."""
-  loss, grads = _train_loss_and_grads(**fields)
-  want_loss, want = _train_loss_and_grads()
+  loss, grads = cases.train_loss_and_grads(**fields)
+  want_loss, want = cases.train_loss_and_grads()
   np.testing.assert_allclose(loss, want_loss, rtol=0.01)
   for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want)):
     assert g.dtype == jnp.float32, path  # float32 master weights get float32 gradients
@@ -174,9 +149,9 @@ def test_bf16_vjp_switch_changes_only_the_backward_route(monkeypatch):
   """model.dtype=bfloat16 with and without bf16_matmul's VJP (gpt.matmul.BF16_VJP): the same loss,
   gradients within bfloat16's rounding of each other."""
   monkeypatch.setattr(mm, "BF16_VJP", False)
-  old_loss, old = _train_loss_and_grads(dtype="bfloat16", output_loss="fused")
+  old_loss, old = cases.train_loss_and_grads(dtype="bfloat16", output_loss="fused")
   monkeypatch.setattr(mm, "BF16_VJP", True)
-  loss, grads = _train_loss_and_grads(dtype="bfloat16", output_loss="fused")
+  loss, grads = cases.train_loss_and_grads(dtype="bfloat16", output_loss="fused")
   np.testing.assert_allclose(loss, old_loss, rtol=1e-3)
   for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(old)):
     np.testing.assert_allclose(g, r, atol=0.05 * np.abs(np.asarray(r)).max())
@@ -204,11 +179,11 @@ def test_bf16_gelu_matmul_is_the_gelu_then_bf16_matmul(lead, kernel, monkeypatch
   assert dh.shape == h.shape and dh.dtype == dw.dtype == jnp.float32
   # One bfloat16 step of gelu(h) (2^-7 relative) at a few elements moves dW by at most that much
   # of sum |gelu(h)| |dy| over the rows.
-  g64 = _rounded64(gelu(h)).reshape(-1, 24)
-  dw_tol = 2.0 ** -7 * np.abs(g64).T @ np.abs(_rounded64(dy).reshape(-1, 40)) if kernel else 1e-6
+  g64 = cases.rounded64(gelu(h)).reshape(-1, 24)
+  dw_tol = 2.0 ** -7 * np.abs(g64).T @ np.abs(cases.rounded64(dy).reshape(-1, 40)) if kernel else 1e-6
   assert np.all(np.abs(np.asarray(dw) - np.asarray(dw0)) <= dw_tol + 1e-6 * np.abs(np.asarray(dw0)))
   np.testing.assert_allclose(dh, dh0, rtol=1e-5, atol=1e-5 * np.abs(np.asarray(dh0)).max())
-  np.testing.assert_allclose(y.reshape(-1, 40), g64 @ _rounded64(w), rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(y.reshape(-1, 40), g64 @ cases.rounded64(w), rtol=1e-5, atol=1e-5)
 
 
 needs_gelu_kernel = pytest.mark.skipif(not kgelu.available(),
@@ -374,186 +349,3 @@ def test_bench_bf16_dots_products_agree():
                     (progs["dW=x^T dy contract rows"], progs["dW=x^T dy row-major copy"]))
   np.testing.assert_array_equal(contract, copy)
   np.testing.assert_array_equal(contract, np.full((4, 6), 8.0))
-
-
-@pytest.fixture
-def mkl():
-  if not gemm.available():
-    pytest.skip(f"gpt.kernels.gemm unavailable: {gemm.why_unavailable()}")
-
-
-def _bits(a):
-  return np.asarray(a).view(np.uint16)
-
-
-@pytest.mark.parametrize("N,V", [(45, 50257), (3, 1000), (64, 77)])
-def test_softmax_xent_bf16_is_the_float32_pass_rounded(mkl, N, V):
-  """gemm.softmax_xent_bf16: its dlogits and their transpose are softmax_xent's float32 gradient
-  rounded to bfloat16 as XLA rounds it (bit for bit), and its loss is softmax_xent's; rows not a
-  multiple of its 32-row tiles, vocabularies not a multiple of its 64-column tiles, large
-  magnitudes; and optax's numbers within bfloat16's rounding."""
-  rng = np.random.default_rng(3)
-  logits = jnp.asarray(rng.standard_normal((N, V)) * np.linspace(1, 40, N)[:, None], jnp.float32)
-  targets = jnp.asarray(rng.integers(0, V, N), jnp.int32)
-  dl, dl_t, loss = jax.jit(lambda x, t: gemm.softmax_xent_bf16(x, t, 1 / N))(logits, targets)
-  want, want_loss = jax.jit(lambda x, t: gemm.softmax_xent(x, t, 1 / N))(logits, targets)
-  assert dl.dtype == dl_t.dtype == BF16 and dl_t.shape == (V, N)
-  np.testing.assert_array_equal(_bits(dl), _bits(want.astype(BF16)))
-  np.testing.assert_array_equal(_bits(dl_t), _bits(want.astype(BF16).T))
-  np.testing.assert_array_equal(loss, want_loss)
-  grad = jax.grad(lambda x: optax.softmax_cross_entropy_with_integer_labels(x, targets).mean())(logits)
-  np.testing.assert_allclose(np.asarray(dl, np.float32), grad, rtol=2 ** -8, atol=1e-9)
-  np.testing.assert_allclose(loss, optax.softmax_cross_entropy_with_integer_labels(logits, targets),
-                             rtol=2e-6, atol=2e-5)
-
-
-def test_softmax_xent_bf16_keeps_nan_infinities_and_bad_targets():
-  """Rows with a NaN or +inf logit give NaN (loss and gradient), a -inf logit a zero gradient
-  there (the scalar route, as softmax_xent's portable one), an out-of-range target a NaN loss and
-  no one-hot; the other rows stay softmax_xent's, rounded."""
-  if not gemm.available():
-    pytest.skip(f"gpt.kernels.gemm unavailable: {gemm.why_unavailable()}")
-  rng = np.random.default_rng(12)
-  V = 1000
-  logits = rng.standard_normal((6, V)).astype(np.float32)
-  logits[0, 17], logits[1, 999], logits[2, 500] = np.nan, np.inf, -np.inf
-  targets = jnp.asarray([3, 4, 5, 6, V, 7], jnp.int32)
-  dl, dl_t, loss = gemm.softmax_xent_bf16(jnp.asarray(logits), targets, 1 / 6)
-  assert np.isnan(loss[0]) and np.isnan(loss[1]) and np.isnan(loss[4])
-  assert np.isnan(np.asarray(dl[0], np.float32)).all() and np.isnan(np.asarray(dl[1], np.float32)).all()
-  assert float(dl[2, 500]) == 0
-  want, want_loss = gemm.softmax_xent(jnp.asarray(logits), targets, 1 / 6)
-  rows = np.array([2, 3, 5])
-  np.testing.assert_allclose(np.asarray(loss)[rows], np.asarray(want_loss)[rows], rtol=2e-6)
-  for r in (2, 3, 4, 5):
-    np.testing.assert_allclose(np.asarray(dl[r], np.float32), np.asarray(want[r].astype(BF16), np.float32),
-                               rtol=2 ** -7, atol=1e-12)
-  np.testing.assert_array_equal(_bits(dl_t), _bits(dl).T)
-  np.testing.assert_allclose(np.asarray(dl[4], np.float32).sum(), 1 / 6, rtol=1e-2)  # no one-hot
-
-
-def _head_grads(h, wte, targets, impl="mkl"):
-  f = lambda h, w: tied_cross_entropy(h, w, targets, impl=impl, bf16=True)
-  return jax.jit(jax.value_and_grad(f, argnums=(0, 1)))(h, wte)
-
-
-@pytest.mark.parametrize("switches", [{}, {"SEQUENTIAL": False}, {"DH_ROUTE": "wte_t"}])
-def test_bf16_head_matches_the_session9_route_and_float64(mkl, monkeypatch, switches):
-  """output_loss's bf16 head (one VJP; the pass writes the bf16 gradient and its transpose) gives
-  the loss and both gradients of the route it replaces (bf16_matmul around the float32 pass: the
-  same rounded operands into the same dots), and float64's of the rounded h and wte within
-  bfloat16's rounding of dlogits; the cotangent scales them."""
-  rng = np.random.default_rng(6)
-  h = jnp.asarray(rng.standard_normal((3, 23, 24)), jnp.float32)
-  wte = jnp.asarray(0.3 * rng.standard_normal((301, 24)), jnp.float32)
-  targets = jnp.asarray(rng.integers(0, 301, (3, 23)), jnp.int32)
-  for name, value in switches.items():
-    monkeypatch.setattr(output_loss, name, value)
-  monkeypatch.setattr(output_loss, "BF16_HEAD", True)
-  loss, (dh, dw) = _head_grads(h, wte, targets)
-  monkeypatch.setattr(output_loss, "BF16_HEAD", False)
-  old_loss, (old_dh, old_dw) = _head_grads(h, wte, targets)
-  np.testing.assert_allclose(loss, old_loss, rtol=1e-6)
-  np.testing.assert_allclose(dh, old_dh, rtol=1e-5, atol=1e-8)
-  np.testing.assert_allclose(dw, old_dw, rtol=1e-5, atol=1e-8)
-  h64, w64 = _rounded64(h).reshape(-1, 24), _rounded64(wte)
-  t = np.asarray(targets).reshape(-1)
-  logits = h64 @ w64.T
-  p = np.exp(logits - logits.max(1, keepdims=True))
-  p /= p.sum(1, keepdims=True)
-  want_loss = -np.log(p[np.arange(len(t)), t]).mean()
-  p[np.arange(len(t)), t] -= 1
-  p /= len(t)
-  np.testing.assert_allclose(loss, want_loss, rtol=1e-5)
-  np.testing.assert_allclose(dh.reshape(-1, 24), p @ w64, atol=2 ** -8 * np.abs(p @ w64).max())
-  np.testing.assert_allclose(dw, p.T @ h64, atol=2 ** -8 * np.abs(p.T @ h64).max())
-  monkeypatch.setattr(output_loss, "BF16_HEAD", True)
-  scaled = jax.grad(lambda h: 3.0 * tied_cross_entropy(h, wte, targets, impl="mkl", bf16=True))(h)
-  np.testing.assert_allclose(scaled, 3.0 * dh, rtol=1e-6)
-  value = jax.jit(lambda h: tied_cross_entropy(h, wte, targets, impl="mkl", bf16=True))(h)
-  np.testing.assert_allclose(value, loss, rtol=1e-6)
-
-
-@pytest.mark.parametrize("on,dy_t", [(True, False), (False, False), (False, True)])
-def test_bf16_head_compiles_without_a_gather_of_dlogits(mkl, monkeypatch, on, dy_t):
-  """With the bf16 head on, the compiled gradient holds the bf16 pass and no gather (the
-  transposed dlogits come from the pass); off, the float32 pass and bf16_matmul's gather, or with
-  gpt.matmul.DY_T_KERNEL transpose.cc's pass and no gather."""
-  if dy_t and not ktr.available():
-    pytest.skip(f"transpose kernel not built: {ktr.why_unavailable()}")
-  monkeypatch.setattr(output_loss, "BF16_HEAD", on)
-  monkeypatch.setattr(mm, "DY_T_KERNEL", dy_t)
-  rng = np.random.default_rng(1)
-  h = jnp.asarray(rng.standard_normal((40, 16)), jnp.float32)
-  wte = jnp.asarray(rng.standard_normal((97, 16)), jnp.float32)
-  targets = jnp.asarray(rng.integers(0, 97, 40), jnp.int32)
-  f = lambda h, w: tied_cross_entropy(h, w, targets, impl="mkl", bf16=True)
-  hlo = jax.jit(jax.grad(f, argnums=(0, 1))).lower(h, wte).compile().as_text()
-  assert (gemm.XENT_BF16_TARGET in hlo) == on and (ktr.TARGET in hlo) == dy_t
-  assert (re.search(r"\bgather\(", hlo) is None) == (on or dy_t)
-  dots = _dot_operand_types(hlo)
-  assert len(dots) == 3 and all(t == ("bf16", "bf16") for t in dots), dots
-
-
-def test_bf16_head_falls_back_without_the_kernel(monkeypatch):
-  """Without gemm's library (here: no MKL to load) the bf16 route with impl="mkl" is XLA's
-  (bf16_matmul around XLA's softmax cross-entropy): no call of gemm's library (transpose.cc's
-  pass may round the dlogits: gpt.matmul.DY_T_KERNEL), the same numbers as impl="xla"."""
-  monkeypatch.setattr(gemm, "KERNEL", gemm.KERNEL.untried())
-  monkeypatch.setenv("GPT_MKL_LIBRARY", "/nonexistent/libmkl_rt.so.2")
-  monkeypatch.setattr(output_loss, "BF16_HEAD", True)
-  rng = np.random.default_rng(2)
-  h = jnp.asarray(rng.standard_normal((2, 7, 16)), jnp.float32)
-  wte = jnp.asarray(rng.standard_normal((53, 16)), jnp.float32)
-  targets = jnp.asarray(rng.integers(0, 53, (2, 7)), jnp.int32)
-  f = lambda h, w: tied_cross_entropy(h, w, targets, impl="mkl", bf16=True)
-  hlo = jax.jit(jax.grad(f, argnums=(0, 1))).lower(h, wte).as_text()
-  assert not [t for t in gemm.KERNEL.targets if t in hlo]
-  assert "custom_call" not in hlo.replace(f"custom_call @{ktr.TARGET}", "")
-  got, want = _head_grads(h, wte, targets), _head_grads(h, wte, targets, impl="xla")
-  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
-    np.testing.assert_array_equal(g, w)
-
-
-def test_the_train_steps_bf16_head_stays_near_float32(mkl, monkeypatch):
-  """The train step with model.matmul_dtype=bfloat16 and MKL resolved (the bf16 head runs): loss
-  and every gradient near the float32 model's."""
-  monkeypatch.setattr(output_loss, "BF16_HEAD", True)
-  loss, grads = _train_loss_and_grads(matmul_dtype="bfloat16", matmul="mkl")
-  want_loss, want = _train_loss_and_grads()
-  np.testing.assert_allclose(loss, want_loss, rtol=0.01)
-  for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(want)):
-    assert g.dtype == jnp.float32, path
-    np.testing.assert_allclose(g, r, atol=0.05 * np.abs(np.asarray(r)).max(), err_msg=str(path))
-
-
-def test_bench_bf16_dots_head_orientations_agree():
-  """experiments/bench_bf16_dots.py --head times dh in several orientations: each computes
-  dlogits wte (its transpose for the dh^T rows), the copy row wte^T."""
-  from experiments import bench_bf16_dots
-
-  M, K, N = 8, 4, 13
-  progs = bench_bf16_dots.head_programs(M, K, N)
-  want = np.full((M, K), float(N))
-  for name, (f, a, _) in progs.items():
-    got = np.asarray(f(*a), np.float32)
-    if name.startswith("the wte^T copy"):
-      np.testing.assert_array_equal(got, np.ones((K, N)))
-    elif name == "dh^T=(wte^T copy) dl^T":
-      np.testing.assert_array_equal(got, want.T)
-    else:
-      np.testing.assert_array_equal(got, want, err_msg=name)
-
-
-def test_bench_head_routes_compute_the_same_head(mkl):
-  """experiments/bench_head.py's routes are one function: the same loss and gradients (within
-  the float32 sums' order) from each route's compiled program."""
-  from experiments import bench_head
-
-  results = {}
-  for route, switches in bench_head.ROUTES.items():
-    f, args = bench_head.program(8, 16, switches)
-    results[route] = jax.tree.map(np.asarray, f(*args))
-  for route, got in results.items():
-    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(results["xent"])):
-      np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-9, err_msg=route)
