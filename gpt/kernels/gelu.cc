@@ -32,6 +32,7 @@
 #include <immintrin.h>
 #endif
 
+#include "bf16.h"
 #include "pool.h"
 #include "simd_exp.h"
 #include "xla/ffi/api/ffi.h"
@@ -132,14 +133,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> u_in, ffi::Buffe
   return ffi::Error::Success();
 }
 
-// float -> bfloat16, rounded to nearest even, NaN kept quiet: XLA's (Eigen's) convert, bit for bit
-// (gemm.cc's RoundBf16; a copy, so that neither library depends on the other).
-inline uint16_t RoundBf16(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
+using gpt_kernels::RoundBf16;
 
 // GptGeluBwdBf16T's tiles: kTRows rows x kTCols columns of [N, M], rounded into a stack buffer and
 // written out transposed as whole 64-byte lines (32 bf16) of each of kTCols rows of [M, N]. A

@@ -42,6 +42,7 @@
 #include <vector>
 #include <thread>
 
+#include "bf16.h"
 #include "pool.h"
 #include "simd_exp.h"
 #include "xla/ffi/api/ffi.h"
@@ -319,13 +320,7 @@ ffi::Error SoftmaxXent(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> logits, ffi::
 // mixed step). The exp is computed twice per element (once for the row's sum, once for its
 // output) instead of storing float32 rows: the exp is cheap next to a trip through memory.
 
-// float -> bfloat16, rounded to nearest even, NaN kept quiet: XLA's (Eigen's) convert, bit for bit.
-inline uint16_t RoundBf16(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
+using gpt_kernels::RoundBf16;
 
 // Rows per block of the bf16 pass: a tile of kXentTRows rows x kXentTCols columns is rounded into a
 // stack buffer and written out transposed as whole 64-byte lines of the [V, N] result.

@@ -3,7 +3,7 @@ gelu.cc, transpose.cc) with the system compiler, once, into a cache, and loading
 
 Why at first use rather than at install: the project installs as pure Python (`pip install -e .`
 on any machine), and gemv.cc is compiled for the CPU it runs on (-march=native). A library is
-keyed by its source, the headers it shares (pool.h, lanes.h, simd_exp.h), the flags, jax's version (XLA's FFI ABI) and,
+keyed by its source, the headers it shares (pool.h, lanes.h, simd_exp.h, bf16.h), the flags, jax's version (XLA's FFI ABI) and,
 for a CPU-specific build, this CPU's model and flags, and is renamed into place only when complete,
 so concurrent first uses and interrupted builds never load a partial file. The cache is
 GPT_KERNEL_CACHE (default ~/.cache/gpt/kernels).
@@ -33,7 +33,7 @@ import jax
 from absl import logging
 
 HEADERS = (Path(__file__).with_name("pool.h"), Path(__file__).with_name("lanes.h"),
-           Path(__file__).with_name("simd_exp.h"))
+           Path(__file__).with_name("simd_exp.h"), Path(__file__).with_name("bf16.h"))
 
 
 def cache_dir() -> Path:

@@ -22,6 +22,7 @@
 #include <immintrin.h>
 #endif
 
+#include "bf16.h"
 #include "pool.h"
 #include "simd_exp.h"
 #include "xla/ffi/api/ffi.h"
@@ -32,28 +33,14 @@ namespace {
 
 constexpr int64_t kRows = 32, kCols = 256;
 
-// float -> bfloat16, rounded to nearest even, NaN kept quiet: XLA's (Eigen's) convert, bit for bit.
-inline uint16_t RoundBf16(float v) {
-  uint32_t u;
-  std::memcpy(&u, &v, sizeof(u));
-  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40u);
-  return static_cast<uint16_t>((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
+using gpt_kernels::RoundBf16;
 
 // n (<= kCols) floats of x rounded into both `row` (the row-major result) and `tile`.
 void RoundStretch(const float* x, int64_t n, uint16_t* row, uint16_t* tile) {
   int64_t c = 0;
 #if defined(__AVX512F__)
-  const __m512i one = _mm512_set1_epi32(1), bias = _mm512_set1_epi32(0x7fff);
-  const __m512i quiet = _mm512_set1_epi32(0x40);
   for (; c + 16 <= n; c += 16) {
-    const __m512 v = _mm512_loadu_ps(x + c);
-    const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-    const __m512i u = _mm512_castps_si512(v);
-    const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
-    __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(bias, lsb)), 16);
-    r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), quiet);
-    const __m256i packed = _mm512_cvtepi32_epi16(r);
+    const __m256i packed = gpt_kernels::RoundBf16x16(_mm512_loadu_ps(x + c));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(row + c), packed);
     _mm256_store_si256(reinterpret_cast<__m256i*>(tile + c), packed);
   }
